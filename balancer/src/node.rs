@@ -1,0 +1,792 @@
+//! The per-node state machine: [`Node::handle`] turns one [`Input`] at time `now` into a list
+//! of [`Action`]s. No I/O, no clock, no global randomness.
+
+use crate::load::{normalised, Smoother};
+use crate::membership::{MemberEvent, Membership, SwimTimer};
+use crate::policy::{self, PolicyKind};
+use crate::types::{LoadEntry, NodeId, Pid, Time};
+use crate::window::Window;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Tunable parameters of dissemination and the policies. [`Params::default`] holds the values
+/// the simulator was tuned with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// Gossip and decision period.
+    pub step: Time,
+    /// Window size `w`: entries held about other nodes and sent with each gossip message
+    /// (besides the sender's own entry).
+    pub window: usize,
+    /// Entries older than this are dropped.
+    pub expire: Time,
+    /// Load smoothing weight for rising samples.
+    pub smooth_rise: f64,
+    /// Load smoothing weight for falling samples.
+    pub smooth_fall: f64,
+    /// Fixed cost of a migration, seconds (freeze, VM set-up, handshake).
+    pub migration_fixed_secs: f64,
+    /// Bandwidth available to a migration, MiB/s (the variable cost is memory / bandwidth).
+    pub migration_mb_per_sec: f64,
+    /// A move must raise the process's expected CPU rate by at least this fraction.
+    pub min_rate_gain: f64,
+    /// The expected time saved must exceed this many times the migration cost.
+    pub cost_factor: f64,
+    /// Processes younger than this (seconds of age) are not moved automatically.
+    pub min_age_secs: f64,
+    /// Memory ushering starts when free memory falls below this fraction of total.
+    pub usher_free_frac: f64,
+    /// How long a target holds a promise, and a source waits for a reply.
+    pub promise_ttl: Time,
+    /// After a refusal, do not ask the same target again for this long.
+    pub refuse_backoff: Time,
+    /// Expected slowdown of a process running away from home, per unit of the fraction of its
+    /// system calls that go home: rate away = rate / (1 + io_penalty × home_fraction).
+    pub io_penalty: f64,
+    /// Half-life of per-process statistics, seconds.
+    pub stats_half_life_secs: f64,
+    /// Opportunity cost: normalised load at which CPU utilisation counts as 1.
+    pub oc_full_load: f64,
+    /// Opportunity cost: a move must save at least this fraction of the marginal cost here.
+    pub oc_margin: f64,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params {
+            step: Time::from_millis(1000),
+            window: 8,
+            expire: Time::from_secs_f64(30.0),
+            smooth_rise: 0.8,
+            smooth_fall: 0.25,
+            migration_fixed_secs: 0.2,
+            migration_mb_per_sec: 100.0,
+            min_rate_gain: 0.3,
+            cost_factor: 2.0,
+            min_age_secs: 1.0,
+            usher_free_frac: 0.05,
+            promise_ttl: Time::from_secs_f64(5.0),
+            refuse_backoff: Time::from_secs_f64(5.0),
+            io_penalty: 4.0,
+            stats_half_life_secs: 30.0,
+            oc_full_load: 2.0,
+            oc_margin: 0.1,
+        }
+    }
+}
+
+/// What a node is: its identity, capacity and policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// This node's id.
+    pub id: NodeId,
+    /// Number of CPUs.
+    pub cpus: u32,
+    /// Relative CPU speed (from [`crate::load::calibration_work`] or the operator).
+    pub speed: f64,
+    /// Memory available to processes, MiB.
+    pub mem_mb: u64,
+    /// Which automatic policy runs.
+    pub policy: PolicyKind,
+    /// Parameters.
+    pub params: Params,
+    /// Run SWIM (foca) for membership; `None` means the caller reports membership with
+    /// [`Input::NodeJoined`] / [`Input::NodeLeft`].
+    pub swim: Option<SwimSettings>,
+}
+
+/// SWIM settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwimSettings {
+    /// Expected cluster size (tunes suspicion timeouts).
+    pub cluster_size: u32,
+    /// Seed of foca's own random generator.
+    pub seed: u64,
+}
+
+impl Config {
+    /// A node with default parameters and the MOSIX policy, membership reported by the caller.
+    pub fn new(id: NodeId, cpus: u32, speed: f64, mem_mb: u64) -> Config {
+        Config {
+            id,
+            cpus: cpus.max(1),
+            speed: if speed.is_finite() && speed > 0.0 { speed } else { 1.0 },
+            mem_mb,
+            policy: PolicyKind::Mosix,
+            params: Params::default(),
+            swim: None,
+        }
+    }
+}
+
+/// Why a process is being moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationReason {
+    /// Pairwise load balancing.
+    Balance,
+    /// Memory ushering (free memory below threshold): accepted by a target with room for it
+    /// even against load balance.
+    Usher,
+    /// Opportunity-cost reassignment.
+    OpportunityCost,
+    /// An explicit request by the user; overrides policy and locks.
+    Manual,
+}
+
+/// A process as the balancer sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Cluster-wide process id.
+    pub pid: Pid,
+    /// Its home node (where its deputy lives).
+    pub home: NodeId,
+    /// Resident memory, MiB.
+    pub mem_mb: u32,
+    /// Age of the process when this input was made, milliseconds.
+    pub age_ms: u64,
+    /// CPU work consumed so far, in seconds on the reference (speed 1.0) CPU.
+    pub cpu_work: f64,
+    /// Locked against automatic migration (`mosvm lock`).
+    pub locked: bool,
+    /// Confined to its current node (for example by a CPU feature constraint).
+    pub confined: bool,
+    /// Decayed count of system calls that had to go home.
+    pub home_syscalls: f64,
+    /// Decayed count of system calls served where the process runs.
+    pub local_syscalls: f64,
+}
+
+impl ProcessInfo {
+    /// A fresh, unconstrained process with no statistics.
+    pub fn new(pid: Pid, home: NodeId, mem_mb: u32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            home,
+            mem_mb,
+            age_ms: 0,
+            cpu_work: 0.0,
+            locked: false,
+            confined: false,
+            home_syscalls: 0.0,
+            local_syscalls: 0.0,
+        }
+    }
+
+    /// Fraction of the process's system calls that go home (0 when unknown).
+    pub fn home_fraction(&self) -> f64 {
+        let t = self.home_syscalls + self.local_syscalls;
+        if t > 0.0 {
+            self.home_syscalls / t
+        } else {
+            0.0
+        }
+    }
+}
+
+/// An event fed to [`Node::handle`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Input {
+    /// The periodic step: send one gossip message, expire old state, maybe migrate.
+    Tick,
+    /// A local measurement: runnable processes (run-queue length) and memory in use, MiB
+    /// (may exceed total when overcommitted).
+    LoadSample {
+        /// Run-queue length.
+        runnable: u32,
+        /// Memory in use, MiB.
+        used_mem_mb: u64,
+    },
+    /// A gossip message: the sender's own entry followed by its window.
+    Gossip {
+        /// Sender.
+        from: NodeId,
+        /// Entries, freshest first.
+        entries: Vec<LoadEntry>,
+    },
+    /// A process now runs here (started here, or arrived by migration).
+    ProcessStarted(ProcessInfo),
+    /// A process that ran here exited.
+    ProcessEnded {
+        /// The process.
+        pid: Pid,
+    },
+    /// Fresh per-process statistics since the previous report.
+    ProcessStats {
+        /// The process.
+        pid: Pid,
+        /// Total CPU work so far (reference seconds).
+        cpu_work: f64,
+        /// System calls that went home since the last report.
+        home_syscalls: u64,
+        /// System calls served locally since the last report.
+        local_syscalls: u64,
+    },
+    /// The process called execve: its statistics are cleared.
+    ProcessExec {
+        /// The process.
+        pid: Pid,
+    },
+    /// Lock or unlock a process against automatic migration.
+    SetLock {
+        /// The process.
+        pid: Pid,
+        /// New state.
+        locked: bool,
+    },
+    /// A user asked to move a process: overrides the policy and any lock.
+    ManualMigrate {
+        /// The process.
+        pid: Pid,
+        /// Destination.
+        to: NodeId,
+    },
+    /// Another node asks whether it may send us a process.
+    MigrationRequest {
+        /// Requesting node.
+        from: NodeId,
+        /// The process.
+        pid: Pid,
+        /// Its memory, MiB.
+        mem_mb: u32,
+        /// The requester's normalised load.
+        from_load: f32,
+        /// Why.
+        reason: MigrationReason,
+    },
+    /// The answer to our [`Action::SendMigrationRequest`].
+    MigrationReply {
+        /// The node that answered.
+        from: NodeId,
+        /// The process.
+        pid: Pid,
+        /// Whether it will take it.
+        accepted: bool,
+    },
+    /// A migration we started completed: the process now runs on `to`.
+    MigrationDone {
+        /// The process.
+        pid: Pid,
+        /// Where it went.
+        to: NodeId,
+    },
+    /// A migration we started failed: the process still runs here.
+    MigrationFailed {
+        /// The process.
+        pid: Pid,
+        /// The intended destination.
+        to: NodeId,
+    },
+    /// A node joined (when membership is reported by the caller).
+    NodeJoined {
+        /// The node.
+        node: NodeId,
+    },
+    /// A node left or died (when membership is reported by the caller).
+    NodeLeft {
+        /// The node.
+        node: NodeId,
+    },
+    /// A SWIM packet.
+    Swim {
+        /// Sender.
+        from: NodeId,
+        /// Packet.
+        data: Vec<u8>,
+    },
+    /// A SWIM timer fired.
+    SwimTimer(SwimTimer),
+}
+
+/// What the caller must do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Send a gossip message (own entry first, then the window) to `to`.
+    SendGossip {
+        /// Destination.
+        to: NodeId,
+        /// Entries.
+        entries: Vec<LoadEntry>,
+    },
+    /// Ask `to` whether it will take `pid` (delivered there as [`Input::MigrationRequest`]).
+    SendMigrationRequest {
+        /// Destination.
+        to: NodeId,
+        /// The process.
+        pid: Pid,
+        /// Its memory, MiB.
+        mem_mb: u32,
+        /// Our normalised load.
+        from_load: f32,
+        /// Why.
+        reason: MigrationReason,
+    },
+    /// Answer a migration request (delivered as [`Input::MigrationReply`]).
+    SendMigrationReply {
+        /// The requester.
+        to: NodeId,
+        /// The process.
+        pid: Pid,
+        /// Whether we take it.
+        accepted: bool,
+    },
+    /// Migrate `pid` to `to` now; report the outcome with [`Input::MigrationDone`] or
+    /// [`Input::MigrationFailed`].
+    Migrate {
+        /// The process.
+        pid: Pid,
+        /// Destination.
+        to: NodeId,
+        /// Why.
+        reason: MigrationReason,
+    },
+    /// Send a SWIM packet.
+    SendSwim {
+        /// Destination.
+        to: NodeId,
+        /// Packet.
+        data: Vec<u8>,
+    },
+    /// Hand `timer` back as [`Input::SwimTimer`] after `after`.
+    ScheduleSwim {
+        /// Delay.
+        after: Time,
+        /// Timer.
+        timer: SwimTimer,
+    },
+    /// SWIM reports `node` alive (informational).
+    MemberUp {
+        /// The node.
+        node: NodeId,
+    },
+    /// SWIM reports `node` gone (informational).
+    MemberDown {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// A process resident on this node, as tracked by the balancer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resident {
+    /// What we know of it.
+    pub info: ProcessInfo,
+    /// Local time of the last update of `info.age_ms` and the statistics.
+    pub updated: Time,
+    /// A migration request is outstanding: (target, deadline).
+    pub pending: Option<(NodeId, Time)>,
+    /// A migration is in progress.
+    pub migrating: bool,
+}
+
+impl Resident {
+    /// Age at `now`, seconds.
+    pub fn age_secs(&self, now: Time) -> f64 {
+        self.info.age_ms as f64 / 1000.0 + now.since(self.updated).as_secs_f64()
+    }
+
+    /// True when automatic policy may move it.
+    pub fn movable(&self) -> bool {
+        !self.info.locked && !self.info.confined && self.pending.is_none() && !self.migrating
+    }
+}
+
+/// One node's balancer state.
+#[derive(Debug)]
+pub struct Node {
+    pub(crate) cfg: Config,
+    pub(crate) window: Window,
+    pub(crate) smoother: Smoother,
+    pub(crate) runnable: f64,
+    pub(crate) used_mem_mb: u64,
+    pub(crate) sampled: bool,
+    pub(crate) procs: BTreeMap<Pid, Resident>,
+    pub(crate) peers: Vec<NodeId>,
+    /// Promises made to requesters: pid -> (mem, expiry).
+    pub(crate) promises: BTreeMap<Pid, (u32, Time)>,
+    /// Targets that refused us recently: node -> until.
+    pub(crate) refused: BTreeMap<NodeId, Time>,
+    pub(crate) swim: Option<Membership>,
+}
+
+impl Node {
+    /// A node from its configuration.
+    pub fn new(cfg: Config) -> Node {
+        let swim = cfg
+            .swim
+            .as_ref()
+            .map(|s| Membership::new(cfg.id, s.cluster_size, s.seed));
+        Node {
+            window: Window::new(cfg.params.window),
+            smoother: Smoother::new(cfg.params.smooth_rise, cfg.params.smooth_fall),
+            runnable: 0.0,
+            used_mem_mb: 0,
+            sampled: false,
+            procs: BTreeMap::new(),
+            peers: Vec::new(),
+            promises: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            swim,
+            cfg,
+        }
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The information window.
+    pub fn window(&self) -> &Window {
+        &self.window
+    }
+
+    /// Processes resident here.
+    pub fn processes(&self) -> impl Iterator<Item = &Resident> {
+        self.procs.values()
+    }
+
+    /// Known peers (alive members other than this node).
+    pub fn peers(&self) -> &[NodeId] {
+        &self.peers
+    }
+
+    /// Run-queue length: the latest sample, or the number of resident processes before any.
+    pub fn runnable(&self) -> f64 {
+        if self.sampled {
+            self.runnable
+        } else {
+            self.procs.values().filter(|p| !p.migrating).count() as f64
+        }
+    }
+
+    /// Memory in use, MiB.
+    pub fn used_mem_mb(&self) -> u64 {
+        if self.sampled {
+            self.used_mem_mb
+        } else {
+            self.procs
+                .values()
+                .map(|p| u64::from(p.info.mem_mb))
+                .sum()
+        }
+    }
+
+    /// Free memory, MiB, after what we promised to requesters.
+    pub fn free_mem_mb(&self) -> u64 {
+        let promised: u64 = self.promises.values().map(|(m, _)| u64::from(*m)).sum();
+        self.cfg
+            .mem_mb
+            .saturating_sub(self.used_mem_mb())
+            .saturating_sub(promised)
+    }
+
+    /// Instantaneous normalised load (runnable / capacity).
+    pub fn load_now(&self) -> f64 {
+        normalised(self.runnable(), self.cfg.cpus, self.cfg.speed)
+    }
+
+    /// The entry this node advertises at `now`.
+    pub fn own_entry(&self) -> LoadEntry {
+        LoadEntry {
+            node: self.cfg.id,
+            load: self.smoother.value as f32,
+            cpus: self.cfg.cpus.min(u32::from(u16::MAX)) as u16,
+            speed: self.cfg.speed as f32,
+            free_mem_mb: self.free_mem_mb().min(u64::from(u32::MAX)) as u32,
+            total_mem_mb: self.cfg.mem_mb.min(u64::from(u32::MAX)) as u32,
+            age_ms: 0,
+        }
+    }
+
+    /// Start: with SWIM, join the cluster through `known` (if any).
+    pub fn start(&mut self, known: Option<NodeId>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let (Some(m), Some(k)) = (self.swim.as_mut(), known) {
+            if k != self.cfg.id {
+                let evs = m.join(k);
+                self.apply_member_events(evs, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Leave the cluster gracefully (SWIM announces it).
+    pub fn leave(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(m) = self.swim.as_mut() {
+            let evs = m.leave();
+            self.apply_member_events(evs, &mut out);
+        }
+        out
+    }
+
+    /// Feed one input at time `now`; returns the actions to carry out, in order.
+    pub fn handle(&mut self, input: Input, now: Time, rng: &mut impl Rng) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick => self.tick(now, rng, &mut out),
+            Input::LoadSample {
+                runnable,
+                used_mem_mb,
+            } => {
+                self.sampled = true;
+                self.runnable = f64::from(runnable);
+                self.used_mem_mb = used_mem_mb;
+                self.smoother.sample(self.load_now());
+            }
+            Input::Gossip { entries, .. } => self.window.merge(self.cfg.id, &entries, now),
+            Input::ProcessStarted(info) => {
+                self.promises.remove(&info.pid);
+                self.procs.insert(
+                    info.pid,
+                    Resident {
+                        info,
+                        updated: now,
+                        pending: None,
+                        migrating: false,
+                    },
+                );
+            }
+            Input::ProcessEnded { pid } => {
+                self.procs.remove(&pid);
+            }
+            Input::ProcessStats {
+                pid,
+                cpu_work,
+                home_syscalls,
+                local_syscalls,
+            } => {
+                let half = self.cfg.params.stats_half_life_secs;
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    let dt = now.since(p.updated).as_secs_f64();
+                    let decay = if half > 0.0 { 0.5f64.powf(dt / half) } else { 0.0 };
+                    p.info.age_ms += now.since(p.updated).0 / 1000;
+                    p.updated = now;
+                    p.info.cpu_work = cpu_work.max(0.0);
+                    p.info.home_syscalls = p.info.home_syscalls * decay + home_syscalls as f64;
+                    p.info.local_syscalls = p.info.local_syscalls * decay + local_syscalls as f64;
+                }
+            }
+            Input::ProcessExec { pid } => {
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    p.info.home_syscalls = 0.0;
+                    p.info.local_syscalls = 0.0;
+                    p.info.cpu_work = 0.0;
+                    p.info.age_ms = 0;
+                    p.updated = now;
+                }
+            }
+            Input::SetLock { pid, locked } => {
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    p.info.locked = locked;
+                }
+            }
+            Input::ManualMigrate { pid, to } => {
+                if to != self.cfg.id {
+                    if let Some(p) = self.procs.get_mut(&pid) {
+                        if !p.migrating {
+                            p.migrating = true;
+                            p.pending = None;
+                            out.push(Action::Migrate {
+                                pid,
+                                to,
+                                reason: MigrationReason::Manual,
+                            });
+                        }
+                    }
+                }
+            }
+            Input::MigrationRequest {
+                from,
+                pid,
+                mem_mb,
+                from_load,
+                reason,
+            } => {
+                let accepted = from != self.cfg.id && self.would_accept(mem_mb, from_load, reason);
+                if accepted {
+                    self.promises
+                        .insert(pid, (mem_mb, now.plus(self.cfg.params.promise_ttl)));
+                }
+                out.push(Action::SendMigrationReply {
+                    to: from,
+                    pid,
+                    accepted,
+                });
+            }
+            Input::MigrationReply {
+                from,
+                pid,
+                accepted,
+            } => {
+                let mut go = None;
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    if let Some((target, _)) = p.pending {
+                        if target == from {
+                            p.pending = None;
+                            if accepted && !p.migrating && !p.info.locked && !p.info.confined {
+                                p.migrating = true;
+                                go = Some(target);
+                            }
+                        }
+                    }
+                }
+                match go {
+                    Some(to) => out.push(Action::Migrate {
+                        pid,
+                        to,
+                        reason: self.reason_for_auto(),
+                    }),
+                    None if !accepted => {
+                        self.refused
+                            .insert(from, now.plus(self.cfg.params.refuse_backoff));
+                    }
+                    None => {}
+                }
+            }
+            Input::MigrationDone { pid, .. } => {
+                self.procs.remove(&pid);
+            }
+            Input::MigrationFailed { pid, .. } => {
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    p.migrating = false;
+                }
+            }
+            Input::NodeJoined { node } => self.add_peer(node),
+            Input::NodeLeft { node } => self.remove_peer(node),
+            Input::Swim { data, .. } => {
+                if let Some(m) = self.swim.as_mut() {
+                    let evs = m.handle_data(&data);
+                    self.apply_member_events(evs, &mut out);
+                }
+            }
+            Input::SwimTimer(t) => {
+                if let Some(m) = self.swim.as_mut() {
+                    let evs = m.handle_timer(t);
+                    self.apply_member_events(evs, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn reason_for_auto(&self) -> MigrationReason {
+        if self.under_memory_pressure() {
+            MigrationReason::Usher
+        } else if self.cfg.policy == PolicyKind::OpportunityCost {
+            MigrationReason::OpportunityCost
+        } else {
+            MigrationReason::Balance
+        }
+    }
+
+    /// True when free memory is below the ushering threshold.
+    pub fn under_memory_pressure(&self) -> bool {
+        let total = self.cfg.mem_mb as f64;
+        (total - self.used_mem_mb() as f64) < total * self.cfg.params.usher_free_frac
+    }
+
+    /// Whether we would take a process of `mem_mb` from a node whose load is `from_load`.
+    /// Memory must fit (after earlier promises); for load balancing, our load with every
+    /// promised process and this one must stay below the requester's: this is what stops a
+    /// herd of nodes from all sending work to a node that just became idle.
+    pub fn would_accept(&self, mem_mb: u32, from_load: f32, reason: MigrationReason) -> bool {
+        if reason == MigrationReason::Manual {
+            return true;
+        }
+        let free = self.free_mem_mb() as f64;
+        let reserve = self.cfg.mem_mb as f64 * self.cfg.params.usher_free_frac;
+        if free < f64::from(mem_mb) + reserve {
+            return false;
+        }
+        if reason == MigrationReason::Usher {
+            return true;
+        }
+        let after = normalised(
+            self.runnable() + self.promises.len() as f64 + 1.0,
+            self.cfg.cpus,
+            self.cfg.speed,
+        );
+        after < f64::from(from_load)
+    }
+
+    fn add_peer(&mut self, node: NodeId) {
+        if node != self.cfg.id && !self.peers.contains(&node) {
+            self.peers.push(node);
+        }
+    }
+
+    fn remove_peer(&mut self, node: NodeId) {
+        if let Some(i) = self.peers.iter().position(|&p| p == node) {
+            self.peers.swap_remove(i);
+        }
+        self.window.remove(node);
+    }
+
+    fn apply_member_events(&mut self, evs: Vec<MemberEvent>, out: &mut Vec<Action>) {
+        for e in evs {
+            match e {
+                MemberEvent::Send { to, data } => out.push(Action::SendSwim { to, data }),
+                MemberEvent::Schedule { after, timer } => {
+                    out.push(Action::ScheduleSwim { after, timer })
+                }
+                MemberEvent::Up(node) => {
+                    self.add_peer(node);
+                    out.push(Action::MemberUp { node });
+                }
+                MemberEvent::Down(node) => {
+                    self.remove_peer(node);
+                    out.push(Action::MemberDown { node });
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Time, rng: &mut impl Rng, out: &mut Vec<Action>) {
+        let p = &self.cfg.params;
+        self.window.expire(now, p.expire);
+        self.promises.retain(|_, (_, until)| *until > now);
+        self.refused.retain(|_, until| *until > now);
+        for r in self.procs.values_mut() {
+            if let Some((_, deadline)) = r.pending {
+                if deadline <= now {
+                    r.pending = None;
+                }
+            }
+        }
+        if !self.sampled {
+            let x = self.load_now();
+            self.smoother.sample(x);
+        }
+        // Dissemination: exactly one message, to one random peer.
+        if !self.peers.is_empty() {
+            let to = self.peers[rng.random_range(0..self.peers.len())];
+            let mut entries = Vec::with_capacity(self.cfg.params.window + 1);
+            entries.push(self.own_entry());
+            entries.extend(self.window.freshest(now, self.cfg.params.window));
+            out.push(Action::SendGossip { to, entries });
+        }
+        // Policy: at most one request per step.
+        if let Some(d) = policy::decide(self, now) {
+            let ttl = self.cfg.params.promise_ttl;
+            let from_load = self.load_now() as f32;
+            if let Some(r) = self.procs.get_mut(&d.pid) {
+                r.pending = Some((d.to, now.plus(ttl)));
+            }
+            // Account the promised work locally so the next decision sees it.
+            if let Some(h) = self.window.get_mut(d.to) {
+                let cap = h.entry.capacity();
+                h.entry.load += (1.0 / cap) as f32;
+                h.entry.free_mem_mb = h.entry.free_mem_mb.saturating_sub(d.mem_mb);
+            }
+            out.push(Action::SendMigrationRequest {
+                to: d.to,
+                pid: d.pid,
+                mem_mb: d.mem_mb,
+                from_load,
+                reason: d.reason,
+            });
+        }
+    }
+}

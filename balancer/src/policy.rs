@@ -1,0 +1,256 @@
+//! The decision rules: pairwise MOSIX load balancing, memory ushering, and the
+//! opportunity-cost policy of Amir, Averbuch, Barak, Borgstrom and Keren.
+//!
+//! Every rule is a pure function of a node's state; [`decide`] returns at most one move per
+//! step, which the node then negotiates with the target (the target may refuse).
+
+use crate::node::{MigrationReason, Node, Resident};
+use crate::types::{LoadEntry, NodeId, Pid, Time};
+use serde::{Deserialize, Serialize};
+
+/// Which automatic policy a node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyKind {
+    /// No automatic migration (dissemination still runs; manual requests still work).
+    None,
+    /// MOSIX: pairwise load balancing by expected completion time, plus memory ushering.
+    Mosix,
+    /// Opportunity cost: each resource costs exponentially in its utilisation; a process moves
+    /// where the marginal cost rises least.
+    OpportunityCost,
+}
+
+/// A move chosen by the policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Decision {
+    /// The process.
+    pub pid: Pid,
+    /// The target.
+    pub to: NodeId,
+    /// Its memory, MiB.
+    pub mem_mb: u32,
+    /// Why.
+    pub reason: MigrationReason,
+}
+
+/// Expected CPU rate (reference-seconds of work per second) of one more process on a node
+/// with `runnable` processes already, `cpus` CPUs of relative speed `speed`.
+pub fn rate_with(runnable: f64, cpus: f64, speed: f64) -> f64 {
+    speed * (cpus / runnable.max(1.0)).min(1.0)
+}
+
+/// Multiplier on a process's rate when it runs on `node`: processes whose system calls
+/// mostly go home run slower away from home.
+pub fn io_factor(r: &Resident, node: NodeId, io_penalty: f64) -> f64 {
+    if node == r.info.home {
+        1.0
+    } else {
+        1.0 / (1.0 + io_penalty * r.info.home_fraction())
+    }
+}
+
+/// Cost in seconds of moving a process of `mem_mb`: fixed + memory / bandwidth.
+pub fn migration_cost_secs(node: &Node, mem_mb: u32) -> f64 {
+    let p = &node.cfg.params;
+    p.migration_fixed_secs + f64::from(mem_mb) / p.migration_mb_per_sec.max(1e-6)
+}
+
+/// Expected remaining CPU work of a process: by Harchol-Balter and Downey, a process that has
+/// used `t` seconds of CPU is expected to use about `t` more.
+pub fn expected_remaining_work(r: &Resident, now: Time, rate_here: f64) -> f64 {
+    if r.info.cpu_work > 0.0 {
+        r.info.cpu_work
+    } else {
+        r.age_secs(now) * rate_here
+    }
+}
+
+fn candidates<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a LoadEntry> + 'a {
+    let max_ms = node.cfg.params.expire.0 / 1000;
+    node.window
+        .iter()
+        .filter(move |h| {
+            h.entry.node != node.cfg.id
+                && h.age_ms(now) <= max_ms
+                && !node.refused.contains_key(&h.entry.node)
+                && node.peers.contains(&h.entry.node)
+        })
+        .map(|h| &h.entry)
+}
+
+fn movable<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a Resident> + 'a {
+    let min_age = node.cfg.params.min_age_secs;
+    node.procs
+        .values()
+        .filter(move |r| r.movable() && r.age_secs(now) >= min_age)
+}
+
+/// The policy's choice for this step, if any.
+pub fn decide(node: &Node, now: Time) -> Option<Decision> {
+    match node.cfg.policy {
+        PolicyKind::None => None,
+        PolicyKind::Mosix => {
+            if node.under_memory_pressure() {
+                usher(node, now).or_else(|| balance(node, now))
+            } else {
+                balance(node, now)
+            }
+        }
+        PolicyKind::OpportunityCost => {
+            if node.under_memory_pressure() {
+                usher(node, now).or_else(|| opportunity_cost_choice(node, now))
+            } else {
+                opportunity_cost_choice(node, now)
+            }
+        }
+    }
+}
+
+/// Pairwise load balancing: move the process and target with the largest expected saving of
+/// completion time, provided the target's rate is clearly better and the saving exceeds the
+/// cost of the move by `cost_factor`.
+pub fn balance(node: &Node, now: Time) -> Option<Decision> {
+    let p = &node.cfg.params;
+    let n = node.runnable().max(1.0);
+    let cpus = f64::from(node.cfg.cpus);
+    let base_here = rate_with(n, cpus, node.cfg.speed);
+    // Nothing to gain if every process already has a full CPU of the fastest kind we know.
+    let mut best: Option<(f64, Decision)> = None;
+    for t in candidates(node, now) {
+        let base_there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+        if base_there <= base_here * (1.0 + p.min_rate_gain) {
+            continue;
+        }
+        let room = f64::from(t.free_mem_mb) - f64::from(t.total_mem_mb) * p.usher_free_frac;
+        for r in movable(node, now) {
+            if f64::from(r.info.mem_mb) > room {
+                continue;
+            }
+            let here = base_here * io_factor(r, node.cfg.id, p.io_penalty);
+            let there = base_there * io_factor(r, t.node, p.io_penalty);
+            if there <= here * (1.0 + p.min_rate_gain) {
+                continue;
+            }
+            let work = expected_remaining_work(r, now, here);
+            let cost = migration_cost_secs(node, r.info.mem_mb);
+            let gain = work / here - (work / there + cost);
+            if gain > p.cost_factor * cost && best.is_none_or(|(g, _)| gain > g) {
+                best = Some((
+                    gain,
+                    Decision {
+                        pid: r.info.pid,
+                        to: t.node,
+                        mem_mb: r.info.mem_mb,
+                        reason: MigrationReason::Balance,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, d)| d)
+}
+
+/// Memory ushering: free memory is below the threshold, so move a process to a node with room
+/// for it, even against load balance. Prefers the smallest process that relieves the pressure
+/// on its own (else the largest), and among targets with room, the least loaded.
+pub fn usher(node: &Node, now: Time) -> Option<Decision> {
+    let p = &node.cfg.params;
+    let total = node.cfg.mem_mb as f64;
+    let need = node.used_mem_mb() as f64 - total * (1.0 - p.usher_free_frac);
+    let mut best: Option<((bool, f64, f64), Decision)> = None;
+    for r in movable(node, now) {
+        let m = f64::from(r.info.mem_mb);
+        if m <= 0.0 {
+            continue;
+        }
+        for t in candidates(node, now) {
+            let room = f64::from(t.free_mem_mb) - f64::from(t.total_mem_mb) * p.usher_free_frac;
+            if m > room {
+                continue;
+            }
+            let covers = m >= need;
+            // Key: covering beats not covering; then smaller (covering) or larger (not) size;
+            // then lower target load.
+            let size_key = if covers { -m } else { m };
+            let key = (covers, size_key, -f64::from(t.load));
+            if best.as_ref().is_none_or(|(k, _)| key > *k) {
+                best = Some((
+                    key,
+                    Decision {
+                        pid: r.info.pid,
+                        to: t.node,
+                        mem_mb: r.info.mem_mb,
+                        reason: MigrationReason::Usher,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, d)| d)
+}
+
+/// Opportunity cost of a node: Σ over resources of β^utilisation (CPU and memory).
+pub fn opportunity_cost(beta: f64, cpu_util: f64, mem_util: f64) -> f64 {
+    beta.powf(cpu_util) + beta.powf(mem_util)
+}
+
+/// Opportunity-cost reassignment: move the process whose removal here saves more marginal cost
+/// than adding it to a target costs there (by at least `oc_margin`), and whose expected
+/// remaining work justifies the move.
+pub fn opportunity_cost_choice(node: &Node, now: Time) -> Option<Decision> {
+    let p = &node.cfg.params;
+    let beta = (2.0 * (node.peers.len() as f64 + 1.0)).clamp(4.0, 1024.0);
+    let cap = f64::from(node.cfg.cpus) * node.cfg.speed;
+    let n = node.runnable().max(1.0);
+    let total = (node.cfg.mem_mb as f64).max(1.0);
+    let used = node.used_mem_mb() as f64;
+    let full = p.oc_full_load.max(1e-3);
+    let cost_here = opportunity_cost(beta, n / cap / full, used / total);
+    let base_here = rate_with(n, f64::from(node.cfg.cpus), node.cfg.speed);
+    let mut best: Option<(f64, Decision)> = None;
+    for t in candidates(node, now) {
+        let tcap = t.capacity();
+        let tn = t.runnable();
+        let ttotal = f64::from(t.total_mem_mb).max(1.0);
+        let tused = ttotal - f64::from(t.free_mem_mb);
+        let cost_there = opportunity_cost(beta, tn / tcap / full, tused / ttotal);
+        let base_there = rate_with(tn + 1.0, f64::from(t.cpus), f64::from(t.speed));
+        for r in movable(node, now) {
+            let m = f64::from(r.info.mem_mb);
+            if m > f64::from(t.free_mem_mb) {
+                continue;
+            }
+            let here_io = io_factor(r, node.cfg.id, p.io_penalty);
+            let there_io = io_factor(r, t.node, p.io_penalty);
+            let saved = cost_here
+                - opportunity_cost(beta, (n - 1.0) / cap / full, (used - m) / total);
+            // A process that runs slower there occupies the CPU longer: charge it accordingly.
+            let added = opportunity_cost(beta, (tn + 1.0 / there_io) / tcap / full, (tused + m) / ttotal)
+                - cost_there;
+            let net = saved - added;
+            if net <= p.oc_margin * saved {
+                continue;
+            }
+            let here = base_here * here_io;
+            let there = base_there * there_io;
+            let work = expected_remaining_work(r, now, here);
+            let cost = migration_cost_secs(node, r.info.mem_mb);
+            if work / there.max(1e-9) < p.cost_factor * cost {
+                continue;
+            }
+            let score = net / saved.max(1e-12);
+            if best.is_none_or(|(s, _)| score > s) {
+                best = Some((
+                    score,
+                    Decision {
+                        pid: r.info.pid,
+                        to: t.node,
+                        mem_mb: r.info.mem_mb,
+                        reason: MigrationReason::OpportunityCost,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, d)| d)
+}
