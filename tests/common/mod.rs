@@ -1,0 +1,811 @@
+//! Differential test harness: run a program natively and under `mosvm run`, each in a fresh
+//! empty temporary directory with the same argv, environment and stdin, and compare what a
+//! user would see: stdout, stderr, exit status and the files left behind.
+//!
+//! - [`Case`] describes one run (program, args, stdin, files to create first, extra env,
+//!   `mosvm run` flags); [`Case::check`] runs it both ways and panics with a readable diff when
+//!   the two differ.
+//! - [`Case::run_native`] / [`Case::run_mosvm`] run one side only, for tests that need their
+//!   own assertions (faults, bad input).
+//! - [`image`] gives the path of a guest program built from `images/` (building them once
+//!   per test process, serialised across processes by a lock file).
+//! - [`kvm_ready`] tells whether the KVM tests can run; without KVM it panics, unless
+//!   `MOSVM_SKIP_KVM=1`, in which case it prints a note and the test returns early.
+//! - The `mosvm` binary is the one Cargo built for these tests, or `MOSVM_BIN` if set.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Once, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The variants every image is built in (directories under `images/out`).
+pub const VARIANTS: [&str; 3] = ["glibc-static", "musl-static", "dynamic"];
+
+/// How long one run may take before it is killed and the test fails. Generous: the machine
+/// is small and shared; this only catches hangs, it is not a performance check.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Modification time given to every file a case creates before its runs, so that programs
+/// that record it (gzip, ls) see the same value in both runs.
+pub const FIXED_MTIME: u64 = 1_000_000_000;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `mosvm` binary under test: `MOSVM_BIN` if set, else the one Cargo built.
+pub fn mosvm_bin() -> PathBuf {
+    match std::env::var_os("MOSVM_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_mosvm")),
+    }
+}
+
+/// Whether the tests that need KVM may run. Panics with a clear message when `/dev/kvm`
+/// cannot be opened, unless `MOSVM_SKIP_KVM=1`, in which case it prints a note and returns
+/// false (the caller then returns early).
+pub fn kvm_ready(test: &str) -> bool {
+    static STATE: OnceLock<Result<(), String>> = OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map(drop)
+            .map_err(|e| format!("cannot open /dev/kvm read-write: {e}"))
+    });
+    match state {
+        Ok(()) => true,
+        Err(why) if std::env::var("MOSVM_SKIP_KVM").as_deref() == Ok("1") => {
+            eprintln!("note: skipping {test}: {why} (MOSVM_SKIP_KVM=1)");
+            false
+        }
+        Err(why) => panic!(
+            "KVM is not usable: {why}. mosvm runs every program in a KVM micro-VM, so this \
+             test cannot run. Enable KVM (load kvm_intel/kvm_amd, make /dev/kvm accessible) \
+             or set MOSVM_SKIP_KVM=1 to skip the KVM tests explicitly."
+        ),
+    }
+}
+
+/// Returns early from a test when KVM tests are being skipped (see [`kvm_ready`]).
+/// Test files declare `#[macro_use] mod common;` to use it.
+macro_rules! require_kvm {
+    () => {
+        if !$crate::common::kvm_ready(module_path!()) {
+            return;
+        }
+    };
+}
+
+/// Builds the guest programs (`make -C images`) once per test process; concurrent test
+/// processes are serialised by an flock on a lock file in Cargo's target tmp dir.
+pub fn build_images() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let lock_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mosvm-images.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .unwrap_or_else(|e| panic!("cannot open lock file {}: {e}", lock_path.display()));
+        // SAFETY: flock on a file descriptor we own for the whole call; no memory involved.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            lock_path.display(),
+            std::io::Error::last_os_error()
+        );
+        let images = repo_root().join("images");
+        let out = Command::new("make")
+            .arg("-C")
+            .arg(&images)
+            .arg("-j2")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run make (is it installed?): {e}"));
+        assert!(
+            out.status.success(),
+            "`make -C {}` failed ({}); the images need gcc, musl-gcc (musl-tools) and make.\n\
+             --- stdout ---\n{}\n--- stderr ---\n{}",
+            images.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(lock); // closing the descriptor releases the lock
+    });
+}
+
+/// Path of a built guest program: `images/out/VARIANT/NAME`.
+pub fn image(variant: &str, name: &str) -> PathBuf {
+    build_images();
+    let p = repo_root().join("images/out").join(variant).join(name);
+    assert!(p.is_file(), "image {} was not built", p.display());
+    p
+}
+
+/// Status as a shell reports it: the exit code, or 128+N for death by signal N.
+pub fn shell_status(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => panic!("exit status with neither code nor signal: {status:?}"),
+    }
+}
+
+/// One entry of a directory snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    File { mode: u32, contents: Vec<u8> },
+    Dir { mode: u32 },
+    Symlink { target: PathBuf },
+    Other { kind: String },
+}
+
+/// Every entry under a directory, by relative path (the directory itself excluded).
+pub type Tree = BTreeMap<PathBuf, Entry>;
+
+pub fn snapshot(root: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, out: &mut Tree) {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+            .map(|e| e.expect("read_dir entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let meta = fs::symlink_metadata(&path)
+                .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()));
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let mode = meta.mode() & 0o7777;
+            let ft = meta.file_type();
+            let entry = if ft.is_symlink() {
+                Entry::Symlink {
+                    target: fs::read_link(&path).expect("readlink"),
+                }
+            } else if ft.is_dir() {
+                walk(root, &path, out);
+                Entry::Dir { mode }
+            } else if ft.is_file() {
+                Entry::File {
+                    mode,
+                    contents: fs::read(&path)
+                        .unwrap_or_else(|e| panic!("read {}: {e}", path.display())),
+                }
+            } else {
+                Entry::Other {
+                    kind: format!("{ft:?}"),
+                }
+            };
+            out.insert(rel, entry);
+        }
+    }
+    let mut tree = Tree::new();
+    walk(root, root, &mut tree);
+    tree
+}
+
+/// What one run produced.
+#[derive(Debug)]
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Files left in the run's directory (inputs included).
+    pub tree: Tree,
+}
+
+impl Run {
+    pub fn shell_status(&self) -> i32 {
+        shell_status(self.status)
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Something a case creates in its directory before each run.
+#[derive(Clone, Debug)]
+enum Setup {
+    File { contents: Vec<u8>, mode: u32 },
+    Dir,
+    Symlink(PathBuf),
+}
+
+/// One program invocation, to be run natively and under `mosvm run`.
+#[derive(Clone, Debug)]
+pub struct Case {
+    program: OsString,
+    args: Vec<OsString>,
+    stdin: Vec<u8>,
+    setup: Vec<(PathBuf, Setup)>,
+    env: BTreeMap<String, String>,
+    mosvm_flags: Vec<String>,
+    timeout: Duration,
+    compare_stderr: bool,
+    expect_status: Option<i32>,
+}
+
+impl Case {
+    /// A case running `program` (a path, or a bare name looked up on PATH) with no
+    /// arguments, empty stdin and the fixed environment: PATH, HOME, LANG=C, TZ=UTC.
+    /// By default both runs must exit 0.
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        let env = [
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            ("HOME", "/nonexistent-home"),
+            ("LANG", "C"),
+            ("TZ", "UTC"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Case {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            stdin: Vec::new(),
+            setup: Vec::new(),
+            env,
+            mosvm_flags: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            compare_stderr: true,
+            expect_status: Some(0),
+        }
+    }
+
+    /// A case running a built guest program.
+    pub fn image(variant: &str, name: &str) -> Self {
+        Case::new(image(variant, name))
+    }
+
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
+        self.args.push(a.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = bytes.into();
+        self
+    }
+
+    /// Creates a file (mode 0644) before each run; parent directories are created as needed.
+    pub fn file(self, path: impl AsRef<Path>, contents: impl Into<Vec<u8>>) -> Self {
+        self.file_mode(path, contents, 0o644)
+    }
+
+    pub fn file_mode(
+        mut self,
+        path: impl AsRef<Path>,
+        contents: impl Into<Vec<u8>>,
+        mode: u32,
+    ) -> Self {
+        self.setup.push((
+            path.as_ref().to_owned(),
+            Setup::File {
+                contents: contents.into(),
+                mode,
+            },
+        ));
+        self
+    }
+
+    pub fn dir(mut self, path: impl AsRef<Path>) -> Self {
+        self.setup.push((path.as_ref().to_owned(), Setup::Dir));
+        self
+    }
+
+    pub fn symlink(mut self, path: impl AsRef<Path>, target: impl AsRef<Path>) -> Self {
+        self.setup.push((
+            path.as_ref().to_owned(),
+            Setup::Symlink(target.as_ref().to_owned()),
+        ));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// A flag for `mosvm run` (placed before PROGRAM); ignored by the native run.
+    pub fn mosvm_flag(mut self, flag: &str) -> Self {
+        self.mosvm_flags.push(flag.to_string());
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Do not require identical stderr (e.g. when mosvm itself reports a fault).
+    pub fn ignore_stderr(mut self) -> Self {
+        self.compare_stderr = false;
+        self
+    }
+
+    /// The shell status both runs must have (default 0); `None` accepts any, as long as
+    /// both agree.
+    pub fn expect_status(mut self, status: Option<i32>) -> Self {
+        self.expect_status = status;
+        self
+    }
+
+    /// One line naming the case, for failure messages.
+    pub fn describe(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&self.program.to_string_lossy());
+        for a in &self.args {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                let _ = write!(s, " {a:?}");
+            } else {
+                let _ = write!(s, " {a}");
+            }
+        }
+        if !self.mosvm_flags.is_empty() {
+            let _ = write!(s, " (mosvm flags: {})", self.mosvm_flags.join(" "));
+        }
+        s
+    }
+
+    /// Creates a fresh directory holding this case's input files.
+    pub fn prepare_dir(&self) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new()
+            .prefix("mosvm-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(FIXED_MTIME);
+        for (rel, what) in &self.setup {
+            assert!(
+                rel.is_relative(),
+                "setup path {} must be relative",
+                rel.display()
+            );
+            let path = dir.path().join(rel);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).expect("create parent dirs");
+            }
+            match what {
+                Setup::File { contents, mode } => {
+                    let f = fs::File::create(&path).expect("create input file");
+                    (&f).write_all(contents).expect("write input file");
+                    f.set_permissions(fs::Permissions::from_mode(*mode))
+                        .expect("chmod input file");
+                    f.set_modified(mtime).expect("set mtime");
+                }
+                Setup::Dir => fs::create_dir_all(&path).expect("create input dir"),
+                Setup::Symlink(target) => {
+                    std::os::unix::fs::symlink(target, &path).expect("create symlink")
+                }
+            }
+        }
+        dir
+    }
+
+    fn command(&self, under_mosvm: bool, cwd: &Path) -> Command {
+        let mut cmd = if under_mosvm {
+            let mut c = Command::new(mosvm_bin());
+            c.arg("run").args(&self.mosvm_flags).arg(&self.program);
+            c
+        } else {
+            Command::new(&self.program)
+        };
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(&self.env)
+            .current_dir(cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs natively in a fresh directory; `Err` if the program could not be started.
+    pub fn try_run_native(&self) -> std::io::Result<Run> {
+        self.run_in_fresh_dir(false)
+    }
+
+    /// Runs natively in a fresh directory.
+    pub fn run_native(&self) -> Run {
+        self.try_run_native()
+            .unwrap_or_else(|e| panic!("cannot start {} natively: {e}", self.describe()))
+    }
+
+    /// Runs under `mosvm run` in a fresh directory.
+    pub fn run_mosvm(&self) -> Run {
+        self.run_in_fresh_dir(true).unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} (for {}): {e}",
+                mosvm_bin().display(),
+                self.describe()
+            )
+        })
+    }
+
+    fn run_in_fresh_dir(&self, under_mosvm: bool) -> std::io::Result<Run> {
+        let dir = self.prepare_dir();
+        let child = self.command(under_mosvm, dir.path()).spawn()?;
+        let (status, (stdout, stderr)) = wait_with_io(child, self.stdin.clone(), self.timeout)
+            .unwrap_or_else(|partial| {
+                panic!(
+                    "{} {} did not finish within {:?}; killed.\n--- stdout so far ---\n{}\n\
+                     --- stderr so far ---\n{}",
+                    if under_mosvm { "mosvm run" } else { "native" },
+                    self.describe(),
+                    self.timeout,
+                    String::from_utf8_lossy(&partial.0),
+                    String::from_utf8_lossy(&partial.1)
+                )
+            });
+        let tree = snapshot(dir.path());
+        Ok(Run {
+            status,
+            stdout,
+            stderr,
+            tree,
+        })
+    }
+
+    /// Runs natively and under mosvm and asserts that stdout, stderr (unless ignored), the
+    /// exit status and the files left behind are identical, and that the status is the
+    /// expected one. Returns both runs for further checks.
+    pub fn check(&self) -> (Run, Run) {
+        let native = self.run_native();
+        let guest = self.run_mosvm();
+        let report = compare(&native, &guest, self.compare_stderr);
+        if let Some(report) = report {
+            panic!(
+                "mosvm run differs from the native run of {}\n{report}\n{}",
+                self.describe(),
+                stderr_report(&native, &guest)
+            );
+        }
+        if let Some(expected) = self.expect_status {
+            assert_eq!(
+                native.shell_status(),
+                expected,
+                "the native run of {} itself exited with {} (expected {expected}): the case \
+                 is broken, not mosvm\n{}",
+                self.describe(),
+                native.shell_status(),
+                stderr_report(&native, &guest)
+            );
+        }
+        (native, guest)
+    }
+}
+
+/// What a child wrote to stdout and stderr.
+pub type Streams = (Vec<u8>, Vec<u8>);
+
+/// Feeds `stdin` to the child, collects stdout and stderr, and waits at most `timeout`.
+/// On timeout the child is killed and what it printed so far is returned as the error.
+pub fn wait_with_io(
+    mut child: Child,
+    stdin: Vec<u8>,
+    timeout: Duration,
+) -> Result<(ExitStatus, Streams), Streams> {
+    let mut input = child.stdin.take();
+    let writer = thread::spawn(move || {
+        if let Some(pipe) = input.as_mut() {
+            // The program may exit without reading everything: ignore EPIPE.
+            let _ = pipe.write_all(&stdin);
+        }
+        drop(input);
+    });
+    let out = spawn_reader(child.stdout.take());
+    let err = spawn_reader(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().expect("wait for child") {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let _ = writer.join();
+    // Readers end when every holder of the pipes' write ends has exited.
+    let stdout = out.join().expect("stdout reader");
+    let stderr = err.join().expect("stderr reader");
+    match status {
+        Some(s) => Ok((s, (stdout, stderr))),
+        None => Err((stdout, stderr)),
+    }
+}
+
+fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Reads from a child's stdout on a thread, line by line, so a test can wait (with a bound)
+/// for a line the program prints when it is ready.
+pub struct LineReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    pub seen: Vec<u8>,
+}
+
+impl LineReader {
+    pub fn new<R: Read + Send + 'static>(pipe: R) -> Self {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut pipe = std::io::BufReader::new(pipe);
+            loop {
+                let mut line = Vec::new();
+                match std::io::BufRead::read_until(&mut pipe, b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        LineReader {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a line equal to `want` arrives; false on EOF or timeout.
+    pub fn wait_for(&mut self, want: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.extend_from_slice(&line);
+                    if line == want {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Waits at most `timeout` for a child to exit; kills it and returns `None` on timeout.
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait for child") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Describes the first difference between the two runs, or `None` if they agree.
+pub fn compare(native: &Run, guest: &Run, compare_stderr: bool) -> Option<String> {
+    let mut report = String::new();
+    if shell_status(native.status) != shell_status(guest.status) {
+        let _ = writeln!(
+            report,
+            "exit status: native {} ({:?}), mosvm {} ({:?})",
+            native.shell_status(),
+            native.status,
+            guest.shell_status(),
+            guest.status
+        );
+    }
+    if let Some(d) = diff_bytes("stdout", &native.stdout, &guest.stdout) {
+        report.push_str(&d);
+    }
+    if compare_stderr {
+        if let Some(d) = diff_bytes("stderr", &native.stderr, &guest.stderr) {
+            report.push_str(&d);
+        }
+    }
+    if let Some(d) = diff_trees(&native.tree, &guest.tree) {
+        report.push_str(&d);
+    }
+    (!report.is_empty()).then_some(report)
+}
+
+/// Both stderrs, for failure messages.
+pub fn stderr_report(native: &Run, guest: &Run) -> String {
+    format!(
+        "--- native stderr ---\n{}\n--- mosvm stderr ---\n{}",
+        clip(&native.stderr),
+        clip(&guest.stderr)
+    )
+}
+
+fn clip(bytes: &[u8]) -> String {
+    const MAX: usize = 4000;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]).into_owned();
+    if bytes.len() > MAX {
+        format!("{text}... ({} bytes in all)", bytes.len())
+    } else {
+        text
+    }
+}
+
+/// Describes where two byte strings first differ, by line, or `None` if equal.
+pub fn diff_bytes(what: &str, native: &[u8], guest: &[u8]) -> Option<String> {
+    if native == guest {
+        return None;
+    }
+    let a: Vec<&[u8]> = native.split_inclusive(|&b| b == b'\n').collect();
+    let b: Vec<&[u8]> = guest.split_inclusive(|&b| b == b'\n').collect();
+    let first = a
+        .iter()
+        .zip(&b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    let show = |lines: &[&[u8]], i: usize| -> String {
+        lines
+            .get(i)
+            .map(|l| format!("{:?}", String::from_utf8_lossy(l)))
+            .unwrap_or_else(|| "<end of output>".to_string())
+    };
+    let mut s = format!(
+        "{what} differs ({} bytes, {} lines natively; {} bytes, {} lines under mosvm); \
+         first difference at line {}:\n",
+        native.len(),
+        a.len(),
+        guest.len(),
+        b.len(),
+        first + 1
+    );
+    if first > 0 {
+        let _ = writeln!(s, "    both  : {}", show(&a, first - 1));
+    }
+    let _ = writeln!(s, "    native: {}", show(&a, first));
+    let _ = writeln!(s, "    mosvm : {}", show(&b, first));
+    Some(s)
+}
+
+/// Describes how two directory snapshots differ, or `None` if equal.
+pub fn diff_trees(native: &Tree, guest: &Tree) -> Option<String> {
+    if native == guest {
+        return None;
+    }
+    let mut s = String::from("files left behind differ:\n");
+    for (path, n) in native {
+        match guest.get(path) {
+            None => {
+                let _ = writeln!(s, "    only natively: {} ({})", path.display(), kind(n));
+            }
+            Some(g) if g != n => {
+                let _ = writeln!(s, "    {}: {}", path.display(), entry_diff(n, g));
+            }
+            Some(_) => {}
+        }
+    }
+    for (path, g) in guest {
+        if !native.contains_key(path) {
+            let _ = writeln!(s, "    only under mosvm: {} ({})", path.display(), kind(g));
+        }
+    }
+    Some(s)
+}
+
+fn kind(e: &Entry) -> String {
+    match e {
+        Entry::File { mode, contents } => format!("file {mode:o}, {} bytes", contents.len()),
+        Entry::Dir { mode } => format!("dir {mode:o}"),
+        Entry::Symlink { target } => format!("symlink -> {}", target.display()),
+        Entry::Other { kind } => kind.clone(),
+    }
+}
+
+fn entry_diff(n: &Entry, g: &Entry) -> String {
+    match (n, g) {
+        (
+            Entry::File {
+                mode: nm,
+                contents: nc,
+            },
+            Entry::File {
+                mode: gm,
+                contents: gc,
+            },
+        ) if nm == gm => {
+            let at = nc
+                .iter()
+                .zip(gc)
+                .position(|(x, y)| x != y)
+                .unwrap_or(nc.len().min(gc.len()));
+            let mut s = format!(
+                "contents differ: {} bytes natively, {} under mosvm, first at byte {at}",
+                nc.len(),
+                gc.len()
+            );
+            if let Some(d) = diff_bytes("contents", nc, gc) {
+                if nc.is_ascii() && gc.is_ascii() {
+                    s.push('\n');
+                    s.push_str(d.trim_end());
+                }
+            }
+            s
+        }
+        _ => format!("native {}, mosvm {}", kind(n), kind(g)),
+    }
+}
+
+/// Whether `stderr` is exactly one non-empty line ending in a newline.
+pub fn is_one_line(stderr: &[u8]) -> bool {
+    stderr.len() > 1
+        && stderr.ends_with(b"\n")
+        && stderr.iter().filter(|&&b| b == b'\n').count() == 1
+}
+
+/// Asserts the contract for bad input: a non-zero exit (not death by a signal), exactly one
+/// line on stderr, no panic.
+pub fn assert_clean_failure(what: &str, run: &Run) {
+    let err = run.stderr_text();
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "mosvm panicked on {what}:\n{err}"
+    );
+    assert!(
+        matches!(run.status.code(), Some(c) if c != 0),
+        "mosvm on {what} should exit with a non-zero code, got {:?}\nstdout: {}\nstderr: {err}",
+        run.status,
+        run.stdout_text()
+    );
+    assert!(
+        is_one_line(&run.stderr),
+        "mosvm on {what} should print exactly one line on stderr, got {} bytes:\n{err}",
+        run.stderr.len()
+    );
+}
+
+/// Writes `bytes` as an executable file (mode 0755) at `path`.
+pub fn write_executable(path: &Path, bytes: &[u8]) {
+    fs::write(path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+}
+
+/// Lossless text of an `OsStr`, for messages.
+pub fn os(s: &OsStr) -> String {
+    String::from_utf8_lossy(s.as_bytes()).into_owned()
+}

@@ -1,0 +1,268 @@
+//! Real programs that Debian ships and nobody here wrote, run natively and under
+//! `mosvm run`: busybox applets (static), coreutils ls and sha256sum, gzip and python3
+//! (dynamic). Inputs come on stdin and as files created in the run's directory before
+//! both runs, identically.
+
+#[macro_use]
+mod common;
+
+use common::Case;
+
+const BUSYBOX: &str = "/bin/busybox";
+const PYTHON: &str = "/usr/bin/python3";
+
+/// A few hundred lines of text with words, numbers and repeated keys, for sort/wc/awk...
+fn text() -> String {
+    let words = [
+        "kernel", "deputy", "remote", "migrate", "balance", "memory", "foo", "bar", "node",
+        "cluster", "page", "vcpu",
+    ];
+    let mut s = String::new();
+    for i in 0..400u32 {
+        let w = words[(i * 7 % 12) as usize];
+        let v = words[(i * 5 % 12) as usize];
+        s.push_str(&format!(
+            "{w} {} {v} foo line{}\n",
+            (i * 7919) % 1000,
+            i % 13
+        ));
+    }
+    s
+}
+
+/// Binary-ish bytes: every byte value, then a longer pseudo-random run.
+fn binary() -> Vec<u8> {
+    let mut v: Vec<u8> = (0..=255u8).collect();
+    let mut x: u32 = 2463534242;
+    for _ in 0..5000 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        v.push(x as u8);
+    }
+    v
+}
+
+fn busybox(args: &[&str]) -> Case {
+    Case::new(BUSYBOX)
+        .args(args)
+        .file("input.txt", text())
+        .file("data.bin", binary())
+        .stdin(text())
+}
+
+macro_rules! busybox_test {
+    ($name:ident, [$($arg:expr),* $(,)?]) => {
+        #[test]
+        fn $name() {
+            require_kvm!();
+            busybox(&[$($arg),*]).check();
+        }
+    };
+}
+
+busybox_test!(
+    busybox_sha256sum_file,
+    ["sha256sum", "input.txt", "data.bin"]
+);
+busybox_test!(busybox_sha256sum_stdin, ["sha256sum"]);
+busybox_test!(busybox_md5sum, ["md5sum", "input.txt", "-"]);
+busybox_test!(busybox_sort_stdin, ["sort"]);
+busybox_test!(
+    busybox_sort_numeric_file,
+    ["sort", "-k2,2n", "-k1,1r", "input.txt"]
+);
+busybox_test!(busybox_wc_stdin, ["wc"]);
+busybox_test!(
+    busybox_wc_files,
+    ["wc", "-l", "-c", "input.txt", "data.bin"]
+);
+busybox_test!(busybox_od, ["od", "-A", "x", "-t", "x1", "data.bin"]);
+busybox_test!(busybox_od_chars, ["od", "-A", "d", "-c", "input.txt"]);
+busybox_test!(busybox_cat, ["cat", "input.txt", "-", "data.bin"]);
+busybox_test!(busybox_head, ["head", "-n", "7", "input.txt"]);
+busybox_test!(busybox_tr, ["tr", "a-z", "A-Z"]);
+busybox_test!(busybox_sed, ["sed", "-e", "s/foo/BAR/g", "-e", "/line3$/d"]);
+busybox_test!(
+    busybox_sed_in_place,
+    ["sed", "-i", "s/kernel/KERNEL/", "input.txt"]
+);
+busybox_test!(
+    busybox_awk,
+    [
+        "awk",
+        "{ s += $2; n[$1]++ } END { for (k in n) c++; printf \"%d %d %d\\n\", NR, s, c }"
+    ]
+);
+
+#[test]
+fn busybox_file_operations() {
+    require_kvm!();
+    // Each applet is its own run; together they leave a small tree behind.
+    for args in [
+        &["mkdir", "-p", "a/b/c"][..],
+        &["cp", "input.txt", "copy.txt"][..],
+        &["mv", "data.bin", "moved.bin"][..],
+        &["ln", "-s", "input.txt", "link"][..],
+        &["rm", "-r", "sub"][..],
+        &["touch", "-d", "2001-09-09 01:46:40", "new-file"][..],
+        &["ls", "-1a", "sub"][..],
+        &["stat", "-c", "%n %s %F %a", "input.txt", "sub", "sub/x"][..],
+        &["find", ".", "-type", "f"][..],
+        &["readlink", "sub/link-to-x"][..],
+    ] {
+        busybox(args)
+            .file("sub/x", "x\n")
+            .symlink("sub/link-to-x", "x")
+            .check();
+    }
+}
+
+#[test]
+fn busybox_exit_status_nonzero() {
+    require_kvm!();
+    // grep exits 1 when nothing matches; cat of a missing file prints an error and exits 1.
+    busybox(&["grep", "no such word", "input.txt"])
+        .expect_status(Some(1))
+        .check();
+    busybox(&["cat", "missing-file"])
+        .expect_status(Some(1))
+        .check();
+}
+
+#[test]
+fn ls_long_listing() {
+    require_kvm!();
+    let (native, _) = Case::new("/bin/ls")
+        .args(["-la", "--time-style=+", "data"])
+        .file("data/one.txt", "one\n")
+        .file("data/two.txt", "two two\n")
+        .file_mode("data/script.sh", "#!/bin/sh\necho hi\n", 0o755)
+        .file_mode("data/private", "p", 0o600)
+        .dir("data/subdir")
+        .symlink("data/link", "one.txt")
+        .check();
+    assert!(native.stdout_text().contains("one.txt"));
+}
+
+#[test]
+fn ls_one_per_line() {
+    require_kvm!();
+    Case::new("/bin/ls")
+        .args(["-1RF"])
+        .file("b", "")
+        .file("a/c", "")
+        .dir("d/e")
+        .check();
+}
+
+#[test]
+fn coreutils_sha256sum() {
+    require_kvm!();
+    Case::new("/usr/bin/sha256sum")
+        .args(["input.txt", "data.bin", "-"])
+        .file("input.txt", text())
+        .file("data.bin", binary())
+        .stdin(binary())
+        .check();
+}
+
+#[test]
+fn gzip_to_stdout() {
+    require_kvm!();
+    let (native, _) = Case::new("/bin/gzip")
+        .args(["-c", "input.txt"])
+        .file("input.txt", text().repeat(20))
+        .check();
+    assert!(native.stdout.starts_with(&[0x1f, 0x8b]), "not gzip output");
+}
+
+#[test]
+fn gzip_in_place() {
+    require_kvm!();
+    let (native, _) = Case::new("/bin/gzip")
+        .args(["-9", "input.txt", "data.bin"])
+        .file("input.txt", text().repeat(20))
+        .file("data.bin", binary())
+        .check();
+    assert!(native.tree.keys().any(|p| p.ends_with("input.txt.gz")));
+}
+
+#[test]
+fn gunzip_round_trip() {
+    require_kvm!();
+    Case::new("/bin/gzip")
+        .args(["-d", "-c"])
+        .stdin(gzip_native(&text()))
+        .check();
+}
+
+/// Compresses `text` with the system gzip, natively, for a decompression input.
+fn gzip_native(text: &str) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("/bin/gzip")
+        .args(["-c", "-n"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run gzip");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("gzip output");
+    assert!(out.status.success());
+    out.stdout
+}
+
+const PY_PROGRAM: &str = r#"
+import json, os, hashlib
+d = {"alpha": 1, "beta": 2.5, "gamma": [1, 2, 3]}
+d["delta"] = sum(i * i for i in range(10000))
+print(2 ** 100, 7 / 3, 10 // 3, -7 % 3, round(2.675, 2), 1e308 * 10)
+print("{:>8}|{:<6}|{:^7}|{:08.3f}|{!r}".format("right", "left", "mid", 3.14159, "q"))
+print(f"{d['delta']:,} {len(d)} {sorted(d)}")
+print(json.dumps(d, sort_keys=True))
+with open("out.txt", "w") as f:
+    for k, v in d.items():
+        f.write(f"{k}={v}\n")
+with open("out.txt") as f:
+    print(f.read().upper(), end="")
+os.mkdir("sub")
+os.rename("out.txt", "sub/renamed.txt")
+print(sorted(os.listdir(".")), os.path.getsize("sub/renamed.txt"))
+print(hashlib.sha256(open("sub/renamed.txt", "rb").read()).hexdigest())
+import sys; print(sys.argv, sys.stdin.read().count("\n"))
+"#;
+
+#[test]
+fn python_program() {
+    require_kvm!();
+    Case::new(PYTHON)
+        .args(["-c", PY_PROGRAM, "arg1", "arg two"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(text())
+        .check();
+}
+
+#[test]
+fn python_pass() {
+    require_kvm!();
+    Case::new(PYTHON)
+        .args(["-c", "pass"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .check();
+}
+
+#[test]
+fn python_exception_exit_status() {
+    require_kvm!();
+    // An uncaught exception: traceback on stderr, exit status 1.
+    Case::new(PYTHON)
+        .args(["-c", "print('before'); import sys; sys.stdout.flush(); 1/0"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .expect_status(Some(1))
+        .check();
+}

@@ -1,0 +1,123 @@
+//! Every guest program in `images/`, in every build variant (static glibc, static musl,
+//! dynamic glibc; plus static-PIE hello), run natively and under `mosvm run`: stdout,
+//! stderr, exit status and the files left behind must be identical.
+
+#[macro_use]
+mod common;
+
+use common::{Case, VARIANTS};
+
+/// Standard input for stdin_filter: many lines of varying length, some long, some empty,
+/// some bytes outside ASCII, and a last line without a newline.
+fn filter_input() -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..3000u32 {
+        let len = (i * 37 % 113) as usize;
+        for j in 0..len {
+            v.push(b" abcdefghijklmnopqrstuvwxyz0123456789\t"[(i as usize + j) % 38]);
+        }
+        if i % 500 == 7 {
+            v.extend(std::iter::repeat_n(b'q', 70_000));
+        }
+        if i % 97 == 0 {
+            v.extend_from_slice("h\u{e9}llo w\u{f6}rld \u{2603}".as_bytes());
+        }
+        v.push(b'\n');
+    }
+    v.extend_from_slice(b"no newline at the end");
+    v
+}
+
+/// Defines one test per build variant for an image; `$setup` turns the default case for
+/// that image into the one to run.
+macro_rules! image_tests {
+    ($name:ident, $setup:expr) => {
+        mod $name {
+            use super::*;
+
+            fn run(variant: &str) {
+                require_kvm!();
+                let case = Case::image(variant, stringify!($name));
+                let setup: fn(Case) -> Case = $setup;
+                setup(case).check();
+            }
+
+            #[test]
+            fn glibc_static() {
+                run(VARIANTS[0]);
+            }
+
+            #[test]
+            fn musl_static() {
+                run(VARIANTS[1]);
+            }
+
+            #[test]
+            fn dynamic() {
+                run(VARIANTS[2]);
+            }
+        }
+    };
+}
+
+image_tests!(hello, |c| c);
+
+image_tests!(echo_args, |c| c
+    .args([
+        "first",
+        "with space",
+        "",
+        "\u{fc}n\u{ef}c\u{f6}d\u{e9}",
+        "--flag",
+        "-x",
+        "a=b"
+    ])
+    .env("MOSVM_TEST_VAR", "some value")
+    .env("EMPTY", "")
+    .env("ZZZ_LAST", "=starts with equals"));
+
+image_tests!(files, |c| c);
+
+image_tests!(compute, |c| c.arg("20000000"));
+
+image_tests!(memory, |c| c.arg("128"));
+
+image_tests!(timesleep, |c| c);
+
+image_tests!(stdin_filter, |c| c.stdin(filter_input()));
+
+image_tests!(syscall_loop, |c| c.arg("20000"));
+
+image_tests!(exit_code, |c| c.arg("42").expect_status(Some(42)));
+
+image_tests!(fpu, |c| c);
+
+// segfault runs in every variant in tests/faults.rs (mosvm reports the fault on stderr).
+
+#[test]
+fn hello_static_pie() {
+    require_kvm!();
+    Case::image("glibc-static-pie", "hello").check();
+}
+
+#[test]
+fn stdin_filter_empty_input() {
+    require_kvm!();
+    Case::image("glibc-static", "stdin_filter").check();
+}
+
+#[test]
+fn echo_args_no_arguments() {
+    require_kvm!();
+    let (native, _) = Case::image("musl-static", "echo_args").check();
+    assert!(native.stdout_text().contains("argc=1\n"));
+}
+
+#[test]
+fn program_found_on_path() {
+    require_kvm!();
+    // A bare name is looked up on PATH by both runs; argv[0] stays "busybox".
+    Case::new("busybox")
+        .args(["echo", "found", "on", "PATH"])
+        .check();
+}
