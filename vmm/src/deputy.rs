@@ -1,0 +1,535 @@
+//! The deputy: the home side of forwarded syscalls (MOSIX's system context, which never
+//! migrates). It holds the guest's descriptor table and runs home-dependent calls against the
+//! host with the user's own rights.
+//!
+//! The interface is one self-contained [`Request`] (every input buffer) in, one [`Reply`] (every
+//! output buffer) out, so a network can later sit between the VMM and the deputy without
+//! touching syscall code. The argument shapes come from the shared table (`table::spec`).
+
+use crate::table::{self, A};
+
+/// One buffer argument of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    /// A NULL pointer.
+    Null,
+    /// Input bytes.
+    In(Vec<u8>),
+    /// An output buffer of this many bytes.
+    Out(usize),
+    /// Input bytes that the call may change (they come back in the reply).
+    InOut(Vec<u8>),
+}
+
+/// A forwarded syscall: number, raw arguments, and one slot per buffer argument, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Syscall number.
+    pub nr: u64,
+    /// Raw arguments (buffer arguments' values are the guest's pointers, unused at home).
+    pub args: [u64; 6],
+    /// Buffer arguments, in argument order.
+    pub slots: Vec<Slot>,
+}
+
+/// The result: the raw return value (negative errno on failure) and one buffer per `Out` or
+/// `InOut` slot, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reply {
+    /// Return value, or -errno.
+    pub ret: i64,
+    /// Output buffers.
+    pub outs: Vec<Vec<u8>>,
+}
+
+/// Anything that executes forwarded syscalls.
+pub trait Deputy {
+    /// Execute one request.
+    fn call(&mut self, req: Request) -> Reply;
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GuestFd {
+    host: i32,
+    cloexec: bool,
+}
+
+/// Soft limit on guest descriptors (RLIMIT_NOFILE's usual default).
+pub const MAX_FDS: usize = 1024;
+
+/// The deputy running in this process, against this host.
+pub struct HostDeputy {
+    fds: Vec<Option<GuestFd>>,
+}
+
+fn errno() -> i64 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as i64
+}
+
+const EBADF: i64 = libc::EBADF as i64;
+const EINVAL: i64 = libc::EINVAL as i64;
+const EMFILE: i64 = libc::EMFILE as i64;
+const ENOTTY: i64 = libc::ENOTTY as i64;
+
+/// Bytes of an `fd_set` holding `nfds` descriptors.
+pub fn fdset_bytes(nfds: u64) -> usize {
+    (nfds.min(MAX_FDS as u64) as usize).div_ceil(64) * 8
+}
+
+impl HostDeputy {
+    /// A deputy whose guest descriptors 0, 1, 2 are this process's stdin, stdout, stderr.
+    /// (They are duplicated, so a guest closing its stderr cannot silence the VMM's messages.)
+    pub fn new() -> Self {
+        let mut d = HostDeputy { fds: vec![None; 3] };
+        for fd in 0..3 {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor number only creates a new descriptor or
+            // fails; it touches no memory.
+            let host = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if host >= 0 {
+                d.fds[fd as usize] = Some(GuestFd { host, cloexec: false });
+            }
+        }
+        d
+    }
+
+    fn host_fd(&self, guest: u64) -> Result<i32, i64> {
+        let g = guest as i32;
+        if g < 0 {
+            return Err(EBADF);
+        }
+        self.fds.get(g as usize).copied().flatten().map(|f| f.host).ok_or(EBADF)
+    }
+
+    /// Install a host descriptor at the lowest free guest number >= `min`.
+    fn install(&mut self, host: i32, min: usize, cloexec: bool) -> i64 {
+        let slot = (min..MAX_FDS).find(|&i| self.fds.get(i).is_none_or(|f| f.is_none()));
+        match slot {
+            Some(i) => {
+                if self.fds.len() <= i {
+                    self.fds.resize(i + 1, None);
+                }
+                self.fds[i] = Some(GuestFd { host, cloexec });
+                i as i64
+            }
+            None => {
+                close_host(host);
+                -EMFILE
+            }
+        }
+    }
+
+    fn install_at(&mut self, host: i32, at: usize, cloexec: bool) {
+        if self.fds.len() <= at {
+            self.fds.resize(at + 1, None);
+        }
+        if let Some(old) = self.fds[at].take() {
+            close_host(old.host);
+        }
+        self.fds[at] = Some(GuestFd { host, cloexec });
+    }
+
+    fn close(&mut self, guest: u64) -> i64 {
+        match self.fds.get_mut(guest as i32 as usize).and_then(Option::take) {
+            Some(f) => {
+                close_host(f.host);
+                0
+            }
+            None => -EBADF,
+        }
+    }
+
+    fn dup_host(host: i32) -> Result<i32, i64> {
+        // SAFETY: duplicating a descriptor touches no memory.
+        let h = unsafe { libc::fcntl(host, libc::F_DUPFD_CLOEXEC, 3) };
+        if h < 0 {
+            Err(errno())
+        } else {
+            Ok(h)
+        }
+    }
+
+    /// Calls that act on the descriptor table itself.
+    fn fd_call(&mut self, req: &Request) -> Option<i64> {
+        let a = &req.args;
+        let r = match req.nr as i64 {
+            libc::SYS_close => self.close(a[0]),
+            libc::SYS_close_range => {
+                let (first, last) = (a[0] as u32 as usize, (a[1] as u32 as usize).min(MAX_FDS));
+                for g in first..=last.min(self.fds.len().saturating_sub(1)) {
+                    if a[2] & libc::CLOSE_RANGE_CLOEXEC as u64 != 0 {
+                        if let Some(f) = self.fds[g].as_mut() {
+                            f.cloexec = true;
+                        }
+                    } else {
+                        self.close(g as u64);
+                    }
+                }
+                0
+            }
+            libc::SYS_dup => match self.host_fd(a[0]).and_then(Self::dup_host) {
+                Ok(h) => self.install(h, 0, false),
+                Err(e) => -e,
+            },
+            libc::SYS_dup2 | libc::SYS_dup3 => {
+                let is3 = req.nr as i64 == libc::SYS_dup3;
+                let old = match self.host_fd(a[0]) {
+                    Ok(h) => h,
+                    Err(e) => return Some(-e),
+                };
+                let new = a[1] as i32;
+                if new < 0 || new as usize >= MAX_FDS {
+                    return Some(-EBADF);
+                }
+                if a[0] as i32 == new {
+                    return Some(if is3 { -EINVAL } else { new as i64 });
+                }
+                if is3 && a[2] & !(libc::O_CLOEXEC as u64) != 0 {
+                    return Some(-EINVAL);
+                }
+                match Self::dup_host(old) {
+                    Ok(h) => {
+                        let cloexec = is3 && a[2] & libc::O_CLOEXEC as u64 != 0;
+                        self.install_at(h, new as usize, cloexec);
+                        new as i64
+                    }
+                    Err(e) => -e,
+                }
+            }
+            libc::SYS_fcntl => {
+                let g = a[0] as i32;
+                match a[1] as i32 {
+                    libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+                        let min = a[2] as i32;
+                        if min < 0 || min as usize >= MAX_FDS {
+                            return Some(-EINVAL);
+                        }
+                        match self.host_fd(a[0]).and_then(Self::dup_host) {
+                            Ok(h) => {
+                                self.install(h, min as usize, a[1] as i32 == libc::F_DUPFD_CLOEXEC)
+                            }
+                            Err(e) => -e,
+                        }
+                    }
+                    libc::F_GETFD => match self.fds.get(g as usize).copied().flatten() {
+                        Some(f) => f.cloexec as i64,
+                        None => -EBADF,
+                    },
+                    libc::F_SETFD => match self.fds.get_mut(g as usize).and_then(|f| f.as_mut()) {
+                        Some(f) => {
+                            f.cloexec = a[2] & libc::FD_CLOEXEC as u64 != 0;
+                            0
+                        }
+                        None => -EBADF,
+                    },
+                    _ => return None,
+                }
+            }
+            libc::SYS_ioctl if matches!(a[1] & 0xffff_ffff, 0x5450 | 0x5451) => {
+                match self.fds.get_mut(a[0] as i32 as usize).and_then(|f| f.as_mut()) {
+                    Some(f) => {
+                        f.cloexec = a[1] & 0xffff_ffff == 0x5451;
+                        0
+                    }
+                    None => -EBADF,
+                }
+            }
+            libc::SYS_gettid => std::process::id() as i64,
+            _ => return None,
+        };
+        Some(r)
+    }
+
+    /// Run a request whose arguments follow the table spec.
+    fn generic(&mut self, req: Request) -> Reply {
+        let base = match table::lookup(req.nr).map(|e| e.class) {
+            Some(table::Class::Home(s)) => s,
+            _ => return Reply { ret: -(libc::ENOSYS as i64), outs: vec![] },
+        };
+        let spec = match table::spec(req.nr, &req.args, base) {
+            Ok(s) => s,
+            Err(e) => return Reply { ret: -e, outs: vec![] },
+        };
+        let mut args = req.args;
+        let mut slots = req.slots.into_iter();
+        // Buffers live here until the call returns; `outs` are returned in slot order.
+        let mut ins: Vec<Vec<u8>> = Vec::new();
+        let mut outs: Vec<Vec<u8>> = Vec::new();
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(2);
+        // (output index, slot kind) of fd-carrying buffers to translate back.
+        let mut fdsets: Vec<(usize, u64)> = Vec::new();
+        let mut pollfds: Option<usize> = None;
+        let mut ptr_of = [None::<(bool, usize)>; 6]; // (is_out, index)
+        for i in 0..6 {
+            match spec[i] {
+                A::V => {}
+                A::Fd => match self.host_fd(args[i]) {
+                    Ok(h) => args[i] = h as u64,
+                    Err(e) => return Reply { ret: -e, outs: vec![] },
+                },
+                A::DirFd => {
+                    if args[i] as i32 != libc::AT_FDCWD {
+                        match self.host_fd(args[i]) {
+                            Ok(h) => args[i] = h as u64,
+                            Err(e) => return Reply { ret: -e, outs: vec![] },
+                        }
+                    }
+                }
+                kind => {
+                    let slot = slots.next().unwrap_or(Slot::Null);
+                    match slot {
+                        Slot::Null => args[i] = 0,
+                        Slot::In(b) => {
+                            ins.push(b);
+                            ptr_of[i] = Some((false, ins.len() - 1));
+                        }
+                        Slot::Out(n) => {
+                            outs.push(vec![0u8; n]);
+                            ptr_of[i] = Some((true, outs.len() - 1));
+                        }
+                        Slot::InOut(b) => {
+                            outs.push(b);
+                            ptr_of[i] = Some((true, outs.len() - 1));
+                        }
+                    }
+                    if let Some((true, k)) = ptr_of[i] {
+                        match kind {
+                            A::FdSet(_) => fdsets.push((k, i as u64)),
+                            A::InOutElems(..) if matches!(req.nr as i64, libc::SYS_poll | libc::SYS_ppoll) => {
+                                pollfds = Some(k)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        // Translate descriptors inside buffers.
+        if let Some(k) = pollfds {
+            for e in outs[k].chunks_exact_mut(8) {
+                let g = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
+                if g >= 0 {
+                    let h = self.host_fd(g as u64).unwrap_or(i32::MAX);
+                    e[0..4].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+        }
+        let mut fdset_maps: Vec<Vec<(usize, i32)>> = Vec::new();
+        if !fdsets.is_empty() {
+            let nfds = args[0].min(MAX_FDS as u64) as usize;
+            let mut max_host = -1;
+            for &(k, _) in &fdsets {
+                let guest = std::mem::take(&mut outs[k]);
+                let mut host = vec![0u8; fdset_bytes(MAX_FDS as u64)];
+                let mut map = Vec::new();
+                for g in 0..nfds.min(guest.len() * 8) {
+                    if guest[g / 8] & (1 << (g % 8)) != 0 {
+                        let h = match self.host_fd(g as u64) {
+                            Ok(h) if (h as usize) < MAX_FDS => h,
+                            _ => return Reply { ret: -EBADF, outs: vec![] },
+                        };
+                        host[h as usize / 8] |= 1 << (h % 8);
+                        map.push((g, h));
+                        max_host = max_host.max(h);
+                    }
+                }
+                outs[k] = host;
+                fdset_maps.push(map);
+            }
+            args[0] = (max_host + 1) as u64;
+        }
+        // Point the arguments at the buffers.
+        for i in 0..6 {
+            let Some((is_out, k)) = ptr_of[i] else { continue };
+            let (ptr, len) = if is_out {
+                (outs[k].as_mut_ptr(), outs[k].len())
+            } else {
+                (ins[k].as_mut_ptr(), ins[k].len())
+            };
+            match spec[i] {
+                A::IovIn(n) | A::IovOut(n) => {
+                    iovs.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len });
+                    args[i] = iovs.last().expect("pushed") as *const libc::iovec as u64;
+                    args[n as usize] = 1;
+                }
+                _ => args[i] = ptr as u64,
+            }
+        }
+        // SAFETY: every pointer argument points into a buffer owned by this function (`ins`,
+        // `outs`, `iovs`) that is at least as long as the kernel will access: the shapes come
+        // from the shared table, and every length the kernel reads (counts, sizes) is the one
+        // the buffer was allocated with; descriptors were translated to host descriptors the
+        // guest owns, never the VMM's own.
+        let ret = unsafe {
+            libc::syscall(req.nr as libc::c_long, args[0], args[1], args[2], args[3], args[4], args[5])
+        };
+        let ret = if ret < 0 { -errno() } else { ret as i64 };
+        // Translate back.
+        if let Some(k) = pollfds {
+            for e in outs[k].chunks_exact_mut(8) {
+                let h = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
+                if h >= 0 {
+                    let g = self.guest_of(h).unwrap_or(-1);
+                    e[0..4].copy_from_slice(&g.to_le_bytes());
+                }
+            }
+        }
+        for ((k, _), map) in fdsets.iter().zip(&fdset_maps) {
+            let host = std::mem::take(&mut outs[*k]);
+            let mut guest = vec![0u8; fdset_bytes(req.args[0])];
+            if ret >= 0 {
+                for &(g, h) in map {
+                    if host[h as usize / 8] & (1 << (h % 8)) != 0 {
+                        guest[g / 8] |= 1 << (g % 8);
+                    }
+                }
+            }
+            outs[*k] = guest;
+        }
+        let mut ret = ret;
+        if ret >= 0 {
+            if table::returns_fd(req.nr) {
+                let cloexec = self.new_fd_cloexec(&req.nr, &req.args);
+                ret = self.install(ret as i32, 0, cloexec);
+            } else if matches!(req.nr as i64, libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair)
+            {
+                if let Some(buf) = outs.first_mut() {
+                    let cloexec = match req.nr as i64 {
+                        libc::SYS_pipe2 => req.args[1] & libc::O_CLOEXEC as u64 != 0,
+                        libc::SYS_socketpair => req.args[1] & libc::SOCK_CLOEXEC as u64 != 0,
+                        _ => false,
+                    };
+                    let h0 = i32::from_le_bytes(buf[0..4].try_into().expect("int[2]"));
+                    let h1 = i32::from_le_bytes(buf[4..8].try_into().expect("int[2]"));
+                    let g0 = self.install(h0, 0, cloexec);
+                    let g1 = self.install(h1, 0, cloexec);
+                    if g0 < 0 || g1 < 0 {
+                        ret = -EMFILE;
+                    } else {
+                        buf[0..4].copy_from_slice(&(g0 as i32).to_le_bytes());
+                        buf[4..8].copy_from_slice(&(g1 as i32).to_le_bytes());
+                    }
+                }
+            }
+        }
+        Reply { ret, outs }
+    }
+
+    fn guest_of(&self, host: i32) -> Option<i32> {
+        self.fds.iter().position(|f| f.is_some_and(|f| f.host == host)).map(|i| i as i32)
+    }
+
+    fn new_fd_cloexec(&self, nr: &u64, a: &[u64; 6]) -> bool {
+        let flag = |v: u64, bit: i32| v & bit as u64 != 0;
+        match *nr as i64 {
+            libc::SYS_open => flag(a[1], libc::O_CLOEXEC),
+            libc::SYS_openat => flag(a[2], libc::O_CLOEXEC),
+            libc::SYS_socket => flag(a[1], libc::SOCK_CLOEXEC),
+            libc::SYS_accept4 => flag(a[3], libc::SOCK_CLOEXEC),
+            libc::SYS_eventfd2 => flag(a[1], libc::EFD_CLOEXEC),
+            libc::SYS_epoll_create1 => flag(a[0], libc::EPOLL_CLOEXEC),
+            libc::SYS_memfd_create => flag(a[1], libc::MFD_CLOEXEC as i32),
+            _ => false,
+        }
+    }
+}
+
+fn close_host(h: i32) {
+    // SAFETY: closing a descriptor this deputy owns (installed from a host call's result).
+    unsafe {
+        libc::close(h);
+    }
+}
+
+impl Default for HostDeputy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for HostDeputy {
+    fn drop(&mut self) {
+        for f in self.fds.drain(..).flatten() {
+            close_host(f.host);
+        }
+    }
+}
+
+impl Deputy for HostDeputy {
+    fn call(&mut self, req: Request) -> Reply {
+        if let Some(ret) = self.fd_call(&req) {
+            return Reply { ret, outs: vec![] };
+        }
+        if req.nr as i64 == libc::SYS_ioctl && table::ioctl_arg(req.args[1]).is_none() {
+            return Reply { ret: -ENOTTY, outs: vec![] };
+        }
+        self.generic(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(d: &mut HostDeputy, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> Reply {
+        d.call(Request { nr: nr as u64, args, slots })
+    }
+
+    #[test]
+    fn files_round_trip_through_guest_descriptors() {
+        let dir = std::env::temp_dir().join(format!("mosvm-deputy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut path = dir.join("f").into_os_string().into_encoded_bytes();
+        path.push(0);
+        let mut d = HostDeputy::new();
+        let flags = (libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC) as u64;
+        let r = call(&mut d, libc::SYS_openat, [libc::AT_FDCWD as u64, 0, flags, 0o644, 0, 0], vec![Slot::In(path)]);
+        assert_eq!(r.ret, 3, "lowest free guest descriptor");
+        let w = call(&mut d, libc::SYS_write, [3, 0, 5, 0, 0, 0], vec![Slot::In(b"hello".to_vec())]);
+        assert_eq!(w.ret, 5);
+        let p = call(&mut d, libc::SYS_pread64, [3, 0, 10, 1, 0, 0], vec![Slot::Out(10)]);
+        assert_eq!(p.ret, 4);
+        assert_eq!(&p.outs[0][..4], b"ello");
+        assert_eq!(call(&mut d, libc::SYS_dup2, [3, 7, 0, 0, 0, 0], vec![]).ret, 7);
+        let st = call(&mut d, libc::SYS_fstat, [7, 0, 0, 0, 0, 0], vec![Slot::Out(144)]);
+        assert_eq!(st.ret, 0);
+        let size = i64::from_le_bytes(st.outs[0][48..56].try_into().unwrap());
+        assert_eq!(size, 5);
+        assert_eq!(call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret, 0);
+        assert_eq!(call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret, -EBADF);
+        assert_eq!(call(&mut d, libc::SYS_write, [99, 0, 1, 0, 0, 0], vec![Slot::In(vec![1])]).ret, -EBADF);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pipes_get_guest_numbers_and_poll_translates() {
+        let mut d = HostDeputy::new();
+        let r = call(&mut d, libc::SYS_pipe2, [0, 0, 0, 0, 0, 0], vec![Slot::Out(8)]);
+        assert_eq!(r.ret, 0);
+        let g0 = i32::from_le_bytes(r.outs[0][0..4].try_into().unwrap());
+        let g1 = i32::from_le_bytes(r.outs[0][4..8].try_into().unwrap());
+        assert_eq!((g0, g1), (3, 4));
+        call(&mut d, libc::SYS_write, [4, 0, 1, 0, 0, 0], vec![Slot::In(vec![b'x'])]);
+        let mut pfd = Vec::new();
+        pfd.extend_from_slice(&3i32.to_le_bytes());
+        pfd.extend_from_slice(&(libc::POLLIN as i16).to_le_bytes());
+        pfd.extend_from_slice(&0i16.to_le_bytes());
+        let p = call(&mut d, libc::SYS_poll, [0, 1, 0, 0, 0, 0], vec![Slot::InOut(pfd)]);
+        assert_eq!(p.ret, 1);
+        assert_eq!(i32::from_le_bytes(p.outs[0][0..4].try_into().unwrap()), 3);
+        assert_eq!(i16::from_le_bytes(p.outs[0][6..8].try_into().unwrap()), libc::POLLIN as i16);
+        let mut set = vec![0u8; 8];
+        set[0] = 1 << 3;
+        let s = call(&mut d, libc::SYS_select, [4, 0, 0, 0, 0, 0], vec![Slot::InOut(set), Slot::Null, Slot::Null, Slot::InOut(vec![0; 16])]);
+        assert_eq!(s.ret, 1);
+        assert_eq!(s.outs[0][0], 1 << 3);
+    }
+
+    #[test]
+    fn vmm_descriptors_are_unreachable() {
+        let mut d = HostDeputy::new();
+        // The deputy's own process has descriptors well above the guest's; a guest number that
+        // was never installed is EBADF even if the host number exists.
+        assert_eq!(call(&mut d, libc::SYS_close, [200, 0, 0, 0, 0, 0], vec![]).ret, -EBADF);
+        assert_eq!(call(&mut d, libc::SYS_fcntl, [5, libc::F_GETFL as u64, 0, 0, 0, 0], vec![]).ret, -EBADF);
+    }
+}

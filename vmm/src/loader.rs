@@ -1,0 +1,400 @@
+//! The ELF program loader: static (ET_EXEC and static-PIE) and dynamic (PT_INTERP) x86-64
+//! programs, with argv, envp and a full auxiliary vector on the initial stack, as Linux's
+//! `binfmt_elf` lays them out (without address randomisation).
+
+use crate::memory::{page_down, page_up, PAGE};
+use crate::mm::{AddressSpace, VmaKind, PIE_BASE, STACK_SIZE, STACK_TOP};
+use goblin::elf::{header, program_header, Elf};
+use std::path::{Path, PathBuf};
+
+/// What went wrong loading a program: each variant prints as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("{0}: not an ELF executable")]
+    NotElf(PathBuf),
+    #[error("{0}: is a 32-bit ELF; mosvm runs x86-64 programs only")]
+    Elf32(PathBuf),
+    #[error("{0}: is an ELF for machine {1}, not x86-64")]
+    WrongMachine(PathBuf, String),
+    #[error("{0}: is not an executable (ELF type {1})")]
+    NotExecutable(PathBuf, String),
+    #[error("{0}: malformed ELF: {1}")]
+    Malformed(PathBuf, String),
+    #[error("{0}: interpreter {1} not found")]
+    MissingInterpreter(PathBuf, String),
+    #[error("guest memory too small: --mem {0} cannot hold {1}")]
+    TooBig(String, String),
+}
+
+/// Facts for the auxiliary vector that come from the host.
+#[derive(Debug, Clone)]
+pub struct AuxFacts {
+    /// AT_HWCAP.
+    pub hwcap: u64,
+    /// AT_UID, AT_EUID, AT_GID, AT_EGID.
+    pub ids: [u64; 4],
+    /// 16 random bytes for AT_RANDOM.
+    pub random: [u8; 16],
+}
+
+/// Where a loaded program starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// Initial instruction pointer (the interpreter's entry for dynamic programs).
+    pub rip: u64,
+    /// Initial stack pointer (points at argc).
+    pub rsp: u64,
+    /// The program's own entry point (AT_ENTRY).
+    pub entry: u64,
+    /// Load bias of the interpreter (AT_BASE), 0 without one.
+    pub interp_base: u64,
+}
+
+struct Mapped {
+    bias: u64,
+    entry: u64,
+    phdr: u64,
+    phnum: u64,
+    end: u64,
+    interp: Option<String>,
+}
+
+fn machine_name(m: u16) -> String {
+    match m {
+        header::EM_386 => "i386".into(),
+        header::EM_ARM => "arm".into(),
+        header::EM_AARCH64 => "aarch64".into(),
+        header::EM_RISCV => "riscv".into(),
+        header::EM_PPC64 => "ppc64".into(),
+        header::EM_S390 => "s390".into(),
+        other => format!("{other}"),
+    }
+}
+
+/// Parse and check an ELF file's header (x86-64, executable).
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Elf<'a>, LoadError> {
+    if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" {
+        return Err(LoadError::NotElf(path.into()));
+    }
+    if bytes[4] != 2 {
+        return Err(LoadError::Elf32(path.into()));
+    }
+    let machine = u16::from_le_bytes([bytes[18], bytes[19]]);
+    if machine != header::EM_X86_64 {
+        return Err(LoadError::WrongMachine(path.into(), machine_name(machine)));
+    }
+    let elf = Elf::parse(bytes).map_err(|e| LoadError::Malformed(path.into(), e.to_string()))?;
+    if elf.header.e_type != header::ET_EXEC && elf.header.e_type != header::ET_DYN {
+        return Err(LoadError::NotExecutable(path.into(), header::et_to_str(elf.header.e_type).into()));
+    }
+    Ok(elf)
+}
+
+fn prot_of(flags: u32) -> u32 {
+    let mut p = 0;
+    if flags & program_header::PF_R != 0 {
+        p |= 1;
+    }
+    if flags & program_header::PF_W != 0 {
+        p |= 2;
+    }
+    if flags & program_header::PF_X != 0 {
+        p |= 4;
+    }
+    p
+}
+
+/// Map one ELF image. `bias` None means choose (ET_DYN): `Some(b)` forces a base.
+fn map_image(
+    space: &mut AddressSpace,
+    path: &Path,
+    bytes: &[u8],
+    want_base: Option<u64>,
+    mem_label: &str,
+) -> Result<Mapped, LoadError> {
+    let elf = parse(path, bytes)?;
+    let loads: Vec<_> = elf
+        .program_headers
+        .iter()
+        .filter(|p| p.p_type == program_header::PT_LOAD && p.p_memsz > 0)
+        .collect();
+    if loads.is_empty() {
+        return Err(LoadError::Malformed(path.into(), "no loadable segments".into()));
+    }
+    let lo = loads.iter().map(|p| page_down(p.p_vaddr)).min().unwrap_or(0);
+    let hi = loads
+        .iter()
+        .map(|p| p.p_vaddr.checked_add(p.p_memsz).map(page_up))
+        .try_fold(0u64, |acc, e| e.map(|e| acc.max(e)))
+        .ok_or_else(|| LoadError::Malformed(path.into(), "segment overflows".into()))?;
+    let span = hi - lo;
+    let bias = if elf.header.e_type == header::ET_EXEC {
+        0
+    } else {
+        match want_base {
+            Some(b) => b - lo,
+            None => space
+                .find_free(span)
+                .ok_or_else(|| LoadError::TooBig(mem_label.into(), path.display().to_string()))?
+                - lo,
+        }
+    };
+    let too_big = || LoadError::TooBig(mem_label.into(), path.display().to_string());
+    for p in &loads {
+        let start = bias + page_down(p.p_vaddr);
+        let end = bias + page_up(p.p_vaddr + p.p_memsz);
+        space
+            .mmap(start, end - start, prot_of(p.p_flags), true, false, VmaKind::Image)
+            .map_err(|_| too_big())?;
+    }
+    for p in &loads {
+        let off = p.p_offset as usize;
+        let len = p.p_filesz as usize;
+        let data = bytes
+            .get(off..off.checked_add(len).unwrap_or(usize::MAX))
+            .ok_or_else(|| LoadError::Malformed(path.into(), "segment beyond end of file".into()))?;
+        space.mem.write(bias + p.p_vaddr, data).map_err(|_| too_big())?;
+    }
+    // AT_PHDR: PT_PHDR if present, else the phdrs inside the segment that maps file offset 0.
+    let phoff = elf.header.e_phoff;
+    let phdr = elf
+        .program_headers
+        .iter()
+        .find(|p| p.p_type == program_header::PT_PHDR)
+        .map(|p| p.p_vaddr)
+        .or_else(|| {
+            loads
+                .iter()
+                .find(|p| p.p_offset <= phoff && phoff < p.p_offset + p.p_filesz)
+                .map(|p| p.p_vaddr + (phoff - p.p_offset))
+        })
+        .unwrap_or(0);
+    Ok(Mapped {
+        bias,
+        entry: bias + elf.header.e_entry,
+        phdr: bias + phdr,
+        phnum: elf.header.e_phnum as u64,
+        end: bias + hi,
+        interp: elf.interpreter.map(str::to_owned),
+    })
+}
+
+/// Read a whole file with a one-line error.
+fn read_file(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|e| LoadError::Io(path.into(), e))
+}
+
+/// Load `path` (and its interpreter) into `space` and build the initial stack.
+pub fn load(
+    space: &mut AddressSpace,
+    path: &Path,
+    argv: &[Vec<u8>],
+    envp: &[Vec<u8>],
+    execfn: &[u8],
+    facts: &AuxFacts,
+    mem_label: &str,
+) -> Result<Started, LoadError> {
+    let bytes = read_file(path)?;
+    // Validate the header before touching guest memory.
+    let is_dyn = parse(path, &bytes)?.header.e_type == header::ET_DYN;
+    let main = map_image(space, path, &bytes, if is_dyn { Some(PIE_BASE) } else { None }, mem_label)?;
+    space.init_brk(main.end);
+    let (rip, interp_base) = match &main.interp {
+        Some(interp) => {
+            let ipath = PathBuf::from(interp);
+            let ibytes = std::fs::read(&ipath).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    LoadError::MissingInterpreter(path.into(), interp.clone())
+                }
+                _ => LoadError::Io(ipath.clone(), e),
+            })?;
+            let im = map_image(space, &ipath, &ibytes, None, mem_label)?;
+            (im.entry, im.bias)
+        }
+        None => (main.entry, 0),
+    };
+    let too_big = || LoadError::TooBig(mem_label.into(), "the stack".into());
+    space
+        .mmap(STACK_TOP - STACK_SIZE, STACK_SIZE, 3, true, false, VmaKind::Stack)
+        .map_err(|_| too_big())?;
+    let rsp = build_stack(space, argv, envp, execfn, facts, &main, interp_base)
+        .ok_or_else(too_big)?;
+    Ok(Started { rip, rsp, entry: main.entry, interp_base })
+}
+
+// Auxiliary vector keys.
+const AT_NULL: u64 = 0;
+const AT_PHDR: u64 = 3;
+const AT_PHENT: u64 = 4;
+const AT_PHNUM: u64 = 5;
+const AT_PAGESZ: u64 = 6;
+const AT_BASE: u64 = 7;
+const AT_FLAGS: u64 = 8;
+const AT_ENTRY: u64 = 9;
+const AT_UID: u64 = 11;
+const AT_EUID: u64 = 12;
+const AT_GID: u64 = 13;
+const AT_EGID: u64 = 14;
+const AT_PLATFORM: u64 = 15;
+const AT_HWCAP: u64 = 16;
+const AT_CLKTCK: u64 = 17;
+const AT_SECURE: u64 = 23;
+const AT_RANDOM: u64 = 25;
+const AT_HWCAP2: u64 = 26;
+const AT_EXECFN: u64 = 31;
+
+/// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`. Returns rsp.
+fn build_stack(
+    space: &mut AddressSpace,
+    argv: &[Vec<u8>],
+    envp: &[Vec<u8>],
+    execfn: &[u8],
+    facts: &AuxFacts,
+    main: &Mapped,
+    interp_base: u64,
+) -> Option<u64> {
+    let mut sp = STACK_TOP - 8;
+    let mut push_bytes = |space: &mut AddressSpace, data: &[u8], nul: bool| -> Option<u64> {
+        let len = data.len() as u64 + nul as u64;
+        sp = sp.checked_sub(len)?;
+        space.mem.write(sp, data).ok()?;
+        if nul {
+            space.mem.write(sp + data.len() as u64, &[0]).ok()?;
+        }
+        Some(sp)
+    };
+    let execfn_at = push_bytes(space, execfn, true)?;
+    let mut env_at = Vec::with_capacity(envp.len());
+    for e in envp.iter().rev() {
+        env_at.push(push_bytes(space, e, true)?);
+    }
+    env_at.reverse();
+    let mut arg_at = Vec::with_capacity(argv.len());
+    for a in argv.iter().rev() {
+        arg_at.push(push_bytes(space, a, true)?);
+    }
+    arg_at.reverse();
+    let platform_at = push_bytes(space, b"x86_64", true)?;
+    let random_at = push_bytes(space, &facts.random, false)?;
+    sp &= !15;
+
+    let auxv: Vec<(u64, u64)> = vec![
+        (AT_HWCAP, facts.hwcap),
+        (AT_PAGESZ, PAGE),
+        (AT_CLKTCK, 100),
+        (AT_PHDR, main.phdr),
+        (AT_PHENT, 56),
+        (AT_PHNUM, main.phnum),
+        (AT_BASE, interp_base),
+        (AT_FLAGS, 0),
+        (AT_ENTRY, main.entry),
+        (AT_UID, facts.ids[0]),
+        (AT_EUID, facts.ids[1]),
+        (AT_GID, facts.ids[2]),
+        (AT_EGID, facts.ids[3]),
+        (AT_SECURE, 0),
+        (AT_RANDOM, random_at),
+        (AT_HWCAP2, 0),
+        (AT_EXECFN, execfn_at),
+        (AT_PLATFORM, platform_at),
+        (AT_NULL, 0),
+    ];
+    let mut words: Vec<u64> = Vec::new();
+    words.push(argv.len() as u64);
+    words.extend(&arg_at);
+    words.push(0);
+    words.extend(&env_at);
+    words.push(0);
+    for (k, v) in auxv {
+        words.push(k);
+        words.push(v);
+    }
+    let bytes = words.len() as u64 * 8;
+    let mut rsp = sp.checked_sub(bytes)?;
+    rsp &= !15;
+    let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    space.mem.write(rsp, &raw).ok()?;
+    Some(rsp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestMem;
+
+    fn facts() -> AuxFacts {
+        AuxFacts { hwcap: 0x178bfbff, ids: [1, 2, 3, 4], random: [7; 16] }
+    }
+
+    fn space() -> AddressSpace {
+        AddressSpace::new(GuestMem::new(256 << 20).unwrap())
+    }
+
+    #[test]
+    fn rejects_non_elf_and_foreign_elves() {
+        let dir = std::env::temp_dir().join(format!("mosvm-loader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let txt = dir.join("script");
+        std::fs::write(&txt, b"#!/bin/sh\necho hi\n").unwrap();
+        let mut s = space();
+        let e = load(&mut s, &txt, &[], &[], b"x", &facts(), "1G").unwrap_err();
+        assert!(matches!(e, LoadError::NotElf(_)), "{e}");
+        let mut elf32 = b"\x7fELF\x01\x01\x01".to_vec();
+        elf32.resize(64, 0);
+        let f = dir.join("elf32");
+        std::fs::write(&f, &elf32).unwrap();
+        assert!(matches!(load(&mut s, &f, &[], &[], b"x", &facts(), "1G"), Err(LoadError::Elf32(_))));
+        let mut arm = b"\x7fELF\x02\x01\x01".to_vec();
+        arm.resize(64, 0);
+        arm[18] = 183; // EM_AARCH64
+        std::fs::write(&f, &arm).unwrap();
+        let e = load(&mut s, &f, &[], &[], b"x", &facts(), "1G").unwrap_err();
+        assert_eq!(e.to_string(), format!("{}: is an ELF for machine aarch64, not x86-64", f.display()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The stack layout is read back exactly as a C runtime would read it.
+    #[test]
+    fn stack_has_argc_argv_envp_auxv() {
+        let exe = std::env::current_exe().unwrap();
+        let mut s = space();
+        let argv = vec![b"prog".to_vec(), b"a b".to_vec()];
+        let envp = vec![b"K=V".to_vec()];
+        let st = load(&mut s, &exe, &argv, &envp, b"/x/prog", &facts(), "256M").unwrap();
+        assert_eq!(st.rsp % 16, 0);
+        let rd = |a: u64| s.mem.read_u64_va(a).unwrap();
+        assert_eq!(rd(st.rsp), 2);
+        assert_eq!(s.mem.read_cstr(rd(st.rsp + 8), 100).unwrap(), b"prog");
+        assert_eq!(s.mem.read_cstr(rd(st.rsp + 16), 100).unwrap(), b"a b");
+        assert_eq!(rd(st.rsp + 24), 0);
+        assert_eq!(s.mem.read_cstr(rd(st.rsp + 32), 100).unwrap(), b"K=V");
+        assert_eq!(rd(st.rsp + 40), 0);
+        let mut a = st.rsp + 48;
+        let mut aux = std::collections::HashMap::new();
+        loop {
+            let (k, v) = (rd(a), rd(a + 8));
+            if k == AT_NULL {
+                break;
+            }
+            aux.insert(k, v);
+            a += 16;
+        }
+        assert_eq!(aux[&AT_PAGESZ], 4096);
+        assert_eq!(aux[&AT_UID], 1);
+        assert_eq!(aux[&AT_EGID], 4);
+        assert_eq!(aux[&AT_ENTRY], st.entry);
+        assert_eq!(s.mem.read_cstr(aux[&AT_EXECFN], 100).unwrap(), b"/x/prog");
+        let mut r = [0u8; 16];
+        s.mem.read(aux[&AT_RANDOM], &mut r).unwrap();
+        assert_eq!(r, [7; 16]);
+        // The test binary is a dynamic PIE: loaded at the PIE base, with an interpreter.
+        assert!(st.entry > PIE_BASE && st.entry < PIE_BASE + (1 << 32));
+        assert_ne!(st.interp_base, 0);
+        // AT_PHDR points at a real program header table: first entry's type is readable.
+        let phdr_type = s.mem.read_u64_va(aux[&AT_PHDR]).unwrap() as u32;
+        assert!(phdr_type == program_header::PT_PHDR || phdr_type == program_header::PT_LOAD);
+        assert!(aux[&AT_PHNUM] > 2);
+    }
+}

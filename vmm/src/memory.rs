@@ -1,0 +1,390 @@
+//! Guest physical memory and the guest's page tables.
+//!
+//! Guest physical memory is one anonymous `MAP_NORESERVE` mapping registered as one KVM memory
+//! slot, wrapped in vm-memory with a dirty bitmap so every write the VMM makes into the guest is
+//! tracked (KVM's own dirty log does not see them). Host pages are allocated only when touched.
+//!
+//! Frames are handed out by a bump allocator. The VMM maintains the guest's 4-level page tables
+//! itself. A virtual page, once mapped, keeps its frame for the life of the VM: unmapping it only
+//! zeroes the frame (host `MADV_DONTNEED`, which also returns the memory to the host). This never
+//! changes a present translation, so the guest TLB (or, on shadow-paging KVM, the shadow page
+//! tables, which do not see host-side writes to guest page tables) can never hold a stale one.
+
+use std::sync::Arc;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
+
+/// Page size.
+pub const PAGE: u64 = 4096;
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 2;
+const PTE_US: u64 = 4;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// Round down to a page boundary.
+pub const fn page_down(x: u64) -> u64 {
+    x & !(PAGE - 1)
+}
+
+/// Round up to a page boundary (saturating at the top of the address space).
+pub const fn page_up(x: u64) -> u64 {
+    match x.checked_add(PAGE - 1) {
+        Some(v) => v & !(PAGE - 1),
+        None => u64::MAX & !(PAGE - 1),
+    }
+}
+
+/// Failure to access guest memory: the address is not mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault(pub u64);
+
+/// Out of guest physical frames (`--mem` exhausted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoMem;
+
+/// How a page is mapped for the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Ring 3 may read, write and execute.
+    User,
+    /// Ring 3 may read and execute, not write (the stub page).
+    UserReadOnly,
+    /// Ring 0 only.
+    Supervisor,
+}
+
+/// Guest physical memory plus the page tables that map guest virtual addresses onto it.
+pub struct GuestMem {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    host: *mut u8,
+    size: u64,
+    next_frame: u64,
+    pml4: u64,
+}
+
+// SAFETY: `host` points into the mapping owned by `mem`, which lives as long as `self`; all
+// access to it goes through `&self`/`&mut self`, so moving a `GuestMem` to another thread is as
+// safe as moving the `GuestMemoryMmap` itself.
+unsafe impl Send for GuestMem {}
+
+impl GuestMem {
+    /// Reserve `size` bytes of guest physical memory (rounded up to a page).
+    pub fn new(size: u64) -> anyhow::Result<Self> {
+        let size = page_up(size);
+        anyhow::ensure!(size >= 64 * PAGE, "guest memory of {size} bytes is too small");
+        let region = MmapRegion::<AtomicBitmap>::build(
+            None,
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot reserve {size} bytes of guest memory: {e}"))?;
+        let region = GuestRegionMmap::with_arc(Arc::new(region), GuestAddress(0))
+            .ok_or_else(|| anyhow::anyhow!("guest memory region overflows"))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| anyhow::anyhow!("guest memory: {e}"))?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| anyhow::anyhow!("guest memory: {e}"))?;
+        let mut g = GuestMem { mem, host, size, next_frame: PAGE, pml4: 0 };
+        g.pml4 = g.alloc_frame().map_err(|_| anyhow::anyhow!("guest memory too small"))?;
+        Ok(g)
+    }
+
+    /// The vm-memory view (for KVM registration and bulk access).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap<AtomicBitmap> {
+        &self.mem
+    }
+
+    /// Host address of guest physical address 0.
+    pub fn host_base(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// Bytes of guest physical memory.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Guest physical address of the top-level page table (CR3).
+    pub fn cr3(&self) -> u64 {
+        self.pml4
+    }
+
+    /// Bytes of guest physical memory handed out so far.
+    pub fn used(&self) -> u64 {
+        self.next_frame
+    }
+
+    /// Frames still available.
+    pub fn free_frames(&self) -> u64 {
+        (self.size - self.next_frame) / PAGE
+    }
+
+    /// Mark a guest physical range dirty in the VMM's own bitmap.
+    pub fn mark_dirty(&self, gpa: u64, len: u64) {
+        if let Some(r) = self.mem.find_region(GuestAddress(gpa)) {
+            r.bitmap().mark_dirty(gpa as usize, len as usize);
+        }
+    }
+
+    fn alloc_frame(&mut self) -> Result<u64, NoMem> {
+        if self.next_frame + PAGE > self.size {
+            return Err(NoMem);
+        }
+        let f = self.next_frame;
+        self.next_frame += PAGE;
+        Ok(f)
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        self.mem.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0)
+    }
+
+    fn write_u64(&self, gpa: u64, v: u64) {
+        // Page-table frames always lie inside guest memory: they come from `alloc_frame`.
+        let _ = self.mem.write_obj(v, GuestAddress(gpa));
+    }
+
+    /// Walk to the leaf entry for `va`, optionally creating missing tables. Returns the guest
+    /// physical address of the leaf PTE.
+    fn leaf(&mut self, va: u64, create: bool) -> Result<Option<u64>, NoMem> {
+        let mut table = self.pml4;
+        for level in (1..4).rev() {
+            let idx = (va >> (12 + 9 * level)) & 0x1ff;
+            let e_addr = table + idx * 8;
+            let e = self.read_u64(e_addr);
+            if e & PTE_P == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                let t = self.alloc_frame()?;
+                self.write_u64(e_addr, t | PTE_P | PTE_RW | PTE_US);
+                table = t;
+            } else {
+                table = e & ADDR_MASK;
+            }
+        }
+        Ok(Some(table + ((va >> 12) & 0x1ff) * 8))
+    }
+
+    /// Frames needed to map `pages` more pages in the worst case (leaf frames plus tables).
+    pub fn frames_needed(pages: u64) -> u64 {
+        pages + pages.div_ceil(512) + 4
+    }
+
+    /// Map the page at `va` if it is not mapped yet. Returns its guest physical address and
+    /// whether it was freshly mapped (and so is known to be zero).
+    pub fn map_page(&mut self, va: u64, access: Access) -> Result<(u64, bool), NoMem> {
+        let pte_addr = self.leaf(va, true)?.ok_or(NoMem)?;
+        let pte = self.read_u64(pte_addr);
+        if pte & PTE_P != 0 {
+            return Ok((pte & ADDR_MASK, false));
+        }
+        let f = self.alloc_frame()?;
+        let flags = match access {
+            Access::User => PTE_P | PTE_RW | PTE_US,
+            Access::UserReadOnly => PTE_P | PTE_US,
+            Access::Supervisor => PTE_P | PTE_RW,
+        };
+        self.write_u64(pte_addr, f | flags);
+        Ok((f, true))
+    }
+
+    /// Translate a guest virtual address.
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        let mut table = self.pml4;
+        for level in (0..4).rev() {
+            let idx = (va >> (12 + 9 * level)) & 0x1ff;
+            let e = self.read_u64(table + idx * 8);
+            if e & PTE_P == 0 {
+                return None;
+            }
+            table = e & ADDR_MASK;
+        }
+        Some(table | (va & (PAGE - 1)))
+    }
+
+    /// Whether the page at `va` is mapped.
+    pub fn is_mapped(&self, va: u64) -> bool {
+        self.translate(va).is_some()
+    }
+
+    /// Visit the guest physical pieces of `[va, va+len)`.
+    fn for_each_piece(
+        &self,
+        va: u64,
+        len: usize,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), Fault> {
+        let mut done = 0usize;
+        while done < len {
+            let cur = va.checked_add(done as u64).ok_or(Fault(va))?;
+            let gpa = self.translate(cur).ok_or(Fault(cur))?;
+            let n = ((PAGE - (cur & (PAGE - 1))) as usize).min(len - done);
+            f(gpa, done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Check that the whole range is mapped.
+    pub fn check_range(&self, va: u64, len: usize) -> Result<(), Fault> {
+        let mut p = page_down(va);
+        let end = va.checked_add(len as u64).ok_or(Fault(va))?;
+        while p < end {
+            self.translate(p).ok_or(Fault(p.max(va)))?;
+            p += PAGE;
+        }
+        Ok(())
+    }
+
+    /// Copy guest virtual memory into `buf`.
+    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.check_range(va, buf.len())?;
+        let mem = &self.mem;
+        self.for_each_piece(va, buf.len(), |gpa, off, n| {
+            let _ = mem.read_slice(&mut buf[off..off + n], GuestAddress(gpa));
+        })
+    }
+
+    /// Copy `buf` into guest virtual memory (tracked in the dirty bitmap). Nothing is written
+    /// unless the whole range is mapped.
+    pub fn write(&self, va: u64, buf: &[u8]) -> Result<(), Fault> {
+        self.check_range(va, buf.len())?;
+        let mem = &self.mem;
+        self.for_each_piece(va, buf.len(), |gpa, off, n| {
+            let _ = mem.write_slice(&buf[off..off + n], GuestAddress(gpa));
+        })
+    }
+
+    /// Read a guest `u64`.
+    pub fn read_u64_va(&self, va: u64) -> Result<u64, Fault> {
+        let mut b = [0u8; 8];
+        self.read(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Read a NUL-terminated string of at most `max` bytes (without the NUL).
+    pub fn read_cstr(&self, va: u64, max: usize) -> Result<Vec<u8>, Fault> {
+        let mut out = Vec::new();
+        let mut cur = va;
+        loop {
+            let gpa = self.translate(cur).ok_or(Fault(cur))?;
+            let n = (PAGE - (cur & (PAGE - 1))) as usize;
+            let mut chunk = vec![0u8; n];
+            let _ = self.mem.read_slice(&mut chunk, GuestAddress(gpa));
+            if let Some(z) = chunk.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&chunk[..z]);
+                return Ok(out);
+            }
+            out.extend_from_slice(&chunk);
+            if out.len() > max {
+                return Err(Fault(va));
+            }
+            cur += n as u64;
+        }
+    }
+
+    /// Zero `[va, va+len)` where it is mapped. Whole pages go back to the host
+    /// (`MADV_DONTNEED`); both are recorded as dirty.
+    pub fn zero(&self, va: u64, len: u64) {
+        let end = va.saturating_add(len);
+        let mut cur = va;
+        while cur < end {
+            let page_end = page_down(cur) + PAGE;
+            let n = page_end.min(end) - cur;
+            if let Some(gpa) = self.translate(cur) {
+                if n == PAGE {
+                    // SAFETY: `gpa` is a frame inside the guest mapping (it came from
+                    // `alloc_frame`), so the page-aligned host range lies inside the mapping we
+                    // own; MADV_DONTNEED on private anonymous memory only replaces its contents
+                    // with zeroes, which no Rust reference observes.
+                    unsafe {
+                        libc::madvise(
+                            self.host.add(gpa as usize) as *mut libc::c_void,
+                            PAGE as usize,
+                            libc::MADV_DONTNEED,
+                        );
+                    }
+                    self.mark_dirty(gpa, PAGE);
+                } else {
+                    let _ = self.mem.write_slice(&vec![0u8; n as usize], GuestAddress(gpa));
+                }
+            }
+            cur += n;
+        }
+    }
+
+    /// Raw write at a guest physical address (descriptor tables at setup).
+    pub fn write_phys(&self, gpa: u64, buf: &[u8]) {
+        let _ = self.mem.write_slice(buf, GuestAddress(gpa));
+    }
+
+    /// Number of mapped guest pages in use (frames handed out, tables included).
+    pub fn frames_used(&self) -> u64 {
+        self.next_frame / PAGE
+    }
+
+    /// Host-side byte range of the guest memory region (for KVM registration).
+    pub fn region_len(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_translate_roundtrip() {
+        let mut m = GuestMem::new(1 << 22).unwrap();
+        let va = 0x7fff_ffff_e000;
+        assert!(m.translate(va).is_none());
+        let (gpa, fresh) = m.map_page(va, Access::User).unwrap();
+        assert!(fresh);
+        assert_eq!(m.translate(va + 0x123), Some(gpa + 0x123));
+        let (gpa2, fresh2) = m.map_page(va, Access::User).unwrap();
+        assert_eq!((gpa2, fresh2), (gpa, false));
+        // A neighbouring page in another PML4 slot is still unmapped.
+        assert!(m.translate(0x4000_0000).is_none());
+    }
+
+    #[test]
+    fn read_write_across_pages_and_faults() {
+        let mut m = GuestMem::new(1 << 22).unwrap();
+        m.map_page(0x10000, Access::User).unwrap();
+        m.map_page(0x11000, Access::User).unwrap();
+        let data: Vec<u8> = (0..6000u32).map(|i| i as u8).collect();
+        m.write(0x10800, &data).unwrap();
+        let mut back = vec![0u8; 6000];
+        m.read(0x10800, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(m.write(0x11800, &data), Err(Fault(0x12000)));
+        assert!(m.read_cstr(0x10800, 10).is_err() || data[..10].contains(&0));
+        m.zero(0x10000, 2 * PAGE);
+        m.read(0x10800, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pages_for_the_stub_use_the_expected_bits() {
+        let mut m = GuestMem::new(1 << 22).unwrap();
+        let (g1, _) = m.map_page(guest::STUB_VA, Access::UserReadOnly).unwrap();
+        let pte_addr = m.leaf(guest::STUB_VA, false).unwrap().unwrap();
+        assert_eq!(m.read_u64(pte_addr), g1 | PTE_P | PTE_US);
+    }
+
+    #[test]
+    fn out_of_frames_is_reported() {
+        let mut m = GuestMem::new(64 * PAGE).unwrap();
+        let mut n = 0;
+        while m.map_page(0x1000_0000 + n * PAGE, Access::User).is_ok() {
+            n += 1;
+        }
+        assert!(n > 50 && n < 64, "mapped {n}");
+    }
+}

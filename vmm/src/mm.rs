@@ -1,0 +1,511 @@
+//! The guest's address space: Linux-like virtual memory areas (VMAs), placement of new mappings
+//! (top-down below `mmap_base`, as Linux does without randomisation), the program break, and
+//! mmap/munmap/mprotect/mremap/madvise of anonymous memory.
+//!
+//! Pages of an accessible VMA are mapped eagerly (their host memory is still only allocated when
+//! touched). Pages of a `PROT_NONE` VMA stay unmapped until made accessible. Protections are
+//! recorded but not enforced beyond present/not-present: see `memory` for why a mapped page
+//! keeps its frame, and the README's limits.
+
+use crate::memory::{page_down, page_up, Access, GuestMem, NoMem, PAGE};
+use std::collections::BTreeMap;
+
+/// Lowest address a mapping may use.
+pub const MMAP_MIN: u64 = 0x10000;
+/// Top of the user stack (as Linux's TASK_SIZE on x86-64 with 4-level paging).
+pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
+/// Size of the stack mapping.
+pub const STACK_SIZE: u64 = 8 << 20;
+/// Top-down placement starts here (below the stack and its guard gap).
+pub const MMAP_BASE: u64 = 0x7fff_f7ff_f000;
+/// Base for position-independent executables (Linux's ELF_ET_DYN_BASE without randomisation).
+pub const PIE_BASE: u64 = 0x5555_5555_4000;
+/// Highest user address + 1.
+pub const USER_END: u64 = 0x7fff_ffff_f000;
+
+/// Linux errno values used here.
+pub mod errno {
+    pub const ENOMEM: i64 = 12;
+    pub const EINVAL: i64 = 22;
+    pub const EEXIST: i64 = 17;
+    pub const EFAULT: i64 = 14;
+}
+
+/// One virtual memory area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vma {
+    /// End (exclusive).
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    /// What the area is.
+    pub kind: VmaKind,
+}
+
+/// The origin of a VMA (for `ps`/maps-style reporting and brk bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmaKind {
+    /// An ELF segment.
+    Image,
+    /// The program break area.
+    Heap,
+    /// The main stack.
+    Stack,
+    /// An anonymous mmap.
+    Anon,
+    /// A private copy of a file's contents.
+    File,
+}
+
+/// The whole address space: VMAs plus the memory and page tables behind them.
+pub struct AddressSpace {
+    /// Guest memory and page tables.
+    pub mem: GuestMem,
+    vmas: BTreeMap<u64, Vma>,
+    /// Start of the program break area.
+    pub brk_start: u64,
+    /// Current program break.
+    pub brk: u64,
+}
+
+impl AddressSpace {
+    /// An empty address space over `mem`.
+    pub fn new(mem: GuestMem) -> Self {
+        AddressSpace { mem, vmas: BTreeMap::new(), brk_start: 0, brk: 0 }
+    }
+
+    /// All VMAs, in address order.
+    pub fn vmas(&self) -> impl Iterator<Item = (u64, &Vma)> {
+        self.vmas.iter().map(|(s, v)| (*s, v))
+    }
+
+    /// Whether `[start, end)` overlaps any VMA.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.vmas.range(..end).next_back().is_some_and(|(_, v)| v.end > start)
+    }
+
+    /// Remove `[start, end)` from the VMA map, splitting areas that straddle its edges.
+    fn carve(&mut self, start: u64, end: u64) {
+        let hit: Vec<u64> = self
+            .vmas
+            .range(..end)
+            .rev()
+            .take_while(|(_, v)| v.end > start)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in hit {
+            let v = self.vmas.remove(&s).expect("present");
+            if s < start {
+                self.vmas.insert(s, Vma { end: start, ..v.clone() });
+            }
+            if v.end > end {
+                self.vmas.insert(end, Vma { end: v.end, ..v });
+            }
+        }
+    }
+
+    /// Map (or re-zero) the pages of `[start, end)`, which must be page aligned.
+    fn populate(&mut self, start: u64, end: u64) -> Result<(), NoMem> {
+        let pages = (end - start) / PAGE;
+        if GuestMem::frames_needed(pages) > self.mem.free_frames() {
+            // Count what is already mapped before refusing.
+            let missing = (0..pages).filter(|i| !self.mem.is_mapped(start + i * PAGE)).count();
+            if GuestMem::frames_needed(missing as u64) > self.mem.free_frames() {
+                return Err(NoMem);
+            }
+        }
+        let mut p = start;
+        let mut stale_from: Option<u64> = None;
+        while p < end {
+            let (_, fresh) = self.mem.map_page(p, Access::User)?;
+            match (fresh, stale_from) {
+                (false, None) => stale_from = Some(p),
+                (true, Some(s)) => {
+                    self.mem.zero(s, p - s);
+                    stale_from = None;
+                }
+                _ => {}
+            }
+            p += PAGE;
+        }
+        if let Some(s) = stale_from {
+            self.mem.zero(s, end - s);
+        }
+        Ok(())
+    }
+
+    /// Find a free range of `len` bytes, top-down below `MMAP_BASE`.
+    pub fn find_free(&self, len: u64) -> Option<u64> {
+        let mut top = MMAP_BASE;
+        for (s, v) in self.vmas.range(..MMAP_BASE).rev() {
+            if v.end <= top && top - v.end >= len {
+                return Some(top - len);
+            }
+            top = top.min(*s);
+        }
+        if top >= MMAP_MIN + len {
+            Some(top - len)
+        } else {
+            None
+        }
+    }
+
+    /// Create a mapping of `[addr, addr+len)` (page aligned, already carved free) with fresh
+    /// zero contents.
+    pub fn insert(&mut self, addr: u64, len: u64, prot: u32, kind: VmaKind) -> Result<(), i64> {
+        let end = addr + len;
+        if prot != 0 {
+            self.populate(addr, end).map_err(|_| errno::ENOMEM)?;
+        } else {
+            self.mem.zero(addr, len);
+        }
+        self.put(addr, Vma { end, prot, kind });
+        Ok(())
+    }
+
+    /// Insert a VMA, merging it with neighbours of the same protection and kind.
+    fn put(&mut self, mut start: u64, mut vma: Vma) {
+        if let Some((s, prev)) = self.vmas.range(..start).next_back() {
+            if prev.end == start && prev.prot == vma.prot && prev.kind == vma.kind {
+                start = *s;
+            }
+        }
+        if let Some(next) = self.vmas.get(&vma.end) {
+            if next.prot == vma.prot && next.kind == vma.kind {
+                let next = self.vmas.remove(&vma.end).expect("present");
+                vma.end = next.end;
+            }
+        }
+        self.vmas.insert(start, vma);
+    }
+
+    /// mmap of anonymous (or to-be-filled file) memory. `fixed` = MAP_FIXED, `noreplace` =
+    /// MAP_FIXED_NOREPLACE. Returns the address.
+    pub fn mmap(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        fixed: bool,
+        noreplace: bool,
+        kind: VmaKind,
+    ) -> Result<u64, i64> {
+        if len == 0 {
+            return Err(errno::EINVAL);
+        }
+        let len = page_up(len);
+        if len > USER_END {
+            return Err(errno::ENOMEM);
+        }
+        let start = if fixed || noreplace {
+            if addr & (PAGE - 1) != 0 {
+                return Err(errno::EINVAL);
+            }
+            if addr < MMAP_MIN || addr.checked_add(len).is_none_or(|e| e > USER_END) {
+                return Err(if noreplace { errno::ENOMEM } else { errno::EINVAL });
+            }
+            if noreplace && self.overlaps(addr, addr + len) {
+                return Err(errno::EEXIST);
+            }
+            addr
+        } else {
+            let hint = page_down(addr);
+            if hint >= MMAP_MIN
+                && hint.checked_add(len).is_some_and(|e| e <= USER_END)
+                && !self.overlaps(hint, hint + len)
+            {
+                hint
+            } else {
+                self.find_free(len).ok_or(errno::ENOMEM)?
+            }
+        };
+        self.carve(start, start + len);
+        self.insert(start, len, prot, kind)?;
+        Ok(start)
+    }
+
+    /// munmap: zero and forget `[addr, addr+len)`.
+    pub fn munmap(&mut self, addr: u64, len: u64) -> Result<(), i64> {
+        if addr & (PAGE - 1) != 0 || len == 0 {
+            return Err(errno::EINVAL);
+        }
+        let end = addr.checked_add(page_up(len)).ok_or(errno::EINVAL)?;
+        self.carve(addr, end);
+        self.mem.zero(addr, end - addr);
+        Ok(())
+    }
+
+    /// mprotect: record the new protection; make pages accessible where needed.
+    pub fn mprotect(&mut self, addr: u64, len: u64, prot: u32) -> Result<(), i64> {
+        if addr & (PAGE - 1) != 0 {
+            return Err(errno::EINVAL);
+        }
+        let end = addr.checked_add(page_up(len)).ok_or(errno::ENOMEM)?;
+        // Every page must be covered by a VMA.
+        let mut cur = addr;
+        for (s, v) in self.vmas.range(..end) {
+            if v.end <= cur {
+                continue;
+            }
+            if *s > cur {
+                return Err(errno::ENOMEM);
+            }
+            cur = v.end;
+        }
+        if cur < end {
+            return Err(errno::ENOMEM);
+        }
+        let parts: Vec<(u64, Vma)> = self
+            .vmas
+            .range(..end)
+            .filter(|(_, v)| v.end > addr)
+            .map(|(s, v)| (*s, v.clone()))
+            .collect();
+        self.carve(addr, end);
+        for (s, v) in parts {
+            let (ps, pe) = (s.max(addr), v.end.min(end));
+            if prot != 0 && v.prot == 0 {
+                // Newly accessible: map what is missing, keep what is there.
+                let mut p = ps;
+                while p < pe {
+                    self.mem.map_page(p, Access::User).map_err(|_| errno::ENOMEM)?;
+                    p += PAGE;
+                }
+            }
+            self.put(ps, Vma { end: pe, prot, kind: v.kind });
+        }
+        Ok(())
+    }
+
+    /// The VMA containing `addr`.
+    pub fn vma_at(&self, addr: u64) -> Option<(u64, &Vma)> {
+        self.vmas.range(..=addr).next_back().filter(|(_, v)| v.end > addr).map(|(s, v)| (*s, v))
+    }
+
+    /// mremap. `may_move` = MREMAP_MAYMOVE; `fixed` = MREMAP_FIXED with `new_addr`.
+    pub fn mremap(
+        &mut self,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        may_move: bool,
+        fixed: Option<u64>,
+    ) -> Result<u64, i64> {
+        if old & (PAGE - 1) != 0 || new_len == 0 {
+            return Err(errno::EINVAL);
+        }
+        let old_len = page_up(old_len);
+        let new_len = page_up(new_len);
+        let (vs, v) = self.vma_at(old).ok_or(errno::EFAULT)?;
+        let v = v.clone();
+        if old_len == 0 || v.end < old + old_len {
+            return Err(errno::EFAULT);
+        }
+        let _ = vs;
+        if fixed.is_none() {
+            if new_len <= old_len {
+                if new_len < old_len {
+                    self.munmap(old + new_len, old_len - new_len)?;
+                }
+                return Ok(old);
+            }
+            let grow_end = old.checked_add(new_len).ok_or(errno::ENOMEM)?;
+            if v.end == old + old_len
+                && grow_end <= USER_END
+                && !self.overlaps(old + old_len, grow_end)
+            {
+                self.carve(old + old_len, grow_end);
+                self.insert(old + old_len, grow_end - old - old_len, v.prot, v.kind)?;
+                return Ok(old);
+            }
+            if !may_move {
+                return Err(errno::ENOMEM);
+            }
+        }
+        let dest = match fixed {
+            Some(a) => {
+                if a & (PAGE - 1) != 0 {
+                    return Err(errno::EINVAL);
+                }
+                self.mmap(a, new_len, v.prot, true, false, v.kind)?
+            }
+            None => self.mmap(0, new_len, v.prot, false, false, v.kind)?,
+        };
+        // Copy the contents (a mapped page keeps its frame, so pages are copied, not moved).
+        let n = old_len.min(new_len);
+        let mut buf = vec![0u8; (1 << 20).min(n) as usize];
+        let mut off = 0;
+        while off < n {
+            let k = (n - off).min(buf.len() as u64) as usize;
+            if self.mem.read(old + off, &mut buf[..k]).is_ok() {
+                let _ = self.mem.write(dest + off, &buf[..k]);
+            }
+            off += k as u64;
+        }
+        self.munmap(old, old_len)?;
+        Ok(dest)
+    }
+
+    /// Set up the program break right after the loaded image.
+    pub fn init_brk(&mut self, at: u64) {
+        self.brk_start = page_up(at);
+        self.brk = self.brk_start;
+    }
+
+    /// brk: returns the new break (the old one when the request cannot be met).
+    pub fn set_brk(&mut self, want: u64) -> u64 {
+        if want < self.brk_start {
+            return self.brk;
+        }
+        let old_end = page_up(self.brk);
+        let new_end = page_up(want);
+        if new_end > old_end {
+            if self.overlaps(old_end, new_end) || new_end > MMAP_BASE {
+                return self.brk;
+            }
+            if self.populate(old_end, new_end).is_err() {
+                return self.brk;
+            }
+            // Extend (or create) the heap VMA.
+            let start = match self.vmas.range(..old_end).next_back() {
+                Some((s, v)) if v.end == old_end && v.kind == VmaKind::Heap => *s,
+                _ => old_end,
+            };
+            self.vmas.insert(start, Vma { end: new_end, prot: 3, kind: VmaKind::Heap });
+        } else if new_end < old_end {
+            self.carve(new_end, old_end);
+            self.mem.zero(new_end, old_end - new_end);
+            if new_end > self.brk_start {
+                if let Some((s, _)) = self.vmas.range(..new_end).next_back() {
+                    let s = *s;
+                    self.vmas.insert(s, Vma { end: new_end, prot: 3, kind: VmaKind::Heap });
+                }
+            }
+        }
+        // Bytes between the break and the end of its page read as zero, as on Linux.
+        if want < self.brk {
+            self.mem.zero(want, page_up(want) - want);
+        }
+        self.brk = want;
+        want
+    }
+
+    /// madvise(MADV_DONTNEED/MADV_FREE...): zero the range where mapped.
+    pub fn discard(&mut self, addr: u64, len: u64) -> Result<(), i64> {
+        if addr & (PAGE - 1) != 0 {
+            return Err(errno::EINVAL);
+        }
+        self.mem.zero(addr, page_up(len));
+        Ok(())
+    }
+
+    /// Bytes of address space covered by accessible VMAs.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.vmas.iter().filter(|(_, v)| v.prot != 0).map(|(s, v)| v.end - s).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> AddressSpace {
+        AddressSpace::new(GuestMem::new(64 << 20).unwrap())
+    }
+
+    #[test]
+    fn top_down_placement_and_reuse() {
+        let mut a = space();
+        let x = a.mmap(0, 3 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        assert_eq!(x, MMAP_BASE - 3 * PAGE);
+        let y = a.mmap(0, PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        assert_eq!(y, x - PAGE);
+        a.munmap(x, 3 * PAGE).unwrap();
+        let z = a.mmap(0, 2 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        assert_eq!(z, MMAP_BASE - 2 * PAGE);
+    }
+
+    #[test]
+    fn unmapped_memory_comes_back_zeroed() {
+        let mut a = space();
+        let x = a.mmap(0, 2 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        a.mem.write(x + 100, b"hello").unwrap();
+        a.munmap(x, 2 * PAGE).unwrap();
+        let y = a.mmap(x, 2 * PAGE, 3, true, false, VmaKind::Anon).unwrap();
+        assert_eq!(y, x);
+        let mut b = [1u8; 5];
+        a.mem.read(x + 100, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn fixed_noreplace_refuses_overlap() {
+        let mut a = space();
+        let x = a.mmap(0, PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        assert_eq!(a.mmap(x, PAGE, 3, false, true, VmaKind::Anon), Err(errno::EEXIST));
+    }
+
+    #[test]
+    fn carve_splits_areas() {
+        let mut a = space();
+        let x = a.mmap(0, 4 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        a.munmap(x + PAGE, PAGE).unwrap();
+        let v: Vec<(u64, u64)> = a.vmas().map(|(s, v)| (s, v.end)).collect();
+        assert_eq!(v, vec![(x, x + PAGE), (x + 2 * PAGE, x + 4 * PAGE)]);
+        a.mprotect(x + 2 * PAGE, PAGE, 1).unwrap();
+        assert_eq!(a.vmas().count(), 3);
+        a.mprotect(x + 2 * PAGE, PAGE, 3).unwrap();
+        assert_eq!(a.vmas().count(), 2, "equal neighbours merge again");
+        assert_eq!(a.mprotect(x + PAGE, PAGE, 1), Err(errno::ENOMEM));
+    }
+
+    #[test]
+    fn prot_none_stays_unmapped_until_opened() {
+        let mut a = space();
+        let x = a.mmap(0, 2 * PAGE, 0, false, false, VmaKind::Anon).unwrap();
+        assert!(!a.mem.is_mapped(x));
+        a.mprotect(x, PAGE, 3).unwrap();
+        assert!(a.mem.is_mapped(x));
+        assert!(!a.mem.is_mapped(x + PAGE));
+    }
+
+    #[test]
+    fn brk_grows_and_shrinks() {
+        let mut a = space();
+        a.init_brk(0x60_0123);
+        let b0 = a.set_brk(0);
+        assert_eq!(b0, 0x60_1000);
+        assert_eq!(a.set_brk(b0 + 10 * PAGE + 5), b0 + 10 * PAGE + 5);
+        a.mem.write(b0 + 5 * PAGE, b"x").unwrap();
+        assert_eq!(a.set_brk(b0 + PAGE), b0 + PAGE);
+        assert_eq!(a.set_brk(b0 + 6 * PAGE), b0 + 6 * PAGE);
+        let mut c = [9u8];
+        a.mem.read(b0 + 5 * PAGE, &mut c).unwrap();
+        assert_eq!(c, [0]);
+    }
+
+    #[test]
+    fn mremap_grows_in_place_or_moves_with_contents() {
+        let mut a = space();
+        let x = a.mmap(0, PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        a.mem.write(x, b"abc").unwrap();
+        // Top-down: the space above x is the mmap base, so growth must move.
+        let y = a.mremap(x, PAGE, 4 * PAGE, true, None).unwrap();
+        let mut b = [0u8; 3];
+        a.mem.read(y, &mut b).unwrap();
+        assert_eq!(&b, b"abc");
+        // The space above y is free again once x is gone: growth in place succeeds.
+        assert!(!a.overlaps(y + 4 * PAGE, y + 8 * PAGE));
+        assert_eq!(a.mremap(y, 4 * PAGE, 8 * PAGE, false, None), Ok(y));
+        // Now blocked from above by a new mapping: without MAYMOVE it must fail.
+        a.mmap(y + 8 * PAGE, PAGE, 3, true, false, VmaKind::Anon).unwrap();
+        assert_eq!(a.mremap(y, 8 * PAGE, 12 * PAGE, false, None), Err(errno::ENOMEM));
+    }
+
+    #[test]
+    fn exhaustion_is_enomem() {
+        let mut a = space();
+        assert_eq!(a.mmap(0, 128 << 20, 3, false, false, VmaKind::Anon), Err(errno::ENOMEM));
+        assert!(a.mmap(0, 16 << 20, 3, false, false, VmaKind::Anon).is_ok());
+    }
+}

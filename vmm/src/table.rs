@@ -1,0 +1,424 @@
+//! The syscall table, as data: for every syscall number, its name, whether it runs in the VMM
+//! (`Local`), goes to the deputy at home (`Home`, with the marshalling spec of its arguments), or
+//! is refused. The VMM and the deputy both read the same spec, so a forwarded call is one
+//! self-contained request (every input buffer) and one reply (every output buffer).
+
+/// How one syscall argument is carried between the VMM and the deputy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum A {
+    /// A plain value.
+    V,
+    /// A file descriptor of the guest's (translated by the deputy).
+    Fd,
+    /// A directory descriptor, or AT_FDCWD.
+    DirFd,
+    /// A NUL-terminated path (input).
+    Path,
+    /// Input buffer whose length is argument `n`.
+    In(u8),
+    /// Output buffer whose length is argument `n`; `ret` bytes come back.
+    Out(u8),
+    /// Output array of argument `n` elements of `size` bytes; `ret` elements come back.
+    OutElems(u8, u16),
+    /// In/out array of argument `n` elements of `size` bytes (e.g. `struct pollfd`).
+    InOutElems(u8, u16),
+    /// Fixed-size input struct.
+    SIn(u16),
+    /// Fixed-size output struct.
+    SOut(u16),
+    /// Fixed-size in/out struct.
+    SInOut(u16),
+    /// iovec array (input data), count in argument `n`.
+    IovIn(u8),
+    /// iovec array (output data), count in argument `n`; `ret` bytes come back.
+    IovOut(u8),
+    /// An `fd_set` of argument `n` descriptors (in/out, translated).
+    FdSet(u8),
+    /// Output buffer whose length is the `socklen_t` pointed to by argument `n`.
+    LenOut(u8),
+}
+
+impl A {
+    /// Whether the argument is carried as a buffer slot.
+    pub fn is_slot(self) -> bool {
+        !matches!(self, A::V | A::Fd | A::DirFd)
+    }
+}
+
+/// Where a syscall runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// In the VMM, wherever the process is.
+    Local,
+    /// At home, by the deputy, with this argument spec (the spec may depend on argument values:
+    /// see [`spec`]).
+    Home(&'static [A]),
+    /// Refused with this errno (and a one-time note under `--trace`, or always for the calls
+    /// mosvm does not support yet).
+    Refused(i64),
+}
+
+/// One table row.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// Syscall number.
+    pub nr: u32,
+    /// Name.
+    pub name: &'static str,
+    /// Class.
+    pub class: Class,
+}
+
+const ENOSYS: i64 = 38;
+
+use A::*;
+use Class::*;
+
+macro_rules! table {
+    ($($nr:ident => $class:expr),* $(,)?) => {
+        /// Every syscall mosvm knows, in no particular order.
+        pub const TABLE: &[Entry] = &[
+            $(Entry { nr: libc::$nr as u32, name: strip(stringify!($nr)), class: $class },)*
+        ];
+    };
+}
+
+const fn strip(s: &'static str) -> &'static str {
+    // "SYS_read" -> "read"
+    let b = s.as_bytes();
+    let (_, rest) = b.split_at(4);
+    match std::str::from_utf8(rest) {
+        Ok(r) => r,
+        Err(_) => s,
+    }
+}
+
+const STAT: u16 = 144;
+const STATFS: u16 = 120;
+
+table! {
+    // Memory, threads, process lifetime: local.
+    SYS_brk => Local, SYS_mmap => Local, SYS_munmap => Local, SYS_mprotect => Local,
+    SYS_mremap => Local, SYS_madvise => Local, SYS_msync => Local, SYS_mlock => Local,
+    SYS_munlock => Local, SYS_mlockall => Local, SYS_munlockall => Local, SYS_mincore => Local,
+    SYS_arch_prctl => Local, SYS_set_tid_address => Local, SYS_set_robust_list => Local,
+    SYS_get_robust_list => Local, SYS_rseq => Local, SYS_prlimit64 => Local,
+    SYS_getrlimit => Local, SYS_setrlimit => Local, SYS_getrandom => Local,
+    SYS_clock_gettime => Local, SYS_clock_getres => Local, SYS_gettimeofday => Local,
+    SYS_time => Local, SYS_nanosleep => Local, SYS_clock_nanosleep => Local,
+    SYS_sched_yield => Local, SYS_uname => Local, SYS_exit => Local, SYS_exit_group => Local,
+    SYS_rt_sigaction => Local, SYS_rt_sigprocmask => Local, SYS_sigaltstack => Local,
+    SYS_rt_sigreturn => Local, SYS_futex => Local, SYS_kill => Local, SYS_tgkill => Local,
+    SYS_tkill => Local, SYS_sched_getaffinity => Local, SYS_sched_setaffinity => Local,
+    SYS_getcpu => Local, SYS_sysinfo => Local, SYS_getrusage => Local, SYS_times => Local,
+    SYS_prctl => Local, SYS_personality => Local, SYS_sched_getparam => Local,
+    SYS_sched_getscheduler => Local, SYS_getpriority => Local, SYS_setpriority => Local,
+    SYS_membarrier => Local, SYS_pause => Local, SYS_alarm => Local,
+
+    // Files and descriptors: home.
+    SYS_read => Home(&[Fd, Out(2), V]),
+    SYS_write => Home(&[Fd, In(2), V]),
+    SYS_pread64 => Home(&[Fd, Out(2), V, V]),
+    SYS_pwrite64 => Home(&[Fd, In(2), V, V]),
+    SYS_readv => Home(&[Fd, IovOut(2), V]),
+    SYS_writev => Home(&[Fd, IovIn(2), V]),
+    SYS_preadv => Home(&[Fd, IovOut(2), V, V, V]),
+    SYS_pwritev => Home(&[Fd, IovIn(2), V, V, V]),
+    SYS_preadv2 => Home(&[Fd, IovOut(2), V, V, V, V]),
+    SYS_pwritev2 => Home(&[Fd, IovIn(2), V, V, V, V]),
+    SYS_open => Home(&[Path, V, V]),
+    SYS_openat => Home(&[DirFd, Path, V, V]),
+    SYS_creat => Home(&[Path, V]),
+    SYS_close => Home(&[Fd]),
+    SYS_close_range => Home(&[V, V, V]),
+    SYS_stat => Home(&[Path, SOut(STAT)]),
+    SYS_lstat => Home(&[Path, SOut(STAT)]),
+    SYS_fstat => Home(&[Fd, SOut(STAT)]),
+    SYS_newfstatat => Home(&[DirFd, Path, SOut(STAT), V]),
+    SYS_statx => Home(&[DirFd, Path, V, V, SOut(256)]),
+    SYS_statfs => Home(&[Path, SOut(STATFS)]),
+    SYS_fstatfs => Home(&[Fd, SOut(STATFS)]),
+    SYS_lseek => Home(&[Fd, V, V]),
+    SYS_getdents64 => Home(&[Fd, Out(2), V]),
+    SYS_getdents => Home(&[Fd, Out(2), V]),
+    SYS_getcwd => Home(&[Out(1), V]),
+    SYS_chdir => Home(&[Path]),
+    SYS_fchdir => Home(&[Fd]),
+    SYS_mkdir => Home(&[Path, V]),
+    SYS_mkdirat => Home(&[DirFd, Path, V]),
+    SYS_rmdir => Home(&[Path]),
+    SYS_unlink => Home(&[Path]),
+    SYS_unlinkat => Home(&[DirFd, Path, V]),
+    SYS_rename => Home(&[Path, Path]),
+    SYS_renameat => Home(&[DirFd, Path, DirFd, Path]),
+    SYS_renameat2 => Home(&[DirFd, Path, DirFd, Path, V]),
+    SYS_link => Home(&[Path, Path]),
+    SYS_linkat => Home(&[DirFd, Path, DirFd, Path, V]),
+    SYS_symlink => Home(&[Path, Path]),
+    SYS_symlinkat => Home(&[Path, DirFd, Path]),
+    SYS_readlink => Home(&[Path, Out(2), V]),
+    SYS_readlinkat => Home(&[DirFd, Path, Out(3), V]),
+    SYS_truncate => Home(&[Path, V]),
+    SYS_ftruncate => Home(&[Fd, V]),
+    SYS_fsync => Home(&[Fd]),
+    SYS_fdatasync => Home(&[Fd]),
+    SYS_sync => Home(&[]),
+    SYS_syncfs => Home(&[Fd]),
+    SYS_fallocate => Home(&[Fd, V, V, V]),
+    SYS_fadvise64 => Home(&[Fd, V, V, V]),
+    SYS_readahead => Home(&[Fd, V, V]),
+    SYS_flock => Home(&[Fd, V]),
+    SYS_access => Home(&[Path, V]),
+    SYS_faccessat => Home(&[DirFd, Path, V]),
+    SYS_faccessat2 => Home(&[DirFd, Path, V, V]),
+    SYS_chmod => Home(&[Path, V]),
+    SYS_fchmod => Home(&[Fd, V]),
+    SYS_fchmodat => Home(&[DirFd, Path, V]),
+    SYS_chown => Home(&[Path, V, V]),
+    SYS_lchown => Home(&[Path, V, V]),
+    SYS_fchown => Home(&[Fd, V, V]),
+    SYS_fchownat => Home(&[DirFd, Path, V, V, V]),
+    SYS_umask => Home(&[V]),
+    SYS_utime => Home(&[Path, SIn(16)]),
+    SYS_utimes => Home(&[Path, SIn(32)]),
+    SYS_utimensat => Home(&[DirFd, Path, SIn(32), V]),
+    SYS_mknod => Home(&[Path, V, V]),
+    SYS_mknodat => Home(&[DirFd, Path, V, V]),
+    SYS_getxattr => Home(&[Path, Path, Out(3), V]),
+    SYS_lgetxattr => Home(&[Path, Path, Out(3), V]),
+    SYS_fgetxattr => Home(&[Fd, Path, Out(3), V]),
+    SYS_listxattr => Home(&[Path, Out(2), V]),
+    SYS_llistxattr => Home(&[Path, Out(2), V]),
+    SYS_flistxattr => Home(&[Fd, Out(2), V]),
+    SYS_sendfile => Home(&[Fd, Fd, SInOut(8), V]),
+    SYS_copy_file_range => Home(&[Fd, SInOut(8), Fd, SInOut(8), V, V]),
+    SYS_dup => Home(&[Fd]),
+    SYS_dup2 => Home(&[Fd, V]),
+    SYS_dup3 => Home(&[Fd, V, V]),
+    SYS_fcntl => Home(&[Fd, V, V]),
+    SYS_ioctl => Home(&[Fd, V, V]),
+    SYS_pipe => Home(&[SOut(8)]),
+    SYS_pipe2 => Home(&[SOut(8), V]),
+    SYS_poll => Home(&[InOutElems(1, 8), V, V]),
+    SYS_ppoll => Home(&[InOutElems(1, 8), V, SInOut(16), SIn(8), V]),
+    SYS_select => Home(&[V, FdSet(0), FdSet(0), FdSet(0), SInOut(16)]),
+    SYS_pselect6 => Home(&[V, FdSet(0), FdSet(0), FdSet(0), SInOut(16), SIn(16)]),
+    SYS_eventfd2 => Home(&[V, V]),
+    SYS_eventfd => Home(&[V]),
+    SYS_epoll_create => Home(&[V]),
+    SYS_epoll_create1 => Home(&[V]),
+    SYS_epoll_ctl => Home(&[Fd, V, Fd, SIn(12)]),
+    SYS_epoll_wait => Home(&[Fd, OutElems(2, 12), V, V]),
+    SYS_epoll_pwait => Home(&[Fd, OutElems(2, 12), V, V, SIn(8), V]),
+    SYS_memfd_create => Home(&[Path, V]),
+    SYS_inotify_init1 => Home(&[V]),
+
+    // Sockets: home.
+    SYS_socket => Home(&[V, V, V]),
+    SYS_socketpair => Home(&[V, V, V, SOut(8)]),
+    SYS_connect => Home(&[Fd, In(2), V]),
+    SYS_bind => Home(&[Fd, In(2), V]),
+    SYS_listen => Home(&[Fd, V]),
+    SYS_accept => Home(&[Fd, LenOut(2), SInOut(4)]),
+    SYS_accept4 => Home(&[Fd, LenOut(2), SInOut(4), V]),
+    SYS_getsockname => Home(&[Fd, LenOut(2), SInOut(4)]),
+    SYS_getpeername => Home(&[Fd, LenOut(2), SInOut(4)]),
+    SYS_sendto => Home(&[Fd, In(2), V, V, In(5), V]),
+    SYS_recvfrom => Home(&[Fd, Out(2), V, V, LenOut(5), SInOut(4)]),
+    SYS_setsockopt => Home(&[Fd, V, V, In(4), V]),
+    SYS_getsockopt => Home(&[Fd, V, V, LenOut(4), SInOut(4)]),
+    SYS_shutdown => Home(&[Fd, V]),
+
+    // Identity: home (the process "seems to run" there).
+    SYS_getpid => Home(&[]), SYS_getppid => Home(&[]), SYS_gettid => Home(&[]),
+    SYS_getuid => Home(&[]), SYS_geteuid => Home(&[]), SYS_getgid => Home(&[]),
+    SYS_getegid => Home(&[]), SYS_getpgrp => Home(&[]), SYS_getpgid => Home(&[V]),
+    SYS_getsid => Home(&[V]), SYS_setpgid => Home(&[V, V]), SYS_setsid => Home(&[]),
+    SYS_getgroups => Home(&[V, OutElems(0, 4)]),
+    SYS_getresuid => Home(&[SOut(4), SOut(4), SOut(4)]),
+    SYS_getresgid => Home(&[SOut(4), SOut(4), SOut(4)]),
+
+    // Not supported yet: processes and threads.
+    SYS_fork => Refused(ENOSYS), SYS_vfork => Refused(ENOSYS), SYS_clone => Refused(ENOSYS),
+    SYS_clone3 => Refused(ENOSYS), SYS_execve => Refused(ENOSYS), SYS_execveat => Refused(ENOSYS),
+    SYS_wait4 => Refused(10), SYS_waitid => Refused(10),
+}
+
+/// Calls that are refused because mosvm does not run them yet (said on stderr once, always).
+pub fn unsupported_note(nr: u32) -> Option<&'static str> {
+    match nr as i64 {
+        libc::SYS_fork | libc::SYS_vfork => Some("fork is not supported yet"),
+        libc::SYS_clone | libc::SYS_clone3 => Some("threads and clone are not supported yet"),
+        libc::SYS_execve | libc::SYS_execveat => Some("execve is not supported yet"),
+        _ => None,
+    }
+}
+
+/// Highest syscall number the dense lookup table covers.
+pub const MAX_NR: usize = 512;
+
+/// Dense lookup by number.
+pub fn lookup(nr: u64) -> Option<&'static Entry> {
+    static DENSE: std::sync::OnceLock<Vec<Option<&'static Entry>>> = std::sync::OnceLock::new();
+    let d = DENSE.get_or_init(|| {
+        let mut v = vec![None; MAX_NR];
+        for e in TABLE {
+            v[e.nr as usize] = Some(e);
+        }
+        v
+    });
+    d.get(nr as usize).copied().flatten()
+}
+
+/// Name of a syscall number (for traces).
+pub fn name(nr: u64) -> String {
+    lookup(nr).map(|e| e.name.to_string()).unwrap_or_else(|| format!("syscall_{nr}"))
+}
+
+// ioctl request codes the deputy forwards with a known argument shape.
+const TCGETS: u64 = 0x5401;
+const TCSETS: u64 = 0x5402;
+const TCSETSW: u64 = 0x5403;
+const TCSETSF: u64 = 0x5404;
+const TIOCGPGRP: u64 = 0x540f;
+const TIOCSPGRP: u64 = 0x5410;
+const TIOCGWINSZ: u64 = 0x5413;
+const TIOCSWINSZ: u64 = 0x5414;
+const FIONREAD: u64 = 0x541b;
+const FIONBIO: u64 = 0x5421;
+const FIONCLEX: u64 = 0x5450;
+const FIOCLEX: u64 = 0x5451;
+const FIOASYNC: u64 = 0x5452;
+const TCGETS2: u64 = 0x802c_542a;
+
+/// The argument shape of an ioctl request, or None when mosvm does not know it (the call then
+/// fails with ENOTTY, which is what programs expect from a request a file does not support).
+pub fn ioctl_arg(req: u64) -> Option<A> {
+    Some(match req & 0xffff_ffff {
+        TCGETS => SOut(36),
+        TCGETS2 => SOut(44),
+        TCSETS | TCSETSW | TCSETSF => SIn(36),
+        TIOCGPGRP | FIONREAD => SOut(4),
+        TIOCSPGRP | FIONBIO | FIOASYNC => SIn(4),
+        TIOCGWINSZ => SOut(8),
+        TIOCSWINSZ => SIn(8),
+        FIONCLEX | FIOCLEX => V,
+        r => {
+            // Generic _IOC encoding: direction in bits 30-31, size in bits 16-29.
+            let dir = (r >> 30) & 3;
+            let size = ((r >> 16) & 0x3fff) as u16;
+            match dir {
+                1 if size > 0 => SIn(size),
+                2 if size > 0 => SOut(size),
+                3 if size > 0 => SInOut(size),
+                _ => return None,
+            }
+        }
+    })
+}
+
+/// The argument shape of an fcntl command.
+pub fn fcntl_arg(cmd: u64) -> A {
+    match cmd as i32 {
+        libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_GETLK | libc::F_OFD_SETLK
+        | libc::F_OFD_SETLKW => SInOut(32),
+        // F_SETOWN_EX, F_GETOWN_EX
+        15 | 16 => SInOut(8),
+        _ => V,
+    }
+}
+
+/// The full spec of a home call, resolving value-dependent shapes (ioctl, fcntl).
+pub fn spec(nr: u64, args: &[u64; 6], base: &'static [A]) -> Result<[A; 6], i64> {
+    let mut s = [V; 6];
+    s[..base.len()].copy_from_slice(base);
+    match nr as i64 {
+        libc::SYS_ioctl => s[2] = ioctl_arg(args[1]).ok_or(libc::ENOTTY as i64)?,
+        libc::SYS_fcntl => s[2] = fcntl_arg(args[1]),
+        _ => {}
+    }
+    Ok(s)
+}
+
+/// Whether a successful result of `nr` is a new file descriptor.
+pub fn returns_fd(nr: u64) -> bool {
+    matches!(
+        nr as i64,
+        libc::SYS_open
+            | libc::SYS_openat
+            | libc::SYS_creat
+            | libc::SYS_socket
+            | libc::SYS_accept
+            | libc::SYS_accept4
+            | libc::SYS_eventfd
+            | libc::SYS_eventfd2
+            | libc::SYS_epoll_create
+            | libc::SYS_epoll_create1
+            | libc::SYS_memfd_create
+            | libc::SYS_inotify_init1
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_unique_and_names_match_libc() {
+        let mut seen = std::collections::HashSet::new();
+        for e in TABLE {
+            assert!(seen.insert(e.nr), "{} listed twice", e.name);
+            assert!((e.nr as usize) < MAX_NR);
+        }
+        assert_eq!(lookup(0).unwrap().name, "read");
+        assert_eq!(lookup(39).unwrap().name, "getpid");
+        assert_eq!(lookup(231).unwrap().name, "exit_group");
+        assert!(lookup(9999).is_none());
+    }
+
+    #[test]
+    fn every_size_argument_names_a_value_argument() {
+        for e in TABLE {
+            if let Home(spec) = e.class {
+                assert!(spec.len() <= 6, "{}", e.name);
+                for a in spec {
+                    let idx = match *a {
+                        In(n) | Out(n) | OutElems(n, _) | InOutElems(n, _) | IovIn(n)
+                        | IovOut(n) | FdSet(n) => Some(n),
+                        LenOut(n) => {
+                            assert_eq!(spec[n as usize], SInOut(4), "{}", e.name);
+                            None
+                        }
+                        _ => None,
+                    };
+                    if let Some(n) = idx {
+                        assert_eq!(spec[n as usize], V, "{}: size arg {n}", e.name);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_split_follows_the_design() {
+        let class = |n: i64| lookup(n as u64).unwrap().class;
+        for n in [libc::SYS_brk, libc::SYS_mmap, libc::SYS_clock_gettime, libc::SYS_exit_group] {
+            assert_eq!(class(n), Local);
+        }
+        for n in [libc::SYS_openat, libc::SYS_write, libc::SYS_getpid, libc::SYS_socket] {
+            assert!(matches!(class(n), Home(_)));
+        }
+        assert_eq!(class(libc::SYS_fork), Refused(ENOSYS));
+    }
+
+    #[test]
+    fn ioctl_shapes() {
+        assert_eq!(ioctl_arg(0x5401), Some(SOut(36)));
+        assert_eq!(ioctl_arg(0x5413), Some(SOut(8)));
+        // _IOR('T', 0x30, unsigned int) style: read 4 bytes.
+        assert_eq!(ioctl_arg(0x8004_5430), Some(SOut(4)));
+        assert_eq!(ioctl_arg(0x1234), None);
+        let args = [0, 0x1234, 0, 0, 0, 0];
+        assert_eq!(spec(libc::SYS_ioctl as u64, &args, &[Fd, V, V]), Err(libc::ENOTTY as i64));
+    }
+}

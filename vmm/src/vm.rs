@@ -1,0 +1,1116 @@
+//! The micro-VM and its run loop: one exit per guest syscall, dispatched through the table to a
+//! local handler or to the deputy; guest exceptions end the program as Linux would.
+
+use crate::cpu;
+use crate::deputy::{Deputy, Reply, Request, Slot};
+use crate::loader::{self, AuxFacts, LoadError};
+use crate::memory::{Fault, GuestMem, PAGE};
+use crate::mm::{AddressSpace, VmaKind};
+use crate::table::{self, Class, A};
+use anyhow::{Context, Result};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::time::Instant;
+
+/// How `mosvm run` was asked to run the program.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Guest memory in bytes.
+    pub mem: u64,
+    /// `--mem` as the user wrote it (for messages).
+    pub mem_label: String,
+    /// One line per syscall on stderr.
+    pub trace: bool,
+    /// Never migrate (recorded; the cluster honours it).
+    pub lock: bool,
+    /// Print run statistics as one JSON line on stderr at exit.
+    pub stats: bool,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// exit/exit_group with this status.
+    Exited(i32),
+    /// Killed by this signal (a fault, a self-directed kill, or a signal to `mosvm run`).
+    Signaled(i32),
+}
+
+impl Outcome {
+    /// The status a shell would report.
+    pub fn code(&self) -> i32 {
+        match self {
+            Outcome::Exited(c) => *c & 0xff,
+            Outcome::Signaled(s) => 128 + s,
+        }
+    }
+}
+
+/// Counters and phase times for `--stats` and benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// VM exits handled.
+    pub exits: u64,
+    /// Syscalls run in the VMM.
+    pub local: u64,
+    /// Syscalls sent to the deputy.
+    pub home: u64,
+    /// Microseconds creating the VM, memory and vCPU.
+    pub create_us: u64,
+    /// Microseconds loading the program.
+    pub load_us: u64,
+    /// Microseconds running the guest.
+    pub run_us: u64,
+}
+
+/// Signal received by `mosvm run` (0 = none); set by the handler.
+static PENDING: AtomicI32 = AtomicI32::new(0);
+/// The running vCPU's `kvm_run.immediate_exit`, so the handler can kick KVM_RUN.
+static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    PENDING.store(sig, Ordering::SeqCst);
+    let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
+    if !p.is_null() {
+        // SAFETY: `p` points at the immediate_exit byte of the vCPU's kvm_run mapping, which
+        // stays mapped while it is published here (cleared before the vCPU is dropped); a
+        // volatile byte store is async-signal-safe.
+        unsafe { p.write_volatile(1) };
+    }
+}
+
+/// Make SIGINT, SIGTERM and SIGHUP end the guest (status 128+N) instead of killing the VMM
+/// outright, and interrupt blocking host calls (no SA_RESTART).
+pub fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: a zeroed sigaction with a valid handler and empty mask is a valid argument;
+        // the handler only does async-signal-safe atomic stores.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A signal to `mosvm run` that has not been acted on.
+pub fn pending_signal() -> Option<i32> {
+    match PENDING.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+const EPERM: i64 = 1;
+const EINTR: i64 = 4;
+const EAGAIN: i64 = 11;
+const EFAULT: i64 = 14;
+const EINVAL: i64 = 22;
+const ENOSYS: i64 = 38;
+const ENAMETOOLONG: i64 = 36;
+const EPIPE: i64 = 32;
+const ETIMEDOUT: i64 = 110;
+const ENODEV: i64 = 19;
+
+/// Largest single transfer a forwarded call carries; longer reads/writes are short, which the
+/// syscalls allow.
+const MAX_XFER: u64 = 64 << 20;
+
+enum Step {
+    Ret(i64),
+    Exit(Outcome),
+}
+
+/// Guest signal dispositions (bookkeeping only: handlers are not yet delivered to).
+struct Signals {
+    actions: [[u8; 32]; 65],
+    mask: u64,
+    altstack: [u8; 24],
+}
+
+const SIG_IGN: u64 = 1;
+
+impl Signals {
+    fn new() -> Self {
+        let mut altstack = [0u8; 24];
+        altstack[8..12].copy_from_slice(&2i32.to_le_bytes()); // SS_DISABLE
+        Signals { actions: [[0; 32]; 65], mask: 0, altstack }
+    }
+    fn handler(&self, sig: usize) -> u64 {
+        u64::from_le_bytes(self.actions[sig][0..8].try_into().expect("8 bytes"))
+    }
+    /// Whether the signal's default action (or SIG_IGN) ignores it.
+    fn ignored(&self, sig: i32) -> bool {
+        let h = self.handler(sig as usize);
+        h == SIG_IGN
+            || (h == 0
+                && matches!(sig, libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT))
+            || matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU)
+    }
+}
+
+/// A program running in its micro-VM.
+pub struct Vm {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    /// The address space (guest memory, page tables, VMAs).
+    pub space: AddressSpace,
+    deputy: Box<dyn Deputy>,
+    opts: Options,
+    program: PathBuf,
+    pid: i64,
+    sig: Signals,
+    rlimits: [[u64; 2]; 16],
+    comm: [u8; 16],
+    /// Whether the syscall exit happens at CPL 3 (KVM-PVM): then the VMM performs the return.
+    vmm_returns: Option<bool>,
+    warned: std::collections::HashSet<u64>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Read `--mem` style sizes: 1048576, 64K, 512M, 2G.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size '{s}': use a number with K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad size '{s}': use a number with K, M, G or T"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn host_ids() -> [u64; 4] {
+    // SAFETY: these calls cannot fail and touch no memory.
+    unsafe {
+        [libc::getuid() as u64, libc::geteuid() as u64, libc::getgid() as u64, libc::getegid() as u64]
+    }
+}
+
+/// Why setting up a VM failed: a program problem (126) or a host problem (1).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The program cannot be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// KVM or the host refused.
+    #[error("{0:#}")]
+    Host(#[from] anyhow::Error),
+}
+
+impl Vm {
+    /// Create the VM, load `program` with `argv` and `envp`, and get ready to run.
+    pub fn new(
+        program: PathBuf,
+        argv: Vec<Vec<u8>>,
+        envp: Vec<Vec<u8>>,
+        deputy: Box<dyn Deputy>,
+        opts: Options,
+    ) -> std::result::Result<Vm, SetupError> {
+        let t0 = Instant::now();
+        let host = cpu::host()?;
+        let mut mem = GuestMem::new(opts.mem)
+            .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
+        cpu::install_stub(&mut mem)
+            .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
+        let vm = cpu::create_vm(host, &mem)?;
+        let create_us = t0.elapsed().as_micros() as u64;
+
+        let t1 = Instant::now();
+        let mut space = AddressSpace::new(mem);
+        let mut random = [0u8; 16];
+        getrandom(&mut random);
+        let facts = AuxFacts { hwcap: cpu::hwcap(host), ids: host_ids(), random };
+        let execfn = program.as_os_str().as_encoded_bytes().to_vec();
+        let started =
+            loader::load(&mut space, &program, &argv, &envp, &execfn, &facts, &opts.mem_label)?;
+        let load_us = t1.elapsed().as_micros() as u64;
+
+        let t2 = Instant::now();
+        let vcpu = cpu::create_vcpu(host, &vm, &space.mem, started.rip, started.rsp)?;
+        let create_us = create_us + t2.elapsed().as_micros() as u64;
+
+        let mut rlimits = [[u64::MAX; 2]; 16];
+        for (r, lim) in rlimits.iter_mut().enumerate() {
+            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: `l` is a valid rlimit to fill in.
+            if unsafe { libc::getrlimit(r as _, &mut l) } == 0 {
+                *lim = [l.rlim_cur, l.rlim_max];
+            }
+        }
+        rlimits[libc::RLIMIT_STACK as usize][0] = crate::mm::STACK_SIZE;
+        let mut comm = [0u8; 16];
+        let base = program.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+        let n = base.len().min(15);
+        comm[..n].copy_from_slice(&base[..n]);
+
+        let mut vm = Vm {
+            vcpu,
+            _vm: vm,
+            space,
+            deputy,
+            opts,
+            program,
+            pid: 0,
+            sig: Signals::new(),
+            rlimits,
+            comm,
+            vmm_returns: None,
+            warned: Default::default(),
+            stats: Stats { create_us, load_us, ..Default::default() },
+        };
+        vm.pid = vm.deputy.call(Request { nr: libc::SYS_getpid as u64, args: [0; 6], slots: vec![] }).ret;
+        Ok(vm)
+    }
+
+    /// Run until the guest exits or dies.
+    pub fn run(&mut self) -> Result<Outcome> {
+        let t = Instant::now();
+        let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
+        let out = self.run_loop();
+        IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
+        self.stats.run_us = t.elapsed().as_micros() as u64;
+        out
+    }
+
+    fn run_loop(&mut self) -> Result<Outcome> {
+        loop {
+            if let Some(sig) = pending_signal() {
+                return Ok(Outcome::Signaled(sig));
+            }
+            let exit = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, _)) => Ok(port),
+                Ok(VcpuExit::Shutdown) => Err("triple fault (shutdown)".to_string()),
+                Ok(VcpuExit::Hlt) => Err("guest halted".to_string()),
+                Ok(VcpuExit::FailEntry(reason, _)) => Err(format!("VM entry failed ({reason:#x})")),
+                Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
+                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                    Err(format!("access to unbacked guest physical address {addr:#x}"))
+                }
+                Ok(other) => Err(format!("unexpected VM exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(anyhow::anyhow!("KVM_RUN: {e}")),
+            };
+            self.stats.exits += 1;
+            match exit {
+                Ok(port) if port == guest::SYSCALL_PORT as u16 => {
+                    if let Some(out) = self.syscall()? {
+                        return Ok(out);
+                    }
+                }
+                Ok(port)
+                    if (guest::EXCEPTION_PORT_BASE as u16
+                        ..guest::EXCEPTION_PORT_BASE as u16 + guest::EXCEPTION_VECTORS as u16)
+                        .contains(&port) =>
+                {
+                    let v = (port - guest::EXCEPTION_PORT_BASE as u16) as usize;
+                    return self.exception(v);
+                }
+                Ok(port) => {
+                    return Err(anyhow::anyhow!("guest wrote to unknown port {port:#x}"));
+                }
+                Err(msg) => {
+                    let regs = self.vcpu.get_regs().ok();
+                    eprintln!(
+                        "mosvm: {}: {msg} at rip {:#x}",
+                        self.program.display(),
+                        regs.map(|r| r.rip).unwrap_or(0)
+                    );
+                    return Ok(Outcome::Signaled(libc::SIGSEGV));
+                }
+            }
+        }
+    }
+
+    fn exception(&mut self, v: usize) -> Result<Outcome> {
+        let rsp = self.vcpu.sync_regs_mut().regs.rsp;
+        let frame = if guest::has_error_code(v) { rsp + 8 } else { rsp };
+        let err = if guest::has_error_code(v) { self.space.mem.read_u64_va(rsp).unwrap_or(0) } else { 0 };
+        let rip = self.space.mem.read_u64_va(frame).unwrap_or(0);
+        let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+        let (sig, what) = match v {
+            0 => (libc::SIGFPE, "divide error".to_string()),
+            1 | 3 => (libc::SIGTRAP, "breakpoint".to_string()),
+            6 => (libc::SIGILL, "invalid opcode".to_string()),
+            13 => (libc::SIGSEGV, format!("general protection fault (error {err:#x})")),
+            14 => (libc::SIGSEGV, format!("page fault at {cr2:#x}")),
+            16 | 19 => (libc::SIGFPE, "floating-point exception".to_string()),
+            17 => (libc::SIGBUS, "alignment check".to_string()),
+            12 | 11 => (libc::SIGSEGV, "stack fault".to_string()),
+            _ => (libc::SIGSEGV, format!("exception {v}")),
+        };
+        let name = signal_name(sig);
+        eprintln!("mosvm: {} killed by {name}: {what}, rip {rip:#x}", self.program.display());
+        Ok(Outcome::Signaled(sig))
+    }
+
+    /// Handle one syscall exit. Returns the outcome when the guest is done.
+    fn syscall(&mut self) -> Result<Option<Outcome>> {
+        if self.vmm_returns.is_none() {
+            let s = self.vcpu.get_sregs().context("KVM_GET_SREGS")?;
+            self.vmm_returns = Some(s.cs.selector & 3 == 3);
+        }
+        let r = &self.vcpu.sync_regs_mut().regs;
+        let nr = r.rax;
+        let a = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
+        let t = if self.opts.trace { Some(Instant::now()) } else { None };
+        let entry = table::lookup(nr);
+        let (step, where_) = match entry.map(|e| e.class) {
+            Some(Class::Local) => {
+                self.stats.local += 1;
+                (self.local(nr, a), "local")
+            }
+            Some(Class::Home(spec)) => {
+                self.stats.home += 1;
+                (self.forward(nr, a, spec), "home")
+            }
+            Some(Class::Refused(e)) => {
+                if let Some(note) = table::unsupported_note(nr as u32) {
+                    if self.warned.insert(nr) {
+                        eprintln!("mosvm: {}: {note}", self.program.display());
+                    }
+                }
+                (Step::Ret(-e), "refused")
+            }
+            None => {
+                if self.opts.trace && self.warned.insert(nr) {
+                    eprintln!("[mosvm] unknown syscall {nr}: returning ENOSYS");
+                }
+                (Step::Ret(-ENOSYS), "unknown")
+            }
+        };
+        if let Some(t) = t {
+            let res = match &step {
+                Step::Ret(v) => format!("{v}"),
+                Step::Exit(o) => format!("{o:?}"),
+            };
+            eprintln!(
+                "[mosvm] {}({:#x}, {:#x}, {:#x}, {:#x}) = {res} {where_} {:.1}us",
+                table::name(nr),
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                t.elapsed().as_secs_f64() * 1e6
+            );
+        }
+        match step {
+            Step::Exit(o) => Ok(Some(o)),
+            Step::Ret(v) => {
+                let vmm_returns = self.vmm_returns == Some(true);
+                let regs = &mut self.vcpu.sync_regs_mut().regs;
+                regs.rax = v as u64;
+                if vmm_returns {
+                    regs.rip = regs.rcx;
+                    regs.rflags = regs.r11;
+                }
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                Ok(None)
+            }
+        }
+    }
+
+    fn call_deputy(&mut self, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> Reply {
+        self.deputy.call(Request { nr: nr as u64, args, slots })
+    }
+
+    /// Marshal a home call: gather inputs from guest memory, call the deputy, scatter outputs.
+    fn forward(&mut self, nr: u64, args: [u64; 6], base: &'static [A]) -> Step {
+        let spec = match table::spec(nr, &args, base) {
+            Ok(s) => s,
+            Err(e) => return Step::Ret(-e),
+        };
+        let mem = &self.space.mem;
+        let mut slots = Vec::new();
+        // Where each output goes: (spec index, guest pointer, iovecs for IovOut).
+        let mut iov_out: Vec<(u64, u64)> = Vec::new();
+        for (i, kind) in spec.iter().enumerate() {
+            if !kind.is_slot() {
+                continue;
+            }
+            let ptr = args[i];
+            if ptr == 0 && !matches!(kind, A::IovIn(_) | A::IovOut(_)) {
+                slots.push(Slot::Null);
+                continue;
+            }
+            let slot = match gather(mem, *kind, ptr, &args, &mut iov_out) {
+                Ok(s) => s,
+                Err(e) => return Step::Ret(-e),
+            };
+            slots.push(slot);
+        }
+        let reply = self.deputy.call(Request { nr, args, slots });
+        let mem = &self.space.mem;
+        let mut ret = reply.ret;
+        // Scatter outputs.
+        let mut outs = reply.outs.into_iter();
+        for (i, kind) in spec.iter().enumerate() {
+            let is_out = match kind {
+                A::Out(_) | A::OutElems(..) | A::SOut(_) | A::IovOut(_) | A::LenOut(_) => true,
+                A::InOutElems(..) | A::SInOut(_) | A::FdSet(_) => true,
+                _ => false,
+            };
+            if !is_out || (args[i] == 0 && !matches!(kind, A::IovOut(_))) {
+                continue;
+            }
+            let Some(buf) = outs.next() else { continue };
+            if ret < 0 && !matches!(kind, A::SInOut(_)) {
+                continue;
+            }
+            let res = match *kind {
+                A::Out(_) => mem.write(args[i], &buf[..(ret.max(0) as usize).min(buf.len())]),
+                A::OutElems(_, size) => {
+                    mem.write(args[i], &buf[..(ret.max(0) as usize * size as usize).min(buf.len())])
+                }
+                A::LenOut(_) => mem.write(args[i], &buf),
+                A::IovOut(_) => {
+                    let mut left = &buf[..(ret.max(0) as usize).min(buf.len())];
+                    let mut r = Ok(());
+                    for &(base, len) in &iov_out {
+                        if left.is_empty() {
+                            break;
+                        }
+                        let k = (len as usize).min(left.len());
+                        r = r.and(mem.write(base, &left[..k]));
+                        left = &left[k..];
+                    }
+                    r
+                }
+                _ => mem.write(args[i], &buf),
+            };
+            if res.is_err() {
+                ret = -EFAULT;
+            }
+        }
+        if ret == -EPIPE
+            && matches!(
+                nr as i64,
+                libc::SYS_write | libc::SYS_writev | libc::SYS_pwrite64 | libc::SYS_pwritev | libc::SYS_sendto
+            )
+            && self.sig.handler(libc::SIGPIPE as usize) == 0
+        {
+            return Step::Exit(Outcome::Signaled(libc::SIGPIPE));
+        }
+        if ret == -EINTR && pending_signal().is_some() {
+            // The VMM was interrupted by a signal to `mosvm run`: the run loop ends the guest.
+            return Step::Ret(-EINTR);
+        }
+        Step::Ret(ret)
+    }
+
+    fn write_guest(&self, va: u64, bytes: &[u8]) -> Result<(), i64> {
+        self.space.mem.write(va, bytes).map_err(|_: Fault| EFAULT)
+    }
+
+    fn read_guest<const N: usize>(&self, va: u64) -> Result<[u8; N], i64> {
+        let mut b = [0u8; N];
+        self.space.mem.read(va, &mut b).map_err(|_| EFAULT)?;
+        Ok(b)
+    }
+
+    fn local(&mut self, nr: u64, a: [u64; 6]) -> Step {
+        match self.local_inner(nr, a) {
+            Ok(v) => v,
+            Err(e) => Step::Ret(-e),
+        }
+    }
+
+    fn local_inner(&mut self, nr: u64, a: [u64; 6]) -> Result<Step, i64> {
+        let ok = |v: i64| Ok(Step::Ret(v));
+        match nr as i64 {
+            libc::SYS_brk => ok(self.space.set_brk(a[0]) as i64),
+            libc::SYS_mmap => self.mmap(a).map(|v| Step::Ret(v as i64)),
+            libc::SYS_munmap => self.space.munmap(a[0], a[1]).map(|_| Step::Ret(0)),
+            libc::SYS_mprotect => self.space.mprotect(a[0], a[1], a[2] as u32 & 7).map(|_| Step::Ret(0)),
+            libc::SYS_mremap => {
+                const MAYMOVE: u64 = 1;
+                const FIXED: u64 = 2;
+                if a[3] & !(MAYMOVE | FIXED) != 0 {
+                    return Err(EINVAL);
+                }
+                let fixed = (a[3] & FIXED != 0).then_some(a[4]);
+                self.space.mremap(a[0], a[1], a[2], a[3] & MAYMOVE != 0, fixed).map(|v| Step::Ret(v as i64))
+            }
+            libc::SYS_madvise => {
+                match a[2] as i32 {
+                    libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE => {
+                        self.space.discard(a[0], a[1])?
+                    }
+                    _ => {}
+                }
+                ok(0)
+            }
+            libc::SYS_msync | libc::SYS_mlock | libc::SYS_munlock | libc::SYS_mlockall
+            | libc::SYS_munlockall => ok(0),
+            libc::SYS_mincore => {
+                let n = crate::memory::page_up(a[1]) / PAGE;
+                self.write_guest(a[2], &vec![1u8; n as usize])?;
+                ok(0)
+            }
+            libc::SYS_arch_prctl => self.arch_prctl(a[0], a[1]),
+            libc::SYS_set_tid_address => ok(self.pid),
+            libc::SYS_set_robust_list => ok(0),
+            libc::SYS_get_robust_list | libc::SYS_rseq | libc::SYS_membarrier => Err(ENOSYS),
+            libc::SYS_prlimit64 => self.prlimit(a[0], a[1], a[2], a[3]),
+            libc::SYS_getrlimit => self.prlimit(0, a[0], 0, a[1]),
+            libc::SYS_setrlimit => self.prlimit(0, a[0], a[1], 0),
+            libc::SYS_getrandom => {
+                let n = a[1].min(MAX_XFER) as usize;
+                self.space.mem.check_range(a[0], n).map_err(|_| EFAULT)?;
+                let mut b = vec![0u8; n];
+                getrandom(&mut b);
+                self.write_guest(a[0], &b)?;
+                ok(n as i64)
+            }
+            libc::SYS_clock_gettime | libc::SYS_clock_getres => {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: `ts` is a valid timespec to fill in.
+                let r = unsafe {
+                    if nr as i64 == libc::SYS_clock_gettime {
+                        libc::clock_gettime(a[0] as libc::clockid_t, &mut ts)
+                    } else {
+                        libc::clock_getres(a[0] as libc::clockid_t, &mut ts)
+                    }
+                };
+                if r != 0 {
+                    return Err(EINVAL);
+                }
+                if a[1] != 0 {
+                    self.write_guest(a[1], &timespec_bytes(&ts))?;
+                }
+                ok(0)
+            }
+            libc::SYS_gettimeofday => {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: `ts` is a valid timespec to fill in.
+                unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+                if a[0] != 0 {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&(ts.tv_sec as i64).to_le_bytes());
+                    b[8..].copy_from_slice(&(ts.tv_nsec as i64 / 1000).to_le_bytes());
+                    self.write_guest(a[0], &b)?;
+                }
+                if a[1] != 0 {
+                    self.write_guest(a[1], &[0u8; 8])?;
+                }
+                ok(0)
+            }
+            libc::SYS_time => {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: `ts` is a valid timespec to fill in.
+                unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+                if a[0] != 0 {
+                    self.write_guest(a[0], &(ts.tv_sec as i64).to_le_bytes())?;
+                }
+                ok(ts.tv_sec as i64)
+            }
+            libc::SYS_nanosleep => self.sleep(libc::CLOCK_MONOTONIC, 0, a[0], a[1]),
+            libc::SYS_clock_nanosleep => self.sleep(a[0] as i32, a[1] as i32, a[2], a[3]),
+            libc::SYS_sched_yield => ok(0),
+            libc::SYS_pause => {
+                while pending_signal().is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(EINTR)
+            }
+            libc::SYS_uname => {
+                // SAFETY: utsname is plain data; uname fills it in.
+                let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+                // SAFETY: `u` is a valid utsname.
+                unsafe { libc::uname(&mut u) };
+                // SAFETY: utsname is 6 arrays of 65 c_char: viewing it as bytes is sound.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(&u as *const _ as *const u8, std::mem::size_of::<libc::utsname>())
+                };
+                self.write_guest(a[0], bytes)?;
+                ok(0)
+            }
+            libc::SYS_exit | libc::SYS_exit_group => Ok(Step::Exit(Outcome::Exited(a[0] as i32 & 0xff))),
+            libc::SYS_rt_sigaction => {
+                let sig = a[0] as usize;
+                if !(1..=64).contains(&sig) || a[3] != 8 {
+                    return Err(EINVAL);
+                }
+                if a[1] != 0 && (sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize) {
+                    return Err(EINVAL);
+                }
+                let old = self.sig.actions[sig];
+                if a[1] != 0 {
+                    self.sig.actions[sig] = self.read_guest::<32>(a[1])?;
+                }
+                if a[2] != 0 {
+                    self.write_guest(a[2], &old)?;
+                }
+                ok(0)
+            }
+            libc::SYS_rt_sigprocmask => {
+                if a[3] != 8 {
+                    return Err(EINVAL);
+                }
+                let old = self.sig.mask;
+                if a[1] != 0 {
+                    let set = u64::from_le_bytes(self.read_guest::<8>(a[1])?);
+                    self.sig.mask = match a[0] as i32 {
+                        libc::SIG_BLOCK => old | set,
+                        libc::SIG_UNBLOCK => old & !set,
+                        libc::SIG_SETMASK => set,
+                        _ => return Err(EINVAL),
+                    };
+                }
+                if a[2] != 0 {
+                    self.write_guest(a[2], &old.to_le_bytes())?;
+                }
+                ok(0)
+            }
+            libc::SYS_sigaltstack => {
+                let old = self.sig.altstack;
+                if a[0] != 0 {
+                    self.sig.altstack = self.read_guest::<24>(a[0])?;
+                }
+                if a[1] != 0 {
+                    self.write_guest(a[1], &old)?;
+                }
+                ok(0)
+            }
+            libc::SYS_rt_sigreturn => Err(ENOSYS),
+            libc::SYS_futex => self.futex(a),
+            libc::SYS_kill => self.kill(a[0] as i32 as i64, a[1] as i32, a),
+            libc::SYS_tgkill => self.kill(a[0] as i32 as i64, a[2] as i32, a),
+            libc::SYS_tkill => self.kill(a[0] as i32 as i64, a[1] as i32, a),
+            libc::SYS_sched_getaffinity => {
+                let n = (a[1] as usize).min(1024);
+                let mut b = vec![0u8; n];
+                // SAFETY: `b` has `n` bytes for the kernel to fill.
+                let r = unsafe { libc::syscall(libc::SYS_sched_getaffinity, 0, n, b.as_mut_ptr()) };
+                if r < 0 {
+                    return Err(EINVAL);
+                }
+                self.write_guest(a[2], &b[..r as usize])?;
+                ok(r as i64)
+            }
+            libc::SYS_sched_setaffinity => ok(0),
+            libc::SYS_getcpu => {
+                for p in [a[0], a[1]] {
+                    if p != 0 {
+                        self.write_guest(p, &0u32.to_le_bytes())?;
+                    }
+                }
+                ok(0)
+            }
+            libc::SYS_sysinfo => self.host_struct(a[0], 112, |p| {
+                // SAFETY: `p` points at a buffer of sizeof(struct sysinfo) bytes.
+                unsafe { libc::sysinfo(p as *mut libc::sysinfo) as i64 }
+            }),
+            libc::SYS_getrusage => self.host_struct(a[1], 144, |p| {
+                // SAFETY: `p` points at a buffer of sizeof(struct rusage) bytes.
+                unsafe { libc::getrusage(libc::RUSAGE_SELF, p as *mut libc::rusage) as i64 }
+            }),
+            libc::SYS_times => {
+                let mut b = [0u8; 32];
+                // SAFETY: `b` is large enough for struct tms.
+                let r = unsafe { libc::times(b.as_mut_ptr() as *mut libc::tms) } as i64;
+                if a[0] != 0 {
+                    self.write_guest(a[0], &b)?;
+                }
+                ok(r)
+            }
+            libc::SYS_prctl => match a[0] as i32 {
+                libc::PR_SET_NAME => {
+                    let s = self.space.mem.read_cstr(a[1], 4096).map_err(|_| EFAULT)?;
+                    let n = s.len().min(15);
+                    self.comm = [0; 16];
+                    self.comm[..n].copy_from_slice(&s[..n]);
+                    ok(0)
+                }
+                libc::PR_GET_NAME => {
+                    self.write_guest(a[1], &self.comm.clone())?;
+                    ok(0)
+                }
+                _ => Err(EINVAL),
+            },
+            libc::SYS_personality => ok(0),
+            libc::SYS_sched_getparam => {
+                self.write_guest(a[1], &0i32.to_le_bytes())?;
+                ok(0)
+            }
+            libc::SYS_sched_getscheduler => ok(0),
+            libc::SYS_getpriority => ok(20),
+            libc::SYS_setpriority => ok(0),
+            libc::SYS_alarm => ok(0),
+            _ => Err(ENOSYS),
+        }
+    }
+
+    fn host_struct(&self, va: u64, size: usize, f: impl FnOnce(*mut u8) -> i64) -> Result<Step, i64> {
+        let mut b = vec![0u8; size];
+        if f(b.as_mut_ptr()) != 0 {
+            return Err(EINVAL);
+        }
+        self.write_guest(va, &b)?;
+        Ok(Step::Ret(0))
+    }
+
+    fn mmap(&mut self, a: [u64; 6]) -> Result<u64, i64> {
+        let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2] as u32 & 7, a[3] as i32, a[4] as i32, a[5]);
+        let anon = flags & libc::MAP_ANONYMOUS != 0;
+        let shared = flags & libc::MAP_SHARED != 0 && flags & libc::MAP_PRIVATE == 0;
+        if off & (PAGE - 1) != 0 || len == 0 {
+            return Err(EINVAL);
+        }
+        if !anon && shared && prot & 2 != 0 {
+            // Writable shared file mappings would need write-back through the deputy.
+            if self.opts.trace {
+                eprintln!("[mosvm] writable MAP_SHARED file mapping refused (ENODEV)");
+            }
+            return Err(ENODEV);
+        }
+        let fixed = flags & libc::MAP_FIXED != 0;
+        let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
+        let kind = if anon { VmaKind::Anon } else { VmaKind::File };
+        if !anon {
+            // Check the descriptor before changing the address space.
+            let r = self.call_deputy(libc::SYS_fstat, [fd as u64, 0, 0, 0, 0, 0], vec![Slot::Out(144)]);
+            if r.ret < 0 {
+                return Err(-r.ret);
+            }
+        }
+        let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
+        if !anon {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(16 << 20);
+                let r = self.call_deputy(
+                    libc::SYS_pread64,
+                    [fd as u64, 0, n, off + done, 0, 0],
+                    vec![Slot::Out(n as usize)],
+                );
+                if r.ret < 0 {
+                    let _ = self.space.munmap(start, len);
+                    return Err(-r.ret);
+                }
+                if r.ret == 0 {
+                    break;
+                }
+                let got = r.ret as usize;
+                let _ = self.space.mem.write(start + done, &r.outs[0][..got]);
+                done += got as u64;
+            }
+        }
+        Ok(start)
+    }
+
+    fn arch_prctl(&mut self, code: u64, addr: u64) -> Result<Step, i64> {
+        const SET_GS: u64 = 0x1001;
+        const SET_FS: u64 = 0x1002;
+        const GET_FS: u64 = 0x1003;
+        const GET_GS: u64 = 0x1004;
+        match code {
+            SET_FS | SET_GS => {
+                if addr >= crate::mm::USER_END {
+                    return Err(EPERM);
+                }
+                let mut s = self.vcpu.get_sregs().map_err(|_| EINVAL)?;
+                if code == SET_FS {
+                    s.fs.base = addr;
+                } else {
+                    s.gs.base = addr;
+                }
+                self.vcpu.set_sregs(&s).map_err(|_| EINVAL)?;
+                Ok(Step::Ret(0))
+            }
+            GET_FS | GET_GS => {
+                let s = self.vcpu.get_sregs().map_err(|_| EINVAL)?;
+                let v = if code == GET_FS { s.fs.base } else { s.gs.base };
+                self.write_guest(addr, &v.to_le_bytes())?;
+                Ok(Step::Ret(0))
+            }
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn prlimit(&mut self, pid: u64, res: u64, new: u64, old: u64) -> Result<Step, i64> {
+        if pid != 0 && pid as i64 != self.pid {
+            return Err(EPERM);
+        }
+        let r = res as usize;
+        if r >= self.rlimits.len() {
+            return Err(EINVAL);
+        }
+        let prev = self.rlimits[r];
+        if new != 0 {
+            let b = self.read_guest::<16>(new)?;
+            let cur = u64::from_le_bytes(b[..8].try_into().expect("8"));
+            let max = u64::from_le_bytes(b[8..].try_into().expect("8"));
+            if cur > max {
+                return Err(EINVAL);
+            }
+            self.rlimits[r] = [cur, max];
+        }
+        if old != 0 {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&prev[0].to_le_bytes());
+            b[8..].copy_from_slice(&prev[1].to_le_bytes());
+            self.write_guest(old, &b)?;
+        }
+        Ok(Step::Ret(0))
+    }
+
+    fn sleep(&mut self, clock: i32, flags: i32, req: u64, rem: u64) -> Result<Step, i64> {
+        let b = self.read_guest::<16>(req)?;
+        let ts = libc::timespec {
+            tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
+            tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),
+        };
+        if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
+            return Err(EINVAL);
+        }
+        let mut left = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: both timespecs are valid for the duration of the call.
+        let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
+        if r == libc::EINTR {
+            if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
+                self.write_guest(rem, &timespec_bytes(&left))?;
+            }
+            return Err(EINTR);
+        }
+        if r != 0 {
+            return Err(r as i64);
+        }
+        Ok(Step::Ret(0))
+    }
+
+    fn futex(&mut self, a: [u64; 6]) -> Result<Step, i64> {
+        const WAIT: u64 = 0;
+        const WAKE: u64 = 1;
+        const WAIT_BITSET: u64 = 9;
+        const WAKE_BITSET: u64 = 10;
+        match a[1] & 0x7f {
+            WAIT | WAIT_BITSET => {
+                let cur = u32::from_le_bytes(self.read_guest::<4>(a[0])?);
+                if cur != a[2] as u32 {
+                    return Err(EAGAIN);
+                }
+                // One thread: nobody can wake us. Honour a timeout; otherwise this is a deadlock.
+                if a[3] != 0 {
+                    let clock = if a[1] & 0x7f == WAIT_BITSET && a[1] & 256 != 0 {
+                        libc::CLOCK_REALTIME
+                    } else {
+                        libc::CLOCK_MONOTONIC
+                    };
+                    let flags = if a[1] & 0x7f == WAIT_BITSET { libc::TIMER_ABSTIME } else { 0 };
+                    self.sleep(clock, flags, a[3], 0)?;
+                    return Err(ETIMEDOUT);
+                }
+                eprintln!("mosvm: {}: futex wait with no other thread: deadlock", self.program.display());
+                Ok(Step::Exit(Outcome::Signaled(libc::SIGABRT)))
+            }
+            WAKE | WAKE_BITSET => Ok(Step::Ret(0)),
+            _ => Err(ENOSYS),
+        }
+    }
+
+    fn kill(&mut self, pid: i64, sig: i32, a: [u64; 6]) -> Result<Step, i64> {
+        let own = pid == self.pid || pid == 0;
+        if !own {
+            // Another process: the deputy sends it, from home.
+            let nr = libc::SYS_kill;
+            let r = self.call_deputy(nr, [pid as u64, sig as u64, 0, 0, 0, 0], vec![]);
+            let _ = a;
+            return Ok(Step::Ret(r.ret));
+        }
+        if !(0..=64).contains(&sig) {
+            return Err(EINVAL);
+        }
+        if sig == 0 || self.sig.ignored(sig) {
+            return Ok(Step::Ret(0));
+        }
+        if self.sig.handler(sig as usize) > SIG_IGN && self.warned.insert(1000 + sig as u64) {
+            eprintln!(
+                "mosvm: {}: signal handlers are not delivered yet; {} takes its default action",
+                self.program.display(),
+                signal_name(sig)
+            );
+        }
+        Ok(Step::Exit(Outcome::Signaled(sig)))
+    }
+
+    /// One line of JSON with the run's counters and phase times.
+    pub fn stats_json(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "{{\"exits\":{},\"local\":{},\"home\":{},\"create_us\":{},\"load_us\":{},\"run_us\":{},\"guest_mem_used\":{}}}",
+            s.exits, s.local, s.home, s.create_us, s.load_us, s.run_us, self.space.mem.used()
+        )
+    }
+
+    /// Whether `--lock` was given.
+    pub fn locked(&self) -> bool {
+        self.opts.lock
+    }
+
+    /// Whether `--stats` was given.
+    pub fn wants_stats(&self) -> bool {
+        self.opts.stats
+    }
+}
+
+fn gather(
+    mem: &GuestMem,
+    kind: A,
+    ptr: u64,
+    args: &[u64; 6],
+    iov_out: &mut Vec<(u64, u64)>,
+) -> std::result::Result<Slot, i64> {
+    let read = |len: usize| -> std::result::Result<Vec<u8>, i64> {
+        let mut b = vec![0u8; len];
+        mem.read(ptr, &mut b).map_err(|_| EFAULT)?;
+        Ok(b)
+    };
+    let iovecs = |n: u8| -> std::result::Result<Vec<(u64, u64)>, i64> {
+        let cnt = args[n as usize];
+        if cnt > 1024 {
+            return Err(EINVAL);
+        }
+        let mut raw = vec![0u8; cnt as usize * 16];
+        if cnt > 0 {
+            mem.read(ptr, &mut raw).map_err(|_| EFAULT)?;
+        }
+        Ok(raw
+            .chunks_exact(16)
+            .map(|c| {
+                (
+                    u64::from_le_bytes(c[..8].try_into().expect("8")),
+                    u64::from_le_bytes(c[8..].try_into().expect("8")),
+                )
+            })
+            .collect())
+    };
+    Ok(match kind {
+        A::Path => {
+            let mut s = mem.read_cstr(ptr, 4096).map_err(|f| if f.0 == ptr { EFAULT } else { ENAMETOOLONG })?;
+            s.push(0);
+            Slot::In(s)
+        }
+        A::In(n) => Slot::In(read(args[n as usize].min(MAX_XFER) as usize)?),
+        A::Out(n) => {
+            let len = args[n as usize].min(MAX_XFER) as usize;
+            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
+            Slot::Out(len)
+        }
+        A::OutElems(n, size) => {
+            let len = (args[n as usize].min(1 << 20) as usize) * size as usize;
+            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
+            Slot::Out(len)
+        }
+        A::InOutElems(n, size) => Slot::InOut(read((args[n as usize].min(1 << 16) as usize) * size as usize)?),
+        A::SIn(size) => Slot::In(read(size as usize)?),
+        A::SOut(size) => {
+            mem.check_range(ptr, size as usize).map_err(|_| EFAULT)?;
+            Slot::Out(size as usize)
+        }
+        A::SInOut(size) => Slot::InOut(read(size as usize)?),
+        A::FdSet(n) => Slot::InOut(read(crate::deputy::fdset_bytes(args[n as usize]))?),
+        A::LenOut(n) => {
+            let lp = args[n as usize];
+            if lp == 0 {
+                return Ok(Slot::Null);
+            }
+            let mut l = [0u8; 4];
+            mem.read(lp, &mut l).map_err(|_| EFAULT)?;
+            let len = u32::from_le_bytes(l).min(1 << 16) as usize;
+            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
+            Slot::Out(len)
+        }
+        A::IovIn(n) => {
+            let mut data = Vec::new();
+            for (base, len) in iovecs(n)? {
+                if data.len() as u64 + len > MAX_XFER {
+                    break;
+                }
+                let mut b = vec![0u8; len as usize];
+                mem.read(base, &mut b).map_err(|_| EFAULT)?;
+                data.extend_from_slice(&b);
+            }
+            Slot::In(data)
+        }
+        A::IovOut(n) => {
+            let v = iovecs(n)?;
+            let mut total = 0u64;
+            for &(base, len) in &v {
+                if total + len > MAX_XFER {
+                    break;
+                }
+                mem.check_range(base, len as usize).map_err(|_| EFAULT)?;
+                total += len;
+                iov_out.push((base, len));
+            }
+            Slot::Out(total as usize)
+        }
+        A::V | A::Fd | A::DirFd => Slot::Null,
+    })
+}
+
+fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(ts.tv_sec as i64).to_le_bytes());
+    b[8..].copy_from_slice(&(ts.tv_nsec as i64).to_le_bytes());
+    b
+}
+
+fn getrandom(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let r = unsafe { libc::getrandom(buf[done..].as_mut_ptr() as *mut libc::c_void, buf.len() - done, 0) };
+        if r <= 0 {
+            break;
+        }
+        done += r as usize;
+    }
+}
+
+/// "SIGSEGV" for 11, and so on.
+pub fn signal_name(sig: i32) -> String {
+    let names = [
+        "", "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
+        "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT",
+        "SIGCHLD", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU",
+        "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+    ];
+    names.get(sig as usize).filter(|n| !n.is_empty()).map(|n| n.to_string()).unwrap_or_else(|| format!("signal {sig}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn shell_status() {
+        assert_eq!(Outcome::Exited(3).code(), 3);
+        assert_eq!(Outcome::Signaled(11).code(), 139);
+        assert_eq!(signal_name(15), "SIGTERM");
+    }
+}
