@@ -19,6 +19,8 @@ struct Cli {
 enum Cmd {
     /// Run PROGRAM in a micro-VM, with this terminal, environment and working directory.
     Run(RunArgs),
+    /// Simulate the resource-sharing algorithms on a virtual cluster (see SIMULATION.md).
+    Sim(balancer::sim::cli::SimArgs),
 }
 
 #[derive(clap::Args)]
@@ -120,5 +122,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => run(a),
+        Cmd::Sim(a) => match balancer::sim::cli::run(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mosvm sim: {e:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }

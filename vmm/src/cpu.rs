@@ -155,14 +155,12 @@ pub fn guest_xcr0(host: &Host) -> u64 {
         | 0x3
 }
 
-/// CPUID leaf 1 EDX (AT_HWCAP).
-pub fn hwcap(host: &Host) -> u64 {
-    host.cpuid
-        .as_slice()
-        .iter()
-        .find(|e| e.function == 1)
-        .map(|e| e.edx as u64)
-        .unwrap_or(0)
+/// AT_HWCAP: CPUID leaf 1 EDX as the guest's own `cpuid` instruction reports it. Ring-3
+/// CPUID is not intercepted on every KVM, so the host's value (not KVM's supported mask) is what
+/// the program sees, and what Linux reports natively.
+pub fn hwcap() -> u64 {
+    // SAFETY: CPUID leaf 1 exists on every x86-64 CPU; the instruction has no side effects.
+    unsafe { std::arch::x86_64::__cpuid(1) }.edx as u64
 }
 
 /// Create and configure the vCPU to start at `entry` with stack `rsp`, in ring 3.

@@ -232,7 +232,7 @@ impl Vm {
         let mut space = AddressSpace::new(mem);
         let mut random = [0u8; 16];
         getrandom(&mut random);
-        let facts = AuxFacts { hwcap: cpu::hwcap(host), ids: host_ids(), random };
+        let facts = AuxFacts { hwcap: cpu::hwcap(), ids: host_ids(), random };
         let execfn = program.as_os_str().as_encoded_bytes().to_vec();
         let started =
             loader::load(&mut space, &program, &argv, &envp, &execfn, &facts, &opts.mem_label)?;
