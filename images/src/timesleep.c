@@ -53,7 +53,8 @@ int main(void)
     t0 = time(NULL);
     verdict("gettimeofday agrees",
             tv.tv_sec >= r0 / 1000000000LL - 1 && tv.tv_sec <= r0 / 1000000000LL + 5);
-    verdict("time agrees", t0 >= tv.tv_sec && t0 <= tv.tv_sec + 5);
+    /* time() may read a coarse clock that lags by a tick, across a second boundary. */
+    verdict("time agrees", t0 >= tv.tv_sec - 1 && t0 <= tv.tv_sec + 5);
     verdict("coarse clocks", now(CLOCK_MONOTONIC_COARSE) > 0 && now(CLOCK_REALTIME_COARSE) > 0);
     verdict("cputime clock", now(CLOCK_PROCESS_CPUTIME_ID) >= 0);
 
