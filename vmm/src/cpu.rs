@@ -159,8 +159,7 @@ pub fn guest_xcr0(host: &Host) -> u64 {
 /// CPUID is not intercepted on every KVM, so the host's value (not KVM's supported mask) is what
 /// the program sees, and what Linux reports natively.
 pub fn hwcap() -> u64 {
-    // SAFETY: CPUID leaf 1 exists on every x86-64 CPU; the instruction has no side effects.
-    unsafe { std::arch::x86_64::__cpuid(1) }.edx as u64
+    std::arch::x86_64::__cpuid(1).edx as u64
 }
 
 /// Create and configure the vCPU to start at `entry` with stack `rsp`, in ring 3.

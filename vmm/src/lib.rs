@@ -5,6 +5,7 @@
 //! run loop (`vm`).
 
 pub mod memory;
+pub mod bench;
 pub mod cpu;
 pub mod deputy;
 pub mod loader;

@@ -1,0 +1,165 @@
+//! `cargo bench --bench vm`: mosvm's micro-VM against the real thing, side by side in one run.
+//!
+//! Prints ratios (guest vs native, trapped syscall vs bare KVM exit, startup difference) and
+//! where the time goes. Numbers go into BENCHMARKS.md; nothing here passes or fails on time.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+fn mosvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mosvm"))
+}
+
+fn image(variant: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out").join(variant).join(name)
+}
+
+/// Wall seconds of one run, output discarded; panics if it fails (a benchmark of a broken run
+/// means nothing).
+fn time(cmd: &mut Command) -> f64 {
+    let t = Instant::now();
+    let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().expect("spawn");
+    let e = t.elapsed().as_secs_f64();
+    assert!(st.success(), "{cmd:?} failed: {st}");
+    e
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Alternate native and guest runs `n` times; medians of each.
+fn paired(n: usize, native: &dyn Fn() -> Command, guest: &dyn Fn() -> Command) -> (f64, f64) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    time(&mut native());
+    time(&mut guest());
+    for _ in 0..n {
+        a.push(time(&mut native()));
+        b.push(time(&mut guest()));
+    }
+    (median(a), median(b))
+}
+
+/// Run under `mosvm run --stats` and return the stats JSON fields.
+fn stats(prog: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(mosvm())
+        .arg("run")
+        .arg("--stats")
+        .arg(prog)
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("spawn");
+    assert!(out.status.success(), "{prog:?} failed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().last().expect("stats line");
+    serde_json::from_str(line).expect("stats JSON")
+}
+
+fn main() {
+    let st = Command::new("make")
+        .args(["-s", "-C"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("images"))
+        .status()
+        .expect("make");
+    assert!(st.success(), "building images failed");
+    println!("mosvm micro-VM benchmarks (medians; ratios taken in this run)\n");
+
+    // 1. Compute loop: guest vs native.
+    let compute = image("glibc-static", "compute");
+    let iters = "400000000";
+    let (n, g) = paired(5, &|| {
+        let mut c = Command::new(&compute);
+        c.arg(iters);
+        c
+    }, &|| {
+        let mut c = Command::new(mosvm());
+        c.arg("run").arg(&compute).arg(iters);
+        c
+    });
+    println!("compute loop ({iters} iterations, glibc-static)");
+    println!("  native {:.3} s, mosvm {:.3} s, ratio mosvm/native = {:.3}  (target <= 1.02)\n", n, g, g / n);
+
+    // 2. One trapped syscall vs one bare KVM exit.
+    let sl = image("glibc-static", "syscall_loop");
+    let (big, small) = (200_000u64, 1_000u64);
+    let mut per_call = Vec::new();
+    let mut exits_per_call = 0.0;
+    let mut bare = Vec::new();
+    for _ in 0..3 {
+        let a = stats(&sl, &[&big.to_string()]);
+        let b = stats(&sl, &[&small.to_string()]);
+        let us = a["run_us"].as_f64().unwrap() - b["run_us"].as_f64().unwrap();
+        per_call.push(us * 1000.0 / (big - small) as f64);
+        exits_per_call =
+            (a["exits"].as_f64().unwrap() - b["exits"].as_f64().unwrap()) / (big - small) as f64;
+        bare.push(vmm::bench::bare_exit_ns(big).expect("bare exit loop"));
+    }
+    let (pc, be) = (median(per_call), median(bare));
+    println!("getppid loop: trapped syscall vs bare KVM exit (ring 3 `out` loop, same VM setup)");
+    println!(
+        "  syscall {:.0} ns, bare exit {:.0} ns, ratio = {:.3} (target <= 1.15); exits per syscall = {:.3}\n",
+        pc,
+        be,
+        pc / be,
+        exits_per_call
+    );
+
+    // 3. Startup: mosvm run hello vs native exec.
+    let hello = image("glibc-static", "hello");
+    let (n, g) = paired(21, &|| Command::new(&hello), &|| {
+        let mut c = Command::new(mosvm());
+        c.arg("run").arg(&hello);
+        c
+    });
+    let mut parts = Vec::new();
+    for _ in 0..7 {
+        parts.push(stats(&hello, &[]));
+    }
+    let med = |k: &str| median(parts.iter().map(|p| p[k].as_f64().unwrap()).collect());
+    let (c, l, r) = (med("create_us"), med("load_us"), med("run_us"));
+    println!("startup: hello (glibc-static)");
+    println!(
+        "  native {:.2} ms, mosvm {:.2} ms, difference = {:.2} ms (target <= 10 ms)",
+        n * 1e3,
+        g * 1e3,
+        (g - n) * 1e3
+    );
+    println!(
+        "  breakdown: VM+memory+vCPU creation {:.2} ms, load {:.2} ms, run {:.2} ms, rest (process start, teardown) {:.2} ms\n",
+        c / 1e3,
+        l / 1e3,
+        r / 1e3,
+        g * 1e3 - (c + l + r) / 1e3
+    );
+
+    // 4. python3 -c pass.
+    let py = Path::new("/usr/bin/python3");
+    if py.exists() {
+        let (n, g) = paired(7, &|| {
+            let mut c = Command::new(py);
+            c.args(["-c", "pass"]);
+            c
+        }, &|| {
+            let mut c = Command::new(mosvm());
+            c.arg("run").arg(py).args(["-c", "pass"]);
+            c
+        });
+        let s = stats(py, &["-c", "pass"]);
+        println!("python3 -c pass");
+        println!(
+            "  native {:.1} ms, mosvm {:.1} ms, ratio = {:.2}; {} exits ({} local, {} home syscalls), create {:.1} ms, load {:.1} ms, run {:.1} ms",
+            n * 1e3,
+            g * 1e3,
+            g / n,
+            s["exits"],
+            s["local"],
+            s["home"],
+            s["create_us"].as_f64().unwrap() / 1e3,
+            s["load_us"].as_f64().unwrap() / 1e3,
+            s["run_us"].as_f64().unwrap() / 1e3
+        );
+    }
+}
