@@ -96,6 +96,18 @@ busybox_test!(
 );
 
 #[test]
+fn busybox_large_stdin_and_file() {
+    require_kvm!();
+    // Several MiB through stdin and through a file: many large forwarded reads.
+    let big: Vec<u8> = binary().repeat(1600);
+    Case::new(BUSYBOX)
+        .args(["md5sum", "-", "big.bin"])
+        .file("big.bin", big.clone())
+        .stdin(big)
+        .check();
+}
+
+#[test]
 fn busybox_file_operations() {
     require_kvm!();
     // Each applet is its own run; together they leave a small tree behind.
@@ -244,6 +256,19 @@ fn python_program() {
         .args(["-c", PY_PROGRAM, "arg1", "arg two"])
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(text())
+        .check();
+}
+
+#[test]
+fn python_json_tool() {
+    require_kvm!();
+    Case::new(PYTHON)
+        .args(["-m", "json.tool", "--sort-keys", "in.json", "out.json"])
+        .file(
+            "in.json",
+            r#"{"z": [1, 2.5, null, true], "a": {"nested": "\u00e9t\u00e9"}}"#,
+        )
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .check();
 }
 

@@ -206,6 +206,72 @@ fn sighup_exits_129() {
     signal_test(libc::SIGHUP);
 }
 
+/// Whether process `pid` catches or blocks `sig` (from /proc/PID/status), i.e. whether a
+/// signal sent now would reach its own handling rather than kill it outright.
+fn handles_signal(pid: u32, sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (sig - 1);
+    status.lines().any(|l| {
+        ["SigCgt:", "SigBlk:"].iter().any(|key| {
+            l.strip_prefix(key)
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|mask| mask & bit != 0)
+        })
+    })
+}
+
+/// `busybox sleep 30` (blocked in nanosleep, not in a read) receives SIGTERM.
+fn signal_sleeping(under_mosvm: bool, sig: i32) -> std::process::ExitStatus {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = if under_mosvm {
+        let mut c = Command::new(mosvm_bin());
+        c.args(["run", "/bin/busybox"]);
+        c
+    } else {
+        Command::new("/bin/busybox")
+    };
+    let mut child = cmd
+        .args(["sleep", "30"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn busybox sleep");
+    if under_mosvm {
+        // Wait (bounded) until mosvm has set up its signal handling, then give the guest a
+        // moment to reach its sleep. Natively the signal's default action applies anyway.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !handles_signal(child.id(), sig) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the pid of a child we spawned and have not yet reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    wait_bounded(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!("busybox sleep 30 did not exit within 10 s of signal {sig} (mosvm: {under_mosvm})")
+    })
+}
+
+#[test]
+fn sigterm_interrupts_sleep() {
+    require_kvm!();
+    let native = signal_sleeping(false, libc::SIGTERM);
+    assert_eq!(native.signal(), Some(libc::SIGTERM), "native: {native:?}");
+    let guest = signal_sleeping(true, libc::SIGTERM);
+    assert_eq!(
+        guest.code(),
+        Some(128 + libc::SIGTERM),
+        "mosvm run sent SIGTERM while its program sleeps should exit with 143, got {guest:?}"
+    );
+}
+
 // ---------------------------------------------------------------- bad input
 
 /// Runs `mosvm run PROGRAM` on a file written into a fresh directory and asserts a clean,

@@ -121,3 +121,54 @@ fn program_found_on_path() {
         .args(["echo", "found", "on", "PATH"])
         .check();
 }
+
+#[test]
+fn relative_program_path() {
+    require_kvm!();
+    // PROGRAM given relative to the cwd: argv[0] and AT_EXECFN keep it as given.
+    let bytes = std::fs::read(common::image("dynamic", "echo_args")).unwrap();
+    let (native, _) = Case::new("./echo_args")
+        .file_mode("echo_args", bytes, 0o755)
+        .arg("x")
+        .check();
+    assert!(native.stdout_text().contains("argv[0]=[./echo_args]"));
+}
+
+#[test]
+fn many_arguments_and_large_environment() {
+    require_kvm!();
+    let args: Vec<String> = (0..2000)
+        .map(|i| format!("arg-{i}-{}", "z".repeat(i % 50)))
+        .collect();
+    let mut case = Case::image("glibc-static", "echo_args").args(&args);
+    for i in 0..200 {
+        case = case.env(&format!("VAR_{i:03}"), &"v".repeat(i * 3));
+    }
+    case.env("BIG", &"B".repeat(100_000)).check();
+}
+
+#[test]
+fn memory_default_size() {
+    require_kvm!();
+    // The image's default: 256 MiB through malloc, mmap, realloc and calloc.
+    Case::image("glibc-static", "memory").check();
+}
+
+#[test]
+fn trace_flag_keeps_program_output() {
+    require_kvm!();
+    // --trace may write to stderr; stdout, status and files must not change.
+    Case::image("musl-static", "files")
+        .mosvm_flag("--trace")
+        .ignore_stderr()
+        .check();
+}
+
+#[test]
+fn lock_flag_runs_standalone() {
+    require_kvm!();
+    Case::image("dynamic", "stdin_filter")
+        .mosvm_flag("--lock")
+        .stdin("locked to its home node\n")
+        .check();
+}
