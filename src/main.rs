@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mosvm", version, about = "MOSIX-style process migration: every process in its own KVM micro-VM")]
+#[command(
+    name = "mosvm",
+    version,
+    about = "MOSIX-style process migration: every process in its own KVM micro-VM"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -91,7 +95,13 @@ fn run(a: RunArgs) -> ExitCode {
             e
         })
         .collect();
-    let opts = vmm::vm::Options { mem, mem_label: a.mem.clone(), trace: a.trace, lock: a.lock, stats: a.stats };
+    let opts = vmm::vm::Options {
+        mem,
+        mem_label: a.mem.clone(),
+        trace: a.trace,
+        lock: a.lock,
+        stats: a.stats,
+    };
     vmm::vm::install_signal_handlers();
     let deputy = Box::new(vmm::deputy::HostDeputy::new());
     let mut vm = match vmm::vm::Vm::new(program, argv, envp, deputy, opts) {

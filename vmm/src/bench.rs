@@ -16,10 +16,12 @@ pub fn bare_exit_ns(n: u64) -> Result<f64> {
     let host = cpu::host()?;
     let mut mem = GuestMem::new(16 << 20)?;
     cpu::install_stub(&mut mem)?;
-    let (gpa, _) = mem.map_page(CODE_VA, Access::User).map_err(|_| anyhow::anyhow!("no memory"))?;
+    let (gpa, _) = mem
+        .map_page(CODE_VA, Access::User)
+        .map_err(|_| anyhow::anyhow!("no memory"))?;
     // out %al, $SYSCALL_PORT ; jmp back to the out
     mem.write_phys(gpa, &[0xe6, guest::SYSCALL_PORT, 0xeb, 0xfc]);
-    let vm = cpu::create_vm(host, &mem)?;
+    let vm = cpu::create_vm(host, &mut mem)?;
     let mut vcpu = cpu::create_vcpu(host, &vm, &mem, CODE_VA, 0)?;
     // Warm up (first exits fault in the code page).
     for _ in 0..100 {

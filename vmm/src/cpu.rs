@@ -5,11 +5,10 @@
 use crate::memory::{Access, GuestMem, PAGE};
 use anyhow::{Context, Result};
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_segment, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd, VmFd};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_STAR: u32 = 0xc000_0081;
@@ -58,19 +57,10 @@ pub fn host() -> Result<&'static Host> {
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-/// Create the VM and register guest memory as slot 0 (with dirty logging available).
-pub fn create_vm(host: &Host, mem: &GuestMem) -> Result<VmFd> {
-    let vm = host.kvm.create_vm().context("KVM_CREATE_VM")?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: mem.size(),
-        userspace_addr: mem.host_base() as u64,
-    };
-    // SAFETY: the region describes the guest memory mapping owned by `mem`, which outlives the
-    // VM in every caller (the `Vm` struct drops the VM fd before the memory).
-    unsafe { vm.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+/// Create the VM and attach guest memory to it (its memory slots grow with use).
+pub fn create_vm(host: &Host, mem: &mut GuestMem) -> Result<Arc<VmFd>> {
+    let vm = Arc::new(host.kvm.create_vm().context("KVM_CREATE_VM")?);
+    mem.attach(vm.clone())?;
     Ok(vm)
 }
 
@@ -109,7 +99,11 @@ pub fn install_stub(mem: &mut GuestMem) -> Result<()> {
         (guest::GDT_VA, Access::Supervisor, Some(gdt)),
         (guest::IDT_VA, Access::Supervisor, Some(idt)),
         (guest::TSS_VA, Access::Supervisor, Some(guest::tss_page())),
-        (guest::STUB_VA, Access::UserReadOnly, Some(guest::stub_page())),
+        (
+            guest::STUB_VA,
+            Access::UserReadOnly,
+            Some(guest::stub_page()),
+        ),
     ];
     for (va, access, content) in pages {
         let (gpa, _) = mem.map_page(va, access).map_err(|_| nomem())?;
@@ -214,12 +208,20 @@ pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64)
     let msrs = Msrs::from_entries(
         &entries
             .iter()
-            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
             .collect::<Vec<_>>(),
     )
     .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
     let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
-    anyhow::ensure!(n == entries.len(), "KVM_SET_MSRS set only {n} of {} MSRs", entries.len());
+    anyhow::ensure!(
+        n == entries.len(),
+        "KVM_SET_MSRS set only {n} of {} MSRs",
+        entries.len()
+    );
 
     let mut xcrs = kvm_xcrs::default();
     xcrs.nr_xcrs = 1;
@@ -227,11 +229,20 @@ pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64)
     xcrs.xcrs[0].value = guest_xcr0(host);
     vcpu.set_xcrs(&xcrs).context("KVM_SET_XCRS")?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).context("KVM_SET_FPU")?;
 
     let mut regs = vcpu.get_regs().context("KVM_GET_REGS")?;
-    regs = kvm_bindings::kvm_regs { rip: entry, rsp, rflags: 0x202, ..regs };
+    regs = kvm_bindings::kvm_regs {
+        rip: entry,
+        rsp,
+        rflags: 0x202,
+        ..regs
+    };
     regs.rax = 0;
     regs.rdx = 0;
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;

@@ -63,7 +63,9 @@ pub struct HostDeputy {
 }
 
 fn errno() -> i64 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as i64
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO) as i64
 }
 
 const EBADF: i64 = libc::EBADF as i64;
@@ -86,7 +88,10 @@ impl HostDeputy {
             // fails; it touches no memory.
             let host = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
             if host >= 0 {
-                d.fds[fd as usize] = Some(GuestFd { host, cloexec: false });
+                d.fds[fd as usize] = Some(GuestFd {
+                    host,
+                    cloexec: false,
+                });
             }
         }
         d
@@ -97,7 +102,12 @@ impl HostDeputy {
         if g < 0 {
             return Err(EBADF);
         }
-        self.fds.get(g as usize).copied().flatten().map(|f| f.host).ok_or(EBADF)
+        self.fds
+            .get(g as usize)
+            .copied()
+            .flatten()
+            .map(|f| f.host)
+            .ok_or(EBADF)
     }
 
     /// Install a host descriptor at the lowest free guest number >= `min`.
@@ -129,7 +139,11 @@ impl HostDeputy {
     }
 
     fn close(&mut self, guest: u64) -> i64 {
-        match self.fds.get_mut(guest as i32 as usize).and_then(Option::take) {
+        match self
+            .fds
+            .get_mut(guest as i32 as usize)
+            .and_then(Option::take)
+        {
             Some(f) => {
                 close_host(f.host);
                 0
@@ -225,7 +239,11 @@ impl HostDeputy {
                 }
             }
             libc::SYS_ioctl if matches!(a[1] & 0xffff_ffff, 0x5450 | 0x5451) => {
-                match self.fds.get_mut(a[0] as i32 as usize).and_then(|f| f.as_mut()) {
+                match self
+                    .fds
+                    .get_mut(a[0] as i32 as usize)
+                    .and_then(|f| f.as_mut())
+                {
                     Some(f) => {
                         f.cloexec = a[1] & 0xffff_ffff == 0x5451;
                         0
@@ -243,11 +261,21 @@ impl HostDeputy {
     fn generic(&mut self, req: Request) -> Reply {
         let base = match table::lookup(req.nr).map(|e| e.class) {
             Some(table::Class::Home(s)) => s,
-            _ => return Reply { ret: -(libc::ENOSYS as i64), outs: vec![] },
+            _ => {
+                return Reply {
+                    ret: -(libc::ENOSYS as i64),
+                    outs: vec![],
+                }
+            }
         };
         let spec = match table::spec(req.nr, &req.args, base) {
             Ok(s) => s,
-            Err(e) => return Reply { ret: -e, outs: vec![] },
+            Err(e) => {
+                return Reply {
+                    ret: -e,
+                    outs: vec![],
+                }
+            }
         };
         let mut args = req.args;
         let mut slots = req.slots.into_iter();
@@ -264,13 +292,23 @@ impl HostDeputy {
                 A::V => {}
                 A::Fd => match self.host_fd(args[i]) {
                     Ok(h) => args[i] = h as u64,
-                    Err(e) => return Reply { ret: -e, outs: vec![] },
+                    Err(e) => {
+                        return Reply {
+                            ret: -e,
+                            outs: vec![],
+                        }
+                    }
                 },
                 A::DirFd => {
                     if args[i] as i32 != libc::AT_FDCWD {
                         match self.host_fd(args[i]) {
                             Ok(h) => args[i] = h as u64,
-                            Err(e) => return Reply { ret: -e, outs: vec![] },
+                            Err(e) => {
+                                return Reply {
+                                    ret: -e,
+                                    outs: vec![],
+                                }
+                            }
                         }
                     }
                 }
@@ -294,7 +332,9 @@ impl HostDeputy {
                     if let Some((true, k)) = ptr_of[i] {
                         match kind {
                             A::FdSet(_) => fdsets.push((k, i as u64)),
-                            A::InOutElems(..) if matches!(req.nr as i64, libc::SYS_poll | libc::SYS_ppoll) => {
+                            A::InOutElems(..)
+                                if matches!(req.nr as i64, libc::SYS_poll | libc::SYS_ppoll) =>
+                            {
                                 pollfds = Some(k)
                             }
                             _ => {}
@@ -325,7 +365,12 @@ impl HostDeputy {
                     if guest[g / 8] & (1 << (g % 8)) != 0 {
                         let h = match self.host_fd(g as u64) {
                             Ok(h) if (h as usize) < MAX_FDS => h,
-                            _ => return Reply { ret: -EBADF, outs: vec![] },
+                            _ => {
+                                return Reply {
+                                    ret: -EBADF,
+                                    outs: vec![],
+                                }
+                            }
                         };
                         host[h as usize / 8] |= 1 << (h % 8);
                         map.push((g, h));
@@ -339,7 +384,9 @@ impl HostDeputy {
         }
         // Point the arguments at the buffers.
         for i in 0..6 {
-            let Some((is_out, k)) = ptr_of[i] else { continue };
+            let Some((is_out, k)) = ptr_of[i] else {
+                continue;
+            };
             let (ptr, len) = if is_out {
                 (outs[k].as_mut_ptr(), outs[k].len())
             } else {
@@ -347,7 +394,10 @@ impl HostDeputy {
             };
             match spec[i] {
                 A::IovIn(n) | A::IovOut(n) => {
-                    iovs.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len });
+                    iovs.push(libc::iovec {
+                        iov_base: ptr as *mut libc::c_void,
+                        iov_len: len,
+                    });
                     args[i] = iovs.last().expect("pushed") as *const libc::iovec as u64;
                     args[n as usize] = 1;
                 }
@@ -360,7 +410,15 @@ impl HostDeputy {
         // the buffer was allocated with; descriptors were translated to host descriptors the
         // guest owns, never the VMM's own.
         let ret = unsafe {
-            libc::syscall(req.nr as libc::c_long, args[0], args[1], args[2], args[3], args[4], args[5])
+            libc::syscall(
+                req.nr as libc::c_long,
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+                args[4],
+                args[5],
+            )
         };
         let ret = if ret < 0 { -errno() } else { ret as i64 };
         // Translate back.
@@ -390,8 +448,10 @@ impl HostDeputy {
             if table::returns_fd(req.nr) {
                 let cloexec = self.new_fd_cloexec(&req.nr, &req.args);
                 ret = self.install(ret as i32, 0, cloexec);
-            } else if matches!(req.nr as i64, libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair)
-            {
+            } else if matches!(
+                req.nr as i64,
+                libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair
+            ) {
                 if let Some(buf) = outs.first_mut() {
                     let cloexec = match req.nr as i64 {
                         libc::SYS_pipe2 => req.args[1] & libc::O_CLOEXEC as u64 != 0,
@@ -415,7 +475,10 @@ impl HostDeputy {
     }
 
     fn guest_of(&self, host: i32) -> Option<i32> {
-        self.fds.iter().position(|f| f.is_some_and(|f| f.host == host)).map(|i| i as i32)
+        self.fds
+            .iter()
+            .position(|f| f.is_some_and(|f| f.host == host))
+            .map(|i| i as i32)
     }
 
     fn new_fd_cloexec(&self, nr: &u64, a: &[u64; 6]) -> bool {
@@ -460,7 +523,10 @@ impl Deputy for HostDeputy {
             return Reply { ret, outs: vec![] };
         }
         if req.nr as i64 == libc::SYS_ioctl && table::ioctl_arg(req.args[1]).is_none() {
-            return Reply { ret: -ENOTTY, outs: vec![] };
+            return Reply {
+                ret: -ENOTTY,
+                outs: vec![],
+            };
         }
         self.generic(req)
     }
@@ -471,7 +537,11 @@ mod tests {
     use super::*;
 
     fn call(d: &mut HostDeputy, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> Reply {
-        d.call(Request { nr: nr as u64, args, slots })
+        d.call(Request {
+            nr: nr as u64,
+            args,
+            slots,
+        })
     }
 
     #[test]
@@ -482,44 +552,110 @@ mod tests {
         path.push(0);
         let mut d = HostDeputy::new();
         let flags = (libc::O_CREAT | libc::O_RDWR | libc::O_TRUNC) as u64;
-        let r = call(&mut d, libc::SYS_openat, [libc::AT_FDCWD as u64, 0, flags, 0o644, 0, 0], vec![Slot::In(path)]);
+        let r = call(
+            &mut d,
+            libc::SYS_openat,
+            [libc::AT_FDCWD as u64, 0, flags, 0o644, 0, 0],
+            vec![Slot::In(path)],
+        );
         assert_eq!(r.ret, 3, "lowest free guest descriptor");
-        let w = call(&mut d, libc::SYS_write, [3, 0, 5, 0, 0, 0], vec![Slot::In(b"hello".to_vec())]);
+        let w = call(
+            &mut d,
+            libc::SYS_write,
+            [3, 0, 5, 0, 0, 0],
+            vec![Slot::In(b"hello".to_vec())],
+        );
         assert_eq!(w.ret, 5);
-        let p = call(&mut d, libc::SYS_pread64, [3, 0, 10, 1, 0, 0], vec![Slot::Out(10)]);
+        let p = call(
+            &mut d,
+            libc::SYS_pread64,
+            [3, 0, 10, 1, 0, 0],
+            vec![Slot::Out(10)],
+        );
         assert_eq!(p.ret, 4);
         assert_eq!(&p.outs[0][..4], b"ello");
-        assert_eq!(call(&mut d, libc::SYS_dup2, [3, 7, 0, 0, 0, 0], vec![]).ret, 7);
-        let st = call(&mut d, libc::SYS_fstat, [7, 0, 0, 0, 0, 0], vec![Slot::Out(144)]);
+        assert_eq!(
+            call(&mut d, libc::SYS_dup2, [3, 7, 0, 0, 0, 0], vec![]).ret,
+            7
+        );
+        let st = call(
+            &mut d,
+            libc::SYS_fstat,
+            [7, 0, 0, 0, 0, 0],
+            vec![Slot::Out(144)],
+        );
         assert_eq!(st.ret, 0);
         let size = i64::from_le_bytes(st.outs[0][48..56].try_into().unwrap());
         assert_eq!(size, 5);
-        assert_eq!(call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret, 0);
-        assert_eq!(call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret, -EBADF);
-        assert_eq!(call(&mut d, libc::SYS_write, [99, 0, 1, 0, 0, 0], vec![Slot::In(vec![1])]).ret, -EBADF);
+        assert_eq!(
+            call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret,
+            0
+        );
+        assert_eq!(
+            call(&mut d, libc::SYS_close, [3, 0, 0, 0, 0, 0], vec![]).ret,
+            -EBADF
+        );
+        assert_eq!(
+            call(
+                &mut d,
+                libc::SYS_write,
+                [99, 0, 1, 0, 0, 0],
+                vec![Slot::In(vec![1])]
+            )
+            .ret,
+            -EBADF
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn pipes_get_guest_numbers_and_poll_translates() {
         let mut d = HostDeputy::new();
-        let r = call(&mut d, libc::SYS_pipe2, [0, 0, 0, 0, 0, 0], vec![Slot::Out(8)]);
+        let r = call(
+            &mut d,
+            libc::SYS_pipe2,
+            [0, 0, 0, 0, 0, 0],
+            vec![Slot::Out(8)],
+        );
         assert_eq!(r.ret, 0);
         let g0 = i32::from_le_bytes(r.outs[0][0..4].try_into().unwrap());
         let g1 = i32::from_le_bytes(r.outs[0][4..8].try_into().unwrap());
         assert_eq!((g0, g1), (3, 4));
-        call(&mut d, libc::SYS_write, [4, 0, 1, 0, 0, 0], vec![Slot::In(vec![b'x'])]);
+        call(
+            &mut d,
+            libc::SYS_write,
+            [4, 0, 1, 0, 0, 0],
+            vec![Slot::In(vec![b'x'])],
+        );
         let mut pfd = Vec::new();
         pfd.extend_from_slice(&3i32.to_le_bytes());
         pfd.extend_from_slice(&(libc::POLLIN as i16).to_le_bytes());
         pfd.extend_from_slice(&0i16.to_le_bytes());
-        let p = call(&mut d, libc::SYS_poll, [0, 1, 0, 0, 0, 0], vec![Slot::InOut(pfd)]);
+        let p = call(
+            &mut d,
+            libc::SYS_poll,
+            [0, 1, 0, 0, 0, 0],
+            vec![Slot::InOut(pfd)],
+        );
         assert_eq!(p.ret, 1);
         assert_eq!(i32::from_le_bytes(p.outs[0][0..4].try_into().unwrap()), 3);
-        assert_eq!(i16::from_le_bytes(p.outs[0][6..8].try_into().unwrap()), libc::POLLIN as i16);
+        assert_eq!(
+            i16::from_le_bytes(p.outs[0][6..8].try_into().unwrap()),
+            libc::POLLIN as i16
+        );
         let mut set = vec![0u8; 8];
         set[0] = 1 << 3;
-        let s = call(&mut d, libc::SYS_select, [4, 0, 0, 0, 0, 0], vec![Slot::InOut(set), Slot::Null, Slot::Null, Slot::InOut(vec![0; 16])]);
+        let s = call(
+            &mut d,
+            libc::SYS_select,
+            [4, 0, 0, 0, 0, 0],
+            vec![
+                Slot::InOut(set),
+                Slot::Null,
+                Slot::Null,
+                Slot::InOut(vec![0; 16]),
+            ],
+        );
         assert_eq!(s.ret, 1);
         assert_eq!(s.outs[0][0], 1 << 3);
     }
@@ -529,7 +665,19 @@ mod tests {
         let mut d = HostDeputy::new();
         // The deputy's own process has descriptors well above the guest's; a guest number that
         // was never installed is EBADF even if the host number exists.
-        assert_eq!(call(&mut d, libc::SYS_close, [200, 0, 0, 0, 0, 0], vec![]).ret, -EBADF);
-        assert_eq!(call(&mut d, libc::SYS_fcntl, [5, libc::F_GETFL as u64, 0, 0, 0, 0], vec![]).ret, -EBADF);
+        assert_eq!(
+            call(&mut d, libc::SYS_close, [200, 0, 0, 0, 0, 0], vec![]).ret,
+            -EBADF
+        );
+        assert_eq!(
+            call(
+                &mut d,
+                libc::SYS_fcntl,
+                [5, libc::F_GETFL as u64, 0, 0, 0, 0],
+                vec![]
+            )
+            .ret,
+            -EBADF
+        );
     }
 }

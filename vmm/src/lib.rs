@@ -4,11 +4,11 @@
 //! (`syscalls`), the deputy that runs home-dependent calls against the host (`deputy`), and the
 //! run loop (`vm`).
 
-pub mod memory;
 pub mod bench;
 pub mod cpu;
 pub mod deputy;
 pub mod loader;
+pub mod memory;
 pub mod mm;
 pub mod table;
 pub mod vm;

@@ -87,7 +87,10 @@ fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Elf<'a>, LoadError> {
     }
     let elf = Elf::parse(bytes).map_err(|e| LoadError::Malformed(path.into(), e.to_string()))?;
     if elf.header.e_type != header::ET_EXEC && elf.header.e_type != header::ET_DYN {
-        return Err(LoadError::NotExecutable(path.into(), header::et_to_str(elf.header.e_type).into()));
+        return Err(LoadError::NotExecutable(
+            path.into(),
+            header::et_to_str(elf.header.e_type).into(),
+        ));
     }
     Ok(elf)
 }
@@ -121,9 +124,16 @@ fn map_image(
         .filter(|p| p.p_type == program_header::PT_LOAD && p.p_memsz > 0)
         .collect();
     if loads.is_empty() {
-        return Err(LoadError::Malformed(path.into(), "no loadable segments".into()));
+        return Err(LoadError::Malformed(
+            path.into(),
+            "no loadable segments".into(),
+        ));
     }
-    let lo = loads.iter().map(|p| page_down(p.p_vaddr)).min().unwrap_or(0);
+    let lo = loads
+        .iter()
+        .map(|p| page_down(p.p_vaddr))
+        .min()
+        .unwrap_or(0);
     let hi = loads
         .iter()
         .map(|p| p.p_vaddr.checked_add(p.p_memsz).map(page_up))
@@ -135,10 +145,11 @@ fn map_image(
     } else {
         match want_base {
             Some(b) => b - lo,
-            None => space
-                .find_free(span)
-                .ok_or_else(|| LoadError::TooBig(mem_label.into(), path.display().to_string()))?
-                - lo,
+            None => {
+                space.find_free(span).ok_or_else(|| {
+                    LoadError::TooBig(mem_label.into(), path.display().to_string())
+                })? - lo
+            }
         }
     };
     let too_big = || LoadError::TooBig(mem_label.into(), path.display().to_string());
@@ -146,7 +157,14 @@ fn map_image(
         let start = bias + page_down(p.p_vaddr);
         let end = bias + page_up(p.p_vaddr + p.p_memsz);
         space
-            .mmap(start, end - start, prot_of(p.p_flags), true, false, VmaKind::Image)
+            .mmap(
+                start,
+                end - start,
+                prot_of(p.p_flags),
+                true,
+                false,
+                VmaKind::Image,
+            )
             .map_err(|_| too_big())?;
     }
     for p in &loads {
@@ -154,8 +172,13 @@ fn map_image(
         let len = p.p_filesz as usize;
         let data = bytes
             .get(off..off.checked_add(len).unwrap_or(usize::MAX))
-            .ok_or_else(|| LoadError::Malformed(path.into(), "segment beyond end of file".into()))?;
-        space.mem.write(bias + p.p_vaddr, data).map_err(|_| too_big())?;
+            .ok_or_else(|| {
+                LoadError::Malformed(path.into(), "segment beyond end of file".into())
+            })?;
+        space
+            .mem
+            .write(bias + p.p_vaddr, data)
+            .map_err(|_| too_big())?;
     }
     // AT_PHDR: PT_PHDR if present, else the phdrs inside the segment that maps file offset 0.
     let phoff = elf.header.e_phoff;
@@ -199,7 +222,13 @@ pub fn load(
     let bytes = read_file(path)?;
     // Validate the header before touching guest memory.
     let is_dyn = parse(path, &bytes)?.header.e_type == header::ET_DYN;
-    let main = map_image(space, path, &bytes, if is_dyn { Some(PIE_BASE) } else { None }, mem_label)?;
+    let main = map_image(
+        space,
+        path,
+        &bytes,
+        if is_dyn { Some(PIE_BASE) } else { None },
+        mem_label,
+    )?;
     space.init_brk(main.end);
     let (rip, interp_base) = match &main.interp {
         Some(interp) => {
@@ -217,11 +246,23 @@ pub fn load(
     };
     let too_big = || LoadError::TooBig(mem_label.into(), "the stack".into());
     space
-        .mmap(STACK_TOP - STACK_SIZE, STACK_SIZE, 3, true, false, VmaKind::Stack)
+        .mmap(
+            STACK_TOP - STACK_SIZE,
+            STACK_SIZE,
+            3,
+            true,
+            false,
+            VmaKind::Stack,
+        )
         .map_err(|_| too_big())?;
-    let rsp = build_stack(space, argv, envp, execfn, facts, &main, interp_base)
-        .ok_or_else(too_big)?;
-    Ok(Started { rip, rsp, entry: main.entry, interp_base })
+    let rsp =
+        build_stack(space, argv, envp, execfn, facts, &main, interp_base).ok_or_else(too_big)?;
+    Ok(Started {
+        rip,
+        rsp,
+        entry: main.entry,
+        interp_base,
+    })
 }
 
 // Auxiliary vector keys.
@@ -325,7 +366,11 @@ mod tests {
     use crate::memory::GuestMem;
 
     fn facts() -> AuxFacts {
-        AuxFacts { hwcap: 0x178bfbff, ids: [1, 2, 3, 4], random: [7; 16] }
+        AuxFacts {
+            hwcap: 0x178bfbff,
+            ids: [1, 2, 3, 4],
+            random: [7; 16],
+        }
     }
 
     fn space() -> AddressSpace {
@@ -345,13 +390,19 @@ mod tests {
         elf32.resize(64, 0);
         let f = dir.join("elf32");
         std::fs::write(&f, &elf32).unwrap();
-        assert!(matches!(load(&mut s, &f, &[], &[], b"x", &facts(), "1G"), Err(LoadError::Elf32(_))));
+        assert!(matches!(
+            load(&mut s, &f, &[], &[], b"x", &facts(), "1G"),
+            Err(LoadError::Elf32(_))
+        ));
         let mut arm = b"\x7fELF\x02\x01\x01".to_vec();
         arm.resize(64, 0);
         arm[18] = 183; // EM_AARCH64
         std::fs::write(&f, &arm).unwrap();
         let e = load(&mut s, &f, &[], &[], b"x", &facts(), "1G").unwrap_err();
-        assert_eq!(e.to_string(), format!("{}: is an ELF for machine aarch64, not x86-64", f.display()));
+        assert_eq!(
+            e.to_string(),
+            format!("{}: is an ELF for machine aarch64, not x86-64", f.display())
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -58,12 +58,23 @@ pub enum Access {
 
 /// Guest physical memory plus the page tables that map guest virtual addresses onto it.
 pub struct GuestMem {
+    /// Declared first so the VM is released before the memory it maps.
+    vm: Option<Arc<kvm_ioctls::VmFd>>,
     mem: GuestMemoryMmap<AtomicBitmap>,
     host: *mut u8,
     size: u64,
     next_frame: u64,
     pml4: u64,
+    /// Bytes covered by KVM memory slots (or to be, once the VM exists). Slots are added as
+    /// frames are handed out, so a small program does not pay for registering (and tearing
+    /// down) its whole `--mem`.
+    registered: u64,
+    /// (base, size) of each slot, slot number = index.
+    slots: Vec<(u64, u64)>,
 }
+
+/// Size of the first memory slot; later slots double the covered size.
+const FIRST_SLOT: u64 = 32 << 20;
 
 // SAFETY: `host` points into the mapping owned by `mem`, which lives as long as `self`; all
 // access to it goes through `&self`/`&mut self`, so moving a `GuestMem` to another thread is as
@@ -74,7 +85,10 @@ impl GuestMem {
     /// Reserve `size` bytes of guest physical memory (rounded up to a page).
     pub fn new(size: u64) -> anyhow::Result<Self> {
         let size = page_up(size);
-        anyhow::ensure!(size >= 64 * PAGE, "guest memory of {size} bytes is too small");
+        anyhow::ensure!(
+            size >= 64 * PAGE,
+            "guest memory of {size} bytes is too small"
+        );
         let region = MmapRegion::<AtomicBitmap>::build(
             None,
             size as usize,
@@ -89,8 +103,19 @@ impl GuestMem {
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| anyhow::anyhow!("guest memory: {e}"))?;
-        let mut g = GuestMem { mem, host, size, next_frame: PAGE, pml4: 0 };
-        g.pml4 = g.alloc_frame().map_err(|_| anyhow::anyhow!("guest memory too small"))?;
+        let mut g = GuestMem {
+            mem,
+            host,
+            size,
+            next_frame: PAGE,
+            pml4: 0,
+            registered: 0,
+            slots: Vec::new(),
+            vm: None,
+        };
+        g.pml4 = g
+            .alloc_frame()
+            .map_err(|_| anyhow::anyhow!("guest memory too small"))?;
         Ok(g)
     }
 
@@ -131,9 +156,64 @@ impl GuestMem {
         }
     }
 
+    /// Attach the VM: register every slot so far, and later ones as they are added.
+    pub fn attach(&mut self, vm: Arc<kvm_ioctls::VmFd>) -> anyhow::Result<()> {
+        for (i, &(base, size)) in self.slots.iter().enumerate() {
+            self.register(&vm, i as u32, base, size)?;
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn register(
+        &self,
+        vm: &kvm_ioctls::VmFd,
+        slot: u32,
+        base: u64,
+        size: u64,
+    ) -> anyhow::Result<()> {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: self.host as u64 + base,
+        };
+        // SAFETY: the region lies inside the guest memory mapping owned by `self`, which
+        // outlives the VM: `Vm` drops its vCPU and VM before its address space.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| anyhow::anyhow!("KVM_SET_USER_MEMORY_REGION: {e}"))
+    }
+
+    /// Cover more guest physical memory with a new slot.
+    fn grow(&mut self) -> Result<(), NoMem> {
+        let add = self
+            .registered
+            .max(FIRST_SLOT)
+            .min(self.size - self.registered);
+        if add == 0 {
+            return Err(NoMem);
+        }
+        let (base, slot) = (self.registered, self.slots.len() as u32);
+        if let Some(vm) = &self.vm {
+            self.register(vm, slot, base, add).map_err(|_| NoMem)?;
+        }
+        self.slots.push((base, add));
+        self.registered += add;
+        Ok(())
+    }
+
+    /// Memory slots: (base, size), slot number = index.
+    pub fn slots(&self) -> &[(u64, u64)] {
+        &self.slots
+    }
+
     fn alloc_frame(&mut self) -> Result<u64, NoMem> {
         if self.next_frame + PAGE > self.size {
             return Err(NoMem);
+        }
+        while self.next_frame + PAGE > self.registered {
+            self.grow()?;
         }
         let f = self.next_frame;
         self.next_frame += PAGE;
@@ -312,7 +392,9 @@ impl GuestMem {
                     }
                     self.mark_dirty(gpa, PAGE);
                 } else {
-                    let _ = self.mem.write_slice(&vec![0u8; n as usize], GuestAddress(gpa));
+                    let _ = self
+                        .mem
+                        .write_slice(&vec![0u8; n as usize], GuestAddress(gpa));
                 }
             }
             cur += n;

@@ -16,6 +16,8 @@ pub const MMAP_MIN: u64 = 0x10000;
 pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
 /// Size of the stack mapping.
 pub const STACK_SIZE: u64 = 8 << 20;
+/// Bytes at the top of the stack mapped up front.
+pub const STACK_EAGER: u64 = 128 << 10;
 /// Top-down placement starts here (below the stack and its guard gap).
 pub const MMAP_BASE: u64 = 0x7fff_f7ff_f000;
 /// Base for position-independent executables (Linux's ELF_ET_DYN_BASE without randomisation).
@@ -71,7 +73,12 @@ pub struct AddressSpace {
 impl AddressSpace {
     /// An empty address space over `mem`.
     pub fn new(mem: GuestMem) -> Self {
-        AddressSpace { mem, vmas: BTreeMap::new(), brk_start: 0, brk: 0 }
+        AddressSpace {
+            mem,
+            vmas: BTreeMap::new(),
+            brk_start: 0,
+            brk: 0,
+        }
     }
 
     /// All VMAs, in address order.
@@ -81,7 +88,10 @@ impl AddressSpace {
 
     /// Whether `[start, end)` overlaps any VMA.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.vmas.range(..end).next_back().is_some_and(|(_, v)| v.end > start)
+        self.vmas
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, v)| v.end > start)
     }
 
     /// Remove `[start, end)` from the VMA map, splitting areas that straddle its edges.
@@ -96,7 +106,13 @@ impl AddressSpace {
         for s in hit {
             let v = self.vmas.remove(&s).expect("present");
             if s < start {
-                self.vmas.insert(s, Vma { end: start, ..v.clone() });
+                self.vmas.insert(
+                    s,
+                    Vma {
+                        end: start,
+                        ..v.clone()
+                    },
+                );
             }
             if v.end > end {
                 self.vmas.insert(end, Vma { end: v.end, ..v });
@@ -109,7 +125,9 @@ impl AddressSpace {
         let pages = (end - start) / PAGE;
         if GuestMem::frames_needed(pages) > self.mem.free_frames() {
             // Count what is already mapped before refusing.
-            let missing = (0..pages).filter(|i| !self.mem.is_mapped(start + i * PAGE)).count();
+            let missing = (0..pages)
+                .filter(|i| !self.mem.is_mapped(start + i * PAGE))
+                .count();
             if GuestMem::frames_needed(missing as u64) > self.mem.free_frames() {
                 return Err(NoMem);
             }
@@ -155,7 +173,14 @@ impl AddressSpace {
     pub fn insert(&mut self, addr: u64, len: u64, prot: u32, kind: VmaKind) -> Result<(), i64> {
         let end = addr + len;
         if prot != 0 {
-            self.populate(addr, end).map_err(|_| errno::ENOMEM)?;
+            // The stack is populated near its top only; deeper pages fault in on first use.
+            let from = if kind == VmaKind::Stack {
+                end.saturating_sub(STACK_EAGER).max(addr)
+            } else {
+                addr
+            };
+            self.mem.zero(addr, from - addr);
+            self.populate(from, end).map_err(|_| errno::ENOMEM)?;
         } else {
             self.mem.zero(addr, len);
         }
@@ -202,7 +227,11 @@ impl AddressSpace {
                 return Err(errno::EINVAL);
             }
             if addr < MMAP_MIN || addr.checked_add(len).is_none_or(|e| e > USER_END) {
-                return Err(if noreplace { errno::ENOMEM } else { errno::EINVAL });
+                return Err(if noreplace {
+                    errno::ENOMEM
+                } else {
+                    errno::EINVAL
+                });
             }
             if noreplace && self.overlaps(addr, addr + len) {
                 return Err(errno::EEXIST);
@@ -268,18 +297,31 @@ impl AddressSpace {
                 // Newly accessible: map what is missing, keep what is there.
                 let mut p = ps;
                 while p < pe {
-                    self.mem.map_page(p, Access::User).map_err(|_| errno::ENOMEM)?;
+                    self.mem
+                        .map_page(p, Access::User)
+                        .map_err(|_| errno::ENOMEM)?;
                     p += PAGE;
                 }
             }
-            self.put(ps, Vma { end: pe, prot, kind: v.kind });
+            self.put(
+                ps,
+                Vma {
+                    end: pe,
+                    prot,
+                    kind: v.kind,
+                },
+            );
         }
         Ok(())
     }
 
     /// The VMA containing `addr`.
     pub fn vma_at(&self, addr: u64) -> Option<(u64, &Vma)> {
-        self.vmas.range(..=addr).next_back().filter(|(_, v)| v.end > addr).map(|(s, v)| (*s, v))
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, v)| v.end > addr)
+            .map(|(s, v)| (*s, v))
     }
 
     /// mremap. `may_move` = MREMAP_MAYMOVE; `fixed` = MREMAP_FIXED with `new_addr`.
@@ -371,14 +413,28 @@ impl AddressSpace {
                 Some((s, v)) if v.end == old_end && v.kind == VmaKind::Heap => *s,
                 _ => old_end,
             };
-            self.vmas.insert(start, Vma { end: new_end, prot: 3, kind: VmaKind::Heap });
+            self.vmas.insert(
+                start,
+                Vma {
+                    end: new_end,
+                    prot: 3,
+                    kind: VmaKind::Heap,
+                },
+            );
         } else if new_end < old_end {
             self.carve(new_end, old_end);
             self.mem.zero(new_end, old_end - new_end);
             if new_end > self.brk_start {
                 if let Some((s, _)) = self.vmas.range(..new_end).next_back() {
                     let s = *s;
-                    self.vmas.insert(s, Vma { end: new_end, prot: 3, kind: VmaKind::Heap });
+                    self.vmas.insert(
+                        s,
+                        Vma {
+                            end: new_end,
+                            prot: 3,
+                            kind: VmaKind::Heap,
+                        },
+                    );
                 }
             }
         }
@@ -399,9 +455,39 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// A guest page fault at `addr`: map the page if an accessible VMA covers it and it is not
+    /// mapped yet (demand paging). Returns whether the guest may retry the access.
+    pub fn fault_in(&mut self, addr: u64) -> bool {
+        let page = page_down(addr);
+        match self.vma_at(addr) {
+            Some((start, v)) if v.prot != 0 && !self.mem.is_mapped(page) => {
+                // Map the aligned 64 KiB block around the fault (within the VMA): a fault costs
+                // a VM exit, and neighbouring pages are usually next.
+                let block = 16 * PAGE;
+                let (lo, hi) = (
+                    (addr & !(block - 1)).max(start),
+                    ((addr & !(block - 1)) + block).min(v.end),
+                );
+                let mut p = lo;
+                while p < hi {
+                    if self.mem.map_page(p, Access::User).is_err() {
+                        return self.mem.is_mapped(page);
+                    }
+                    p += PAGE;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Bytes of address space covered by accessible VMAs.
     pub fn mapped_bytes(&self) -> u64 {
-        self.vmas.iter().filter(|(_, v)| v.prot != 0).map(|(s, v)| v.end - s).sum()
+        self.vmas
+            .iter()
+            .filter(|(_, v)| v.prot != 0)
+            .map(|(s, v)| v.end - s)
+            .sum()
     }
 }
 
@@ -442,7 +528,10 @@ mod tests {
     fn fixed_noreplace_refuses_overlap() {
         let mut a = space();
         let x = a.mmap(0, PAGE, 3, false, false, VmaKind::Anon).unwrap();
-        assert_eq!(a.mmap(x, PAGE, 3, false, true, VmaKind::Anon), Err(errno::EEXIST));
+        assert_eq!(
+            a.mmap(x, PAGE, 3, false, true, VmaKind::Anon),
+            Err(errno::EEXIST)
+        );
     }
 
     #[test]
@@ -467,6 +556,21 @@ mod tests {
         a.mprotect(x, PAGE, 3).unwrap();
         assert!(a.mem.is_mapped(x));
         assert!(!a.mem.is_mapped(x + PAGE));
+    }
+
+    #[test]
+    fn stack_faults_in_below_its_eager_top() {
+        let mut a = space();
+        let base = STACK_TOP - STACK_SIZE;
+        a.mmap(base, STACK_SIZE, 3, true, false, VmaKind::Stack)
+            .unwrap();
+        assert!(a.mem.is_mapped(STACK_TOP - PAGE));
+        assert!(!a.mem.is_mapped(base));
+        assert!(a.fault_in(base + 5));
+        assert!(a.mem.is_mapped(base));
+        // Already mapped, or outside any VMA: not a demand fault.
+        assert!(!a.fault_in(base + 5));
+        assert!(!a.fault_in(base - PAGE));
     }
 
     #[test]
@@ -498,14 +602,21 @@ mod tests {
         assert!(!a.overlaps(y + 4 * PAGE, y + 8 * PAGE));
         assert_eq!(a.mremap(y, 4 * PAGE, 8 * PAGE, false, None), Ok(y));
         // Now blocked from above by a new mapping: without MAYMOVE it must fail.
-        a.mmap(y + 8 * PAGE, PAGE, 3, true, false, VmaKind::Anon).unwrap();
-        assert_eq!(a.mremap(y, 8 * PAGE, 12 * PAGE, false, None), Err(errno::ENOMEM));
+        a.mmap(y + 8 * PAGE, PAGE, 3, true, false, VmaKind::Anon)
+            .unwrap();
+        assert_eq!(
+            a.mremap(y, 8 * PAGE, 12 * PAGE, false, None),
+            Err(errno::ENOMEM)
+        );
     }
 
     #[test]
     fn exhaustion_is_enomem() {
         let mut a = space();
-        assert_eq!(a.mmap(0, 128 << 20, 3, false, false, VmaKind::Anon), Err(errno::ENOMEM));
+        assert_eq!(
+            a.mmap(0, 128 << 20, 3, false, false, VmaKind::Anon),
+            Err(errno::ENOMEM)
+        );
         assert!(a.mmap(0, 16 << 20, 3, false, false, VmaKind::Anon).is_ok());
     }
 }

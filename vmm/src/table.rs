@@ -71,8 +71,8 @@ pub struct Entry {
 
 const ENOSYS: i64 = 38;
 
-use A::*;
 use Class::*;
+use A::*;
 
 macro_rules! table {
     ($($nr:ident => $class:expr),* $(,)?) => {
@@ -272,7 +272,9 @@ pub fn lookup(nr: u64) -> Option<&'static Entry> {
 
 /// Name of a syscall number (for traces).
 pub fn name(nr: u64) -> String {
-    lookup(nr).map(|e| e.name.to_string()).unwrap_or_else(|| format!("syscall_{nr}"))
+    lookup(nr)
+        .map(|e| e.name.to_string())
+        .unwrap_or_else(|| format!("syscall_{nr}"))
 }
 
 // ioctl request codes the deputy forwards with a known argument shape.
@@ -320,7 +322,11 @@ pub fn ioctl_arg(req: u64) -> Option<A> {
 /// The argument shape of an fcntl command.
 pub fn fcntl_arg(cmd: u64) -> A {
     match cmd as i32 {
-        libc::F_GETLK | libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_GETLK | libc::F_OFD_SETLK
+        libc::F_GETLK
+        | libc::F_SETLK
+        | libc::F_SETLKW
+        | libc::F_OFD_GETLK
+        | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW => SInOut(32),
         // F_SETOWN_EX, F_GETOWN_EX
         15 | 16 => SInOut(8),
@@ -383,8 +389,13 @@ mod tests {
                 assert!(spec.len() <= 6, "{}", e.name);
                 for a in spec {
                     let idx = match *a {
-                        In(n) | Out(n) | OutElems(n, _) | InOutElems(n, _) | IovIn(n)
-                        | IovOut(n) | FdSet(n) => Some(n),
+                        In(n)
+                        | Out(n)
+                        | OutElems(n, _)
+                        | InOutElems(n, _)
+                        | IovIn(n)
+                        | IovOut(n)
+                        | FdSet(n) => Some(n),
                         LenOut(n) => {
                             assert_eq!(spec[n as usize], SInOut(4), "{}", e.name);
                             None
@@ -402,10 +413,20 @@ mod tests {
     #[test]
     fn the_split_follows_the_design() {
         let class = |n: i64| lookup(n as u64).unwrap().class;
-        for n in [libc::SYS_brk, libc::SYS_mmap, libc::SYS_clock_gettime, libc::SYS_exit_group] {
+        for n in [
+            libc::SYS_brk,
+            libc::SYS_mmap,
+            libc::SYS_clock_gettime,
+            libc::SYS_exit_group,
+        ] {
             assert_eq!(class(n), Local);
         }
-        for n in [libc::SYS_openat, libc::SYS_write, libc::SYS_getpid, libc::SYS_socket] {
+        for n in [
+            libc::SYS_openat,
+            libc::SYS_write,
+            libc::SYS_getpid,
+            libc::SYS_socket,
+        ] {
             assert!(matches!(class(n), Home(_)));
         }
         assert_eq!(class(libc::SYS_fork), Refused(ENOSYS));
@@ -419,6 +440,9 @@ mod tests {
         assert_eq!(ioctl_arg(0x8004_5430), Some(SOut(4)));
         assert_eq!(ioctl_arg(0x1234), None);
         let args = [0, 0x1234, 0, 0, 0, 0];
-        assert_eq!(spec(libc::SYS_ioctl as u64, &args, &[Fd, V, V]), Err(libc::ENOTTY as i64));
+        assert_eq!(
+            spec(libc::SYS_ioctl as u64, &args, &[Fd, V, V]),
+            Err(libc::ENOTTY as i64)
+        );
     }
 }

@@ -62,6 +62,8 @@ pub struct Stats {
     pub load_us: u64,
     /// Microseconds running the guest.
     pub run_us: u64,
+    /// Guest page faults resolved by mapping a page (demand paging).
+    pub page_faults: u64,
 }
 
 /// Signal received by `mosvm run` (0 = none); set by the handler.
@@ -137,7 +139,11 @@ impl Signals {
     fn new() -> Self {
         let mut altstack = [0u8; 24];
         altstack[8..12].copy_from_slice(&2i32.to_le_bytes()); // SS_DISABLE
-        Signals { actions: [[0; 32]; 65], mask: 0, altstack }
+        Signals {
+            actions: [[0; 32]; 65],
+            mask: 0,
+            altstack,
+        }
     }
     fn handler(&self, sig: usize) -> u64 {
         u64::from_le_bytes(self.actions[sig][0..8].try_into().expect("8 bytes"))
@@ -147,15 +153,21 @@ impl Signals {
         let h = self.handler(sig as usize);
         h == SIG_IGN
             || (h == 0
-                && matches!(sig, libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT))
-            || matches!(sig, libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU)
+                && matches!(
+                    sig,
+                    libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
+                ))
+            || matches!(
+                sig,
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+            )
     }
 }
 
 /// A program running in its micro-VM.
 pub struct Vm {
     vcpu: VcpuFd,
-    _vm: VmFd,
+    _vm: std::sync::Arc<VmFd>,
     /// The address space (guest memory, page tables, VMAs).
     pub space: AddressSpace,
     deputy: Box<dyn Deputy>,
@@ -188,14 +200,22 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("bad size '{s}': use a number with K, M, G or T"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size '{s}': use a number with K, M, G or T"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 fn host_ids() -> [u64; 4] {
     // SAFETY: these calls cannot fail and touch no memory.
     unsafe {
-        [libc::getuid() as u64, libc::geteuid() as u64, libc::getgid() as u64, libc::getegid() as u64]
+        [
+            libc::getuid() as u64,
+            libc::geteuid() as u64,
+            libc::getgid() as u64,
+            libc::getegid() as u64,
+        ]
     }
 }
 
@@ -225,17 +245,28 @@ impl Vm {
             .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
         cpu::install_stub(&mut mem)
             .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
-        let vm = cpu::create_vm(host, &mem)?;
+        let vm = cpu::create_vm(host, &mut mem)?;
         let create_us = t0.elapsed().as_micros() as u64;
 
         let t1 = Instant::now();
         let mut space = AddressSpace::new(mem);
         let mut random = [0u8; 16];
         getrandom(&mut random);
-        let facts = AuxFacts { hwcap: cpu::hwcap(), ids: host_ids(), random };
+        let facts = AuxFacts {
+            hwcap: cpu::hwcap(),
+            ids: host_ids(),
+            random,
+        };
         let execfn = program.as_os_str().as_encoded_bytes().to_vec();
-        let started =
-            loader::load(&mut space, &program, &argv, &envp, &execfn, &facts, &opts.mem_label)?;
+        let started = loader::load(
+            &mut space,
+            &program,
+            &argv,
+            &envp,
+            &execfn,
+            &facts,
+            &opts.mem_label,
+        )?;
         let load_us = t1.elapsed().as_micros() as u64;
 
         let t2 = Instant::now();
@@ -244,7 +275,10 @@ impl Vm {
 
         let mut rlimits = [[u64::MAX; 2]; 16];
         for (r, lim) in rlimits.iter_mut().enumerate() {
-            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
             // SAFETY: `l` is a valid rlimit to fill in.
             if unsafe { libc::getrlimit(r as _, &mut l) } == 0 {
                 *lim = [l.rlim_cur, l.rlim_max];
@@ -252,7 +286,10 @@ impl Vm {
         }
         rlimits[libc::RLIMIT_STACK as usize][0] = crate::mm::STACK_SIZE;
         let mut comm = [0u8; 16];
-        let base = program.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default();
+        let base = program
+            .file_name()
+            .map(|n| n.as_encoded_bytes().to_vec())
+            .unwrap_or_default();
         let n = base.len().min(15);
         comm[..n].copy_from_slice(&base[..n]);
 
@@ -269,9 +306,20 @@ impl Vm {
             comm,
             vmm_returns: None,
             warned: Default::default(),
-            stats: Stats { create_us, load_us, ..Default::default() },
+            stats: Stats {
+                create_us,
+                load_us,
+                ..Default::default()
+            },
         };
-        vm.pid = vm.deputy.call(Request { nr: libc::SYS_getpid as u64, args: [0; 6], slots: vec![] }).ret;
+        vm.pid = vm
+            .deputy
+            .call(Request {
+                nr: libc::SYS_getpid as u64,
+                args: [0; 6],
+                slots: vec![],
+            })
+            .ret;
         Ok(vm)
     }
 
@@ -297,9 +345,9 @@ impl Vm {
                 Ok(VcpuExit::Hlt) => Err("guest halted".to_string()),
                 Ok(VcpuExit::FailEntry(reason, _)) => Err(format!("VM entry failed ({reason:#x})")),
                 Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
-                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    Err(format!("access to unbacked guest physical address {addr:#x}"))
-                }
+                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Err(format!(
+                    "access to unbacked guest physical address {addr:#x}"
+                )),
                 Ok(other) => Err(format!("unexpected VM exit {other:?}")),
                 Err(e) if e.errno() == libc::EINTR => continue,
                 Err(e) => return Err(anyhow::anyhow!("KVM_RUN: {e}")),
@@ -317,7 +365,9 @@ impl Vm {
                         .contains(&port) =>
                 {
                     let v = (port - guest::EXCEPTION_PORT_BASE as u16) as usize;
-                    return self.exception(v);
+                    if let Some(out) = self.exception(v)? {
+                        return Ok(out);
+                    }
                 }
                 Ok(port) => {
                     return Err(anyhow::anyhow!("guest wrote to unknown port {port:#x}"));
@@ -335,17 +385,38 @@ impl Vm {
         }
     }
 
-    fn exception(&mut self, v: usize) -> Result<Outcome> {
+    /// A guest exception: demand paging resumes the guest (None); anything else ends it as
+    /// Linux would.
+    fn exception(&mut self, v: usize) -> Result<Option<Outcome>> {
+        if v == 14 {
+            let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
+            if self.space.fault_in(cr2) {
+                self.stats.page_faults += 1;
+                // The handler pops the error code and returns with iretq.
+                return Ok(None);
+            }
+        }
         let rsp = self.vcpu.sync_regs_mut().regs.rsp;
-        let frame = if guest::has_error_code(v) { rsp + 8 } else { rsp };
-        let err = if guest::has_error_code(v) { self.space.mem.read_u64_va(rsp).unwrap_or(0) } else { 0 };
+        let frame = if guest::has_error_code(v) {
+            rsp + 8
+        } else {
+            rsp
+        };
+        let err = if guest::has_error_code(v) {
+            self.space.mem.read_u64_va(rsp).unwrap_or(0)
+        } else {
+            0
+        };
         let rip = self.space.mem.read_u64_va(frame).unwrap_or(0);
         let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
         let (sig, what) = match v {
             0 => (libc::SIGFPE, "divide error".to_string()),
             1 | 3 => (libc::SIGTRAP, "breakpoint".to_string()),
             6 => (libc::SIGILL, "invalid opcode".to_string()),
-            13 => (libc::SIGSEGV, format!("general protection fault (error {err:#x})")),
+            13 => (
+                libc::SIGSEGV,
+                format!("general protection fault (error {err:#x})"),
+            ),
             14 => (libc::SIGSEGV, format!("page fault at {cr2:#x}")),
             16 | 19 => (libc::SIGFPE, "floating-point exception".to_string()),
             17 => (libc::SIGBUS, "alignment check".to_string()),
@@ -353,8 +424,11 @@ impl Vm {
             _ => (libc::SIGSEGV, format!("exception {v}")),
         };
         let name = signal_name(sig);
-        eprintln!("mosvm: {} killed by {name}: {what}, rip {rip:#x}", self.program.display());
-        Ok(Outcome::Signaled(sig))
+        eprintln!(
+            "mosvm: {} killed by {name}: {what}, rip {rip:#x}",
+            self.program.display()
+        );
+        Ok(Some(Outcome::Signaled(sig)))
     }
 
     /// Handle one syscall exit. Returns the outcome when the guest is done.
@@ -366,7 +440,11 @@ impl Vm {
         let r = &self.vcpu.sync_regs_mut().regs;
         let nr = r.rax;
         let a = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
-        let t = if self.opts.trace { Some(Instant::now()) } else { None };
+        let t = if self.opts.trace {
+            Some(Instant::now())
+        } else {
+            None
+        };
         let entry = table::lookup(nr);
         let (step, where_) = match entry.map(|e| e.class) {
             Some(Class::Local) => {
@@ -424,7 +502,11 @@ impl Vm {
     }
 
     fn call_deputy(&mut self, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> Reply {
-        self.deputy.call(Request { nr: nr as u64, args, slots })
+        self.deputy.call(Request {
+            nr: nr as u64,
+            args,
+            slots,
+        })
     }
 
     /// Marshal a home call: gather inputs from guest memory, call the deputy, scatter outputs.
@@ -472,9 +554,10 @@ impl Vm {
             }
             let res = match *kind {
                 A::Out(_) => mem.write(args[i], &buf[..(ret.max(0) as usize).min(buf.len())]),
-                A::OutElems(_, size) => {
-                    mem.write(args[i], &buf[..(ret.max(0) as usize * size as usize).min(buf.len())])
-                }
+                A::OutElems(_, size) => mem.write(
+                    args[i],
+                    &buf[..(ret.max(0) as usize * size as usize).min(buf.len())],
+                ),
                 A::LenOut(_) => mem.write(args[i], &buf),
                 A::IovOut(_) => {
                     let mut left = &buf[..(ret.max(0) as usize).min(buf.len())];
@@ -498,7 +581,11 @@ impl Vm {
         if ret == -EPIPE
             && matches!(
                 nr as i64,
-                libc::SYS_write | libc::SYS_writev | libc::SYS_pwrite64 | libc::SYS_pwritev | libc::SYS_sendto
+                libc::SYS_write
+                    | libc::SYS_writev
+                    | libc::SYS_pwrite64
+                    | libc::SYS_pwritev
+                    | libc::SYS_sendto
             )
             && self.sig.handler(libc::SIGPIPE as usize) == 0
         {
@@ -534,7 +621,10 @@ impl Vm {
             libc::SYS_brk => ok(self.space.set_brk(a[0]) as i64),
             libc::SYS_mmap => self.mmap(a).map(|v| Step::Ret(v as i64)),
             libc::SYS_munmap => self.space.munmap(a[0], a[1]).map(|_| Step::Ret(0)),
-            libc::SYS_mprotect => self.space.mprotect(a[0], a[1], a[2] as u32 & 7).map(|_| Step::Ret(0)),
+            libc::SYS_mprotect => self
+                .space
+                .mprotect(a[0], a[1], a[2] as u32 & 7)
+                .map(|_| Step::Ret(0)),
             libc::SYS_mremap => {
                 const MAYMOVE: u64 = 1;
                 const FIXED: u64 = 2;
@@ -542,7 +632,9 @@ impl Vm {
                     return Err(EINVAL);
                 }
                 let fixed = (a[3] & FIXED != 0).then_some(a[4]);
-                self.space.mremap(a[0], a[1], a[2], a[3] & MAYMOVE != 0, fixed).map(|v| Step::Ret(v as i64))
+                self.space
+                    .mremap(a[0], a[1], a[2], a[3] & MAYMOVE != 0, fixed)
+                    .map(|v| Step::Ret(v as i64))
             }
             libc::SYS_madvise => {
                 match a[2] as i32 {
@@ -553,7 +645,10 @@ impl Vm {
                 }
                 ok(0)
             }
-            libc::SYS_msync | libc::SYS_mlock | libc::SYS_munlock | libc::SYS_mlockall
+            libc::SYS_msync
+            | libc::SYS_mlock
+            | libc::SYS_munlock
+            | libc::SYS_mlockall
             | libc::SYS_munlockall => ok(0),
             libc::SYS_mincore => {
                 let n = crate::memory::page_up(a[1]) / PAGE;
@@ -576,7 +671,10 @@ impl Vm {
                 ok(n as i64)
             }
             libc::SYS_clock_gettime | libc::SYS_clock_getres => {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
                 // SAFETY: `ts` is a valid timespec to fill in.
                 let r = unsafe {
                     if nr as i64 == libc::SYS_clock_gettime {
@@ -594,7 +692,10 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_gettimeofday => {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
                 // SAFETY: `ts` is a valid timespec to fill in.
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
                 if a[0] != 0 {
@@ -609,7 +710,10 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_time => {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
                 // SAFETY: `ts` is a valid timespec to fill in.
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
                 if a[0] != 0 {
@@ -633,12 +737,17 @@ impl Vm {
                 unsafe { libc::uname(&mut u) };
                 // SAFETY: utsname is 6 arrays of 65 c_char: viewing it as bytes is sound.
                 let bytes = unsafe {
-                    std::slice::from_raw_parts(&u as *const _ as *const u8, std::mem::size_of::<libc::utsname>())
+                    std::slice::from_raw_parts(
+                        &u as *const _ as *const u8,
+                        std::mem::size_of::<libc::utsname>(),
+                    )
                 };
                 self.write_guest(a[0], bytes)?;
                 ok(0)
             }
-            libc::SYS_exit | libc::SYS_exit_group => Ok(Step::Exit(Outcome::Exited(a[0] as i32 & 0xff))),
+            libc::SYS_exit | libc::SYS_exit_group => {
+                Ok(Step::Exit(Outcome::Exited(a[0] as i32 & 0xff)))
+            }
             libc::SYS_rt_sigaction => {
                 let sig = a[0] as usize;
                 if !(1..=64).contains(&sig) || a[3] != 8 {
@@ -754,7 +863,12 @@ impl Vm {
         }
     }
 
-    fn host_struct(&self, va: u64, size: usize, f: impl FnOnce(*mut u8) -> i64) -> Result<Step, i64> {
+    fn host_struct(
+        &self,
+        va: u64,
+        size: usize,
+        f: impl FnOnce(*mut u8) -> i64,
+    ) -> Result<Step, i64> {
         let mut b = vec![0u8; size];
         if f(b.as_mut_ptr()) != 0 {
             return Err(EINVAL);
@@ -764,7 +878,8 @@ impl Vm {
     }
 
     fn mmap(&mut self, a: [u64; 6]) -> Result<u64, i64> {
-        let (addr, len, prot, flags, fd, off) = (a[0], a[1], a[2] as u32 & 7, a[3] as i32, a[4] as i32, a[5]);
+        let (addr, len, prot, flags, fd, off) =
+            (a[0], a[1], a[2] as u32 & 7, a[3] as i32, a[4] as i32, a[5]);
         let anon = flags & libc::MAP_ANONYMOUS != 0;
         let shared = flags & libc::MAP_SHARED != 0 && flags & libc::MAP_PRIVATE == 0;
         if off & (PAGE - 1) != 0 || len == 0 {
@@ -782,7 +897,11 @@ impl Vm {
         let kind = if anon { VmaKind::Anon } else { VmaKind::File };
         if !anon {
             // Check the descriptor before changing the address space.
-            let r = self.call_deputy(libc::SYS_fstat, [fd as u64, 0, 0, 0, 0, 0], vec![Slot::Out(144)]);
+            let r = self.call_deputy(
+                libc::SYS_fstat,
+                [fd as u64, 0, 0, 0, 0, 0],
+                vec![Slot::Out(144)],
+            );
             if r.ret < 0 {
                 return Err(-r.ret);
             }
@@ -877,7 +996,10 @@ impl Vm {
         if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
             return Err(EINVAL);
         }
-        let mut left = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut left = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: both timespecs are valid for the duration of the call.
         let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
         if r == libc::EINTR {
@@ -910,11 +1032,18 @@ impl Vm {
                     } else {
                         libc::CLOCK_MONOTONIC
                     };
-                    let flags = if a[1] & 0x7f == WAIT_BITSET { libc::TIMER_ABSTIME } else { 0 };
+                    let flags = if a[1] & 0x7f == WAIT_BITSET {
+                        libc::TIMER_ABSTIME
+                    } else {
+                        0
+                    };
                     self.sleep(clock, flags, a[3], 0)?;
                     return Err(ETIMEDOUT);
                 }
-                eprintln!("mosvm: {}: futex wait with no other thread: deadlock", self.program.display());
+                eprintln!(
+                    "mosvm: {}: futex wait with no other thread: deadlock",
+                    self.program.display()
+                );
                 Ok(Step::Exit(Outcome::Signaled(libc::SIGABRT)))
             }
             WAKE | WAKE_BITSET => Ok(Step::Ret(0)),
@@ -951,8 +1080,8 @@ impl Vm {
     pub fn stats_json(&self) -> String {
         let s = &self.stats;
         format!(
-            "{{\"exits\":{},\"local\":{},\"home\":{},\"create_us\":{},\"load_us\":{},\"run_us\":{},\"guest_mem_used\":{}}}",
-            s.exits, s.local, s.home, s.create_us, s.load_us, s.run_us, self.space.mem.used()
+            "{{\"exits\":{},\"page_faults\":{},\"local\":{},\"home\":{},\"create_us\":{},\"load_us\":{},\"run_us\":{},\"guest_mem_used\":{}}}",
+            s.exits, s.page_faults, s.local, s.home, s.create_us, s.load_us, s.run_us, self.space.mem.used()
         )
     }
 
@@ -1000,7 +1129,9 @@ fn gather(
     };
     Ok(match kind {
         A::Path => {
-            let mut s = mem.read_cstr(ptr, 4096).map_err(|f| if f.0 == ptr { EFAULT } else { ENAMETOOLONG })?;
+            let mut s =
+                mem.read_cstr(ptr, 4096)
+                    .map_err(|f| if f.0 == ptr { EFAULT } else { ENAMETOOLONG })?;
             s.push(0);
             Slot::In(s)
         }
@@ -1015,7 +1146,9 @@ fn gather(
             mem.check_range(ptr, len).map_err(|_| EFAULT)?;
             Slot::Out(len)
         }
-        A::InOutElems(n, size) => Slot::InOut(read((args[n as usize].min(1 << 16) as usize) * size as usize)?),
+        A::InOutElems(n, size) => Slot::InOut(read(
+            (args[n as usize].min(1 << 16) as usize) * size as usize,
+        )?),
         A::SIn(size) => Slot::In(read(size as usize)?),
         A::SOut(size) => {
             mem.check_range(ptr, size as usize).map_err(|_| EFAULT)?;
@@ -1074,7 +1207,13 @@ fn getrandom(buf: &mut [u8]) {
     let mut done = 0;
     while done < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`.
-        let r = unsafe { libc::getrandom(buf[done..].as_mut_ptr() as *mut libc::c_void, buf.len() - done, 0) };
+        let r = unsafe {
+            libc::getrandom(
+                buf[done..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - done,
+                0,
+            )
+        };
         if r <= 0 {
             break;
         }
@@ -1085,12 +1224,44 @@ fn getrandom(buf: &mut [u8]) {
 /// "SIGSEGV" for 11, and so on.
 pub fn signal_name(sig: i32) -> String {
     let names = [
-        "", "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
-        "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM", "SIGSTKFLT",
-        "SIGCHLD", "SIGCONT", "SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGURG", "SIGXCPU",
-        "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGWINCH", "SIGIO", "SIGPWR", "SIGSYS",
+        "",
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
     ];
-    names.get(sig as usize).filter(|n| !n.is_empty()).map(|n| n.to_string()).unwrap_or_else(|| format!("signal {sig}"))
+    names
+        .get(sig as usize)
+        .filter(|n| !n.is_empty())
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| format!("signal {sig}"))
 }
 
 #[cfg(test)]
