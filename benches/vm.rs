@@ -12,14 +12,21 @@ fn mosvm() -> PathBuf {
 }
 
 fn image(variant: &str, name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("images/out").join(variant).join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("images/out")
+        .join(variant)
+        .join(name)
 }
 
 /// Wall seconds of one run, output discarded; panics if it fails (a benchmark of a broken run
 /// means nothing).
 fn time(cmd: &mut Command) -> f64 {
     let t = Instant::now();
-    let st = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().expect("spawn");
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("spawn");
     let e = t.elapsed().as_secs_f64();
     assert!(st.success(), "{cmd:?} failed: {st}");
     e
@@ -70,17 +77,26 @@ fn main() {
     // 1. Compute loop: guest vs native.
     let compute = image("glibc-static", "compute");
     let iters = "400000000";
-    let (n, g) = paired(5, &|| {
-        let mut c = Command::new(&compute);
-        c.arg(iters);
-        c
-    }, &|| {
-        let mut c = Command::new(mosvm());
-        c.arg("run").arg(&compute).arg(iters);
-        c
-    });
+    let (n, g) = paired(
+        5,
+        &|| {
+            let mut c = Command::new(&compute);
+            c.arg(iters);
+            c
+        },
+        &|| {
+            let mut c = Command::new(mosvm());
+            c.arg("run").arg(&compute).arg(iters);
+            c
+        },
+    );
     println!("compute loop ({iters} iterations, glibc-static)");
-    println!("  native {:.3} s, mosvm {:.3} s, ratio mosvm/native = {:.3}  (target <= 1.02)\n", n, g, g / n);
+    println!(
+        "  native {:.3} s, mosvm {:.3} s, ratio mosvm/native = {:.3}  (target <= 1.02)\n",
+        n,
+        g,
+        g / n
+    );
 
     // 2. One trapped syscall vs one bare KVM exit.
     let sl = image("glibc-static", "syscall_loop");
@@ -138,15 +154,19 @@ fn main() {
     // 4. python3 -c pass.
     let py = Path::new("/usr/bin/python3");
     if py.exists() {
-        let (n, g) = paired(7, &|| {
-            let mut c = Command::new(py);
-            c.args(["-c", "pass"]);
-            c
-        }, &|| {
-            let mut c = Command::new(mosvm());
-            c.arg("run").arg(py).args(["-c", "pass"]);
-            c
-        });
+        let (n, g) = paired(
+            7,
+            &|| {
+                let mut c = Command::new(py);
+                c.args(["-c", "pass"]);
+                c
+            },
+            &|| {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg(py).args(["-c", "pass"]);
+                c
+            },
+        );
         let s = stats(py, &["-c", "pass"]);
         println!("python3 -c pass");
         println!(

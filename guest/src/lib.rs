@@ -177,7 +177,11 @@ mod tests {
             let o = (EXCEPTION_OFFSET + v as u64 * EXCEPTION_STRIDE) as usize;
             assert_eq!(p[o], 0xe6);
             assert_eq!(p[o + 1], EXCEPTION_PORT_BASE + v as u8);
-            let tail = if has_error_code(v) { &p[o + 2..o + 8] } else { &p[o + 2..o + 4] };
+            let tail = if has_error_code(v) {
+                &p[o + 2..o + 8]
+            } else {
+                &p[o + 2..o + 4]
+            };
             let want: &[u8] = if has_error_code(v) {
                 &[0x48, 0x83, 0xc4, 0x08, 0x48, 0xcf]
             } else {
