@@ -69,7 +69,16 @@ pub fn kvm_ready(test: &str) -> bool {
     match state {
         Ok(()) => true,
         Err(why) if std::env::var("MOSVM_SKIP_KVM").as_deref() == Ok("1") => {
-            eprintln!("note: skipping {test}: {why} (MOSVM_SKIP_KVM=1)");
+            // Written straight to stderr (not eprintln!, which the test harness captures),
+            // once per test binary.
+            static NOTE: Once = Once::new();
+            NOTE.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: MOSVM_SKIP_KVM=1 and {why}: skipping the KVM tests of this binary \
+                     (first: {test})"
+                );
+            });
             false
         }
         Err(why) => panic!(
