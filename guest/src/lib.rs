@@ -209,8 +209,8 @@ mod tests {
     #[test]
     fn selectors_match_star() {
         let base = (STAR >> 48) as u16;
-        assert_eq!(base + 16 | 3, USER_CS);
-        assert_eq!(base + 8 | 3, USER_SS);
-        assert_eq!((STAR >> 32) as u16 & 0xffff, KERNEL_CS);
+        assert_eq!((base + 16) | 3, USER_CS);
+        assert_eq!((base + 8) | 3, USER_SS);
+        assert_eq!((STAR >> 32) as u16, KERNEL_CS);
     }
 }

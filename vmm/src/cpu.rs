@@ -167,7 +167,7 @@ pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64)
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
     sregs.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
     sregs.gdt.base = guest::GDT_VA;
-    sregs.gdt.limit = (guest::TSS_SEL + 16 - 1) as u16;
+    sregs.gdt.limit = guest::TSS_SEL + 16 - 1;
     sregs.idt.base = guest::IDT_VA;
     sregs.idt.limit = (guest::EXCEPTION_VECTORS * 16 - 1) as u16;
     sregs.cs = seg(guest::USER_CS, 11, 3, 1, 1);
@@ -223,8 +223,10 @@ pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64)
         entries.len()
     );
 
-    let mut xcrs = kvm_xcrs::default();
-    xcrs.nr_xcrs = 1;
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
     xcrs.xcrs[0].xcr = 0;
     xcrs.xcrs[0].value = guest_xcr0(host);
     vcpu.set_xcrs(&xcrs).context("KVM_SET_XCRS")?;

@@ -629,7 +629,7 @@ mod tests {
         );
         let mut pfd = Vec::new();
         pfd.extend_from_slice(&3i32.to_le_bytes());
-        pfd.extend_from_slice(&(libc::POLLIN as i16).to_le_bytes());
+        pfd.extend_from_slice(&libc::POLLIN.to_le_bytes());
         pfd.extend_from_slice(&0i16.to_le_bytes());
         let p = call(
             &mut d,
@@ -641,7 +641,7 @@ mod tests {
         assert_eq!(i32::from_le_bytes(p.outs[0][0..4].try_into().unwrap()), 3);
         assert_eq!(
             i16::from_le_bytes(p.outs[0][6..8].try_into().unwrap()),
-            libc::POLLIN as i16
+            libc::POLLIN
         );
         let mut set = vec![0u8; 8];
         set[0] = 1 << 3;

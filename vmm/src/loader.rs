@@ -170,11 +170,9 @@ fn map_image(
     for p in &loads {
         let off = p.p_offset as usize;
         let len = p.p_filesz as usize;
-        let data = bytes
-            .get(off..off.checked_add(len).unwrap_or(usize::MAX))
-            .ok_or_else(|| {
-                LoadError::Malformed(path.into(), "segment beyond end of file".into())
-            })?;
+        let data = bytes.get(off..off.saturating_add(len)).ok_or_else(|| {
+            LoadError::Malformed(path.into(), "segment beyond end of file".into())
+        })?;
         space
             .mem
             .write(bias + p.p_vaddr, data)

@@ -540,11 +540,17 @@ impl Vm {
         // Scatter outputs.
         let mut outs = reply.outs.into_iter();
         for (i, kind) in spec.iter().enumerate() {
-            let is_out = match kind {
-                A::Out(_) | A::OutElems(..) | A::SOut(_) | A::IovOut(_) | A::LenOut(_) => true,
-                A::InOutElems(..) | A::SInOut(_) | A::FdSet(_) => true,
-                _ => false,
-            };
+            let is_out = matches!(
+                kind,
+                A::Out(_)
+                    | A::OutElems(..)
+                    | A::SOut(_)
+                    | A::IovOut(_)
+                    | A::LenOut(_)
+                    | A::InOutElems(..)
+                    | A::SInOut(_)
+                    | A::FdSet(_)
+            );
             if !is_out || (args[i] == 0 && !matches!(kind, A::IovOut(_))) {
                 continue;
             }
@@ -700,8 +706,8 @@ impl Vm {
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
                 if a[0] != 0 {
                     let mut b = [0u8; 16];
-                    b[..8].copy_from_slice(&(ts.tv_sec as i64).to_le_bytes());
-                    b[8..].copy_from_slice(&(ts.tv_nsec as i64 / 1000).to_le_bytes());
+                    b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
+                    b[8..].copy_from_slice(&(ts.tv_nsec / 1000).to_le_bytes());
                     self.write_guest(a[0], &b)?;
                 }
                 if a[1] != 0 {
@@ -717,9 +723,9 @@ impl Vm {
                 // SAFETY: `ts` is a valid timespec to fill in.
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
                 if a[0] != 0 {
-                    self.write_guest(a[0], &(ts.tv_sec as i64).to_le_bytes())?;
+                    self.write_guest(a[0], &ts.tv_sec.to_le_bytes())?;
                 }
-                ok(ts.tv_sec as i64)
+                ok(ts.tv_sec)
             }
             libc::SYS_nanosleep => self.sleep(libc::CLOCK_MONOTONIC, 0, a[0], a[1]),
             libc::SYS_clock_nanosleep => self.sleep(a[0] as i32, a[1] as i32, a[2], a[3]),
@@ -1198,8 +1204,8 @@ fn gather(
 
 fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
     let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&(ts.tv_sec as i64).to_le_bytes());
-    b[8..].copy_from_slice(&(ts.tv_nsec as i64).to_le_bytes());
+    b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
+    b[8..].copy_from_slice(&ts.tv_nsec.to_le_bytes());
     b
 }
 
