@@ -229,6 +229,103 @@ fn gzip_native(text: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// A small tree of inputs for the archivers and tree walkers.
+fn with_tree(case: Case) -> Case {
+    case.file("data/a.txt", text())
+        .file("data/b/c.bin", binary())
+        .file_mode("data/b/run.sh", "#!/bin/sh\n", 0o755)
+        .file("data/empty", "")
+        .symlink("data/link", "a.txt")
+        .dir("data/d/e")
+}
+
+#[test]
+fn tar_create() {
+    require_kvm!();
+    let (native, _) = with_tree(Case::new("/bin/tar"))
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@1000000000",
+            "-cvf",
+            "out.tar",
+            "data",
+        ])
+        .check();
+    assert!(native.tree.keys().any(|p| p.ends_with("out.tar")));
+}
+
+#[test]
+fn tar_extract() {
+    require_kvm!();
+    // The archive is made natively, once; both runs extract it.
+    let src = tempfile::tempdir().unwrap();
+    let archive = src.path().join("in.tar");
+    let prepared = with_tree(Case::new("/bin/true")).prepare_dir();
+    let ok = std::process::Command::new("/bin/tar")
+        .arg("-cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(prepared.path())
+        .arg("data")
+        .status()
+        .expect("run tar");
+    assert!(ok.success());
+    Case::new("/bin/tar")
+        .args(["-xvf", "in.tar"])
+        .file("in.tar", std::fs::read(&archive).unwrap())
+        .check();
+}
+
+#[test]
+fn find_printf() {
+    require_kvm!();
+    with_tree(Case::new("/usr/bin/find"))
+        .args(["data", "-printf", "%p %y %s %m\\n"])
+        .check();
+}
+
+#[test]
+fn diff_unified() {
+    require_kvm!();
+    // diff exits 1 when the files differ.
+    with_tree(Case::new("/usr/bin/diff"))
+        .args(["-u", "data/a.txt", "other.txt"])
+        .file("other.txt", text().replace("foo", "fo0"))
+        .expect_status(Some(1))
+        .check();
+}
+
+#[test]
+fn coreutils_sort_and_cp() {
+    require_kvm!();
+    Case::new("/usr/bin/sort")
+        .args(["--parallel=1", "-k3,3", "-k2,2n", "-o", "sorted.txt", "-"])
+        .stdin(text())
+        .check();
+    with_tree(Case::new("/usr/bin/cp"))
+        .args(["-a", "data", "copy"])
+        .check();
+}
+
+#[test]
+fn perl_program() {
+    require_kvm!();
+    Case::new("/usr/bin/perl")
+        .args([
+            "-e",
+            r#"my %h; while (<STDIN>) { my @f = split; $h{$f[0]} += $f[1]; }
+               printf "%-10s %6d\n", $_, $h{$_} for sort keys %h;
+               open(my $o, '>', 'perl-out.txt') or die; print $o join(',', map { $_ * 2 } 1..20), "\n"; close $o;
+               printf "%.6f %s\n", atan2(1, 1) * 4, scalar reverse 'mosvm';"#,
+        ])
+        .env("PERL_HASH_SEED", "0")
+        .stdin(text())
+        .check();
+}
+
 const PY_PROGRAM: &str = r#"
 import json, os, hashlib
 d = {"alpha": 1, "beta": 2.5, "gamma": [1, 2, 3]}

@@ -33,9 +33,10 @@ use std::time::{Duration, Instant, SystemTime};
 /// The variants every image is built in (directories under `images/out`).
 pub const VARIANTS: [&str; 3] = ["glibc-static", "musl-static", "dynamic"];
 
-/// How long one run may take before it is killed and the test fails. Generous: the machine
-/// is small and shared; this only catches hangs, it is not a performance check.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long one run may take before it is killed and the test fails. Generous (the longest
+/// case takes about a second natively, and the machine is small and shared): this only
+/// catches hangs, it is not a performance check.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Modification time given to every file a case creates before its runs, so that programs
 /// that record it (gzip, ls) see the same value in both runs.
