@@ -103,7 +103,7 @@ fn run(a: RunArgs) -> ExitCode {
         stats: a.stats,
     };
     vmm::vm::install_signal_handlers();
-    let deputy = Box::new(vmm::deputy::HostDeputy::new());
+    let deputy = Box::new(vmm::deputy::HostDeputy::new().with_exe(&program));
     let mut vm = match vmm::vm::Vm::new(program, argv, envp, deputy, opts) {
         Ok(vm) => vm,
         Err(e) => {

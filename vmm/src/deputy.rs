@@ -60,6 +60,8 @@ pub const MAX_FDS: usize = 1024;
 /// The deputy running in this process, against this host.
 pub struct HostDeputy {
     fds: Vec<Option<GuestFd>>,
+    /// The program's path, what the guest sees as /proc/self/exe.
+    exe: Option<Vec<u8>>,
 }
 
 fn errno() -> i64 {
@@ -82,7 +84,10 @@ impl HostDeputy {
     /// A deputy whose guest descriptors 0, 1, 2 are this process's stdin, stdout, stderr.
     /// (They are duplicated, so a guest closing its stderr cannot silence the VMM's messages.)
     pub fn new() -> Self {
-        let mut d = HostDeputy { fds: vec![None; 3] };
+        let mut d = HostDeputy {
+            fds: vec![None; 3],
+            exe: None,
+        };
         for fd in 0..3 {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor number only creates a new descriptor or
             // fails; it touches no memory.
@@ -95,6 +100,78 @@ impl HostDeputy {
             }
         }
         d
+    }
+
+    /// Make /proc/self/exe name `exe` (the guest program, not the VMM).
+    pub fn with_exe(mut self, exe: &std::path::Path) -> Self {
+        let abs = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+        self.exe = Some(abs.into_os_string().into_encoded_bytes());
+        self
+    }
+
+    /// Paths that name the caller's own descriptors or executable mean the guest's, not the
+    /// VMM's: /proc/self/fd/N, /dev/fd/N, /dev/std{in,out,err}, /proc/self/exe.
+    fn rewrite_path(&self, path: &[u8]) -> Option<Vec<u8>> {
+        let p = path.strip_suffix(b"\0").unwrap_or(path);
+        let pid = std::process::id().to_string();
+        let own_proc = [
+            b"/proc/self/".to_vec(),
+            b"/proc/thread-self/".to_vec(),
+            [b"/proc/".as_slice(), pid.as_bytes(), b"/"].concat(),
+        ];
+        let mut rest: Option<&[u8]> = None;
+        for prefix in &own_proc {
+            if let Some(r) = p.strip_prefix(prefix.as_slice()) {
+                if r == b"exe" {
+                    let mut e = self.exe.clone()?;
+                    e.push(0);
+                    return Some(e);
+                }
+                rest = r.strip_prefix(b"fd/");
+            }
+        }
+        let (num, tail): (&[u8], &[u8]) = match (rest, p) {
+            (Some(r), _) => {
+                let end = r.iter().position(|&c| c == b'/').unwrap_or(r.len());
+                (&r[..end], &r[end..])
+            }
+            (None, b"/dev/stdin") => (b"0", b""),
+            (None, b"/dev/stdout") => (b"1", b""),
+            (None, b"/dev/stderr") => (b"2", b""),
+            (None, _) => {
+                let r = p.strip_prefix(b"/dev/fd/")?;
+                let end = r.iter().position(|&c| c == b'/').unwrap_or(r.len());
+                (&r[..end], &r[end..])
+            }
+        };
+        let guest: u64 = std::str::from_utf8(num).ok()?.parse().ok()?;
+        // An unknown descriptor maps to a number no process has, so the lookup fails (ENOENT).
+        let host = self.host_fd(guest).unwrap_or(i32::MAX);
+        let mut out = format!("/proc/self/fd/{host}").into_bytes();
+        out.extend_from_slice(tail);
+        out.push(0);
+        Some(out)
+    }
+
+    /// readlink of /proc/self/exe answers with the guest program's path.
+    fn readlink_exe(&self, req: &Request) -> Option<Reply> {
+        let (path_slot, size) = match req.nr as i64 {
+            libc::SYS_readlink => (req.slots.first()?, req.args[2]),
+            libc::SYS_readlinkat => (req.slots.first()?, req.args[3]),
+            _ => return None,
+        };
+        let Slot::In(p) = path_slot else { return None };
+        let p = p.strip_suffix(b"\0").unwrap_or(p);
+        let pid = format!("/proc/{}/exe", std::process::id());
+        if p != b"/proc/self/exe" && p != b"/proc/thread-self/exe" && p != pid.as_bytes() {
+            return None;
+        }
+        let exe = self.exe.as_ref()?;
+        let n = exe.len().min(size as usize);
+        Some(Reply {
+            ret: n as i64,
+            outs: vec![exe[..n].to_vec()],
+        })
     }
 
     fn host_fd(&self, guest: u64) -> Result<i32, i64> {
@@ -313,7 +390,12 @@ impl HostDeputy {
                     }
                 }
                 kind => {
-                    let slot = slots.next().unwrap_or(Slot::Null);
+                    let mut slot = slots.next().unwrap_or(Slot::Null);
+                    if let (A::Path, Slot::In(p)) = (kind, &slot) {
+                        if let Some(q) = self.rewrite_path(p) {
+                            slot = Slot::In(q);
+                        }
+                    }
                     match slot {
                         Slot::Null => args[i] = 0,
                         Slot::In(b) => {
@@ -522,6 +604,9 @@ impl Deputy for HostDeputy {
         if let Some(ret) = self.fd_call(&req) {
             return Reply { ret, outs: vec![] };
         }
+        if let Some(r) = self.readlink_exe(&req) {
+            return r;
+        }
         if req.nr as i64 == libc::SYS_ioctl && table::ioctl_arg(req.args[1]).is_none() {
             return Reply {
                 ret: -ENOTTY,
@@ -658,6 +743,46 @@ mod tests {
         );
         assert_eq!(s.ret, 1);
         assert_eq!(s.outs[0][0], 1 << 3);
+    }
+
+    #[test]
+    fn own_descriptor_paths_mean_the_guests() {
+        let d = HostDeputy::new().with_exe(std::path::Path::new("/bin/sh"));
+        let h1 = d.host_fd(1).unwrap();
+        assert_eq!(
+            d.rewrite_path(b"/proc/self/fd/1\0"),
+            Some(format!("/proc/self/fd/{h1}\0").into_bytes())
+        );
+        assert_eq!(
+            d.rewrite_path(b"/dev/stdout\0"),
+            Some(format!("/proc/self/fd/{h1}\0").into_bytes())
+        );
+        assert_eq!(
+            d.rewrite_path(b"/dev/fd/1/x\0"),
+            Some(format!("/proc/self/fd/{h1}/x\0").into_bytes())
+        );
+        let bad = format!("/proc/self/fd/{}\0", i32::MAX).into_bytes();
+        assert_eq!(d.rewrite_path(b"/proc/self/fd/77\0"), Some(bad));
+        let exe = d.rewrite_path(b"/proc/self/exe\0").unwrap();
+        assert!(exe.ends_with(b"sh\0"));
+        let r = d.readlink_exe(&Request {
+            nr: libc::SYS_readlink as u64,
+            args: [0, 0, 4096, 0, 0, 0],
+            slots: vec![Slot::In(b"/proc/self/exe\0".to_vec()), Slot::Out(4096)],
+        });
+        let want = std::fs::canonicalize("/bin/sh")
+            .unwrap()
+            .into_os_string()
+            .into_encoded_bytes();
+        assert_eq!(
+            r,
+            Some(Reply {
+                ret: want.len() as i64,
+                outs: vec![want]
+            })
+        );
+        assert_eq!(d.rewrite_path(b"/proc/self/status\0"), None);
+        assert_eq!(d.rewrite_path(b"data/a.txt\0"), None);
     }
 
     #[test]

@@ -298,6 +298,7 @@ fn build_stack(
     let mut push_bytes = |space: &mut AddressSpace, data: &[u8], nul: bool| -> Option<u64> {
         let len = data.len() as u64 + nul as u64;
         sp = sp.checked_sub(len)?;
+        space.fault_in_range(sp, len);
         space.mem.write(sp, data).ok()?;
         if nul {
             space.mem.write(sp + data.len() as u64, &[0]).ok()?;
@@ -354,6 +355,7 @@ fn build_stack(
     let mut rsp = sp.checked_sub(bytes)?;
     rsp &= !15;
     let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    space.fault_in_range(rsp, raw.len() as u64);
     space.mem.write(rsp, &raw).ok()?;
     Some(rsp)
 }

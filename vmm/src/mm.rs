@@ -481,6 +481,15 @@ impl AddressSpace {
         }
     }
 
+    /// Demand-map every page of `[addr, addr+len)` that an accessible VMA covers.
+    pub fn fault_in_range(&mut self, addr: u64, len: u64) {
+        let mut p = page_down(addr);
+        while p < addr.saturating_add(len) {
+            self.fault_in(p);
+            p += PAGE;
+        }
+    }
+
     /// Bytes of address space covered by accessible VMAs.
     pub fn mapped_bytes(&self) -> u64 {
         self.vmas

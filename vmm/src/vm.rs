@@ -116,6 +116,7 @@ const ENAMETOOLONG: i64 = 36;
 const EPIPE: i64 = 32;
 const ETIMEDOUT: i64 = 110;
 const ENODEV: i64 = 19;
+const ENOMEM: i64 = 12;
 
 /// Largest single transfer a forwarded call carries; longer reads/writes are short, which the
 /// syscalls allow.
@@ -657,8 +658,20 @@ impl Vm {
             | libc::SYS_mlockall
             | libc::SYS_munlockall => ok(0),
             libc::SYS_mincore => {
+                if a[0] & (PAGE - 1) != 0 {
+                    return Err(EINVAL);
+                }
                 let n = crate::memory::page_up(a[1]) / PAGE;
-                self.write_guest(a[2], &vec![1u8; n as usize])?;
+                let mut v = Vec::with_capacity(n.min(1 << 20) as usize);
+                for i in 0..n.min(1 << 20) {
+                    let p = a[0] + i * PAGE;
+                    // Linux: ENOMEM when part of the range is not mapped at all.
+                    if self.space.vma_at(p).is_none() {
+                        return Err(ENOMEM);
+                    }
+                    v.push(self.space.mem.is_mapped(p) as u8);
+                }
+                self.write_guest(a[2], &v)?;
                 ok(0)
             }
             libc::SYS_arch_prctl => self.arch_prctl(a[0], a[1]),
