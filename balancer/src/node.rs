@@ -9,6 +9,7 @@ use crate::window::Window;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Tunable parameters of dissemination and the policies. [`Params::default`] holds the values
 /// the simulator was tuned with.
@@ -401,7 +402,7 @@ pub struct Node {
     pub(crate) used_mem_mb: u64,
     pub(crate) sampled: bool,
     pub(crate) procs: BTreeMap<Pid, Resident>,
-    pub(crate) peers: Vec<NodeId>,
+    pub(crate) peers: Arc<Vec<NodeId>>,
     /// Promises made to requesters: pid -> (mem, expiry).
     pub(crate) promises: BTreeMap<Pid, (u32, Time)>,
     /// Targets that refused us recently: node -> until.
@@ -423,7 +424,7 @@ impl Node {
             used_mem_mb: 0,
             sampled: false,
             procs: BTreeMap::new(),
-            peers: Vec::new(),
+            peers: Arc::new(Vec::new()),
             promises: BTreeMap::new(),
             refused: BTreeMap::new(),
             swim,
@@ -711,15 +712,22 @@ impl Node {
         after < f64::from(from_load)
     }
 
+    /// Replace the peer list by one shared with other nodes (a static configuration, or the
+    /// simulator's membership oracle): avoids one copy of a large membership per node.
+    /// Entries equal to this node's id are never chosen as gossip targets.
+    pub fn set_shared_peers(&mut self, peers: Arc<Vec<NodeId>>) {
+        self.peers = peers;
+    }
+
     fn add_peer(&mut self, node: NodeId) {
         if node != self.cfg.id && !self.peers.contains(&node) {
-            self.peers.push(node);
+            Arc::make_mut(&mut self.peers).push(node);
         }
     }
 
     fn remove_peer(&mut self, node: NodeId) {
         if let Some(i) = self.peers.iter().position(|&p| p == node) {
-            self.peers.swap_remove(i);
+            Arc::make_mut(&mut self.peers).swap_remove(i);
         }
         self.window.remove(node);
     }
@@ -743,6 +751,21 @@ impl Node {
         }
     }
 
+    fn random_peer(&self, rng: &mut impl Rng) -> Option<NodeId> {
+        let n = self.peers.len();
+        if n == 0 || (n == 1 && self.peers[0] == self.cfg.id) {
+            return None;
+        }
+        // A shared list may include this node: redraw (bounded) until another node comes up.
+        for _ in 0..64 {
+            let to = self.peers[rng.random_range(0..n)];
+            if to != self.cfg.id {
+                return Some(to);
+            }
+        }
+        self.peers.iter().copied().find(|&p| p != self.cfg.id)
+    }
+
     fn tick(&mut self, now: Time, rng: &mut impl Rng, out: &mut Vec<Action>) {
         let p = &self.cfg.params;
         self.window.expire(now, p.expire);
@@ -760,8 +783,7 @@ impl Node {
             self.smoother.sample(x);
         }
         // Dissemination: exactly one message, to one random peer.
-        if !self.peers.is_empty() {
-            let to = self.peers[rng.random_range(0..self.peers.len())];
+        if let Some(to) = self.random_peer(rng) {
             let mut entries = Vec::with_capacity(self.cfg.params.window + 1);
             entries.push(self.own_entry());
             entries.extend(self.window.freshest(now, self.cfg.params.window));

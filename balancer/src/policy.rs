@@ -73,7 +73,6 @@ fn candidates<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a LoadEnt
             h.entry.node != node.cfg.id
                 && h.age_ms(now) <= max_ms
                 && !node.refused.contains_key(&h.entry.node)
-                && node.peers.contains(&h.entry.node)
         })
         .map(|h| &h.entry)
 }
