@@ -46,6 +46,25 @@ pub struct Reply {
 pub trait Deputy {
     /// Execute one request.
     fn call(&mut self, req: Request) -> Reply;
+
+    /// pread of guest descriptor `fd` at `off` into `dst` (file-backed mmap). The default goes
+    /// through [`Deputy::call`]; a deputy in the same process reads straight into `dst`.
+    fn pread_into(&mut self, fd: u64, off: u64, dst: &mut [u8]) -> i64 {
+        let n = dst.len();
+        let r = self.call(Request {
+            nr: libc::SYS_pread64 as u64,
+            args: [fd, 0, n as u64, off, 0, 0],
+            slots: vec![Slot::Out(n)],
+        });
+        if r.ret > 0 {
+            let k = (r.ret as usize)
+                .min(n)
+                .min(r.outs.first().map_or(0, Vec::len));
+            dst[..k].copy_from_slice(&r.outs[0][..k]);
+            return k as i64;
+        }
+        r.ret
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -600,6 +619,27 @@ impl Drop for HostDeputy {
 }
 
 impl Deputy for HostDeputy {
+    fn pread_into(&mut self, fd: u64, off: u64, dst: &mut [u8]) -> i64 {
+        let host = match self.host_fd(fd) {
+            Ok(h) => h,
+            Err(e) => return -e,
+        };
+        // SAFETY: `dst` is a valid, writable buffer of `dst.len()` bytes.
+        let r = unsafe {
+            libc::pread(
+                host,
+                dst.as_mut_ptr() as *mut libc::c_void,
+                dst.len(),
+                off as i64,
+            )
+        };
+        if r < 0 {
+            -errno()
+        } else {
+            r as i64
+        }
+    }
+
     fn call(&mut self, req: Request) -> Reply {
         if let Some(ret) = self.fd_call(&req) {
             return Reply { ret, outs: vec![] };

@@ -322,6 +322,27 @@ impl GuestMem {
         Ok(())
     }
 
+    /// The host memory backing `[va, va+len)`, as runs of contiguous guest physical memory,
+    /// marked dirty because the caller is about to write them (e.g. a file read straight into
+    /// the guest). Nothing is returned unless the whole range is mapped.
+    pub fn host_runs_for_write(&self, va: u64, len: usize) -> Result<Vec<(*mut u8, usize)>, Fault> {
+        self.check_range(va, len)?;
+        let mut runs: Vec<(u64, usize)> = Vec::new();
+        self.for_each_piece(va, len, |gpa, _, n| match runs.last_mut() {
+            Some((g, l)) if *g + *l as u64 == gpa => *l += n,
+            _ => runs.push((gpa, n)),
+        })?;
+        Ok(runs
+            .into_iter()
+            .map(|(gpa, n)| {
+                self.mark_dirty(gpa, n as u64);
+                // SAFETY: `gpa + n` lies inside the guest mapping (every frame comes from
+                // `alloc_frame`, below `size`), so the offset stays inside it.
+                (unsafe { self.host.add(gpa as usize) }, n)
+            })
+            .collect())
+    }
+
     /// Copy guest virtual memory into `buf`.
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         self.check_range(va, buf.len())?;

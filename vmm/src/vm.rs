@@ -4,7 +4,7 @@
 use crate::cpu;
 use crate::deputy::{Deputy, Reply, Request, Slot};
 use crate::loader::{self, AuxFacts, LoadError};
-use crate::memory::{Fault, GuestMem, PAGE};
+use crate::memory::{page_up, Fault, GuestMem, PAGE};
 use crate::mm::{AddressSpace, VmaKind};
 use crate::table::{self, Class, A};
 use anyhow::{Context, Result};
@@ -926,25 +926,36 @@ impl Vm {
             }
         }
         let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
-        if !anon {
+        if !anon && prot != 0 {
+            // Read the file straight into the new pages; past its end they stay zero.
+            let runs = self
+                .space
+                .mem
+                .host_runs_for_write(start, page_up(len) as usize)
+                .map_err(|_| EFAULT)?;
             let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(16 << 20);
-                let r = self.call_deputy(
-                    libc::SYS_pread64,
-                    [fd as u64, 0, n, off + done, 0, 0],
-                    vec![Slot::Out(n as usize)],
-                );
-                if r.ret < 0 {
-                    let _ = self.space.munmap(start, len);
-                    return Err(-r.ret);
+            for (ptr, n) in runs {
+                // SAFETY: `ptr..ptr+n` is guest memory backing the new mapping (just created,
+                // so nothing else refers to it), and the vCPU is stopped in this exit.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
+                let mut got = 0usize;
+                while got < n {
+                    let r =
+                        self.deputy
+                            .pread_into(fd as u64, off + done + got as u64, &mut dst[got..]);
+                    if r < 0 {
+                        let _ = self.space.munmap(start, len);
+                        return Err(-r);
+                    }
+                    if r == 0 {
+                        break;
+                    }
+                    got += r as usize;
                 }
-                if r.ret == 0 {
+                done += got as u64;
+                if got < n {
                     break;
                 }
-                let got = r.ret as usize;
-                let _ = self.space.mem.write(start + done, &r.outs[0][..got]);
-                done += got as u64;
             }
         }
         Ok(start)
