@@ -3,7 +3,10 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "sim", about = "mosvm balancer simulator (same flags as `mosvm sim`)")]
+#[command(
+    name = "sim",
+    about = "mosvm balancer simulator (same flags as `mosvm sim`)"
+)]
 struct Cli {
     #[command(flatten)]
     args: balancer::sim::cli::SimArgs,

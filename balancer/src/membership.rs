@@ -68,11 +68,13 @@ pub enum MemberEvent {
     Down(NodeId),
 }
 
-type Codec = BincodeCodec<bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Fixint,
-    bincode::config::NoLimit,
->>;
+type Codec = BincodeCodec<
+    bincode::config::Configuration<
+        bincode::config::LittleEndian,
+        bincode::config::Fixint,
+        bincode::config::NoLimit,
+    >,
+>;
 
 /// A node's SWIM state (foca), with a seeded random generator so runs are reproducible.
 pub struct Membership {
@@ -173,18 +175,25 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
     use std::cmp::Reverse;
+    use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
     /// Drive a few foca instances over a perfect in-memory network in virtual time.
     fn run(n: u32, kill: Option<(NodeId, Time)>, until: Time) -> Vec<BTreeSet<NodeId>> {
-        let mut ms: Vec<Membership> = (0..n).map(|i| Membership::new(i, n, 7 + u64::from(i))).collect();
+        let mut ms: Vec<Membership> = (0..n)
+            .map(|i| Membership::new(i, n, 7 + u64::from(i)))
+            .collect();
         let mut views: Vec<BTreeSet<NodeId>> = vec![BTreeSet::new(); n as usize];
         let mut q: BinaryHeap<Reverse<(Time, u64, u32)>> = BinaryHeap::new();
         let mut payloads: BTreeMap<u64, (NodeId, Result<Vec<u8>, SwimTimer>)> = BTreeMap::new();
         let mut seq = 0u64;
         let mut dead = BTreeSet::new();
-        let mut push = |evs: Vec<MemberEvent>, me: NodeId, now: Time, q: &mut BinaryHeap<_>, payloads: &mut BTreeMap<_, _>, views: &mut Vec<BTreeSet<NodeId>>| {
+        let mut push = |evs: Vec<MemberEvent>,
+                        me: NodeId,
+                        now: Time,
+                        q: &mut BinaryHeap<_>,
+                        payloads: &mut BTreeMap<_, _>,
+                        views: &mut Vec<BTreeSet<NodeId>>| {
             for e in evs {
                 match e {
                     MemberEvent::Up(x) => {
@@ -243,7 +252,11 @@ mod tests {
 
     #[test]
     fn dead_node_is_detected() {
-        let views = run(5, Some((3, Time::from_secs_f64(20.0))), Time::from_secs_f64(80.0));
+        let views = run(
+            5,
+            Some((3, Time::from_secs_f64(20.0))),
+            Time::from_secs_f64(80.0),
+        );
         for (i, v) in views.iter().enumerate() {
             if i != 3 {
                 assert!(!v.contains(&3), "node {i} still lists the dead node");

@@ -47,6 +47,9 @@ pub struct Params {
     pub io_penalty: f64,
     /// Half-life of per-process statistics, seconds.
     pub stats_half_life_secs: f64,
+    /// At most this many migration requests per step (each to the best target given the
+    /// earlier ones; targets refuse once promised enough work).
+    pub max_requests_per_step: usize,
     /// Opportunity cost: normalised load at which CPU utilisation counts as 1.
     pub oc_full_load: f64,
     /// Opportunity cost: a move must save at least this fraction of the marginal cost here.
@@ -71,6 +74,7 @@ impl Default for Params {
             refuse_backoff: Time::from_secs_f64(5.0),
             io_penalty: 4.0,
             stats_half_life_secs: 30.0,
+            max_requests_per_step: 4,
             oc_full_load: 2.0,
             oc_margin: 0.1,
         }
@@ -112,7 +116,11 @@ impl Config {
         Config {
             id,
             cpus: cpus.max(1),
-            speed: if speed.is_finite() && speed > 0.0 { speed } else { 1.0 },
+            speed: if speed.is_finite() && speed > 0.0 {
+                speed
+            } else {
+                1.0
+            },
             mem_mb,
             policy: PolicyKind::Mosix,
             params: Params::default(),
@@ -466,11 +474,32 @@ impl Node {
         if self.sampled {
             self.used_mem_mb
         } else {
-            self.procs
-                .values()
-                .map(|p| u64::from(p.info.mem_mb))
-                .sum()
+            self.procs.values().map(|p| u64::from(p.info.mem_mb)).sum()
         }
+    }
+
+    /// Processes (count, memory MiB) that are on their way out: a request is outstanding or a
+    /// migration is in progress.
+    pub fn leaving(&self) -> (f64, u64) {
+        let mut n = 0.0;
+        let mut mem = 0;
+        for p in self.procs.values() {
+            if p.pending.is_some() || p.migrating {
+                n += 1.0;
+                mem += u64::from(p.info.mem_mb);
+            }
+        }
+        (n, mem)
+    }
+
+    /// Run-queue length once the leaving processes are gone.
+    pub fn runnable_after_leaving(&self) -> f64 {
+        (self.runnable() - self.leaving().0).max(0.0)
+    }
+
+    /// Memory in use once the leaving processes are gone, MiB.
+    pub fn used_mem_after_leaving(&self) -> u64 {
+        self.used_mem_mb().saturating_sub(self.leaving().1)
     }
 
     /// Free memory, MiB, after what we promised to requesters.
@@ -561,7 +590,11 @@ impl Node {
                 let half = self.cfg.params.stats_half_life_secs;
                 if let Some(p) = self.procs.get_mut(&pid) {
                     let dt = now.since(p.updated).as_secs_f64();
-                    let decay = if half > 0.0 { 0.5f64.powf(dt / half) } else { 0.0 };
+                    let decay = if half > 0.0 {
+                        0.5f64.powf(dt / half)
+                    } else {
+                        0.0
+                    };
                     p.info.age_ms += now.since(p.updated).0 / 1000;
                     p.updated = now;
                     p.info.cpu_work = cpu_work.max(0.0);
@@ -605,16 +638,19 @@ impl Node {
                 from_load,
                 reason,
             } => {
-                let accepted = from != self.cfg.id && self.would_accept(mem_mb, from_load, reason);
-                if accepted {
-                    self.promises
-                        .insert(pid, (mem_mb, now.plus(self.cfg.params.promise_ttl)));
+                // A request claiming to come from ourselves is malformed: ignore it.
+                if from != self.cfg.id {
+                    let accepted = self.would_accept(mem_mb, from_load, reason);
+                    if accepted {
+                        self.promises
+                            .insert(pid, (mem_mb, now.plus(self.cfg.params.promise_ttl)));
+                    }
+                    out.push(Action::SendMigrationReply {
+                        to: from,
+                        pid,
+                        accepted,
+                    });
                 }
-                out.push(Action::SendMigrationReply {
-                    to: from,
-                    pid,
-                    accepted,
-                });
             }
             Input::MigrationReply {
                 from,
@@ -682,10 +718,11 @@ impl Node {
         }
     }
 
-    /// True when free memory is below the ushering threshold.
+    /// True when free memory (counting processes already leaving as gone) is below the
+    /// ushering threshold.
     pub fn under_memory_pressure(&self) -> bool {
         let total = self.cfg.mem_mb as f64;
-        (total - self.used_mem_mb() as f64) < total * self.cfg.params.usher_free_frac
+        (total - self.used_mem_after_leaving() as f64) < total * self.cfg.params.usher_free_frac
     }
 
     /// Whether we would take a process of `mem_mb` from a node whose load is `from_load`.
@@ -789,8 +826,11 @@ impl Node {
             entries.extend(self.window.freshest(now, self.cfg.params.window));
             out.push(Action::SendGossip { to, entries });
         }
-        // Policy: at most one request per step.
-        if let Some(d) = policy::decide(self, now) {
+        // Policy: a few requests per step at most; each sees the earlier ones.
+        for _ in 0..self.cfg.params.max_requests_per_step {
+            let Some(d) = policy::decide(self, now) else {
+                break;
+            };
             let ttl = self.cfg.params.promise_ttl;
             let from_load = self.load_now() as f32;
             if let Some(r) = self.procs.get_mut(&d.pid) {

@@ -110,7 +110,7 @@ pub fn decide(node: &Node, now: Time) -> Option<Decision> {
 /// cost of the move by `cost_factor`.
 pub fn balance(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
-    let n = node.runnable().max(1.0);
+    let n = node.runnable_after_leaving().max(1.0);
     let cpus = f64::from(node.cfg.cpus);
     let base_here = rate_with(n, cpus, node.cfg.speed);
     // Nothing to gain if every process already has a full CPU of the fastest kind we know.
@@ -155,7 +155,7 @@ pub fn balance(node: &Node, now: Time) -> Option<Decision> {
 pub fn usher(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
     let total = node.cfg.mem_mb as f64;
-    let need = node.used_mem_mb() as f64 - total * (1.0 - p.usher_free_frac);
+    let need = node.used_mem_after_leaving() as f64 - total * (1.0 - p.usher_free_frac);
     let mut best: Option<((bool, f64, f64), Decision)> = None;
     for r in movable(node, now) {
         let m = f64::from(r.info.mem_mb);
@@ -200,9 +200,9 @@ pub fn opportunity_cost_choice(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
     let beta = (2.0 * (node.peers.len() as f64 + 1.0)).clamp(4.0, 1024.0);
     let cap = f64::from(node.cfg.cpus) * node.cfg.speed;
-    let n = node.runnable().max(1.0);
+    let n = node.runnable_after_leaving().max(1.0);
     let total = (node.cfg.mem_mb as f64).max(1.0);
-    let used = node.used_mem_mb() as f64;
+    let used = node.used_mem_after_leaving() as f64;
     let full = p.oc_full_load.max(1e-3);
     let cost_here = opportunity_cost(beta, n / cap / full, used / total);
     let base_here = rate_with(n, f64::from(node.cfg.cpus), node.cfg.speed);
@@ -221,11 +221,14 @@ pub fn opportunity_cost_choice(node: &Node, now: Time) -> Option<Decision> {
             }
             let here_io = io_factor(r, node.cfg.id, p.io_penalty);
             let there_io = io_factor(r, t.node, p.io_penalty);
-            let saved = cost_here
-                - opportunity_cost(beta, (n - 1.0) / cap / full, (used - m) / total);
+            let saved =
+                cost_here - opportunity_cost(beta, (n - 1.0) / cap / full, (used - m) / total);
             // A process that runs slower there occupies the CPU longer: charge it accordingly.
-            let added = opportunity_cost(beta, (tn + 1.0 / there_io) / tcap / full, (tused + m) / ttotal)
-                - cost_there;
+            let added = opportunity_cost(
+                beta,
+                (tn + 1.0 / there_io) / tcap / full,
+                (tused + m) / ttotal,
+            ) - cost_there;
             let net = saved - added;
             if net <= p.oc_margin * saved {
                 continue;

@@ -112,29 +112,87 @@ impl SimArgs {
             "--nodes must be between 2 and 1000000, got {}",
             self.nodes
         );
-        ensure!(d.is_finite() && d > 0.0 && d <= 1e7, "the duration must be between 0 and 1e7 seconds, got {d}");
-        ensure!(self.load.is_finite() && self.load > 0.0 && self.load <= 5.0, "--load must be in (0, 5], got {}", self.load);
-        ensure!(self.mean_work.is_finite() && self.mean_work > 0.0 && self.mean_work <= 1e6, "--mean-work must be in (0, 1e6], got {}", self.mean_work);
-        ensure!(self.pareto_ratio.is_finite() && self.pareto_ratio > 1.0 && self.pareto_ratio <= 1e9, "--pareto-ratio must be in (1, 1e9], got {}", self.pareto_ratio);
-        ensure!((0.0..=1.0).contains(&self.home_bound), "--home-bound must be in [0, 1], got {}", self.home_bound);
-        ensure!((1..=1024).contains(&self.window), "--window must be between 1 and 1024, got {}", self.window);
-        ensure!(self.step.is_finite() && self.step >= 0.01 && self.step <= 3600.0, "--step must be in [0.01, 3600] seconds, got {}", self.step);
-        ensure!(self.latency_ms.is_finite() && (0.0..=10_000.0).contains(&self.latency_ms), "--latency-ms must be in [0, 10000], got {}", self.latency_ms);
-        ensure!(self.migration_fixed.is_finite() && (0.0..=3600.0).contains(&self.migration_fixed), "--migration-fixed must be in [0, 3600], got {}", self.migration_fixed);
-        ensure!(self.migration_mbps.is_finite() && self.migration_mbps > 0.0, "--migration-mbps must be positive, got {}", self.migration_mbps);
-        ensure!(self.stats_every.is_finite() && self.stats_every >= 0.0, "--stats-every must be ≥ 0, got {}", self.stats_every);
+        ensure!(
+            d.is_finite() && d > 0.0 && d <= 1e7,
+            "the duration must be between 0 and 1e7 seconds, got {d}"
+        );
+        ensure!(
+            self.load.is_finite() && self.load > 0.0 && self.load <= 5.0,
+            "--load must be in (0, 5], got {}",
+            self.load
+        );
+        ensure!(
+            self.mean_work.is_finite() && self.mean_work > 0.0 && self.mean_work <= 1e6,
+            "--mean-work must be in (0, 1e6], got {}",
+            self.mean_work
+        );
+        ensure!(
+            self.pareto_ratio.is_finite() && self.pareto_ratio > 1.0 && self.pareto_ratio <= 1e9,
+            "--pareto-ratio must be in (1, 1e9], got {}",
+            self.pareto_ratio
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.home_bound),
+            "--home-bound must be in [0, 1], got {}",
+            self.home_bound
+        );
+        ensure!(
+            (1..=1024).contains(&self.window),
+            "--window must be between 1 and 1024, got {}",
+            self.window
+        );
+        ensure!(
+            self.step.is_finite() && self.step >= 0.01 && self.step <= 3600.0,
+            "--step must be in [0.01, 3600] seconds, got {}",
+            self.step
+        );
+        ensure!(
+            self.latency_ms.is_finite() && (0.0..=10_000.0).contains(&self.latency_ms),
+            "--latency-ms must be in [0, 10000], got {}",
+            self.latency_ms
+        );
+        ensure!(
+            self.migration_fixed.is_finite() && (0.0..=3600.0).contains(&self.migration_fixed),
+            "--migration-fixed must be in [0, 3600], got {}",
+            self.migration_fixed
+        );
+        ensure!(
+            self.migration_mbps.is_finite() && self.migration_mbps > 0.0,
+            "--migration-mbps must be positive, got {}",
+            self.migration_mbps
+        );
+        ensure!(
+            self.stats_every.is_finite() && self.stats_every >= 0.0,
+            "--stats-every must be ≥ 0, got {}",
+            self.stats_every
+        );
         if let Some(dr) = self.drain {
             ensure!(dr.is_finite() && dr >= 0.0, "--drain must be ≥ 0, got {dr}");
         }
-        ensure!(!self.workload.is_empty(), "--workload needs at least one workload");
-        ensure!(!self.policy.is_empty(), "--policy needs at least one policy");
+        ensure!(
+            !self.workload.is_empty(),
+            "--workload needs at least one workload"
+        );
+        ensure!(
+            !self.policy.is_empty(),
+            "--policy needs at least one policy"
+        );
         for &l in &self.sweep_loads {
-            ensure!(l.is_finite() && l > 0.0 && l <= 5.0, "--sweep-loads values must be in (0, 5], got {l}");
+            ensure!(
+                l.is_finite() && l > 0.0 && l <= 5.0,
+                "--sweep-loads values must be in (0, 5], got {l}"
+            );
         }
         for &n in &self.sweep_nodes {
-            ensure!((2..=1_000_000).contains(&n), "--sweep-nodes values must be between 2 and 1000000, got {n}");
+            ensure!(
+                (2..=1_000_000).contains(&n),
+                "--sweep-nodes values must be between 2 and 1000000, got {n}"
+            );
         }
-        ensure!(self.sweep_duration.is_finite() && self.sweep_duration > 0.0, "--sweep-duration must be positive");
+        ensure!(
+            self.sweep_duration.is_finite() && self.sweep_duration > 0.0,
+            "--sweep-duration must be positive"
+        );
         // Rough memory guard: the job list is held in memory.
         let cap_per_node = 4.0 * 1.25;
         let jobs = self.load * cap_per_node * f64::from(self.nodes) * d / self.mean_work;
@@ -145,7 +203,14 @@ impl SimArgs {
     }
 
     /// The simulator configuration for one run.
-    pub fn config(&self, kind: WorkloadKind, policy: SimPolicy, nodes: u32, load: f64, duration: f64) -> SimConfig {
+    pub fn config(
+        &self,
+        kind: WorkloadKind,
+        policy: SimPolicy,
+        nodes: u32,
+        load: f64,
+        duration: f64,
+    ) -> SimConfig {
         let params = Params {
             step: Time::from_secs_f64(self.step),
             window: self.window,
@@ -179,6 +244,7 @@ impl SimArgs {
             herd_window: 5.0 * self.step,
             sample_every: 10.0 * self.step,
             thrash: 10.0,
+            check_invariants: false,
         }
     }
 }
@@ -195,8 +261,17 @@ pub struct Comparison {
 }
 
 /// Run every selected policy on one workload (same seed, same jobs).
-pub fn compare(args: &SimArgs, kind: WorkloadKind, nodes: u32, load: f64, duration: f64, policies: &[SimPolicy]) -> Comparison {
-    let spec = args.config(kind, SimPolicy::None, nodes, load, duration).spec;
+pub fn compare(
+    args: &SimArgs,
+    kind: WorkloadKind,
+    nodes: u32,
+    load: f64,
+    duration: f64,
+    policies: &[SimPolicy],
+) -> Comparison {
+    let spec = args
+        .config(kind, SimPolicy::None, nodes, load, duration)
+        .spec;
     let sc = generate(&spec);
     let mut runs = Vec::new();
     let mut wall_secs = Vec::new();
@@ -219,11 +294,19 @@ pub fn run(args: &SimArgs) -> anyhow::Result<()> {
     let duration = args.duration();
     let mut results = Vec::new();
     for &kind in &args.workload {
-        results.push(compare(args, kind, args.nodes, args.load, duration, &args.policy));
+        results.push(compare(
+            args,
+            kind,
+            args.nodes,
+            args.load,
+            duration,
+            &args.policy,
+        ));
     }
     let sweeps = match &args.plots {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             Some(report::sweeps_and_plots(args, dir)?)
         }
         None => None,
@@ -240,7 +323,10 @@ pub fn run(args: &SimArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for c in &results {
-            print!("{}", report::table(c, args.nodes, args.load, duration, args.seed));
+            print!(
+                "{}",
+                report::table(c, args.nodes, args.load, duration, args.seed)
+            );
         }
         if let Some(s) = &sweeps {
             print!("{}", report::sweep_tables(s));

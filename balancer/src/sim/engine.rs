@@ -3,7 +3,9 @@
 
 use super::workload::{Scenario, ScenarioSpec};
 use crate::membership::SwimTimer;
-use crate::node::{Action, Config, Input, MigrationReason, Node, Params, ProcessInfo, SwimSettings};
+use crate::node::{
+    Action, Config, Input, MigrationReason, Node, Params, ProcessInfo, SwimSettings,
+};
 use crate::policy::{rate_with, PolicyKind};
 use crate::types::{gossip_message_bytes, NodeId, Time};
 use rand::{Rng, SeedableRng};
@@ -86,6 +88,8 @@ pub struct SimConfig {
     pub sample_every: f64,
     /// Thrashing: rate divided by 1 + thrash × (memory demand / memory − 1) when overcommitted.
     pub thrash: f64,
+    /// Check process conservation after every event (slow; for tests).
+    pub check_invariants: bool,
 }
 
 /// The results of one run.
@@ -103,7 +107,8 @@ pub struct RunStats {
     pub processes: u64,
     /// Processes still unfinished at the end of the drain.
     pub unfinished: u64,
-    /// Mean slowdown (response time / run time alone on the home node).
+    /// Mean slowdown (response time / run time alone on the home node); unfinished processes
+    /// count with the slowdown reached at the end (a lower bound).
     pub mean_slowdown: f64,
     /// Median slowdown.
     pub p50_slowdown: f64,
@@ -129,7 +134,7 @@ pub struct RunStats {
     pub info_age_secs: f64,
     /// Analytic model of the same, seconds.
     pub info_age_model_secs: f64,
-    /// Mean coefficient of variation of normalised load across nodes.
+    /// Mean fraction of CPUs idle while processes wait in a run queue elsewhere.
     pub load_imbalance: f64,
     /// Idle episodes that received at least one migration within the herd window.
     pub herd_events: u64,
@@ -141,6 +146,10 @@ pub struct RunStats {
     pub join_herd_max: u32,
     /// CPUs of the joiner that took the largest herd.
     pub join_herd_cpus: u32,
+    /// Processes that completed.
+    pub completed: u64,
+    /// Events after which a conservation check failed (only with `check_invariants`).
+    pub invariant_violations: u64,
     /// Simulated seconds.
     pub sim_secs: f64,
     /// Events processed.
@@ -264,6 +273,8 @@ struct Sim<'a> {
     node_secs: f64,
     home_bound_moves: u64,
     home_bound_procs: u64,
+    arrived: u64,
+    in_transit: u64,
 }
 
 impl<'a> Sim<'a> {
@@ -451,7 +462,13 @@ impl<'a> Sim<'a> {
     fn start_migration(&mut self, pid: u32, from: u32, to: u32) {
         let p = self.procs[pid as usize];
         if p.done || p.node != from || to == from || to as usize >= self.hosts.len() {
-            self.feed(from, Input::MigrationFailed { pid: u64::from(pid), to });
+            self.feed(
+                from,
+                Input::MigrationFailed {
+                    pid: u64::from(pid),
+                    to,
+                },
+            );
             return;
         }
         let mem = self.sc.jobs[pid as usize].mem_mb;
@@ -459,16 +476,28 @@ impl<'a> Sim<'a> {
         let cost = self.cfg.params.migration_fixed_secs
             + f64::from(mem) / self.cfg.params.migration_mb_per_sec.max(1e-6);
         self.procs[pid as usize].migrations += 1;
+        self.in_transit += 1;
         // Park the remaining work in `target` while in transit.
         self.procs[pid as usize].target = remaining;
-        self.feed(from, Input::MigrationDone { pid: u64::from(pid), to });
+        self.feed(
+            from,
+            Input::MigrationDone {
+                pid: u64::from(pid),
+                to,
+            },
+        );
         let t = self.now + cost;
         self.at(t, Ev::MigArrive { pid, to, from });
     }
 
     fn arrive(&mut self, pid: u32, to: u32, from: u32) {
+        self.in_transit -= 1;
         let remaining = self.procs[pid as usize].target;
-        let dest = if self.hosts[to as usize].alive { to } else { from };
+        let dest = if self.hosts[to as usize].alive {
+            to
+        } else {
+            from
+        };
         let now = self.now;
         let host = &mut self.hosts[dest as usize];
         if now - host.idle_since <= self.cfg.herd_window {
@@ -522,7 +551,12 @@ impl<'a> Sim<'a> {
             if job.work > 10.0 * self.cfg.spec.mean_work {
                 self.long_slowdowns.push(s);
             }
-            self.feed(h, Input::ProcessEnded { pid: u64::from(pid) });
+            self.feed(
+                h,
+                Input::ProcessEnded {
+                    pid: u64::from(pid),
+                },
+            );
         }
         self.reschedule(h);
     }
@@ -538,7 +572,7 @@ impl<'a> Sim<'a> {
         let (n, used) = (host.n, host.mem_used);
         if self.cfg.stats_every > 0.0 {
             let every = (self.cfg.stats_every / step).round().max(1.0) as u64;
-            if host.ticks % every == 0 {
+            if host.ticks.is_multiple_of(every) {
                 self.advance(h);
                 let host = &self.hosts[h as usize];
                 let v = host.v;
@@ -577,16 +611,37 @@ impl<'a> Sim<'a> {
         self.at(t, Ev::Tick(h));
     }
 
-    fn arrival(&mut self, j: u32) {
-        let job = self.sc.jobs[j as usize];
-        if job.mem_mb >= 512 {
-            // counted for the memory workload report only through slowdowns
+    /// Every arrived process is exactly once on a host, in transit, or done; host counters
+    /// agree with their resident lists.
+    fn conserved(&self) -> bool {
+        let mut on_hosts = 0u64;
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.residents.len() != h.n as usize {
+                return false;
+            }
+            let mut mem = 0u64;
+            for &pid in &h.residents {
+                let p = &self.procs[pid as usize];
+                if p.node != i as u32 || p.done {
+                    return false;
+                }
+                mem += u64::from(self.sc.jobs[pid as usize].mem_mb);
+            }
+            if mem != h.mem_used {
+                return false;
+            }
+            on_hosts += h.residents.len() as u64;
         }
+        let done = self.procs.iter().filter(|p| p.done).count() as u64;
+        on_hosts + self.in_transit + done == self.arrived
+    }
+
+    fn arrival(&mut self, j: u32) {
+        self.arrived += 1;
+        let job = self.sc.jobs[j as usize];
         if job.home_fraction >= 0.5 {
             self.home_bound_procs += 1;
         }
-        let alive: Vec<u32> = Vec::new();
-        let _ = alive;
         let h = match self.cfg.policy {
             SimPolicy::Random => self.random_alive(),
             SimPolicy::RoundRobin => {
@@ -681,16 +736,15 @@ impl<'a> Sim<'a> {
                 self.age_samples += 1;
             }
         }
-        let loads: Vec<f64> = self
-            .hosts
-            .iter()
-            .filter(|h| h.alive)
-            .map(|h| f64::from(h.n) / (f64::from(h.cpus) * h.speed))
-            .collect();
-        let m = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
-        if m > 0.0 {
-            let var = loads.iter().map(|l| (l - m) * (l - m)).sum::<f64>() / loads.len() as f64;
-            self.imb_sum += var.sqrt() / m;
+        // Imbalance: CPUs idle while processes queue elsewhere, as a fraction of all CPUs.
+        let (mut waiting, mut idle, mut cpus) = (0u64, 0u64, 0u64);
+        for h in self.hosts.iter().filter(|h| h.alive) {
+            waiting += u64::from(h.n.saturating_sub(h.cpus));
+            idle += u64::from(h.cpus.saturating_sub(h.n));
+            cpus += u64::from(h.cpus);
+        }
+        if cpus > 0 {
+            self.imb_sum += waiting.min(idle) as f64 / cpus as f64;
             self.imb_samples += 1;
         }
         let t = self.now + self.cfg.sample_every;
@@ -808,6 +862,8 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
         node_secs: 0.0,
         home_bound_moves: 0,
         home_bound_procs: 0,
+        arrived: 0,
+        in_transit: 0,
     };
     // Initial nodes are up at time 0 and share one peer list (or join through node 0 by SWIM).
     let initial: Vec<u32> = (0..sc.nodes.len() as u32)
@@ -861,6 +917,9 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
             Ev::Sample => sim.sample(),
             Ev::Rebalance => sim.rebalance(),
         }
+        if cfg.check_invariants && !sim.conserved() {
+            sim.st.invariant_violations += 1;
+        }
     }
     // Close open herd episodes.
     let mut join_herd_max = 0;
@@ -880,7 +939,17 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
     st.nodes = cfg.spec.nodes;
     st.load = cfg.spec.load;
     st.processes = total as u64;
-    st.unfinished = (total - sim.slowdowns.len()) as u64;
+    st.unfinished = sim.procs.iter().filter(|p| !p.done).count() as u64;
+    // Unfinished processes count with the slowdown they had reached (a lower bound).
+    let end_time = sim.now;
+    for (j, p) in sim.procs.iter().enumerate() {
+        if !p.done {
+            let job = sc.jobs[j];
+            let alone = job.work / sc.nodes[job.home as usize].speed;
+            sim.slowdowns
+                .push((end_time - job.arrival).max(0.0) / alone.max(1e-9));
+        }
+    }
     let mut s = std::mem::take(&mut sim.slowdowns);
     s.sort_by(f64::total_cmp);
     st.mean_slowdown = mean(&s);
@@ -908,10 +977,8 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
         0.0
     };
     if cfg.policy.core_policy().is_some() {
-        st.info_age_model_secs = super::model::mean_age_steps(
-            initial.len(),
-            cfg.params.window,
-        ) * cfg.params.step.as_secs_f64();
+        st.info_age_model_secs = super::model::mean_age_steps(initial.len(), cfg.params.window)
+            * cfg.params.step.as_secs_f64();
     }
     st.load_imbalance = sim.imb_sum / sim.imb_samples.max(1) as f64;
     st.herd_events = sim.herds.len() as u64;
@@ -923,6 +990,7 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
     st.herd_max = sim.herds.iter().copied().max().unwrap_or(0);
     st.join_herd_max = join_herd_max;
     st.join_herd_cpus = join_herd_cpus;
+    st.completed = sim.procs.iter().filter(|p| p.done).count() as u64;
     st.sim_secs = sim.now;
     st.events = events;
     let _ = MigrationReason::Balance;
@@ -972,6 +1040,7 @@ mod tests {
             herd_window: 5.0,
             sample_every: 10.0,
             thrash: 10.0,
+            check_invariants: true,
         }
     }
 
@@ -1005,7 +1074,11 @@ mod tests {
         let st = simulate(&cfg(SimPolicy::None, 2), &sc);
         assert_eq!(st.unfinished, 0);
         let expect = (2.0 + 101.0 / 100.0) / 2.0;
-        assert!((st.mean_slowdown - expect).abs() < 1e-3, "{}", st.mean_slowdown);
+        assert!(
+            (st.mean_slowdown - expect).abs() < 1e-3,
+            "{}",
+            st.mean_slowdown
+        );
         assert!((st.sim_secs - 101.0).abs() < 1e-3, "{}", st.sim_secs);
     }
 
@@ -1019,6 +1092,10 @@ mod tests {
         };
         let st = simulate(&cfg(SimPolicy::None, 2), &sc);
         assert_eq!(st.unfinished, 0);
-        assert!((st.mean_slowdown - 2.0).abs() < 1e-3, "{}", st.mean_slowdown);
+        assert!(
+            (st.mean_slowdown - 2.0).abs() < 1e-3,
+            "{}",
+            st.mean_slowdown
+        );
     }
 }

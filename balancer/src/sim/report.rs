@@ -21,7 +21,20 @@ pub fn table(c: &Comparison, nodes: u32, load: f64, duration: f64, seed: u64) ->
     let _ = writeln!(
         s,
         "{:<12} {:>8} {:>8} {:>9} {:>9} {:>8} {:>7} {:>9} {:>11} {:>9} {:>6} {:>10} {:>8} {:>6}",
-        "policy", "mean sd", "p50", "p99", "tail sd", "migr/p", "msg/st", "B/node/s", "age s(mdl)", "imbal", "herd", "vs omni", "vs none", "wall"
+        "policy",
+        "mean sd",
+        "p50",
+        "p99",
+        "tail sd",
+        "migr/p",
+        "msg/st",
+        "B/node/s",
+        "age s(mdl)",
+        "imbal",
+        "herd",
+        "vs omni",
+        "vs none",
+        "wall"
     );
     let omni = c
         .runs
@@ -65,7 +78,7 @@ pub fn table(c: &Comparison, nodes: u32, load: f64, duration: f64, seed: u64) ->
     }
     for r in &c.runs {
         if r.unfinished > 0 {
-            let _ = writeln!(s, "  note: {} left {} processes unfinished after the drain", r.policy, r.unfinished);
+            let _ = writeln!(s, "  note: {} left {} processes unfinished after the drain (counted at their slowdown so far, a lower bound)", r.policy, r.unfinished);
         }
         if r.join_herd_cpus > 0 {
             let _ = writeln!(
@@ -93,16 +106,37 @@ pub fn sweeps_and_plots(args: &SimArgs, dir: &Path) -> Result<Sweeps> {
     let duration = args.hours.map(|h| h * 3600.0).unwrap_or(args.duration);
     let mut by_load = Vec::new();
     for &l in &args.sweep_loads {
-        by_load.push((l, compare(args, WorkloadKind::Pareto, args.nodes, l, duration, &args.policy)));
+        by_load.push((
+            l,
+            compare(
+                args,
+                WorkloadKind::Pareto,
+                args.nodes,
+                l,
+                duration,
+                &args.policy,
+            ),
+        ));
     }
     let mut by_size = Vec::new();
     for &n in &args.sweep_nodes {
-        let c = compare(args, WorkloadKind::Pareto, n, args.load, args.sweep_duration, &[SimPolicy::Mosvm]);
+        let c = compare(
+            args,
+            WorkloadKind::Pareto,
+            n,
+            args.load,
+            args.sweep_duration,
+            &[SimPolicy::Mosvm],
+        );
         by_size.push((n, c.runs[0].clone(), c.wall_secs[0]));
     }
     let sw = Sweeps { by_load, by_size };
     plot_slowdown_vs_load(&sw, &dir.join("slowdown_vs_load.svg"), args.nodes)?;
-    plot_by_size(&sw, &dir.join("messages_vs_nodes.svg"), &dir.join("info_age_vs_nodes.svg"))?;
+    plot_by_size(
+        &sw,
+        &dir.join("messages_vs_nodes.svg"),
+        &dir.join("info_age_vs_nodes.svg"),
+    )?;
     Ok(sw)
 }
 
@@ -128,7 +162,15 @@ pub fn sweep_tables(sw: &Sweeps) -> String {
     let _ = writeln!(
         s,
         "{:>7} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9} {:>8}",
-        "nodes", "msg/node/st", "max/st", "B/node/s", "swim/n/s", "age s", "model s", "age/mdl", "wall s"
+        "nodes",
+        "msg/node/st",
+        "max/st",
+        "B/node/s",
+        "swim/n/s",
+        "age s",
+        "model s",
+        "age/mdl",
+        "wall s"
     );
     for (n, r, w) in &sw.by_size {
         let _ = writeln!(
@@ -152,6 +194,9 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e:?}")
 }
 
+/// A plotted series: label, colour, value of a run.
+type Series = (&'static str, RGBColor, fn(&RunStats) -> f64);
+
 const COLORS: [RGBColor; 6] = [
     RGBColor(0x44, 0x44, 0x44),
     RGBColor(0x99, 0x66, 0x00),
@@ -173,7 +218,10 @@ fn plot_slowdown_vs_load(sw: &Sweeps, path: &Path, nodes: u32) -> Result<()> {
         .flat_map(|(_, c)| c.runs.iter().map(|r| r.mean_slowdown))
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("Mean slowdown vs offered load ({nodes} nodes, Pareto lifetimes)"), ("sans-serif", 20))
+        .caption(
+            format!("Mean slowdown vs offered load ({nodes} nodes, Pareto lifetimes)"),
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
@@ -189,12 +237,18 @@ fn plot_slowdown_vs_load(sw: &Sweeps, path: &Path, nodes: u32) -> Result<()> {
     for i in 0..npol {
         let name = sw.by_load[0].1.runs[i].policy.clone();
         let color = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = sw.by_load.iter().map(|(l, c)| (*l, c.runs[i].mean_slowdown)).collect();
+        let pts: Vec<(f64, f64)> = sw
+            .by_load
+            .iter()
+            .map(|(l, c)| (*l, c.runs[i].mean_slowdown))
+            .collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?
             .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
             .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
             .map_err(err)?;
@@ -216,7 +270,11 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
         return Ok(());
     }
     let xmin = xs.iter().cloned().fold(f64::INFINITY, f64::min);
-    let xmax = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max).max(xmin * 2.0);
+    let xmax = xs
+        .iter()
+        .cloned()
+        .fold(f64::NEG_INFINITY, f64::max)
+        .max(xmin * 2.0);
     {
         let root = SVGBackend::new(msgs, (800, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
@@ -226,7 +284,10 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
             .map(|(_, r, _)| r.gossip_msgs_per_node_step.max(r.swim_msgs_per_node_sec))
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
-            .caption("Messages per node per step vs cluster size (mosvm)", ("sans-serif", 20))
+            .caption(
+                "Messages per node per step vs cluster size (mosvm)",
+                ("sans-serif", 20),
+            )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(55)
@@ -238,18 +299,26 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
             .y_desc("messages per node per step")
             .draw()
             .map_err(err)?;
-        let series: [(&str, RGBColor, fn(&RunStats) -> f64); 3] = [
+        let series: [Series; 3] = [
             ("load gossip", COLORS[3], |r| r.gossip_msgs_per_node_step),
             ("SWIM (foca)", COLORS[4], |r| r.swim_msgs_per_node_sec),
-            ("migration negotiation", COLORS[1], |r| r.control_msgs_per_node_sec),
+            ("migration negotiation", COLORS[1], |r| {
+                r.control_msgs_per_node_sec
+            }),
         ];
         for (name, color, f) in series {
-            let pts: Vec<(f64, f64)> = sw.by_size.iter().map(|(n, r, _)| (f64::from(*n), f(r))).collect();
+            let pts: Vec<(f64, f64)> = sw
+                .by_size
+                .iter()
+                .map(|(n, r, _)| (f64::from(*n), f(r)))
+                .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(err)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
             chart
                 .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
                 .map_err(err)?;
@@ -272,7 +341,10 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
             .map(|(_, r, _)| r.info_age_secs.max(r.info_age_model_secs))
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
-            .caption("Information age in the window vs cluster size", ("sans-serif", 20))
+            .caption(
+                "Information age in the window vs cluster size",
+                ("sans-serif", 20),
+            )
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(55)
@@ -284,17 +356,23 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
             .y_desc("mean age of window entries, s")
             .draw()
             .map_err(err)?;
-        let series: [(&str, RGBColor, fn(&RunStats) -> f64); 2] = [
+        let series: [Series; 2] = [
             ("simulated", COLORS[3], |r| r.info_age_secs),
             ("analytic model", COLORS[0], |r| r.info_age_model_secs),
         ];
         for (name, color, f) in series {
-            let pts: Vec<(f64, f64)> = sw.by_size.iter().map(|(n, r, _)| (f64::from(*n), f(r))).collect();
+            let pts: Vec<(f64, f64)> = sw
+                .by_size
+                .iter()
+                .map(|(n, r, _)| (f64::from(*n), f(r)))
+                .collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(err)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
             chart
                 .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
                 .map_err(err)?;

@@ -138,7 +138,9 @@ fn node_spec(rng: &mut impl Rng, memory_tight: bool) -> NodeSpec {
 pub fn generate(spec: &ScenarioSpec) -> Scenario {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6d6f_7376_6d5f_7369);
     let tight = spec.kind == WorkloadKind::Memory;
-    let mut nodes: Vec<NodeSpec> = (0..spec.nodes).map(|_| node_spec(&mut rng, tight)).collect();
+    let mut nodes: Vec<NodeSpec> = (0..spec.nodes)
+        .map(|_| node_spec(&mut rng, tight))
+        .collect();
     let capacity: f64 = nodes.iter().map(NodeSpec::capacity).sum();
     if spec.kind == WorkloadKind::Join {
         let joiners = (spec.nodes / 32).max(1);
@@ -160,9 +162,9 @@ pub fn generate(spec: &ScenarioSpec) -> Scenario {
         _ => bounded_pareto(rng, 1.0, k, p),
     };
     let draw_mem = |rng: &mut ChaCha8Rng| -> u32 {
-        if tight && rng.random::<f64>() < 0.35 {
-            // Memory-hungry: 0.5 to 3 GiB.
-            512 + rng.random_range(0..2560)
+        if tight && rng.random::<f64>() < 0.10 {
+            // Memory-hungry: 256 MiB to 2 GiB.
+            256 + rng.random_range(0..1792)
         } else {
             // Log-uniform 8 MiB to 512 MiB.
             (8.0 * 64f64.powf(rng.random::<f64>())) as u32
@@ -274,6 +276,10 @@ mod tests {
         assert_eq!(a, b);
         let cap: f64 = a.nodes.iter().map(NodeSpec::capacity).sum();
         let demand: f64 = a.jobs.iter().map(|j| j.work).sum::<f64>() / spec.duration;
-        assert!((demand / cap - 0.5).abs() < 0.05, "offered {}", demand / cap);
+        assert!(
+            (demand / cap - 0.5).abs() < 0.05,
+            "offered {}",
+            demand / cap
+        );
     }
 }

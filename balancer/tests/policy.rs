@@ -1,0 +1,474 @@
+//! Scripted scenarios for the sans-IO core: each test feeds a node a few inputs and checks the
+//! actions it answers with.
+
+use balancer::{
+    Action, Config, Input, LoadEntry, MigrationReason, Node, PolicyKind, ProcessInfo, Time,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn rng() -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(42)
+}
+
+fn secs(s: f64) -> Time {
+    Time::from_secs_f64(s)
+}
+
+fn entry(node: u32, load: f32, cpus: u16, speed: f32, free: u32) -> LoadEntry {
+    LoadEntry {
+        node,
+        load,
+        cpus,
+        speed,
+        free_mem_mb: free,
+        total_mem_mb: 8192,
+        age_ms: 100,
+    }
+}
+
+/// A process that has run `age` seconds and used `work` seconds of CPU.
+fn proc_info(pid: u64, home: u32, mem: u32, age: f64, work: f64) -> ProcessInfo {
+    let mut p = ProcessInfo::new(pid, home, mem);
+    p.age_ms = (age * 1000.0) as u64;
+    p.cpu_work = work;
+    p
+}
+
+fn node(id: u32, cpus: u32, policy: PolicyKind) -> Node {
+    let mut cfg = Config::new(id, cpus, 1.0, 8192);
+    cfg.policy = policy;
+    cfg.params.max_requests_per_step = 1;
+    let mut n = Node::new(cfg);
+    let mut r = rng();
+    for peer in 0..8 {
+        n.handle(Input::NodeJoined { node: peer }, Time::ZERO, &mut r);
+    }
+    n
+}
+
+fn requests(acts: &[Action]) -> Vec<(u64, u32, MigrationReason)> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::SendMigrationRequest {
+                pid, to, reason, ..
+            } => Some((*pid, *to, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node 0 (1 CPU) runs four CPU-bound processes; node 5 is idle and known.
+fn overloaded(policy: PolicyKind) -> Node {
+    let mut n = node(0, 1, policy);
+    let mut r = rng();
+    let now = secs(100.0);
+    for pid in 1..=4 {
+        n.handle(
+            Input::ProcessStarted(proc_info(pid, 0, 64, 60.0, 15.0 * pid as f64)),
+            now,
+            &mut r,
+        );
+    }
+    n.handle(
+        Input::LoadSample {
+            runnable: 4,
+            used_mem_mb: 256,
+        },
+        now,
+        &mut r,
+    );
+    n.handle(
+        Input::Gossip {
+            from: 5,
+            entries: vec![entry(5, 0.0, 2, 1.0, 8000), entry(6, 3.0, 1, 1.0, 8000)],
+        },
+        now,
+        &mut r,
+    );
+    n
+}
+
+#[test]
+fn one_gossip_message_per_tick_own_entry_first_never_to_self() {
+    let mut n = node(3, 2, PolicyKind::Mosix);
+    let mut r = rng();
+    for i in 0..50 {
+        let acts = n.handle(Input::Tick, secs(f64::from(i)), &mut r);
+        let gossip: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendGossip { to, entries } => Some((*to, entries.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(gossip.len(), 1);
+        let (to, entries) = &gossip[0];
+        assert_ne!(*to, 3);
+        assert_eq!(entries[0].node, 3);
+        assert!(entries.len() <= 1 + n.config().params.window);
+    }
+}
+
+#[test]
+fn overloaded_node_moves_the_oldest_cpu_bound_process_to_the_idle_node() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    // pid 4 has used the most CPU (60 s): by Harchol-Balter & Downey it has the most to go.
+    assert_eq!(requests(&acts), vec![(4, 5, MigrationReason::Balance)]);
+    let acts = n.handle(
+        Input::MigrationReply {
+            from: 5,
+            pid: 4,
+            accepted: true,
+        },
+        secs(100.01),
+        &mut r,
+    );
+    assert_eq!(
+        acts,
+        vec![Action::Migrate {
+            pid: 4,
+            to: 5,
+            reason: MigrationReason::Balance
+        }]
+    );
+}
+
+#[test]
+fn young_processes_do_not_move() {
+    let mut n = node(0, 1, PolicyKind::Mosix);
+    let mut r = rng();
+    let now = secs(10.0);
+    for pid in 1..=4 {
+        n.handle(
+            Input::ProcessStarted(proc_info(pid, 0, 64, 0.2, 0.05)),
+            now,
+            &mut r,
+        );
+    }
+    n.handle(
+        Input::LoadSample {
+            runnable: 4,
+            used_mem_mb: 256,
+        },
+        now,
+        &mut r,
+    );
+    n.handle(
+        Input::Gossip {
+            from: 5,
+            entries: vec![entry(5, 0.0, 2, 1.0, 8000)],
+        },
+        now,
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, now, &mut r);
+    assert!(requests(&acts).is_empty(), "{acts:?}");
+}
+
+#[test]
+fn locked_process_stays_but_manual_request_overrides() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    for pid in 1..=4 {
+        n.handle(Input::SetLock { pid, locked: true }, secs(100.0), &mut r);
+    }
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    assert!(requests(&acts).is_empty(), "{acts:?}");
+    let acts = n.handle(Input::ManualMigrate { pid: 2, to: 6 }, secs(100.5), &mut r);
+    assert_eq!(
+        acts,
+        vec![Action::Migrate {
+            pid: 2,
+            to: 6,
+            reason: MigrationReason::Manual
+        }]
+    );
+    // A manual request to ourselves is ignored.
+    let acts = n.handle(Input::ManualMigrate { pid: 3, to: 0 }, secs(100.6), &mut r);
+    assert!(acts.is_empty());
+}
+
+#[test]
+fn process_whose_syscalls_go_home_stays_near_home() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    // pid 4 (most CPU used) turns out to send 90% of its system calls home.
+    n.handle(
+        Input::ProcessStats {
+            pid: 4,
+            cpu_work: 60.0,
+            home_syscalls: 900,
+            local_syscalls: 100,
+        },
+        secs(100.0),
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    assert_eq!(requests(&acts), vec![(3, 5, MigrationReason::Balance)]);
+}
+
+#[test]
+fn exec_clears_statistics() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    n.handle(
+        Input::ProcessStats {
+            pid: 4,
+            cpu_work: 60.0,
+            home_syscalls: 900,
+            local_syscalls: 100,
+        },
+        secs(100.0),
+        &mut r,
+    );
+    let before = n
+        .processes()
+        .find(|p| p.info.pid == 4)
+        .unwrap()
+        .info
+        .home_fraction();
+    assert!((before - 0.9).abs() < 1e-9);
+    n.handle(Input::ProcessExec { pid: 4 }, secs(101.0), &mut r);
+    let p = n.processes().find(|p| p.info.pid == 4).unwrap();
+    assert_eq!(p.info.home_fraction(), 0.0);
+    assert_eq!(p.info.cpu_work, 0.0);
+}
+
+#[test]
+fn statistics_decay_with_half_life() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    let half = n.config().params.stats_half_life_secs;
+    n.handle(
+        Input::ProcessStats {
+            pid: 1,
+            cpu_work: 1.0,
+            home_syscalls: 1000,
+            local_syscalls: 0,
+        },
+        secs(100.0),
+        &mut r,
+    );
+    n.handle(
+        Input::ProcessStats {
+            pid: 1,
+            cpu_work: 2.0,
+            home_syscalls: 0,
+            local_syscalls: 500,
+        },
+        secs(100.0 + half),
+        &mut r,
+    );
+    let p = n.processes().find(|p| p.info.pid == 1).unwrap();
+    assert!(
+        (p.info.home_syscalls - 500.0).abs() < 1e-6,
+        "{}",
+        p.info.home_syscalls
+    );
+    assert!((p.info.home_fraction() - 0.5).abs() < 1e-6);
+}
+
+#[test]
+fn target_refuses_once_promised_enough_work() {
+    // Node 5: 1 CPU, idle. Requests from a node at load 2.5.
+    let mut t = node(5, 1, PolicyKind::Mosix);
+    let mut r = rng();
+    t.handle(
+        Input::LoadSample {
+            runnable: 0,
+            used_mem_mb: 0,
+        },
+        secs(1.0),
+        &mut r,
+    );
+    let ask = |t: &mut Node, pid, r: &mut ChaCha8Rng| {
+        t.handle(
+            Input::MigrationRequest {
+                from: 0,
+                pid,
+                mem_mb: 64,
+                from_load: 2.5,
+                reason: MigrationReason::Balance,
+            },
+            secs(1.0),
+            r,
+        )
+    };
+    let answers: Vec<bool> = (1..=4)
+        .map(|pid| match ask(&mut t, pid, &mut r).as_slice() {
+            [Action::SendMigrationReply {
+                to: 0, accepted, ..
+            }] => *accepted,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // After accepting k processes its load would be k+1 per CPU: it takes two (loads 1, 2 <
+    // 2.5) and refuses the rest.
+    assert_eq!(answers, vec![true, true, false, false]);
+    // The promises lapse after their time to live.
+    let later = secs(1.0).plus(t.config().params.promise_ttl).plus(Time(1));
+    t.handle(Input::Tick, later, &mut r);
+    let acts = t.handle(
+        Input::MigrationRequest {
+            from: 0,
+            pid: 9,
+            mem_mb: 64,
+            from_load: 2.5,
+            reason: MigrationReason::Balance,
+        },
+        later,
+        &mut r,
+    );
+    assert!(matches!(
+        acts.as_slice(),
+        [Action::SendMigrationReply { accepted: true, .. }]
+    ));
+}
+
+#[test]
+fn refused_target_is_left_alone_for_a_while() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    assert_eq!(requests(&acts).len(), 1);
+    n.handle(
+        Input::MigrationReply {
+            from: 5,
+            pid: 4,
+            accepted: false,
+        },
+        secs(100.01),
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, secs(101.0), &mut r);
+    assert!(
+        requests(&acts).iter().all(|&(_, to, _)| to != 5),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn memory_ushering_moves_to_a_node_with_room_even_if_busier() {
+    // Node 0: 4 CPUs, lightly loaded (1 process per CPU) but memory full.
+    let mut cfg = Config::new(0, 4, 1.0, 4096);
+    cfg.params.max_requests_per_step = 1;
+    let mut n = Node::new(cfg);
+    let mut r = rng();
+    let now = secs(50.0);
+    for peer in 1..4 {
+        n.handle(Input::NodeJoined { node: peer }, now, &mut r);
+    }
+    for pid in 1..=4 {
+        n.handle(
+            Input::ProcessStarted(proc_info(pid, 0, 1000 + pid as u32 * 10, 30.0, 20.0)),
+            now,
+            &mut r,
+        );
+    }
+    n.handle(
+        Input::LoadSample {
+            runnable: 4,
+            used_mem_mb: 4100,
+        },
+        now,
+        &mut r,
+    );
+    // Node 1 is busier (load 2) but has 6 GiB free; node 2 is idle but has no memory.
+    n.handle(
+        Input::Gossip {
+            from: 1,
+            entries: vec![entry(1, 2.0, 2, 1.0, 6000), entry(2, 0.0, 4, 1.0, 100)],
+        },
+        now,
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, now, &mut r);
+    let reqs = requests(&acts);
+    assert_eq!(reqs.len(), 1, "{acts:?}");
+    assert_eq!(reqs[0].1, 1);
+    assert_eq!(reqs[0].2, MigrationReason::Usher);
+}
+
+#[test]
+fn opportunity_cost_moves_work_to_the_cheapest_node() {
+    let mut n = overloaded(PolicyKind::OpportunityCost);
+    let mut r = rng();
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    let reqs = requests(&acts);
+    assert_eq!(reqs.len(), 1, "{acts:?}");
+    assert_eq!(reqs[0].1, 5);
+    assert_eq!(reqs[0].2, MigrationReason::OpportunityCost);
+}
+
+#[test]
+fn balanced_cluster_stays_put() {
+    // Node 0 has 1 process per CPU and peers are as loaded: nothing to gain.
+    let mut n = node(0, 2, PolicyKind::Mosix);
+    let mut r = rng();
+    let now = secs(100.0);
+    for pid in 1..=2 {
+        n.handle(
+            Input::ProcessStarted(proc_info(pid, 0, 64, 60.0, 50.0)),
+            now,
+            &mut r,
+        );
+    }
+    n.handle(
+        Input::LoadSample {
+            runnable: 2,
+            used_mem_mb: 128,
+        },
+        now,
+        &mut r,
+    );
+    n.handle(
+        Input::Gossip {
+            from: 5,
+            entries: vec![entry(5, 1.0, 2, 1.0, 8000), entry(6, 1.0, 4, 1.0, 8000)],
+        },
+        now,
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, now, &mut r);
+    assert!(requests(&acts).is_empty(), "{acts:?}");
+}
+
+#[test]
+fn same_seed_same_inputs_same_actions() {
+    let run = || {
+        let mut n = overloaded(PolicyKind::Mosix);
+        let mut r = ChaCha8Rng::seed_from_u64(9);
+        (0..20)
+            .flat_map(|i| n.handle(Input::Tick, secs(100.0 + f64::from(i)), &mut r))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn inputs_and_actions_roundtrip_on_the_wire() {
+    let inputs = vec![
+        Input::Tick,
+        Input::Gossip {
+            from: 1,
+            entries: vec![entry(1, 0.5, 2, 1.5, 100)],
+        },
+        Input::ProcessStarted(proc_info(7, 1, 64, 1.0, 0.5)),
+        Input::MigrationRequest {
+            from: 1,
+            pid: 7,
+            mem_mb: 64,
+            from_load: 1.5,
+            reason: MigrationReason::Usher,
+        },
+    ];
+    for i in inputs {
+        let bytes = bincode::serde::encode_to_vec(&i, bincode::config::standard()).unwrap();
+        let (back, _): (Input, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back, i);
+    }
+}
