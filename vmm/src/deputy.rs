@@ -103,16 +103,21 @@ impl HostDeputy {
     /// A deputy whose guest descriptors 0, 1, 2 are this process's stdin, stdout, stderr.
     /// (They are duplicated, so a guest closing its stderr cannot silence the VMM's messages.)
     pub fn new() -> Self {
+        Self::with_stdio([0, 1, 2])
+    }
+
+    /// A deputy whose guest descriptors 0, 1, 2 are duplicates of these host descriptors.
+    pub fn with_stdio(stdio: [i32; 3]) -> Self {
         let mut d = HostDeputy {
             fds: vec![None; 3],
             exe: None,
         };
-        for fd in 0..3 {
+        for (g, fd) in stdio.into_iter().enumerate() {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor number only creates a new descriptor or
             // fails; it touches no memory.
             let host = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
             if host >= 0 {
-                d.fds[fd as usize] = Some(GuestFd {
+                d.fds[g] = Some(GuestFd {
                     host,
                     cloexec: false,
                 });

@@ -10,5 +10,6 @@ pub mod deputy;
 pub mod loader;
 pub mod memory;
 pub mod mm;
+pub mod snapshot;
 pub mod table;
 pub mod vm;

@@ -69,8 +69,19 @@ pub struct GuestMem {
     /// frames are handed out, so a small program does not pay for registering (and tearing
     /// down) its whole `--mem`.
     registered: u64,
-    /// (base, size) of each slot, slot number = index.
-    slots: Vec<(u64, u64)>,
+    /// Slot layout and dirty-logging state, shared with a migration running beside the vCPU.
+    shared: Arc<std::sync::Mutex<Layout>>,
+}
+
+/// What a migration thread needs to know about guest memory while the guest runs.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// (base, size) of each KVM memory slot; slot number = index.
+    pub slots: Vec<(u64, u64)>,
+    /// Bytes of guest physical memory handed out (frames below this may hold data).
+    pub used: u64,
+    /// Whether KVM dirty logging is on for every slot.
+    pub log_dirty: bool,
 }
 
 /// Size of the first memory slot; later slots double the covered size.
@@ -110,7 +121,7 @@ impl GuestMem {
             next_frame: PAGE,
             pml4: 0,
             registered: 0,
-            slots: Vec::new(),
+            shared: Default::default(),
             vm: None,
         };
         g.pml4 = g
@@ -158,11 +169,17 @@ impl GuestMem {
 
     /// Attach the VM: register every slot so far, and later ones as they are added.
     pub fn attach(&mut self, vm: Arc<kvm_ioctls::VmFd>) -> anyhow::Result<()> {
-        for (i, &(base, size)) in self.slots.iter().enumerate() {
-            self.register(&vm, i as u32, base, size)?;
+        let layout = self.layout();
+        for (i, &(base, size)) in layout.slots.iter().enumerate() {
+            self.register(&vm, i as u32, base, size, layout.log_dirty)?;
         }
         self.vm = Some(vm);
         Ok(())
+    }
+
+    /// A snapshot of the slot layout.
+    pub fn layout(&self) -> Layout {
+        self.shared.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     fn register(
@@ -171,10 +188,15 @@ impl GuestMem {
         slot: u32,
         base: u64,
         size: u64,
+        log_dirty: bool,
     ) -> anyhow::Result<()> {
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: base,
             memory_size: size,
             userspace_addr: self.host as u64 + base,
@@ -194,18 +216,50 @@ impl GuestMem {
         if add == 0 {
             return Err(NoMem);
         }
-        let (base, slot) = (self.registered, self.slots.len() as u32);
+        let mut layout = self.shared.lock().map_err(|_| NoMem)?;
+        let (base, slot) = (self.registered, layout.slots.len() as u32);
         if let Some(vm) = &self.vm {
-            self.register(vm, slot, base, add).map_err(|_| NoMem)?;
+            self.register(vm, slot, base, add, layout.log_dirty)
+                .map_err(|_| NoMem)?;
         }
-        self.slots.push((base, add));
+        layout.slots.push((base, add));
         self.registered += add;
         Ok(())
     }
 
-    /// Memory slots: (base, size), slot number = index.
-    pub fn slots(&self) -> &[(u64, u64)] {
-        &self.slots
+    /// A handle for reading memory and the dirty log from another thread while the guest runs.
+    pub fn view(&self) -> MemView {
+        MemView {
+            mem: self.mem.clone(),
+            shared: self.shared.clone(),
+            vm: self.vm.clone(),
+        }
+    }
+
+    /// Rebuild the frame layout of a migrated guest: frames below `used` are handed out and
+    /// the page tables start at `pml4`; contents arrive separately.
+    pub fn restore_layout(&mut self, used: u64, pml4: u64) -> Result<(), NoMem> {
+        if used > self.size || pml4 >= used {
+            return Err(NoMem);
+        }
+        while self.registered < used {
+            self.grow()?;
+        }
+        self.next_frame = used;
+        self.pml4 = pml4;
+        if let Ok(mut l) = self.shared.lock() {
+            l.used = used;
+        }
+        Ok(())
+    }
+
+    /// Write one whole page at a guest physical page number (migration's receive side).
+    pub fn write_page(&self, gpn: u64, data: &[u8; PAGE as usize]) -> Result<(), NoMem> {
+        if (gpn + 1) * PAGE > self.size {
+            return Err(NoMem);
+        }
+        let _ = self.mem.write_slice(data, GuestAddress(gpn * PAGE));
+        Ok(())
     }
 
     fn alloc_frame(&mut self) -> Result<u64, NoMem> {
@@ -217,6 +271,9 @@ impl GuestMem {
         }
         let f = self.next_frame;
         self.next_frame += PAGE;
+        if let Ok(mut l) = self.shared.lock() {
+            l.used = self.next_frame;
+        }
         Ok(f)
     }
 
@@ -435,6 +492,136 @@ impl GuestMem {
     /// Host-side byte range of the guest memory region (for KVM registration).
     pub fn region_len(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()
+    }
+}
+
+/// Guest memory seen from a migration thread: page reads, resident pages, the dirty log.
+#[derive(Clone)]
+pub struct MemView {
+    mem: GuestMemoryMmap<AtomicBitmap>,
+    shared: Arc<std::sync::Mutex<Layout>>,
+    vm: Option<Arc<kvm_ioctls::VmFd>>,
+}
+
+impl MemView {
+    /// Bytes of guest physical memory handed out so far.
+    pub fn used(&self) -> u64 {
+        self.shared.lock().map(|l| l.used).unwrap_or(0)
+    }
+
+    /// Copy one guest page.
+    pub fn read_page(&self, gpn: u64, buf: &mut [u8; PAGE as usize]) -> bool {
+        self.mem.read_slice(buf, GuestAddress(gpn * PAGE)).is_ok()
+    }
+
+    /// Guest pages whose host memory has ever been touched (the rest are zero): the first
+    /// pre-copy pass sends only these.
+    pub fn resident_pages(&self) -> Vec<u64> {
+        let used = self.used();
+        let pages = (used / PAGE) as usize;
+        let mut vec = vec![0u8; pages];
+        let Ok(host) = self.mem.get_host_address(GuestAddress(0)) else {
+            return Vec::new();
+        };
+        // SAFETY: `host..host+used` is the start of the guest mapping (used <= size), and
+        // `vec` has one byte per page of it, as mincore requires.
+        let r =
+            unsafe { libc::mincore(host as *mut libc::c_void, used as usize, vec.as_mut_ptr()) };
+        if r != 0 {
+            return (0..pages as u64).collect();
+        }
+        vec.iter()
+            .enumerate()
+            .filter(|(_, &v)| v & 1 != 0)
+            .map(|(i, _)| i as u64)
+            .collect()
+    }
+
+    /// Turn KVM dirty logging on for every slot (and for slots added later), and start the
+    /// VMM's own bitmap afresh.
+    pub fn start_dirty_log(&self) -> anyhow::Result<()> {
+        let vm = self.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?;
+        let mut layout = self
+            .shared
+            .lock()
+            .map_err(|_| anyhow::anyhow!("layout lock"))?;
+        layout.log_dirty = true;
+        let host = self.mem.get_host_address(GuestAddress(0))?;
+        for (i, &(base, size)) in layout.slots.iter().enumerate() {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: base,
+                memory_size: size,
+                userspace_addr: host as u64 + base,
+            };
+            // SAFETY: same region as registered before, only the flags change.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|e| anyhow::anyhow!("enabling dirty log: {e}"))?;
+        }
+        for r in self.mem.iter() {
+            std::ops::Deref::deref(r).bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// Pages dirtied since the last call (or since logging started): KVM's dirty log (guest
+    /// writes) OR'd with the VMM's own bitmap (its writes into the guest).
+    pub fn take_dirty(&self) -> anyhow::Result<Vec<u64>> {
+        let vm = self.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?;
+        let layout = self.layout();
+        let mut bits: Vec<u64> = vec![
+            0;
+            (layout.slots.iter().map(|s| s.0 + s.1).max().unwrap_or(0) / PAGE).div_ceil(64)
+                as usize
+        ];
+        for (i, &(base, size)) in layout.slots.iter().enumerate() {
+            let log = vm
+                .get_dirty_log(i as u32, size as usize)
+                .map_err(|e| anyhow::anyhow!("KVM_GET_DIRTY_LOG: {e}"))?;
+            let first = base / PAGE;
+            for (w, word) in log.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let b = word.trailing_zeros() as u64;
+                    word &= word - 1;
+                    let gpn = first + w as u64 * 64 + b;
+                    if let Some(slot) = bits.get_mut((gpn / 64) as usize) {
+                        *slot |= 1 << (gpn % 64);
+                    }
+                }
+            }
+        }
+        for r in self.mem.iter() {
+            for (w, word) in std::ops::Deref::deref(r)
+                .bitmap()
+                .get_and_reset()
+                .iter()
+                .enumerate()
+            {
+                if let Some(slot) = bits.get_mut(w) {
+                    *slot |= *word;
+                }
+            }
+        }
+        let used_pages = self.used() / PAGE;
+        let mut out = Vec::new();
+        for (w, word) in bits.iter().enumerate() {
+            let mut word = *word;
+            while word != 0 {
+                let b = word.trailing_zeros() as u64;
+                word &= word - 1;
+                let gpn = w as u64 * 64 + b;
+                if gpn < used_pages {
+                    out.push(gpn);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn layout(&self) -> Layout {
+        self.shared.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 

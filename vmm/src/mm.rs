@@ -34,7 +34,7 @@ pub mod errno {
 }
 
 /// One virtual memory area.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Vma {
     /// End (exclusive).
     pub end: u64,
@@ -45,7 +45,7 @@ pub struct Vma {
 }
 
 /// The origin of a VMA (for `ps`/maps-style reporting and brk bookkeeping).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmaKind {
     /// An ELF segment.
     Image,
@@ -79,6 +79,13 @@ impl AddressSpace {
             brk_start: 0,
             brk: 0,
         }
+    }
+
+    /// Rebuild the VMA map and program break of a migrated guest.
+    pub fn restore(&mut self, vmas: Vec<(u64, Vma)>, brk_start: u64, brk: u64) {
+        self.vmas = vmas.into_iter().collect();
+        self.brk_start = brk_start;
+        self.brk = brk;
     }
 
     /// All VMAs, in address order.

@@ -181,8 +181,174 @@ pub struct Vm {
     /// Whether the syscall exit happens at CPL 3 (KVM-PVM): then the VMM performs the return.
     vmm_returns: Option<bool>,
     warned: std::collections::HashSet<u64>,
+    /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
+    /// the guest's monotonic time never goes backwards).
+    mono_offset_ns: i64,
+    pause: PauseHandle,
     /// Counters.
     pub stats: Stats,
+}
+
+/// Stops a running guest at its next exit, from any thread (to capture it for migration).
+#[derive(Clone, Default)]
+pub struct PauseHandle {
+    inner: std::sync::Arc<PauseInner>,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    requested: std::sync::atomic::AtomicBool,
+    in_guest: std::sync::atomic::AtomicBool,
+    immediate_exit: AtomicPtr<u8>,
+    thread: std::sync::atomic::AtomicU64,
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+const KICK_SIGNAL: i32 = libc::SIGUSR2;
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+impl PauseHandle {
+    /// Ask the guest to stop. A syscall the deputy is running finishes first; guest code is
+    /// interrupted at once.
+    pub fn request(&self) {
+        let i = &self.inner;
+        i.requested.store(true, Ordering::SeqCst);
+        let p = i.immediate_exit.load(Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` is the running vCPU's kvm_run.immediate_exit, published while the
+            // run loop runs and withdrawn before the vCPU can be dropped.
+            unsafe { p.write_volatile(1) };
+        }
+        if i.in_guest.load(Ordering::SeqCst) {
+            let t = i.thread.load(Ordering::SeqCst);
+            if t != 0 {
+                // SAFETY: `t` is the pthread id of the thread inside the run loop (it clears
+                // `in_guest` before leaving); the kick signal's handler does nothing, so its
+                // only effect is to interrupt KVM_RUN.
+                unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
+            }
+        }
+    }
+
+    /// Force the vCPU out of guest mode once (it re-enters at once). KVM may buffer a running
+    /// vCPU's dirty-page information until its next exit: kick before reading the dirty log.
+    pub fn kick(&self) {
+        let i = &self.inner;
+        if i.in_guest.load(Ordering::SeqCst) {
+            let t = i.thread.load(Ordering::SeqCst);
+            if t != 0 {
+                // SAFETY: as in `request`: the thread is inside the run loop and the kick
+                // signal's handler does nothing.
+                unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
+            }
+        }
+    }
+
+    /// Whether a pause was requested and not yet cleared.
+    pub fn requested(&self) -> bool {
+        self.inner.requested.load(Ordering::SeqCst)
+    }
+
+    /// Let the guest run again.
+    pub fn clear(&self) {
+        self.inner.requested.store(false, Ordering::SeqCst);
+    }
+}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a no-op handler and empty mask is valid.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+fn host_mono_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to fill in.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+fn is_monotonic(clock: i32) -> bool {
+    matches!(
+        clock,
+        libc::CLOCK_MONOTONIC
+            | libc::CLOCK_MONOTONIC_RAW
+            | libc::CLOCK_MONOTONIC_COARSE
+            | libc::CLOCK_BOOTTIME
+    )
+}
+
+fn shift_ts(ts: &mut libc::timespec, ns: i64) {
+    let t = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128 + ns as i128;
+    let t = t.max(0);
+    ts.tv_sec = (t / 1_000_000_000) as i64;
+    ts.tv_nsec = (t % 1_000_000_000) as i64;
+}
+
+/// The VMM's side of a guest: everything besides guest memory and the vCPU.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmmState {
+    program: PathBuf,
+    mem: u64,
+    mem_label: String,
+    trace: bool,
+    lock: bool,
+    stats: bool,
+    used: u64,
+    pml4: u64,
+    vmas: Vec<(u64, crate::mm::Vma)>,
+    brk_start: u64,
+    brk: u64,
+    pid: i64,
+    sig_actions: Vec<Vec<u8>>,
+    sig_mask: u64,
+    altstack: Vec<u8>,
+    rlimits: Vec<[u64; 2]>,
+    comm: Vec<u8>,
+    vmm_returns: Option<bool>,
+    guest_mono_ns: i64,
+    counters: [u64; 4],
+}
+
+/// A stopped guest, ready to travel: vCPU state plus VMM state (guest memory goes separately).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MigState {
+    /// The vCPU.
+    pub vcpu: crate::snapshot::VcpuState,
+    /// The VMM.
+    pub vmm: VmmState,
+}
+
+impl MigState {
+    /// Encode with bincode.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .context("encoding guest state")
+    }
+
+    /// Decode what [`MigState::encode`] produced.
+    pub fn decode(bytes: &[u8]) -> Result<MigState> {
+        let (s, n) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+            .context("decoding guest state")?;
+        anyhow::ensure!(n == bytes.len(), "trailing bytes after guest state");
+        Ok(s)
+    }
+
+    /// Bytes of guest physical memory the guest had handed out.
+    pub fn mem_used(&self) -> u64 {
+        self.vmm.used
+    }
 }
 
 /// Read `--mem` style sizes: 1048576, 64K, 512M, 2G.
@@ -307,6 +473,8 @@ impl Vm {
             comm,
             vmm_returns: None,
             warned: Default::default(),
+            mono_offset_ns: 0,
+            pause: PauseHandle::default(),
             stats: Stats {
                 create_us,
                 load_us,
@@ -326,21 +494,51 @@ impl Vm {
 
     /// Run until the guest exits or dies.
     pub fn run(&mut self) -> Result<Outcome> {
+        loop {
+            if let Some(out) = self.run_or_pause()? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The handle that pauses this guest from another thread.
+    pub fn pause_handle(&self) -> PauseHandle {
+        self.pause.clone()
+    }
+
+    /// Run until the guest exits or dies (`Some`), or a pause was requested (`None`): the
+    /// guest is then stopped between two instructions (or two syscalls) and can be captured.
+    pub fn run_or_pause(&mut self) -> Result<Option<Outcome>> {
         let t = Instant::now();
+        install_kick_handler();
         let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
+        let p = self.pause.inner.clone();
+        // SAFETY: pthread_self has no preconditions.
+        p.thread
+            .store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+        p.immediate_exit.store(ie, Ordering::SeqCst);
         let out = self.run_loop();
+        p.immediate_exit
+            .store(std::ptr::null_mut(), Ordering::SeqCst);
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
-        self.stats.run_us = t.elapsed().as_micros() as u64;
+        self.vcpu.set_kvm_immediate_exit(0);
+        self.stats.run_us += t.elapsed().as_micros() as u64;
         out
     }
 
-    fn run_loop(&mut self) -> Result<Outcome> {
+    fn run_loop(&mut self) -> Result<Option<Outcome>> {
         loop {
             if let Some(sig) = pending_signal() {
-                return Ok(Outcome::Signaled(sig));
+                return Ok(Some(Outcome::Signaled(sig)));
             }
-            let exit = match self.vcpu.run() {
+            if self.pause.requested() {
+                return Ok(None);
+            }
+            self.pause.inner.in_guest.store(true, Ordering::SeqCst);
+            let run = self.vcpu.run();
+            self.pause.inner.in_guest.store(false, Ordering::SeqCst);
+            let exit = match run {
                 Ok(VcpuExit::IoOut(port, _)) => Ok(port),
                 Ok(VcpuExit::Shutdown) => Err("triple fault (shutdown)".to_string()),
                 Ok(VcpuExit::Hlt) => Err("guest halted".to_string()),
@@ -357,7 +555,7 @@ impl Vm {
             match exit {
                 Ok(port) if port == guest::SYSCALL_PORT as u16 => {
                     if let Some(out) = self.syscall()? {
-                        return Ok(out);
+                        return Ok(Some(out));
                     }
                 }
                 Ok(port)
@@ -367,7 +565,7 @@ impl Vm {
                 {
                     let v = (port - guest::EXCEPTION_PORT_BASE as u16) as usize;
                     if let Some(out) = self.exception(v)? {
-                        return Ok(out);
+                        return Ok(Some(out));
                     }
                 }
                 Ok(port) => {
@@ -380,10 +578,111 @@ impl Vm {
                         self.program.display(),
                         regs.map(|r| r.rip).unwrap_or(0)
                     );
-                    return Ok(Outcome::Signaled(libc::SIGSEGV));
+                    return Ok(Some(Outcome::Signaled(libc::SIGSEGV)));
                 }
             }
         }
+    }
+
+    /// Capture a paused guest: its vCPU and VMM state (guest memory is read separately,
+    /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
+    pub fn capture(mut self) -> Result<(MigState, Box<dyn Deputy>)> {
+        let vcpu = crate::snapshot::capture(&mut self.vcpu)?;
+        let vmm = VmmState {
+            program: self.program.clone(),
+            mem: self.opts.mem,
+            mem_label: self.opts.mem_label.clone(),
+            trace: self.opts.trace,
+            lock: self.opts.lock,
+            stats: self.opts.stats,
+            used: self.space.mem.used(),
+            pml4: self.space.mem.cr3(),
+            vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
+            brk_start: self.space.brk_start,
+            brk: self.space.brk,
+            pid: self.pid,
+            sig_actions: self.sig.actions.iter().map(|a| a.to_vec()).collect(),
+            sig_mask: self.sig.mask,
+            altstack: self.sig.altstack.to_vec(),
+            rlimits: self.rlimits.to_vec(),
+            comm: self.comm.to_vec(),
+            vmm_returns: self.vmm_returns,
+            guest_mono_ns: host_mono_ns() + self.mono_offset_ns,
+            counters: [
+                self.stats.exits,
+                self.stats.local,
+                self.stats.home,
+                self.stats.page_faults,
+            ],
+        };
+        Ok((MigState { vcpu, vmm }, self.deputy))
+    }
+
+    /// Guest memory as a migration thread sees it.
+    pub fn memory_view(&self) -> crate::memory::MemView {
+        self.space.mem.view()
+    }
+
+    /// Recreate a captured guest: a new VM with the same memory layout and vCPU state. Its
+    /// pages must be written (`space.mem.write_page`) before it runs.
+    pub fn restore(st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
+        let host = cpu::host()?;
+        let v = st.vmm;
+        let mut mem = GuestMem::new(v.mem)?;
+        mem.restore_layout(v.used, v.pml4)
+            .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
+        let vm = cpu::create_vm(host, &mut mem)?;
+        let mut space = AddressSpace::new(mem);
+        space.restore(v.vmas, v.brk_start, v.brk);
+        let mut vcpu = cpu::create_vcpu(host, &vm, &space.mem, st.vcpu.regs.rip, st.vcpu.regs.rsp)?;
+        crate::snapshot::restore(&mut vcpu, &st.vcpu)?;
+        let mut sig = Signals::new();
+        for (dst, src) in sig.actions.iter_mut().zip(&v.sig_actions) {
+            if src.len() == 32 {
+                dst.copy_from_slice(src);
+            }
+        }
+        sig.mask = v.sig_mask;
+        if v.altstack.len() == 24 {
+            sig.altstack.copy_from_slice(&v.altstack);
+        }
+        let mut rlimits = [[u64::MAX; 2]; 16];
+        for (d, s) in rlimits.iter_mut().zip(&v.rlimits) {
+            *d = *s;
+        }
+        let mut comm = [0u8; 16];
+        let n = v.comm.len().min(16);
+        comm[..n].copy_from_slice(&v.comm[..n]);
+        let [exits, local, home, page_faults] = v.counters;
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            space,
+            deputy,
+            opts: Options {
+                mem: v.mem,
+                mem_label: v.mem_label,
+                trace: v.trace,
+                lock: v.lock,
+                stats: v.stats,
+            },
+            program: v.program,
+            pid: v.pid,
+            sig,
+            rlimits,
+            comm,
+            vmm_returns: v.vmm_returns,
+            warned: Default::default(),
+            mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
+            pause: PauseHandle::default(),
+            stats: Stats {
+                exits,
+                local,
+                home,
+                page_faults,
+                ..Default::default()
+            },
+        })
     }
 
     /// A guest exception: demand paging resumes the guest (None); anything else ends it as
@@ -705,6 +1004,9 @@ impl Vm {
                 if r != 0 {
                     return Err(EINVAL);
                 }
+                if nr as i64 == libc::SYS_clock_gettime && is_monotonic(a[0] as i32) {
+                    shift_ts(&mut ts, self.mono_offset_ns);
+                }
                 if a[1] != 0 {
                     self.write_guest(a[1], &timespec_bytes(&ts))?;
                 }
@@ -1019,12 +1321,16 @@ impl Vm {
 
     fn sleep(&mut self, clock: i32, flags: i32, req: u64, rem: u64) -> Result<Step, i64> {
         let b = self.read_guest::<16>(req)?;
-        let ts = libc::timespec {
+        let mut ts = libc::timespec {
             tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
             tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),
         };
         if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
             return Err(EINVAL);
+        }
+        if flags & libc::TIMER_ABSTIME != 0 && is_monotonic(clock) {
+            // The guest's deadline is on its own (migrated) monotonic clock.
+            shift_ts(&mut ts, -self.mono_offset_ns);
         }
         let mut left = libc::timespec {
             tv_sec: 0,

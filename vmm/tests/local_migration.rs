@@ -1,0 +1,197 @@
+//! Live migration between two micro-VMs in one process, over real KVM: pre-copy rounds from
+//! the dirty log while the guest runs, pause, capture, encode/decode the state, restore into a
+//! fresh VM, finish there. The result must equal a native run of the same program: stdout,
+//! exit status and the file it writes.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmm::deputy::HostDeputy;
+use vmm::vm::{MigState, Options, Outcome, Vm};
+
+const PAGE: usize = 4096;
+
+fn images() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+    let st = std::process::Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&dir)
+        .status()
+        .expect("make");
+    assert!(st.success(), "building images failed");
+    dir.join("out")
+}
+
+fn kvm_or_skip() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    assert!(
+        std::env::var_os("MOSVM_SKIP_KVM").is_some_and(|v| v == "1"),
+        "/dev/kvm is not usable: these tests need KVM (set MOSVM_SKIP_KVM=1 to skip them)"
+    );
+    eprintln!("note: MOSVM_SKIP_KVM=1: skipping KVM test");
+    false
+}
+
+struct Run {
+    stdout: Vec<u8>,
+    status: i32,
+    file: Vec<u8>,
+}
+
+fn native(prog: &Path, args: &[&str], dir: &Path) -> Run {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("native run");
+    Run {
+        stdout: out.stdout,
+        status: out.status.code().unwrap_or(-1),
+        file: std::fs::read(dir.join("ticker.out")).unwrap_or_default(),
+    }
+}
+
+/// Run under mosvm in this process, migrating after `after` through `rounds` pre-copy rounds.
+fn migrated(
+    prog: &Path,
+    args: &[&str],
+    dir: &Path,
+    after: Duration,
+    rounds: usize,
+) -> (Run, usize) {
+    std::env::set_current_dir(dir).unwrap();
+    let stdout_path = dir.join("../stdout");
+    let out = std::fs::File::create(&stdout_path).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let deputy = HostDeputy::with_stdio([null.as_raw_fd(), out.as_raw_fd(), 2]).with_exe(prog);
+    let mut argv = vec![prog.as_os_str().as_encoded_bytes().to_vec()];
+    argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
+    let opts = Options {
+        mem: 1 << 30,
+        mem_label: "1G".into(),
+        trace: false,
+        lock: false,
+        stats: false,
+    };
+    let mut vm = Vm::new(
+        prog.to_path_buf(),
+        argv,
+        vec![b"LANG=C".to_vec()],
+        Box::new(deputy),
+        opts,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pause = vm.pause_handle();
+    let view = vm.memory_view();
+    let precopy = std::thread::spawn(move || {
+        std::thread::sleep(after);
+        view.start_dirty_log().unwrap();
+        let mut pages: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut buf = [0u8; PAGE];
+        let mut copy = |gpns: Vec<u64>, pages: &mut HashMap<u64, Vec<u8>>| {
+            for gpn in gpns {
+                assert!(view.read_page(gpn, &mut buf));
+                pages.insert(gpn, buf.to_vec());
+            }
+        };
+        let first = view.resident_pages();
+        let mut sizes = vec![first.len()];
+        copy(first, &mut pages);
+        for _ in 0..rounds {
+            pause.kick();
+            std::thread::sleep(Duration::from_millis(1));
+            let d = view.take_dirty().unwrap();
+            sizes.push(d.len());
+            copy(d, &mut pages);
+        }
+        eprintln!("pre-copy pages per round: {sizes:?}");
+        pause.request();
+        (pages, view)
+    });
+    let first = vm.run_or_pause().unwrap();
+    let (mut pages, view) = precopy.join().unwrap();
+    assert!(
+        first.is_none(),
+        "the program finished before it could be migrated: {first:?}"
+    );
+    let last = view.take_dirty().unwrap();
+    let last_round = last.len();
+    let mut buf = [0u8; PAGE];
+    for gpn in last {
+        assert!(view.read_page(gpn, &mut buf));
+        pages.insert(gpn, buf.to_vec());
+    }
+    // Nothing lost: what was sent (pages not sent are zero) equals the stopped source's memory.
+    let zero = [0u8; PAGE];
+    for gpn in 0..view.used() / PAGE as u64 {
+        assert!(view.read_page(gpn, &mut buf));
+        let sent = pages.get(&gpn).map_or(&zero[..], |p| p.as_slice());
+        assert!(
+            sent == &buf[..],
+            "page {gpn:#x} changed after it was last sent: the dirty log missed it"
+        );
+    }
+    let (state, deputy) = vm.capture().unwrap();
+    let state = MigState::decode(&state.encode().unwrap()).unwrap();
+    let mut dst = Vm::restore(state, deputy).unwrap();
+    for (gpn, data) in &pages {
+        dst.space
+            .mem
+            .write_page(*gpn, data.as_slice().try_into().unwrap())
+            .unwrap();
+    }
+    let outcome = dst.run().unwrap();
+    drop(dst);
+    drop(out);
+    let status = match outcome {
+        Outcome::Exited(c) => c,
+        Outcome::Signaled(s) => 128 + s,
+    };
+    let run = Run {
+        stdout: std::fs::read(&stdout_path).unwrap(),
+        status,
+        file: std::fs::read(dir.join("ticker.out")).unwrap_or_default(),
+    };
+    (run, last_round)
+}
+
+#[test]
+fn a_running_guest_moves_to_a_new_vm_and_finishes_there() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let out = images();
+    let cases: [(&str, &[&str], u64, usize); 4] = [
+        ("glibc-static/ticker", &["30", "3000000", "16"], 300, 3),
+        ("dynamic/ticker", &["30", "3000000", "64"], 500, 5),
+        ("musl-static/ticker", &["30", "3000000", "8"], 150, 0),
+        ("glibc-static/ticker", &["20", "300000", "1"], 1, 1),
+    ];
+    for (image, args, after_ms, rounds) in cases {
+        let prog = out.join(image);
+        let tmp = tempfile::tempdir().unwrap();
+        let (nd, md) = (tmp.path().join("native"), tmp.path().join("mosvm"));
+        std::fs::create_dir_all(&nd).unwrap();
+        std::fs::create_dir_all(&md).unwrap();
+        let want = native(&prog, args, &nd);
+        assert_eq!(want.status, 0, "{image} failed natively");
+        let (got, last_round) = migrated(&prog, args, &md, Duration::from_millis(after_ms), rounds);
+        eprintln!("{image}: migrated after {after_ms} ms, {rounds} rounds, {last_round} pages in the stop-and-copy round");
+        assert_eq!(got.status, want.status, "{image}: exit status");
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout),
+            String::from_utf8_lossy(&want.stdout),
+            "{image}: stdout"
+        );
+        assert_eq!(got.file, want.file, "{image}: ticker.out");
+    }
+}
