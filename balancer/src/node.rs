@@ -210,7 +210,7 @@ pub enum Input {
     Gossip {
         /// Sender.
         from: NodeId,
-        /// Entries, freshest first.
+        /// Entries: the sender's own first, then its window.
         entries: Vec<LoadEntry>,
     },
     /// A process now runs here (started here, or arrived by migration).

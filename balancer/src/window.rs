@@ -91,7 +91,9 @@ impl Window {
             }
         }
         if self.held.len() > self.capacity {
-            self.held.sort_by_key(|h| (h.age_ms(now), h.entry.node));
+            // Keep the `capacity` freshest (ties by node id): a linear-time selection.
+            self.held
+                .select_nth_unstable_by_key(self.capacity, |h| (h.age_ms(now), h.entry.node));
             self.held.truncate(self.capacity);
         }
     }
@@ -107,11 +109,13 @@ impl Window {
         self.held.retain(|h| h.entry.node != node);
     }
 
-    /// Up to `n` freshest entries, aged to `now`, freshest first.
+    /// Up to `n` freshest entries, aged to `now` (in no particular order).
     pub fn freshest(&self, now: Time, n: usize) -> Vec<LoadEntry> {
         let mut v: Vec<LoadEntry> = self.held.iter().map(|h| h.aged(now)).collect();
-        v.sort_by_key(|e| (e.age_ms, e.node));
-        v.truncate(n);
+        if v.len() > n {
+            v.select_nth_unstable_by_key(n, |e| (e.age_ms, e.node));
+            v.truncate(n);
+        }
         v
     }
 

@@ -169,10 +169,11 @@ enum Ev {
     Rebalance,
 }
 
+/// A queue entry: small, so the heap moves little; the event itself waits in a slab.
 struct Item {
     t: u64,
     seq: u64,
-    ev: Ev,
+    slot: u32,
 }
 
 impl PartialEq for Item {
@@ -250,6 +251,8 @@ struct Sim<'a> {
     now: f64,
     seq: u64,
     q: BinaryHeap<Item>,
+    slab: Vec<Option<Ev>>,
+    free_slots: Vec<u32>,
     hosts: Vec<Host>,
     cores: Vec<Option<Node>>,
     procs: Vec<Proc>,
@@ -280,10 +283,20 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn at(&mut self, t: f64, ev: Ev) {
         self.seq += 1;
+        let slot = match self.free_slots.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                (self.slab.len() - 1) as u32
+            }
+        };
         self.q.push(Item {
             t: Time::from_secs_f64(t).0,
             seq: self.seq,
-            ev,
+            slot,
         });
     }
 
@@ -829,6 +842,8 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
         now: 0.0,
         seq: 0,
         q: BinaryHeap::new(),
+        slab: Vec::new(),
+        free_slots: Vec::new(),
         hosts,
         cores: (0..sc.nodes.len()).map(|_| None).collect(),
         procs: vec![
@@ -881,8 +896,9 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
             sim.at(n.joins_at, Ev::Join(i as u32));
         }
     }
-    for (j, job) in sc.jobs.iter().enumerate() {
-        sim.at(job.arrival, Ev::Arrival(j as u32));
+    // Arrivals are sorted: keep only the next one queued.
+    if let Some(job) = sc.jobs.first() {
+        sim.at(job.arrival, Ev::Arrival(0));
     }
     sim.at(cfg.sample_every, Ev::Sample);
     if cfg.policy == SimPolicy::Omniscient {
@@ -898,8 +914,17 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
         }
         sim.now = t;
         events += 1;
-        match item.ev {
-            Ev::Arrival(j) => sim.arrival(j),
+        let Some(ev) = sim.slab[item.slot as usize].take() else {
+            continue;
+        };
+        sim.free_slots.push(item.slot);
+        match ev {
+            Ev::Arrival(j) => {
+                sim.arrival(j);
+                if let Some(next) = sc.jobs.get(j as usize + 1) {
+                    sim.at(next.arrival, Ev::Arrival(j + 1));
+                }
+            }
             Ev::Finish { host, gen } => sim.finish(host, gen),
             Ev::Tick(h) => sim.tick(h),
             Ev::Msg { to, input } => {
