@@ -1,5 +1,54 @@
-//! Wire formats and protocols between mosvm nodes: framing, the versioned handshake, the
-//! pre-copy engine over dirty bitmaps, vCPU/VMM state encoding and remote deputy calls.
+//! Wire formats and protocols between mosvm nodes: framing, the versioned handshake, mutual
+//! TLS with the cluster key, guest-page batches, and the pre-copy planner that drives a live
+//! migration over dirty bitmaps. It depends on no other mosvm crate: the vCPU and VMM state
+//! travel as opaque bytes the `vmm` crate encodes itself, and dirty bitmaps stay with the VMM
+//! (the planner only sees counts and measured times).
 //!
-//! Nothing lives here yet: the single-node micro-VM (`vmm`) comes first; the cluster issue
-//! fills this crate in.
+//! # Modules
+//!
+//! - [`frame`]: 11-byte header (magic, protocol version, kind, length ≤ 64 MiB) + bincode 2
+//!   payload; the [`frame::Message`] set; sync read/write over any `Read + Write`.
+//! - [`handshake`]: `Hello` → `Welcome` | `Refuse`: protocol version, purpose, CPU features
+//!   ([`handshake::cpu_compatible`]), deputy token. Pure decision + thin stream drivers.
+//! - [`tls`]: `keygen`, [`tls::ClusterTls`], [`tls::connect`] / [`tls::accept`]: TLS 1.3 with a
+//!   client certificate required on both ends, chaining to the cluster certificate.
+//! - [`pages`]: [`pages::PageBatch`] (≤ 256 pages, zero pages as bits, lz4 when it pays).
+//! - [`precopy`]: [`precopy::Planner`], the sans-IO round/throttle/switch-over decisions.
+//!
+//! Every connection is `tls::connect`/`tls::accept` then the handshake; a peer without the
+//! cluster key never reaches the handshake, a peer of another protocol version gets a
+//! `Refuse` naming both versions (the header and `Refuse` layouts are frozen), and the caller
+//! gets a typed error to log.
+//!
+//! # One migration (source → destination, `Purpose::Migrate`)
+//!
+//! ```text
+//! src: Hello{Migrate, cpu features}      dst: Welcome | Refuse{reason}
+//! src: MigrateOffer{pid, memory layout…} dst: MigrateAccept | MigrateRefuse{reason}
+//! src: Pages* RoundDone{1, dirty}        first pass: touched pages, zero pages as bits
+//! src: Pages* RoundDone{n, dirty}        pre-copy rounds while the planner says NextRound or
+//!                                        Throttle (KVM dirty log OR the VMM's write bitmap)
+//! src: (pause) Pages* State{vcpu_and_vmm} on SwitchOver: last dirty pages, then the state
+//! dst: Resumed                           the guest runs at the destination; only now does the
+//!                                        source release its copy
+//! either side: Abort{reason}             at any point; the source then resumes locally
+//! ```
+//!
+//! # The deputy channel (remote VMM → home node, `Purpose::Deputy`, with the process's token)
+//!
+//! Strictly one `DeputyRequest{seq, nr, args, slots}` then one `DeputyReply{seq, ret, outs}`
+//! per forwarded system call, in order: the request carries every input buffer, the reply
+//! every output buffer (one per `Out`/`InOut` slot). `Signal`, `Exit` and `Ping`/`Pong` are
+//! control messages the node service sends on its own connections.
+
+pub mod frame;
+pub mod handshake;
+pub mod pages;
+pub mod precopy;
+pub mod tls;
+
+pub use frame::{read_message, write_message, FrameError, Message, PROTOCOL_VERSION};
+pub use handshake::{cpu_compatible, HandshakeError, Hello, Purpose, Welcome};
+pub use pages::{PageBatch, PageBatchBuilder, PAGE_SIZE};
+pub use precopy::{Decision, Planner, RoundStats};
+pub use tls::{accept, connect, keygen, ClusterTls, TlsError};

@@ -1,0 +1,818 @@
+//! Length-prefixed frames over any byte stream, and the [`Message`] set they carry.
+//!
+//! A frame is an 11-byte header followed by a payload:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..4 | magic `MOSV` |
+//! | 4..6 | protocol version, u16 little-endian |
+//! | 6 | message kind ([`Kind`]) |
+//! | 7..11 | payload length, u32 little-endian, at most [`MAX_PAYLOAD`] |
+//!
+//! The payload is the bincode 2 encoding (standard configuration, decode limit
+//! [`MAX_PAYLOAD`]) of the message's fields; which fields is fixed by the kind. The header layout
+//! and the [`Kind::Refuse`] payload (one string) are frozen across protocol versions, so that a
+//! peer speaking another version can always read why it was refused.
+//!
+//! Reading never trusts the peer: a wrong magic, an unknown kind, an oversize length, a payload
+//! that does not decode or has trailing bytes are all typed [`FrameError`]s, and the payload
+//! buffer grows only as bytes actually arrive.
+
+use std::io::{self, Read, Write};
+
+use bincode::{Decode, Encode};
+
+use crate::handshake::{Hello, Welcome};
+use crate::pages::PageBatch;
+
+/// First four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"MOSV";
+/// The protocol version this build speaks. Bump it on any change to a message's layout.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the frame header in bytes.
+pub const HEADER_LEN: usize = 11;
+/// Largest payload accepted or produced (64 MiB).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+
+/// The bincode configuration every payload uses.
+pub(crate) const fn codec_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_PAYLOAD>,
+> {
+    bincode::config::standard().with_limit::<MAX_PAYLOAD>()
+}
+
+/// Errors reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("bad frame magic {0:02x?} (not a mosvm peer)")]
+    BadMagic([u8; 4]),
+    #[error("peer speaks protocol version {theirs}, this node speaks {ours}{}", refusal_suffix(.refusal))]
+    Version {
+        ours: u16,
+        theirs: u16,
+        /// The peer's reason when the foreign-version frame was a refusal.
+        refusal: Option<String>,
+    },
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("frame payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u64, max: usize },
+    #[error("malformed {kind:?} payload: {detail}")]
+    Malformed { kind: Kind, detail: String },
+    #[error("cannot encode {kind:?} message: {detail}")]
+    Encode { kind: Kind, detail: String },
+}
+
+fn refusal_suffix(r: &Option<String>) -> String {
+    match r {
+        Some(reason) => format!(" (refused: {reason})"),
+        None => String::new(),
+    }
+}
+
+/// Message kinds as they appear in the header. The values are part of the wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Welcome = 2,
+    /// Frozen: its payload is one string in every protocol version.
+    Refuse = 3,
+    DeputyRequest = 4,
+    DeputyReply = 5,
+    MigrateOffer = 6,
+    MigrateAccept = 7,
+    MigrateRefuse = 8,
+    Pages = 9,
+    RoundDone = 10,
+    State = 11,
+    Resumed = 12,
+    Abort = 13,
+    Signal = 14,
+    Exit = 15,
+    Ping = 16,
+    Pong = 17,
+}
+
+impl Kind {
+    /// The kind for a header byte, if it is one.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            1 => Hello,
+            2 => Welcome,
+            3 => Refuse,
+            4 => DeputyRequest,
+            5 => DeputyReply,
+            6 => MigrateOffer,
+            7 => MigrateAccept,
+            8 => MigrateRefuse,
+            9 => Pages,
+            10 => RoundDone,
+            11 => State,
+            12 => Resumed,
+            13 => Abort,
+            14 => Signal,
+            15 => Exit,
+            16 => Ping,
+            17 => Pong,
+            _ => return None,
+        })
+    }
+}
+
+/// One memory buffer of a forwarded system call.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Slot {
+    /// The argument is not a buffer (or is a null pointer).
+    Null,
+    /// Input buffer: its bytes travel with the request.
+    In(Vec<u8>),
+    /// Output buffer of this many bytes: the reply carries what the call wrote.
+    Out(u64),
+    /// Input and output: bytes travel both ways.
+    InOut(Vec<u8>),
+}
+
+/// A home-dependent system call forwarded to the deputy: one request, one reply.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeputyRequest {
+    /// Sequence number, echoed by the reply; strictly increasing on a channel.
+    pub seq: u64,
+    /// System call number.
+    pub nr: u64,
+    /// Raw argument registers.
+    pub args: [u64; 6],
+    /// One slot per argument that names guest memory (by the syscall table's convention).
+    pub slots: Vec<Slot>,
+}
+
+impl DeputyRequest {
+    /// Total bytes the deputy must allocate for output buffers (`Out` and `InOut`).
+    pub fn out_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| match s {
+                Slot::Out(n) => *n,
+                Slot::InOut(b) => b.len() as u64,
+                _ => 0,
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Number of output buffers the reply must carry.
+    pub fn out_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Out(_) | Slot::InOut(_)))
+            .count()
+    }
+}
+
+/// The deputy's answer to one [`DeputyRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeputyReply {
+    /// The request's sequence number.
+    pub seq: u64,
+    /// The system call's return value (negative errno on failure).
+    pub ret: i64,
+    /// One buffer per `Out`/`InOut` slot of the request, in slot order, each at most the
+    /// requested length (the bytes the call produced).
+    pub outs: Vec<Vec<u8>>,
+}
+
+/// A guest-physical memory region of the migrating micro-VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct MemRegion {
+    pub guest_phys: u64,
+    pub len: u64,
+}
+
+/// The source's proposal to move one process here.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct MigrateOffer {
+    /// The process's id on its home node.
+    pub pid: u32,
+    /// Name of the process's home node (where its deputy lives).
+    pub home_node: String,
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// Pages the first pass will send (touched pages).
+    pub touched_pages: u64,
+    /// Guest page size (4096).
+    pub page_size: u32,
+    /// Guest memory layout: every region pages may land in.
+    pub regions: Vec<MemRegion>,
+    /// The token the guest presents to its deputy, carried so the destination can reconnect.
+    pub deputy_token: Option<[u8; 32]>,
+}
+
+/// Everything that travels between nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Refuse {
+        reason: String,
+    },
+    DeputyRequest(DeputyRequest),
+    DeputyReply(DeputyReply),
+    MigrateOffer(MigrateOffer),
+    MigrateAccept,
+    MigrateRefuse {
+        reason: String,
+    },
+    Pages(PageBatch),
+    RoundDone {
+        round: u32,
+        dirty_pages: u64,
+    },
+    /// The vCPU and VMM state, encoded by the VMM; opaque here.
+    State {
+        vcpu_and_vmm: Vec<u8>,
+    },
+    Resumed,
+    Abort {
+        reason: String,
+    },
+    Signal {
+        sig: i32,
+    },
+    Exit {
+        status: i32,
+    },
+    Ping {
+        t: u64,
+    },
+    Pong {
+        t: u64,
+    },
+}
+
+impl Message {
+    /// The header kind of this message.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Welcome(_) => Kind::Welcome,
+            Message::Refuse { .. } => Kind::Refuse,
+            Message::DeputyRequest(_) => Kind::DeputyRequest,
+            Message::DeputyReply(_) => Kind::DeputyReply,
+            Message::MigrateOffer(_) => Kind::MigrateOffer,
+            Message::MigrateAccept => Kind::MigrateAccept,
+            Message::MigrateRefuse { .. } => Kind::MigrateRefuse,
+            Message::Pages(_) => Kind::Pages,
+            Message::RoundDone { .. } => Kind::RoundDone,
+            Message::State { .. } => Kind::State,
+            Message::Resumed => Kind::Resumed,
+            Message::Abort { .. } => Kind::Abort,
+            Message::Signal { .. } => Kind::Signal,
+            Message::Exit { .. } => Kind::Exit,
+            Message::Ping { .. } => Kind::Ping,
+            Message::Pong { .. } => Kind::Pong,
+        }
+    }
+}
+
+fn put<E: Encode>(buf: &mut Vec<u8>, kind: Kind, v: E) -> Result<(), FrameError> {
+    bincode::encode_into_std_write(v, buf, codec_config())
+        .map(|_| ())
+        .map_err(|e| FrameError::Encode {
+            kind,
+            detail: e.to_string(),
+        })
+}
+
+fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    let k = msg.kind();
+    match msg {
+        Message::Hello(h) => put(buf, k, h),
+        Message::Welcome(w) => put(buf, k, w),
+        Message::Refuse { reason }
+        | Message::MigrateRefuse { reason }
+        | Message::Abort { reason } => put(buf, k, reason),
+        Message::DeputyRequest(r) => put(buf, k, r),
+        Message::DeputyReply(r) => put(buf, k, r),
+        Message::MigrateOffer(o) => put(buf, k, o),
+        Message::MigrateAccept | Message::Resumed => Ok(()),
+        Message::Pages(b) => put(buf, k, b),
+        Message::RoundDone { round, dirty_pages } => put(buf, k, (round, dirty_pages)),
+        Message::State { vcpu_and_vmm } => put(buf, k, vcpu_and_vmm),
+        Message::Signal { sig } => put(buf, k, sig),
+        Message::Exit { status } => put(buf, k, status),
+        Message::Ping { t } | Message::Pong { t } => put(buf, k, t),
+    }
+}
+
+fn get<D: Decode<()>>(kind: Kind, payload: &[u8]) -> Result<D, FrameError> {
+    let (v, used) = bincode::decode_from_slice::<D, _>(payload, codec_config()).map_err(|e| {
+        FrameError::Malformed {
+            kind,
+            detail: e.to_string(),
+        }
+    })?;
+    if used != payload.len() {
+        return Err(FrameError::Malformed {
+            kind,
+            detail: format!("{} trailing bytes", payload.len() - used),
+        });
+    }
+    Ok(v)
+}
+
+/// Decodes a payload of a known kind (the header has been checked).
+pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError> {
+    let k = kind;
+    Ok(match kind {
+        Kind::Hello => Message::Hello(get(k, payload)?),
+        Kind::Welcome => Message::Welcome(get(k, payload)?),
+        Kind::Refuse => Message::Refuse {
+            reason: get(k, payload)?,
+        },
+        Kind::DeputyRequest => {
+            let r: DeputyRequest = get(k, payload)?;
+            if r.out_bytes() > MAX_PAYLOAD as u64 {
+                return Err(FrameError::Malformed {
+                    kind,
+                    detail: format!(
+                        "output buffers of {} bytes exceed the maximum of {MAX_PAYLOAD}",
+                        r.out_bytes()
+                    ),
+                });
+            }
+            Message::DeputyRequest(r)
+        }
+        Kind::DeputyReply => Message::DeputyReply(get(k, payload)?),
+        Kind::MigrateOffer => Message::MigrateOffer(get(k, payload)?),
+        Kind::MigrateAccept => {
+            get::<()>(k, payload)?;
+            Message::MigrateAccept
+        }
+        Kind::MigrateRefuse => Message::MigrateRefuse {
+            reason: get(k, payload)?,
+        },
+        Kind::Pages => Message::Pages(get(k, payload)?),
+        Kind::RoundDone => {
+            let (round, dirty_pages) = get(k, payload)?;
+            Message::RoundDone { round, dirty_pages }
+        }
+        Kind::State => Message::State {
+            vcpu_and_vmm: get(k, payload)?,
+        },
+        Kind::Resumed => {
+            get::<()>(k, payload)?;
+            Message::Resumed
+        }
+        Kind::Abort => Message::Abort {
+            reason: get(k, payload)?,
+        },
+        Kind::Signal => Message::Signal {
+            sig: get(k, payload)?,
+        },
+        Kind::Exit => Message::Exit {
+            status: get(k, payload)?,
+        },
+        Kind::Ping => Message::Ping {
+            t: get(k, payload)?,
+        },
+        Kind::Pong => Message::Pong {
+            t: get(k, payload)?,
+        },
+    })
+}
+
+/// Appends the whole frame (header and payload) for `msg` to `out`.
+pub fn encode_frame_into(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    encode_frame_versioned(msg, PROTOCOL_VERSION, out)
+}
+
+pub(crate) fn encode_frame_versioned(
+    msg: &Message,
+    version: u16,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.push(msg.kind() as u8);
+    out.extend_from_slice(&[0; 4]);
+    encode_payload(msg, out).inspect_err(|_| out.truncate(start))?;
+    let len = out.len() - start - HEADER_LEN;
+    if len > MAX_PAYLOAD {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max: MAX_PAYLOAD,
+        });
+    }
+    out[start + 7..start + HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, FrameError> {
+    let mut v = Vec::new();
+    encode_frame_into(msg, &mut v)?;
+    Ok(v)
+}
+
+/// Writes `msg` as one frame (a single `write_all`) and flushes.
+pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message) -> Result<(), FrameError> {
+    let buf = encode_frame(msg)?;
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// A parsed, validated frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    /// The raw kind byte (checked against [`Kind`] only when the version matches).
+    pub kind: u8,
+    pub len: u32,
+}
+
+/// Parses a header: checks the magic and the length bound (not the version).
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, FrameError> {
+    let magic = [h[0], h[1], h[2], h[3]];
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    let kind = h[6];
+    let len = u32::from_le_bytes([h[7], h[8], h[9], h[10]]);
+    if len as usize > MAX_PAYLOAD {
+        return Err(FrameError::TooLarge {
+            len: len.into(),
+            max: MAX_PAYLOAD,
+        });
+    }
+    Ok(Header { version, kind, len })
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before the first byte.
+fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<bool, FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(if got == 0 {
+                    FrameError::Closed
+                } else {
+                    FrameError::Truncated
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads one frame and decodes it.
+///
+/// A frame of another protocol version is read to its end (so the error is clean) and reported
+/// as [`FrameError::Version`], carrying the peer's reason if the frame was a refusal.
+pub fn read_message<R: Read + ?Sized>(r: &mut R) -> Result<Message, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    if !read_full(r, &mut h)? {
+        return Err(FrameError::Closed);
+    }
+    let header = parse_header(&h)?;
+    let kind = Kind::from_u8(header.kind);
+    if header.version == PROTOCOL_VERSION && kind.is_none() {
+        return Err(FrameError::UnknownKind(header.kind));
+    }
+    let len = header.len as usize;
+    // Grow with the data that arrives, never to the size the peer merely claims.
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    r.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() != len {
+        return Err(FrameError::Truncated);
+    }
+    if header.version != PROTOCOL_VERSION {
+        let refusal = if header.kind == Kind::Refuse as u8 {
+            get::<String>(Kind::Refuse, &payload).ok()
+        } else {
+            None
+        };
+        return Err(FrameError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: header.version,
+            refusal,
+        });
+    }
+    match kind {
+        Some(kind) => decode_payload(kind, &payload),
+        None => Err(FrameError::UnknownKind(header.kind)),
+    }
+}
+
+/// Decodes one frame from the front of `bytes`; returns the message and the bytes consumed.
+pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), FrameError> {
+    let mut cur = bytes;
+    let msg = read_message(&mut cur)?;
+    Ok((msg, bytes.len() - cur.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::{CpuFeatures, CpuidLeaf, Purpose};
+    use crate::pages::PageBatchBuilder;
+
+    fn samples() -> Vec<Message> {
+        let mut b = PageBatchBuilder::new();
+        let mut page = [0u8; 4096];
+        page[17] = 9;
+        b.push(5, &page).unwrap();
+        b.push(6, &[0; 4096]).unwrap();
+        vec![
+            Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                node_name: "n1".into(),
+                purpose: Purpose::Deputy,
+                cpu_features: CpuFeatures {
+                    leaves: vec![CpuidLeaf {
+                        leaf: 7,
+                        subleaf: 0,
+                        eax: 0,
+                        ebx: 1 << 5,
+                        ecx: 0,
+                        edx: 0,
+                    }],
+                    xcr0: 7,
+                },
+                token: Some([3; 32]),
+            }),
+            Message::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                node_name: "n2".into(),
+            }),
+            Message::Refuse {
+                reason: "no".into(),
+            },
+            Message::DeputyRequest(DeputyRequest {
+                seq: 9,
+                nr: 1,
+                args: [1, 2, 3, 4, 5, u64::MAX],
+                slots: vec![
+                    Slot::Null,
+                    Slot::In(b"hello".to_vec()),
+                    Slot::Out(64),
+                    Slot::InOut(vec![1, 2]),
+                ],
+            }),
+            Message::DeputyReply(DeputyReply {
+                seq: 9,
+                ret: -14,
+                outs: vec![vec![7; 10], vec![]],
+            }),
+            Message::MigrateOffer(MigrateOffer {
+                pid: 42,
+                home_node: "home".into(),
+                mem_bytes: 1 << 30,
+                touched_pages: 1000,
+                page_size: 4096,
+                regions: vec![MemRegion {
+                    guest_phys: 0,
+                    len: 1 << 30,
+                }],
+                deputy_token: None,
+            }),
+            Message::MigrateAccept,
+            Message::MigrateRefuse {
+                reason: "full".into(),
+            },
+            Message::Pages(b.finish()),
+            Message::RoundDone {
+                round: 3,
+                dirty_pages: 77,
+            },
+            Message::State {
+                vcpu_and_vmm: vec![1, 2, 3],
+            },
+            Message::Resumed,
+            Message::Abort {
+                reason: "gone".into(),
+            },
+            Message::Signal { sig: 15 },
+            Message::Exit { status: -1 },
+            Message::Ping { t: 123 },
+            Message::Pong { t: u64::MAX },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_stream() {
+        let msgs = samples();
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_message(&mut wire, m).unwrap();
+        }
+        let mut r = &wire[..];
+        for m in &msgs {
+            let got = read_message(&mut r).unwrap();
+            assert_eq!(&got, m);
+        }
+        assert!(matches!(read_message(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn kinds_are_distinct_and_parse_back() {
+        let msgs = samples();
+        let mut seen = std::collections::HashSet::new();
+        for m in &msgs {
+            let k = m.kind();
+            assert!(seen.insert(k as u8), "duplicate kind {k:?}");
+            assert_eq!(Kind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(seen.len(), 17);
+        assert_eq!(Kind::from_u8(0), None);
+        assert_eq!(Kind::from_u8(200), None);
+    }
+
+    #[test]
+    fn header_layout_is_fixed() {
+        let f = encode_frame(&Message::Ping { t: 5 }).unwrap();
+        assert_eq!(&f[0..4], b"MOSV");
+        assert_eq!(u16::from_le_bytes([f[4], f[5]]), PROTOCOL_VERSION);
+        assert_eq!(f[6], Kind::Ping as u8);
+        let len = u32::from_le_bytes([f[7], f[8], f[9], f[10]]) as usize;
+        assert_eq!(len, f.len() - HEADER_LEN);
+        let (m, used) = decode_frame(&f).unwrap();
+        assert_eq!(m, Message::Ping { t: 5 });
+        assert_eq!(used, f.len());
+    }
+
+    #[test]
+    fn wrong_magic_is_a_typed_error() {
+        let mut f = encode_frame(&Message::Resumed).unwrap();
+        f[0] = b'X';
+        assert!(matches!(
+            decode_frame(&f),
+            Err(FrameError::BadMagic(m)) if &m == b"XOSV"
+        ));
+        // An HTTP request is not a frame either.
+        assert!(matches!(
+            decode_frame(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(FrameError::BadMagic(_))
+        ));
+    }
+
+    #[test]
+    fn oversize_length_is_refused_without_reading_the_payload() {
+        let mut f = encode_frame(&Message::Resumed).unwrap();
+        f[7..11].copy_from_slice(&u32::MAX.to_le_bytes());
+        match decode_frame(&f) {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!(len, u32::MAX as u64);
+                assert_eq!(max, MAX_PAYLOAD);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_version_is_a_typed_error_and_carries_a_refusal() {
+        let mut f = Vec::new();
+        encode_frame_versioned(&Message::Ping { t: 1 }, PROTOCOL_VERSION + 1, &mut f).unwrap();
+        match decode_frame(&f) {
+            Err(FrameError::Version {
+                ours,
+                theirs,
+                refusal: None,
+            }) => {
+                assert_eq!(ours, PROTOCOL_VERSION);
+                assert_eq!(theirs, PROTOCOL_VERSION + 1);
+            }
+            other => panic!("expected Version, got {other:?}"),
+        }
+        let mut f = Vec::new();
+        let refuse = Message::Refuse {
+            reason: "speak v9".into(),
+        };
+        encode_frame_versioned(&refuse, 9, &mut f).unwrap();
+        match decode_frame(&f) {
+            Err(FrameError::Version {
+                theirs: 9,
+                refusal: Some(r),
+                ..
+            }) => assert_eq!(r, "speak v9"),
+            other => panic!("expected Version with refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_kind_and_trailing_bytes_are_rejected() {
+        let mut f = encode_frame(&Message::Resumed).unwrap();
+        f[6] = 99;
+        assert!(matches!(decode_frame(&f), Err(FrameError::UnknownKind(99))));
+
+        // A Ping frame with an extra byte in its payload.
+        let mut f = encode_frame(&Message::Ping { t: 1 }).unwrap();
+        f.push(0);
+        let len = (f.len() - HEADER_LEN) as u32;
+        f[7..11].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            decode_frame(&f),
+            Err(FrameError::Malformed {
+                kind: Kind::Ping,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn truncated_frames_are_errors_not_hangs() {
+        let f = encode_frame(&Message::State {
+            vcpu_and_vmm: vec![5; 1000],
+        })
+        .unwrap();
+        for cut in [1, HEADER_LEN - 1, HEADER_LEN, HEADER_LEN + 10, f.len() - 1] {
+            assert!(
+                matches!(decode_frame(&f[..cut]), Err(FrameError::Truncated)),
+                "cut at {cut}"
+            );
+        }
+        assert!(matches!(decode_frame(&[]), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn a_payload_claiming_a_huge_vector_fails_cleanly() {
+        // State payload whose bincode length prefix claims 2^60 bytes.
+        let mut payload = Vec::new();
+        bincode::encode_into_std_write(1u64 << 60, &mut payload, codec_config()).unwrap();
+        let mut f = Vec::new();
+        f.extend_from_slice(&MAGIC);
+        f.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        f.push(Kind::State as u8);
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(&payload);
+        assert!(matches!(
+            decode_frame(&f),
+            Err(FrameError::Malformed {
+                kind: Kind::State,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn deputy_request_with_huge_output_buffers_is_rejected() {
+        let req = Message::DeputyRequest(DeputyRequest {
+            seq: 1,
+            nr: 0,
+            args: [0; 6],
+            slots: vec![Slot::Out(u64::MAX / 2), Slot::Out(u64::MAX / 2)],
+        });
+        let f = encode_frame(&req).unwrap();
+        assert!(matches!(
+            decode_frame(&f),
+            Err(FrameError::Malformed {
+                kind: Kind::DeputyRequest,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn random_garbage_never_panics() {
+        // Deterministic xorshift garbage, with a valid header prefix half of the time.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..2000 {
+            let n = (next() % 200) as usize;
+            let mut buf: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            if i % 2 == 0 && buf.len() >= HEADER_LEN {
+                buf[0..4].copy_from_slice(&MAGIC);
+                buf[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+                buf[6] = (next() % 18) as u8;
+                let len = (buf.len() - HEADER_LEN) as u32;
+                buf[7..11].copy_from_slice(&len.to_le_bytes());
+            }
+            let res = decode_frame(&buf);
+            if i % 2 == 1 {
+                // Without the magic nothing may decode.
+                assert!(res.is_err(), "garbage decoded: {res:?}");
+            }
+        }
+    }
+}
