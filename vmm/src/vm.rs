@@ -185,6 +185,7 @@ pub struct Vm {
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
     pause: PauseHandle,
+    lock: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Counters.
     pub stats: Stats,
 }
@@ -460,6 +461,7 @@ impl Vm {
         let n = base.len().min(15);
         comm[..n].copy_from_slice(&base[..n]);
 
+        let opts_lock = opts.lock;
         let mut vm = Vm {
             vcpu,
             _vm: vm,
@@ -475,6 +477,7 @@ impl Vm {
             warned: Default::default(),
             mono_offset_ns: 0,
             pause: PauseHandle::default(),
+            lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(opts_lock)),
             stats: Stats {
                 create_us,
                 load_us,
@@ -593,7 +596,7 @@ impl Vm {
             mem: self.opts.mem,
             mem_label: self.opts.mem_label.clone(),
             trace: self.opts.trace,
-            lock: self.opts.lock,
+            lock: self.locked(),
             stats: self.opts.stats,
             used: self.space.mem.used(),
             pml4: self.space.mem.cr3(),
@@ -675,6 +678,7 @@ impl Vm {
             warned: Default::default(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             pause: PauseHandle::default(),
+            lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(v.lock)),
             stats: Stats {
                 exits,
                 local,
@@ -1421,9 +1425,19 @@ impl Vm {
         )
     }
 
-    /// Whether `--lock` was given.
+    /// Whether the process is locked to its node (`--lock`, or `mosvm lock`).
     pub fn locked(&self) -> bool {
-        self.opts.lock
+        self.lock.load(Ordering::SeqCst)
+    }
+
+    /// The shared lock flag, for the thread that applies the node's `lock`/`unlock`.
+    pub fn lock_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.lock.clone()
+    }
+
+    /// The program's path.
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
     }
 
     /// Whether `--stats` was given.
