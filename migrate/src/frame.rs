@@ -426,8 +426,19 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, FrameError> {
 
 /// Writes `msg` as one frame (a single `write_all`) and flushes.
 pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message) -> Result<(), FrameError> {
-    let buf = encode_frame(msg)?;
-    w.write_all(&buf)?;
+    write_message_with(w, msg, &mut Vec::new())
+}
+
+/// Like [`write_message`], encoding into `buf` (cleared first) so a sender streaming many
+/// frames reuses one buffer.
+pub fn write_message_with<W: Write + ?Sized>(
+    w: &mut W,
+    msg: &Message,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    buf.clear();
+    encode_frame_into(msg, buf)?;
+    w.write_all(buf)?;
     w.flush()?;
     Ok(())
 }

@@ -77,6 +77,8 @@ pub struct PageBatchBuilder {
     zero_map: Vec<u8>,
     raw: Vec<u8>,
     scratch: Vec<u8>,
+    spare_gpns: Option<Vec<u64>>,
+    spare_payload: Option<Vec<u8>>,
     compression: Compression,
 }
 
@@ -98,6 +100,8 @@ impl PageBatchBuilder {
             zero_map: Vec::with_capacity(MAX_BATCH_PAGES / 8),
             raw: Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE),
             scratch: Vec::new(),
+            spare_gpns: None,
+            spare_payload: None,
             compression,
         }
     }
@@ -139,9 +143,36 @@ impl PageBatchBuilder {
         self.zero_map.iter().map(|b| b.count_ones() as usize).sum()
     }
 
+    /// Hands back a sent batch's buffers for the next batches to reuse.
+    pub fn recycle(&mut self, batch: PageBatch) {
+        let PageBatch {
+            mut gpns,
+            mut payload,
+            ..
+        } = batch;
+        if self.spare_gpns.is_none() {
+            gpns.clear();
+            self.spare_gpns = Some(gpns);
+        }
+        if self.spare_payload.is_none() && payload.capacity() >= MAX_BATCH_PAGES * PAGE_SIZE {
+            payload.clear();
+            self.spare_payload = Some(payload);
+        }
+    }
+
+    fn fresh_raw(&mut self) -> Vec<u8> {
+        self.spare_payload
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE))
+    }
+
     /// Takes the batch and leaves the builder empty for the next one.
     pub fn finish(&mut self) -> PageBatch {
-        let gpns = std::mem::replace(&mut self.gpns, Vec::with_capacity(MAX_BATCH_PAGES));
+        let next_gpns = self
+            .spare_gpns
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_BATCH_PAGES));
+        let gpns = std::mem::replace(&mut self.gpns, next_gpns);
         let zero_map = std::mem::take(&mut self.zero_map);
         let mut compressed = false;
         let payload = if self.compression == Compression::Auto && !self.raw.is_empty() {
@@ -221,8 +252,40 @@ impl PageBatch {
         self.gpns.len() * PAGE_SIZE
     }
 
-    /// Checks the batch and decompresses its payload.
+    /// Checks the batch and decompresses its payload into a new buffer.
     pub fn decode(&self) -> Result<DecodedBatch<'_>, PageError> {
+        let mut out = Vec::new();
+        self.check_and_decompress(&mut out)?;
+        Ok(self.decoded(if self.compressed {
+            Cow::Owned(out)
+        } else {
+            Cow::Borrowed(&self.payload[..])
+        }))
+    }
+
+    /// Like [`PageBatch::decode`], decompressing into `scratch` so a receiver reuses one buffer.
+    pub fn decode_with<'a>(
+        &'a self,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<DecodedBatch<'a>, PageError> {
+        self.check_and_decompress(scratch)?;
+        Ok(self.decoded(if self.compressed {
+            Cow::Borrowed(&scratch[..])
+        } else {
+            Cow::Borrowed(&self.payload[..])
+        }))
+    }
+
+    fn decoded<'a>(&'a self, data: Cow<'a, [u8]>) -> DecodedBatch<'a> {
+        DecodedBatch {
+            gpns: &self.gpns,
+            zero_map: &self.zero_map,
+            data,
+        }
+    }
+
+    /// Validates the batch; when it is compressed, leaves the pages in `out`.
+    fn check_and_decompress(&self, out: &mut Vec<u8>) -> Result<(), PageError> {
         let n = self.gpns.len();
         if n > MAX_BATCH_PAGES {
             return Err(PageError::TooManyPages(n));
@@ -241,28 +304,22 @@ impl PageBatch {
         }
         let zeros: usize = self.zero_map.iter().map(|b| b.count_ones() as usize).sum();
         let expected = (n - zeros) * PAGE_SIZE;
-        let data = if self.compressed {
-            let mut out = vec![0u8; expected];
-            let got = lz4_flex::block::decompress_into(&self.payload, &mut out)
+        if self.compressed {
+            // `expected` is at most MAX_BATCH_PAGES pages: a bounded allocation.
+            out.clear();
+            out.resize(expected, 0);
+            let got = lz4_flex::block::decompress_into(&self.payload, out)
                 .map_err(|e| PageError::Decompress(e.to_string()))?;
             if got != expected {
                 return Err(PageError::PayloadLength { got, expected });
             }
-            Cow::Owned(out)
-        } else {
-            if self.payload.len() != expected {
-                return Err(PageError::PayloadLength {
-                    got: self.payload.len(),
-                    expected,
-                });
-            }
-            Cow::Borrowed(&self.payload[..])
-        };
-        Ok(DecodedBatch {
-            gpns: &self.gpns,
-            zero_map: &self.zero_map,
-            data,
-        })
+        } else if self.payload.len() != expected {
+            return Err(PageError::PayloadLength {
+                got: self.payload.len(),
+                expected,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -379,6 +436,31 @@ mod tests {
     }
 
     #[test]
+    fn recycled_buffers_and_scratch_decoding_carry_no_stale_pages() {
+        let mut b = PageBatchBuilder::with_compression(Compression::Never);
+        for g in 0..MAX_BATCH_PAGES as u64 {
+            b.push(g, &random_page(g)).unwrap();
+        }
+        let first = b.finish();
+        b.recycle(first);
+        b.push(7, &text_page(7)).unwrap();
+        b.push(8, &[0; PAGE_SIZE]).unwrap();
+        let second = b.finish();
+        assert_eq!(second.gpns, vec![7, 8]);
+        assert_eq!(second.payload.len(), PAGE_SIZE);
+
+        // Decoding a small compressed batch into a scratch buffer that held a large one.
+        let mut scratch = vec![0xee; 10 * PAGE_SIZE];
+        let c = roundtrip(&[(1, text_page(1)), (2, text_page(2))], Compression::Auto);
+        assert!(c.compressed);
+        let d = c.decode_with(&mut scratch).unwrap();
+        let pages: Vec<_> = d.iter().map(|(g, p)| (g, *p)).collect();
+        assert_eq!(pages.len(), 2);
+        assert!(pages[0].1[..] == text_page(1)[..]);
+        assert!(pages[1].1[..] == text_page(2)[..]);
+    }
+
+    #[test]
     fn hostile_batches_are_errors() {
         let good = roundtrip(
             &[(1, random_page(1)), (2, text_page(2))],
@@ -456,6 +538,10 @@ mod tests {
             let pages: Vec<_> = items.iter().map(|(g, k)| (*g, page_of(k))).collect();
             let c = if auto { Compression::Auto } else { Compression::Never };
             let batch = roundtrip(&pages, c);
+            let mut scratch = Vec::new();
+            let a: Vec<_> = batch.decode().unwrap().iter().map(|(g, p)| (g, p.to_vec())).collect();
+            let b: Vec<_> = batch.decode_with(&mut scratch).unwrap().iter().map(|(g, p)| (g, p.to_vec())).collect();
+            prop_assert_eq!(a, b);
             // Through the wire codec too.
             let msg = crate::frame::Message::Pages(batch.clone());
             let bytes = crate::frame::encode_frame(&msg).unwrap();
