@@ -182,18 +182,18 @@ impl PageBatchBuilder {
                 Ok(n) if n < self.raw.len() => {
                     compressed = true;
                     self.raw.clear();
-                    self.scratch[..n].to_vec()
+                    let mut out = self.fresh_raw();
+                    out.extend_from_slice(&self.scratch[..n]);
+                    out
                 }
-                _ => std::mem::replace(
-                    &mut self.raw,
-                    Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE),
-                ),
+                _ => {
+                    let next = self.fresh_raw();
+                    std::mem::replace(&mut self.raw, next)
+                }
             }
         } else {
-            std::mem::replace(
-                &mut self.raw,
-                Vec::with_capacity(MAX_BATCH_PAGES * PAGE_SIZE),
-            )
+            let next = self.fresh_raw();
+            std::mem::replace(&mut self.raw, next)
         };
         PageBatch {
             gpns,
