@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use migrate::frame::{read_message, write_message, write_message_with, Message, MigrateOffer};
+use migrate::frame::{
+    read_message, read_message_with, write_message, write_message_with, Message, MigrateOffer,
+};
 use migrate::handshake::{
     client_handshake, server_handshake, CpuFeatures, Hello, Purpose, ServerIdentity,
 };
@@ -83,13 +85,14 @@ fn migrate_over_tls(
         // Destination memory starts as garbage, so zero pages must really arrive.
         let mut mem = vec![0xaau8; offer.mem_bytes as usize];
         let mut scratch = Vec::new();
+        let mut frame = Vec::new();
         let mut got = Received {
             pages: 0,
             zero_pages: 0,
             wire_bytes: 0,
         };
         loop {
-            match read_message(&mut s).unwrap() {
+            match read_message_with(&mut s, &mut frame).unwrap() {
                 Message::Pages(batch) => {
                     got.wire_bytes += batch.payload.len();
                     got.zero_pages += batch
