@@ -47,6 +47,10 @@ pub struct Params {
     pub io_penalty: f64,
     /// Half-life of per-process statistics, seconds.
     pub stats_half_life_secs: f64,
+    /// A target refuses balancing requests that would leave it no less loaded than the
+    /// requester, counting work already promised (the anti-herding rule). Off only to measure
+    /// the herd it prevents.
+    pub refuse_when_busy: bool,
     /// At most this many migration requests per step (each to the best target given the
     /// earlier ones; targets refuse once promised enough work).
     pub max_requests_per_step: usize,
@@ -74,6 +78,7 @@ impl Default for Params {
             refuse_backoff: Time::from_secs_f64(5.0),
             io_penalty: 4.0,
             stats_half_life_secs: 30.0,
+            refuse_when_busy: true,
             max_requests_per_step: 4,
             oc_full_load: 2.0,
             oc_margin: 0.1,
@@ -738,7 +743,7 @@ impl Node {
         if free < f64::from(mem_mb) + reserve {
             return false;
         }
-        if reason == MigrationReason::Usher {
+        if reason == MigrationReason::Usher || !self.cfg.params.refuse_when_busy {
             return true;
         }
         let after = normalised(

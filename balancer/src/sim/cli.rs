@@ -74,6 +74,13 @@ pub struct SimArgs {
     /// Migration bandwidth, MiB/s.
     #[arg(long, default_value_t = 100.0)]
     pub migration_mbps: f64,
+    /// Targets accept every balancing request that fits in memory (turns off the
+    /// anti-herding refusal, to measure the herd it prevents).
+    #[arg(long)]
+    pub no_refusal: bool,
+    /// At most this many migration requests per node per step.
+    #[arg(long, default_value_t = 4)]
+    pub max_requests: usize,
     /// Membership: SWIM (foca) in every node, or an oracle.
     #[arg(long, value_enum, default_value_t = SwimMode::Auto)]
     pub swim: SwimMode,
@@ -95,6 +102,10 @@ pub struct SimArgs {
     /// Cluster sizes for the messages/information-age plot.
     #[arg(long, value_delimiter = ',', default_values_t = vec![4, 16, 64, 256, 1024, 4096])]
     pub sweep_nodes: Vec<u32>,
+    /// Window sizes for the information-age-vs-window table (on min(largest swept size, 1024)
+    /// nodes).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![2, 4, 8, 16, 32])]
+    pub sweep_windows: Vec<usize>,
     /// Simulated seconds of each cluster-size sweep run.
     #[arg(long, default_value_t = 300.0)]
     pub sweep_duration: f64,
@@ -216,6 +227,8 @@ impl SimArgs {
             window: self.window,
             migration_fixed_secs: self.migration_fixed,
             migration_mb_per_sec: self.migration_mbps,
+            refuse_when_busy: !self.no_refusal,
+            max_requests_per_step: self.max_requests,
             ..Params::default()
         };
         let swim = match self.swim {

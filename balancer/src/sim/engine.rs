@@ -1123,4 +1123,67 @@ mod tests {
             st.mean_slowdown
         );
     }
+
+    fn imbalanced(nodes: u32) -> Scenario {
+        // Every process starts on node 0 (1 CPU); the other nodes are idle.
+        Scenario {
+            nodes: (0..nodes).map(|_| node(1, 1.0)).collect(),
+            jobs: (0..40).map(|i| job(f64::from(i) * 0.5, 0, 20.0)).collect(),
+        }
+    }
+
+    #[test]
+    fn mosvm_spreads_a_pile_of_work_and_none_does_not() {
+        let sc = imbalanced(8);
+        let none = simulate(&cfg(SimPolicy::None, 8), &sc);
+        let mosvm = simulate(&cfg(SimPolicy::Mosvm, 8), &sc);
+        assert_eq!(none.migrations_per_process, 0.0);
+        assert!(mosvm.migrations_per_process > 0.0);
+        assert!(
+            mosvm.mean_slowdown < 0.5 * none.mean_slowdown,
+            "mosvm {} none {}",
+            mosvm.mean_slowdown,
+            none.mean_slowdown
+        );
+        assert_eq!(mosvm.invariant_violations, 0);
+    }
+
+    #[test]
+    fn one_gossip_message_per_node_per_step() {
+        let sc = imbalanced(16);
+        let st = simulate(&cfg(SimPolicy::Mosvm, 16), &sc);
+        assert_eq!(st.gossip_max_per_step, 1);
+        assert!(
+            (st.gossip_msgs_per_node_step - 1.0).abs() < 1e-9,
+            "{}",
+            st.gossip_msgs_per_node_step
+        );
+    }
+
+    #[test]
+    fn swim_membership_converges_and_carries_the_gossip() {
+        let sc = imbalanced(6);
+        let mut c = cfg(SimPolicy::Mosvm, 6);
+        c.swim = true;
+        let st = simulate(&c, &sc);
+        assert!(st.swim_msgs_per_node_sec > 0.0);
+        // Until SWIM has introduced the peers a node has no one to gossip to; after that,
+        // exactly one message per step.
+        assert_eq!(st.gossip_max_per_step, 1);
+        assert!(
+            st.gossip_msgs_per_node_step > 0.9,
+            "{}",
+            st.gossip_msgs_per_node_step
+        );
+        assert!(st.migrations_per_process > 0.0);
+        assert_eq!(st.unfinished, 0);
+    }
+
+    #[test]
+    fn same_seed_same_results() {
+        let sc = imbalanced(8);
+        let a = serde_json::to_string(&simulate(&cfg(SimPolicy::OppCost, 8), &sc)).unwrap();
+        let b = serde_json::to_string(&simulate(&cfg(SimPolicy::OppCost, 8), &sc)).unwrap();
+        assert_eq!(a, b);
+    }
 }

@@ -99,6 +99,8 @@ pub struct Sweeps {
     pub by_load: Vec<(f64, Comparison)>,
     /// Cluster size → the mosvm run.
     pub by_size: Vec<(u32, RunStats, f64)>,
+    /// Window size → the mosvm run on the largest swept cluster size.
+    pub by_window: Vec<(usize, RunStats)>,
 }
 
 /// Run the load and cluster-size sweeps and write the plots into `dir`.
@@ -130,7 +132,32 @@ pub fn sweeps_and_plots(args: &SimArgs, dir: &Path) -> Result<Sweeps> {
         );
         by_size.push((n, c.runs[0].clone(), c.wall_secs[0]));
     }
-    let sw = Sweeps { by_load, by_size };
+    let mut by_window = Vec::new();
+    let wn = args
+        .sweep_nodes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(args.nodes)
+        .min(1024);
+    for &w in &args.sweep_windows {
+        let mut a = args.clone();
+        a.window = w;
+        let c = compare(
+            &a,
+            WorkloadKind::Pareto,
+            wn,
+            args.load,
+            args.sweep_duration,
+            &[SimPolicy::Mosvm],
+        );
+        by_window.push((w, c.runs[0].clone()));
+    }
+    let sw = Sweeps {
+        by_load,
+        by_size,
+        by_window,
+    };
     plot_slowdown_vs_load(&sw, &dir.join("slowdown_vs_load.svg"), args.nodes)?;
     plot_by_size(
         &sw,
@@ -186,6 +213,29 @@ pub fn sweep_tables(sw: &Sweeps) -> String {
             r.info_age_secs / r.info_age_model_secs.max(1e-9),
             w
         );
+    }
+    if let Some((_, r)) = sw.by_window.first() {
+        let _ = writeln!(
+            s,
+            "\nmosvm information age vs window size ({} nodes)",
+            r.nodes
+        );
+        let _ = writeln!(
+            s,
+            "{:>7} {:>10} {:>9} {:>8} {:>9}",
+            "window", "B/node/s", "age s", "model s", "age/mdl"
+        );
+        for (w, r) in &sw.by_window {
+            let _ = writeln!(
+                s,
+                "{:>7} {:>10.1} {:>9.2} {:>8.2} {:>9.3}",
+                w,
+                r.gossip_bytes_per_node_sec,
+                r.info_age_secs,
+                r.info_age_model_secs,
+                r.info_age_secs / r.info_age_model_secs.max(1e-9)
+            );
+        }
     }
     s
 }
