@@ -154,7 +154,7 @@ proptest! {
         js.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
         let sc = Scenario { nodes: specs, jobs: js };
         let cfg = SimConfig {
-            spec: ScenarioSpec { kind: WorkloadKind::Pareto, nodes: sc.nodes.len() as u32, duration: 60.0, load: 0.5, mean_work: 10.0, pareto_ratio: 100.0, home_bound: 0.2, uniform_arrivals: false, seed },
+            spec: ScenarioSpec { kind: WorkloadKind::Pareto, nodes: sc.nodes.len() as u32, duration: 60.0, load: 0.5, mean_work: 10.0, pareto_ratio: 100.0, home_bound: 0.2, uniform_arrivals: false, max_cpus: 8, seed },
             policy,
             params: Params::default(),
             swim: false,

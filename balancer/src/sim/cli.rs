@@ -59,6 +59,10 @@ pub struct SimArgs {
     /// proportion to capacity (every node offered the same load).
     #[arg(long)]
     pub uniform_arrivals: bool,
+    /// Largest CPU count of a node: CPUs are drawn from 1, 2, 4, 8 up to this (1 gives a
+    /// cluster of uniprocessor workstations, as in MOSIX's day).
+    #[arg(long, default_value_t = 8)]
+    pub max_cpus: u32,
     /// Gossip window size w.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
@@ -78,6 +82,15 @@ pub struct SimArgs {
     /// anti-herding refusal, to measure the herd it prevents).
     #[arg(long)]
     pub no_refusal: bool,
+    /// A balancing move must raise the process's CPU rate by at least this fraction.
+    #[arg(long, default_value_t = 0.3)]
+    pub min_rate_gain: f64,
+    /// The expected time saved must exceed this many times the migration cost.
+    #[arg(long, default_value_t = 2.0)]
+    pub cost_factor: f64,
+    /// Processes younger than this many seconds are not moved automatically.
+    #[arg(long, default_value_t = 1.0)]
+    pub min_age: f64,
     /// At most this many migration requests per node per step.
     #[arg(long, default_value_t = 4)]
     pub max_requests: usize,
@@ -228,6 +241,9 @@ impl SimArgs {
             migration_fixed_secs: self.migration_fixed,
             migration_mb_per_sec: self.migration_mbps,
             refuse_when_busy: !self.no_refusal,
+            min_rate_gain: self.min_rate_gain,
+            cost_factor: self.cost_factor,
+            min_age_secs: self.min_age,
             max_requests_per_step: self.max_requests,
             ..Params::default()
         };
@@ -246,6 +262,7 @@ impl SimArgs {
                 pareto_ratio: self.pareto_ratio,
                 home_bound: self.home_bound,
                 uniform_arrivals: self.uniform_arrivals,
+                max_cpus: self.max_cpus,
                 seed: self.seed,
             },
             policy,

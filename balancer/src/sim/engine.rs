@@ -1054,6 +1054,7 @@ mod tests {
                 pareto_ratio: 1000.0,
                 home_bound: 0.0,
                 uniform_arrivals: false,
+                max_cpus: 8,
                 seed: 1,
             },
             policy,

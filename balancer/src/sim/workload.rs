@@ -88,6 +88,8 @@ pub struct ScenarioSpec {
     /// Arrivals uniform over nodes (small nodes overloaded) instead of proportional to
     /// capacity (every node offered the same load).
     pub uniform_arrivals: bool,
+    /// Largest CPU count drawn for a node (from 1, 2, 4, 8).
+    pub max_cpus: u32,
     /// Seed.
     pub seed: u64,
 }
@@ -118,8 +120,12 @@ fn exp(rng: &mut impl Rng, mean: f64) -> f64 {
     -mean * (1.0 - u).ln()
 }
 
-fn node_spec(rng: &mut impl Rng, memory_tight: bool) -> NodeSpec {
-    let cpus = [1, 2, 4, 8][rng.random_range(0..4)];
+fn node_spec(rng: &mut impl Rng, memory_tight: bool, max_cpus: u32) -> NodeSpec {
+    let choices: Vec<u32> = [1, 2, 4, 8]
+        .into_iter()
+        .filter(|&c| c <= max_cpus.max(1))
+        .collect();
+    let cpus = choices[rng.random_range(0..choices.len())];
     let speed = 0.5 + 1.5 * rng.random::<f64>();
     let mem_mb = if memory_tight {
         [2048, 4096, 8192][rng.random_range(0..3)]
@@ -139,13 +145,13 @@ pub fn generate(spec: &ScenarioSpec) -> Scenario {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x6d6f_7376_6d5f_7369);
     let tight = spec.kind == WorkloadKind::Memory;
     let mut nodes: Vec<NodeSpec> = (0..spec.nodes)
-        .map(|_| node_spec(&mut rng, tight))
+        .map(|_| node_spec(&mut rng, tight, spec.max_cpus))
         .collect();
     let capacity: f64 = nodes.iter().map(NodeSpec::capacity).sum();
     if spec.kind == WorkloadKind::Join {
         let joiners = (spec.nodes / 32).max(1);
         for _ in 0..joiners {
-            let mut n = node_spec(&mut rng, false);
+            let mut n = node_spec(&mut rng, false, spec.max_cpus);
             n.joins_at = spec.duration / 3.0;
             nodes.push(n);
         }
@@ -269,6 +275,7 @@ mod tests {
             pareto_ratio: 1000.0,
             home_bound: 0.2,
             uniform_arrivals: false,
+            max_cpus: 8,
             seed: 3,
         };
         let a = generate(&spec);
