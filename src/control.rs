@@ -44,6 +44,11 @@ pub enum Request {
     Unlock { pid: u32 },
     /// This node's view of the cluster.
     Nodes,
+    /// Move process `pid` to node `to` (a peer's name or address).
+    Migrate { pid: u32, to: String },
+    /// From a `mosvm run` migrating its process: connect this stream to node `to` (over the
+    /// cluster's TLS, handshake done); after the `Ok` reply the stream carries `migrate` frames.
+    Link { pid: u32, to: String },
 }
 
 /// A process as `mosvm ps` shows it.
@@ -106,6 +111,8 @@ pub enum Reply {
 pub enum Command {
     /// Lock or unlock the process.
     SetLocked { locked: bool },
+    /// Migrate the process to node `to`.
+    Migrate { to: String },
 }
 
 /// A status update from a registered `mosvm run` to its node.
@@ -114,6 +121,10 @@ pub enum Command {
 pub enum Update {
     /// Guest memory in use.
     Memory { bytes: u64 },
+    /// The process now runs on `node`.
+    Moved { node: String },
+    /// A requested migration failed; the process still runs where it was.
+    MigrationFailed { reason: String },
 }
 
 /// Send one request and read one reply.

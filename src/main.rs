@@ -3,6 +3,9 @@
 //! cluster).
 
 mod control;
+mod guesthost;
+mod link;
+mod migration;
 mod node;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +41,34 @@ enum Cmd {
     Unlock(PidArgs),
     /// This node's view of the cluster.
     Nodes(ListArgs),
+    /// Move process PID to NODE (a peer's name or address), or back home.
+    Migrate(MigrateArgs),
+    /// Create the cluster key (copy the directory to every node).
+    Keygen(KeygenArgs),
+    /// Run a guest that arrived from another node (started by `mosvm node`).
+    #[command(hide = true)]
+    GuestHost,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// Home pid, as `mosvm ps` shows it.
+    pid: u32,
+    /// Destination node: a peer's name or address.
+    node: String,
+    /// The node's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    /// Directory to write cluster.crt and cluster.key into.
+    #[arg(long, default_value = "/etc/mosvm")]
+    dir: PathBuf,
+    /// Replace an existing key.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(clap::Args)]
@@ -51,15 +82,18 @@ struct NodeArgs {
     /// Address for peers, e.g. 10.0.0.1:7420.
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// A peer's address (repeatable).
+    /// A peer: ADDR or NAME=ADDR (repeatable).
     #[arg(long)]
-    peer: Vec<std::net::SocketAddr>,
+    peer: Vec<String>,
     /// Control socket (default: MOSVM_SOCKET, else $XDG_RUNTIME_DIR/mosvm.sock or /run/mosvm/mosvm.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// State directory.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Directory with the cluster key (from `mosvm keygen`); required to serve peers.
+    #[arg(long)]
+    key_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -162,7 +196,7 @@ fn run(a: RunArgs) -> ExitCode {
     };
     vmm::vm::install_signal_handlers();
     let deputy = Box::new(vmm::deputy::HostDeputy::new().with_exe(&program));
-    let mut vm = match vmm::vm::Vm::new(program, argv, envp, deputy, opts) {
+    let vm = match vmm::vm::Vm::new(program, argv, envp, deputy, opts) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("mosvm: {e}");
@@ -173,13 +207,14 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    register(a.socket.as_deref(), &vm);
-    let outcome = vm.run();
-    if vm.wants_stats() {
-        eprintln!("{}", vm.stats_json());
-    }
-    match outcome {
-        Ok(o) => ExitCode::from(o.code() as u8),
+    let reg = register(a.socket.as_deref(), &vm);
+    match run_guest(vm, reg) {
+        Ok((code, vm)) => {
+            if let Some(vm) = vm.filter(|vm| vm.wants_stats()) {
+                eprintln!("{}", vm.stats_json());
+            }
+            ExitCode::from(code as u8)
+        }
         Err(e) => {
             eprintln!("mosvm: {e:#}");
             ExitCode::from(70)
@@ -187,15 +222,95 @@ fn run(a: RunArgs) -> ExitCode {
     }
 }
 
+/// A migration whose pre-copy is done and whose guest must now pause for the switch-over.
+struct SwitchJob {
+    link: std::os::unix::net::UnixStream,
+    /// Pages dirtied in the last pre-copy round, not sent yet.
+    pending: Vec<u64>,
+    to: String,
+    report: migration::Report,
+}
+
+/// What the vCPU thread shares with the registration thread.
+struct Registration {
+    jobs: std::sync::mpsc::Receiver<SwitchJob>,
+    updates: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
+}
+
+fn send_update(w: &std::sync::Mutex<std::os::unix::net::UnixStream>, u: &control::Update) {
+    use std::io::Write;
+    let mut line = serde_json::to_string(u).unwrap_or_default();
+    line.push('\n');
+    if let Ok(mut w) = w.lock() {
+        let _ = w.write_all(line.as_bytes());
+    }
+}
+
+/// Read one line without buffering past it (the stream switches to frames afterwards).
+fn read_line_raw(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        if s.read(&mut b)? == 0 {
+            break;
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        out.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Ask the home node for a link to `to`, then pre-copy the running guest over it.
+fn start_migration(
+    socket: &Path,
+    to: String,
+    view: vmm::memory::MemView,
+    pause: vmm::vm::PauseHandle,
+    home: String,
+) -> anyhow::Result<SwitchJob> {
+    use std::io::Write;
+    let mut link = std::os::unix::net::UnixStream::connect(socket)?;
+    let mut line = serde_json::to_string(&control::Request::Link {
+        pid: std::process::id(),
+        to: to.clone(),
+    })?;
+    line.push('\n');
+    link.write_all(line.as_bytes())?;
+    match serde_json::from_str::<control::Reply>(&read_line_raw(&mut link)?)? {
+        control::Reply::Ok => {}
+        control::Reply::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+    let mut report = migration::Report::default();
+    let mem = view.size();
+    let pending = migration::precopy(
+        &mut link,
+        &view,
+        &|| pause.kick(),
+        std::process::id(),
+        &home,
+        mem,
+        &mut report,
+    )?;
+    Ok(SwitchJob {
+        link,
+        pending,
+        to,
+        report,
+    })
+}
+
 /// Register with the home node when one is reachable; run standalone otherwise. A thread
 /// keeps the registration (the node sees the process end when it closes), reports guest
-/// memory and applies the node's commands.
-fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) {
+/// memory, and applies the node's commands: lock/unlock, and migrate (pre-copy runs on that
+/// thread; the switch-over is handed to the vCPU thread through `jobs`).
+fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     use std::io::{BufRead, Write};
     let path = control::socket_path(socket);
-    let Ok(stream) = std::os::unix::net::UnixStream::connect(&path) else {
-        return;
-    };
+    let stream = std::os::unix::net::UnixStream::connect(&path).ok()?;
     let req = control::Request::Register {
         pid: std::process::id(),
         program: vm.program().display().to_string(),
@@ -203,20 +318,23 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) {
     };
     let view = vm.memory_view();
     let lock = vm.lock_flag();
-    let Ok(mut w) = stream.try_clone() else {
-        return;
-    };
-    let mut line = serde_json::to_string(&req).unwrap_or_default();
+    let pause = vm.pause_handle();
+    let mut w = stream.try_clone().ok()?;
+    let mut line = serde_json::to_string(&req).ok()?;
     line.push('\n');
-    if w.write_all(line.as_bytes()).is_err() {
-        return;
-    }
+    w.write_all(line.as_bytes()).ok()?;
     let mut r = std::io::BufReader::new(stream);
     let mut answer = String::new();
-    if r.read_line(&mut answer).is_err() {
-        return;
-    }
+    r.read_line(&mut answer).ok()?;
+    let home = match serde_json::from_str::<control::Reply>(&answer).ok()? {
+        control::Reply::Registered { node } => node,
+        _ => return None,
+    };
+    let updates = std::sync::Arc::new(std::sync::Mutex::new(w));
+    let (tx, jobs) = std::sync::mpsc::channel();
+    let upd = updates.clone();
     std::thread::spawn(move || {
+        link::block_host_signals();
         let _ = r
             .get_ref()
             .set_read_timeout(Some(std::time::Duration::from_secs(1)));
@@ -224,11 +342,48 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) {
             let mut l = String::new();
             match r.read_line(&mut l) {
                 Ok(0) => return,
-                Ok(_) => {
-                    if let Ok(control::Command::SetLocked { locked }) = serde_json::from_str(&l) {
+                Ok(_) => match serde_json::from_str(&l) {
+                    Ok(control::Command::SetLocked { locked }) => {
                         lock.store(locked, std::sync::atomic::Ordering::SeqCst);
                     }
-                }
+                    Ok(control::Command::Migrate { to }) => {
+                        let (view, pause, home, path, tx, upd) = (
+                            view.clone(),
+                            pause.clone(),
+                            home.clone(),
+                            path.clone(),
+                            tx.clone(),
+                            upd.clone(),
+                        );
+                        std::thread::spawn(move || {
+                            link::block_host_signals();
+                            match start_migration(
+                                &path,
+                                to.clone(),
+                                view.clone(),
+                                pause.clone(),
+                                home,
+                            ) {
+                                Ok(job) => {
+                                    if tx.send(job).is_ok() {
+                                        pause.request();
+                                    }
+                                }
+                                Err(e) => {
+                                    let _ = view.stop_dirty_log();
+                                    eprintln!("mosvm: migration to {to} failed: {e:#}; the process keeps running here");
+                                    send_update(
+                                        &upd,
+                                        &control::Update::MigrationFailed {
+                                            reason: format!("{e:#}"),
+                                        },
+                                    );
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => {}
+                },
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -236,14 +391,76 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) {
                     ) => {}
                 Err(_) => return,
             }
-            let mut u = serde_json::to_string(&control::Update::Memory { bytes: view.used() })
-                .unwrap_or_default();
-            u.push('\n');
-            if w.write_all(u.as_bytes()).is_err() {
-                return;
-            }
+            send_update(&upd, &control::Update::Memory { bytes: view.used() });
         }
     });
+    Some(Registration { jobs, updates })
+}
+
+/// Run the guest here until it ends, or until it moves to another node; then serve its
+/// deputy calls from home until it ends there.
+fn run_guest(
+    mut vm: vmm::vm::Vm,
+    reg: Option<Registration>,
+) -> anyhow::Result<(i32, Option<vmm::vm::Vm>)> {
+    loop {
+        if let Some(out) = vm.run_or_pause()? {
+            return Ok((out.code(), Some(vm)));
+        }
+        let pause = vm.pause_handle();
+        let job = reg
+            .as_ref()
+            .and_then(|r| r.jobs.recv_timeout(std::time::Duration::from_secs(5)).ok());
+        let Some(mut job) = job else {
+            pause.clear();
+            continue;
+        };
+        let view = vm.memory_view();
+        let state = vm.capture().and_then(|s| s.encode());
+        let switched = state.and_then(|s| {
+            migration::switch_over(&mut job.link, &view, &job.pending, &s, &mut job.report)
+        });
+        let reg = reg.as_ref().expect("a job came from the registration");
+        match switched {
+            Ok(()) => {
+                if std::env::var_os("MOSVM_MIGRATION_REPORT").is_some() {
+                    eprintln!("mosvm: migrated to {}: {:?}", job.to, job.report);
+                }
+                send_update(
+                    &reg.updates,
+                    &control::Update::Moved {
+                        node: job.to.clone(),
+                    },
+                );
+                let mut deputy = vm.into_deputy();
+                drop(view);
+                return match link::serve_home(job.link, &mut *deputy) {
+                    Some(status) => Ok((status, None)),
+                    None => {
+                        eprintln!(
+                            "mosvm: lost the node running the process ({}); it cannot continue",
+                            job.to
+                        );
+                        Ok((link::LOST_HOST_STATUS as i32, None))
+                    }
+                };
+            }
+            Err(e) => {
+                let _ = view.stop_dirty_log();
+                eprintln!(
+                    "mosvm: migration to {} failed: {e:#}; the process keeps running here",
+                    job.to
+                );
+                send_update(
+                    &reg.updates,
+                    &control::Update::MigrationFailed {
+                        reason: format!("{e:#}"),
+                    },
+                );
+                pause.clear();
+            }
+        }
+    }
 }
 
 fn client(socket: Option<&Path>, req: control::Request) -> Result<control::Reply, ExitCode> {
@@ -369,11 +586,22 @@ fn node_main(a: NodeArgs) -> ExitCode {
     if !a.peer.is_empty() {
         cfg.peers = a.peer;
     }
+    if let Err(e) = cfg
+        .peers
+        .iter()
+        .try_for_each(|p| node::parse_peer(p).map(|_| ()))
+    {
+        eprintln!("mosvm node: {e:#}");
+        return ExitCode::from(2);
+    }
     if a.socket.is_some() {
         cfg.socket = a.socket;
     }
     if a.state_dir.is_some() {
         cfg.state_dir = a.state_dir;
+    }
+    if a.key_dir.is_some() {
+        cfg.key_dir = a.key_dir;
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -401,6 +629,27 @@ fn main() -> ExitCode {
         Cmd::Lock(a) => lock(a, true),
         Cmd::Unlock(a) => lock(a, false),
         Cmd::Nodes(a) => nodes(a),
+        Cmd::Migrate(a) => {
+            let req = control::Request::Migrate {
+                pid: a.pid,
+                to: a.node,
+            };
+            match client(a.socket.as_deref(), req) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(code) => code,
+            }
+        }
+        Cmd::Keygen(a) => match migrate::tls::keygen_with(&a.dir, a.force) {
+            Ok(()) => {
+                println!("cluster key written to {}", a.dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mosvm keygen: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::GuestHost => guesthost::main(),
         Cmd::Sim(a) => match balancer::sim::cli::run(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

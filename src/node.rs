@@ -21,9 +21,11 @@ pub struct Config {
     pub name: Option<String>,
     /// Address peers reach this node on.
     pub listen: Option<SocketAddr>,
-    /// Known peers.
+    /// Known peers: `ADDR` or `NAME=ADDR`.
     #[serde(default)]
-    pub peers: Vec<SocketAddr>,
+    pub peers: Vec<String>,
+    /// Directory holding the cluster key (`mosvm keygen`); without it no peer is served.
+    pub key_dir: Option<PathBuf>,
     /// Control socket path.
     pub socket: Option<PathBuf>,
     /// State directory.
@@ -47,8 +49,151 @@ struct Proc {
 struct State {
     name: String,
     listen: Option<SocketAddr>,
-    peers: Vec<SocketAddr>,
+    peers: Vec<(Option<String>, SocketAddr)>,
     procs: HashMap<u32, Proc>,
+    tls: Option<migrate::ClusterTls>,
+}
+
+/// Parse `ADDR` or `NAME=ADDR`.
+pub fn parse_peer(s: &str) -> Result<(Option<String>, SocketAddr)> {
+    let (name, addr) = match s.split_once('=') {
+        Some((n, a)) => (Some(n.trim().to_string()), a.trim()),
+        None => (None, s.trim()),
+    };
+    let addr = addr
+        .parse()
+        .with_context(|| format!("peer '{s}': not an address (use ADDR or NAME=ADDR)"))?;
+    Ok((name, addr))
+}
+
+/// Resolve a node named by `mosvm migrate`: a configured peer's name, or an address.
+fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
+    if let Some((_, a)) = st.peers.iter().find(|(n, _)| n.as_deref() == Some(to)) {
+        return Ok(*a);
+    }
+    to.parse().map_err(|_| {
+        let known: Vec<String> = st
+            .peers
+            .iter()
+            .map(|(n, a)| n.clone().unwrap_or_else(|| a.to_string()))
+            .collect();
+        format!("unknown node '{to}' (known: {})", known.join(", "))
+    })
+}
+
+/// Read one `migrate` frame from an async stream.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::result::Result<migrate::Message, migrate::FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; migrate::frame::HEADER_LEN];
+    r.read_exact(&mut h).await?;
+    let header = migrate::frame::parse_header(&h)?;
+    let mut buf = h.to_vec();
+    buf.resize(migrate::frame::HEADER_LEN + header.len as usize, 0);
+    r.read_exact(&mut buf[migrate::frame::HEADER_LEN..]).await?;
+    Ok(migrate::frame::decode_frame(&buf)?.0)
+}
+
+async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    m: &migrate::Message,
+) -> Result<()> {
+    w.write_all(&migrate::frame::encode_frame(m)?).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Open an authenticated link to a peer for `purpose`.
+async fn connect_peer(
+    tls: &migrate::ClusterTls,
+    addr: SocketAddr,
+    me: &str,
+    purpose: migrate::Purpose,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))?
+    .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+    let name = rustls_pki_types::ServerName::try_from(migrate::tls::CLUSTER_NAME)?;
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .with_context(|| format!("TLS with {addr}"))?;
+    let hello = migrate::Hello::new(me, purpose, crate::migration::host_features(), None);
+    write_frame(&mut s, &migrate::Message::Hello(hello)).await?;
+    match read_frame(&mut s).await? {
+        migrate::Message::Welcome(_) => Ok(s),
+        migrate::Message::Refuse { reason } => anyhow::bail!("{addr} refused: {reason}"),
+        other => anyhow::bail!("{addr} answered {:?}", other.kind()),
+    }
+}
+
+/// Serve one peer connection: TLS (cluster key required), handshake, then by purpose.
+async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    tcp.set_nodelay(true)?;
+    let (tls, name) = {
+        let st = shared.lock().expect("state lock");
+        (st.tls.clone(), st.name.clone())
+    };
+    let Some(tls) = tls else { return Ok(()) };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+    let accepted =
+        tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+    let mut s = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(peer, "refused a peer without the cluster key: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(peer, "TLS handshake timed out");
+            return Ok(());
+        }
+    };
+    let first = read_frame(&mut s).await;
+    let ours = migrate::handshake::ServerIdentity {
+        node_name: name,
+        host_cpu: crate::migration::host_features(),
+    };
+    let (reply, hello) = migrate::handshake::answer(first.as_ref().cloned(), &ours, |_, _| Ok(()));
+    let _ = write_frame(&mut s, &reply).await;
+    let Some(hello) = hello else {
+        tracing::warn!(peer, ?reply, "refused a peer");
+        return Ok(());
+    };
+    match hello.purpose {
+        migrate::Purpose::Migrate => {
+            tracing::info!(peer, from = hello.node_name, "receiving a guest");
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+            let exe = std::env::current_exe()?;
+            let mut child = tokio::process::Command::new(exe)
+                .arg("guest-host")
+                .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                    theirs,
+                )))
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("spawning the guest host")?;
+            ours.set_nonblocking(true)?;
+            let mut ours = UnixStream::from_std(ours)?;
+            let r = tokio::io::copy_bidirectional(&mut s, &mut ours).await;
+            tracing::info!(peer, ?r, "guest link closed");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+            Ok(())
+        }
+        other => {
+            tracing::warn!(peer, ?other, "purpose not served yet");
+            Ok(())
+        }
+    }
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -160,10 +305,21 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 tokio::select! {
                     line = lines.next_line() => match line {
                         Ok(Some(l)) => {
-                            if let Ok(Update::Memory { bytes }) = serde_json::from_str::<Update>(&l) {
-                                if let Some(p) = shared.lock().expect("state lock").procs.get_mut(&pid) {
-                                    p.info.mem_bytes = bytes;
+                            let mut st = shared.lock().expect("state lock");
+                            let Some(p) = st.procs.get_mut(&pid) else { continue };
+                            match serde_json::from_str::<Update>(&l) {
+                                Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
+                                Ok(Update::Moved { node }) => {
+                                    tracing::info!(pid, node, "process migrated");
+                                    p.info.node = node;
+                                    p.info.state = "running".into();
+                                    p.info.migrations += 1;
                                 }
+                                Ok(Update::MigrationFailed { reason }) => {
+                                    tracing::warn!(pid, reason, "migration failed");
+                                    p.info.state = "running".into();
+                                }
+                                Err(_) => {}
                             }
                         }
                         _ => break,
@@ -221,13 +377,68 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             };
             reply(&mut write, &r).await
         }
+        Request::Migrate { pid, to } => {
+            let r = {
+                let mut st = shared.lock().expect("state lock");
+                let node = st.name.clone();
+                let resolved = resolve(&st, &to);
+                let has_tls = st.tls.is_some();
+                match (st.procs.get_mut(&pid), resolved) {
+                    (None, _) => Reply::Error {
+                        message: format!("no process with home pid {pid} on node {node}"),
+                    },
+                    (_, Err(message)) => Reply::Error { message },
+                    _ if !has_tls => Reply::Error {
+                        message: format!(
+                            "node {node} has no cluster key (start it with --key-dir)"
+                        ),
+                    },
+                    (Some(p), Ok(_)) if p.info.locked => Reply::Error {
+                        message: format!("process {pid} is locked to node {}", p.info.node),
+                    },
+                    (Some(p), Ok(_)) => {
+                        p.info.state = "migrating".into();
+                        let _ = p.commands.send(Command::Migrate { to: to.clone() });
+                        Reply::Ok
+                    }
+                }
+            };
+            reply(&mut write, &r).await
+        }
+        Request::Link { pid, to } => {
+            let (tls, addr, me) = {
+                let st = shared.lock().expect("state lock");
+                (st.tls.clone(), resolve(&st, &to), st.name.clone())
+            };
+            let (tls, addr) = match (tls, addr) {
+                (Some(t), Ok(a)) => (t, a),
+                (None, _) => {
+                    let message = "this node has no cluster key".to_string();
+                    return reply(&mut write, &Reply::Error { message }).await;
+                }
+                (_, Err(message)) => return reply(&mut write, &Reply::Error { message }).await,
+            };
+            let mut peer = match connect_peer(&tls, addr, &me, migrate::Purpose::Migrate).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    return reply(&mut write, &Reply::Error { message }).await;
+                }
+            };
+            reply(&mut write, &Reply::Ok).await?;
+            tracing::info!(pid, to, "migration link up");
+            let mut local = lines.into_inner().into_inner().reunite(write)?;
+            let r = tokio::io::copy_bidirectional(&mut local, &mut peer).await;
+            tracing::info!(pid, ?r, "process link closed");
+            Ok(())
+        }
         Request::Nodes => {
             let nodes = {
                 let st = shared.lock().expect("state lock");
                 let mut v = vec![self_info(&st)];
-                for p in &st.peers {
+                for (n, p) in &st.peers {
                     v.push(NodeInfo {
-                        name: String::new(),
+                        name: n.clone().unwrap_or_default(),
                         addr: p.to_string(),
                         cpus: 0,
                         load: 0.0,
@@ -270,17 +481,57 @@ pub fn run(cfg: Config) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("mosvm-{name}")));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = bind_socket(&socket)?;
+        let peers = cfg.peers.iter().map(|p| parse_peer(p)).collect::<Result<Vec<_>>>()?;
+        let tls = match &cfg.key_dir {
+            Some(d) => Some(
+                migrate::ClusterTls::load(d)
+                    .with_context(|| format!("loading the cluster key from {}", d.display()))?,
+            ),
+            None => None,
+        };
+        let peer_listener = match (cfg.listen, &tls) {
+            (Some(addr), Some(_)) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?,
+            ),
+            (Some(addr), None) => anyhow::bail!(
+                "--listen {addr} needs the cluster key: give --key-dir (see mosvm keygen)"
+            ),
+            _ => None,
+        };
         let shared: Shared = Arc::new(Mutex::new(State {
             name: name.clone(),
             listen: cfg.listen,
-            peers: cfg.peers.clone(),
+            peers,
             procs: HashMap::new(),
+            tls,
         }));
+        if let Some(pl) = peer_listener {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    match pl.accept().await {
+                        Ok((tcp, _)) => {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = serve_peer(tcp, shared).await {
+                                    tracing::warn!("peer: {e:#}");
+                                }
+                            });
+                        }
+                        Err(e) => tracing::warn!("accept: {e}"),
+                    }
+                }
+            });
+        }
+
         tracing::info!(node = name, socket = %socket.display(), state_dir = %state_dir.display(), "mosvm node up");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
@@ -311,12 +562,15 @@ mod tests {
     #[test]
     fn config_file_parses_and_rejects_unknown_keys() {
         let c: Config = toml::from_str(
-            "name = \"a\"\nlisten = \"10.0.0.1:7420\"\npeers = [\"10.0.0.2:7420\"]\nsocket = \"/tmp/a.sock\"\n",
+            "name = \"a\"\nlisten = \"10.0.0.1:7420\"\npeers = [\"b=10.0.0.2:7420\"]\nsocket = \"/tmp/a.sock\"\n",
         )
         .unwrap();
         assert_eq!(c.name.as_deref(), Some("a"));
         assert_eq!(c.peers.len(), 1);
         assert!(toml::from_str::<Config>("nmae = \"typo\"").is_err());
+        let (n, a) = parse_peer(&c.peers[0]).unwrap();
+        assert_eq!((n.as_deref(), a.port()), (Some("b"), 7420));
+        assert!(parse_peer("b=nowhere").is_err());
     }
 
     #[test]

@@ -565,6 +565,35 @@ impl MemView {
         Ok(())
     }
 
+    /// Bytes of guest physical memory (the `--mem` size).
+    pub fn size(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+
+    /// Turn KVM dirty logging off again (a migration that did not happen).
+    pub fn stop_dirty_log(&self) -> anyhow::Result<()> {
+        let vm = self.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?;
+        let mut layout = self
+            .shared
+            .lock()
+            .map_err(|_| anyhow::anyhow!("layout lock"))?;
+        layout.log_dirty = false;
+        let host = self.mem.get_host_address(GuestAddress(0))?;
+        for (i, &(base, size)) in layout.slots.iter().enumerate() {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: i as u32,
+                flags: 0,
+                guest_phys_addr: base,
+                memory_size: size,
+                userspace_addr: host as u64 + base,
+            };
+            // SAFETY: same region as registered before, only the flags change.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(|e| anyhow::anyhow!("disabling dirty log: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Pages dirtied since the last call (or since logging started): KVM's dirty log (guest
     /// writes) OR'd with the VMM's own bitmap (its writes into the guest).
     pub fn take_dirty(&self) -> anyhow::Result<Vec<u64>> {

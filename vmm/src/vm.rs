@@ -246,6 +246,13 @@ impl PauseHandle {
         }
     }
 
+    /// Deliver a signal to the guest as if `mosvm run` had received it: the run loop ends the
+    /// guest with the signal's default action at once.
+    pub fn deliver(&self, sig: i32) {
+        on_signal(sig);
+        self.kick();
+    }
+
     /// Whether a pause was requested and not yet cleared.
     pub fn requested(&self) -> bool {
         self.inner.requested.load(Ordering::SeqCst)
@@ -589,7 +596,7 @@ impl Vm {
 
     /// Capture a paused guest: its vCPU and VMM state (guest memory is read separately,
     /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
-    pub fn capture(mut self) -> Result<(MigState, Box<dyn Deputy>)> {
+    pub fn capture(&mut self) -> Result<MigState> {
         let vcpu = crate::snapshot::capture(&mut self.vcpu)?;
         let vmm = VmmState {
             program: self.program.clone(),
@@ -618,7 +625,12 @@ impl Vm {
                 self.stats.page_faults,
             ],
         };
-        Ok((MigState { vcpu, vmm }, self.deputy))
+        Ok(MigState { vcpu, vmm })
+    }
+
+    /// Give up the VM (after it has moved away) and keep its deputy.
+    pub fn into_deputy(self) -> Box<dyn Deputy> {
+        self.deputy
     }
 
     /// Guest memory as a migration thread sees it.
@@ -629,9 +641,16 @@ impl Vm {
     /// Recreate a captured guest: a new VM with the same memory layout and vCPU state. Its
     /// pages must be written (`space.mem.write_page`) before it runs.
     pub fn restore(st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
+        let mem = GuestMem::new(st.vmm.mem)?;
+        Self::restore_into(mem, st, deputy)
+    }
+
+    /// Like [`Vm::restore`], into guest memory that already holds the pages (received while
+    /// the source still ran).
+    pub fn restore_into(mut mem: GuestMem, st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
         let host = cpu::host()?;
         let v = st.vmm;
-        let mut mem = GuestMem::new(v.mem)?;
+        anyhow::ensure!(mem.size() >= v.mem, "guest memory smaller than the guest's");
         mem.restore_layout(v.used, v.pml4)
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
         let vm = cpu::create_vm(host, &mut mem)?;

@@ -140,7 +140,8 @@ fn migrated(
             "page {gpn:#x} changed after it was last sent: the dirty log missed it"
         );
     }
-    let (state, deputy) = vm.capture().unwrap();
+    let state = vm.capture().unwrap();
+    let deputy = vm.into_deputy();
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
     let mut dst = Vm::restore(state, deputy).unwrap();
     for (gpn, data) in &pages {
