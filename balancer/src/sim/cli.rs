@@ -14,7 +14,7 @@ use std::time::Instant;
 /// Membership in the simulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SwimMode {
-    /// SWIM up to 256 nodes, the membership oracle above.
+    /// SWIM up to 1024 nodes, the membership oracle above.
     Auto,
     /// Always run SWIM (foca) inside every node.
     On,
@@ -113,7 +113,7 @@ pub struct SimArgs {
     #[arg(long, value_delimiter = ',', default_values_t = vec![0.3, 0.5, 0.7, 0.85, 0.95])]
     pub sweep_loads: Vec<f64>,
     /// Cluster sizes for the messages/information-age plot.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 16, 64, 256, 1024, 4096])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 16, 64, 256, 1024, 4096, 10000])]
     pub sweep_nodes: Vec<u32>,
     /// Window sizes for the information-age-vs-window table (on min(largest swept size, 1024)
     /// nodes).
@@ -250,7 +250,7 @@ impl SimArgs {
         let swim = match self.swim {
             SwimMode::On => true,
             SwimMode::Off => false,
-            SwimMode::Auto => nodes <= 256,
+            SwimMode::Auto => nodes <= 1024,
         };
         SimConfig {
             spec: ScenarioSpec {

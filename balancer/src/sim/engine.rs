@@ -101,6 +101,8 @@ pub struct RunStats {
     pub workload: String,
     /// Initial nodes.
     pub nodes: u32,
+    /// SWIM (foca) ran inside every node (otherwise the membership oracle).
+    pub swim: bool,
     /// Offered load.
     pub load: f64,
     /// Processes that arrived.
@@ -962,6 +964,7 @@ pub fn simulate(cfg: &SimConfig, sc: &Scenario) -> RunStats {
     st.policy = cfg.policy.name().to_string();
     st.workload = cfg.spec.kind.name().to_string();
     st.nodes = cfg.spec.nodes;
+    st.swim = cfg.swim && cfg.policy.core_policy().is_some();
     st.load = cfg.spec.load;
     st.processes = total as u64;
     st.unfinished = sim.procs.iter().filter(|p| !p.done).count() as u64;

@@ -199,15 +199,24 @@ pub fn sweep_tables(sw: &Sweeps) -> String {
         "age/mdl",
         "wall s"
     );
+    let _ = writeln!(
+        s,
+        "(swim/n/s is '-' where the membership oracle replaced SWIM)"
+    );
     for (n, r, w) in &sw.by_size {
+        let swim = if r.swim {
+            format!("{:.2}", r.swim_msgs_per_node_sec)
+        } else {
+            "-".to_string()
+        };
         let _ = writeln!(
             s,
-            "{:>7} {:>10.3} {:>9} {:>10.1} {:>9.2} {:>9.2} {:>8.2} {:>9.3} {:>8.1}",
+            "{:>7} {:>10.3} {:>9} {:>10.1} {:>9} {:>9.2} {:>8.2} {:>9.3} {:>8.1}",
             n,
             r.gossip_msgs_per_node_step,
             r.gossip_max_per_step,
             r.gossip_bytes_per_node_sec,
-            r.swim_msgs_per_node_sec,
+            swim,
             r.info_age_secs,
             r.info_age_model_secs,
             r.info_age_secs / r.info_age_model_secs.max(1e-9),
@@ -351,15 +360,19 @@ fn plot_by_size(sw: &Sweeps, msgs: &Path, age: &Path) -> Result<()> {
             .map_err(err)?;
         let series: [Series; 3] = [
             ("load gossip", COLORS[3], |r| r.gossip_msgs_per_node_step),
-            ("SWIM (foca)", COLORS[4], |r| r.swim_msgs_per_node_sec),
+            ("SWIM (foca), where run", COLORS[4], |r| {
+                r.swim_msgs_per_node_sec
+            }),
             ("migration negotiation", COLORS[1], |r| {
                 r.control_msgs_per_node_sec
             }),
         ];
         for (name, color, f) in series {
+            // SWIM traffic exists only where SWIM ran (not under the membership oracle).
             let pts: Vec<(f64, f64)> = sw
                 .by_size
                 .iter()
+                .filter(|(_, r, _)| r.swim || !name.starts_with("SWIM"))
                 .map(|(n, r, _)| (f64::from(*n), f(r)))
                 .collect();
             chart
