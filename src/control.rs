@@ -85,8 +85,8 @@ pub struct NodeInfo {
     pub load: f64,
     /// Free memory, bytes.
     pub free_mem: u64,
-    /// Seconds since this information was fresh (0 for this node).
-    pub age_s: f64,
+    /// Seconds since this information was fresh (0 for this node; None: never heard from).
+    pub age_s: Option<f64>,
 }
 
 /// The node's answer.

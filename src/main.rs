@@ -423,8 +423,9 @@ fn run_guest(
         let reg = reg.as_ref().expect("a job came from the registration");
         match switched {
             Ok(()) => {
-                if std::env::var_os("MOSVM_MIGRATION_REPORT").is_some() {
-                    eprintln!("mosvm: migrated to {}: {:?}", job.to, job.report);
+                if vm.wants_stats() {
+                    let json = serde_json::to_string(&job.report).unwrap_or_default();
+                    eprintln!("mosvm-migration {json}");
                 }
                 send_update(
                     &reg.updates,
@@ -534,7 +535,7 @@ fn nodes(a: ListArgs) -> ExitCode {
         "NODE", "ADDRESS", "CPUS", "LOAD", "FREE(MiB)", "AGE(s)"
     );
     for n in nodes {
-        if n.age_s.is_finite() {
+        if let Some(age) = n.age_s {
             println!(
                 "{:<12} {:<22} {:>4} {:>6.2} {:>10} {:>8.1}",
                 n.name,
@@ -542,7 +543,7 @@ fn nodes(a: ListArgs) -> ExitCode {
                 n.cpus,
                 n.load,
                 n.free_mem >> 20,
-                n.age_s
+                age
             );
         } else {
             println!(

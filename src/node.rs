@@ -184,7 +184,9 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
                 .context("spawning the guest host")?;
             ours.set_nonblocking(true)?;
             let mut ours = UnixStream::from_std(ours)?;
-            let r = tokio::io::copy_bidirectional(&mut s, &mut ours).await;
+            let r =
+                tokio::io::copy_bidirectional_with_sizes(&mut s, &mut ours, RELAY_BUF, RELAY_BUF)
+                    .await;
             tracing::info!(peer, ?r, "guest link closed");
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
             Ok(())
@@ -197,6 +199,10 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
 }
 
 type Shared = Arc<Mutex<State>>;
+
+/// Buffer size for relaying a link between a local process and a peer (pages travel in
+/// frames of up to ~1 MiB).
+const RELAY_BUF: usize = 1 << 20;
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -252,7 +258,7 @@ fn self_info(st: &State) -> NodeInfo {
         cpus,
         load: load / cpus as f64,
         free_mem,
-        age_s: 0.0,
+        age_s: Some(0.0),
     }
 }
 
@@ -428,7 +434,10 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &Reply::Ok).await?;
             tracing::info!(pid, to, "migration link up");
             let mut local = lines.into_inner().into_inner().reunite(write)?;
-            let r = tokio::io::copy_bidirectional(&mut local, &mut peer).await;
+            let r = tokio::io::copy_bidirectional_with_sizes(
+                &mut local, &mut peer, RELAY_BUF, RELAY_BUF,
+            )
+            .await;
             tracing::info!(pid, ?r, "process link closed");
             Ok(())
         }
@@ -443,7 +452,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                         cpus: 0,
                         load: 0.0,
                         free_mem: 0,
-                        age_s: f64::INFINITY,
+                        age_s: None,
                     });
                 }
                 v

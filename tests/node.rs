@@ -194,3 +194,48 @@ fn stale_socket_is_replaced() {
         "the node to answer",
     );
 }
+
+#[test]
+fn nodes_lists_self_and_configured_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n.sock");
+    let child = Command::new(mosvm_bin())
+        .args([
+            "node",
+            "--name",
+            "eps",
+            "--peer",
+            "zeta=127.0.0.1:9",
+            "--socket",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _node = Node { child };
+    wait_for(|| sock.exists(), "the node's socket");
+    let out = client(&sock, &["nodes", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[0]["name"], "eps");
+    assert!(v[0]["cpus"].as_u64().unwrap() >= 1);
+    assert_eq!(v[1]["name"], "zeta");
+    assert_eq!(v[1]["addr"], "127.0.0.1:9");
+    assert!(v[1]["age_s"].is_null());
+    let text = client(&sock, &["nodes"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("never"));
+    // A malformed peer is refused before the node starts.
+    let bad = Command::new(mosvm_bin())
+        .args(["node", "--peer", "zeta=nowhere", "--socket"])
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+}
