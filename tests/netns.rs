@@ -156,7 +156,8 @@ fn migration_between_network_namespaces() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = run.id().to_string();
+    let pid_n = run.id();
+    let pid = pid_n.to_string();
     let ps = |sock: &Path| -> Vec<serde_json::Value> {
         let o = Command::new(mosvm_bin())
             .args(["ps", "--json", "--socket"])
@@ -166,7 +167,7 @@ fn migration_between_network_namespaces() {
         serde_json::from_slice(&o.stdout).unwrap_or_default()
     };
     let t = Instant::now();
-    while !ps(&home).iter().any(|p| p["pid"].to_string() == pid) {
+    while !ps(&home).iter().any(|p| p["pid"] == pid_n) {
         assert!(t.elapsed() < Duration::from_secs(10), "registration");
         std::thread::sleep(Duration::from_millis(20));
     }
