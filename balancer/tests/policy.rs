@@ -472,3 +472,28 @@ fn inputs_and_actions_roundtrip_on_the_wire() {
         assert_eq!(back, i);
     }
 }
+
+#[test]
+fn a_node_that_left_is_forgotten_and_never_written_to() {
+    let mut n = node(0, 1, PolicyKind::Mosix);
+    let mut r = rng();
+    n.handle(
+        Input::Gossip {
+            from: 5,
+            entries: vec![entry(5, 0.0, 2, 1.0, 8000), entry(6, 0.0, 2, 1.0, 8000)],
+        },
+        secs(1.0),
+        &mut r,
+    );
+    assert!(n.window().get(5).is_some());
+    n.handle(Input::NodeLeft { node: 5 }, secs(1.5), &mut r);
+    assert!(n.window().get(5).is_none());
+    assert!(n.window().get(6).is_some());
+    for i in 0..200 {
+        for a in n.handle(Input::Tick, secs(2.0 + f64::from(i)), &mut r) {
+            if let Action::SendGossip { to, .. } = a {
+                assert_ne!(to, 5);
+            }
+        }
+    }
+}

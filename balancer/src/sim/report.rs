@@ -158,7 +158,12 @@ pub fn sweeps_and_plots(args: &SimArgs, dir: &Path) -> Result<Sweeps> {
         by_size,
         by_window,
     };
-    plot_slowdown_vs_load(&sw, &dir.join("slowdown_vs_load.svg"), args.nodes)?;
+    plot_slowdown_vs_load(
+        &sw,
+        &dir.join("slowdown_vs_load.svg"),
+        args.nodes,
+        args.max_cpus,
+    )?;
     plot_by_size(
         &sw,
         &dir.join("messages_vs_nodes.svg"),
@@ -265,7 +270,7 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(0x22, 0x99, 0x22),
 ];
 
-fn plot_slowdown_vs_load(sw: &Sweeps, path: &Path, nodes: u32) -> Result<()> {
+fn plot_slowdown_vs_load(sw: &Sweeps, path: &Path, nodes: u32, max_cpus: u32) -> Result<()> {
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let xs: Vec<f64> = sw.by_load.iter().map(|(l, _)| *l).collect();
@@ -276,15 +281,29 @@ fn plot_slowdown_vs_load(sw: &Sweeps, path: &Path, nodes: u32) -> Result<()> {
         .iter()
         .flat_map(|(_, c)| c.runs.iter().map(|r| r.mean_slowdown))
         .fold(1.0, f64::max);
+    let ymin = sw
+        .by_load
+        .iter()
+        .flat_map(|(_, c)| c.runs.iter().map(|r| r.mean_slowdown))
+        .filter(|v| *v > 0.0)
+        .fold(1.0, f64::min)
+        * 0.9;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("Mean slowdown vs offered load ({nodes} nodes, Pareto lifetimes)"),
+            format!(
+                "Mean slowdown vs offered load ({nodes} nodes of {}, Pareto lifetimes)",
+                if max_cpus == 1 {
+                    "1 CPU".to_string()
+                } else {
+                    format!("1-{max_cpus} CPUs")
+                }
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(xmin..xmax.max(xmin + 0.01), (1f64..ymax * 1.2).log_scale())
+        .build_cartesian_2d(xmin..xmax.max(xmin + 0.01), (ymin..ymax * 1.2).log_scale())
         .map_err(err)?;
     chart
         .configure_mesh()
