@@ -22,7 +22,7 @@ pub fn main() -> ExitCode {
         }
     };
     let mut link = UnixStream::from(link);
-    let (mem, state) = match migration::receive(&mut link) {
+    let (prepared, state) = match migration::receive(&mut link) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("mosvm guest-host: receiving the guest failed: {e:#}");
@@ -58,7 +58,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut vm = match vmm::vm::Vm::restore_into(mem, state, Box::new(deputy)) {
+    let mut vm = match vmm::vm::Vm::restore_prepared(prepared, state, Box::new(deputy)) {
         Ok(vm) => vm,
         Err(e) => {
             let reason = format!("restoring the guest failed: {e:#}");

@@ -211,7 +211,7 @@ pub fn switch_over(
 
 /// Destination: receive a guest on `link` (the offer is the first message), restore it, tell
 /// the source it runs, and return it ready to run.
-pub fn receive(link: &mut UnixStream) -> Result<(vmm::memory::GuestMem, vmm::vm::MigState)> {
+pub fn receive(link: &mut UnixStream) -> Result<(vmm::vm::Prepared, vmm::vm::MigState)> {
     let offer = match read_message(link).context("waiting for the offer")? {
         Message::MigrateOffer(o) => o,
         other => bail!("expected an offer, got {:?}", other.kind()),
@@ -226,8 +226,9 @@ pub fn receive(link: &mut UnixStream) -> Result<(vmm::memory::GuestMem, vmm::vm:
         );
         bail!(reason);
     }
-    let mem = match vmm::memory::GuestMem::new(offer.mem_bytes) {
-        Ok(m) => m,
+    let prepared = vmm::memory::GuestMem::new(offer.mem_bytes).and_then(vmm::vm::Vm::prepare);
+    let prepared = match prepared {
+        Ok(p) => p,
         Err(e) => {
             let reason = format!(
                 "cannot reserve {} bytes of guest memory: {e}",
@@ -250,14 +251,16 @@ pub fn receive(link: &mut UnixStream) -> Result<(vmm::memory::GuestMem, vmm::vm:
                     .decode()
                     .map_err(|e| anyhow::anyhow!("bad page batch: {e}"))?;
                 for (gpn, page) in d.iter() {
-                    mem.write_page(gpn, page)
+                    prepared
+                        .mem()
+                        .write_page(gpn, page)
                         .map_err(|_| anyhow::anyhow!("page {gpn:#x} outside guest memory"))?;
                 }
             }
             Message::RoundDone { .. } => {}
             Message::State { vcpu_and_vmm } => {
                 let st = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
-                return Ok((mem, st));
+                return Ok((prepared, st));
             }
             Message::Abort { reason } => bail!("source aborted: {reason}"),
             other => bail!("unexpected message during migration: {:?}", other.kind()),

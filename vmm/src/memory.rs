@@ -227,6 +227,15 @@ impl GuestMem {
         Ok(())
     }
 
+    /// Register memory slots over the whole guest memory now (a migration destination does
+    /// this before the guest's state arrives).
+    pub fn cover_all(&mut self) -> Result<(), NoMem> {
+        while self.registered < self.size {
+            self.grow()?;
+        }
+        Ok(())
+    }
+
     /// A handle for reading memory and the dirty log from another thread while the guest runs.
     pub fn view(&self) -> MemView {
         MemView {

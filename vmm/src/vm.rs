@@ -329,6 +329,20 @@ pub struct VmmState {
     counters: [u64; 4],
 }
 
+/// A VM and vCPU created ahead of a migrating guest's state (see [`Vm::prepare`]).
+pub struct Prepared {
+    vcpu: VcpuFd,
+    vm: std::sync::Arc<VmFd>,
+    mem: GuestMem,
+}
+
+impl Prepared {
+    /// Guest memory, to receive pages into.
+    pub fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+}
+
 /// A stopped guest, ready to travel: vCPU state plus VMM state (guest memory goes separately).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct MigState {
@@ -647,16 +661,34 @@ impl Vm {
 
     /// Like [`Vm::restore`], into guest memory that already holds the pages (received while
     /// the source still ran).
-    pub fn restore_into(mut mem: GuestMem, st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
+    pub fn restore_into(mem: GuestMem, st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
+        Self::restore_prepared(Self::prepare(mem)?, st, deputy)
+    }
+
+    /// Create the VM, its memory slots and its vCPU ahead of the guest's state, so the
+    /// switch-over of a migration only has to load registers.
+    pub fn prepare(mut mem: GuestMem) -> Result<Prepared> {
         let host = cpu::host()?;
+        mem.cover_all()
+            .map_err(|_| anyhow::anyhow!("cannot register guest memory"))?;
+        let vm = cpu::create_vm(host, &mut mem)?;
+        let vcpu = cpu::create_vcpu(host, &vm, &mem, 0, 0)?;
+        Ok(Prepared { vcpu, vm, mem })
+    }
+
+    /// Finish [`Vm::prepare`] with the guest's state.
+    pub fn restore_prepared(p: Prepared, st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
+        let Prepared {
+            mut vcpu,
+            vm,
+            mut mem,
+        } = p;
         let v = st.vmm;
         anyhow::ensure!(mem.size() >= v.mem, "guest memory smaller than the guest's");
         mem.restore_layout(v.used, v.pml4)
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
-        let vm = cpu::create_vm(host, &mut mem)?;
         let mut space = AddressSpace::new(mem);
         space.restore(v.vmas, v.brk_start, v.brk);
-        let mut vcpu = cpu::create_vcpu(host, &vm, &space.mem, st.vcpu.regs.rip, st.vcpu.regs.rsp)?;
         crate::snapshot::restore(&mut vcpu, &st.vcpu)?;
         let mut sig = Signals::new();
         for (dst, src) in sig.actions.iter_mut().zip(&v.sig_actions) {
