@@ -478,13 +478,26 @@ fn client(socket: Option<&Path>, req: control::Request) -> Result<control::Reply
     }
 }
 
+/// A reply of the expected kind, or the exit code after a one-line error.
+fn expect<T>(
+    r: Result<control::Reply, ExitCode>,
+    pick: impl FnOnce(control::Reply) -> Option<T>,
+) -> Result<T, ExitCode> {
+    let r = r?;
+    let shown = format!("{r:?}");
+    pick(r).ok_or_else(|| {
+        eprintln!("mosvm: unexpected answer from the node: {shown}");
+        ExitCode::from(1)
+    })
+}
+
 fn ps(a: ListArgs) -> ExitCode {
-    let procs = match client(a.socket.as_deref(), control::Request::Ps) {
-        Ok(control::Reply::Procs { procs }) => procs,
-        Ok(other) => {
-            eprintln!("mosvm: unexpected answer from the node: {other:?}");
-            return ExitCode::from(1);
-        }
+    let r = client(a.socket.as_deref(), control::Request::Ps);
+    let procs = match expect(r, |r| match r {
+        control::Reply::Procs { procs } => Some(procs),
+        _ => None,
+    }) {
+        Ok(p) => p,
         Err(code) => return code,
     };
     if a.json {
@@ -515,12 +528,12 @@ fn ps(a: ListArgs) -> ExitCode {
 }
 
 fn nodes(a: ListArgs) -> ExitCode {
-    let nodes = match client(a.socket.as_deref(), control::Request::Nodes) {
-        Ok(control::Reply::Nodes { nodes }) => nodes,
-        Ok(other) => {
-            eprintln!("mosvm: unexpected answer from the node: {other:?}");
-            return ExitCode::from(1);
-        }
+    let r = client(a.socket.as_deref(), control::Request::Nodes);
+    let nodes = match expect(r, |r| match r {
+        control::Reply::Nodes { nodes } => Some(nodes),
+        _ => None,
+    }) {
+        Ok(n) => n,
         Err(code) => return code,
     };
     if a.json {

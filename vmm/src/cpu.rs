@@ -156,6 +156,28 @@ pub fn hwcap() -> u64 {
     std::arch::x86_64::__cpuid(1).edx as u64
 }
 
+/// Write (index, value) MSRs to the vCPU; every one must be accepted.
+pub fn set_msrs(vcpu: &VcpuFd, entries: &[(u32, u64)]) -> Result<()> {
+    let msrs = Msrs::from_entries(
+        &entries
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
+    let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
+    anyhow::ensure!(
+        n == entries.len(),
+        "KVM_SET_MSRS set only {n} of {} MSRs",
+        entries.len()
+    );
+    Ok(())
+}
+
 /// Create and configure the vCPU to start at `entry` with stack `rsp`, in ring 3.
 pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64) -> Result<VcpuFd> {
     let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
@@ -205,23 +227,7 @@ pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64)
         (MSR_FS_BASE, 0),
         (MSR_KERNEL_GS_BASE, 0),
     ];
-    let msrs = Msrs::from_entries(
-        &entries
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
-    let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
-    anyhow::ensure!(
-        n == entries.len(),
-        "KVM_SET_MSRS set only {n} of {} MSRs",
-        entries.len()
-    );
+    set_msrs(&vcpu, &entries)?;
 
     let mut xcrs = kvm_xcrs {
         nr_xcrs: 1,

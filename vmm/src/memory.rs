@@ -549,27 +549,41 @@ impl MemView {
     /// Turn KVM dirty logging on for every slot (and for slots added later), and start the
     /// VMM's own bitmap afresh.
     pub fn start_dirty_log(&self) -> anyhow::Result<()> {
+        self.set_dirty_log(true)?;
+        for r in self.mem.iter() {
+            std::ops::Deref::deref(r).bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// Turn KVM dirty logging off again (a migration that did not happen).
+    pub fn stop_dirty_log(&self) -> anyhow::Result<()> {
+        self.set_dirty_log(false)
+    }
+
+    fn set_dirty_log(&self, on: bool) -> anyhow::Result<()> {
         let vm = self.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?;
         let mut layout = self
             .shared
             .lock()
             .map_err(|_| anyhow::anyhow!("layout lock"))?;
-        layout.log_dirty = true;
+        layout.log_dirty = on;
         let host = self.mem.get_host_address(GuestAddress(0))?;
         for (i, &(base, size)) in layout.slots.iter().enumerate() {
             let region = kvm_bindings::kvm_userspace_memory_region {
                 slot: i as u32,
-                flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+                flags: if on {
+                    kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: base,
                 memory_size: size,
                 userspace_addr: host as u64 + base,
             };
             // SAFETY: same region as registered before, only the flags change.
             unsafe { vm.set_user_memory_region(region) }
-                .map_err(|e| anyhow::anyhow!("enabling dirty log: {e}"))?;
-        }
-        for r in self.mem.iter() {
-            std::ops::Deref::deref(r).bitmap().reset();
+                .map_err(|e| anyhow::anyhow!("switching the dirty log: {e}"))?;
         }
         Ok(())
     }
@@ -577,30 +591,6 @@ impl MemView {
     /// Bytes of guest physical memory (the `--mem` size).
     pub fn size(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()
-    }
-
-    /// Turn KVM dirty logging off again (a migration that did not happen).
-    pub fn stop_dirty_log(&self) -> anyhow::Result<()> {
-        let vm = self.vm.as_ref().ok_or_else(|| anyhow::anyhow!("no VM"))?;
-        let mut layout = self
-            .shared
-            .lock()
-            .map_err(|_| anyhow::anyhow!("layout lock"))?;
-        layout.log_dirty = false;
-        let host = self.mem.get_host_address(GuestAddress(0))?;
-        for (i, &(base, size)) in layout.slots.iter().enumerate() {
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: i as u32,
-                flags: 0,
-                guest_phys_addr: base,
-                memory_size: size,
-                userspace_addr: host as u64 + base,
-            };
-            // SAFETY: same region as registered before, only the flags change.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(|e| anyhow::anyhow!("disabling dirty log: {e}"))?;
-        }
-        Ok(())
     }
 
     /// Pages dirtied since the last call (or since logging started): KVM's dirty log (guest

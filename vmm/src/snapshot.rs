@@ -85,23 +85,7 @@ pub fn restore(vcpu: &mut VcpuFd, st: &VcpuState) -> Result<()> {
     // same CPUID; KVM validates its contents.
     unsafe { vcpu.set_xsave(&st.xsave) }.context("KVM_SET_XSAVE")?;
     vcpu.set_xcrs(&st.xcrs).context("KVM_SET_XCRS")?;
-    let msrs = Msrs::from_entries(
-        &st.msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
-    let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS")?;
-    anyhow::ensure!(
-        n == st.msrs.len(),
-        "KVM_SET_MSRS restored {n} of {} MSRs",
-        st.msrs.len()
-    );
+    crate::cpu::set_msrs(vcpu, &st.msrs)?;
     vcpu.set_vcpu_events(&st.events)
         .context("KVM_SET_VCPU_EVENTS")?;
     Ok(())
