@@ -65,6 +65,20 @@ pub fn from_wire(r: DeputyRequest) -> Request {
     }
 }
 
+/// Where the guest side's reader sends what arrives from home.
+pub struct Router {
+    /// `Signal{sig}`: deliver to the guest.
+    pub on_signal: Box<dyn Fn(i32) + Send>,
+    /// The link to home is gone (the deputy died): the guest must be destroyed.
+    pub on_lost: Box<dyn Fn() + Send>,
+    /// `MigrateTo` / `MigrateBack`: home asks this host to move the guest.
+    pub on_command: Box<dyn Fn(Message) + Send>,
+    /// Answers a migration from this host over the home link waits for.
+    pub migration: mpsc::Sender<Message>,
+    /// Set once the guest has moved on: everything from home goes there unread.
+    pub forward: Arc<Mutex<Option<UnixStream>>>,
+}
+
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
 pub struct RemoteDeputy {
     seq: u64,
@@ -73,12 +87,10 @@ pub struct RemoteDeputy {
 }
 
 impl RemoteDeputy {
-    /// Start reading the link: replies go to the deputy, `Signal`s to `on_signal`, and a lost
-    /// link to `on_lost` (the guest must then be destroyed: its deputy is gone).
+    /// Start reading the link from home and routing what arrives (see [`Router`]).
     pub fn start(
         link: UnixStream,
-        on_signal: impl Fn(i32) + Send + 'static,
-        on_lost: impl Fn() + Send + 'static,
+        r: Router,
     ) -> std::io::Result<(RemoteDeputy, Arc<Mutex<UnixStream>>)> {
         let writer = Arc::new(Mutex::new(link.try_clone()?));
         let (tx, rx) = mpsc::channel();
@@ -86,18 +98,37 @@ impl RemoteDeputy {
         std::thread::spawn(move || {
             block_host_signals();
             loop {
-                match read_message(&mut reader) {
-                    Ok(Message::DeputyReply(r)) => {
-                        if tx.send(r).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Message::Signal { sig }) => on_signal(sig),
-                    Ok(_) => {}
+                let m = match read_message(&mut reader) {
+                    Ok(m) => m,
                     Err(_) => {
-                        on_lost();
+                        if let Some(f) = r.forward.lock().ok().and_then(|mut f| f.take()) {
+                            let _ = f.shutdown(std::net::Shutdown::Both);
+                        }
+                        (r.on_lost)();
                         return;
                     }
+                };
+                if let Ok(mut f) = r.forward.lock() {
+                    if let Some(next) = f.as_mut() {
+                        if write_message(next, &m).is_err() {
+                            *f = None;
+                        }
+                        continue;
+                    }
+                }
+                match m {
+                    Message::DeputyReply(rep) => {
+                        let _ = tx.send(rep);
+                    }
+                    Message::Signal { sig } => (r.on_signal)(sig),
+                    m @ (Message::MigrateTo { .. } | Message::MigrateBack) => (r.on_command)(m),
+                    m @ (Message::MigrateAccept
+                    | Message::MigrateRefuse { .. }
+                    | Message::Resumed
+                    | Message::Abort { .. }) => {
+                        let _ = r.migration.send(m);
+                    }
+                    _ => {}
                 }
             }
         });
@@ -141,11 +172,45 @@ impl Deputy for RemoteDeputy {
     }
 }
 
-/// Home side: serve the remote guest's deputy calls until it exits. Signals `mosvm run`
-/// receives meanwhile are sent to the guest. Returns the guest's exit status, or None when
-/// the link was lost.
-pub fn serve_home(link: UnixStream, deputy: &mut dyn Deputy) -> Option<i32> {
-    let writer = Arc::new(Mutex::new(link.try_clone().ok()?));
+/// Serve one deputy request from the link; false when the link is gone.
+pub fn serve_request(
+    writer: &Mutex<UnixStream>,
+    deputy: &mut dyn Deputy,
+    r: DeputyRequest,
+) -> bool {
+    let seq = r.seq;
+    let reply = deputy.call(from_wire(r));
+    let msg = Message::DeputyReply(DeputyReply {
+        seq,
+        ret: reply.ret,
+        outs: reply.outs,
+    });
+    writer
+        .lock()
+        .map(|mut w| write_message(&mut *w, &msg).is_ok())
+        .unwrap_or(false)
+}
+
+/// How serving a remote guest from home ended.
+pub enum HomeEnd {
+    /// The guest exited with this status.
+    Exited(i32),
+    /// The link to the guest's host was lost.
+    Lost,
+    /// The guest is coming home: its host sent this offer on the link.
+    Coming(migrate::frame::MigrateOffer),
+}
+
+/// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
+/// is lost. Signals `mosvm run` receives meanwhile are sent to the guest; `on_moved` and
+/// `on_failed` hear where the guest went next and why a move its host tried failed.
+pub fn serve_home(
+    mut reader: UnixStream,
+    writer: Arc<Mutex<UnixStream>>,
+    deputy: &mut dyn Deputy,
+    on_moved: &dyn Fn(String),
+    on_failed: &dyn Fn(String),
+) -> HomeEnd {
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (writer, done) = (writer.clone(), done.clone());
@@ -165,32 +230,23 @@ pub fn serve_home(link: UnixStream, deputy: &mut dyn Deputy) -> Option<i32> {
             }
         });
     }
-    let mut reader = link;
-    let status = loop {
+    let end = loop {
         match read_message(&mut reader) {
             Ok(Message::DeputyRequest(r)) => {
-                let seq = r.seq;
-                let reply = deputy.call(from_wire(r));
-                let msg = Message::DeputyReply(DeputyReply {
-                    seq,
-                    ret: reply.ret,
-                    outs: reply.outs,
-                });
-                let ok = writer
-                    .lock()
-                    .map(|mut w| write_message(&mut *w, &msg).is_ok())
-                    .unwrap_or(false);
-                if !ok {
-                    break None;
+                if !serve_request(&writer, deputy, r) {
+                    break HomeEnd::Lost;
                 }
             }
-            Ok(Message::Exit { status }) => break Some(status),
+            Ok(Message::Exit { status }) => break HomeEnd::Exited(status),
+            Ok(Message::MigrateOffer(o)) => break HomeEnd::Coming(o),
+            Ok(Message::Moved { node }) => on_moved(node),
+            Ok(Message::Abort { reason }) => on_failed(reason),
             Ok(_) => {}
-            Err(_) => break None,
+            Err(_) => break HomeEnd::Lost,
         }
     };
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    status
+    end
 }
 
 #[cfg(test)]
@@ -225,9 +281,21 @@ mod tests {
         };
         let home = std::thread::spawn(move || {
             let mut d = vmm::deputy::HostDeputy::with_stdio([0, pw, 2]);
-            serve_home(home_end, &mut d)
+            let w = Arc::new(Mutex::new(home_end.try_clone().unwrap()));
+            match serve_home(home_end, w, &mut d, &|_| {}, &|_| {}) {
+                HomeEnd::Exited(s) => Some(s),
+                _ => None,
+            }
         });
-        let (mut rd, writer) = RemoteDeputy::start(guest_end, |_| {}, || {}).unwrap();
+        let (mtx, _mrx) = mpsc::channel();
+        let router = Router {
+            on_signal: Box::new(|_| {}),
+            on_lost: Box::new(|| {}),
+            on_command: Box::new(|_| {}),
+            migration: mtx,
+            forward: Arc::new(Mutex::new(None)),
+        };
+        let (mut rd, writer) = RemoteDeputy::start(guest_end, router).unwrap();
         let r = rd.call(Request {
             nr: libc::SYS_write as u64,
             args: [1, 0, 5, 0, 0, 0],

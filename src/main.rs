@@ -235,7 +235,20 @@ struct SwitchJob {
 struct Registration {
     jobs: std::sync::mpsc::Receiver<SwitchJob>,
     updates: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
+    /// The link to the node running the guest, while it runs elsewhere: the node's `migrate`
+    /// commands then go there.
+    remote: RemoteSlot,
+    /// This process's home node.
+    home: String,
+    /// Handles on the VM running here now (it changes when the guest comes home).
+    current: Current,
 }
+
+type Current = std::sync::Arc<std::sync::Mutex<(vmm::memory::MemView, vmm::vm::PauseHandle)>>;
+
+type RemoteSlot = std::sync::Arc<
+    std::sync::Mutex<Option<std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>>>,
+>;
 
 fn send_update(w: &std::sync::Mutex<std::os::unix::net::UnixStream>, u: &control::Update) {
     use std::io::Write;
@@ -316,9 +329,10 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         program: vm.program().display().to_string(),
         locked: vm.locked(),
     };
-    let view = vm.memory_view();
+    let current: Current =
+        std::sync::Arc::new(std::sync::Mutex::new((vm.memory_view(), vm.pause_handle())));
+    let now = current.clone();
     let lock = vm.lock_flag();
-    let pause = vm.pause_handle();
     let mut w = stream.try_clone().ok()?;
     let mut line = serde_json::to_string(&req).ok()?;
     line.push('\n');
@@ -332,6 +346,8 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     };
     let updates = std::sync::Arc::new(std::sync::Mutex::new(w));
     let (tx, jobs) = std::sync::mpsc::channel();
+    let remote: RemoteSlot = Default::default();
+    let (remote_r, home_r) = (remote.clone(), home.clone());
     let upd = updates.clone();
     std::thread::spawn(move || {
         link::block_host_signals();
@@ -346,10 +362,28 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                     Ok(control::Command::SetLocked { locked }) => {
                         lock.store(locked, std::sync::atomic::Ordering::SeqCst);
                     }
+                    Ok(control::Command::Migrate { to })
+                        if remote.lock().map(|r| r.is_some()).unwrap_or(false) =>
+                    {
+                        // The guest runs elsewhere: ask its host to move it (home = back here).
+                        let msg = if to == "home" || to == home {
+                            migrate::Message::MigrateBack
+                        } else {
+                            migrate::Message::MigrateTo { node: to }
+                        };
+                        if let Some(w) = remote.lock().ok().and_then(|r| r.clone()) {
+                            if let Ok(mut w) = w.lock() {
+                                let _ = migrate::write_message(&mut *w, &msg);
+                            }
+                        }
+                    }
                     Ok(control::Command::Migrate { to }) => {
+                        let Ok((view, pause)) = now.lock().map(|c| c.clone()) else {
+                            continue;
+                        };
                         let (view, pause, home, path, tx, upd) = (
-                            view.clone(),
-                            pause.clone(),
+                            view,
+                            pause,
                             home.clone(),
                             path.clone(),
                             tx.clone(),
@@ -391,10 +425,18 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                     ) => {}
                 Err(_) => return,
             }
-            send_update(&upd, &control::Update::Memory { bytes: view.used() });
+            if let Ok(c) = now.lock() {
+                send_update(&upd, &control::Update::Memory { bytes: c.0.used() });
+            }
         }
     });
-    Some(Registration { jobs, updates })
+    Some(Registration {
+        jobs,
+        updates,
+        remote: remote_r,
+        home: home_r,
+        current,
+    })
 }
 
 /// Run the guest here until it ends, or until it moves to another node; then serve its
@@ -415,53 +457,127 @@ fn run_guest(
             pause.clear();
             continue;
         };
+        let reg = reg.as_ref().expect("a job came from the registration");
         let view = vm.memory_view();
         let state = vm.capture().and_then(|s| s.encode());
         let switched = state.and_then(|s| {
             migration::switch_over(&mut job.link, &view, &job.pending, &s, &mut job.report)
         });
-        let reg = reg.as_ref().expect("a job came from the registration");
-        match switched {
-            Ok(()) => {
-                if vm.wants_stats() {
-                    let json = serde_json::to_string(&job.report).unwrap_or_default();
-                    eprintln!("mosvm-migration {json}");
-                }
-                send_update(
-                    &reg.updates,
-                    &control::Update::Moved {
-                        node: job.to.clone(),
-                    },
-                );
-                let mut deputy = vm.into_deputy();
-                drop(view);
-                return match link::serve_home(job.link, &mut *deputy) {
-                    Some(status) => Ok((status, None)),
-                    None => {
-                        eprintln!(
-                            "mosvm: lost the node running the process ({}); it cannot continue",
-                            job.to
-                        );
-                        Ok((link::LOST_HOST_STATUS as i32, None))
-                    }
-                };
-            }
-            Err(e) => {
-                let _ = view.stop_dirty_log();
-                eprintln!(
-                    "mosvm: migration to {} failed: {e:#}; the process keeps running here",
-                    job.to
-                );
-                send_update(
-                    &reg.updates,
-                    &control::Update::MigrationFailed {
-                        reason: format!("{e:#}"),
-                    },
-                );
-                pause.clear();
-            }
+        if let Err(e) = switched {
+            let _ = view.stop_dirty_log();
+            eprintln!(
+                "mosvm: migration to {} failed: {e:#}; the process keeps running here",
+                job.to
+            );
+            send_update(
+                &reg.updates,
+                &control::Update::MigrationFailed {
+                    reason: format!("{e:#}"),
+                },
+            );
+            pause.clear();
+            continue;
+        }
+        if vm.wants_stats() {
+            let json = serde_json::to_string(&job.report).unwrap_or_default();
+            eprintln!("mosvm-migration {json}");
+        }
+        send_update(
+            &reg.updates,
+            &control::Update::Moved {
+                node: job.to.clone(),
+            },
+        );
+        let mut deputy = vm.into_deputy();
+        drop(view);
+        match serve_remote(job.link, &mut deputy, reg, &job.to)? {
+            Ok(back) => vm = back,
+            Err(status) => return Ok((status, None)),
         }
     }
+}
+
+/// Serve the guest's deputy calls from home while it runs elsewhere, until it exits (`Err`
+/// with its status), the link is lost (`Err(112)`), or it comes home (`Ok` with the VM, which
+/// then runs here again).
+fn serve_remote(
+    link: std::os::unix::net::UnixStream,
+    deputy: &mut Box<dyn vmm::deputy::Deputy>,
+    reg: &Registration,
+    first_host: &str,
+) -> anyhow::Result<Result<vmm::vm::Vm, i32>> {
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(link.try_clone()?));
+    if let Ok(mut r) = reg.remote.lock() {
+        *r = Some(writer.clone());
+    }
+    let host = std::sync::Mutex::new(first_host.to_string());
+    let on_moved = |node: String| {
+        send_update(&reg.updates, &control::Update::Moved { node: node.clone() });
+        if let Ok(mut h) = host.lock() {
+            *h = node;
+        }
+    };
+    let on_failed = |reason: String| {
+        eprintln!("mosvm: moving the process on failed: {reason}; it keeps running where it was");
+        send_update(&reg.updates, &control::Update::MigrationFailed { reason });
+    };
+    let reader = link.try_clone()?;
+    let end = link::serve_home(reader, writer.clone(), &mut **deputy, &on_moved, &on_failed);
+    let clear = || {
+        if let Ok(mut r) = reg.remote.lock() {
+            *r = None;
+        }
+    };
+    let offer = match end {
+        link::HomeEnd::Exited(status) => return Ok(Err(status)),
+        link::HomeEnd::Lost => {
+            let h = host.lock().map(|h| h.clone()).unwrap_or_default();
+            eprintln!("mosvm: lost the node running the process ({h}); it cannot continue");
+            return Ok(Err(link::LOST_HOST_STATUS as i32));
+        }
+        link::HomeEnd::Coming(offer) => offer,
+    };
+    // Coming home: receive it over the link while still serving its deputy calls.
+    let mut conn = link;
+    let received = migration::receive(&mut conn, Some(offer), &mut |m| {
+        match m {
+            migrate::Message::DeputyRequest(r) => {
+                anyhow::ensure!(
+                    link::serve_request(&writer, &mut **deputy, r),
+                    "the link closed"
+                );
+            }
+            migrate::Message::Exit { status } => {
+                anyhow::bail!("the guest exited ({status}) while coming home")
+            }
+            _ => {}
+        }
+        Ok(())
+    });
+    clear();
+    let (prepared, state, _) = match received {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("mosvm: bringing the process home failed: {e:#}");
+            return Ok(Err(link::LOST_HOST_STATUS as i32));
+        }
+    };
+    let deputy = std::mem::replace(
+        deputy,
+        Box::new(vmm::deputy::HostDeputy::with_stdio([-1, -1, -1])),
+    );
+    let vm = vmm::vm::Vm::restore_prepared(prepared, state, deputy)?;
+    migration::Conn::send(&mut conn, &migrate::Message::Resumed)?;
+    send_update(
+        &reg.updates,
+        &control::Update::Moved {
+            node: reg.home.clone(),
+        },
+    );
+    if let Ok(mut c) = reg.current.lock() {
+        *c = (vm.memory_view(), vm.pause_handle());
+    }
+    Ok(Ok(vm))
 }
 
 fn client(socket: Option<&Path>, req: control::Request) -> Result<control::Reply, ExitCode> {

@@ -1,16 +1,15 @@
 //! Live migration over a link: the source side (pre-copy while the guest runs, then the last
 //! dirty pages and the vCPU/VMM state while it is paused) and the destination side (receive
-//! into fresh guest memory, restore, resume, report). The link is a plain stream of `migrate`
-//! frames; node services carry it over mutual TLS.
+//! into a VM prepared when the offer arrives, restore, report). The link is a stream of
+//! `migrate` frames; node services carry it over mutual TLS, and after a first move it also
+//! carries the deputy channel, so a migration may share it with deputy calls.
 
 use anyhow::{bail, Context, Result};
 use migrate::frame::{MemRegion, MigrateOffer};
 use migrate::handshake::{CpuFeatures, CpuidLeaf};
-use migrate::{
-    read_message, write_message, Decision, Message, PageBatchBuilder, Planner, RoundStats,
-};
-use std::io::Write;
+use migrate::{read_message, Decision, Message, PageBatchBuilder, Planner, RoundStats};
 use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 use vmm::memory::{MemView, PAGE};
 
@@ -42,7 +41,7 @@ pub fn host_features() -> CpuFeatures {
     CpuFeatures::from_cpuid(&raw, xcr0)
 }
 
-/// Statistics of one migration, for `--stats`-style reports and benchmarks.
+/// Statistics of one migration, for `--stats` and benchmarks.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
     /// Touched pages sent by the first pass.
@@ -61,54 +60,88 @@ pub struct Report {
     pub total_ns: u64,
 }
 
-/// Counting writer, so rounds know their bytes.
-struct Counted<'a> {
-    inner: &'a mut UnixStream,
-    bytes: u64,
+/// One end of a link as the migration sees it: send a frame (returning its size), receive one.
+pub trait Conn {
+    /// Send one message; the frame's size in bytes.
+    fn send(&mut self, m: &Message) -> Result<u64>;
+    /// Receive the next message meant for the migration.
+    fn recv(&mut self) -> Result<Message>;
 }
 
-impl Write for Counted<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.bytes += n as u64;
-        Ok(n)
+impl Conn for UnixStream {
+    fn send(&mut self, m: &Message) -> Result<u64> {
+        let mut buf = Vec::new();
+        migrate::frame::write_message_with(self, m, &mut buf)?;
+        // A page batch's payload is written straight from the batch, not through `buf`.
+        let payload = match m {
+            Message::Pages(b) => b.payload.len(),
+            _ => 0,
+        };
+        Ok((buf.len() + payload) as u64)
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+    fn recv(&mut self) -> Result<Message> {
+        Ok(read_message(self)?)
+    }
+}
+
+/// A link shared with other traffic (the deputy channel): frames go out through the shared
+/// writer; a reader thread routes the migration's incoming messages to `inbox`.
+pub struct Routed {
+    /// The link's writer, shared with the deputy.
+    pub writer: Arc<Mutex<UnixStream>>,
+    /// Messages for the migration.
+    pub inbox: Arc<Mutex<mpsc::Receiver<Message>>>,
+}
+
+impl Conn for Routed {
+    fn send(&mut self, m: &Message) -> Result<u64> {
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("link writer poisoned"))?;
+        w.send(m)
+    }
+    fn recv(&mut self) -> Result<Message> {
+        let inbox = self
+            .inbox
+            .lock()
+            .map_err(|_| anyhow::anyhow!("inbox poisoned"))?;
+        inbox.recv().map_err(|_| anyhow::anyhow!("the link closed"))
     }
 }
 
 /// Send the given pages in batches; returns (pages, bytes).
-fn send_pages(link: &mut UnixStream, view: &MemView, gpns: &[u64]) -> Result<(u64, u64)> {
-    let mut out = Counted {
-        inner: link,
-        bytes: 0,
-    };
+fn send_pages(link: &mut dyn Conn, view: &MemView, gpns: &[u64]) -> Result<(u64, u64)> {
     // lz4 costs more CPU time than it saves on a LAN-speed link; pages go uncompressed (zero
     // pages still travel as bits).
     let mut b = PageBatchBuilder::with_compression(migrate::pages::Compression::Never);
     let mut page = [0u8; PAGE as usize];
+    let mut bytes = 0;
     for &gpn in gpns {
         if !view.read_page(gpn, &mut page) {
             continue;
         }
         if b.push(gpn, &page).is_err() {
-            write_message(&mut out, &Message::Pages(b.finish())).context("sending pages")?;
+            bytes += link
+                .send(&Message::Pages(b.finish()))
+                .context("sending pages")?;
             b.push(gpn, &page)
                 .map_err(|_| anyhow::anyhow!("page batch refused a page"))?;
         }
     }
     if !b.is_empty() {
-        write_message(&mut out, &Message::Pages(b.finish())).context("sending pages")?;
+        bytes += link
+            .send(&Message::Pages(b.finish()))
+            .context("sending pages")?;
     }
-    Ok((gpns.len() as u64, out.bytes))
+    Ok((gpns.len() as u64, bytes))
 }
 
 /// The source's pre-copy, while the guest runs: offer, first pass of touched pages, rounds from
-/// the dirty log until the planner says switch over. Returns the planner's state for the
-/// stop-and-copy round (done by the vCPU thread once the guest is paused).
+/// the dirty log until the planner says switch over. Returns the pages dirtied in the last
+/// round, which the stop-and-copy round (done once the guest is paused) sends.
 pub fn precopy(
-    link: &mut UnixStream,
+    link: &mut dyn Conn,
     view: &MemView,
     kick: &dyn Fn(),
     pid: u32,
@@ -132,8 +165,12 @@ pub fn precopy(
         }],
         deputy_token: None,
     };
-    write_message(link, &Message::MigrateOffer(offer)).context("sending the offer")?;
-    match read_message(link).context("waiting for the destination's answer")? {
+    link.send(&Message::MigrateOffer(offer))
+        .context("sending the offer")?;
+    match link
+        .recv()
+        .context("waiting for the destination's answer")?
+    {
         Message::MigrateAccept => {}
         Message::MigrateRefuse { reason } => bail!("destination refused: {reason}"),
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
@@ -151,18 +188,16 @@ pub fn precopy(
         report.bytes += bytes;
         kick();
         todo = view.take_dirty()?;
-        write_message(
-            link,
-            &Message::RoundDone {
-                round: report.rounds,
-                dirty_pages: todo.len() as u64,
-            },
-        )?;
+        let dirty_pages = todo.len() as u64;
+        link.send(&Message::RoundDone {
+            round: report.rounds,
+            dirty_pages,
+        })?;
         let d = planner.round_finished(RoundStats {
             pages_sent: pages,
             bytes_sent: bytes,
             elapsed_ns: t.elapsed().as_nanos() as u64,
-            dirtied_pages: todo.len() as u64,
+            dirtied_pages: dirty_pages,
         });
         match d {
             Decision::NextRound | Decision::Throttle(_) => continue,
@@ -170,14 +205,13 @@ pub fn precopy(
         }
     }
     report.total_ns = t0.elapsed().as_nanos() as u64;
-    // Dirtied during the last round and not sent yet: the stop-and-copy round sends them.
     Ok(todo)
 }
 
-/// The stop-and-copy round, with the guest paused: the last dirty pages, then the state; waits
-/// for the destination to resume the guest.
+/// The stop-and-copy round, with the guest paused: the last dirty pages (those left from
+/// pre-copy included), then the state; waits for the destination to resume the guest.
 pub fn switch_over(
-    link: &mut UnixStream,
+    link: &mut dyn Conn,
     view: &MemView,
     pending: &[u64],
     state: &[u8],
@@ -192,14 +226,14 @@ pub fn switch_over(
     report.last_pages = pages;
     report.pages += pages;
     report.bytes += bytes;
-    write_message(
-        link,
-        &Message::State {
-            vcpu_and_vmm: state.to_vec(),
-        },
-    )
+    link.send(&Message::State {
+        vcpu_and_vmm: state.to_vec(),
+    })
     .context("sending the state")?;
-    match read_message(link).context("waiting for the guest to resume at the destination")? {
+    match link
+        .recv()
+        .context("waiting for the guest to resume at the destination")?
+    {
         Message::Resumed => {}
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("unexpected answer to the state: {:?}", other.kind()),
@@ -209,21 +243,27 @@ pub fn switch_over(
     Ok(())
 }
 
-/// Destination: receive a guest on `link` (the offer is the first message), restore it, tell
-/// the source it runs, and return it ready to run.
-pub fn receive(link: &mut UnixStream) -> Result<(vmm::vm::Prepared, vmm::vm::MigState)> {
-    let offer = match read_message(link).context("waiting for the offer")? {
-        Message::MigrateOffer(o) => o,
-        other => bail!("expected an offer, got {:?}", other.kind()),
+/// Destination: receive a guest on `link` (the offer is the first message unless given),
+/// prepare its VM, and return it with its state once the state arrives. Messages that are not
+/// part of the migration (a guest coming home keeps making deputy calls while its pages
+/// travel) go to `other`.
+pub fn receive(
+    link: &mut dyn Conn,
+    offer: Option<MigrateOffer>,
+    other: &mut dyn FnMut(Message) -> Result<()>,
+) -> Result<(vmm::vm::Prepared, vmm::vm::MigState, MigrateOffer)> {
+    let offer = match offer {
+        Some(o) => o,
+        None => match link.recv().context("waiting for the offer")? {
+            Message::MigrateOffer(o) => o,
+            other => bail!("expected an offer, got {:?}", other.kind()),
+        },
     };
     if offer.page_size as u64 != PAGE {
         let reason = format!("page size {} not supported", offer.page_size);
-        let _ = write_message(
-            link,
-            &Message::MigrateRefuse {
-                reason: reason.clone(),
-            },
-        );
+        let _ = link.send(&Message::MigrateRefuse {
+            reason: reason.clone(),
+        });
         bail!(reason);
     }
     let prepared = vmm::memory::GuestMem::new(offer.mem_bytes).and_then(vmm::vm::Vm::prepare);
@@ -231,21 +271,18 @@ pub fn receive(link: &mut UnixStream) -> Result<(vmm::vm::Prepared, vmm::vm::Mig
         Ok(p) => p,
         Err(e) => {
             let reason = format!(
-                "cannot reserve {} bytes of guest memory: {e}",
+                "cannot host {} bytes of guest memory: {e:#}",
                 offer.mem_bytes
             );
-            let _ = write_message(
-                link,
-                &Message::MigrateRefuse {
-                    reason: reason.clone(),
-                },
-            );
+            let _ = link.send(&Message::MigrateRefuse {
+                reason: reason.clone(),
+            });
             bail!(reason);
         }
     };
-    write_message(link, &Message::MigrateAccept)?;
+    link.send(&Message::MigrateAccept)?;
     loop {
-        match read_message(link).context("receiving the guest")? {
+        match link.recv().context("receiving the guest")? {
             Message::Pages(b) => {
                 let d = b
                     .decode()
@@ -260,10 +297,10 @@ pub fn receive(link: &mut UnixStream) -> Result<(vmm::vm::Prepared, vmm::vm::Mig
             Message::RoundDone { .. } => {}
             Message::State { vcpu_and_vmm } => {
                 let st = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
-                return Ok((prepared, st));
+                return Ok((prepared, st, offer));
             }
             Message::Abort { reason } => bail!("source aborted: {reason}"),
-            other => bail!("unexpected message during migration: {:?}", other.kind()),
+            m => other(m)?,
         }
     }
 }

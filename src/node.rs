@@ -52,6 +52,7 @@ struct State {
     peers: Vec<(Option<String>, SocketAddr)>,
     procs: HashMap<u32, Proc>,
     tls: Option<migrate::ClusterTls>,
+    socket: PathBuf,
 }
 
 /// Parse `ADDR` or `NAME=ADDR`.
@@ -173,8 +174,10 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
             tracing::info!(peer, from = hello.node_name, "receiving a guest");
             let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
             let exe = std::env::current_exe()?;
+            let socket = shared.lock().expect("state lock").socket.clone();
             let mut child = tokio::process::Command::new(exe)
                 .arg("guest-host")
+                .env("MOSVM_SOCKET", socket)
                 .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
                     theirs,
                 )))
@@ -387,7 +390,11 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             let r = {
                 let mut st = shared.lock().expect("state lock");
                 let node = st.name.clone();
-                let resolved = resolve(&st, &to);
+                let resolved = if to == "home" || to == node {
+                    Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
+                } else {
+                    resolve(&st, &to)
+                };
                 let has_tls = st.tls.is_some();
                 match (st.procs.get_mut(&pid), resolved) {
                     (None, _) => Reply::Error {
@@ -399,6 +406,13 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             "node {node} has no cluster key (start it with --key-dir)"
                         ),
                     },
+                    (Some(p), Ok(_))
+                        if p.info.node == to || (to == "home" && p.info.node == node) =>
+                    {
+                        Reply::Error {
+                            message: format!("process {pid} already runs on {}", p.info.node),
+                        }
+                    }
                     (Some(p), Ok(_)) if p.info.locked => Reply::Error {
                         message: format!("process {pid} is locked to node {}", p.info.node),
                     },
@@ -521,6 +535,7 @@ pub fn run(cfg: Config) -> Result<()> {
             peers,
             procs: HashMap::new(),
             tls,
+            socket: socket.clone(),
         }));
         if let Some(pl) = peer_listener {
             let shared = shared.clone();

@@ -100,6 +100,9 @@ pub enum Kind {
     Exit = 15,
     Ping = 16,
     Pong = 17,
+    MigrateTo = 18,
+    MigrateBack = 19,
+    Moved = 20,
 }
 
 impl Kind {
@@ -124,6 +127,9 @@ impl Kind {
             15 => Exit,
             16 => Ping,
             17 => Pong,
+            18 => MigrateTo,
+            19 => MigrateBack,
+            20 => Moved,
             _ => return None,
         })
     }
@@ -255,6 +261,16 @@ pub enum Message {
     Pong {
         t: u64,
     },
+    /// Home asks the node running its guest to move it on to `node` (a name that node knows).
+    MigrateTo {
+        node: String,
+    },
+    /// Home asks for its guest back: the guest's host migrates it over this same link.
+    MigrateBack,
+    /// The guest's host tells home the guest now runs on `node`.
+    Moved {
+        node: String,
+    },
 }
 
 impl Message {
@@ -278,6 +294,9 @@ impl Message {
             Message::Exit { .. } => Kind::Exit,
             Message::Ping { .. } => Kind::Ping,
             Message::Pong { .. } => Kind::Pong,
+            Message::MigrateTo { .. } => Kind::MigrateTo,
+            Message::MigrateBack => Kind::MigrateBack,
+            Message::Moved { .. } => Kind::Moved,
         }
     }
 }
@@ -302,7 +321,8 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::DeputyRequest(r) => put(buf, k, r),
         Message::DeputyReply(r) => put(buf, k, r),
         Message::MigrateOffer(o) => put(buf, k, o),
-        Message::MigrateAccept | Message::Resumed => Ok(()),
+        Message::MigrateAccept | Message::Resumed | Message::MigrateBack => Ok(()),
+        Message::MigrateTo { node } | Message::Moved { node } => put(buf, k, node),
         Message::Pages(b) => put(buf, k, b),
         Message::RoundDone { round, dirty_pages } => put(buf, k, (round, dirty_pages)),
         Message::State { vcpu_and_vmm } => put(buf, k, vcpu_and_vmm),
@@ -385,6 +405,16 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         },
         Kind::Pong => Message::Pong {
             t: get(k, payload)?,
+        },
+        Kind::MigrateTo => Message::MigrateTo {
+            node: get(k, payload)?,
+        },
+        Kind::MigrateBack => {
+            get::<()>(k, payload)?;
+            Message::MigrateBack
+        }
+        Kind::Moved => Message::Moved {
+            node: get(k, payload)?,
         },
     })
 }
@@ -664,6 +694,9 @@ mod tests {
             Message::Exit { status: -1 },
             Message::Ping { t: 123 },
             Message::Pong { t: u64::MAX },
+            Message::MigrateTo { node: "b".into() },
+            Message::MigrateBack,
+            Message::Moved { node: "c".into() },
         ]
     }
 
@@ -710,7 +743,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 17);
+        assert_eq!(seen.len(), 20);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }

@@ -40,6 +40,12 @@
 //! per forwarded system call, in order: the request carries every input buffer, the reply
 //! every output buffer (one per `Out`/`InOut` slot). `Signal`, `Exit` and `Ping`/`Pong` are
 //! control messages the node service sends on its own connections.
+//!
+//! After a first move the link between home and the guest's host carries, besides the deputy
+//! channel: `Signal` (home → guest), `Exit` (guest → home), `MigrateTo{node}` (home asks the
+//! host to move the guest on), `Moved{node}` (the host reports where it went), `MigrateBack`
+//! (home asks for the guest back: the host migrates it over this same link, deputy calls
+//! continuing in between the pages), and `Abort{reason}` (a move the host tried failed).
 
 pub mod frame;
 pub mod handshake;
