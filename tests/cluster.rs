@@ -383,3 +383,118 @@ fn losing_the_host_ends_the_home_process_cleanly() {
         got.stderr
     );
 }
+
+/// Move a process home → a → b → home, waiting at each hop until `ps` shows it there.
+fn round_trip(nodes: &[Node], pid: u32, between: &mut dyn FnMut(usize)) {
+    let home = &nodes[0].sock;
+    for (hop, (to, shown)) in [("a", "a"), ("b", "b"), ("home", "home")]
+        .into_iter()
+        .enumerate()
+    {
+        let m = migrate(home, pid, to);
+        assert!(
+            m.status.success(),
+            "migrate to {to}: {}",
+            String::from_utf8_lossy(&m.stderr)
+        );
+        wait_for(
+            &format!("the process to run on {shown}"),
+            Duration::from_secs(30),
+            || {
+                proc_info(home, pid)
+                    .is_some_and(|p| p["node"] == shown && p["migrations"] == hop as u64 + 1)
+            },
+        );
+        between(hop);
+    }
+}
+
+#[test]
+fn a_process_travels_home_a_b_home_and_matches_native() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = start_nodes(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
+
+    // A program reading its input from home, as it arrives, on every node it visits.
+    let prog = image("glibc-static", "stdin_filter");
+    let chunks: Vec<String> = (0..4)
+        .map(|c| (0..50).map(|i| format!("chunk {c} line {i}\n")).collect())
+        .collect();
+    let nd = dir.path().join("native-stdin");
+    std::fs::create_dir_all(&nd).unwrap();
+    let mut native_child = Command::new(&prog)
+        .current_dir(&nd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut i = native_child.stdin.take().unwrap();
+        for c in &chunks {
+            i.write_all(c.as_bytes()).unwrap();
+        }
+    }
+    let want = native_child.wait_with_output().unwrap();
+    let wd = dir.path().join("mosvm-stdin");
+    std::fs::create_dir_all(&wd).unwrap();
+    let mut run = Command::new(mosvm_bin())
+        .arg("run")
+        .arg("--socket")
+        .arg(&nodes[0].sock)
+        .arg(&prog)
+        .current_dir(&wd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    let mut input = run.stdin.take().unwrap();
+    wait_for("registration", Duration::from_secs(10), || {
+        proc_info(&nodes[0].sock, pid).is_some()
+    });
+    {
+        use std::io::Write;
+        input.write_all(chunks[0].as_bytes()).unwrap();
+        // It is blocked reading its terminal at home when asked to move: the read is
+        // interrupted, the guest moves, and reissues it from node a.
+        std::thread::sleep(Duration::from_millis(300));
+        let m = migrate(&nodes[0].sock, pid, "a");
+        assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+        wait_for("the process to run on a", Duration::from_secs(30), || {
+            proc_info(&nodes[0].sock, pid).is_some_and(|p| p["node"] == "a")
+        });
+        for c in &chunks[1..] {
+            input.write_all(c.as_bytes()).unwrap();
+        }
+    }
+    drop(input);
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        want.status.code(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == want.stdout,
+        "stdout differs after moving while blocked on input: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A program computing, dirtying memory, printing steadily and writing a file.
+    let prog = image("dynamic", "ticker");
+    let args = ["400", "3000000", "32"];
+    let want = native(&prog, &args, &dir.path().join("native-ticker"));
+    let wd = dir.path().join("mosvm-ticker");
+    let run = spawn_run(&nodes[0].sock, &prog, &args, &wd);
+    let pid = run.id();
+    wait_for("registration", Duration::from_secs(10), || {
+        proc_info(&nodes[0].sock, pid).is_some()
+    });
+    round_trip(&nodes, pid, &mut |_| {});
+    let got = finish(run, &wd);
+    assert_same(&got, &want, "ticker after home → a → b → home");
+}

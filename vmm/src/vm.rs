@@ -200,9 +200,14 @@ pub struct PauseHandle {
 struct PauseInner {
     requested: std::sync::atomic::AtomicBool,
     in_guest: std::sync::atomic::AtomicBool,
+    /// The run loop is running (on `thread`).
+    running: std::sync::atomic::AtomicBool,
     immediate_exit: AtomicPtr<u8>,
     thread: std::sync::atomic::AtomicU64,
 }
+
+/// Length of the `syscall` instruction (0f 05).
+const SYSCALL_INSN_LEN: u64 = 2;
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 const KICK_SIGNAL: i32 = libc::SIGUSR2;
@@ -221,15 +226,26 @@ impl PauseHandle {
             // run loop runs and withdrawn before the vCPU can be dropped.
             unsafe { p.write_volatile(1) };
         }
-        if i.in_guest.load(Ordering::SeqCst) {
-            let t = i.thread.load(Ordering::SeqCst);
-            if t != 0 {
-                // SAFETY: `t` is the pthread id of the thread inside the run loop (it clears
-                // `in_guest` before leaving); the kick signal's handler does nothing, so its
-                // only effect is to interrupt KVM_RUN.
-                unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
+        // Keep kicking until the loop has stopped: a kick also interrupts a syscall blocked
+        // on the guest's behalf (which is then restarted after the move), and one sent just
+        // before the call blocked would be lost.
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while me.requested()
+                && me.inner.running.load(Ordering::SeqCst)
+                && t0.elapsed() < std::time::Duration::from_secs(10)
+            {
+                let t = me.inner.thread.load(Ordering::SeqCst);
+                if t != 0 {
+                    // SAFETY: `t` is the pthread id of the thread inside the run loop (it
+                    // clears `running` before leaving); the kick signal's handler does
+                    // nothing, so its only effect is to interrupt KVM_RUN or a blocking call.
+                    unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-        }
+        });
     }
 
     /// Force the vCPU out of guest mode once (it re-enters at once). KVM may buffer a running
@@ -542,7 +558,9 @@ impl Vm {
         p.thread
             .store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
         p.immediate_exit.store(ie, Ordering::SeqCst);
+        p.running.store(true, Ordering::SeqCst);
         let out = self.run_loop();
+        p.running.store(false, Ordering::SeqCst);
         p.immediate_exit
             .store(std::ptr::null_mut(), Ordering::SeqCst);
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
@@ -844,8 +862,16 @@ impl Vm {
             Step::Exit(o) => Ok(Some(o)),
             Step::Ret(v) => {
                 let vmm_returns = self.vmm_returns == Some(true);
+                // A call interrupted because the guest is about to move: undo it, so the guest
+                // issues it again wherever it resumes (as Linux restarts a syscall).
+                let restart = v == -EINTR && self.pause.requested() && pending_signal().is_none();
                 let regs = &mut self.vcpu.sync_regs_mut().regs;
-                regs.rax = v as u64;
+                if restart {
+                    regs.rax = nr;
+                    regs.rcx = regs.rcx.wrapping_sub(SYSCALL_INSN_LEN);
+                } else {
+                    regs.rax = v as u64;
+                }
                 if vmm_returns {
                     regs.rip = regs.rcx;
                     regs.rflags = regs.r11;
@@ -1101,7 +1127,7 @@ impl Vm {
             libc::SYS_clock_nanosleep => self.sleep(a[0] as i32, a[1] as i32, a[2], a[3]),
             libc::SYS_sched_yield => ok(0),
             libc::SYS_pause => {
-                while pending_signal().is_none() {
+                while pending_signal().is_none() && !self.pause.requested() {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 Err(EINTR)
