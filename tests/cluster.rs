@@ -498,3 +498,96 @@ fn a_process_travels_home_a_b_home_and_matches_native() {
     let got = finish(run, &wd);
     assert_same(&got, &want, "ticker after home → a → b → home");
 }
+
+#[test]
+fn a_peer_speaking_another_protocol_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let port = free_port();
+    let sock = dir.path().join("n.sock");
+    let log = std::fs::File::create(dir.path().join("n.log")).unwrap();
+    let child = Command::new(mosvm_bin())
+        .args([
+            "node",
+            "--name",
+            "n",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--key-dir",
+        ])
+        .arg(&key)
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _node = Node {
+        child,
+        sock: sock.clone(),
+    };
+    wait_for("the node", Duration::from_secs(10), || sock.exists());
+    let tls = migrate::ClusterTls::load(&key).unwrap();
+    let mut s = migrate::tls::connect(("127.0.0.1", port), &tls).unwrap();
+    let mut hello = migrate::Hello::new(
+        "old-peer",
+        migrate::Purpose::Migrate,
+        migrate::handshake::CpuFeatures::default(),
+        None,
+    );
+    hello.protocol_version = migrate::PROTOCOL_VERSION + 7;
+    match migrate::handshake::client_handshake(&mut s, &hello) {
+        Err(e) => assert!(e.to_string().contains("version"), "{e}"),
+        Ok(w) => panic!("a wrong-version peer was welcomed: {w:?}"),
+    }
+    wait_for("the refusal to be logged", Duration::from_secs(5), || {
+        std::fs::read_to_string(dir.path().join("n.log"))
+            .unwrap_or_default()
+            .contains("refused a peer")
+    });
+}
+
+#[test]
+fn the_destination_dying_mid_migration_leaves_the_process_at_home() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut nodes = start_nodes(dir.path(), &["home", "b"], &[&key, &key]);
+    let prog = image("glibc-static", "ticker");
+    // A big working set keeps the pre-copy busy long enough to kill the destination in it.
+    let args = ["60", "3000000", "768"];
+    let want = native(&prog, &args, &dir.path().join("native"));
+    let wd = dir.path().join("w");
+    let run = spawn_run(&nodes[0].sock, &prog, &args, &wd);
+    let pid = run.id();
+    wait_for("registration", Duration::from_secs(10), || {
+        proc_info(&nodes[0].sock, pid).is_some()
+    });
+    wait_for("the working set", Duration::from_secs(30), || {
+        proc_info(&nodes[0].sock, pid)
+            .is_some_and(|p| p["mem_bytes"].as_u64().unwrap_or(0) > 700 << 20)
+    });
+    assert!(migrate(&nodes[0].sock, pid, "b").status.success());
+    wait_for("the guest host on b", Duration::from_secs(10), || {
+        !guest_hosts_of(nodes[1].child.id()).is_empty()
+    });
+    let b = nodes.pop().unwrap();
+    let hosted = guest_hosts_of(b.child.id());
+    drop(b);
+    for g in hosted {
+        // SAFETY: killing a process this test's node started.
+        unsafe { libc::kill(g as i32, libc::SIGKILL) };
+    }
+    let got = finish(run, &wd);
+    assert_same(&got, &want, "after the destination died mid-migration");
+    assert!(
+        got.stderr.contains("migration to b failed"),
+        "{}",
+        got.stderr
+    );
+    assert_eq!(
+        proc_info(&nodes[0].sock, pid),
+        None,
+        "the process ended at home"
+    );
+}
