@@ -69,9 +69,17 @@ pub fn main() -> ExitCode {
     let forward = Arc::new(Mutex::new(None));
     let (job_tx, jobs) = mpsc::channel::<Job>();
     let writer_slot: Arc<OnceLock<Arc<Mutex<UnixStream>>>> = Arc::new(OnceLock::new());
-    let (h1, h2, h3) = (handle.clone(), handle.clone(), handle.clone());
+    let (h1, h2, h3, h4) = (
+        handle.clone(),
+        handle.clone(),
+        handle.clone(),
+        handle.clone(),
+    );
     let (v3, w3, in3) = (view_slot.clone(), writer_slot.clone(), inbox.clone());
     let (pid, home, mem_bytes) = (offer.pid, offer.home_node.clone(), offer.mem_bytes);
+    // Set while a move this host started is under way.
+    let moving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mv1, mv2, mv3) = (moving.clone(), moving.clone(), moving.clone());
     let router = Router {
         on_signal: Box::new(move |sig| {
             if let Some(h) = h1.get() {
@@ -91,6 +99,8 @@ pub fn main() -> ExitCode {
             let (pause, view, writer, inbox) =
                 (pause.clone(), view.clone(), writer.clone(), in3.clone());
             let (tx, home) = (job_tx.clone(), home.clone());
+            mv1.store(true, std::sync::atomic::Ordering::SeqCst);
+            let mv = mv1.clone();
             std::thread::spawn(move || {
                 crate::link::block_host_signals();
                 let mut report = Report::default();
@@ -144,6 +154,7 @@ pub fn main() -> ExitCode {
                         }
                     }
                     Err(e) => {
+                        mv.store(false, std::sync::atomic::Ordering::SeqCst);
                         let _ = view.stop_dirty_log();
                         let reason = format!("{e:#}");
                         if let Ok(mut w) = writer.lock() {
@@ -155,6 +166,8 @@ pub fn main() -> ExitCode {
         }),
         migration: mig_tx,
         forward: forward.clone(),
+        must_move: Box::new(move || mv2.load(std::sync::atomic::Ordering::SeqCst)),
+        pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),
     };
     let reader = match link.try_clone() {
         Ok(l) => l,
@@ -240,6 +253,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             (Err(e), _) => {
+                mv3.store(false, std::sync::atomic::Ordering::SeqCst);
                 let _ = view.stop_dirty_log();
                 let reason = format!("{e:#}");
                 if let Ok(mut w) = writer.lock() {

@@ -77,6 +77,11 @@ pub struct Router {
     pub migration: mpsc::Sender<Message>,
     /// Set once the guest has moved on: everything from home goes there unread.
     pub forward: Arc<Mutex<Option<UnixStream>>>,
+    /// Whether the guest is moving: a deputy call still waiting for home is then cancelled,
+    /// and no new one starts; both are reissued after the move.
+    pub must_move: Box<dyn Fn() -> bool + Send>,
+    /// Whether the guest has been asked to stop for the switch-over.
+    pub pausing: Box<dyn Fn() -> bool + Send>,
 }
 
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
@@ -84,15 +89,19 @@ pub struct RemoteDeputy {
     seq: u64,
     writer: Arc<Mutex<UnixStream>>,
     replies: mpsc::Receiver<DeputyReply>,
+    must_move: Box<dyn Fn() -> bool + Send>,
+    pausing: Box<dyn Fn() -> bool + Send>,
 }
 
 impl RemoteDeputy {
     /// Start reading the link from home and routing what arrives (see [`Router`]).
     pub fn start(
         link: UnixStream,
-        r: Router,
+        mut r: Router,
     ) -> std::io::Result<(RemoteDeputy, Arc<Mutex<UnixStream>>)> {
         let writer = Arc::new(Mutex::new(link.try_clone()?));
+        let must_move = std::mem::replace(&mut r.must_move, Box::new(|| false));
+        let pausing = std::mem::replace(&mut r.pausing, Box::new(|| false));
         let (tx, rx) = mpsc::channel();
         let mut reader = link;
         std::thread::spawn(move || {
@@ -137,6 +146,8 @@ impl RemoteDeputy {
                 seq: 0,
                 writer: writer.clone(),
                 replies: rx,
+                must_move,
+                pausing,
             },
             writer,
         ))
@@ -144,9 +155,14 @@ impl RemoteDeputy {
 }
 
 const EIO: i64 = libc::EIO as i64;
+const EINTR: i64 = libc::EINTR as i64;
 
 impl Deputy for RemoteDeputy {
     fn call(&mut self, req: Request) -> Reply {
+        if (self.must_move)() {
+            // The guest is moving: the call is made again once it has.
+            return self.restart();
+        }
         self.seq += 1;
         let seq = self.seq;
         let sent = match self.writer.lock() {
@@ -159,15 +175,58 @@ impl Deputy for RemoteDeputy {
                 outs: vec![],
             };
         }
-        match self.replies.recv() {
-            Ok(r) if r.seq == seq => Reply {
-                ret: r.ret,
-                outs: r.outs,
-            },
-            _ => Reply {
-                ret: -EIO,
-                outs: vec![],
-            },
+        let mut cancelled = false;
+        loop {
+            match self
+                .replies
+                .recv_timeout(std::time::Duration::from_millis(20))
+            {
+                Ok(r) if r.seq == seq && cancelled && r.ret == -EINTR => return self.restart(),
+                Ok(r) if r.seq == seq => {
+                    return Reply {
+                        ret: r.ret,
+                        outs: r.outs,
+                    }
+                }
+                Ok(_) => {
+                    return Reply {
+                        ret: -EIO,
+                        outs: vec![],
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !cancelled && (self.must_move)() {
+                        cancelled = true;
+                        if let Ok(mut w) = self.writer.lock() {
+                            let _ = write_message(&mut *w, &Message::Cancel { seq });
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Reply {
+                        ret: -EIO,
+                        outs: vec![],
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl RemoteDeputy {
+    /// Hold the call until the guest stops for its move (or the move is given up), then have
+    /// the VMM reissue it wherever the guest resumes.
+    fn restart(&self) -> Reply {
+        let t = std::time::Instant::now();
+        while (self.must_move)()
+            && !(self.pausing)()
+            && t.elapsed() < std::time::Duration::from_secs(30)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Reply {
+            ret: -vmm::vm::ERESTART,
+            outs: vec![],
         }
     }
 }
@@ -197,12 +256,18 @@ pub enum HomeEnd {
     Exited(i32),
     /// The link to the guest's host was lost.
     Lost,
-    /// The guest is coming home: its host sent this offer on the link.
-    Coming(migrate::frame::MigrateOffer),
+    /// The guest is coming home: its host sent this offer; the rest of the link's traffic
+    /// arrives on the inbox; the caller keeps marking the request it executes (for cancels).
+    Coming(
+        migrate::frame::MigrateOffer,
+        Arc<Mutex<mpsc::Receiver<Message>>>,
+        Arc<std::sync::atomic::AtomicU64>,
+    ),
 }
 
 /// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
-/// is lost. Signals `mosvm run` receives meanwhile are sent to the guest; `on_moved` and
+/// is lost. A reader thread takes the link's traffic (and interrupts a call home was asked to
+/// cancel); signals `mosvm run` receives meanwhile are sent to the guest; `on_moved` and
 /// `on_failed` hear where the guest went next and why a move its host tried failed.
 pub fn serve_home(
     mut reader: UnixStream,
@@ -230,15 +295,43 @@ pub fn serve_home(
             }
         });
     }
+    // The request being executed (0: none), by this thread.
+    let running = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as u64;
+    vmm::vm::install_kick_handler();
+    let (tx, rx) = mpsc::channel();
+    {
+        let running = running.clone();
+        std::thread::spawn(move || {
+            block_host_signals();
+            while let Ok(m) = read_message(&mut reader) {
+                if let Message::Cancel { seq } = m {
+                    if running.load(std::sync::atomic::Ordering::SeqCst) == seq {
+                        vmm::vm::PauseHandle::kick_thread(me);
+                    }
+                    continue;
+                }
+                if tx.send(m).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let end = loop {
-        match read_message(&mut reader) {
+        match rx.recv() {
             Ok(Message::DeputyRequest(r)) => {
-                if !serve_request(&writer, deputy, r) {
+                running.store(r.seq, std::sync::atomic::Ordering::SeqCst);
+                let ok = serve_request(&writer, deputy, r);
+                running.store(0, std::sync::atomic::Ordering::SeqCst);
+                if !ok {
                     break HomeEnd::Lost;
                 }
             }
             Ok(Message::Exit { status }) => break HomeEnd::Exited(status),
-            Ok(Message::MigrateOffer(o)) => break HomeEnd::Coming(o),
+            Ok(Message::MigrateOffer(o)) => {
+                break HomeEnd::Coming(o, Arc::new(Mutex::new(rx)), running.clone())
+            }
             Ok(Message::Moved { node }) => on_moved(node),
             Ok(Message::Abort { reason }) => on_failed(reason),
             Ok(_) => {}
@@ -294,6 +387,8 @@ mod tests {
             on_command: Box::new(|_| {}),
             migration: mtx,
             forward: Arc::new(Mutex::new(None)),
+            must_move: Box::new(|| false),
+            pausing: Box::new(|| false),
         };
         let (mut rd, writer) = RemoteDeputy::start(guest_end, router).unwrap();
         let r = rd.call(Request {

@@ -535,17 +535,22 @@ fn serve_remote(
             eprintln!("mosvm: lost the node running the process ({h}); it cannot continue");
             return Ok(Err(link::LOST_HOST_STATUS as i32));
         }
-        link::HomeEnd::Coming(offer) => offer,
+        link::HomeEnd::Coming(offer, inbox, running) => (offer, inbox, running),
     };
+    let (offer, inbox, running) = offer;
     // Coming home: receive it over the link while still serving its deputy calls.
-    let mut conn = link;
+    drop(link);
+    let mut conn = migration::Routed {
+        writer: writer.clone(),
+        inbox,
+    };
     let received = migration::receive(&mut conn, Some(offer), &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
-                anyhow::ensure!(
-                    link::serve_request(&writer, &mut **deputy, r),
-                    "the link closed"
-                );
+                running.store(r.seq, std::sync::atomic::Ordering::SeqCst);
+                let ok = link::serve_request(&writer, &mut **deputy, r);
+                running.store(0, std::sync::atomic::Ordering::SeqCst);
+                anyhow::ensure!(ok, "the link closed");
             }
             migrate::Message::Exit { status } => {
                 anyhow::bail!("the guest exited ({status}) while coming home")

@@ -458,17 +458,13 @@ fn a_process_travels_home_a_b_home_and_matches_native() {
     {
         use std::io::Write;
         input.write_all(chunks[0].as_bytes()).unwrap();
-        // It is blocked reading its terminal at home when asked to move: the read is
-        // interrupted, the guest moves, and reissues it from node a.
+        // At every hop it is blocked reading its terminal (at home, or at home through the
+        // link): the read is interrupted, the guest moves, and reissues it from the next node.
         std::thread::sleep(Duration::from_millis(300));
-        let m = migrate(&nodes[0].sock, pid, "a");
-        assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
-        wait_for("the process to run on a", Duration::from_secs(30), || {
-            proc_info(&nodes[0].sock, pid).is_some_and(|p| p["node"] == "a")
+        round_trip(&nodes, pid, &mut |hop| {
+            input.write_all(chunks[hop + 1].as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
         });
-        for c in &chunks[1..] {
-            input.write_all(c.as_bytes()).unwrap();
-        }
     }
     drop(input);
     let out = run.wait_with_output().unwrap();
@@ -480,7 +476,7 @@ fn a_process_travels_home_a_b_home_and_matches_native() {
     );
     assert!(
         out.stdout == want.stdout,
-        "stdout differs after moving while blocked on input: {}",
+        "stdout differs after home → a → b → home while blocked on input: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 

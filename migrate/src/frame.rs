@@ -103,6 +103,7 @@ pub enum Kind {
     MigrateTo = 18,
     MigrateBack = 19,
     Moved = 20,
+    Cancel = 21,
 }
 
 impl Kind {
@@ -130,6 +131,7 @@ impl Kind {
             18 => MigrateTo,
             19 => MigrateBack,
             20 => Moved,
+            21 => Cancel,
             _ => return None,
         })
     }
@@ -271,6 +273,11 @@ pub enum Message {
     Moved {
         node: String,
     },
+    /// The guest must move while deputy request `seq` blocks at home: interrupt it (the reply
+    /// then says EINTR and the guest reissues the call after the move).
+    Cancel {
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -297,6 +304,7 @@ impl Message {
             Message::MigrateTo { .. } => Kind::MigrateTo,
             Message::MigrateBack => Kind::MigrateBack,
             Message::Moved { .. } => Kind::Moved,
+            Message::Cancel { .. } => Kind::Cancel,
         }
     }
 }
@@ -329,6 +337,7 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::Signal { sig } => put(buf, k, sig),
         Message::Exit { status } => put(buf, k, status),
         Message::Ping { t } | Message::Pong { t } => put(buf, k, t),
+        Message::Cancel { seq } => put(buf, k, seq),
     }
 }
 
@@ -415,6 +424,9 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         }
         Kind::Moved => Message::Moved {
             node: get(k, payload)?,
+        },
+        Kind::Cancel => Message::Cancel {
+            seq: get(k, payload)?,
         },
     })
 }
@@ -697,6 +709,7 @@ mod tests {
             Message::MigrateTo { node: "b".into() },
             Message::MigrateBack,
             Message::Moved { node: "c".into() },
+            Message::Cancel { seq: 9 },
         ]
     }
 
@@ -743,7 +756,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 20);
+        assert_eq!(seen.len(), 21);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }

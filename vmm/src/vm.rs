@@ -206,6 +206,10 @@ struct PauseInner {
     thread: std::sync::atomic::AtomicU64,
 }
 
+/// A deputy's answer meaning "issue this syscall again" (Linux's internal ERESTARTSYS, which
+/// no program ever sees): the call was held back or cancelled because the guest is moving.
+pub const ERESTART: i64 = 512;
+
 /// Length of the `syscall` instruction (0f 05).
 const SYSCALL_INSN_LEN: u64 = 2;
 
@@ -248,6 +252,14 @@ impl PauseHandle {
         });
     }
 
+    /// Interrupt a blocking call on `thread` (a pthread id) with the kick signal.
+    pub fn kick_thread(thread: u64) {
+        install_kick_handler();
+        // SAFETY: the caller passes the id of a live thread of this process; the kick
+        // signal's handler does nothing, so its only effect is to interrupt a blocking call.
+        unsafe { libc::pthread_kill(thread as libc::pthread_t, KICK_SIGNAL) };
+    }
+
     /// Force the vCPU out of guest mode once (it re-enters at once). KVM may buffer a running
     /// vCPU's dirty-page information until its next exit: kick before reading the dirty log.
     pub fn kick(&self) {
@@ -280,7 +292,9 @@ impl PauseHandle {
     }
 }
 
-fn install_kick_handler() {
+/// Install the (no-op) handler of the signal that kicks a thread out of KVM_RUN or a
+/// blocking call. Idempotent.
+pub fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: a zeroed sigaction with a no-op handler and empty mask is valid.
@@ -864,7 +878,8 @@ impl Vm {
                 let vmm_returns = self.vmm_returns == Some(true);
                 // A call interrupted because the guest is about to move: undo it, so the guest
                 // issues it again wherever it resumes (as Linux restarts a syscall).
-                let restart = v == -EINTR && self.pause.requested() && pending_signal().is_none();
+                let restart = v == -ERESTART
+                    || (v == -EINTR && self.pause.requested() && pending_signal().is_none());
                 let regs = &mut self.vcpu.sync_regs_mut().regs;
                 if restart {
                     regs.rax = nr;
