@@ -510,11 +510,10 @@ impl HostDeputy {
                 _ => args[i] = ptr as u64,
             }
         }
+        // The shapes come from the shared table and every length the kernel reads (counts,
+        // sizes) is the one its buffer was allocated with; descriptors are the guest's own.
         // SAFETY: every pointer argument points into a buffer owned by this function (`ins`,
-        // `outs`, `iovs`) that is at least as long as the kernel will access: the shapes come
-        // from the shared table, and every length the kernel reads (counts, sizes) is the one
-        // the buffer was allocated with; descriptors were translated to host descriptors the
-        // guest owns, never the VMM's own.
+        // `outs`, `iovs`) at least as long as the kernel will access.
         let ret = unsafe {
             libc::syscall(
                 req.nr as libc::c_long,

@@ -466,10 +466,10 @@ impl GuestMem {
             let n = page_end.min(end) - cur;
             if let Some(gpa) = self.translate(cur) {
                 if n == PAGE {
-                    // SAFETY: `gpa` is a frame inside the guest mapping (it came from
-                    // `alloc_frame`), so the page-aligned host range lies inside the mapping we
-                    // own; MADV_DONTNEED on private anonymous memory only replaces its contents
+                    // MADV_DONTNEED on private anonymous memory only replaces its contents
                     // with zeroes, which no Rust reference observes.
+                    // SAFETY: `gpa` is a frame from `alloc_frame`, so the page-aligned host
+                    // range lies inside the guest mapping we own.
                     unsafe {
                         libc::madvise(
                             self.host.add(gpa as usize) as *mut libc::c_void,
