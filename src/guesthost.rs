@@ -225,7 +225,11 @@ pub fn main() -> ExitCode {
             continue;
         };
         let view = vm.memory_view();
-        let state = vm.capture().and_then(|s| s.encode());
+        let delta = job.report.clock_delta_ns;
+        let state = vm.capture().and_then(|mut s| {
+            s.shift_realtime(delta);
+            s.encode()
+        });
         let switched = state.and_then(|s| {
             migration::switch_over(&mut *job.conn, &view, &job.pending, &s, &mut job.report)
         });

@@ -134,6 +134,7 @@ impl RemoteDeputy {
                     m @ (Message::MigrateAccept
                     | Message::MigrateRefuse { .. }
                     | Message::Resumed
+                    | Message::Pong { .. }
                     | Message::Abort { .. }) => {
                         let _ = r.migration.send(m);
                     }

@@ -459,7 +459,11 @@ fn run_guest(
         };
         let reg = reg.as_ref().expect("a job came from the registration");
         let view = vm.memory_view();
-        let state = vm.capture().and_then(|s| s.encode());
+        let delta = job.report.clock_delta_ns;
+        let state = vm.capture().and_then(|mut s| {
+            s.shift_realtime(delta);
+            s.encode()
+        });
         let switched = state.and_then(|s| {
             migration::switch_over(&mut job.link, &view, &job.pending, &s, &mut job.report)
         });

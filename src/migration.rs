@@ -58,6 +58,19 @@ pub struct Report {
     pub downtime_ns: u64,
     /// Whole migration, ns.
     pub total_ns: u64,
+    /// How far the destination's wall clock reads ahead of the source's, ns (from one
+    /// Ping/Pong, halving the round trip).
+    pub clock_delta_ns: i64,
+    /// That round trip, ns.
+    pub rtt_ns: u64,
+}
+
+/// This host's wall-clock time, ns.
+pub fn realtime_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_nanos() as i64
 }
 
 /// One end of a link as the migration sees it: send a frame (returning its size), receive one.
@@ -175,6 +188,18 @@ pub fn precopy(
         Message::MigrateRefuse { reason } => bail!("destination refused: {reason}"),
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("unexpected answer to the offer: {:?}", other.kind()),
+    }
+    // Estimate the destination's clock against ours, so the guest keeps home's wall clock.
+    let t_send = realtime_ns();
+    let t = Instant::now();
+    link.send(&Message::Ping { t: t_send as u64 })?;
+    match link.recv().context("waiting for the destination's clock")? {
+        Message::Pong { t: theirs } => {
+            let rtt = t.elapsed().as_nanos() as i64;
+            report.rtt_ns = rtt as u64;
+            report.clock_delta_ns = theirs as i64 - (t_send + rtt / 2);
+        }
+        other => bail!("expected the destination's clock, got {:?}", other.kind()),
     }
     let mut planner = Planner::new(migrate::precopy::Config::default());
     // The state is a few KiB; its fixed cost is one round trip.
@@ -295,6 +320,11 @@ pub fn receive(
                 }
             }
             Message::RoundDone { .. } => {}
+            Message::Ping { .. } => {
+                link.send(&Message::Pong {
+                    t: realtime_ns() as u64,
+                })?;
+            }
             Message::State { vcpu_and_vmm } => {
                 let st = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
                 return Ok((prepared, st, offer));

@@ -184,6 +184,9 @@ pub struct Vm {
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
+    /// Guest CLOCK_REALTIME minus host CLOCK_REALTIME, in ns: wall-clock time is the home
+    /// node's wherever the guest runs (non-zero on a node whose clock differs from home's).
+    realtime_offset_ns: i64,
     pause: PauseHandle,
     lock: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Counters.
@@ -356,6 +359,7 @@ pub struct VmmState {
     comm: Vec<u8>,
     vmm_returns: Option<bool>,
     guest_mono_ns: i64,
+    realtime_offset_ns: i64,
     counters: [u64; 4],
 }
 
@@ -395,6 +399,12 @@ impl MigState {
             .context("decoding guest state")?;
         anyhow::ensure!(n == bytes.len(), "trailing bytes after guest state");
         Ok(s)
+    }
+
+    /// The destination's wall clock reads `delta_ns` ahead of this host's: keep the guest on
+    /// home's wall-clock time there.
+    pub fn shift_realtime(&mut self, delta_ns: i64) {
+        self.vmm.realtime_offset_ns -= delta_ns;
     }
 
     /// Bytes of guest physical memory the guest had handed out.
@@ -527,6 +537,7 @@ impl Vm {
             vmm_returns: None,
             warned: Default::default(),
             mono_offset_ns: 0,
+            realtime_offset_ns: 0,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(opts_lock)),
             stats: Stats {
@@ -664,6 +675,7 @@ impl Vm {
             comm: self.comm.to_vec(),
             vmm_returns: self.vmm_returns,
             guest_mono_ns: host_mono_ns() + self.mono_offset_ns,
+            realtime_offset_ns: self.realtime_offset_ns,
             counters: [
                 self.stats.exits,
                 self.stats.local,
@@ -760,6 +772,7 @@ impl Vm {
             vmm_returns: v.vmm_returns,
             warned: Default::default(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
+            realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(v.lock)),
             stats: Stats {
@@ -1100,8 +1113,8 @@ impl Vm {
                 if r != 0 {
                     return Err(EINVAL);
                 }
-                if nr as i64 == libc::SYS_clock_gettime && is_monotonic(a[0] as i32) {
-                    shift_ts(&mut ts, self.mono_offset_ns);
+                if nr as i64 == libc::SYS_clock_gettime {
+                    shift_ts(&mut ts, self.clock_offset(a[0] as i32));
                 }
                 if a[1] != 0 {
                     self.write_guest(a[1], &timespec_bytes(&ts))?;
@@ -1115,6 +1128,7 @@ impl Vm {
                 };
                 // SAFETY: `ts` is a valid timespec to fill in.
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+                shift_ts(&mut ts, self.realtime_offset_ns);
                 if a[0] != 0 {
                     let mut b = [0u8; 16];
                     b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
@@ -1133,6 +1147,7 @@ impl Vm {
                 };
                 // SAFETY: `ts` is a valid timespec to fill in.
                 unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+                shift_ts(&mut ts, self.realtime_offset_ns);
                 if a[0] != 0 {
                     self.write_guest(a[0], &ts.tv_sec.to_le_bytes())?;
                 }
@@ -1424,9 +1439,10 @@ impl Vm {
         if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
             return Err(EINVAL);
         }
-        if flags & libc::TIMER_ABSTIME != 0 && is_monotonic(clock) {
-            // The guest's deadline is on its own (migrated) monotonic clock.
-            shift_ts(&mut ts, -self.mono_offset_ns);
+        if flags & libc::TIMER_ABSTIME != 0 {
+            // The guest's deadline is on its own clock (monotonic carried across moves, wall
+            // clock the home node's).
+            shift_ts(&mut ts, -self.clock_offset(clock));
         }
         let mut left = libc::timespec {
             tv_sec: 0,
@@ -1444,6 +1460,20 @@ impl Vm {
             return Err(r as i64);
         }
         Ok(Step::Ret(0))
+    }
+
+    /// How far the guest's view of `clock` is ahead of this host's.
+    fn clock_offset(&self, clock: i32) -> i64 {
+        if is_monotonic(clock) {
+            self.mono_offset_ns
+        } else if matches!(
+            clock,
+            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI
+        ) {
+            self.realtime_offset_ns
+        } else {
+            0
+        }
     }
 
     fn futex(&mut self, a: [u64; 6]) -> Result<Step, i64> {
