@@ -34,11 +34,14 @@ fn ip(args: &[&str]) {
 
 /// Two namespaces joined by a veth pair: (net, [addr of first, addr of second]).
 fn two_hosts() -> Option<(Net, [String; 2])> {
-    let ok = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let ok = root
+        && Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
     if !ok {
         assert!(
             std::env::var_os("MOSVM_SKIP_NETNS").is_some_and(|v| v == "1"),
