@@ -77,6 +77,7 @@ pub fn main() -> ExitCode {
     );
     let (v3, w3, in3) = (view_slot.clone(), writer_slot.clone(), inbox.clone());
     let (pid, home, mem_bytes) = (offer.pid, offer.home_node.clone(), offer.mem_bytes);
+    let program = offer.program.clone();
     // Set while a move this host started is under way.
     let moving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (mv1, mv2, mv3) = (moving.clone(), moving.clone(), moving.clone());
@@ -99,6 +100,7 @@ pub fn main() -> ExitCode {
             let (pause, view, writer, inbox) =
                 (pause.clone(), view.clone(), writer.clone(), in3.clone());
             let (tx, home) = (job_tx.clone(), home.clone());
+            let program = program.clone();
             mv1.store(true, std::sync::atomic::Ordering::SeqCst);
             let mv = mv1.clone();
             std::thread::spawn(move || {
@@ -115,9 +117,12 @@ pub fn main() -> ExitCode {
                             &mut conn,
                             &view,
                             &kick,
-                            pid,
-                            &home,
-                            mem_bytes,
+                            &migration::Guest {
+                                pid,
+                                home: &home,
+                                program: &program,
+                                mem_bytes,
+                            },
                             &mut report,
                         )
                         .map(|pending| Job {
@@ -132,9 +137,12 @@ pub fn main() -> ExitCode {
                             &mut l,
                             &view,
                             &kick,
-                            pid,
-                            &home,
-                            mem_bytes,
+                            &migration::Guest {
+                                pid,
+                                home: &home,
+                                program: &program,
+                                mem_bytes,
+                            },
                             &mut report,
                         )?;
                         let relay = l.try_clone()?;

@@ -283,6 +283,7 @@ fn start_migration(
     view: vmm::memory::MemView,
     pause: vmm::vm::PauseHandle,
     home: String,
+    program: String,
 ) -> anyhow::Result<SwitchJob> {
     use std::io::Write;
     let mut link = std::os::unix::net::UnixStream::connect(socket)?;
@@ -303,9 +304,12 @@ fn start_migration(
         &mut link,
         &view,
         &|| pause.kick(),
-        std::process::id(),
-        &home,
-        mem,
+        &migration::Guest {
+            pid: std::process::id(),
+            home: &home,
+            program: &program,
+            mem_bytes: mem,
+        },
         &mut report,
     )?;
     Ok(SwitchJob {
@@ -333,6 +337,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         std::sync::Arc::new(std::sync::Mutex::new((vm.memory_view(), vm.pause_handle())));
     let now = current.clone();
     let lock = vm.lock_flag();
+    let prog = vm.program().display().to_string();
     let mut w = stream.try_clone().ok()?;
     let mut line = serde_json::to_string(&req).ok()?;
     line.push('\n');
@@ -381,6 +386,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                         let Ok((view, pause)) = now.lock().map(|c| c.clone()) else {
                             continue;
                         };
+                        let program = prog.clone();
                         let (view, pause, home, path, tx, upd) = (
                             view,
                             pause,
@@ -397,6 +403,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                                 view.clone(),
                                 pause.clone(),
                                 home,
+                                program,
                             ) {
                                 Ok(job) => {
                                     if tx.send(job).is_ok() {

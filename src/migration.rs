@@ -73,6 +73,19 @@ pub fn realtime_ns() -> i64 {
     d.as_nanos() as i64
 }
 
+/// Who is moving: what the offer tells the destination.
+#[derive(Debug, Clone, Copy)]
+pub struct Guest<'a> {
+    /// Home pid.
+    pub pid: u32,
+    /// Home node.
+    pub home: &'a str,
+    /// Program path at home.
+    pub program: &'a str,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+}
+
 /// One end of a link as the migration sees it: send a frame (returning its size), receive one.
 pub trait Conn {
     /// Send one message; the frame's size in bytes.
@@ -157,11 +170,15 @@ pub fn precopy(
     link: &mut dyn Conn,
     view: &MemView,
     kick: &dyn Fn(),
-    pid: u32,
-    home: &str,
-    mem_bytes: u64,
+    guest: &Guest,
     report: &mut Report,
 ) -> Result<Vec<u64>> {
+    let Guest {
+        pid,
+        home,
+        program,
+        mem_bytes,
+    } = *guest;
     let t0 = Instant::now();
     view.start_dirty_log()?;
     let first = view.resident_pages();
@@ -169,6 +186,7 @@ pub fn precopy(
     let offer = MigrateOffer {
         pid,
         home_node: home.to_string(),
+        program: program.to_string(),
         mem_bytes,
         touched_pages: first.len() as u64,
         page_size: PAGE as u32,

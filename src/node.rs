@@ -53,6 +53,23 @@ struct State {
     procs: HashMap<u32, Proc>,
     tls: Option<migrate::ClusterTls>,
     socket: PathBuf,
+    /// Guests hosted here for other nodes, by guest-host pid: their home pid and node, program.
+    hosted: HashMap<u32, (u32, String, String)>,
+}
+
+/// Resident memory of a process, bytes (from /proc).
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 /// Parse `ADDR` or `NAME=ADDR`.
@@ -187,10 +204,25 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
                 .context("spawning the guest host")?;
             ours.set_nonblocking(true)?;
             let mut ours = UnixStream::from_std(ours)?;
+            // The offer says whose guest this is: `ps` lists it while it is hosted here.
+            let host_pid = child.id().unwrap_or(0);
+            let offer = read_frame(&mut s).await;
+            if let Ok(migrate::Message::MigrateOffer(o)) = &offer {
+                shared
+                    .lock()
+                    .expect("state lock")
+                    .hosted
+                    .insert(host_pid, (o.pid, o.home_node.clone(), o.program.clone()));
+            }
+            match offer {
+                Ok(m) => write_frame(&mut ours, &m).await?,
+                Err(e) => anyhow::bail!("reading the offer: {e}"),
+            }
             let r =
                 tokio::io::copy_bidirectional_with_sizes(&mut s, &mut ours, RELAY_BUF, RELAY_BUF)
                     .await;
             tracing::info!(peer, ?r, "guest link closed");
+            shared.lock().expect("state lock").hosted.remove(&host_pid);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
             Ok(())
         }
@@ -352,12 +384,36 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
         Request::Ps => {
             let procs = {
                 let st = shared.lock().expect("state lock");
-                let mut v: Vec<ProcInfo> = st.procs.values().map(|p| p.info.clone()).collect();
-                v.sort_by_key(|p| p.pid);
+                let mut v: Vec<(u32, ProcInfo)> = st
+                    .procs
+                    .values()
+                    .map(|p| (p.info.pid, p.info.clone()))
+                    .collect();
+                v.sort_by_key(|(pid, _)| *pid);
+                let mut hosted: Vec<(u32, ProcInfo)> = st
+                    .hosted
+                    .iter()
+                    .map(|(host_pid, (pid, home, program))| {
+                        let info = ProcInfo {
+                            pid: *pid,
+                            program: program.clone(),
+                            node: st.name.clone(),
+                            state: format!("guest of {home}"),
+                            cpu_s: 0.0,
+                            mem_bytes: rss_bytes(*host_pid),
+                            migrations: 0,
+                            locked: false,
+                        };
+                        (*host_pid, info)
+                    })
+                    .collect();
+                hosted.sort_by_key(|(_, p)| p.pid);
+                v.extend(hosted);
                 v
             };
-            let procs = procs.into_iter().map(|mut p| {
-                p.cpu_s = cpu_seconds(p.pid);
+            // CPU time of the process doing the work: `mosvm run` at home, the guest host here.
+            let procs = procs.into_iter().map(|(worker, mut p)| {
+                p.cpu_s = cpu_seconds(worker);
                 p
             });
             reply(
@@ -534,8 +590,9 @@ pub fn run(cfg: Config) -> Result<()> {
             listen: cfg.listen,
             peers,
             procs: HashMap::new(),
-            tls,
+                        tls,
             socket: socket.clone(),
+            hosted: HashMap::new(),
         }));
         if let Some(pl) = peer_listener {
             let shared = shared.clone();

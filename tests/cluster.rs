@@ -212,9 +212,17 @@ fn a_running_process_migrates_to_another_node_and_finishes_there() {
         wait_for("the process to run on b", Duration::from_secs(20), || {
             proc_info(&nodes[0].sock, pid).is_some_and(|p| p["node"] == "b" && p["migrations"] == 1)
         });
+        // Node b lists the guest it hosts for home.
+        let hosted = proc_info(&nodes[1].sock, pid).expect("b's ps lists the guest it hosts");
+        assert_eq!(hosted["state"], "guest of home");
+        assert_eq!(hosted["node"], "b");
+        assert_eq!(hosted["program"], prog.display().to_string());
         let got = finish(run, &wd);
         assert_same(&got, &want, variant);
         assert!(!got.stderr.contains("failed"), "{}", got.stderr);
+        wait_for("b to forget the guest", Duration::from_secs(5), || {
+            proc_info(&nodes[1].sock, pid).is_none()
+        });
     }
 }
 

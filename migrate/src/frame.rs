@@ -211,6 +211,8 @@ pub struct MigrateOffer {
     pub pid: u32,
     /// Name of the process's home node (where its deputy lives).
     pub home_node: String,
+    /// The program (its path at home), for `ps` on the nodes that host it.
+    pub program: String,
     /// Guest memory size in bytes.
     pub mem_bytes: u64,
     /// Pages the first pass will send (touched pages).
@@ -677,6 +679,7 @@ mod tests {
             Message::MigrateOffer(MigrateOffer {
                 pid: 42,
                 home_node: "home".into(),
+                program: "p".into(),
                 mem_bytes: 1 << 30,
                 touched_pages: 1000,
                 page_size: 4096,

@@ -131,6 +131,7 @@ fn migrate_over_tls(
         &Message::MigrateOffer(MigrateOffer {
             pid: 1,
             home_node: "src".into(),
+            program: "p".into(),
             mem_bytes: MEM as u64,
             touched_pages: PAGES as u64,
             page_size: PAGE_SIZE as u32,
