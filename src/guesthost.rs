@@ -101,7 +101,14 @@ pub fn main() -> ExitCode {
                 (pause.clone(), view.clone(), writer.clone(), in3.clone());
             let (tx, home) = (job_tx.clone(), home.clone());
             let program = program.clone();
-            mv1.store(true, std::sync::atomic::Ordering::SeqCst);
+            if mv1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                // One move at a time.
+                let reason = "a move is already under way".to_string();
+                if let Ok(mut w) = writer.lock() {
+                    let _ = write_message(&mut *w, &Message::Abort { reason });
+                }
+                return;
+            }
             let mv = mv1.clone();
             std::thread::spawn(move || {
                 crate::link::block_host_signals();

@@ -242,6 +242,8 @@ struct Registration {
     home: String,
     /// Handles on the VM running here now (it changes when the guest comes home).
     current: Current,
+    /// Set while a migration started here is under way.
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 type Current = std::sync::Arc<std::sync::Mutex<(vmm::memory::MemView, vmm::vm::PauseHandle)>>;
@@ -352,6 +354,9 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     let updates = std::sync::Arc::new(std::sync::Mutex::new(w));
     let (tx, jobs) = std::sync::mpsc::channel();
     let remote: RemoteSlot = Default::default();
+    // A migration is under way from here (one at a time).
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy_r = busy.clone();
     let (remote_r, home_r) = (remote.clone(), home.clone());
     let upd = updates.clone();
     std::thread::spawn(move || {
@@ -383,9 +388,16 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                         }
                     }
                     Ok(control::Command::Migrate { to }) => {
+                        if busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            let reason = "a migration is already under way".to_string();
+                            send_update(&upd, &control::Update::MigrationFailed { reason });
+                            continue;
+                        }
                         let Ok((view, pause)) = now.lock().map(|c| c.clone()) else {
+                            busy.store(false, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         };
+                        let busy = busy.clone();
                         let program = prog.clone();
                         let (view, pause, home, path, tx, upd) = (
                             view,
@@ -411,8 +423,10 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                                     }
                                 }
                                 Err(e) => {
+                                    busy.store(false, std::sync::atomic::Ordering::SeqCst);
                                     let _ = view.stop_dirty_log();
-                                    eprintln!("mosvm: migration to {to} failed: {e:#}; the process keeps running here");
+                                    eprintln!(
+                                        "mosvm: migration to {to} failed: {e:#}; the process keeps running here");
                                     send_update(
                                         &upd,
                                         &control::Update::MigrationFailed {
@@ -443,6 +457,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         remote: remote_r,
         home: home_r,
         current,
+        busy: busy_r,
     })
 }
 
@@ -465,6 +480,7 @@ fn run_guest(
             continue;
         };
         let reg = reg.as_ref().expect("a job came from the registration");
+        reg.busy.store(false, std::sync::atomic::Ordering::SeqCst);
         let view = vm.memory_view();
         let delta = job.report.clock_delta_ns;
         let state = vm.capture().and_then(|mut s| {
