@@ -177,6 +177,7 @@ impl Deputy for RemoteDeputy {
             };
         }
         let mut cancelled = false;
+        let mut last_cancel = std::time::Instant::now();
         loop {
             match self
                 .replies
@@ -196,8 +197,12 @@ impl Deputy for RemoteDeputy {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if !cancelled && (self.must_move)() {
+                    // Ask home to interrupt the call, and ask again now and then: a request
+                    // to interrupt that lands just before the call blocks is lost.
+                    let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
+                    if (self.must_move)() && (!cancelled || again) {
                         cancelled = true;
+                        last_cancel = std::time::Instant::now();
                         if let Ok(mut w) = self.writer.lock() {
                             let _ = write_message(&mut *w, &Message::Cancel { seq });
                         }

@@ -407,7 +407,7 @@ fn round_trip(nodes: &[Node], pid: u32, between: &mut dyn FnMut(usize)) {
         );
         wait_for(
             &format!("the process to run on {shown}"),
-            Duration::from_secs(30),
+            Duration::from_secs(90),
             || {
                 proc_info(home, pid)
                     .is_some_and(|p| p["node"] == shown && p["migrations"] == hop as u64 + 1)
