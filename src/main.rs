@@ -43,6 +43,8 @@ enum Cmd {
     Nodes(ListArgs),
     /// Move process PID to NODE (a peer's name or address), or back home.
     Migrate(MigrateArgs),
+    /// Live view of this node's cluster and processes.
+    Mon(MonArgs),
     /// Create the cluster key (copy the directory to every node).
     Keygen(KeygenArgs),
     /// Run a guest that arrived from another node (started by `mosvm node`).
@@ -56,6 +58,19 @@ struct MigrateArgs {
     pid: u32,
     /// Destination node: a peer's name or address.
     node: String,
+    /// The node's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MonArgs {
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Stop after this many refreshes.
+    #[arg(long)]
+    count: Option<u32>,
     /// The node's control socket.
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -639,29 +654,28 @@ fn expect<T>(
     })
 }
 
-fn ps(a: ListArgs) -> ExitCode {
-    let r = client(a.socket.as_deref(), control::Request::Ps);
-    let procs = match expect(r, |r| match r {
+fn get_procs(socket: Option<&Path>) -> Result<Vec<control::ProcInfo>, ExitCode> {
+    expect(client(socket, control::Request::Ps), |r| match r {
         control::Reply::Procs { procs } => Some(procs),
         _ => None,
-    }) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&procs).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:>8} {:<10} {:<9} {:>8} {:>9} {:>4} {:<4} PROGRAM",
+    })
+}
+
+fn get_nodes(socket: Option<&Path>) -> Result<Vec<control::NodeInfo>, ExitCode> {
+    expect(client(socket, control::Request::Nodes), |r| match r {
+        control::Reply::Nodes { nodes } => Some(nodes),
+        _ => None,
+    })
+}
+
+fn procs_table(procs: &[control::ProcInfo]) -> String {
+    let mut out = format!(
+        "{:>8} {:<10} {:<14} {:>8} {:>9} {:>4} {:<4} PROGRAM\n",
         "PID", "NODE", "STATE", "CPU(s)", "MEM(MiB)", "MIGR", "LOCK"
     );
     for p in procs {
-        println!(
-            "{:>8} {:<10} {:<9} {:>8.2} {:>9.1} {:>4} {:<4} {}",
+        out += &format!(
+            "{:>8} {:<10} {:<14} {:>8.2} {:>9.1} {:>4} {:<4} {}\n",
             p.pid,
             p.node,
             p.state,
@@ -672,48 +686,83 @@ fn ps(a: ListArgs) -> ExitCode {
             p.program
         );
     }
-    ExitCode::SUCCESS
+    out
 }
 
-fn nodes(a: ListArgs) -> ExitCode {
-    let r = client(a.socket.as_deref(), control::Request::Nodes);
-    let nodes = match expect(r, |r| match r {
-        control::Reply::Nodes { nodes } => Some(nodes),
-        _ => None,
-    }) {
-        Ok(n) => n,
-        Err(code) => return code,
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&nodes).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}",
+fn nodes_table(nodes: &[control::NodeInfo]) -> String {
+    let mut out = format!(
+        "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}\n",
         "NODE", "ADDRESS", "CPUS", "LOAD", "FREE(MiB)", "AGE(s)"
     );
     for n in nodes {
-        if let Some(age) = n.age_s {
-            println!(
-                "{:<12} {:<22} {:>4} {:>6.2} {:>10} {:>8.1}",
+        out += &match n.age_s {
+            Some(age) => format!(
+                "{:<12} {:<22} {:>4} {:>6.2} {:>10} {:>8.1}\n",
                 n.name,
                 n.addr,
                 n.cpus,
                 n.load,
                 n.free_mem >> 20,
                 age
-            );
-        } else {
-            println!(
-                "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}",
-                "?", n.addr, "-", "-", "-", "never"
-            );
-        }
+            ),
+            None => format!(
+                "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}\n",
+                if n.name.is_empty() { "?" } else { &n.name },
+                n.addr,
+                "-",
+                "-",
+                "-",
+                "never"
+            ),
+        };
+    }
+    out
+}
+
+fn ps(a: ListArgs) -> ExitCode {
+    match get_procs(a.socket.as_deref()) {
+        Ok(p) if a.json => println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default()),
+        Ok(p) => print!("{}", procs_table(&p)),
+        Err(code) => return code,
     }
     ExitCode::SUCCESS
+}
+
+fn nodes(a: ListArgs) -> ExitCode {
+    match get_nodes(a.socket.as_deref()) {
+        Ok(n) if a.json => println!("{}", serde_json::to_string_pretty(&n).unwrap_or_default()),
+        Ok(n) => print!("{}", nodes_table(&n)),
+        Err(code) => return code,
+    }
+    ExitCode::SUCCESS
+}
+
+/// `mosvm mon`: the node's view of the cluster and its processes, refreshed in place.
+fn mon(a: MonArgs) -> ExitCode {
+    let mut shown = 0;
+    loop {
+        let (n, p) = match (
+            get_nodes(a.socket.as_deref()),
+            get_procs(a.socket.as_deref()),
+        ) {
+            (Ok(n), Ok(p)) => (n, p),
+            (Err(code), _) | (_, Err(code)) => return code,
+        };
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        if tty {
+            // Clear the screen and go home, then draw.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{}\n{}", nodes_table(&n), procs_table(&p));
+        shown += 1;
+        if a.count.is_some_and(|c| shown >= c) {
+            return ExitCode::SUCCESS;
+        }
+        if !tty {
+            println!();
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(a.interval.max(0.1)));
+    }
 }
 
 fn lock(a: PidArgs, locked: bool) -> ExitCode {
@@ -812,6 +861,7 @@ fn main() -> ExitCode {
             }
         },
         Cmd::GuestHost => guesthost::main(),
+        Cmd::Mon(a) => mon(a),
         Cmd::Sim(a) => match balancer::sim::cli::run(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -239,3 +239,42 @@ fn nodes_lists_self_and_configured_peers() {
     assert!(!bad.status.success());
     assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
 }
+
+#[test]
+fn mon_shows_the_node_and_its_processes() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n.sock");
+    let _node = start_node(&sock, "omega");
+    let mut run = Command::new(mosvm_bin())
+        .arg("run")
+        .arg("--socket")
+        .arg(&sock)
+        .arg(image("glibc-static", "ticker"))
+        .args(["400", "3000000", "4"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = run.id() as u64;
+    wait_for(
+        || ps_json(&sock).iter().any(|p| p["pid"] == pid),
+        "the process to register",
+    );
+    let out = client(&sock, &["mon", "--count", "2", "--interval", "0.1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.matches("omega").count() >= 4,
+        "node and process rows, twice: {text}"
+    );
+    assert_eq!(text.matches(&pid.to_string()).count(), 2, "{text}");
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let none = client(&dir.path().join("none.sock"), &["mon", "--count", "1"]);
+    assert!(!none.status.success());
+}
