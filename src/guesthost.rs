@@ -22,6 +22,15 @@ struct Job {
     report: Report,
 }
 
+/// Send one message home over the shared link writer (best effort: a lost link is noticed by
+/// the reader).
+fn tell(writer: &Mutex<UnixStream>, m: &Message) -> bool {
+    writer
+        .lock()
+        .map(|mut w| write_message(&mut *w, m).is_ok())
+        .unwrap_or(false)
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("mosvm guest-host: {msg}");
     ExitCode::from(1)
@@ -104,9 +113,7 @@ pub fn main() -> ExitCode {
             if mv1.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 // One move at a time.
                 let reason = "a move is already under way".to_string();
-                if let Ok(mut w) = writer.lock() {
-                    let _ = write_message(&mut *w, &Message::Abort { reason });
-                }
+                tell(&writer, &Message::Abort { reason });
                 return;
             }
             let mv = mv1.clone();
@@ -114,44 +121,30 @@ pub fn main() -> ExitCode {
                 crate::link::block_host_signals();
                 let mut report = Report::default();
                 let kick = || pause.kick();
+                let guest = migration::Guest {
+                    pid,
+                    home: &home,
+                    program: &program,
+                    mem_bytes,
+                };
                 let started = match m {
                     Message::MigrateBack => {
                         let mut conn = Routed {
                             writer: writer.clone(),
                             inbox,
                         };
-                        migration::precopy(
-                            &mut conn,
-                            &view,
-                            &kick,
-                            &migration::Guest {
-                                pid,
-                                home: &home,
-                                program: &program,
-                                mem_bytes,
+                        migration::precopy(&mut conn, &view, &kick, &guest, &mut report).map(
+                            |pending| Job {
+                                conn: Box::new(conn),
+                                onward: None,
+                                pending,
+                                report,
                             },
-                            &mut report,
                         )
-                        .map(|pending| Job {
-                            conn: Box::new(conn),
-                            onward: None,
-                            pending,
-                            report,
-                        })
                     }
                     Message::MigrateTo { node } => link_to(&node, pid).and_then(|mut l| {
-                        let pending = migration::precopy(
-                            &mut l,
-                            &view,
-                            &kick,
-                            &migration::Guest {
-                                pid,
-                                home: &home,
-                                program: &program,
-                                mem_bytes,
-                            },
-                            &mut report,
-                        )?;
+                        let pending =
+                            migration::precopy(&mut l, &view, &kick, &guest, &mut report)?;
                         let relay = l.try_clone()?;
                         Ok(Job {
                             conn: Box::new(l),
@@ -172,9 +165,7 @@ pub fn main() -> ExitCode {
                         mv.store(false, std::sync::atomic::Ordering::SeqCst);
                         let _ = view.stop_dirty_log();
                         let reason = format!("{e:#}");
-                        if let Ok(mut w) = writer.lock() {
-                            let _ = write_message(&mut *w, &Message::Abort { reason });
-                        }
+                        tell(&writer, &Message::Abort { reason });
                     }
                 }
             });
@@ -197,39 +188,29 @@ pub fn main() -> ExitCode {
         Ok(vm) => vm,
         Err(e) => {
             let reason = format!("restoring the guest failed: {e:#}");
-            if let Ok(mut w) = writer.lock() {
-                let _ = write_message(
-                    &mut *w,
-                    &Message::Abort {
-                        reason: reason.clone(),
-                    },
-                );
-            }
+            tell(
+                &writer,
+                &Message::Abort {
+                    reason: reason.clone(),
+                },
+            );
             return fail(&reason);
         }
     };
     let _ = handle.set(vm.pause_handle());
     let _ = view_slot.set(vm.memory_view());
-    if writer
-        .lock()
-        .map(|mut w| write_message(&mut *w, &Message::Resumed).is_err())
-        .unwrap_or(true)
-    {
+    if !tell(&writer, &Message::Resumed) {
         return fail("the link closed before the guest resumed");
     }
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
-                if let Ok(mut w) = writer.lock() {
-                    let _ = write_message(&mut *w, &Message::Exit { status: out.code() });
-                }
+                tell(&writer, &Message::Exit { status: out.code() });
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
                 eprintln!("mosvm guest-host: {e:#}");
-                if let Ok(mut w) = writer.lock() {
-                    let _ = write_message(&mut *w, &Message::Exit { status: 70 });
-                }
+                tell(&writer, &Message::Exit { status: 70 });
                 return ExitCode::SUCCESS;
             }
             Ok(None) => {}
@@ -254,17 +235,12 @@ pub fn main() -> ExitCode {
             // The guest runs on another node now: relay between it and home until either ends.
             (Ok(()), Some((mut next, node))) => {
                 drop(vm);
-                if let Ok(mut w) = writer.lock() {
-                    let _ = write_message(&mut *w, &Message::Moved { node });
-                }
+                tell(&writer, &Message::Moved { node });
                 if let Ok(mut f) = forward.lock() {
                     *f = next.try_clone().ok();
                 }
                 while let Ok(m) = read_message(&mut next) {
-                    let ok = writer
-                        .lock()
-                        .map(|mut w| write_message(&mut *w, &m).is_ok())
-                        .unwrap_or(false);
+                    let ok = tell(&writer, &m);
                     if !ok {
                         break;
                     }
@@ -275,9 +251,7 @@ pub fn main() -> ExitCode {
                 mv3.store(false, std::sync::atomic::Ordering::SeqCst);
                 let _ = view.stop_dirty_log();
                 let reason = format!("{e:#}");
-                if let Ok(mut w) = writer.lock() {
-                    let _ = write_message(&mut *w, &Message::Abort { reason });
-                }
+                tell(&writer, &Message::Abort { reason });
                 pause.clear();
             }
         }

@@ -1122,13 +1122,7 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_gettimeofday => {
-                let mut ts = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                // SAFETY: `ts` is a valid timespec to fill in.
-                unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-                shift_ts(&mut ts, self.realtime_offset_ns);
+                let ts = self.guest_realtime();
                 if a[0] != 0 {
                     let mut b = [0u8; 16];
                     b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
@@ -1141,13 +1135,7 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_time => {
-                let mut ts = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                // SAFETY: `ts` is a valid timespec to fill in.
-                unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-                shift_ts(&mut ts, self.realtime_offset_ns);
+                let ts = self.guest_realtime();
                 if a[0] != 0 {
                     self.write_guest(a[0], &ts.tv_sec.to_le_bytes())?;
                 }
@@ -1460,6 +1448,18 @@ impl Vm {
             return Err(r as i64);
         }
         Ok(Step::Ret(0))
+    }
+
+    /// The guest's wall-clock time: its home node's.
+    fn guest_realtime(&self) -> libc::timespec {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to fill in.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        shift_ts(&mut ts, self.realtime_offset_ns);
+        ts
     }
 
     /// How far the guest's view of `clock` is ahead of this host's.
