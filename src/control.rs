@@ -46,8 +46,9 @@ pub enum Request {
     Nodes,
     /// Move process `pid` to node `to` (a peer's name or address).
     Migrate { pid: u32, to: String },
-    /// From a `mosvm run` migrating its process: connect this stream to node `to` (over the
-    /// cluster's TLS, handshake done); after the `Ok` reply the stream carries `migrate` frames.
+    /// From the process migrating `pid` (its `mosvm run`, or the guest host running it): have
+    /// node `to` start a guest host for it, and answer where that host waits
+    /// ([`Reply::Endpoint`]). The two processes then connect directly.
     Link { pid: u32, to: String },
 }
 
@@ -103,6 +104,59 @@ pub enum Reply {
     Nodes { nodes: Vec<NodeInfo> },
     /// Refused, with a one-line reason.
     Error { message: String },
+    /// For [`Request::Link`]: a guest host waits at `addr` for a connection bearing `token`
+    /// (hex), and proves itself with the cluster certificate `cert` (hex DER).
+    Endpoint {
+        addr: String,
+        token: String,
+        cert: String,
+    },
+}
+
+/// Where a guest host waits for the process it will run, decoded from [`Reply::Endpoint`].
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: std::net::SocketAddr,
+    pub token: [u8; 32],
+    pub cert: Vec<u8>,
+}
+
+/// Lowercase hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Bytes from hex; None when it is not hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Endpoint {
+    fn from_reply(addr: &str, token: &str, cert: &str) -> anyhow::Result<Endpoint> {
+        let addr = addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("bad endpoint address {addr}: {e}"))?;
+        let token = unhex(token)
+            .and_then(|t| <[u8; 32]>::try_from(t).ok())
+            .ok_or_else(|| anyhow::anyhow!("bad endpoint token"))?;
+        let cert = unhex(cert).ok_or_else(|| anyhow::anyhow!("bad endpoint certificate"))?;
+        Ok(Endpoint { addr, token, cert })
+    }
+}
+
+/// Ask the node at `socket` for an endpoint on node `to` to move process `pid` to.
+pub fn endpoint(socket: &Path, pid: u32, to: &str) -> anyhow::Result<Endpoint> {
+    match call(socket, &Request::Link { pid, to: to.into() })? {
+        Reply::Endpoint { addr, token, cert } => Endpoint::from_reply(&addr, &token, &cert),
+        Reply::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
 }
 
 /// A command from the node to a registered `mosvm run`.
@@ -161,6 +215,14 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let bad = serde_json::from_str::<Request>(r#"{"op":"explode"}"#);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(unhex(&hex(&b)).unwrap(), b);
+        assert_eq!(unhex("0g"), None);
+        assert_eq!(unhex("abc"), None);
     }
 
     #[test]

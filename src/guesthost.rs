@@ -1,34 +1,35 @@
 //! `mosvm guest-host`: runs one guest that arrived from another node, in its own process
 //! (spawned by the node service, so a crashing guest takes down neither the node nor other
-//! guests). Its stdin is the link to the guest's home; it touches none of this host's files:
-//! every home-dependent syscall goes to the deputy over the link. Home can ask it to move the
-//! guest on to another node (`MigrateTo`) or back home (`MigrateBack`).
+//! guests). Its stdin is a listening socket: the guest's source connects to it directly, then
+//! (when the source was not home) home connects its deputy channel. Both must present the
+//! token the node handed out (`MOSVM_TOKEN`); the guest host proves itself with the cluster
+//! key (`MOSVM_KEY_DIR`). It touches none of this host's files: every home-dependent syscall
+//! goes to the deputy over the link. Home can ask it to move the guest on to another node
+//! (`MigrateTo`, straight to that node's guest host) or back home (`MigrateBack`).
 
-use crate::link::{RemoteDeputy, Router};
+use crate::link::{HomeLink, RemoteDeputy, Router};
 use crate::migration::{self, Conn, Report, Routed};
-use migrate::{read_message, write_message, Message};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use crate::wire::{self, Wire};
+use migrate::handshake::ServerIdentity;
+use migrate::{Message, Purpose};
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long the guest host waits for its source to connect.
+const SOURCE_LIMIT: Duration = Duration::from_secs(30);
 
 /// A move whose pre-copy is done; the vCPU thread does the switch-over.
 struct Job {
     conn: Box<dyn Conn + Send>,
-    /// The new link, when moving on to another node (None: back home over the home link).
-    onward: Option<(UnixStream, String)>,
+    /// Where the guest goes when moving on to another node (None: back home over the home
+    /// link): the node's name and its guest host's endpoint.
+    onward: Option<(String, crate::control::Endpoint)>,
     pending: Vec<u64>,
     report: Report,
-}
-
-/// Send one message home over the shared link writer (best effort: a lost link is noticed by
-/// the reader).
-fn tell(writer: &Mutex<UnixStream>, m: &Message) -> bool {
-    writer
-        .lock()
-        .map(|mut w| write_message(&mut *w, m).is_ok())
-        .unwrap_or(false)
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -36,59 +37,126 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// Ask this node for a link to `to` (the same request `mosvm run` makes at home).
-fn link_to(to: &str, pid: u32) -> anyhow::Result<UnixStream> {
-    use std::io::{Read, Write};
-    let sock = crate::control::socket_path(None);
-    let mut s = UnixStream::connect(&sock)?;
-    let mut line = serde_json::to_string(&crate::control::Request::Link { pid, to: to.into() })?;
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut answer = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b)? == 1 && b[0] != b'\n' {
-        answer.push(b[0]);
+/// What the node handed this guest host.
+struct Setup {
+    listener: TcpListener,
+    token: [u8; 32],
+    tls: migrate::ClusterTls,
+    ours: ServerIdentity,
+}
+
+fn setup() -> anyhow::Result<Setup> {
+    use anyhow::Context;
+    let var = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
+    let token = crate::control::unhex(&var("MOSVM_TOKEN")?)
+        .and_then(|t| <[u8; 32]>::try_from(t).ok())
+        .context("MOSVM_TOKEN is not a 256-bit hex token")?;
+    let key_dir = var("MOSVM_KEY_DIR")?;
+    let tls = migrate::ClusterTls::load(std::path::Path::new(&key_dir))?;
+    let listener = TcpListener::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    listener
+        .local_addr()
+        .context("stdin is not a listening socket")?;
+    let ours = ServerIdentity {
+        node_name: var("MOSVM_NODE")?,
+        host_cpu: migration::host_features(),
+    };
+    Ok(Setup {
+        listener,
+        token,
+        tls,
+        ours,
+    })
+}
+
+/// Accept the first connection whose Hello is for `purpose` with our token, until `limit`;
+/// others are refused and logged.
+fn accept(s: &Setup, purpose: Purpose, limit: Duration) -> anyhow::Result<(Wire, String)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "nobody connected within {limit:?}");
+        let mut p = libc::pollfd {
+            fd: s.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) } <= 0 {
+            continue;
+        }
+        let (sock, peer) = s.listener.accept()?;
+        let check = |p: Purpose, t: Option<&[u8; 32]>| {
+            if p != purpose {
+                return Err(format!("this guest host expects {purpose:?}, not {p:?}"));
+            }
+            match t {
+                Some(t) if migrate::tls::tokens_equal(t, &s.token) => Ok(()),
+                _ => Err("wrong or missing token".into()),
+            }
+        };
+        match wire::accept(sock, s.tls.endpoint_config(), &s.ours, check) {
+            Ok((w, hello)) => return Ok((w, hello.node_name)),
+            Err(e) => eprintln!("mosvm guest-host: refused {peer}: {e:#}"),
+        }
     }
-    match serde_json::from_slice::<crate::control::Reply>(&answer)? {
-        crate::control::Reply::Ok => Ok(s),
-        crate::control::Reply::Error { message } => anyhow::bail!("{message}"),
-        other => anyhow::bail!("unexpected answer {other:?}"),
+}
+
+/// The node hosting this guest host is gone: so is the guest.
+fn die_with_parent() {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() == 1 {
+            libc::_exit(1);
+        }
     }
 }
 
 /// Receive, restore and run the guest; report its exit home.
 pub fn main() -> ExitCode {
+    die_with_parent();
     vmm::vm::install_signal_handlers();
-    let link: OwnedFd = match std::io::stdin().as_fd().try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => return fail(&format!("no link on stdin: {e}")),
+    let setup = match setup() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("{e:#}")),
     };
-    let mut link = UnixStream::from(link);
-    let arrived = migration::receive(&mut link, None, &mut |m| {
+    let (mut mig, source) = match accept(&setup, Purpose::Migrate, SOURCE_LIMIT) {
+        Ok(x) => x,
+        Err(e) => return fail(&format!("waiting for the guest: {e:#}")),
+    };
+    let arrived = migration::receive(&mut mig, None, &mut |m| {
         anyhow::bail!("unexpected {:?} before the guest resumed", m.kind())
     });
     let (prepared, state, offer) = match arrived {
         Ok(x) => x,
         Err(e) => return fail(&format!("receiving the guest failed: {e:#}")),
     };
+    // From home, the migration's link becomes the deputy channel; from another node, home
+    // connects once that node reports the move.
+    let from_home = source == offer.home_node;
+    let home_link = if from_home {
+        HomeLink::attached(mig.clone())
+    } else {
+        HomeLink::default()
+    };
     let handle: Arc<OnceLock<vmm::vm::PauseHandle>> = Arc::new(OnceLock::new());
     let view_slot: Arc<OnceLock<vmm::memory::MemView>> = Arc::new(OnceLock::new());
     let (mig_tx, mig_rx) = mpsc::channel();
     let inbox = Arc::new(Mutex::new(mig_rx));
-    let forward = Arc::new(Mutex::new(None));
     let (job_tx, jobs) = mpsc::channel::<Job>();
-    let writer_slot: Arc<OnceLock<Arc<Mutex<UnixStream>>>> = Arc::new(OnceLock::new());
     let (h1, h2, h3, h4) = (
         handle.clone(),
         handle.clone(),
         handle.clone(),
         handle.clone(),
     );
-    let (v3, w3, in3) = (view_slot.clone(), writer_slot.clone(), inbox.clone());
+    let (v3, hl3, in3) = (view_slot.clone(), home_link.clone(), inbox.clone());
     let (pid, home, mem_bytes) = (offer.pid, offer.home_node.clone(), offer.mem_bytes);
     let program = offer.program.clone();
+    let me = setup.ours.node_name.clone();
     // Set while a move this host started is under way.
-    let moving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let moving = Arc::new(AtomicBool::new(false));
     let (mv1, mv2, mv3) = (moving.clone(), moving.clone(), moving.clone());
     let router = Router {
         on_signal: Box::new(move |sig| {
@@ -103,17 +171,17 @@ pub fn main() -> ExitCode {
             }
         }),
         on_command: Box::new(move |m| {
-            let (Some(pause), Some(view), Some(writer)) = (h3.get(), v3.get(), w3.get()) else {
+            let (Some(pause), Some(view)) = (h3.get(), v3.get()) else {
                 return;
             };
-            let (pause, view, writer, inbox) =
-                (pause.clone(), view.clone(), writer.clone(), in3.clone());
-            let (tx, home) = (job_tx.clone(), home.clone());
+            let (pause, view, home_link, inbox) =
+                (pause.clone(), view.clone(), hl3.clone(), in3.clone());
+            let (tx, home, me) = (job_tx.clone(), home.clone(), me.clone());
             let program = program.clone();
-            if mv1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            if mv1.swap(true, Ordering::SeqCst) {
                 // One move at a time.
                 let reason = "a move is already under way".to_string();
-                tell(&writer, &Message::Abort { reason });
+                home_link.tell(&Message::Abort { reason });
                 return;
             }
             let mv = mv1.clone();
@@ -128,31 +196,40 @@ pub fn main() -> ExitCode {
                     mem_bytes,
                 };
                 let started = match m {
-                    Message::MigrateBack => {
-                        let mut conn = Routed {
-                            writer: writer.clone(),
-                            inbox,
-                        };
-                        migration::precopy(&mut conn, &view, &kick, &guest, &mut report).map(
-                            |pending| Job {
+                    Message::MigrateBack => home_link
+                        .get()
+                        .ok_or_else(|| anyhow::anyhow!("no link home"))
+                        .and_then(|writer| {
+                            let mut conn = Routed { writer, inbox };
+                            let pending =
+                                migration::precopy(&mut conn, &view, &kick, &guest, &mut report)?;
+                            Ok(Job {
                                 conn: Box::new(conn),
                                 onward: None,
                                 pending,
                                 report,
-                            },
-                        )
-                    }
-                    Message::MigrateTo { node } => link_to(&node, pid).and_then(|mut l| {
-                        let pending =
-                            migration::precopy(&mut l, &view, &kick, &guest, &mut report)?;
-                        let relay = l.try_clone()?;
-                        Ok(Job {
-                            conn: Box::new(l),
-                            onward: Some((relay, node)),
-                            pending,
-                            report,
+                            })
+                        }),
+                    Message::MigrateTo { node } => {
+                        let sock = crate::control::socket_path(None);
+                        crate::control::endpoint(&sock, pid, &node).and_then(|ep| {
+                            let hello = migrate::Hello::new(
+                                me.as_str(),
+                                Purpose::Migrate,
+                                migration::host_features(),
+                                Some(ep.token),
+                            );
+                            let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
+                            let pending =
+                                migration::precopy(&mut l, &view, &kick, &guest, &mut report)?;
+                            Ok(Job {
+                                conn: Box::new(l),
+                                onward: Some((node, ep)),
+                                pending,
+                                report,
+                            })
                         })
-                    }),
+                    }
                     _ => return,
                 };
                 match started {
@@ -162,55 +239,58 @@ pub fn main() -> ExitCode {
                         }
                     }
                     Err(e) => {
-                        mv.store(false, std::sync::atomic::Ordering::SeqCst);
+                        mv.store(false, Ordering::SeqCst);
                         let _ = view.stop_dirty_log();
                         let reason = format!("{e:#}");
-                        tell(&writer, &Message::Abort { reason });
+                        home_link.tell(&Message::Abort { reason });
                     }
                 }
             });
         }),
         migration: mig_tx,
-        forward: forward.clone(),
-        must_move: Box::new(move || mv2.load(std::sync::atomic::Ordering::SeqCst)),
+        must_move: Box::new(move || mv2.load(Ordering::SeqCst)),
         pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),
     };
-    let reader = match link.try_clone() {
-        Ok(l) => l,
-        Err(e) => return fail(&e.to_string()),
-    };
-    let (deputy, writer) = match RemoteDeputy::start(reader, router) {
-        Ok(x) => x,
-        Err(e) => return fail(&e.to_string()),
-    };
-    let _ = writer_slot.set(writer.clone());
+    let deputy = RemoteDeputy::start(home_link.clone(), router);
     let mut vm = match vmm::vm::Vm::restore_prepared(prepared, state, Box::new(deputy)) {
         Ok(vm) => vm,
         Err(e) => {
             let reason = format!("restoring the guest failed: {e:#}");
-            tell(
-                &writer,
-                &Message::Abort {
-                    reason: reason.clone(),
-                },
-            );
+            let _ = mig.send(&Message::Abort {
+                reason: reason.clone(),
+            });
             return fail(&reason);
         }
     };
     let _ = handle.set(vm.pause_handle());
     let _ = view_slot.set(vm.memory_view());
-    if !tell(&writer, &Message::Resumed) {
+    if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
+    }
+    if !from_home {
+        // The source is done with us; home connects its deputy channel.
+        drop(mig);
+        let (hl, pause) = (home_link.clone(), vm.pause_handle());
+        std::thread::spawn(move || {
+            crate::link::block_host_signals();
+            match accept(&setup, Purpose::Deputy, crate::link::ATTACH_LIMIT) {
+                Ok((w, _)) => hl.attach(w),
+                Err(e) => {
+                    eprintln!("mosvm guest-host: home never connected: {e:#}");
+                    pause.deliver(libc::SIGKILL);
+                }
+            }
+        });
     }
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
-                tell(&writer, &Message::Exit { status: out.code() });
+                home_link.tell(&Message::Exit { status: out.code() });
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
                 eprintln!("mosvm guest-host: {e:#}");
-                tell(&writer, &Message::Exit { status: 70 });
+                home_link.tell(&Message::Exit { status: 70 });
                 return ExitCode::SUCCESS;
             }
             Ok(None) => {}
@@ -232,26 +312,21 @@ pub fn main() -> ExitCode {
         match (switched, job.onward.take()) {
             // Home has its guest back; this host is done.
             (Ok(()), None) => return ExitCode::SUCCESS,
-            // The guest runs on another node now: relay between it and home until either ends.
-            (Ok(()), Some((mut next, node))) => {
+            // The guest runs on another node now: home connects there; this host is done.
+            (Ok(()), Some((node, ep))) => {
                 drop(vm);
-                tell(&writer, &Message::Moved { node });
-                if let Ok(mut f) = forward.lock() {
-                    *f = next.try_clone().ok();
-                }
-                while let Ok(m) = read_message(&mut next) {
-                    let ok = tell(&writer, &m);
-                    if !ok {
-                        break;
-                    }
-                }
+                home_link.tell(&Message::Moved {
+                    node,
+                    addr: ep.addr.to_string(),
+                    token: ep.token,
+                });
                 return ExitCode::SUCCESS;
             }
             (Err(e), _) => {
-                mv3.store(false, std::sync::atomic::Ordering::SeqCst);
+                mv3.store(false, Ordering::SeqCst);
                 let _ = view.stop_dirty_log();
                 let reason = format!("{e:#}");
-                tell(&writer, &Message::Abort { reason });
+                home_link.tell(&Message::Abort { reason });
                 pause.clear();
             }
         }

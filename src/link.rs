@@ -1,11 +1,11 @@
-//! The link between a process's home and the node running it (MOSIX's link layer): one plain
-//! stream of `migrate` frames, which the node services carry over mutual TLS. After a
-//! migration it carries the deputy channel (one `DeputyRequest`, one `DeputyReply`, in order),
+//! The link between a process's home and the node running it (MOSIX's link layer): one
+//! stream of `migrate` frames straight between `mosvm run` and the guest host (a [`Wire`]).
+//! After a migration it carries the deputy channel (one `DeputyRequest`, one `DeputyReply`, in order),
 //! signals from home to the guest, and the guest's exit status back home.
 
+use crate::wire::Wire;
 use migrate::frame::{DeputyReply, DeputyRequest, Slot as WireSlot};
-use migrate::{read_message, write_message, Message};
-use std::os::unix::net::UnixStream;
+use migrate::Message;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use vmm::deputy::{Deputy, Reply, Request, Slot};
@@ -75,8 +75,6 @@ pub struct Router {
     pub on_command: Box<dyn Fn(Message) + Send>,
     /// Answers a migration from this host over the home link waits for.
     pub migration: mpsc::Sender<Message>,
-    /// Set once the guest has moved on: everything from home goes there unread.
-    pub forward: Arc<Mutex<Option<UnixStream>>>,
     /// Whether the guest is moving: a deputy call still waiting for home is then cancelled,
     /// and no new one starts; both are reissued after the move.
     pub must_move: Box<dyn Fn() -> bool + Send>,
@@ -84,10 +82,50 @@ pub struct Router {
     pub pausing: Box<dyn Fn() -> bool + Send>,
 }
 
+/// How long a guest that arrived from another node waits for home to connect its deputy
+/// channel before it is destroyed as orphaned.
+pub const ATTACH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The guest side's link home, which may be attached after the guest resumes (when it arrived
+/// from another node, home connects once that node reports the move).
+#[derive(Clone, Default)]
+pub struct HomeLink(Arc<(Mutex<Option<Wire>>, std::sync::Condvar)>);
+
+impl HomeLink {
+    /// A link home that is already there.
+    pub fn attached(w: Wire) -> HomeLink {
+        let h = HomeLink::default();
+        h.attach(w);
+        h
+    }
+
+    /// Attach the link home.
+    pub fn attach(&self, w: Wire) {
+        let (m, cv) = &*self.0;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        cv.notify_all();
+    }
+
+    /// The link home, waiting for it up to [`ATTACH_LIMIT`].
+    pub fn get(&self) -> Option<Wire> {
+        let (m, cv) = &*self.0;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = cv
+            .wait_timeout_while(g, ATTACH_LIMIT, |w| w.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+
+    /// Send to home (best effort: a lost link is noticed by the reader).
+    pub fn tell(&self, m: &Message) -> bool {
+        self.get().is_some_and(|w| w.send(m).is_ok())
+    }
+}
+
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
 pub struct RemoteDeputy {
     seq: u64,
-    writer: Arc<Mutex<UnixStream>>,
+    writer: HomeLink,
     replies: mpsc::Receiver<DeputyReply>,
     must_move: Box<dyn Fn() -> bool + Send>,
     pausing: Box<dyn Fn() -> bool + Send>,
@@ -95,36 +133,22 @@ pub struct RemoteDeputy {
 
 impl RemoteDeputy {
     /// Start reading the link from home and routing what arrives (see [`Router`]).
-    pub fn start(
-        link: UnixStream,
-        mut r: Router,
-    ) -> std::io::Result<(RemoteDeputy, Arc<Mutex<UnixStream>>)> {
-        let writer = Arc::new(Mutex::new(link.try_clone()?));
+    pub fn start(home: HomeLink, mut r: Router) -> RemoteDeputy {
+        let writer = home.clone();
         let must_move = std::mem::replace(&mut r.must_move, Box::new(|| false));
         let pausing = std::mem::replace(&mut r.pausing, Box::new(|| false));
         let (tx, rx) = mpsc::channel();
-        let mut reader = link;
         std::thread::spawn(move || {
             block_host_signals();
+            let Some(link) = home.get() else {
+                (r.on_lost)();
+                return;
+            };
             loop {
-                let m = match read_message(&mut reader) {
-                    Ok(m) => m,
-                    Err(_) => {
-                        if let Some(f) = r.forward.lock().ok().and_then(|mut f| f.take()) {
-                            let _ = f.shutdown(std::net::Shutdown::Both);
-                        }
-                        (r.on_lost)();
-                        return;
-                    }
+                let Ok(m) = link.recv() else {
+                    (r.on_lost)();
+                    return;
                 };
-                if let Ok(mut f) = r.forward.lock() {
-                    if let Some(next) = f.as_mut() {
-                        if write_message(next, &m).is_err() {
-                            *f = None;
-                        }
-                        continue;
-                    }
-                }
                 match m {
                     Message::DeputyReply(rep) => {
                         let _ = tx.send(rep);
@@ -142,16 +166,13 @@ impl RemoteDeputy {
                 }
             }
         });
-        Ok((
-            RemoteDeputy {
-                seq: 0,
-                writer: writer.clone(),
-                replies: rx,
-                must_move,
-                pausing,
-            },
+        RemoteDeputy {
+            seq: 0,
             writer,
-        ))
+            replies: rx,
+            must_move,
+            pausing,
+        }
     }
 }
 
@@ -166,10 +187,7 @@ impl Deputy for RemoteDeputy {
         }
         self.seq += 1;
         let seq = self.seq;
-        let sent = match self.writer.lock() {
-            Ok(mut w) => write_message(&mut *w, &Message::DeputyRequest(to_wire(seq, req))).is_ok(),
-            Err(_) => false,
-        };
+        let sent = self.writer.tell(&Message::DeputyRequest(to_wire(seq, req)));
         if !sent {
             return Reply {
                 ret: -EIO,
@@ -203,9 +221,7 @@ impl Deputy for RemoteDeputy {
                     if (self.must_move)() && (!cancelled || again) {
                         cancelled = true;
                         last_cancel = std::time::Instant::now();
-                        if let Ok(mut w) = self.writer.lock() {
-                            let _ = write_message(&mut *w, &Message::Cancel { seq });
-                        }
+                        self.writer.tell(&Message::Cancel { seq });
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -238,11 +254,7 @@ impl RemoteDeputy {
 }
 
 /// Serve one deputy request from the link; false when the link is gone.
-pub fn serve_request(
-    writer: &Mutex<UnixStream>,
-    deputy: &mut dyn Deputy,
-    r: DeputyRequest,
-) -> bool {
+pub fn serve_request(writer: &Wire, deputy: &mut dyn Deputy, r: DeputyRequest) -> bool {
     let seq = r.seq;
     let reply = deputy.call(from_wire(r));
     let msg = Message::DeputyReply(DeputyReply {
@@ -250,10 +262,7 @@ pub fn serve_request(
         ret: reply.ret,
         outs: reply.outs,
     });
-    writer
-        .lock()
-        .map(|mut w| write_message(&mut *w, &msg).is_ok())
-        .unwrap_or(false)
+    writer.send(&msg).is_ok()
 }
 
 /// How serving a remote guest from home ended.
@@ -262,6 +271,12 @@ pub enum HomeEnd {
     Exited(i32),
     /// The link to the guest's host was lost.
     Lost,
+    /// The guest moved on to `node`, whose guest host waits for home at `addr` with `token`.
+    Moved {
+        node: String,
+        addr: String,
+        token: [u8; 32],
+    },
     /// The guest is coming home: its host sent this offer; the rest of the link's traffic
     /// arrives on the inbox; the caller keeps marking the request it executes (for cancels).
     Coming(
@@ -272,16 +287,11 @@ pub enum HomeEnd {
 }
 
 /// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
-/// is lost. A reader thread takes the link's traffic (and interrupts a call home was asked to
-/// cancel); signals `mosvm run` receives meanwhile are sent to the guest; `on_moved` and
-/// `on_failed` hear where the guest went next and why a move its host tried failed.
-pub fn serve_home(
-    mut reader: UnixStream,
-    writer: Arc<Mutex<UnixStream>>,
-    deputy: &mut dyn Deputy,
-    on_moved: &dyn Fn(String),
-    on_failed: &dyn Fn(String),
-) -> HomeEnd {
+/// is lost or moves on. A reader thread takes the link's traffic (and interrupts a call home
+/// was asked to cancel); signals `mosvm run` receives meanwhile are sent to the guest;
+/// `on_failed` hears why a move the guest's host tried failed.
+pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(String)) -> HomeEnd {
+    let reader = writer.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let (writer, done) = (writer.clone(), done.clone());
@@ -292,9 +302,7 @@ pub fn serve_home(
                 if let Some(sig) = vmm::vm::pending_signal() {
                     if sig != sent {
                         sent = sig;
-                        if let Ok(mut w) = writer.lock() {
-                            let _ = write_message(&mut *w, &Message::Signal { sig });
-                        }
+                        let _ = writer.send(&Message::Signal { sig });
                     }
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -311,7 +319,7 @@ pub fn serve_home(
         let running = running.clone();
         std::thread::spawn(move || {
             block_host_signals();
-            while let Ok(m) = read_message(&mut reader) {
+            while let Ok(m) = reader.recv() {
                 if let Message::Cancel { seq } = m {
                     if running.load(std::sync::atomic::Ordering::SeqCst) == seq {
                         vmm::vm::PauseHandle::kick_thread(me);
@@ -338,7 +346,7 @@ pub fn serve_home(
             Ok(Message::MigrateOffer(o)) => {
                 break HomeEnd::Coming(o, Arc::new(Mutex::new(rx)), running.clone())
             }
-            Ok(Message::Moved { node }) => on_moved(node),
+            Ok(Message::Moved { node, addr, token }) => break HomeEnd::Moved { node, addr, token },
             Ok(Message::Abort { reason }) => on_failed(reason),
             Ok(_) => {}
             Err(_) => break HomeEnd::Lost,
@@ -371,7 +379,7 @@ mod tests {
     /// result comes back; the guest's exit status reaches home.
     #[test]
     fn deputy_calls_cross_the_link() {
-        let (guest_end, home_end) = UnixStream::pair().unwrap();
+        let (guest_end, home_end) = Wire::pair().unwrap();
         let (pr, pw) = {
             let mut fds = [0; 2];
             // SAFETY: `fds` has room for the two descriptors pipe() returns.
@@ -380,8 +388,7 @@ mod tests {
         };
         let home = std::thread::spawn(move || {
             let mut d = vmm::deputy::HostDeputy::with_stdio([0, pw, 2]);
-            let w = Arc::new(Mutex::new(home_end.try_clone().unwrap()));
-            match serve_home(home_end, w, &mut d, &|_| {}, &|_| {}) {
+            match serve_home(home_end, &mut d, &|_| {}) {
                 HomeEnd::Exited(s) => Some(s),
                 _ => None,
             }
@@ -392,11 +399,10 @@ mod tests {
             on_lost: Box::new(|| {}),
             on_command: Box::new(|_| {}),
             migration: mtx,
-            forward: Arc::new(Mutex::new(None)),
             must_move: Box::new(|| false),
             pausing: Box::new(|| false),
         };
-        let (mut rd, writer) = RemoteDeputy::start(guest_end, router).unwrap();
+        let mut rd = RemoteDeputy::start(HomeLink::attached(guest_end.clone()), router);
         let r = rd.call(Request {
             nr: libc::SYS_write as u64,
             args: [1, 0, 5, 0, 0, 0],
@@ -416,7 +422,7 @@ mod tests {
             slots: vec![],
         });
         assert_eq!(bad.ret, -(libc::EBADF as i64));
-        write_message(&mut *writer.lock().unwrap(), &Message::Exit { status: 3 }).unwrap();
+        guest_end.send(&Message::Exit { status: 3 }).unwrap();
         assert_eq!(home.join().unwrap(), Some(3));
         // SAFETY: closing our own pipe descriptors.
         unsafe {

@@ -7,6 +7,7 @@ mod guesthost;
 mod link;
 mod migration;
 mod node;
+mod wire;
 
 use clap::{Parser, Subcommand};
 use std::ffi::OsString;
@@ -239,7 +240,9 @@ fn run(a: RunArgs) -> ExitCode {
 
 /// A migration whose pre-copy is done and whose guest must now pause for the switch-over.
 struct SwitchJob {
-    link: std::os::unix::net::UnixStream,
+    link: wire::Wire,
+    /// The cluster certificate the destination proved itself with.
+    cert: Vec<u8>,
     /// Pages dirtied in the last pre-copy round, not sent yet.
     pending: Vec<u64>,
     to: String,
@@ -263,9 +266,7 @@ struct Registration {
 
 type Current = std::sync::Arc<std::sync::Mutex<(vmm::memory::MemView, vmm::vm::PauseHandle)>>;
 
-type RemoteSlot = std::sync::Arc<
-    std::sync::Mutex<Option<std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>>>,
->;
+type RemoteSlot = std::sync::Arc<std::sync::Mutex<Option<wire::Wire>>>;
 
 fn send_update(w: &std::sync::Mutex<std::os::unix::net::UnixStream>, u: &control::Update) {
     use std::io::Write;
@@ -276,24 +277,7 @@ fn send_update(w: &std::sync::Mutex<std::os::unix::net::UnixStream>, u: &control
     }
 }
 
-/// Read one line without buffering past it (the stream switches to frames afterwards).
-fn read_line_raw(s: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        if s.read(&mut b)? == 0 {
-            break;
-        }
-        if b[0] == b'\n' {
-            break;
-        }
-        out.push(b[0]);
-    }
-    Ok(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// Ask the home node for a link to `to`, then pre-copy the running guest over it.
+/// Ask the home node for a guest host on `to`, connect to it, then pre-copy the running guest.
 fn start_migration(
     socket: &Path,
     to: String,
@@ -302,19 +286,14 @@ fn start_migration(
     home: String,
     program: String,
 ) -> anyhow::Result<SwitchJob> {
-    use std::io::Write;
-    let mut link = std::os::unix::net::UnixStream::connect(socket)?;
-    let mut line = serde_json::to_string(&control::Request::Link {
-        pid: std::process::id(),
-        to: to.clone(),
-    })?;
-    line.push('\n');
-    link.write_all(line.as_bytes())?;
-    match serde_json::from_str::<control::Reply>(&read_line_raw(&mut link)?)? {
-        control::Reply::Ok => {}
-        control::Reply::Error { message } => anyhow::bail!("{message}"),
-        other => anyhow::bail!("unexpected answer {other:?}"),
-    }
+    let ep = control::endpoint(socket, std::process::id(), &to)?;
+    let hello = migrate::Hello::new(
+        home.as_str(),
+        migrate::Purpose::Migrate,
+        migration::host_features(),
+        Some(ep.token),
+    );
+    let mut link = wire::connect(ep.addr, &ep.cert, hello)?;
     let mut report = migration::Report::default();
     let mem = view.size();
     let pending = migration::precopy(
@@ -331,6 +310,7 @@ fn start_migration(
     )?;
     Ok(SwitchJob {
         link,
+        cert: ep.cert,
         pending,
         to,
         report,
@@ -397,9 +377,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                             migrate::Message::MigrateTo { node: to }
                         };
                         if let Some(w) = remote.lock().ok().and_then(|r| r.clone()) {
-                            if let Ok(mut w) = w.lock() {
-                                let _ = migrate::write_message(&mut *w, &msg);
-                            }
+                            let _ = w.send(&msg);
                         }
                     }
                     Ok(control::Command::Migrate { to }) => {
@@ -532,7 +510,7 @@ fn run_guest(
         );
         let mut deputy = vm.into_deputy();
         drop(view);
-        match serve_remote(job.link, &mut deputy, reg, &job.to)? {
+        match serve_remote(job.link, &mut deputy, reg, &job.to, &job.cert)? {
             Ok(back) => vm = back,
             Err(status) => return Ok((status, None)),
         }
@@ -543,45 +521,69 @@ fn run_guest(
 /// with its status), the link is lost (`Err(112)`), or it comes home (`Ok` with the VM, which
 /// then runs here again).
 fn serve_remote(
-    link: std::os::unix::net::UnixStream,
+    link: wire::Wire,
     deputy: &mut Box<dyn vmm::deputy::Deputy>,
     reg: &Registration,
     first_host: &str,
+    cert: &[u8],
 ) -> anyhow::Result<Result<vmm::vm::Vm, i32>> {
-    let writer = std::sync::Arc::new(std::sync::Mutex::new(link.try_clone()?));
-    if let Ok(mut r) = reg.remote.lock() {
-        *r = Some(writer.clone());
-    }
-    let host = std::sync::Mutex::new(first_host.to_string());
-    let on_moved = |node: String| {
-        send_update(&reg.updates, &control::Update::Moved { node: node.clone() });
-        if let Ok(mut h) = host.lock() {
-            *h = node;
+    let mut link = link;
+    let mut host = first_host.to_string();
+    let set_remote = |w: Option<wire::Wire>| {
+        if let Ok(mut r) = reg.remote.lock() {
+            *r = w;
         }
     };
     let on_failed = |reason: String| {
         eprintln!("mosvm: moving the process on failed: {reason}; it keeps running where it was");
         send_update(&reg.updates, &control::Update::MigrationFailed { reason });
     };
-    let reader = link.try_clone()?;
-    let end = link::serve_home(reader, writer.clone(), &mut **deputy, &on_moved, &on_failed);
-    let clear = || {
-        if let Ok(mut r) = reg.remote.lock() {
-            *r = None;
+    let end = loop {
+        set_remote(Some(link.clone()));
+        match link::serve_home(link.clone(), &mut **deputy, &on_failed) {
+            // The guest moved on: connect its deputy channel to the new host.
+            link::HomeEnd::Moved { node, addr, token } => {
+                link.shutdown();
+                let hello = migrate::Hello::new(
+                    reg.home.as_str(),
+                    migrate::Purpose::Deputy,
+                    migration::host_features(),
+                    Some(token),
+                );
+                let next = addr
+                    .parse()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|a| wire::connect(a, cert, hello));
+                match next {
+                    Ok(w) => {
+                        send_update(&reg.updates, &control::Update::Moved { node: node.clone() });
+                        link = w;
+                        host = node;
+                    }
+                    Err(e) => {
+                        set_remote(None);
+                        eprintln!("mosvm: cannot reach the process on {node} at {addr}: {e:#}");
+                        return Ok(Err(link::LOST_HOST_STATUS as i32));
+                    }
+                }
+            }
+            end => break end,
         }
     };
+    let clear = || set_remote(None);
     let offer = match end {
         link::HomeEnd::Exited(status) => return Ok(Err(status)),
+        link::HomeEnd::Moved { .. } => unreachable!("handled above"),
         link::HomeEnd::Lost => {
-            let h = host.lock().map(|h| h.clone()).unwrap_or_default();
-            eprintln!("mosvm: lost the node running the process ({h}); it cannot continue");
+            clear();
+            eprintln!("mosvm: lost the node running the process ({host}); it cannot continue");
             return Ok(Err(link::LOST_HOST_STATUS as i32));
         }
         link::HomeEnd::Coming(offer, inbox, running) => (offer, inbox, running),
     };
     let (offer, inbox, running) = offer;
     // Coming home: receive it over the link while still serving its deputy calls.
-    drop(link);
+    let writer = link;
     let mut conn = migration::Routed {
         writer: writer.clone(),
         inbox,

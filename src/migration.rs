@@ -1,14 +1,14 @@
 //! Live migration over a link: the source side (pre-copy while the guest runs, then the last
 //! dirty pages and the vCPU/VMM state while it is paused) and the destination side (receive
 //! into a VM prepared when the offer arrives, restore, report). The link is a stream of
-//! `migrate` frames; node services carry it over mutual TLS, and after a first move it also
-//! carries the deputy channel, so a migration may share it with deputy calls.
+//! `migrate` frames straight between the two processes (see [`crate::wire`]); after a first
+//! move it also carries the deputy channel, so a migration may share it with deputy calls.
 
+use crate::wire::Wire;
 use anyhow::{bail, Context, Result};
 use migrate::frame::{MemRegion, MigrateOffer};
 use migrate::handshake::{CpuFeatures, CpuidLeaf};
-use migrate::{read_message, Decision, Message, PageBatchBuilder, Planner, RoundStats};
-use std::os::unix::net::UnixStream;
+use migrate::{Decision, Message, PageBatchBuilder, Planner, RoundStats};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 use vmm::memory::{MemView, PAGE};
@@ -94,38 +94,27 @@ pub trait Conn {
     fn recv(&mut self) -> Result<Message>;
 }
 
-impl Conn for UnixStream {
+impl Conn for Wire {
     fn send(&mut self, m: &Message) -> Result<u64> {
-        let mut buf = Vec::new();
-        migrate::frame::write_message_with(self, m, &mut buf)?;
-        // A page batch's payload is written straight from the batch, not through `buf`.
-        let payload = match m {
-            Message::Pages(b) => b.payload.len(),
-            _ => 0,
-        };
-        Ok((buf.len() + payload) as u64)
+        Ok(Wire::send(self, m)?)
     }
     fn recv(&mut self) -> Result<Message> {
-        Ok(read_message(self)?)
+        Ok(Wire::recv(self)?)
     }
 }
 
 /// A link shared with other traffic (the deputy channel): frames go out through the shared
 /// writer; a reader thread routes the migration's incoming messages to `inbox`.
 pub struct Routed {
-    /// The link's writer, shared with the deputy.
-    pub writer: Arc<Mutex<UnixStream>>,
+    /// The link, shared with the deputy.
+    pub writer: Wire,
     /// Messages for the migration.
     pub inbox: Arc<Mutex<mpsc::Receiver<Message>>>,
 }
 
 impl Conn for Routed {
     fn send(&mut self, m: &Message) -> Result<u64> {
-        let mut w = self
-            .writer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("link writer poisoned"))?;
-        w.send(m)
+        Ok(self.writer.send(m)?)
     }
     fn recv(&mut self) -> Result<Message> {
         let inbox = self
@@ -323,6 +312,9 @@ pub fn receive(
             bail!(reason);
         }
     };
+    prepared
+        .mem()
+        .populate_in_background(offer.touched_pages * PAGE);
     link.send(&Message::MigrateAccept)?;
     loop {
         match link.recv().context("receiving the guest")? {

@@ -55,6 +55,8 @@ struct State {
     socket: PathBuf,
     /// Guests hosted here for other nodes, by guest-host pid: their home pid and node, program.
     hosted: HashMap<u32, (u32, String, String)>,
+    /// The cluster key's directory, for guest hosts.
+    key_dir: Option<PathBuf>,
 }
 
 /// Resident memory of a process, bytes (from /proc).
@@ -188,42 +190,35 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
     };
     match hello.purpose {
         migrate::Purpose::Migrate => {
-            tracing::info!(peer, from = hello.node_name, "receiving a guest");
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-            let exe = std::env::current_exe()?;
-            let socket = shared.lock().expect("state lock").socket.clone();
-            let mut child = tokio::process::Command::new(exe)
-                .arg("guest-host")
-                .env("MOSVM_SOCKET", socket)
-                .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-                    theirs,
-                )))
-                .stdout(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("spawning the guest host")?;
-            ours.set_nonblocking(true)?;
-            let mut ours = UnixStream::from_std(ours)?;
-            // The offer says whose guest this is: `ps` lists it while it is hosted here.
-            let host_pid = child.id().unwrap_or(0);
-            let offer = read_frame(&mut s).await;
-            if let Ok(migrate::Message::MigrateOffer(o)) = &offer {
-                shared
-                    .lock()
-                    .expect("state lock")
-                    .hosted
-                    .insert(host_pid, (o.pid, o.home_node.clone(), o.program.clone()));
-            }
-            match offer {
-                Ok(m) => write_frame(&mut ours, &m).await?,
-                Err(e) => anyhow::bail!("reading the offer: {e}"),
-            }
-            let r =
-                tokio::io::copy_bidirectional_with_sizes(&mut s, &mut ours, RELAY_BUF, RELAY_BUF)
-                    .await;
-            tracing::info!(peer, ?r, "guest link closed");
-            shared.lock().expect("state lock").hosted.remove(&host_pid);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+            let (pid, home, program) = match read_frame(&mut s).await {
+                Ok(migrate::Message::Host {
+                    pid,
+                    home_node,
+                    program,
+                }) => (pid, home_node, program),
+                Ok(other) => anyhow::bail!("{peer}: expected Host, got {:?}", other.kind()),
+                Err(e) => anyhow::bail!("{peer}: reading the host request: {e}"),
+            };
+            let answer = match start_guest_host(&shared, pid, &home, &program) {
+                Ok((port, token)) => {
+                    tracing::info!(
+                        peer,
+                        from = hello.node_name,
+                        pid,
+                        home,
+                        port,
+                        "receiving a guest: guest host started"
+                    );
+                    migrate::Message::Hosting { port, token }
+                }
+                Err(e) => {
+                    tracing::warn!(peer, pid, home, "cannot start a guest host: {e:#}");
+                    migrate::Message::Refuse {
+                        reason: format!("cannot start a guest host: {e:#}"),
+                    }
+                }
+            };
+            write_frame(&mut s, &answer).await?;
             Ok(())
         }
         other => {
@@ -233,11 +228,58 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
     }
 }
 
-type Shared = Arc<Mutex<State>>;
+/// Start a guest host for process `pid` of node `home`: a `mosvm guest-host` process whose
+/// stdin is a fresh listening socket on this node's address, serving only connections whose
+/// Hello bears a fresh token. Returns the port and the token; `ps` lists the guest while the
+/// process lives.
+fn start_guest_host(
+    shared: &Shared,
+    pid: u32,
+    home: &str,
+    program: &str,
+) -> Result<(u16, [u8; 32])> {
+    let (listen, key_dir, socket, name) = {
+        let st = shared.lock().expect("state lock");
+        (
+            st.listen,
+            st.key_dir.clone(),
+            st.socket.clone(),
+            st.name.clone(),
+        )
+    };
+    let key_dir = key_dir.context("this node has no cluster key")?;
+    let ip = listen.map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into());
+    let l = std::net::TcpListener::bind((ip, 0)).context("binding the guest host's port")?;
+    let port = l.local_addr()?.port();
+    let token = migrate::tls::new_token()?;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("guest-host")
+        .env("MOSVM_SOCKET", socket)
+        .env("MOSVM_KEY_DIR", key_dir)
+        .env("MOSVM_NODE", name)
+        .env("MOSVM_TOKEN", crate::control::hex(&token))
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning the guest host")?;
+    let host_pid = child.id().unwrap_or(0);
+    shared
+        .lock()
+        .expect("state lock")
+        .hosted
+        .insert(host_pid, (pid, home.to_string(), program.to_string()));
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let r = child.wait().await;
+        tracing::info!(host_pid, ?r, "guest host ended");
+        shared.lock().expect("state lock").hosted.remove(&host_pid);
+    });
+    Ok((port, token))
+}
 
-/// Buffer size for relaying a link between a local process and a peer (pages travel in
-/// frames of up to ~1 MiB).
-const RELAY_BUF: usize = 1 << 20;
+type Shared = Arc<Mutex<State>>;
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -482,34 +524,13 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Link { pid, to } => {
-            let (tls, addr, me) = {
-                let st = shared.lock().expect("state lock");
-                (st.tls.clone(), resolve(&st, &to), st.name.clone())
+            let r = match link(&shared, pid, &to).await {
+                Ok(r) => r,
+                Err(e) => Reply::Error {
+                    message: format!("{e:#}"),
+                },
             };
-            let (tls, addr) = match (tls, addr) {
-                (Some(t), Ok(a)) => (t, a),
-                (None, _) => {
-                    let message = "this node has no cluster key".to_string();
-                    return reply(&mut write, &Reply::Error { message }).await;
-                }
-                (_, Err(message)) => return reply(&mut write, &Reply::Error { message }).await,
-            };
-            let mut peer = match connect_peer(&tls, addr, &me, migrate::Purpose::Migrate).await {
-                Ok(s) => s,
-                Err(e) => {
-                    let message = format!("{e:#}");
-                    return reply(&mut write, &Reply::Error { message }).await;
-                }
-            };
-            reply(&mut write, &Reply::Ok).await?;
-            tracing::info!(pid, to, "migration link up");
-            let mut local = lines.into_inner().into_inner().reunite(write)?;
-            let r = tokio::io::copy_bidirectional_with_sizes(
-                &mut local, &mut peer, RELAY_BUF, RELAY_BUF,
-            )
-            .await;
-            tracing::info!(pid, ?r, "process link closed");
-            Ok(())
+            reply(&mut write, &r).await
         }
         Request::Nodes => {
             let nodes = {
@@ -529,6 +550,45 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             };
             reply(&mut write, &Reply::Nodes { nodes }).await
         }
+    }
+}
+
+/// Have node `to` start a guest host for process `pid` (whose home is here, or which is
+/// hosted here), and say where it waits.
+async fn link(shared: &Shared, pid: u32, to: &str) -> Result<Reply> {
+    let (tls, addr, me, who) = {
+        let st = shared.lock().expect("state lock");
+        let who = match st.procs.get(&pid) {
+            Some(p) => Some((st.name.clone(), p.info.program.clone())),
+            None => st
+                .hosted
+                .values()
+                .find(|h| h.0 == pid)
+                .map(|h| (h.1.clone(), h.2.clone())),
+        };
+        (st.tls.clone(), resolve(&st, to), st.name.clone(), who)
+    };
+    let tls = tls.context("this node has no cluster key")?;
+    let addr = addr.map_err(|m| anyhow::anyhow!(m))?;
+    let (home, program) = who.with_context(|| format!("no process {pid} on node {me}"))?;
+    let mut peer = connect_peer(&tls, addr, &me, migrate::Purpose::Migrate).await?;
+    let host = migrate::Message::Host {
+        pid,
+        home_node: home,
+        program,
+    };
+    write_frame(&mut peer, &host).await?;
+    match read_frame(&mut peer).await? {
+        migrate::Message::Hosting { port, token } => {
+            tracing::info!(pid, to, port, "guest host ready");
+            Ok(Reply::Endpoint {
+                addr: SocketAddr::new(addr.ip(), port).to_string(),
+                token: crate::control::hex(&token),
+                cert: crate::control::hex(tls.cert()),
+            })
+        }
+        migrate::Message::Refuse { reason } => anyhow::bail!("{to} refused: {reason}"),
+        other => anyhow::bail!("{to} answered {:?}", other.kind()),
     }
 }
 
@@ -593,6 +653,7 @@ pub fn run(cfg: Config) -> Result<()> {
                         tls,
             socket: socket.clone(),
             hosted: HashMap::new(),
+            key_dir: cfg.key_dir.clone(),
         }));
         if let Some(pl) = peer_listener {
             let shared = shared.clone();

@@ -28,7 +28,7 @@ use crate::pages::PageBatch;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MOSV";
 /// The protocol version this build speaks. Bump it on any change to a message's layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
 /// Largest payload accepted or produced (64 MiB).
@@ -104,6 +104,8 @@ pub enum Kind {
     MigrateBack = 19,
     Moved = 20,
     Cancel = 21,
+    Host = 22,
+    Hosting = 23,
 }
 
 impl Kind {
@@ -132,6 +134,8 @@ impl Kind {
             19 => MigrateBack,
             20 => Moved,
             21 => Cancel,
+            22 => Host,
+            23 => Hosting,
             _ => return None,
         })
     }
@@ -271,14 +275,31 @@ pub enum Message {
     },
     /// Home asks for its guest back: the guest's host migrates it over this same link.
     MigrateBack,
-    /// The guest's host tells home the guest now runs on `node`.
+    /// The guest's host tells home the guest now runs on `node`, whose guest host waits at
+    /// `addr` for home's deputy channel (a [`Hello`] for [`crate::Purpose::Deputy`] bearing
+    /// `token`).
     Moved {
         node: String,
+        addr: String,
+        token: [u8; 32],
     },
     /// The guest must move while deputy request `seq` blocks at home: interrupt it (the reply
     /// then says EINTR and the guest reissues the call after the move).
     Cancel {
         seq: u64,
+    },
+    /// Node to node, after the handshake: start a guest host for process `pid` of `home_node`
+    /// running `program`.
+    Host {
+        pid: u32,
+        home_node: String,
+        program: String,
+    },
+    /// The answer to [`Message::Host`]: the guest host listens on `port` (at the address the
+    /// request was sent to) and serves only connections whose Hello bears `token`.
+    Hosting {
+        port: u16,
+        token: [u8; 32],
     },
 }
 
@@ -307,6 +328,8 @@ impl Message {
             Message::MigrateBack => Kind::MigrateBack,
             Message::Moved { .. } => Kind::Moved,
             Message::Cancel { .. } => Kind::Cancel,
+            Message::Host { .. } => Kind::Host,
+            Message::Hosting { .. } => Kind::Hosting,
         }
     }
 }
@@ -332,7 +355,14 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::DeputyReply(r) => put(buf, k, r),
         Message::MigrateOffer(o) => put(buf, k, o),
         Message::MigrateAccept | Message::Resumed | Message::MigrateBack => Ok(()),
-        Message::MigrateTo { node } | Message::Moved { node } => put(buf, k, node),
+        Message::MigrateTo { node } => put(buf, k, node),
+        Message::Moved { node, addr, token } => put(buf, k, (node, addr, token)),
+        Message::Host {
+            pid,
+            home_node,
+            program,
+        } => put(buf, k, (pid, home_node, program)),
+        Message::Hosting { port, token } => put(buf, k, (port, token)),
         Message::Pages(b) => put(buf, k, b),
         Message::RoundDone { round, dirty_pages } => put(buf, k, (round, dirty_pages)),
         Message::State { vcpu_and_vmm } => put(buf, k, vcpu_and_vmm),
@@ -424,9 +454,22 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
             get::<()>(k, payload)?;
             Message::MigrateBack
         }
-        Kind::Moved => Message::Moved {
-            node: get(k, payload)?,
-        },
+        Kind::Moved => {
+            let (node, addr, token) = get(k, payload)?;
+            Message::Moved { node, addr, token }
+        }
+        Kind::Host => {
+            let (pid, home_node, program) = get(k, payload)?;
+            Message::Host {
+                pid,
+                home_node,
+                program,
+            }
+        }
+        Kind::Hosting => {
+            let (port, token) = get(k, payload)?;
+            Message::Hosting { port, token }
+        }
         Kind::Cancel => Message::Cancel {
             seq: get(k, payload)?,
         },
@@ -711,7 +754,20 @@ mod tests {
             Message::Pong { t: u64::MAX },
             Message::MigrateTo { node: "b".into() },
             Message::MigrateBack,
-            Message::Moved { node: "c".into() },
+            Message::Moved {
+                node: "c".into(),
+                addr: "10.0.0.3:4000".into(),
+                token: [7; 32],
+            },
+            Message::Host {
+                pid: 42,
+                home_node: "h".into(),
+                program: "/bin/true".into(),
+            },
+            Message::Hosting {
+                port: 4001,
+                token: [9; 32],
+            },
             Message::Cancel { seq: 9 },
         ]
     }

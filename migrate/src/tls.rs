@@ -128,6 +128,8 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
 pub struct ClusterTls {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    endpoint: Arc<ServerConfig>,
+    cert: CertificateDer<'static>,
     handshake_timeout: Duration,
     io_timeout: Option<Duration>,
 }
@@ -197,17 +199,29 @@ impl ClusterTls {
         // Connections are long-lived and never resumed.
         server.send_tls13_tickets = 0;
 
+        // A process endpoint (a guest host) proves it holds the cluster key; its client proves
+        // itself with the one-time token the nodes agreed on over mutual TLS.
+        let mut endpoint = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg)?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key.clone_key())
+            .map_err(cfg)?;
+        endpoint.send_tls13_tickets = 0;
+
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg)?
             .with_root_certificates(roots)
-            .with_client_auth_cert(vec![cert], key)
+            .with_client_auth_cert(vec![cert.clone()], key)
             .map_err(cfg)?;
         client.resumption = Resumption::disabled();
 
         Ok(ClusterTls {
             server: Arc::new(server),
             client: Arc::new(client),
+            endpoint: Arc::new(endpoint),
+            cert,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             io_timeout: None,
         })
@@ -228,6 +242,55 @@ impl ClusterTls {
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.client.clone()
     }
+
+    /// The server side of a process endpoint: the cluster certificate, no client certificate
+    /// asked (the client presents a token inside the session).
+    pub fn endpoint_config(&self) -> Arc<ServerConfig> {
+        self.endpoint.clone()
+    }
+
+    /// The cluster certificate (public): what an endpoint's client must see.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+}
+
+/// The client side of a process endpoint: accepts only a server holding the cluster key
+/// (`cert` is the cluster certificate), presents no certificate.
+pub fn endpoint_client_config(
+    cert: CertificateDer<'static>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    let mut roots = RootCertStore::empty();
+    roots.add(cert).map_err(cfg)?;
+    let mut client = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(cfg)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.resumption = Resumption::disabled();
+    Ok(Arc::new(client))
+}
+
+/// A fresh random 256-bit token (from the system's CSPRNG).
+pub fn new_token() -> Result<[u8; 32], TlsError> {
+    use rustls::crypto::ring::default_provider;
+    let mut t = [0u8; 32];
+    default_provider()
+        .secure_random
+        .fill(&mut t)
+        .map_err(|_| TlsError::Keygen("no randomness".into()))?;
+    Ok(t)
+}
+
+/// Compares two tokens in time independent of where they differ.
+pub fn tokens_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn prepare(sock: &TcpStream, timeout: Duration) -> io::Result<()> {

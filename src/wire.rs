@@ -1,0 +1,482 @@
+//! A link's transport: a stream of `migrate` frames straight between the two processes a link
+//! joins (a `mosvm run` at home and a guest host, or two guest hosts), over TLS on TCP; or over
+//! a local socket pair in tests. Nodes only introduce the two ends to each other, so no node
+//! relays a byte. Any thread may send (a frame goes out whole, frames in order); one thread at
+//! a time receives.
+//!
+//! Both ends are blocking threads, so the rustls session sits behind a mutex that neither
+//! holds while waiting for the socket: a sender encrypts into the session and writes what the
+//! socket takes, and waits for room without the lock; the reader waits for data without it.
+
+use migrate::handshake::{Hello, ServerIdentity};
+use migrate::{FrameError, Message};
+use rustls::pki_types::ServerName;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Raw TLS bytes taken from the socket per read: large reads keep system calls few.
+const READ_CHUNK: usize = 1 << 20;
+
+/// One end of a link. Clones share it.
+#[derive(Clone)]
+pub struct Wire(Arc<Inner>);
+
+enum Inner {
+    // Only the unit tests join two ends within one process.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Local {
+        sock: UnixStream,
+        tx: Mutex<UnixStream>,
+        rx: Mutex<UnixStream>,
+    },
+    Tls {
+        sock: TcpStream,
+        conn: Box<Mutex<rustls::Connection>>,
+        rx: Mutex<RawBuf>,
+    },
+}
+
+/// TLS records read from the socket and not yet given to rustls.
+struct RawBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Wait until `sock` is readable (`POLLIN`) or writable (`POLLOUT`), or until `deadline`.
+fn wait(sock: &TcpStream, events: libc::c_short, deadline: Option<Instant>) -> io::Result<()> {
+    loop {
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Options for a link's TCP socket: no Nagle delay (one deputy call is one small frame each
+/// way), and a peer that vanishes without closing is noticed within about 4 s, whether the
+/// link idles (keepalive) or has data outstanding (user timeout).
+fn tune(sock: &TcpStream) -> io::Result<()> {
+    sock.set_nodelay(true)?;
+    let fd = sock.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| -> io::Result<()> {
+        // SAFETY: `v` is a c_int that outlives the call, and its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 4000)
+}
+
+/// Complete a TLS handshake on a blocking socket within `limit`.
+fn handshake(
+    sock: &mut TcpStream,
+    conn: &mut rustls::Connection,
+    limit: Duration,
+) -> io::Result<()> {
+    sock.set_read_timeout(Some(limit))?;
+    sock.set_write_timeout(Some(limit))?;
+    let deadline = Instant::now() + limit;
+    while conn.is_handshaking() {
+        if Instant::now() > deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        conn.complete_io(sock)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(sock)?;
+    }
+    sock.set_read_timeout(None)?;
+    sock.set_write_timeout(None)?;
+    sock.set_nonblocking(true)
+}
+
+/// Plaintext from the session, blocking until some arrives (or `deadline`).
+struct TlsReader<'a> {
+    sock: &'a TcpStream,
+    conn: &'a Mutex<rustls::Connection>,
+    raw: &'a mut RawBuf,
+    deadline: Option<Instant>,
+}
+
+impl Read for TlsReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut fed = false;
+            {
+                let mut c = lock(self.conn);
+                match c.reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                let mut src = RawSource {
+                    sock: self.sock,
+                    raw: self.raw,
+                };
+                match c.read_tls(&mut src) {
+                    // The peer closed the connection without a close_notify.
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {
+                        c.process_new_packets()
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        fed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // Alerts and the like: best effort, the next sender flushes the rest.
+                while c.wants_write() {
+                    if c.write_tls(&mut &*self.sock).is_err() {
+                        break;
+                    }
+                }
+            }
+            if !fed {
+                wait(self.sock, libc::POLLIN, self.deadline)?;
+            }
+        }
+    }
+}
+
+/// The socket seen through [`RawBuf`]: large reads from the socket, handed out as rustls asks.
+struct RawSource<'a> {
+    sock: &'a TcpStream,
+    raw: &'a mut RawBuf,
+}
+
+impl Read for RawSource<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let r = &mut *self.raw;
+        if r.start == r.end {
+            if r.buf.len() < READ_CHUNK {
+                r.buf.resize(READ_CHUNK, 0);
+            }
+            let n = (&*self.sock).read(&mut r.buf)?;
+            r.start = 0;
+            r.end = n;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(r.end - r.start);
+        out[..n].copy_from_slice(&r.buf[r.start..r.start + n]);
+        r.start += n;
+        Ok(n)
+    }
+}
+
+/// Plaintext into the session; `flush` writes it all to the socket, waiting for room without
+/// holding the session.
+struct TlsWriter<'a> {
+    sock: &'a TcpStream,
+    conn: &'a Mutex<rustls::Connection>,
+    guard: Option<MutexGuard<'a, rustls::Connection>>,
+}
+
+impl TlsWriter<'_> {
+    fn conn(&mut self) -> &mut rustls::Connection {
+        let conn = self.conn;
+        self.guard.get_or_insert_with(|| lock(conn))
+    }
+}
+
+impl Write for TlsWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn().writer().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        loop {
+            let sock = self.sock;
+            let c = self.conn();
+            while c.wants_write() {
+                match c.write_tls(&mut &*sock) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !c.wants_write() {
+                return Ok(());
+            }
+            self.guard = None;
+            wait(sock, libc::POLLOUT, None)?;
+        }
+    }
+}
+
+impl Wire {
+    /// Both ends of a link within one machine (tests).
+    #[cfg(test)]
+    pub fn pair() -> io::Result<(Wire, Wire)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Wire::local(a)?, Wire::local(b)?))
+    }
+
+    #[cfg(test)]
+    fn local(sock: UnixStream) -> io::Result<Wire> {
+        Ok(Wire(Arc::new(Inner::Local {
+            tx: Mutex::new(sock.try_clone()?),
+            rx: Mutex::new(sock.try_clone()?),
+            sock,
+        })))
+    }
+
+    fn tls(sock: TcpStream, mut conn: rustls::Connection) -> Wire {
+        conn.set_buffer_limit(None);
+        Wire(Arc::new(Inner::Tls {
+            sock,
+            conn: Box::new(Mutex::new(conn)),
+            rx: Mutex::new(RawBuf {
+                buf: Vec::new(),
+                start: 0,
+                end: 0,
+            }),
+        }))
+    }
+
+    /// Send one frame; its size in bytes.
+    pub fn send(&self, m: &Message) -> Result<u64, FrameError> {
+        let mut scratch = Vec::new();
+        match &*self.0 {
+            Inner::Local { tx, .. } => {
+                migrate::frame::write_message_with(&mut *lock(tx), m, &mut scratch)?
+            }
+            Inner::Tls { sock, conn, .. } => {
+                let mut w = TlsWriter {
+                    sock,
+                    conn,
+                    guard: None,
+                };
+                migrate::frame::write_message_with(&mut w, m, &mut scratch)?
+            }
+        }
+        // A page batch's payload is written straight from the batch, not through `scratch`.
+        let payload = match m {
+            Message::Pages(b) => b.payload.len(),
+            _ => 0,
+        };
+        Ok((scratch.len() + payload) as u64)
+    }
+
+    /// Receive the next frame, waiting as long as it takes.
+    pub fn recv(&self) -> Result<Message, FrameError> {
+        self.recv_until(None)
+    }
+
+    /// Receive the next frame, or fail with a timeout once `limit` has passed.
+    pub fn recv_timeout(&self, limit: Duration) -> Result<Message, FrameError> {
+        self.recv_until(Some(Instant::now() + limit))
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<Message, FrameError> {
+        match &*self.0 {
+            Inner::Local { rx, .. } => {
+                let mut s = lock(rx);
+                s.set_read_timeout(deadline.map(|d| {
+                    d.saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1))
+                }))?;
+                migrate::read_message(&mut *s)
+            }
+            Inner::Tls { sock, conn, rx } => {
+                let mut raw = lock(rx);
+                let mut r = TlsReader {
+                    sock,
+                    conn,
+                    raw: &mut raw,
+                    deadline,
+                };
+                migrate::read_message(&mut r)
+            }
+        }
+    }
+
+    /// Close both directions: a thread blocked in [`Wire::recv`] returns.
+    pub fn shutdown(&self) {
+        let _ = match &*self.0 {
+            Inner::Local { sock, .. } => sock.shutdown(std::net::Shutdown::Both),
+            Inner::Tls { sock, .. } => sock.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// How long connecting, the TLS handshake and the Hello exchange may take.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Connect to a process endpoint at `addr`: TLS, accepting only a server holding the cluster
+/// key (`cert`), then `hello` (with the endpoint's token), which it must welcome.
+pub fn connect(addr: SocketAddr, cert: &[u8], hello: Hello) -> anyhow::Result<Wire> {
+    use anyhow::Context;
+    let cfg = migrate::tls::endpoint_client_config(cert.to_vec().into())?;
+    let mut sock = TcpStream::connect_timeout(&addr, HANDSHAKE_LIMIT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    tune(&sock)?;
+    let name = ServerName::try_from(migrate::tls::CLUSTER_NAME)?;
+    let mut conn = rustls::Connection::Client(rustls::ClientConnection::new(cfg, name)?);
+    handshake(&mut sock, &mut conn, HANDSHAKE_LIMIT).with_context(|| format!("TLS with {addr}"))?;
+    let w = Wire::tls(sock, conn);
+    w.send(&Message::Hello(hello))?;
+    match w.recv_timeout(HANDSHAKE_LIMIT) {
+        Ok(Message::Welcome(_)) => Ok(w),
+        Ok(Message::Refuse { reason }) => anyhow::bail!("{addr} refused: {reason}"),
+        Ok(other) => anyhow::bail!("{addr} answered {:?}", other.kind()),
+        Err(e) => anyhow::bail!("{addr}: {e}"),
+    }
+}
+
+/// Accept one connection on an endpoint: TLS with the cluster key, then a Hello that `check`
+/// approves (the token). Refused peers get the reason and an error naming them.
+pub fn accept(
+    sock: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    ours: &ServerIdentity,
+    check: impl FnOnce(migrate::Purpose, Option<&[u8; 32]>) -> Result<(), String>,
+) -> anyhow::Result<(Wire, Hello)> {
+    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut sock = sock;
+    sock.set_nonblocking(false)?;
+    tune(&sock)?;
+    let mut conn = rustls::Connection::Server(rustls::ServerConnection::new(cfg)?);
+    if let Err(e) = handshake(&mut sock, &mut conn, HANDSHAKE_LIMIT) {
+        anyhow::bail!("TLS handshake with {peer} failed: {e}");
+    }
+    let w = Wire::tls(sock, conn);
+    let first = w.recv_timeout(HANDSHAKE_LIMIT);
+    let (reply, hello) = migrate::handshake::answer(first.as_ref().cloned(), ours, check);
+    let _ = w.send(&reply);
+    match hello {
+        Some(h) => Ok((w, h)),
+        None => anyhow::bail!("refused {peer}: {reply:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migrate::handshake::Purpose;
+    use std::net::TcpListener;
+
+    fn identity() -> ServerIdentity {
+        ServerIdentity {
+            node_name: "b".into(),
+            host_cpu: crate::migration::host_features(),
+        }
+    }
+
+    /// Frames cross a TLS link both ways, large ones included, while another thread sends;
+    /// a wrong token is refused.
+    #[test]
+    fn frames_cross_a_tls_link_and_tokens_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        migrate::keygen(dir.path()).unwrap();
+        let tls = migrate::ClusterTls::load(dir.path()).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let token = [5u8; 32];
+        let cfg = tls.endpoint_config();
+        let server = std::thread::spawn(move || {
+            let mut out = vec![];
+            for _ in 0..2 {
+                let (s, _) = l.accept().unwrap();
+                let r = accept(s, cfg.clone(), &identity(), |_, t| match t {
+                    Some(t) if migrate::tls::tokens_equal(t, &token) => Ok(()),
+                    _ => Err("bad token".into()),
+                });
+                let Ok((w, _)) = r else {
+                    out.push(None);
+                    continue;
+                };
+                // Echo until the client closes.
+                let mut n = 0;
+                while let Ok(m) = w.recv() {
+                    w.send(&m).unwrap();
+                    n += 1;
+                }
+                out.push(Some(n));
+            }
+            out
+        });
+        let cert = tls.cert().to_vec();
+        let hello = |t| Hello::new("a", Purpose::Deputy, crate::migration::host_features(), t);
+        let bad = connect(addr, &cert, hello(Some([6u8; 32])));
+        assert!(bad.is_err_and(|e| e.to_string().contains("bad token")));
+        let w = connect(addr, &cert, hello(Some(token))).unwrap();
+        let big = Message::State {
+            vcpu_and_vmm: (0..3_000_000u32).map(|i| (i * 7) as u8).collect(),
+        };
+        let w2 = w.clone();
+        let other = std::thread::spawn(move || {
+            for t in 0..100 {
+                w2.send(&Message::Ping { t }).unwrap();
+            }
+        });
+        w.send(&big).unwrap();
+        other.join().unwrap();
+        let mut pings = 0;
+        let mut bigs = 0;
+        for _ in 0..101 {
+            match w.recv().unwrap() {
+                Message::Ping { t } => {
+                    assert_eq!(t, pings);
+                    pings += 1;
+                }
+                m => {
+                    assert_eq!(m, big);
+                    bigs += 1;
+                }
+            }
+        }
+        assert_eq!((pings, bigs), (100, 1));
+        w.shutdown();
+        assert_eq!(server.join().unwrap(), vec![None, Some(101)]);
+    }
+}
