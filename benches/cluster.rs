@@ -44,6 +44,64 @@ fn raw_tcp() -> f64 {
     total as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Loopback TCP throughput, bytes/s, into 1 GiB of freshly mapped memory (each byte lands on
+/// a page the receiver touches for the first time, as a migration's destination does).
+fn raw_tcp_fresh() -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let total = 1usize << 30;
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // calloc maps fresh zero pages: the first write to each page faults it in.
+        let mut dst = vec![0u8; total];
+        let mut got = 0;
+        while got < total {
+            let end = (got + (1 << 20)).min(total);
+            let n = s.read(&mut dst[got..end]).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+        dst[total / 2]
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let buf = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..total >> 20 {
+        s.write_all(&buf).unwrap();
+    }
+    assert_eq!(reader.join().unwrap(), 7);
+    total as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Median round trip of a 64-byte message between two threads over loopback TCP, ns.
+fn tcp_rtt() -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = 5000;
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = [0u8; 64];
+        for _ in 0..n {
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b = [1u8; 64];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        v.push(t.elapsed().as_nanos() as f64);
+    }
+    echo.join().unwrap();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[n / 2]
+}
+
 struct Nodes(Vec<Child>, PathBuf);
 
 impl Drop for Nodes {
@@ -148,12 +206,12 @@ fn main() {
         "mosvm live migration on loopback: two node services, mutual TLS (medians of 1 run each)\n"
     );
     println!(
-        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7}",
-        "working", "dirtying", "total", "downtime", "rounds", "sent/", "MB/s", "vs raw"
+        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
+        "working", "dirtying", "total", "downtime", "rounds", "sent/", "MB/s", "vs raw", "vs TCP to"
     );
     println!(
-        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7}",
-        "set MiB", "MiB/s", "ms", "ms", "", "touched", "", "TCP"
+        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
+        "set MiB", "MiB/s", "ms", "ms", "", "touched", "", "TCP", "fresh mem"
     );
     for (mib, rate) in [
         (16, 0),
@@ -164,6 +222,7 @@ fn main() {
         (256, 200),
     ] {
         let raw = raw_tcp();
+        let fresh = raw_tcp_fresh();
         let secs = 4 + mib / 128;
         let args = vec![mib.to_string(), rate.to_string(), secs.to_string()];
         let mut run = spawn(&sock, &image("hog"), &args, dir.path());
@@ -183,7 +242,7 @@ fn main() {
         let touched = f("first_pages") * 4096.0;
         let bps = f("bytes") / (f("total_ns") / 1e9);
         println!(
-            "{:>8} {:>10} {:>9.1} {:>11.2} {:>9} {:>11.3} {:>9.0} {:>7.2}",
+            "{:>8} {:>10} {:>9.1} {:>11.2} {:>9} {:>11.3} {:>9.0} {:>7.2} {:>9.2}",
             mib,
             rate,
             f("total_ns") / 1e6,
@@ -191,7 +250,13 @@ fn main() {
             r["rounds"],
             f("bytes") / touched,
             bps / 1e6,
-            bps / raw
+            bps / raw,
+            bps / fresh
+        );
+        eprintln!(
+            "   (raw loopback TCP {:.0} MB/s, into fresh memory {:.0} MB/s)",
+            raw / 1e6,
+            fresh / 1e6
         );
     }
 
@@ -225,5 +290,11 @@ fn main() {
     };
     let home = med(&rounds[2..10]);
     let remote = med(&rounds[rounds.len() - 20..]);
+    let rtt = tcp_rtt();
     println!("\nforwarded getppid as the program sees it: at home {:.1} us, from the remote node {:.1} us, ratio {:.2}", home / 1e3, remote / 1e3, remote / home);
+    println!(
+        "loopback TCP round trip {:.1} us: remote - home = {:.2} round trips",
+        rtt / 1e3,
+        (remote - home) / rtt
+    );
 }
