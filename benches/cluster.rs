@@ -4,20 +4,17 @@
 //! throughput as a ratio of raw TCP; then one forwarded syscall at home vs from the remote
 //! node. Numbers go into BENCHMARKS.md; nothing here passes or fails on time.
 
+// The tests' support code: images, the mosvm binary, node services and their clients.
+#[allow(unused_macros)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::cluster::{keygen, loopback_cluster, migrate};
+use common::{image, mosvm_bin};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn mosvm() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_mosvm"))
-}
-
-fn image(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("images/out/glibc-static")
-        .join(name)
-}
 
 /// Raw loopback TCP throughput, bytes/s: 1 GiB in 1 MiB writes.
 fn raw_tcp() -> f64 {
@@ -102,68 +99,9 @@ fn tcp_rtt() -> f64 {
     v[n / 2]
 }
 
-struct Nodes(Vec<Child>, PathBuf);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_nodes(dir: &Path) -> Nodes {
-    let key = dir.join("key");
-    assert!(Command::new(mosvm())
-        .args(["keygen", "--dir"])
-        .arg(&key)
-        .status()
-        .unwrap()
-        .success());
-    let port = |_: u8| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (pa, pb) = (port(0), port(1));
-    let mut children = Vec::new();
-    for (name, me, other) in [("home", pa, ("b", pb)), ("b", pb, ("home", pa))] {
-        let sock = dir.join(format!("{name}.sock"));
-        children.push(
-            Command::new(mosvm())
-                .args(["node", "--name", name, "--socket"])
-                .arg(&sock)
-                .args([
-                    "--listen",
-                    &format!("127.0.0.1:{me}"),
-                    "--peer",
-                    &format!("{}=127.0.0.1:{}", other.0, other.1),
-                ])
-                .arg("--key-dir")
-                .arg(&key)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(t.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    Nodes(children, dir.join("home.sock"))
-}
-
-fn migrate(sock: &Path, pid: u32) {
-    let out = Command::new(mosvm())
-        .args(["migrate", &pid.to_string(), "b", "--socket"])
-        .arg(sock)
-        .output()
-        .unwrap();
+/// Moves `pid` (homed at the node behind `sock`) to node b.
+fn to_b(sock: &Path, pid: u32) {
+    let out = migrate(sock, pid, "b");
     assert!(
         out.status.success(),
         "migrate: {}",
@@ -172,7 +110,7 @@ fn migrate(sock: &Path, pid: u32) {
 }
 
 fn spawn(sock: &Path, prog: &Path, args: &[String], dir: &Path) -> Child {
-    Command::new(mosvm())
+    Command::new(mosvm_bin())
         .args(["run", "--stats", "--socket"])
         .arg(sock)
         .arg(prog)
@@ -193,21 +131,24 @@ fn report_of(stderr: &str) -> serde_json::Value {
 }
 
 fn main() {
-    let st = Command::new("make")
-        .args(["-s", "-C"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("images"))
-        .status()
-        .unwrap();
-    assert!(st.success());
     let dir = tempfile::tempdir().unwrap();
-    let nodes = start_nodes(dir.path());
-    let sock = nodes.1.clone();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let sock = nodes[0].sock.clone();
     println!(
         "mosvm live migration on loopback: two node services, mutual TLS (medians of 1 run each)\n"
     );
     println!(
         "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
-        "working", "dirtying", "total", "downtime", "rounds", "sent/", "MB/s", "vs raw", "vs TCP to"
+        "working",
+        "dirtying",
+        "total",
+        "downtime",
+        "rounds",
+        "sent/",
+        "MB/s",
+        "vs raw",
+        "vs TCP to"
     );
     println!(
         "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
@@ -225,13 +166,13 @@ fn main() {
         let fresh = raw_tcp_fresh();
         let secs = 4 + mib / 128;
         let args = vec![mib.to_string(), rate.to_string(), secs.to_string()];
-        let mut run = spawn(&sock, &image("hog"), &args, dir.path());
+        let mut run = spawn(&sock, &image("glibc-static", "hog"), &args, dir.path());
         let mut out = BufReader::new(run.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
         std::thread::sleep(Duration::from_millis(if rate > 0 { 500 } else { 100 }));
-        migrate(&sock, run.id());
+        to_b(&sock, run.id());
         let mut rest = String::new();
         out.read_to_string(&mut rest).unwrap();
         let mut err = String::new();
@@ -263,7 +204,7 @@ fn main() {
     // One forwarded syscall: at home, then from the remote node (same process, same run).
     let mut run = spawn(
         &sock,
-        &image("pingpong"),
+        &image("glibc-static", "pingpong"),
         &["60".into(), "2000".into()],
         dir.path(),
     );
@@ -278,7 +219,7 @@ fn main() {
             .unwrap_or(0.0);
         rounds.push(ns);
         if rounds.len() == 10 {
-            migrate(&sock, run.id());
+            to_b(&sock, run.id());
         }
         line.clear();
     }

@@ -4,138 +4,58 @@
 #[macro_use]
 mod common;
 
-use common::{image, mosvm_bin};
+use common::cluster::{client, proc_info, wait_for, wait_registered, NodeSpec};
+use common::{image, mosvm_bin, Case, Running};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-struct Node {
-    child: Child,
+/// A long-running ticker registered with the node behind `sock` (killed when dropped).
+fn registered_ticker(sock: &Path) -> Running {
+    let run = Case::image("glibc-static", "ticker")
+        .args(["400", "3000000", "4"])
+        .socket(sock)
+        .spawn_mosvm();
+    wait_registered(sock, run.pid());
+    run
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_node(sock: &Path, name: &str) -> Node {
-    let child = Command::new(mosvm_bin())
-        .args(["node", "--name", name, "--socket"])
-        .arg(sock)
-        .arg("--state-dir")
-        .arg(sock.with_extension("state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start node");
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "node did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Node { child }
-}
-
-fn client(sock: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(mosvm_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(sock)
-        .output()
-        .expect("client")
-}
-
-fn ps_json(sock: &Path) -> Vec<serde_json::Value> {
-    let out = client(sock, &["ps", "--json"]);
-    assert!(
-        out.status.success(),
-        "ps failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("ps --json output")
-}
-
-fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `f` for at most 15 s.
+fn wait(what: &str, f: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(15), f)
 }
 
 #[test]
 fn run_registers_and_ps_lock_unlock_see_it() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n.sock");
-    let _node = start_node(&sock, "alpha");
-    let ticker = image("glibc-static", "ticker");
-    let mut run = Command::new(mosvm_bin())
-        .arg("run")
-        .arg("--socket")
-        .arg(&sock)
-        .arg(&ticker)
-        .args(["400", "3000000", "4"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = run.id() as u64;
-    wait_for(
-        || ps_json(&sock).iter().any(|p| p["pid"] == pid),
-        "the process to register",
-    );
-    let p = ps_json(&sock)
-        .into_iter()
-        .find(|p| p["pid"] == pid)
-        .unwrap();
+    let node = NodeSpec::new(dir.path(), "alpha").start();
+    let sock = node.sock.clone();
+    let run = registered_ticker(&sock);
+    let pid = run.pid();
+    let p = proc_info(&sock, pid).unwrap();
     assert_eq!(p["node"], "alpha");
-    assert_eq!(p["program"], ticker.display().to_string());
+    assert_eq!(
+        p["program"],
+        image("glibc-static", "ticker").display().to_string()
+    );
     assert_eq!(p["locked"], false);
     assert!(client(&sock, &["lock", &pid.to_string()]).status.success());
-    assert_eq!(
-        ps_json(&sock)
-            .into_iter()
-            .find(|p| p["pid"] == pid)
-            .unwrap()["locked"],
-        true
-    );
+    assert_eq!(proc_info(&sock, pid).unwrap()["locked"], true);
     assert!(client(&sock, &["unlock", &pid.to_string()])
         .status
         .success());
-    assert_eq!(
-        ps_json(&sock)
-            .into_iter()
-            .find(|p| p["pid"] == pid)
-            .unwrap()["locked"],
-        false
-    );
+    assert_eq!(proc_info(&sock, pid).unwrap()["locked"], false);
     // Guest memory is reported (the ticker holds a 4 MiB buffer).
-    wait_for(
-        || {
-            ps_json(&sock)
-                .into_iter()
-                .find(|p| p["pid"] == pid)
-                .is_some_and(|p| p["mem_bytes"].as_u64().unwrap_or(0) > 4 << 20)
-        },
-        "guest memory to be reported",
-    );
+    wait("guest memory to be reported", || {
+        proc_info(&sock, pid).is_some_and(|p| p["mem_bytes"].as_u64().unwrap_or(0) > 4 << 20)
+    });
     let plain = client(&sock, &["ps"]);
     assert!(String::from_utf8_lossy(&plain.stdout).contains("alpha"));
-    run.kill().unwrap();
-    run.wait().unwrap();
-    wait_for(
-        || !ps_json(&sock).iter().any(|p| p["pid"] == pid),
-        "the process to leave ps",
-    );
+    drop(run); // kills it
+    wait("the process to leave ps", || {
+        proc_info(&sock, pid).is_none()
+    });
 }
 
 #[test]
@@ -164,8 +84,8 @@ fn run_without_a_node_is_standalone_and_clients_fail_cleanly() {
 #[test]
 fn unknown_pid_and_second_node_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n.sock");
-    let _node = start_node(&sock, "beta");
+    let node = NodeSpec::new(dir.path(), "beta").start();
+    let sock = node.sock.clone();
     let o = client(&sock, &["lock", "4000000"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr)
@@ -185,36 +105,23 @@ fn unknown_pid_and_second_node_are_refused() {
 #[test]
 fn stale_socket_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n.sock");
+    let spec = NodeSpec::new(dir.path(), "delta");
+    let sock = spec.sock();
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let _node = start_node(&sock, "delta");
-    wait_for(
-        || client(&sock, &["nodes"]).status.success(),
-        "the node to answer",
-    );
+    let _node = spec.start();
+    wait("the node to answer", || {
+        client(&sock, &["nodes"]).status.success()
+    });
 }
 
 #[test]
 fn nodes_lists_self_and_configured_peers() {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n.sock");
-    let child = Command::new(mosvm_bin())
-        .args([
-            "node",
-            "--name",
-            "eps",
-            "--peer",
-            "zeta=127.0.0.1:9",
-            "--socket",
-        ])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _node = Node { child };
-    wait_for(|| sock.exists(), "the node's socket");
+    let node = NodeSpec::new(dir.path(), "eps")
+        .peer("zeta", "127.0.0.1:9")
+        .start();
+    let sock = node.sock.clone();
     let out = client(&sock, &["nodes", "--json"]);
     assert!(
         out.status.success(),
@@ -244,23 +151,10 @@ fn nodes_lists_self_and_configured_peers() {
 fn mon_shows_the_node_and_its_processes() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("n.sock");
-    let _node = start_node(&sock, "omega");
-    let mut run = Command::new(mosvm_bin())
-        .arg("run")
-        .arg("--socket")
-        .arg(&sock)
-        .arg(image("glibc-static", "ticker"))
-        .args(["400", "3000000", "4"])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = run.id() as u64;
-    wait_for(
-        || ps_json(&sock).iter().any(|p| p["pid"] == pid),
-        "the process to register",
-    );
+    let node = NodeSpec::new(dir.path(), "omega").start();
+    let sock = node.sock.clone();
+    let run = registered_ticker(&sock);
+    let pid = run.pid();
     let out = client(&sock, &["mon", "--count", "2", "--interval", "0.1"]);
     assert!(
         out.status.success(),
@@ -273,8 +167,7 @@ fn mon_shows_the_node_and_its_processes() {
         "node and process rows, twice: {text}"
     );
     assert_eq!(text.matches(&pid.to_string()).count(), 2, "{text}");
-    run.kill().unwrap();
-    run.wait().unwrap();
+    drop(run); // kills it
     let none = client(&dir.path().join("none.sock"), &["mon", "--count", "1"]);
     assert!(!none.status.success());
 }

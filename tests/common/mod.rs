@@ -9,11 +9,18 @@
 //!   own assertions (faults, bad input).
 //! - [`image`] gives the path of a guest program built from `images/` (building them once
 //!   per test process, serialised across processes by a lock file).
+//! - [`Case::spawn_mosvm`] starts the `mosvm run` side and hands back a [`Running`] program,
+//!   and [`Case::check_while`] does the whole comparison with something done to the program
+//!   while it runs (migrating it): the multi-node tests' way of comparing with native.
 //! - [`kvm_ready`] tells whether the KVM tests can run; without KVM it panics, unless
 //!   `MOSVM_SKIP_KVM=1`, in which case it prints a note and the test returns early.
 //! - The `mosvm` binary is the one Cargo built for these tests, or `MOSVM_BIN` if set.
+//! - [`cluster`]: node services (on loopback or each in a network namespace of its own) and
+//!   the client commands that drive them, for the multi-node tests and benchmarks.
 
 #![allow(dead_code)] // each test binary uses a different part of this module
+
+pub mod cluster;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -25,7 +32,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Once, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -249,8 +256,9 @@ pub struct Case {
     args: Vec<OsString>,
     stdin: Vec<u8>,
     setup: Vec<(PathBuf, Setup)>,
+    stdin_by_hand: bool,
     env: BTreeMap<String, String>,
-    mosvm_flags: Vec<String>,
+    mosvm_flags: Vec<OsString>,
     timeout: Duration,
     compare_stderr: bool,
     expect_status: Option<i32>,
@@ -274,6 +282,7 @@ impl Case {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             stdin: Vec::new(),
+            stdin_by_hand: false,
             setup: Vec::new(),
             env,
             mosvm_flags: Vec::new(),
@@ -305,6 +314,13 @@ impl Case {
 
     pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = bytes.into();
+        self
+    }
+
+    /// The `mosvm run` side's stdin is left open for the test to write, piece by piece, through
+    /// [`Running::take_stdin`]; the native run still gets all of [`Case::stdin`] at once.
+    pub fn stdin_by_hand(mut self) -> Self {
+        self.stdin_by_hand = true;
         self
     }
 
@@ -348,9 +364,15 @@ impl Case {
     }
 
     /// A flag for `mosvm run` (placed before PROGRAM); ignored by the native run.
-    pub fn mosvm_flag(mut self, flag: &str) -> Self {
-        self.mosvm_flags.push(flag.to_string());
+    pub fn mosvm_flag(mut self, flag: impl AsRef<OsStr>) -> Self {
+        self.mosvm_flags.push(flag.as_ref().to_owned());
         self
+    }
+
+    /// Registers the `mosvm run` side with the node behind control socket `sock`, which is
+    /// then its home node.
+    pub fn socket(self, sock: impl AsRef<Path>) -> Self {
+        self.mosvm_flag("--socket").mosvm_flag(sock.as_ref())
     }
 
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -384,7 +406,8 @@ impl Case {
             }
         }
         if !self.mosvm_flags.is_empty() {
-            let _ = write!(s, " (mosvm flags: {})", self.mosvm_flags.join(" "));
+            let flags: Vec<String> = self.mosvm_flags.iter().map(|f| os(f)).collect();
+            let _ = write!(s, " (mosvm flags: {})", flags.join(" "));
         }
         s
     }
@@ -443,7 +466,7 @@ impl Case {
 
     /// Runs natively in a fresh directory; `Err` if the program could not be started.
     pub fn try_run_native(&self) -> std::io::Result<Run> {
-        self.run_in_fresh_dir(false)
+        Ok(self.spawn(false)?.finish())
     }
 
     /// Runs natively in a fresh directory.
@@ -454,7 +477,12 @@ impl Case {
 
     /// Runs under `mosvm run` in a fresh directory.
     pub fn run_mosvm(&self) -> Run {
-        self.run_in_fresh_dir(true).unwrap_or_else(|e| {
+        self.spawn_mosvm().finish()
+    }
+
+    /// Starts the program under `mosvm run` in a fresh directory and returns at once.
+    pub fn spawn_mosvm(&self) -> Running {
+        self.spawn(true).unwrap_or_else(|e| {
             panic!(
                 "cannot start {} (for {}): {e}",
                 mosvm_bin().display(),
@@ -463,42 +491,47 @@ impl Case {
         })
     }
 
-    fn run_in_fresh_dir(&self, under_mosvm: bool) -> std::io::Result<Run> {
+    fn spawn(&self, under_mosvm: bool) -> std::io::Result<Running> {
         let dir = self.prepare_dir();
-        let child = self.command(under_mosvm, dir.path()).spawn()?;
-        let (status, (stdout, stderr)) = wait_with_io(child, self.stdin.clone(), self.timeout)
-            .unwrap_or_else(|partial| {
-                panic!(
-                    "{} {} did not finish within {:?}; killed.\n--- stdout so far ---\n{}\n\
-                     --- stderr so far ---\n{}",
-                    if under_mosvm { "mosvm run" } else { "native" },
-                    self.describe(),
-                    self.timeout,
-                    String::from_utf8_lossy(&partial.0),
-                    String::from_utf8_lossy(&partial.1)
-                )
-            });
-        let tree = snapshot(dir.path());
-        Ok(Run {
-            status,
-            stdout,
-            stderr,
-            tree,
+        let started = Instant::now();
+        let mut child = self.command(under_mosvm, dir.path()).spawn()?;
+        let writer = (!(under_mosvm && self.stdin_by_hand)).then(|| {
+            let mut input = child.stdin.take();
+            let stdin = self.stdin.clone();
+            thread::spawn(move || {
+                if let Some(pipe) = input.as_mut() {
+                    // The program may exit without reading everything: ignore EPIPE.
+                    let _ = pipe.write_all(&stdin);
+                }
+                drop(input);
+            })
+        });
+        let out = Some(spawn_reader(child.stdout.take()));
+        let err = Some(spawn_reader(child.stderr.take()));
+        Ok(Running {
+            child,
+            dir,
+            writer,
+            out,
+            err,
+            timeout: self.timeout,
+            deadline: started + self.timeout,
+            what: format!(
+                "{} {}",
+                if under_mosvm { "mosvm run" } else { "native" },
+                self.describe()
+            ),
         })
     }
 
-    /// Runs natively and under mosvm and asserts that stdout, stderr (unless ignored), the
-    /// exit status and the files left behind are identical, and that the status is the
-    /// expected one. Returns both runs for further checks.
-    pub fn check(&self) -> (Run, Run) {
-        let native = self.run_native();
-        let guest = self.run_mosvm();
-        let report = compare(&native, &guest, self.compare_stderr);
-        if let Some(report) = report {
+    /// Panics with a readable report unless the two runs agree and the native one exited as
+    /// expected.
+    fn assert_agree(&self, native: &Run, guest: &Run) {
+        if let Some(report) = compare(native, guest, self.compare_stderr) {
             panic!(
                 "mosvm run differs from the native run of {}\n{report}\n{}",
                 self.describe(),
-                stderr_report(&native, &guest)
+                stderr_report(native, guest)
             );
         }
         if let Some(expected) = self.expect_status {
@@ -509,52 +542,124 @@ impl Case {
                  is broken, not mosvm\n{}",
                 self.describe(),
                 native.shell_status(),
-                stderr_report(&native, &guest)
+                stderr_report(native, guest)
             );
         }
+    }
+
+    /// Like [`Case::check`], with `during` called on the `mosvm run` side while it runs
+    /// (to migrate it, say); the comparison is made once both have finished. The native run
+    /// goes alongside (started first, in its own directory), which halves the wall time of
+    /// the long runs these tests need.
+    pub fn check_while(&self, during: impl FnOnce(&mut Running)) -> (Run, Run) {
+        let native = self
+            .spawn(false)
+            .unwrap_or_else(|e| panic!("cannot start {} natively: {e}", self.describe()));
+        let mut running = self.spawn_mosvm();
+        during(&mut running);
+        let guest = running.finish();
+        let native = native.finish();
+        self.assert_agree(&native, &guest);
+        (native, guest)
+    }
+
+    /// Runs natively and under mosvm and asserts that stdout, stderr (unless ignored), the
+    /// exit status and the files left behind are identical, and that the status is the
+    /// expected one. Returns both runs for further checks.
+    pub fn check(&self) -> (Run, Run) {
+        let native = self.run_native();
+        let guest = self.run_mosvm();
+        self.assert_agree(&native, &guest);
         (native, guest)
     }
 }
 
-/// What a child wrote to stdout and stderr.
-pub type Streams = (Vec<u8>, Vec<u8>);
-
-/// Feeds `stdin` to the child, collects stdout and stderr, and waits at most `timeout`.
-/// On timeout the child is killed and what it printed so far is returned as the error.
-pub fn wait_with_io(
-    mut child: Child,
-    stdin: Vec<u8>,
+/// A program started by a [`Case`], still running in its own fresh directory. Its stdout and
+/// stderr are collected on threads from the start, so a program that prints steadily never
+/// blocks on a full pipe however long the test takes to finish it. Killed if dropped
+/// unfinished (a test failing half-way leaves nothing running).
+pub struct Running {
+    pub child: Child,
+    dir: tempfile::TempDir,
+    writer: Option<thread::JoinHandle<()>>,
+    out: Option<thread::JoinHandle<Vec<u8>>>,
+    err: Option<thread::JoinHandle<Vec<u8>>>,
+    /// The case's timeout, counted from the start.
     timeout: Duration,
-) -> Result<(ExitStatus, Streams), Streams> {
-    let mut input = child.stdin.take();
-    let writer = thread::spawn(move || {
-        if let Some(pipe) = input.as_mut() {
-            // The program may exit without reading everything: ignore EPIPE.
-            let _ = pipe.write_all(&stdin);
-        }
-        drop(input);
-    });
-    let out = spawn_reader(child.stdout.take());
-    let err = spawn_reader(child.stderr.take());
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait().expect("wait for child") {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
+    deadline: Instant,
+    what: String,
+}
+
+impl Running {
+    /// The pid of `mosvm run` (the process's home pid), or of the native program.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The directory it runs in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Its stdin, for a case made with [`Case::stdin_by_hand`].
+    pub fn take_stdin(&mut self) -> ChildStdin {
+        self.child
+            .stdin
+            .take()
+            .expect("stdin is written by hand only for a case made with stdin_by_hand()")
+    }
+
+    /// Waits for it to exit (killing it, and failing the test, once the case's timeout has
+    /// passed since it started) and returns what it printed, its status and its files.
+    pub fn finish(mut self) -> Run {
+        // No more input: a program still reading its stdin sees the end of it.
+        drop(self.child.stdin.take());
+        let status = loop {
+            match self.child.try_wait().expect("wait for child") {
+                Some(status) => break Some(status),
+                None if Instant::now() >= self.deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+                None => thread::sleep(Duration::from_millis(5)),
             }
-            None => thread::sleep(Duration::from_millis(5)),
+        };
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
-    };
-    let _ = writer.join();
-    // Readers end when every holder of the pipes' write ends has exited.
-    let stdout = out.join().expect("stdout reader");
-    let stderr = err.join().expect("stderr reader");
-    match status {
-        Some(s) => Ok((s, (stdout, stderr))),
-        None => Err((stdout, stderr)),
+        // Readers end when every holder of the pipes' write ends has exited.
+        let join = |reader: Option<thread::JoinHandle<Vec<u8>>>| {
+            reader.map_or_else(Vec::new, |r| r.join().expect("output reader"))
+        };
+        let stdout = join(self.out.take());
+        let stderr = join(self.err.take());
+        let Some(status) = status else {
+            panic!(
+                "{} did not finish within {:?}; killed.\n--- stdout so far ---\n{}\n\
+                 --- stderr so far ---\n{}",
+                self.what,
+                self.timeout,
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        };
+        let tree = snapshot(self.dir.path());
+        Run {
+            status,
+            stdout,
+            stderr,
+            tree,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
