@@ -262,6 +262,7 @@ pub struct Case {
     timeout: Duration,
     compare_stderr: bool,
     expect_status: Option<i32>,
+    netns: Option<String>,
 }
 
 impl Case {
@@ -289,6 +290,7 @@ impl Case {
             timeout: DEFAULT_TIMEOUT,
             compare_stderr: true,
             expect_status: Some(0),
+            netns: None,
         }
     }
 
@@ -366,6 +368,13 @@ impl Case {
     /// A flag for `mosvm run` (placed before PROGRAM); ignored by the native run.
     pub fn mosvm_flag(mut self, flag: impl AsRef<OsStr>) -> Self {
         self.mosvm_flags.push(flag.as_ref().to_owned());
+        self
+    }
+
+    /// Run `mosvm run` inside network namespace `ns` (the home host's), with the same pid
+    /// (`ip netns exec` execs it).
+    pub fn in_netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_string());
         self
     }
 
@@ -448,7 +457,14 @@ impl Case {
 
     fn command(&self, under_mosvm: bool, cwd: &Path) -> Command {
         let mut cmd = if under_mosvm {
-            let mut c = Command::new(mosvm_bin());
+            let mut c = match &self.netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(mosvm_bin());
+                    c
+                }
+                None => Command::new(mosvm_bin()),
+            };
             c.arg("run").args(&self.mosvm_flags).arg(&self.program);
             c
         } else {
