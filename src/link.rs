@@ -68,18 +68,37 @@ pub fn from_wire(r: DeputyRequest) -> Request {
 /// Where the guest side's reader sends what arrives from home.
 pub struct Router {
     /// `Signal{sig}`: deliver to the guest.
-    pub on_signal: Box<dyn Fn(i32) + Send>,
+    pub on_signal: Box<dyn Fn(i32) + Send + Sync>,
     /// The link to home is gone (the deputy died): the guest must be destroyed.
-    pub on_lost: Box<dyn Fn() + Send>,
+    pub on_lost: Box<dyn Fn() + Send + Sync>,
     /// `MigrateTo` / `MigrateBack`: home asks this host to move the guest.
-    pub on_command: Box<dyn Fn(Message) + Send>,
+    pub on_command: Box<dyn Fn(Message) + Send + Sync>,
     /// Answers a migration from this host over the home link waits for.
     pub migration: mpsc::Sender<Message>,
     /// Whether the guest is moving: a deputy call still waiting for home is then cancelled,
     /// and no new one starts; both are reissued after the move.
-    pub must_move: Box<dyn Fn() -> bool + Send>,
+    pub must_move: Box<dyn Fn() -> bool + Send + Sync>,
     /// Whether the guest has been asked to stop for the switch-over.
-    pub pausing: Box<dyn Fn() -> bool + Send>,
+    pub pausing: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Router {
+    /// Act on one message from home that is not the answer a deputy call waits for.
+    fn dispatch(&self, m: Message) {
+        match m {
+            Message::Signal { sig } => (self.on_signal)(sig),
+            m @ (Message::MigrateTo { .. } | Message::MigrateBack) => (self.on_command)(m),
+            m @ (Message::MigrateAccept
+            | Message::MigrateRefuse { .. }
+            | Message::Resumed
+            | Message::Pong { .. }
+            | Message::Abort { .. }) => {
+                let _ = self.migration.send(m);
+            }
+            // A late answer to a call given up on, and anything else: nothing to do.
+            _ => {}
+        }
+    }
 }
 
 /// How long a guest that arrived from another node waits for home to connect its deputy
@@ -123,55 +142,49 @@ impl HomeLink {
 }
 
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
+/// The calling (vCPU) thread reads the answer itself; between calls a reader thread takes
+/// what home sends (signals, commands, a migration's answers).
 pub struct RemoteDeputy {
     seq: u64,
-    writer: HomeLink,
-    replies: mpsc::Receiver<DeputyReply>,
-    must_move: Box<dyn Fn() -> bool + Send>,
-    pausing: Box<dyn Fn() -> bool + Send>,
+    home: HomeLink,
+    router: Arc<Router>,
 }
 
 impl RemoteDeputy {
-    /// Start reading the link from home and routing what arrives (see [`Router`]).
-    pub fn start(home: HomeLink, mut r: Router) -> RemoteDeputy {
-        let writer = home.clone();
-        let must_move = std::mem::replace(&mut r.must_move, Box::new(|| false));
-        let pausing = std::mem::replace(&mut r.pausing, Box::new(|| false));
-        let (tx, rx) = mpsc::channel();
+    /// Start reading the link from home between calls (see [`Router`]).
+    pub fn start(home: HomeLink, r: Router) -> RemoteDeputy {
+        let router = Arc::new(r);
+        let (h, rt) = (home.clone(), router.clone());
         std::thread::spawn(move || {
             block_host_signals();
-            let Some(link) = home.get() else {
-                (r.on_lost)();
+            let Some(link) = h.get() else {
+                (rt.on_lost)();
                 return;
             };
             loop {
-                let Ok(m) = link.recv() else {
-                    (r.on_lost)();
-                    return;
+                // A call in progress reads its own answer (and whatever else arrives): keep
+                // out of its way.
+                let Some(mut rd) = link.try_reader() else {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    continue;
                 };
-                match m {
-                    Message::DeputyReply(rep) => {
-                        let _ = tx.send(rep);
+                match rd.recv_within(std::time::Duration::ZERO) {
+                    Ok(Some(m)) => rt.dispatch(m),
+                    Ok(None) => {
+                        drop(rd);
+                        link.wait_readable(std::time::Duration::from_millis(100));
                     }
-                    Message::Signal { sig } => (r.on_signal)(sig),
-                    m @ (Message::MigrateTo { .. } | Message::MigrateBack) => (r.on_command)(m),
-                    m @ (Message::MigrateAccept
-                    | Message::MigrateRefuse { .. }
-                    | Message::Resumed
-                    | Message::Pong { .. }
-                    | Message::Abort { .. }) => {
-                        let _ = r.migration.send(m);
+                    Err(_) => {
+                        (rt.on_lost)();
+                        return;
                     }
-                    _ => {}
                 }
             }
         });
         RemoteDeputy {
             seq: 0,
-            writer,
-            replies: rx,
-            must_move,
-            pausing,
+            home,
+            router,
         }
     }
 }
@@ -179,57 +192,61 @@ impl RemoteDeputy {
 const EIO: i64 = libc::EIO as i64;
 const EINTR: i64 = libc::EINTR as i64;
 
+fn eio() -> Reply {
+    Reply {
+        ret: -EIO,
+        outs: vec![],
+    }
+}
+
 impl Deputy for RemoteDeputy {
     fn call(&mut self, req: Request) -> Reply {
-        if (self.must_move)() {
+        if (self.router.must_move)() {
             // The guest is moving: the call is made again once it has.
             return self.restart();
         }
         self.seq += 1;
         let seq = self.seq;
-        let sent = self.writer.tell(&Message::DeputyRequest(to_wire(seq, req)));
-        if !sent {
-            return Reply {
-                ret: -EIO,
-                outs: vec![],
-            };
+        let Some(link) = self.home.get() else {
+            return eio();
+        };
+        let mut rd = link.reader();
+        if link
+            .send(&Message::DeputyRequest(to_wire(seq, req)))
+            .is_err()
+        {
+            return eio();
         }
         let mut cancelled = false;
         let mut last_cancel = std::time::Instant::now();
         loop {
-            match self
-                .replies
-                .recv_timeout(std::time::Duration::from_millis(20))
-            {
-                Ok(r) if r.seq == seq && cancelled && r.ret == -EINTR => return self.restart(),
-                Ok(r) if r.seq == seq => {
+            match rd.recv_within(std::time::Duration::from_millis(20)) {
+                Ok(Some(Message::DeputyReply(r))) if r.seq == seq => {
+                    // Leave nothing that already arrived unread behind us.
+                    while let Ok(Some(m)) = rd.recv_within(std::time::Duration::ZERO) {
+                        self.router.dispatch(m);
+                    }
+                    drop(rd);
+                    if cancelled && r.ret == -EINTR {
+                        return self.restart();
+                    }
                     return Reply {
                         ret: r.ret,
                         outs: r.outs,
-                    }
+                    };
                 }
-                Ok(_) => {
-                    return Reply {
-                        ret: -EIO,
-                        outs: vec![],
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+                Ok(Some(m)) => self.router.dispatch(m),
+                Ok(None) => {
                     // Ask home to interrupt the call, and ask again now and then: a request
                     // to interrupt that lands just before the call blocks is lost.
                     let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
-                    if (self.must_move)() && (!cancelled || again) {
+                    if (self.router.must_move)() && (!cancelled || again) {
                         cancelled = true;
                         last_cancel = std::time::Instant::now();
-                        self.writer.tell(&Message::Cancel { seq });
+                        let _ = link.send(&Message::Cancel { seq });
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Reply {
-                        ret: -EIO,
-                        outs: vec![],
-                    }
-                }
+                Err(_) => return eio(),
             }
         }
     }
@@ -240,8 +257,8 @@ impl RemoteDeputy {
     /// the VMM reissue it wherever the guest resumes.
     fn restart(&self) -> Reply {
         let t = std::time::Instant::now();
-        while (self.must_move)()
-            && !(self.pausing)()
+        while (self.router.must_move)()
+            && !(self.router.pausing)()
             && t.elapsed() < std::time::Duration::from_secs(30)
         {
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -314,27 +331,76 @@ pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(Stri
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() } as u64;
     vmm::vm::install_kick_handler();
+    // This thread reads the requests itself; once one has run a while (it may block), a
+    // helper reads the link meanwhile (a cancel of that request interrupts it) and passes
+    // anything else on. When the guest is coming home the helper reads everything.
     let (tx, rx) = mpsc::channel();
+    let helper_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let helper_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
-        let running = running.clone();
+        let (running, done, all, link) = (
+            running.clone(),
+            helper_done.clone(),
+            helper_all.clone(),
+            reader.clone(),
+        );
         std::thread::spawn(move || {
             block_host_signals();
-            while let Ok(m) = reader.recv() {
-                if let Message::Cancel { seq } = m {
-                    if running.load(std::sync::atomic::Ordering::SeqCst) == seq {
-                        vmm::vm::PauseHandle::kick_thread(me);
+            let tick = std::time::Duration::from_millis(2);
+            let mut seen = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let now = running.load(std::sync::atomic::Ordering::SeqCst);
+                let reading = all.load(std::sync::atomic::Ordering::SeqCst);
+                let m = if reading {
+                    link.reader()
+                        .recv_within(std::time::Duration::from_millis(100))
+                } else if now != 0 && now == seen {
+                    match link.try_reader() {
+                        Some(mut rd) => rd.recv_within(tick),
+                        None => {
+                            std::thread::sleep(tick);
+                            Ok(None)
+                        }
                     }
-                    continue;
-                }
-                if tx.send(m).is_err() {
-                    return;
+                } else {
+                    seen = now;
+                    std::thread::sleep(tick);
+                    Ok(None)
+                };
+                match m {
+                    Ok(Some(Message::Cancel { seq })) => {
+                        if running.load(std::sync::atomic::Ordering::SeqCst) == seq {
+                            vmm::vm::PauseHandle::kick_thread(me);
+                        }
+                    }
+                    Ok(Some(m)) => {
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => return,
                 }
             }
         });
     }
     let end = loop {
-        match rx.recv() {
-            Ok(Message::DeputyRequest(r)) => {
+        let m = match rx.try_recv() {
+            Ok(m) => m,
+            Err(mpsc::TryRecvError::Disconnected) => break HomeEnd::Lost,
+            Err(mpsc::TryRecvError::Empty) => {
+                match reader
+                    .reader()
+                    .recv_within(std::time::Duration::from_millis(50))
+                {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(_) => break HomeEnd::Lost,
+                }
+            }
+        };
+        match m {
+            Message::DeputyRequest(r) => {
                 running.store(r.seq, std::sync::atomic::Ordering::SeqCst);
                 let ok = serve_request(&writer, deputy, r);
                 running.store(0, std::sync::atomic::Ordering::SeqCst);
@@ -342,17 +408,21 @@ pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(Stri
                     break HomeEnd::Lost;
                 }
             }
-            Ok(Message::Exit { status }) => break HomeEnd::Exited(status),
-            Ok(Message::MigrateOffer(o)) => {
-                break HomeEnd::Coming(o, Arc::new(Mutex::new(rx)), running.clone())
+            Message::Exit { status } => break HomeEnd::Exited(status),
+            Message::MigrateOffer(o) => {
+                // From here on the helper reads everything and the migration takes it.
+                helper_all.store(true, std::sync::atomic::Ordering::SeqCst);
+                break HomeEnd::Coming(o, Arc::new(Mutex::new(rx)), running.clone());
             }
-            Ok(Message::Moved { node, addr, token }) => break HomeEnd::Moved { node, addr, token },
-            Ok(Message::Abort { reason }) => on_failed(reason),
-            Ok(_) => {}
-            Err(_) => break HomeEnd::Lost,
+            Message::Moved { node, addr, token } => break HomeEnd::Moved { node, addr, token },
+            Message::Abort { reason } => on_failed(reason),
+            _ => {}
         }
     };
     done.store(true, std::sync::atomic::Ordering::SeqCst);
+    if !matches!(end, HomeEnd::Coming(..)) {
+        helper_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     end
 }
 

@@ -13,7 +13,7 @@ use migrate::{FrameError, Message};
 use rustls::pki_types::ServerName;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -51,21 +51,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Wait until `sock` is readable (`POLLIN`) or writable (`POLLOUT`), or until `deadline`.
-fn wait(sock: &TcpStream, events: libc::c_short, deadline: Option<Instant>) -> io::Result<()> {
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Wait until `fd` is readable (`POLLIN`) or writable (`POLLOUT`), or until `deadline` (a
+/// deadline already past still looks once).
+fn wait(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Result<()> {
     loop {
         let ms = match deadline {
             None => -1,
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
+                    0
+                } else {
+                    (left.as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32
                 }
-                left.as_millis().clamp(1, i32::MAX as u128) as i32
             }
         };
         let mut p = libc::pollfd {
-            fd: sock.as_raw_fd(),
+            fd,
             events,
             revents: 0,
         };
@@ -73,6 +83,9 @@ fn wait(sock: &TcpStream, events: libc::c_short, deadline: Option<Instant>) -> i
         let r = unsafe { libc::poll(&mut p, 1, ms) };
         if r > 0 {
             return Ok(());
+        }
+        if r == 0 && ms == 0 {
+            return Err(io::ErrorKind::TimedOut.into());
         }
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -181,7 +194,7 @@ impl Read for TlsReader<'_> {
                 }
             }
             if !fed {
-                wait(self.sock, libc::POLLIN, self.deadline)?;
+                wait(self.sock.as_raw_fd(), libc::POLLIN, self.deadline)?;
             }
         }
     }
@@ -248,7 +261,7 @@ impl Write for TlsWriter<'_> {
                 return Ok(());
             }
             self.guard = None;
-            wait(sock, libc::POLLOUT, None)?;
+            wait(sock.as_raw_fd(), libc::POLLOUT, None)?;
         }
     }
 }
@@ -309,35 +322,48 @@ impl Wire {
 
     /// Receive the next frame, waiting as long as it takes.
     pub fn recv(&self) -> Result<Message, FrameError> {
-        self.recv_until(None)
+        self.reader().recv()
     }
 
-    /// Receive the next frame, or fail with a timeout once `limit` has passed.
+    /// Receive the next frame, or fail with a timeout if none starts within `limit`.
     pub fn recv_timeout(&self, limit: Duration) -> Result<Message, FrameError> {
-        self.recv_until(Some(Instant::now() + limit))
+        self.reader()
+            .recv_within(limit)?
+            .ok_or_else(|| FrameError::Io(io::ErrorKind::TimedOut.into()))
     }
 
-    fn recv_until(&self, deadline: Option<Instant>) -> Result<Message, FrameError> {
-        match &*self.0 {
-            Inner::Local { rx, .. } => {
-                let mut s = lock(rx);
-                s.set_read_timeout(deadline.map(|d| {
-                    d.saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(1))
-                }))?;
-                migrate::read_message(&mut *s)
-            }
-            Inner::Tls { sock, conn, rx } => {
-                let mut raw = lock(rx);
-                let mut r = TlsReader {
-                    sock,
-                    conn,
-                    raw: &mut raw,
-                    deadline,
-                };
-                migrate::read_message(&mut r)
-            }
+    /// The right to read, held by one thread at a time: a thread waiting for an answer holds
+    /// it and reads the answer itself (no hand-off to another thread on the way).
+    pub fn reader(&self) -> Reader<'_> {
+        Reader {
+            rx: match &*self.0 {
+                Inner::Local { rx, .. } => Rx::Local(lock(rx)),
+                Inner::Tls { sock, conn, rx } => Rx::Tls(sock, conn, lock(rx)),
+            },
         }
+    }
+
+    /// The right to read if no other thread holds it.
+    pub fn try_reader(&self) -> Option<Reader<'_>> {
+        let rx = match &*self.0 {
+            Inner::Local { rx, .. } => Rx::Local(try_lock(rx)?),
+            Inner::Tls { sock, conn, rx } => Rx::Tls(sock, conn, try_lock(rx)?),
+        };
+        Some(Reader { rx })
+    }
+
+    /// Wait up to `limit` for the socket to become readable, without taking the right to
+    /// read (data another reader already buffered is not seen: check with a [`Reader`]).
+    pub fn wait_readable(&self, limit: Duration) -> bool {
+        let fd = match &*self.0 {
+            Inner::Local { sock, .. } => sock.as_raw_fd(),
+            Inner::Tls { sock, .. } => sock.as_raw_fd(),
+        };
+        // An error (the peer gone) counts as readable: the read then reports it.
+        !matches!(
+            wait(fd, libc::POLLIN, Some(Instant::now() + limit)),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut
+        )
     }
 
     /// Close both directions: a thread blocked in [`Wire::recv`] returns.
@@ -346,6 +372,74 @@ impl Wire {
             Inner::Local { sock, .. } => sock.shutdown(std::net::Shutdown::Both),
             Inner::Tls { sock, .. } => sock.shutdown(std::net::Shutdown::Both),
         };
+    }
+}
+
+/// The right to read a [`Wire`] (see [`Wire::reader`]).
+pub struct Reader<'a> {
+    rx: Rx<'a>,
+}
+
+enum Rx<'a> {
+    Local(MutexGuard<'a, UnixStream>),
+    Tls(
+        &'a TcpStream,
+        &'a Mutex<rustls::Connection>,
+        MutexGuard<'a, RawBuf>,
+    ),
+}
+
+impl Reader<'_> {
+    /// Receive the next frame, waiting as long as it takes.
+    pub fn recv(&mut self) -> Result<Message, FrameError> {
+        match &mut self.rx {
+            Rx::Local(s) => {
+                s.set_read_timeout(None)?;
+                migrate::read_message(&mut **s)
+            }
+            Rx::Tls(sock, conn, raw) => {
+                let mut r = TlsReader {
+                    sock,
+                    conn,
+                    raw: &mut *raw,
+                    deadline: None,
+                };
+                migrate::read_message(&mut r)
+            }
+        }
+    }
+
+    /// Receive the next frame if one starts within `limit` (frames travel whole, so once one
+    /// starts the rest follows); `None` if none does. `Duration::ZERO` takes only what has
+    /// already arrived.
+    pub fn recv_within(&mut self, limit: Duration) -> Result<Option<Message>, FrameError> {
+        if self.ready(Instant::now() + limit)? {
+            Ok(Some(self.recv()?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whether bytes of a frame are here, or arrive before `deadline`.
+    fn ready(&mut self, deadline: Instant) -> io::Result<bool> {
+        let fd = match &mut self.rx {
+            Rx::Local(s) => s.as_raw_fd(),
+            Rx::Tls(sock, conn, raw) => {
+                let plain = lock(conn)
+                    .process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+                    .plaintext_bytes_to_read();
+                if plain > 0 || raw.start < raw.end {
+                    return Ok(true);
+                }
+                sock.as_raw_fd()
+            }
+        };
+        match wait(fd, libc::POLLIN, Some(deadline)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 
