@@ -307,6 +307,14 @@ impl Hosts {
     }
 }
 
+impl Hosts {
+    /// Take host `i` off the network without a word: its port on the bridge goes down, so
+    /// its packets vanish (no reset, no close), as when a machine dies or is unplugged.
+    pub fn cut(&self, i: usize) {
+        ip(&["-n", &self.switch, "link", "set", &format!("p{i}"), "down"]);
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         // Deleting a namespace deletes the veth ends in it (and so their peers).
