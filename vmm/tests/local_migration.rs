@@ -67,6 +67,7 @@ fn migrated(
     dir: &Path,
     after: Duration,
     rounds: usize,
+    shift_realtime_ns: i64,
 ) -> (Run, usize) {
     std::env::set_current_dir(dir).unwrap();
     let stdout_path = dir.join("../stdout");
@@ -140,7 +141,8 @@ fn migrated(
             "page {gpn:#x} changed after it was last sent: the dirty log missed it"
         );
     }
-    let state = vm.capture().unwrap();
+    let mut state = vm.capture().unwrap();
+    state.shift_realtime(shift_realtime_ns);
     let deputy = vm.into_deputy();
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
     let mut dst = Vm::restore(state, deputy).unwrap();
@@ -185,7 +187,8 @@ fn a_running_guest_moves_to_a_new_vm_and_finishes_there() {
         std::fs::create_dir_all(&md).unwrap();
         let want = native(&prog, args, &nd);
         assert_eq!(want.status, 0, "{image} failed natively");
-        let (got, last_round) = migrated(&prog, args, &md, Duration::from_millis(after_ms), rounds);
+        let (got, last_round) =
+            migrated(&prog, args, &md, Duration::from_millis(after_ms), rounds, 0);
         eprintln!("{image}: migrated after {after_ms} ms, {rounds} rounds, {last_round} pages in the stop-and-copy round");
         assert_eq!(got.status, want.status, "{image}: exit status");
         assert_eq!(
@@ -195,4 +198,69 @@ fn a_running_guest_moves_to_a_new_vm_and_finishes_there() {
         );
         assert_eq!(got.file, want.file, "{image}: ticker.out");
     }
+}
+
+/// The guest keeps its home's wall clock on a host whose clock differs: a destination whose
+/// clock reads an hour behind (the offset a real move estimates with one Ping/Pong) still
+/// shows the guest home's time, through time(), clock_gettime(CLOCK_REALTIME) and
+/// gettimeofday() alike; before the move it read this host's clock.
+#[test]
+fn the_wall_clock_stays_home_s_across_a_move_to_a_host_with_another_clock() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let prog = images().join("glibc-static/wallclock");
+    let tmp = tempfile::tempdir().unwrap();
+    let md = tmp.path().join("mosvm");
+    std::fs::create_dir_all(&md).unwrap();
+    let hour: i64 = 3600;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let start = now();
+    // The destination's clock reads `delta` ahead of home's; here it is this same clock,
+    // so home's time there is this clock plus an hour.
+    let delta = -hour * 1_000_000_000;
+    let (got, _) = migrated(
+        &prog,
+        &["30", "40"],
+        &md,
+        Duration::from_millis(400),
+        1,
+        delta,
+    );
+    let end = now();
+    assert_eq!(got.status, 0);
+    let lines: Vec<[i64; 3]> = String::from_utf8_lossy(&got.stdout)
+        .lines()
+        .map(|l| {
+            let v: Vec<i64> = l.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        })
+        .collect();
+    assert_eq!(lines.len(), 30, "{lines:?}");
+    let (mut before, mut after) = (0, 0);
+    for l in &lines {
+        // The three calls agree (within a tick, across a second boundary).
+        assert!(
+            l.iter().max().unwrap() - l.iter().min().unwrap() <= 1,
+            "{l:?}"
+        );
+        if (start - 1..=end + 1).contains(&l[1]) {
+            before += 1;
+        } else {
+            assert!(
+                (start + hour - 1..=end + hour + 1).contains(&l[1]),
+                "neither this host's time nor home's: {l:?} (started at {start})"
+            );
+            after += 1;
+        }
+    }
+    assert!(before > 0 && after > 0, "before {before}, after {after}");
+    // Once moved, it never reads this host's clock again.
+    let first_after = lines.iter().position(|l| l[1] > end + 1).unwrap();
+    assert!(lines[first_after..].iter().all(|l| l[1] > end + 1));
 }
