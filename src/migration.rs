@@ -7,6 +7,7 @@
 use crate::wire::Wire;
 use anyhow::{bail, Context, Result};
 use migrate::frame::{MemRegion, MigrateOffer};
+use migrate::frame::{PageSink, Received};
 use migrate::handshake::{CpuFeatures, CpuidLeaf};
 use migrate::{Decision, Message, PageBatchBuilder, Planner, RoundStats};
 use std::sync::{mpsc, Arc, Mutex};
@@ -92,6 +93,34 @@ pub trait Conn {
     fn send(&mut self, m: &Message) -> Result<u64>;
     /// Receive the next message meant for the migration.
     fn recv(&mut self) -> Result<Message>;
+    /// Like [`Conn::recv`], with a page batch's pages put into `sink`.
+    fn recv_into(&mut self, sink: &mut dyn PageSink) -> Result<Received> {
+        match self.recv()? {
+            Message::Pages(b) => {
+                let d = b
+                    .decode()
+                    .map_err(|e| anyhow::anyhow!("bad page batch: {e}"))?;
+                for (gpn, page) in d.iter() {
+                    sink.page(gpn)
+                        .ok_or_else(|| anyhow::anyhow!("page {gpn:#x} outside guest memory"))?
+                        .copy_from_slice(page);
+                }
+                Ok(Received::Pages(d.len()))
+            }
+            m => Ok(Received::Message(m)),
+        }
+    }
+}
+
+/// Guest memory of a VM prepared to receive a migration, as the place pages land.
+struct Landing<'a>(&'a vmm::memory::GuestMem);
+
+impl PageSink for Landing<'_> {
+    fn page(&mut self, gpn: u64) -> Option<&mut [u8; PAGE as usize]> {
+        // SAFETY: the prepared VM runs nothing until it is restored, and each page reference
+        // lives only until its bytes are written.
+        unsafe { self.0.page_mut(gpn) }
+    }
 }
 
 impl Conn for Wire {
@@ -100,6 +129,9 @@ impl Conn for Wire {
     }
     fn recv(&mut self) -> Result<Message> {
         Ok(Wire::recv(self)?)
+    }
+    fn recv_into(&mut self, sink: &mut dyn PageSink) -> Result<Received> {
+        Ok(self.reader().recv_into(sink)?)
     }
 }
 
@@ -132,22 +164,27 @@ fn send_pages(link: &mut dyn Conn, view: &MemView, gpns: &[u64]) -> Result<(u64,
     let mut b = PageBatchBuilder::with_compression(migrate::pages::Compression::Never);
     let mut page = [0u8; PAGE as usize];
     let mut bytes = 0;
+    // Each sent batch's buffers serve the next one.
+    let mut flush = |b: &mut PageBatchBuilder| -> Result<u64> {
+        let m = Message::Pages(b.finish());
+        let n = link.send(&m).context("sending pages")?;
+        if let Message::Pages(sent) = m {
+            b.recycle(sent);
+        }
+        Ok(n)
+    };
     for &gpn in gpns {
         if !view.read_page(gpn, &mut page) {
             continue;
         }
         if b.push(gpn, &page).is_err() {
-            bytes += link
-                .send(&Message::Pages(b.finish()))
-                .context("sending pages")?;
+            bytes += flush(&mut b)?;
             b.push(gpn, &page)
                 .map_err(|_| anyhow::anyhow!("page batch refused a page"))?;
         }
     }
     if !b.is_empty() {
-        bytes += link
-            .send(&Message::Pages(b.finish()))
-            .context("sending pages")?;
+        bytes += flush(&mut b)?;
     }
     Ok((gpns.len() as u64, bytes))
 }
@@ -317,18 +354,14 @@ pub fn receive(
         .populate_in_background(offer.touched_pages * PAGE);
     link.send(&Message::MigrateAccept)?;
     loop {
-        match link.recv().context("receiving the guest")? {
-            Message::Pages(b) => {
-                let d = b
-                    .decode()
-                    .map_err(|e| anyhow::anyhow!("bad page batch: {e}"))?;
-                for (gpn, page) in d.iter() {
-                    prepared
-                        .mem()
-                        .write_page(gpn, page)
-                        .map_err(|_| anyhow::anyhow!("page {gpn:#x} outside guest memory"))?;
-                }
-            }
+        let got = link
+            .recv_into(&mut Landing(prepared.mem()))
+            .context("receiving the guest")?;
+        let m = match got {
+            Received::Pages(_) => continue,
+            Received::Message(m) => m,
+        };
+        match m {
             Message::RoundDone { .. } => {}
             Message::Ping { .. } => {
                 link.send(&Message::Pong {

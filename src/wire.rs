@@ -409,6 +409,29 @@ impl Reader<'_> {
         }
     }
 
+    /// Receive the next frame, a page batch's pages going straight into `sink`.
+    pub fn recv_into(
+        &mut self,
+        sink: &mut dyn migrate::frame::PageSink,
+    ) -> Result<migrate::frame::Received, FrameError> {
+        let mut scratch = Vec::new();
+        match &mut self.rx {
+            Rx::Local(s) => {
+                s.set_read_timeout(None)?;
+                migrate::frame::read_message_into(&mut **s, sink, &mut scratch)
+            }
+            Rx::Tls(sock, conn, raw) => {
+                let mut r = TlsReader {
+                    sock,
+                    conn,
+                    raw: &mut *raw,
+                    deadline: None,
+                };
+                migrate::frame::read_message_into(&mut r, sink, &mut scratch)
+            }
+        }
+    }
+
     /// Receive the next frame if one starts within `limit` (frames travel whole, so once one
     /// starts the rest follows); `None` if none does. `Duration::ZERO` takes only what has
     /// already arrived.

@@ -628,7 +628,15 @@ pub fn read_message_with<R: Read + ?Sized>(
     if !read_full(r, &mut h)? {
         return Err(FrameError::Closed);
     }
-    let header = parse_header(&h)?;
+    read_body(r, parse_header(&h)?, payload)
+}
+
+/// The rest of a frame whose header has been read.
+fn read_body<R: Read + ?Sized>(
+    r: &mut R,
+    header: Header,
+    payload: &mut Vec<u8>,
+) -> Result<Message, FrameError> {
     let kind = Kind::from_u8(header.kind);
     if header.version == PROTOCOL_VERSION && kind.is_none() {
         return Err(FrameError::UnknownKind(header.kind));
@@ -659,6 +667,81 @@ pub fn read_message_with<R: Read + ?Sized>(
     }
 }
 
+/// Where [`read_message_into`] puts a page batch's pages as they arrive.
+pub trait PageSink {
+    /// Where page `gpn`'s bytes go; `None` when it lies outside guest memory.
+    fn page(&mut self, gpn: u64) -> Option<&mut [u8; crate::pages::PAGE_SIZE]>;
+}
+
+/// What [`read_message_into`] read.
+#[derive(Debug)]
+pub enum Received {
+    /// Any message but a page batch.
+    Message(Message),
+    /// A page batch, whose pages are already in the sink.
+    Pages(usize),
+}
+
+/// Like [`read_message_with`], except that a page batch's pages are read straight into
+/// `sink` (no intermediate buffer for uncompressed pages); zero pages are zeroed there.
+pub fn read_message_into<R: Read + ?Sized>(
+    r: &mut R,
+    sink: &mut dyn PageSink,
+    scratch: &mut Vec<u8>,
+) -> Result<Received, FrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    if !read_full(r, &mut h)? {
+        return Err(FrameError::Closed);
+    }
+    let header = parse_header(&h)?;
+    if header.version != PROTOCOL_VERSION || header.kind != Kind::Pages as u8 {
+        return read_body(r, header, scratch).map(Received::Message);
+    }
+    let k = Kind::Pages;
+    let bad = |detail: String| FrameError::Malformed { kind: k, detail };
+    let mut body = r.take(header.len as u64);
+    let (gpns, zero_map, compressed, payload_len): (Vec<u64>, Vec<u8>, bool, u64) =
+        bincode::decode_from_std_read(&mut body, codec_config()).map_err(|e| bad(e.to_string()))?;
+    if payload_len != body.limit() {
+        return Err(bad(format!(
+            "payload of {payload_len} bytes in a frame that has {} left",
+            body.limit()
+        )));
+    }
+    let mut batch = PageBatch {
+        gpns,
+        zero_map,
+        compressed,
+        payload: Vec::new(),
+    };
+    let expected = batch.check_layout().map_err(|e| bad(e.to_string()))?;
+    let outside = |gpn: u64| bad(format!("page {gpn:#x} outside guest memory"));
+    if compressed {
+        body.read_to_end(&mut batch.payload)?;
+        let d = batch.decode_with(scratch).map_err(|e| bad(e.to_string()))?;
+        for (gpn, page) in d.iter() {
+            sink.page(gpn)
+                .ok_or_else(|| outside(gpn))?
+                .copy_from_slice(page);
+        }
+        return Ok(Received::Pages(batch.gpns.len()));
+    }
+    if payload_len != expected as u64 {
+        return Err(bad(format!(
+            "payload of {payload_len} bytes for {expected} bytes of pages"
+        )));
+    }
+    for (i, &gpn) in batch.gpns.iter().enumerate() {
+        let dst = sink.page(gpn).ok_or_else(|| outside(gpn))?;
+        if batch.is_zero(i) {
+            dst.fill(0);
+        } else if !read_full(&mut body, dst)? {
+            return Err(FrameError::Truncated);
+        }
+    }
+    Ok(Received::Pages(batch.gpns.len()))
+}
+
 /// Decodes one frame from the front of `bytes`; returns the message and the bytes consumed.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Message, usize), FrameError> {
     let mut cur = bytes;
@@ -671,6 +754,56 @@ mod tests {
     use super::*;
     use crate::handshake::{CpuFeatures, CpuidLeaf, Purpose};
     use crate::pages::PageBatchBuilder;
+
+    struct MapSink(std::collections::BTreeMap<u64, [u8; 4096]>, u64);
+
+    impl PageSink for MapSink {
+        fn page(&mut self, gpn: u64) -> Option<&mut [u8; 4096]> {
+            (gpn < self.1).then(|| self.0.entry(gpn).or_insert([0xee; 4096]))
+        }
+    }
+
+    /// Pages read straight into a sink equal the batch decoded the ordinary way, compressed
+    /// or not; zero pages overwrite what was there; a page outside memory is refused; other
+    /// messages pass through unchanged.
+    #[test]
+    fn page_batches_read_straight_into_the_sink() {
+        for compression in [
+            crate::pages::Compression::Never,
+            crate::pages::Compression::Auto,
+        ] {
+            let mut b = PageBatchBuilder::with_compression(compression);
+            for gpn in 0..40u64 {
+                let mut page = [0u8; 4096];
+                if gpn % 3 != 0 {
+                    page[(gpn * 97 % 4096) as usize] = gpn as u8 + 1;
+                    page[4095] = 7;
+                }
+                b.push(gpn * 2, &page).unwrap();
+            }
+            let batch = b.finish();
+            let mut wire = Vec::new();
+            write_message(&mut wire, &Message::Pages(batch.clone())).unwrap();
+            write_message(&mut wire, &Message::Resumed).unwrap();
+            let mut sink = MapSink(Default::default(), 1000);
+            let mut r = &wire[..];
+            let mut scratch = Vec::new();
+            let got = read_message_into(&mut r, &mut sink, &mut scratch).unwrap();
+            assert!(matches!(got, Received::Pages(40)));
+            let want = batch.decode().unwrap();
+            assert_eq!(sink.0.len(), 40);
+            for (gpn, page) in want.iter() {
+                assert_eq!(&sink.0[&gpn], page, "page {gpn}");
+            }
+            assert!(matches!(
+                read_message_into(&mut r, &mut sink, &mut scratch).unwrap(),
+                Received::Message(Message::Resumed)
+            ));
+            let mut small = MapSink(Default::default(), 10);
+            let mut r = &wire[..];
+            assert!(read_message_into(&mut r, &mut small, &mut scratch).is_err());
+        }
+    }
 
     fn samples() -> Vec<Message> {
         let mut b = PageBatchBuilder::new();
@@ -815,7 +948,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 21);
+        assert_eq!(seen.len(), 23);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }

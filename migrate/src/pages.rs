@@ -285,7 +285,9 @@ impl PageBatch {
     }
 
     /// Validates the batch; when it is compressed, leaves the pages in `out`.
-    fn check_and_decompress(&self, out: &mut Vec<u8>) -> Result<(), PageError> {
+    /// Checks the page numbers and zero map, and returns the payload length an uncompressed
+    /// batch must have.
+    pub(crate) fn check_layout(&self) -> Result<usize, PageError> {
         let n = self.gpns.len();
         if n > MAX_BATCH_PAGES {
             return Err(PageError::TooManyPages(n));
@@ -303,7 +305,16 @@ impl PageBatch {
             }
         }
         let zeros: usize = self.zero_map.iter().map(|b| b.count_ones() as usize).sum();
-        let expected = (n - zeros) * PAGE_SIZE;
+        Ok((n - zeros) * PAGE_SIZE)
+    }
+
+    /// Whether page `i` of the batch is all zeros (and has no payload).
+    pub fn is_zero(&self, i: usize) -> bool {
+        self.zero_map[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    fn check_and_decompress(&self, out: &mut Vec<u8>) -> Result<(), PageError> {
+        let expected = self.check_layout()?;
         if self.compressed {
             // `expected` is at most MAX_BATCH_PAGES pages: a bounded allocation.
             out.clear();

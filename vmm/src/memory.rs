@@ -292,6 +292,28 @@ impl GuestMem {
         Ok(())
     }
 
+    /// Page `gpn` of guest memory as a host buffer, for writing a migrated page in place.
+    ///
+    /// # Safety
+    /// Nothing else may access the page while the reference lives: no vCPU runs on this
+    /// memory yet (the receiving side of a migration, before restore) and the caller holds
+    /// no other reference to it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn page_mut(&self, gpn: u64) -> Option<&mut [u8; PAGE as usize]> {
+        if (gpn + 1) * PAGE > self.size {
+            return None;
+        }
+        let s = self
+            .mem
+            .get_slice(GuestAddress(gpn * PAGE), PAGE as usize)
+            .ok()?;
+        s.bitmap().mark_dirty(0, PAGE as usize);
+        let p = s.ptr_guard_mut().as_ptr() as *mut [u8; PAGE as usize];
+        // SAFETY: `p` is a page-aligned, page-long range of the live guest mapping (checked
+        // by get_slice), exclusive to the caller by this function's contract.
+        Some(unsafe { &mut *p })
+    }
+
     /// Write one whole page at a guest physical page number (migration's receive side).
     pub fn write_page(&self, gpn: u64, data: &[u8; PAGE as usize]) -> Result<(), NoMem> {
         if (gpn + 1) * PAGE > self.size {
