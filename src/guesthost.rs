@@ -285,12 +285,12 @@ pub fn main() -> ExitCode {
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
-                home_link.tell(&Message::Exit { status: out.code() });
+                home_link.tell_last(&Message::Exit { status: out.code() });
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
                 eprintln!("mosvm guest-host: {e:#}");
-                home_link.tell(&Message::Exit { status: 70 });
+                home_link.tell_last(&Message::Exit { status: 70 });
                 return ExitCode::SUCCESS;
             }
             Ok(None) => {}
@@ -311,11 +311,16 @@ pub fn main() -> ExitCode {
         });
         match (switched, job.onward.take()) {
             // Home has its guest back; this host is done.
-            (Ok(()), None) => return ExitCode::SUCCESS,
+            (Ok(()), None) => {
+                if let Some(w) = home_link.get() {
+                    w.close(Duration::from_secs(2));
+                }
+                return ExitCode::SUCCESS;
+            }
             // The guest runs on another node now: home connects there; this host is done.
             (Ok(()), Some((node, ep))) => {
                 drop(vm);
-                home_link.tell(&Message::Moved {
+                home_link.tell_last(&Message::Moved {
                     node,
                     addr: ep.addr.to_string(),
                     token: ep.token,

@@ -139,6 +139,15 @@ impl HomeLink {
     pub fn tell(&self, m: &Message) -> bool {
         self.get().is_some_and(|w| w.send(m).is_ok())
     }
+
+    /// Send home the last message of this host, and close the link without losing it.
+    pub fn tell_last(&self, m: &Message) {
+        if let Some(w) = self.get() {
+            if w.send(m).is_ok() {
+                w.close(std::time::Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
@@ -384,10 +393,19 @@ pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(Stri
             }
         });
     }
+    // Set when this thread found the link closed: what the helper read before (it passes it
+    // on after letting go of the link) still comes first.
+    let mut ended = false;
     let end = loop {
         let m = match rx.try_recv() {
             Ok(m) => m,
             Err(mpsc::TryRecvError::Disconnected) => break HomeEnd::Lost,
+            Err(mpsc::TryRecvError::Empty) if ended => {
+                match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                    Ok(m) => m,
+                    Err(_) => break HomeEnd::Lost,
+                }
+            }
             Err(mpsc::TryRecvError::Empty) => {
                 match reader
                     .reader()
@@ -395,7 +413,10 @@ pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(Stri
                 {
                     Ok(Some(m)) => m,
                     Ok(None) => continue,
-                    Err(_) => break HomeEnd::Lost,
+                    Err(_) => {
+                        ended = true;
+                        continue;
+                    }
                 }
             }
         };

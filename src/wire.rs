@@ -366,6 +366,35 @@ impl Wire {
         )
     }
 
+    /// Close this end without losing what it sent: say so (TLS close_notify, then FIN), then
+    /// read and drop what the peer still sends until it closes too, or for `limit`. Closing a
+    /// socket with unread data resets the connection, which can destroy the last message
+    /// sent before the peer has read it.
+    pub fn close(&self, limit: Duration) {
+        match &*self.0 {
+            Inner::Local { sock, .. } => {
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+            }
+            Inner::Tls { sock, conn, .. } => {
+                lock(conn).send_close_notify();
+                let mut w = TlsWriter {
+                    sock,
+                    conn,
+                    guard: None,
+                };
+                let _ = w.flush();
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+            }
+        }
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.reader().recv_within(left) {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
     /// Close both directions: a thread blocked in [`Wire::recv`] returns.
     pub fn shutdown(&self) {
         let _ = match &*self.0 {

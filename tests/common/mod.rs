@@ -572,7 +572,22 @@ impl Case {
             .spawn(false)
             .unwrap_or_else(|e| panic!("cannot start {} natively: {e}", self.describe()));
         let mut running = self.spawn_mosvm();
-        during(&mut running);
+        let during = std::panic::AssertUnwindSafe(|| during(&mut running));
+        if let Err(e) = std::panic::catch_unwind(during) {
+            // Say how the program under mosvm ended, with what it printed on stderr.
+            let guest = running.finish();
+            let why = e
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| e.downcast_ref::<&str>().copied())
+                .unwrap_or("(panic)");
+            panic!(
+                "{why}\nmosvm run of {} ended with status {}; its stderr:\n{}",
+                self.describe(),
+                guest.shell_status(),
+                guest.stderr_text()
+            );
+        }
         let guest = running.finish();
         let native = native.finish();
         self.assert_agree(&native, &guest);
