@@ -255,6 +255,10 @@ pub fn precopy(
         report.rounds += 1;
         report.pages += pages;
         report.bytes += bytes;
+        // Wait until the destination has taken in the whole round: pages still queued in
+        // the sockets would otherwise be drained during the downtime, and the planner would
+        // see the speed of filling buffers rather than of the link.
+        sync(link).context("waiting for the destination to take the round")?;
         kick();
         todo = view.take_dirty()?;
         let dirty_pages = todo.len() as u64;
@@ -275,6 +279,18 @@ pub fn precopy(
     }
     report.total_ns = t0.elapsed().as_nanos() as u64;
     Ok(todo)
+}
+
+/// One Ping/Pong: the destination answers only after everything sent before the Ping.
+fn sync(link: &mut dyn Conn) -> Result<()> {
+    link.send(&Message::Ping {
+        t: realtime_ns() as u64,
+    })?;
+    match link.recv()? {
+        Message::Pong { .. } => Ok(()),
+        Message::Abort { reason } => bail!("destination aborted: {reason}"),
+        other => bail!("expected Pong, got {:?}", other.kind()),
+    }
 }
 
 /// The stop-and-copy round, with the guest paused: the last dirty pages (those left from
