@@ -71,6 +71,9 @@ pub struct ProcInfo {
     pub migrations: u32,
     /// Locked to its node.
     pub locked: bool,
+    /// Why the last requested migration failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// A node as `mosvm nodes` shows it.

@@ -62,6 +62,9 @@ struct MigrateArgs {
     /// The node's control socket.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Return only once the move is done (exit 1 if it fails, with the reason).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(clap::Args)]
@@ -663,6 +666,61 @@ fn get_procs(socket: Option<&Path>) -> Result<Vec<control::ProcInfo>, ExitCode> 
     })
 }
 
+/// `mosvm migrate`: ask the home node to move the process; with `--wait`, follow `ps` until
+/// the move is done or has failed.
+fn migrate_cmd(a: MigrateArgs) -> ExitCode {
+    let sock = a.socket.as_deref();
+    let req = control::Request::Migrate {
+        pid: a.pid,
+        to: a.node.clone(),
+    };
+    if let Err(code) = client(sock, req) {
+        return code;
+    }
+    if !a.wait {
+        return ExitCode::SUCCESS;
+    }
+    let home = match get_nodes(sock) {
+        Ok(n) => n.first().map(|n| n.name.clone()).unwrap_or_default(),
+        Err(code) => return code,
+    };
+    let target = if a.node == "home" { home } else { a.node };
+    let t = std::time::Instant::now();
+    loop {
+        let procs = match get_procs(sock) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        let own = |p: &&control::ProcInfo| p.pid == a.pid && !p.state.starts_with("guest of");
+        let Some(p) = procs.iter().find(own) else {
+            eprintln!(
+                "mosvm migrate: process {} ended before the move was done",
+                a.pid
+            );
+            return ExitCode::from(1);
+        };
+        if p.state != "migrating" {
+            if p.node == target {
+                return ExitCode::SUCCESS;
+            }
+            let why = p.last_error.as_deref().unwrap_or("no reason given");
+            eprintln!(
+                "mosvm migrate: moving process {} to {target} failed: {why}; it still runs on {}",
+                a.pid, p.node
+            );
+            return ExitCode::from(1);
+        }
+        if t.elapsed() > std::time::Duration::from_secs(600) {
+            eprintln!(
+                "mosvm migrate: process {} is still moving after 10 minutes",
+                a.pid
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn get_nodes(socket: Option<&Path>) -> Result<Vec<control::NodeInfo>, ExitCode> {
     expect(client(socket, control::Request::Nodes), |r| match r {
         control::Reply::Nodes { nodes } => Some(nodes),
@@ -842,16 +900,7 @@ fn main() -> ExitCode {
         Cmd::Lock(a) => lock(a, true),
         Cmd::Unlock(a) => lock(a, false),
         Cmd::Nodes(a) => nodes(a),
-        Cmd::Migrate(a) => {
-            let req = control::Request::Migrate {
-                pid: a.pid,
-                to: a.node,
-            };
-            match client(a.socket.as_deref(), req) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(code) => code,
-            }
-        }
+        Cmd::Migrate(a) => migrate_cmd(a),
         Cmd::Keygen(a) => match migrate::tls::keygen_with(&a.dir, a.force) {
             Ok(()) => {
                 println!("cluster key written to {}", a.dir.display());

@@ -378,6 +378,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     mem_bytes: 0,
                     migrations: 0,
                     locked,
+                    last_error: None,
                 };
                 st.procs.insert(pid, Proc { info, commands: tx });
                 node
@@ -397,10 +398,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                                     p.info.node = node;
                                     p.info.state = "running".into();
                                     p.info.migrations += 1;
+                                    p.info.last_error = None;
                                 }
                                 Ok(Update::MigrationFailed { reason }) => {
                                     tracing::warn!(pid, reason, "migration failed");
                                     p.info.state = "running".into();
+                                    p.info.last_error = Some(reason);
                                 }
                                 Err(_) => {}
                             }
@@ -445,6 +448,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             mem_bytes: rss_bytes(*host_pid),
                             migrations: 0,
                             locked: false,
+                            last_error: None,
                         };
                         (*host_pid, info)
                     })

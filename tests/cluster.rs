@@ -79,7 +79,15 @@ fn guest_hosts_of(node: u32) -> Vec<u32> {
 fn remote_ticker(nodes: &[Node]) -> Running {
     let run = ticker("glibc-static", ["100000", "3000000", "4"], &nodes[0]).spawn_mosvm();
     wait_registered(&nodes[0].sock, run.pid());
-    tour(&nodes[0], run.pid(), &["b"], &mut |_| {});
+    // `migrate --wait` returns once the process runs there.
+    let pid = run.pid().to_string();
+    let m = client(&nodes[0].sock, &["migrate", &pid, "b", "--wait"]);
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    let p = proc_info(&nodes[0].sock, run.pid()).expect("listed at home");
+    assert_eq!(
+        (p["node"].as_str(), p["migrations"].as_u64()),
+        (Some("b"), Some(1))
+    );
     assert_eq!(
         guest_hosts_of(nodes[1].child.id()).len(),
         1,
@@ -147,8 +155,14 @@ fn refusals_leave_the_process_running_where_it_was() {
             assert!(String::from_utf8_lossy(&m.stderr).contains("locked"));
             assert!(client(home, &["unlock", &pid.to_string()]).status.success());
             // A destination without our key: accepted as a request, fails in TLS, process
-            // stays.
-            assert!(migrate(home, pid, "b").status.success());
+            // stays; `--wait` says so.
+            let m = client(home, &["migrate", &pid.to_string(), "b", "--wait"]);
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(!m.status.success(), "{err}");
+            assert!(
+                err.contains("to b failed") && err.contains("still runs on home"),
+                "{err}"
+            );
         });
     assert!(
         got.stderr_text().contains("migration to b failed"),
