@@ -182,6 +182,8 @@ pub enum Update {
     Moved { node: String },
     /// A requested migration failed; the process still runs where it was.
     MigrationFailed { reason: String },
+    /// CPU time the process has used on other nodes so far (seconds), and its memory there.
+    Remote { cpu_s: f64, mem_bytes: u64 },
 }
 
 /// Send one request and read one reply.

@@ -102,6 +102,18 @@ fn accept(s: &Setup, purpose: Purpose, limit: Duration) -> anyhow::Result<(Wire,
     }
 }
 
+/// CPU time this process has used, ns.
+fn own_cpu_ns() -> u64 {
+    // SAFETY: getrusage fills the rusage it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(ru.ru_utime) + ns(ru.ru_stime)
+}
+
 /// The node hosting this guest host is gone: so is the guest.
 fn die_with_parent() {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
@@ -266,6 +278,23 @@ pub fn main() -> ExitCode {
     let _ = view_slot.set(vm.memory_view());
     if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
+    }
+    // Tell home now and then what the guest uses here (for `ps` at home).
+    {
+        let (hl, view) = (home_link.clone(), vm.memory_view());
+        std::thread::spawn(move || {
+            crate::link::block_host_signals();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let usage = Message::Usage {
+                    cpu_ns: own_cpu_ns(),
+                    mem_bytes: view.used(),
+                };
+                if !hl.tell(&usage) {
+                    return;
+                }
+            }
+        });
     }
     if !from_home {
         // The source is done with us; home connects its deputy channel.

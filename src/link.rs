@@ -315,8 +315,14 @@ pub enum HomeEnd {
 /// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
 /// is lost or moves on. A reader thread takes the link's traffic (and interrupts a call home
 /// was asked to cancel); signals `mosvm run` receives meanwhile are sent to the guest;
-/// `on_failed` hears why a move the guest's host tried failed.
-pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(String)) -> HomeEnd {
+/// `on_failed` hears why a move the guest's host tried failed, `on_usage` what the guest has
+/// used on its host (CPU ns, memory bytes).
+pub fn serve_home(
+    writer: Wire,
+    deputy: &mut dyn Deputy,
+    on_failed: &dyn Fn(String),
+    on_usage: &dyn Fn(u64, u64),
+) -> HomeEnd {
     let reader = writer.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -437,6 +443,7 @@ pub fn serve_home(writer: Wire, deputy: &mut dyn Deputy, on_failed: &dyn Fn(Stri
             }
             Message::Moved { node, addr, token } => break HomeEnd::Moved { node, addr, token },
             Message::Abort { reason } => on_failed(reason),
+            Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
             _ => {}
         }
     };
@@ -479,7 +486,7 @@ mod tests {
         };
         let home = std::thread::spawn(move || {
             let mut d = vmm::deputy::HostDeputy::with_stdio([0, pw, 2]);
-            match serve_home(home_end, &mut d, &|_| {}) {
+            match serve_home(home_end, &mut d, &|_| {}, &|_, _| {}) {
                 HomeEnd::Exited(s) => Some(s),
                 _ => None,
             }

@@ -265,6 +265,8 @@ struct Registration {
     current: Current,
     /// Set while a migration started here is under way.
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// CPU time the guest used on hosts it has left, ns.
+    remote_cpu_ns: std::sync::atomic::AtomicU64,
 }
 
 type Current = std::sync::Arc<std::sync::Mutex<(vmm::memory::MemView, vmm::vm::PauseHandle)>>;
@@ -454,6 +456,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         home: home_r,
         current,
         busy: busy_r,
+        remote_cpu_ns: Default::default(),
     })
 }
 
@@ -541,9 +544,23 @@ fn serve_remote(
         eprintln!("mosvm: moving the process on failed: {reason}; it keeps running where it was");
         send_update(&reg.updates, &control::Update::MigrationFailed { reason });
     };
+    // CPU time on the current host, as last reported; earlier hosts' is in `reg.remote_cpu_ns`.
+    let here = std::cell::Cell::new(0u64);
+    let on_usage = |cpu_ns: u64, mem_bytes: u64| {
+        here.set(cpu_ns);
+        let before = reg.remote_cpu_ns.load(std::sync::atomic::Ordering::SeqCst);
+        let cpu_s = (before + cpu_ns) as f64 / 1e9;
+        send_update(&reg.updates, &control::Update::Remote { cpu_s, mem_bytes });
+    };
+    let host_done = || {
+        reg.remote_cpu_ns
+            .fetch_add(here.replace(0), std::sync::atomic::Ordering::SeqCst);
+    };
     let end = loop {
         set_remote(Some(link.clone()));
-        match link::serve_home(link.clone(), &mut **deputy, &on_failed) {
+        let end = link::serve_home(link.clone(), &mut **deputy, &on_failed, &on_usage);
+        host_done();
+        match end {
             // The guest moved on: connect its deputy channel to the new host.
             link::HomeEnd::Moved { node, addr, token } => {
                 link.shutdown();

@@ -44,6 +44,8 @@ impl Config {
 struct Proc {
     info: ProcInfo,
     commands: mpsc::UnboundedSender<Command>,
+    /// CPU seconds used on other nodes (reported by `mosvm run`).
+    remote_cpu_s: f64,
 }
 
 struct State {
@@ -380,7 +382,14 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     locked,
                     last_error: None,
                 };
-                st.procs.insert(pid, Proc { info, commands: tx });
+                st.procs.insert(
+                    pid,
+                    Proc {
+                        info,
+                        commands: tx,
+                        remote_cpu_s: 0.0,
+                    },
+                );
                 node
             };
             tracing::info!(pid, program, locked, "process registered");
@@ -393,6 +402,10 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             let Some(p) = st.procs.get_mut(&pid) else { continue };
                             match serde_json::from_str::<Update>(&l) {
                                 Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
+                                Ok(Update::Remote { cpu_s, mem_bytes }) => {
+                                    p.remote_cpu_s = cpu_s;
+                                    p.info.mem_bytes = mem_bytes;
+                                }
                                 Ok(Update::Moved { node }) => {
                                     tracing::info!(pid, node, "process migrated");
                                     p.info.node = node;
@@ -432,7 +445,13 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 let mut v: Vec<(u32, ProcInfo)> = st
                     .procs
                     .values()
-                    .map(|p| (p.info.pid, p.info.clone()))
+                    .map(|p| {
+                        let mut info = p.info.clone();
+                        // Here, cpu_s carries what the process used elsewhere until the
+                        // local figure is added below.
+                        info.cpu_s = p.remote_cpu_s;
+                        (p.info.pid, info)
+                    })
                     .collect();
                 v.sort_by_key(|(pid, _)| *pid);
                 let mut hosted: Vec<(u32, ProcInfo)> = st
@@ -457,9 +476,10 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 v.extend(hosted);
                 v
             };
-            // CPU time of the process doing the work: `mosvm run` at home, the guest host here.
+            // CPU time of the process doing the work: `mosvm run` at home (plus what its guest
+            // used on other nodes), the guest host here.
             let procs = procs.into_iter().map(|(worker, mut p)| {
-                p.cpu_s = cpu_seconds(worker);
+                p.cpu_s += cpu_seconds(worker);
                 p
             });
             reply(

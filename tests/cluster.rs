@@ -101,6 +101,19 @@ fn signals_sent_home_reach_the_remote_guest() {
     require_kvm!();
     let (_dir, nodes) = home_and_b();
     let run = remote_ticker(&nodes);
+    // While it computes on b, `ps` at home counts the CPU time it uses there.
+    let cpu = || {
+        proc_info(&nodes[0].sock, run.pid()).expect("listed")["cpu_s"]
+            .as_f64()
+            .unwrap()
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_millis(2500));
+    let used = cpu() - before;
+    assert!(
+        used > 0.3,
+        "ps at home shows {used:.2} s of CPU over 2.5 s of computing on b"
+    );
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(run.pid() as i32, libc::SIGTERM) };
     let t = Instant::now();

@@ -106,6 +106,7 @@ pub enum Kind {
     Cancel = 21,
     Host = 22,
     Hosting = 23,
+    Usage = 24,
 }
 
 impl Kind {
@@ -136,6 +137,7 @@ impl Kind {
             21 => Cancel,
             22 => Host,
             23 => Hosting,
+            24 => Usage,
             _ => return None,
         })
     }
@@ -301,6 +303,12 @@ pub enum Message {
         port: u16,
         token: [u8; 32],
     },
+    /// The guest's host tells home what the guest has used there: its process's CPU time
+    /// (ns) and the guest memory in use.
+    Usage {
+        cpu_ns: u64,
+        mem_bytes: u64,
+    },
 }
 
 impl Message {
@@ -330,6 +338,7 @@ impl Message {
             Message::Cancel { .. } => Kind::Cancel,
             Message::Host { .. } => Kind::Host,
             Message::Hosting { .. } => Kind::Hosting,
+            Message::Usage { .. } => Kind::Usage,
         }
     }
 }
@@ -363,6 +372,7 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
             program,
         } => put(buf, k, (pid, home_node, program)),
         Message::Hosting { port, token } => put(buf, k, (port, token)),
+        Message::Usage { cpu_ns, mem_bytes } => put(buf, k, (cpu_ns, mem_bytes)),
         Message::Pages(b) => put(buf, k, b),
         Message::RoundDone { round, dirty_pages } => put(buf, k, (round, dirty_pages)),
         Message::State { vcpu_and_vmm } => put(buf, k, vcpu_and_vmm),
@@ -469,6 +479,10 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         Kind::Hosting => {
             let (port, token) = get(k, payload)?;
             Message::Hosting { port, token }
+        }
+        Kind::Usage => {
+            let (cpu_ns, mem_bytes) = get(k, payload)?;
+            Message::Usage { cpu_ns, mem_bytes }
         }
         Kind::Cancel => Message::Cancel {
             seq: get(k, payload)?,
@@ -901,6 +915,10 @@ mod tests {
                 port: 4001,
                 token: [9; 32],
             },
+            Message::Usage {
+                cpu_ns: 5_000_000_000,
+                mem_bytes: 1 << 30,
+            },
             Message::Cancel { seq: 9 },
         ]
     }
@@ -948,7 +966,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 23);
+        assert_eq!(seen.len(), 24);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }
