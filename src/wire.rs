@@ -149,12 +149,11 @@ fn handshake(
     sock.set_nonblocking(true)
 }
 
-/// Plaintext from the session, blocking until some arrives (or `deadline`).
+/// Plaintext from the session, blocking until some arrives.
 struct TlsReader<'a> {
     sock: &'a TcpStream,
     conn: &'a Mutex<rustls::Connection>,
     raw: &'a mut RawBuf,
-    deadline: Option<Instant>,
 }
 
 impl Read for TlsReader<'_> {
@@ -194,7 +193,7 @@ impl Read for TlsReader<'_> {
                 }
             }
             if !fed {
-                wait(self.sock.as_raw_fd(), libc::POLLIN, self.deadline)?;
+                wait(self.sock.as_raw_fd(), libc::POLLIN, None)?;
             }
         }
     }
@@ -419,23 +418,27 @@ enum Rx<'a> {
 }
 
 impl Reader<'_> {
-    /// Receive the next frame, waiting as long as it takes.
-    pub fn recv(&mut self) -> Result<Message, FrameError> {
+    /// Run `f` on the byte stream (blocking reads).
+    fn stream<T>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Read) -> Result<T, FrameError>,
+    ) -> Result<T, FrameError> {
         match &mut self.rx {
             Rx::Local(s) => {
                 s.set_read_timeout(None)?;
-                migrate::read_message(&mut **s)
+                f(&mut **s)
             }
-            Rx::Tls(sock, conn, raw) => {
-                let mut r = TlsReader {
-                    sock,
-                    conn,
-                    raw: &mut *raw,
-                    deadline: None,
-                };
-                migrate::read_message(&mut r)
-            }
+            Rx::Tls(sock, conn, raw) => f(&mut TlsReader {
+                sock,
+                conn,
+                raw: &mut *raw,
+            }),
         }
+    }
+
+    /// Receive the next frame, waiting as long as it takes.
+    pub fn recv(&mut self) -> Result<Message, FrameError> {
+        self.stream(|r| migrate::read_message(r))
     }
 
     /// Receive the next frame, a page batch's pages going straight into `sink`.
@@ -444,21 +447,7 @@ impl Reader<'_> {
         sink: &mut dyn migrate::frame::PageSink,
     ) -> Result<migrate::frame::Received, FrameError> {
         let mut scratch = Vec::new();
-        match &mut self.rx {
-            Rx::Local(s) => {
-                s.set_read_timeout(None)?;
-                migrate::frame::read_message_into(&mut **s, sink, &mut scratch)
-            }
-            Rx::Tls(sock, conn, raw) => {
-                let mut r = TlsReader {
-                    sock,
-                    conn,
-                    raw: &mut *raw,
-                    deadline: None,
-                };
-                migrate::frame::read_message_into(&mut r, sink, &mut scratch)
-            }
-        }
+        self.stream(|r| migrate::frame::read_message_into(r, sink, &mut scratch))
     }
 
     /// Receive the next frame if one starts within `limit` (frames travel whole, so once one
