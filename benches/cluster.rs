@@ -168,6 +168,7 @@ fn main() {
         (256, 10),
         (256, 50),
         (256, 200),
+        (256, 2000),
     ] {
         // References: medians of three, taken right before this row's migration.
         let raw = median3(raw_tcp);
@@ -203,9 +204,10 @@ fn main() {
             bps / fresh
         );
         eprintln!(
-            "   (raw loopback TCP {:.0} MB/s, into fresh memory {:.0} MB/s)",
+            "   (raw loopback TCP {:.0} MB/s, into fresh memory {:.0} MB/s; throttle {:.2})",
             raw / 1e6,
-            fresh / 1e6
+            fresh / 1e6,
+            f("throttle")
         );
     }
 

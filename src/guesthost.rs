@@ -200,7 +200,6 @@ pub fn main() -> ExitCode {
             std::thread::spawn(move || {
                 crate::link::block_host_signals();
                 let mut report = Report::default();
-                let kick = || pause.kick();
                 let guest = migration::Guest {
                     pid,
                     home: &home,
@@ -214,7 +213,7 @@ pub fn main() -> ExitCode {
                         .and_then(|writer| {
                             let mut conn = Routed { writer, inbox };
                             let pending =
-                                migration::precopy(&mut conn, &view, &kick, &guest, &mut report)?;
+                                migration::precopy(&mut conn, &view, &pause, &guest, &mut report)?;
                             Ok(Job {
                                 conn: Box::new(conn),
                                 onward: None,
@@ -233,7 +232,7 @@ pub fn main() -> ExitCode {
                             );
                             let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
                             let pending =
-                                migration::precopy(&mut l, &view, &kick, &guest, &mut report)?;
+                                migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
                             Ok(Job {
                                 conn: Box::new(l),
                                 onward: Some((node, ep)),

@@ -304,7 +304,7 @@ fn start_migration(
     let pending = migration::precopy(
         &mut link,
         &view,
-        &|| pause.kick(),
+        &pause,
         &migration::Guest {
             pid: std::process::id(),
             home: &home,

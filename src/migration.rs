@@ -64,6 +64,8 @@ pub struct Report {
     pub clock_delta_ns: i64,
     /// That round trip, ns.
     pub rtt_ns: u64,
+    /// The strongest throttle applied: the share of vCPU time taken away (0: none).
+    pub throttle: f64,
 }
 
 /// This host's wall-clock time, ns.
@@ -195,10 +197,18 @@ fn send_pages(link: &mut dyn Conn, view: &MemView, gpns: &[u64]) -> Result<(u64,
 pub fn precopy(
     link: &mut dyn Conn,
     view: &MemView,
-    kick: &dyn Fn(),
+    pause: &vmm::vm::PauseHandle,
     guest: &Guest,
     report: &mut Report,
 ) -> Result<Vec<u64>> {
+    // However pre-copy ends, the guest gets its full speed back.
+    struct Unthrottle<'a>(&'a vmm::vm::PauseHandle);
+    impl Drop for Unthrottle<'_> {
+        fn drop(&mut self) {
+            self.0.throttle(0.0);
+        }
+    }
+    let _unthrottle = Unthrottle(pause);
     let Guest {
         pid,
         home,
@@ -259,7 +269,7 @@ pub fn precopy(
         // the sockets would otherwise be drained during the downtime, and the planner would
         // see the speed of filling buffers rather than of the link.
         sync(link).context("waiting for the destination to take the round")?;
-        kick();
+        pause.kick();
         todo = view.take_dirty()?;
         let dirty_pages = todo.len() as u64;
         link.send(&Message::RoundDone {
@@ -273,7 +283,13 @@ pub fn precopy(
             dirtied_pages: dirty_pages,
         });
         match d {
-            Decision::NextRound | Decision::Throttle(_) => continue,
+            Decision::NextRound => continue,
+            Decision::Throttle(f) => {
+                // The guest writes faster than the link drains: slow it down.
+                pause.throttle(f);
+                report.throttle = f;
+                continue;
+            }
             Decision::SwitchOver(_) => break,
         }
     }

@@ -207,7 +207,13 @@ struct PauseInner {
     running: std::sync::atomic::AtomicBool,
     immediate_exit: AtomicPtr<u8>,
     thread: std::sync::atomic::AtomicU64,
+    /// The share of vCPU time taken away, per mille (0: none).
+    throttle: std::sync::atomic::AtomicU32,
 }
+
+/// Slice of time a throttled vCPU is stopped in: it is kicked out of the guest once a slice,
+/// and sleeps the throttled share of one.
+const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A deputy's answer meaning "issue this syscall again" (Linux's internal ERESTARTSYS, which
 /// no program ever sees): the call was held back or cancelled because the guest is moving.
@@ -282,6 +288,27 @@ impl PauseHandle {
     pub fn deliver(&self, sig: i32) {
         on_signal(sig);
         self.kick();
+    }
+
+    /// Slow the guest: take `fraction` (0 to 0.99) of its vCPU time away, until set back to
+    /// 0 (a migration whose link cannot keep up with the guest's writes).
+    pub fn throttle(&self, fraction: f64) {
+        let pm = (fraction.clamp(0.0, 0.99) * 1000.0) as u32;
+        let was = self.inner.throttle.swap(pm, Ordering::SeqCst);
+        if pm > 0 && was == 0 {
+            let me = self.clone();
+            std::thread::spawn(move || {
+                while me.inner.throttle.load(Ordering::SeqCst) > 0 {
+                    std::thread::sleep(THROTTLE_PERIOD);
+                    me.kick();
+                }
+            });
+        }
+    }
+
+    /// The throttled share of vCPU time, 0 to 0.99.
+    pub fn throttled(&self) -> f64 {
+        self.inner.throttle.load(Ordering::SeqCst) as f64 / 1000.0
     }
 
     /// Whether a pause was requested and not yet cleared.
@@ -615,7 +642,14 @@ impl Vm {
                     "access to unbacked guest physical address {addr:#x}"
                 )),
                 Ok(other) => Err(format!("unexpected VM exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) if e.errno() == libc::EINTR => {
+                    // A kick: when throttled, sit out the throttled share of a slice.
+                    let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
+                    if pm > 0 && !self.pause.requested() {
+                        std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
+                    }
+                    continue;
+                }
                 Err(e) => return Err(anyhow::anyhow!("KVM_RUN: {e}")),
             };
             self.stats.exits += 1;

@@ -264,3 +264,63 @@ fn the_wall_clock_stays_home_s_across_a_move_to_a_host_with_another_clock() {
     let first_after = lines.iter().position(|l| l[1] > end + 1).unwrap();
     assert!(lines[first_after..].iter().all(|l| l[1] > end + 1));
 }
+
+/// CPU time this process has used, seconds.
+fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the rusage it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(ru.ru_utime) + s(ru.ru_stime)
+}
+
+/// A throttled guest gets only its share of the CPU: a computing guest throttled by 0.9 uses
+/// a small part of one CPU (unthrottled it would use all of it), and runs at full speed again
+/// once the throttle is lifted.
+#[test]
+fn a_throttled_guest_gets_only_its_share_of_the_cpu() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let prog = images().join("glibc-static/compute");
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let deputy = HostDeputy::with_stdio([null.as_raw_fd(), null.as_raw_fd(), 2]);
+    let opts = Options {
+        mem: 1 << 28,
+        mem_label: "256M".into(),
+        trace: false,
+        lock: false,
+        stats: false,
+    };
+    let argv = vec![b"compute".to_vec(), b"100000000000".to_vec()];
+    let mut vm = Vm::new(prog, argv, vec![], Box::new(deputy), opts).unwrap();
+    let pause = vm.pause_handle();
+    let watcher = std::thread::spawn(move || {
+        let share = |p: &vmm::vm::PauseHandle, f: f64| {
+            p.throttle(f);
+            std::thread::sleep(Duration::from_millis(200));
+            let (c, t) = (process_cpu_s(), std::time::Instant::now());
+            std::thread::sleep(Duration::from_millis(1000));
+            (process_cpu_s() - c) / t.elapsed().as_secs_f64()
+        };
+        let throttled = share(&pause, 0.9);
+        let free = share(&pause, 0.0);
+        pause.request();
+        (throttled, free)
+    });
+    let out = vm.run_or_pause().unwrap();
+    assert!(out.is_none(), "the guest ended early: {out:?}");
+    let (throttled, free) = watcher.join().unwrap();
+    eprintln!("CPU share: throttled by 0.9 {throttled:.2}, unthrottled {free:.2}");
+    assert!(
+        throttled < 0.4,
+        "throttled by 0.9, the guest still used {throttled:.2} of a CPU"
+    );
+    assert!(
+        free > throttled,
+        "unthrottled {free:.2} vs throttled {throttled:.2}"
+    );
+}
