@@ -111,7 +111,7 @@ fn signals_sent_home_reach_the_remote_guest() {
     std::thread::sleep(Duration::from_millis(2500));
     let used = cpu() - before;
     assert!(
-        used > 0.3,
+        used > 0.15,
         "ps at home shows {used:.2} s of CPU over 2.5 s of computing on b"
     );
     // SAFETY: sending a signal to our own child.
