@@ -59,6 +59,8 @@ struct State {
     hosted: HashMap<u32, (u32, String, String)>,
     /// The cluster key's directory, for guest hosts.
     key_dir: Option<PathBuf>,
+    /// What each peer last said of itself (processors, load, free memory), and when.
+    heard: HashMap<SocketAddr, ((u32, f64, u64), std::time::Instant)>,
 }
 
 /// Resident memory of a process, bytes (from /proc).
@@ -223,11 +225,39 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
             write_frame(&mut s, &answer).await?;
             Ok(())
         }
+        migrate::Purpose::Control => {
+            // A peer asking how this node is doing.
+            let info = self_info(&shared.lock().expect("state lock"));
+            let load = migrate::Message::Load {
+                cpus: info.cpus,
+                load: info.load,
+                free_mem: info.free_mem,
+            };
+            write_frame(&mut s, &load).await
+        }
         other => {
             tracing::warn!(peer, ?other, "purpose not served yet");
             Ok(())
         }
     }
+}
+
+/// Ask the peer at `addr` how it is doing (processors, load, free memory), within a second.
+async fn probe(tls: &migrate::ClusterTls, addr: SocketAddr, me: &str) -> Result<(u32, f64, u64)> {
+    let ask = async {
+        let mut s = connect_peer(tls, addr, me, migrate::Purpose::Control).await?;
+        match read_frame(&mut s).await? {
+            migrate::Message::Load {
+                cpus,
+                load,
+                free_mem,
+            } => Ok((cpus, load, free_mem)),
+            other => anyhow::bail!("{addr} answered {:?}", other.kind()),
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(1), ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within a second"))?
 }
 
 /// Start a guest host for process `pid` of node `home`: a `mosvm guest-host` process whose
@@ -557,17 +587,49 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Nodes => {
+            // Ask the peers not heard from in the last second, all at once.
+            let (tls, me, stale) = {
+                let st = shared.lock().expect("state lock");
+                let stale: Vec<SocketAddr> = st
+                    .peers
+                    .iter()
+                    .map(|(_, a)| *a)
+                    .filter(|a| {
+                        st.heard
+                            .get(a)
+                            .is_none_or(|(_, t)| t.elapsed() > std::time::Duration::from_secs(1))
+                    })
+                    .collect();
+                (st.tls.clone(), st.name.clone(), stale)
+            };
+            if let Some(tls) = tls {
+                let asks = stale.into_iter().map(|a| {
+                    let (tls, me) = (tls.clone(), me.clone());
+                    tokio::spawn(async move { (a, probe(&tls, a, &me).await) })
+                });
+                let answers: Vec<_> = futures_join(asks.collect()).await;
+                let mut st = shared.lock().expect("state lock");
+                for (a, r) in answers {
+                    match r {
+                        Ok(info) => {
+                            st.heard.insert(a, (info, std::time::Instant::now()));
+                        }
+                        Err(e) => tracing::debug!(peer = %a, "no answer: {e:#}"),
+                    }
+                }
+            }
             let nodes = {
                 let st = shared.lock().expect("state lock");
                 let mut v = vec![self_info(&st)];
                 for (n, p) in &st.peers {
+                    let heard = st.heard.get(p);
                     v.push(NodeInfo {
                         name: n.clone().unwrap_or_default(),
                         addr: p.to_string(),
-                        cpus: 0,
-                        load: 0.0,
-                        free_mem: 0,
-                        age_s: None,
+                        cpus: heard.map_or(0, |h| h.0 .0),
+                        load: heard.map_or(0.0, |h| h.0 .1),
+                        free_mem: heard.map_or(0, |h| h.0 .2),
+                        age_s: heard.map(|h| h.1.elapsed().as_secs_f64()),
                     });
                 }
                 v
@@ -614,6 +676,17 @@ async fn link(shared: &Shared, pid: u32, to: &str) -> Result<Reply> {
         migrate::Message::Refuse { reason } => anyhow::bail!("{to} refused: {reason}"),
         other => anyhow::bail!("{to} answered {:?}", other.kind()),
     }
+}
+
+/// Wait for all the tasks; a task that panicked is left out.
+async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(v) = t.await {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Bind the control socket, replacing a stale one but never a live node's.
@@ -678,6 +751,7 @@ pub fn run(cfg: Config) -> Result<()> {
             socket: socket.clone(),
             hosted: HashMap::new(),
             key_dir: cfg.key_dir.clone(),
+            heard: HashMap::new(),
         }));
         if let Some(pl) = peer_listener {
             let shared = shared.clone();

@@ -318,3 +318,36 @@ fn the_destination_dying_mid_migration_leaves_the_process_at_home() {
     );
     assert_eq!(proc_info(&home, pid), None, "the process ended at home");
 }
+
+/// `mosvm nodes` asks the peers how they are doing: a live peer shows its processors and a
+/// fresh age; a peer that is down stays "never heard from".
+#[test]
+fn nodes_shows_what_live_peers_say_of_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let home = NodeSpec::new(dir.path(), "home")
+        .listen(&format!("127.0.0.1:{}", free_port()))
+        .key_dir(&key);
+    let b_addr = format!("127.0.0.1:{}", free_port());
+    let down = format!("127.0.0.1:{}", free_port());
+    let b = NodeSpec::new(dir.path(), "b")
+        .listen(&b_addr)
+        .key_dir(&key)
+        .start();
+    let home = home.peer("b", &b_addr).peer("gone", &down).start();
+    let out = client(&home.sock, &["nodes", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let by = |n: &str| v.iter().find(|x| x["name"] == n).cloned().unwrap();
+    let (pb, pg) = (by("b"), by("gone"));
+    assert!(pb["cpus"].as_u64().unwrap() >= 1, "{pb}");
+    assert!(pb["free_mem"].as_u64().unwrap() > 0, "{pb}");
+    assert!(pb["age_s"].as_f64().unwrap() < 5.0, "{pb}");
+    assert!(pg["age_s"].is_null(), "{pg}");
+    assert_eq!(pg["cpus"], 0);
+    drop(b);
+}

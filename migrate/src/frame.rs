@@ -107,6 +107,7 @@ pub enum Kind {
     Host = 22,
     Hosting = 23,
     Usage = 24,
+    Load = 25,
 }
 
 impl Kind {
@@ -138,6 +139,7 @@ impl Kind {
             22 => Host,
             23 => Hosting,
             24 => Usage,
+            25 => Load,
             _ => return None,
         })
     }
@@ -309,6 +311,13 @@ pub enum Message {
         cpu_ns: u64,
         mem_bytes: u64,
     },
+    /// A node's answer to a [`crate::Purpose::Control`] connection: its processors, its load
+    /// (runnable processes per processor) and its free memory in bytes.
+    Load {
+        cpus: u32,
+        load: f64,
+        free_mem: u64,
+    },
 }
 
 impl Message {
@@ -339,6 +348,7 @@ impl Message {
             Message::Host { .. } => Kind::Host,
             Message::Hosting { .. } => Kind::Hosting,
             Message::Usage { .. } => Kind::Usage,
+            Message::Load { .. } => Kind::Load,
         }
     }
 }
@@ -373,6 +383,11 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         } => put(buf, k, (pid, home_node, program)),
         Message::Hosting { port, token } => put(buf, k, (port, token)),
         Message::Usage { cpu_ns, mem_bytes } => put(buf, k, (cpu_ns, mem_bytes)),
+        Message::Load {
+            cpus,
+            load,
+            free_mem,
+        } => put(buf, k, (cpus, load, free_mem)),
         Message::Pages(b) => put(buf, k, b),
         Message::RoundDone { round, dirty_pages } => put(buf, k, (round, dirty_pages)),
         Message::State { vcpu_and_vmm } => put(buf, k, vcpu_and_vmm),
@@ -483,6 +498,14 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         Kind::Usage => {
             let (cpu_ns, mem_bytes) = get(k, payload)?;
             Message::Usage { cpu_ns, mem_bytes }
+        }
+        Kind::Load => {
+            let (cpus, load, free_mem) = get(k, payload)?;
+            Message::Load {
+                cpus,
+                load,
+                free_mem,
+            }
         }
         Kind::Cancel => Message::Cancel {
             seq: get(k, payload)?,
@@ -919,6 +942,11 @@ mod tests {
                 cpu_ns: 5_000_000_000,
                 mem_bytes: 1 << 30,
             },
+            Message::Load {
+                cpus: 2,
+                load: 0.75,
+                free_mem: 3 << 30,
+            },
             Message::Cancel { seq: 9 },
         ]
     }
@@ -966,7 +994,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 24);
+        assert_eq!(seen.len(), 25);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }
