@@ -308,7 +308,12 @@ pub fn main() -> ExitCode {
                     pause.deliver(libc::SIGKILL);
                 }
             }
+            // No one else may connect: the listening socket closes here.
+            drop(setup);
         });
+    } else {
+        // Everything came over the one connection: stop listening.
+        drop(setup);
     }
     loop {
         match vm.run_or_pause() {
