@@ -15,6 +15,7 @@ const PAGE: usize = 4096;
 fn images() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
     let st = std::process::Command::new("make")
+        .current_dir(&dir)
         .arg("-s")
         .arg("-C")
         .arg(&dir)
@@ -69,6 +70,10 @@ fn migrated(
     rounds: usize,
     shift_realtime_ns: i64,
 ) -> (Run, usize) {
+    // The guest's files are relative to this process's working directory: one such run at a
+    // time (tests run in parallel).
+    static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _cwd = CWD.lock().unwrap_or_else(|p| p.into_inner());
     std::env::set_current_dir(dir).unwrap();
     let stdout_path = dir.join("../stdout");
     let out = std::fs::File::create(&stdout_path).unwrap();
