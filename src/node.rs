@@ -1,6 +1,9 @@
 //! `mosvm node`: the per-node host service. It owns the local control socket, where every
 //! `mosvm run` started on this node registers its process (this node is the process's home),
-//! and answers the client commands (`ps`, `lock`, `unlock`, `nodes`).
+//! and answers the client commands (`ps`, `lock`, `unlock`, `nodes`, `migrate`). Toward its
+//! peers it listens with mutual TLS: a peer asks it to host a guest (it starts a
+//! `mosvm guest-host` on a fresh port with a one-time token and says where; the moving process
+//! then connects there itself), or asks how it is doing (`Load`).
 
 use crate::control::{Command, NodeInfo, ProcInfo, Reply, Request, Update};
 use anyhow::{Context, Result};
