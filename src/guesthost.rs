@@ -251,7 +251,6 @@ pub fn main() -> ExitCode {
                     }
                     Err(e) => {
                         mv.store(false, Ordering::SeqCst);
-                        let _ = view.stop_dirty_log();
                         let reason = format!("{e:#}");
                         home_link.tell(&Message::Abort { reason });
                     }
@@ -333,15 +332,7 @@ pub fn main() -> ExitCode {
             pause.clear();
             continue;
         };
-        let view = vm.memory_view();
-        let delta = job.report.clock_delta_ns;
-        let state = vm.capture().and_then(|mut s| {
-            s.shift_realtime(delta);
-            s.encode()
-        });
-        let switched = state.and_then(|s| {
-            migration::switch_over(&mut *job.conn, &view, &job.pending, &s, &mut job.report)
-        });
+        let switched = migration::switch_vm(&mut *job.conn, &mut vm, &job.pending, &mut job.report);
         match (switched, job.onward.take()) {
             // Home has its guest back; this host is done.
             (Ok(()), None) => {
@@ -362,7 +353,6 @@ pub fn main() -> ExitCode {
             }
             (Err(e), _) => {
                 mv3.store(false, Ordering::SeqCst);
-                let _ = view.stop_dirty_log();
                 let reason = format!("{e:#}");
                 home_link.tell(&Message::Abort { reason });
                 pause.clear();

@@ -422,7 +422,6 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                                 }
                                 Err(e) => {
                                     busy.store(false, std::sync::atomic::Ordering::SeqCst);
-                                    let _ = view.stop_dirty_log();
                                     eprintln!(
                                         "mosvm: migration to {to} failed: {e:#}; the process keeps running here");
                                     send_update(
@@ -480,17 +479,8 @@ fn run_guest(
         };
         let reg = reg.as_ref().expect("a job came from the registration");
         reg.busy.store(false, std::sync::atomic::Ordering::SeqCst);
-        let view = vm.memory_view();
-        let delta = job.report.clock_delta_ns;
-        let state = vm.capture().and_then(|mut s| {
-            s.shift_realtime(delta);
-            s.encode()
-        });
-        let switched = state.and_then(|s| {
-            migration::switch_over(&mut job.link, &view, &job.pending, &s, &mut job.report)
-        });
+        let switched = migration::switch_vm(&mut job.link, &mut vm, &job.pending, &mut job.report);
         if let Err(e) = switched {
-            let _ = view.stop_dirty_log();
             eprintln!(
                 "mosvm: migration to {} failed: {e:#}; the process keeps running here",
                 job.to
@@ -515,7 +505,6 @@ fn run_guest(
             },
         );
         let mut deputy = vm.into_deputy();
-        drop(view);
         match serve_remote(job.link, &mut deputy, reg, &job.to, &job.cert)? {
             Ok(back) => vm = back,
             Err(status) => return Ok((status, None)),

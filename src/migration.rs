@@ -194,6 +194,7 @@ fn send_pages(link: &mut dyn Conn, view: &MemView, gpns: &[u64]) -> Result<(u64,
 /// The source's pre-copy, while the guest runs: offer, first pass of touched pages, rounds from
 /// the dirty log until the planner says switch over. Returns the pages dirtied in the last
 /// round, which the stop-and-copy round (done once the guest is paused) sends.
+/// On failure the guest is left as it was: dirty logging off, full speed.
 pub fn precopy(
     link: &mut dyn Conn,
     view: &MemView,
@@ -201,14 +202,21 @@ pub fn precopy(
     guest: &Guest,
     report: &mut Report,
 ) -> Result<Vec<u64>> {
-    // However pre-copy ends, the guest gets its full speed back.
-    struct Unthrottle<'a>(&'a vmm::vm::PauseHandle);
-    impl Drop for Unthrottle<'_> {
-        fn drop(&mut self) {
-            self.0.throttle(0.0);
-        }
+    let r = precopy_rounds(link, view, pause, guest, report);
+    pause.throttle(0.0);
+    if r.is_err() {
+        let _ = view.stop_dirty_log();
     }
-    let _unthrottle = Unthrottle(pause);
+    r
+}
+
+fn precopy_rounds(
+    link: &mut dyn Conn,
+    view: &MemView,
+    pause: &vmm::vm::PauseHandle,
+    guest: &Guest,
+    report: &mut Report,
+) -> Result<Vec<u64>> {
     let Guest {
         pid,
         home,
@@ -307,6 +315,30 @@ fn sync(link: &mut dyn Conn) -> Result<()> {
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("expected Pong, got {:?}", other.kind()),
     }
+}
+
+/// The switch-over of a paused `vm`: capture its state (wall clock shifted to keep home's on
+/// the destination) and run the stop-and-copy round. On failure dirty logging is stopped and
+/// the VM can run on here.
+pub fn switch_vm(
+    link: &mut dyn Conn,
+    vm: &mut vmm::vm::Vm,
+    pending: &[u64],
+    report: &mut Report,
+) -> Result<()> {
+    let view = vm.memory_view();
+    let delta = report.clock_delta_ns;
+    let r = vm
+        .capture()
+        .and_then(|mut s| {
+            s.shift_realtime(delta);
+            s.encode()
+        })
+        .and_then(|state| switch_over(link, &view, pending, &state, report));
+    if r.is_err() {
+        let _ = view.stop_dirty_log();
+    }
+    r
 }
 
 /// The stop-and-copy round, with the guest paused: the last dirty pages (those left from
