@@ -307,7 +307,8 @@ impl GuestMem {
             .mem
             .get_slice(GuestAddress(gpn * PAGE), PAGE as usize)
             .ok()?;
-        s.bitmap().mark_dirty(0, PAGE as usize);
+        // Not marked dirty: nothing logs writes before the VM runs (a later migration starts
+        // its log afresh).
         let p = s.ptr_guard_mut().as_ptr() as *mut [u8; PAGE as usize];
         // SAFETY: `p` is a page-aligned, page-long range of the live guest mapping (checked
         // by get_slice), exclusive to the caller by this function's contract.
