@@ -92,6 +92,10 @@ image_tests!(exit_code, |c| c.arg("42").expect_status(Some(42)));
 
 image_tests!(fpu, |c| c);
 
+// Buffers, lengths and nested pointers (iovecs, msghdr with SCM_RIGHTS, pselect6's sigset
+// pack, pollfd, socklen_t), good and wild, and a single 200 MiB read and write of a file.
+image_tests!(marshal, |c| c.arg("200"));
+
 // segfault runs in every variant in tests/faults.rs (mosvm reports the fault on stderr).
 
 #[test]

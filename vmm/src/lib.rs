@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cpu;
 pub mod deputy;
+pub mod forward;
 pub mod loader;
 pub mod memory;
 pub mod mm;

@@ -36,12 +36,36 @@ pub enum A {
     FdSet(u8),
     /// Output buffer whose length is the `socklen_t` pointed to by argument `n`.
     LenOut(u8),
+    /// `pselect6`'s sixth argument, `struct { const sigset_t *ss; size_t ss_len; }`: carried
+    /// as the sigset's bytes (a NULL pack or a NULL `ss` as a NULL slot).
+    SigPack,
+    /// `sendmsg`'s `struct msghdr` (name, control and iovec data carried in one slot: see
+    /// `deputy::marshal::MsgHead`).
+    MsgIn,
+    /// `recvmsg`'s `struct msghdr` (capacities in, what was received back).
+    MsgOut,
 }
 
 impl A {
     /// Whether the argument is carried as a buffer slot.
     pub fn is_slot(self) -> bool {
         !matches!(self, A::V | A::Fd | A::DirFd)
+    }
+
+    /// Whether the argument's buffer comes back in the reply.
+    pub fn is_out(self) -> bool {
+        matches!(
+            self,
+            A::Out(_)
+                | A::OutElems(..)
+                | A::SOut(_)
+                | A::IovOut(_)
+                | A::LenOut(_)
+                | A::InOutElems(..)
+                | A::SInOut(_)
+                | A::FdSet(_)
+                | A::MsgOut
+        )
     }
 }
 
@@ -202,7 +226,7 @@ table! {
     SYS_poll => Home(&[InOutElems(1, 8), V, V]),
     SYS_ppoll => Home(&[InOutElems(1, 8), V, SInOut(16), SIn(8), V]),
     SYS_select => Home(&[V, FdSet(0), FdSet(0), FdSet(0), SInOut(16)]),
-    SYS_pselect6 => Home(&[V, FdSet(0), FdSet(0), FdSet(0), SInOut(16), SIn(16)]),
+    SYS_pselect6 => Home(&[V, FdSet(0), FdSet(0), FdSet(0), SInOut(16), SigPack]),
     SYS_eventfd2 => Home(&[V, V]),
     SYS_eventfd => Home(&[V]),
     SYS_epoll_create => Home(&[V]),
@@ -228,6 +252,8 @@ table! {
     SYS_setsockopt => Home(&[Fd, V, V, In(4), V]),
     SYS_getsockopt => Home(&[Fd, V, V, LenOut(4), SInOut(4)]),
     SYS_shutdown => Home(&[Fd, V]),
+    SYS_sendmsg => Home(&[Fd, MsgIn, V]),
+    SYS_recvmsg => Home(&[Fd, MsgOut, V]),
 
     // Identity: home (the process "seems to run" there).
     SYS_getpid => Home(&[]), SYS_getppid => Home(&[]), SYS_gettid => Home(&[]),
@@ -277,46 +303,108 @@ pub fn name(nr: u64) -> String {
         .unwrap_or_else(|| format!("syscall_{nr}"))
 }
 
-// ioctl request codes the deputy forwards with a known argument shape.
-const TCGETS: u64 = 0x5401;
-const TCSETS: u64 = 0x5402;
-const TCSETSW: u64 = 0x5403;
-const TCSETSF: u64 = 0x5404;
-const TIOCGPGRP: u64 = 0x540f;
-const TIOCSPGRP: u64 = 0x5410;
-const TIOCGWINSZ: u64 = 0x5413;
-const TIOCSWINSZ: u64 = 0x5414;
-const FIONREAD: u64 = 0x541b;
-const FIONBIO: u64 = 0x5421;
-const FIONCLEX: u64 = 0x5450;
-const FIOCLEX: u64 = 0x5451;
-const FIOASYNC: u64 = 0x5452;
-const TCGETS2: u64 = 0x802c_542a;
+/// ioctl requests the deputy forwards, with the shape of their third argument (from
+/// ioctl_tty(2), ioctl_fs(2), ioctl_ficlone(2), netdevice(7), sd(4), random(4)). Requests are
+/// known by number, never guessed from their `_IOC` bits: a request whose struct holds
+/// pointers (SIOCGIFCONF, FS_IOC_FIEMAP, ...) would let the host kernel read or write the
+/// VMM's memory where the guest's was meant. Every size is what the kernel copies.
+const IOCTLS: &[(u32, A)] = &[
+    // Terminals (ioctl_tty(2)).
+    (0x5401, SOut(36)),      // TCGETS
+    (0x5402, SIn(36)),       // TCSETS
+    (0x5403, SIn(36)),       // TCSETSW
+    (0x5404, SIn(36)),       // TCSETSF
+    (0x5405, SOut(18)),      // TCGETA
+    (0x5406, SIn(18)),       // TCSETA
+    (0x5407, SIn(18)),       // TCSETAW
+    (0x5408, SIn(18)),       // TCSETAF
+    (0x5409, V),             // TCSBRK
+    (0x540a, V),             // TCXONC
+    (0x540b, V),             // TCFLSH
+    (0x540c, V),             // TIOCEXCL
+    (0x540d, V),             // TIOCNXCL
+    (0x540e, V),             // TIOCSCTTY
+    (0x540f, SOut(4)),       // TIOCGPGRP
+    (0x5410, SIn(4)),        // TIOCSPGRP
+    (0x5411, SOut(4)),       // TIOCOUTQ, SIOCOUTQ
+    (0x5412, SIn(1)),        // TIOCSTI
+    (0x5413, SOut(8)),       // TIOCGWINSZ
+    (0x5414, SIn(8)),        // TIOCSWINSZ
+    (0x5415, SOut(4)),       // TIOCMGET
+    (0x5416, SIn(4)),        // TIOCMBIS
+    (0x5417, SIn(4)),        // TIOCMBIC
+    (0x5418, SIn(4)),        // TIOCMSET
+    (0x5419, SOut(4)),       // TIOCGSOFTCAR
+    (0x541a, SIn(4)),        // TIOCSSOFTCAR
+    (0x541b, SOut(4)),       // FIONREAD, TIOCINQ, SIOCINQ
+    (0x541d, V),             // TIOCCONS
+    (0x5421, SIn(4)),        // FIONBIO
+    (0x5422, V),             // TIOCNOTTY
+    (0x5423, SIn(4)),        // TIOCSETD
+    (0x5424, SOut(4)),       // TIOCGETD
+    (0x5425, V),             // TCSBRKP
+    (0x5429, SOut(4)),       // TIOCGSID
+    (0x802c_542a, SOut(44)), // TCGETS2
+    (0x402c_542b, SIn(44)),  // TCSETS2
+    (0x402c_542c, SIn(44)),  // TCSETSW2
+    (0x402c_542d, SIn(44)),  // TCSETSF2
+    (0x8004_5430, SOut(4)),  // TIOCGPTN
+    (0x4004_5431, SIn(4)),   // TIOCSPTLCK
+    (0x5437, V),             // TIOCVHANGUP
+    (0x8004_5438, SOut(4)),  // TIOCGPKT
+    (0x8004_5439, SOut(4)),  // TIOCGPTLCK
+    (0x8004_5440, SOut(4)),  // TIOCGEXCL
+    (0x5450, V),             // FIONCLEX
+    (0x5451, V),             // FIOCLEX
+    (0x5452, SIn(4)),        // FIOASYNC
+    (0x5459, SOut(4)),       // TIOCSERGETLSR
+    (0x5460, SOut(8)),       // FIOQSIZE
+    // Files (ioctl_fs(2), ioctl_ficlone(2), ioctl_iflags(2)).
+    (0x0001, SInOut(4)),      // FIBMAP
+    (0x0002, SOut(4)),        // FIGETBSZ
+    (0x8008_6601, SOut(4)),   // FS_IOC_GETFLAGS (the kernel copies an int)
+    (0x4008_6602, SIn(4)),    // FS_IOC_SETFLAGS
+    (0x8008_7601, SOut(4)),   // FS_IOC_GETVERSION
+    (0x4008_7602, SIn(4)),    // FS_IOC_SETVERSION
+    (0x801c_581f, SOut(28)),  // FS_IOC_FSGETXATTR
+    (0x401c_5820, SIn(28)),   // FS_IOC_FSSETXATTR
+    (0x8100_9431, SOut(256)), // FS_IOC_GETFSLABEL
+    (0x4004_9409, Fd),        // FICLONE: the source descriptor, by value
+    // Block devices (sd(4)).
+    (0x125e, SOut(4)),      // BLKROGET
+    (0x1260, SOut(8)),      // BLKGETSIZE
+    (0x1261, V),            // BLKFLSBUF
+    (0x1268, SOut(4)),      // BLKSSZGET
+    (0x1278, SOut(4)),      // BLKIOMIN
+    (0x1279, SOut(4)),      // BLKIOOPT
+    (0x127b, SOut(4)),      // BLKPBSZGET
+    (0x127c, SOut(4)),      // BLKDISCARDZEROES
+    (0x8008_1272, SOut(8)), // BLKGETSIZE64
+    // random(4).
+    (0x8004_5200, SOut(4)), // RNDGETENTCNT
+    // Sockets (netdevice(7), socket(7)): struct ifreq is 40 bytes.
+    (0x8905, SOut(4)),    // SIOCATMARK
+    (0x8906, SOut(16)),   // SIOCGSTAMP
+    (0x8907, SOut(16)),   // SIOCGSTAMPNS
+    (0x8910, SInOut(40)), // SIOCGIFNAME
+    (0x8913, SInOut(40)), // SIOCGIFFLAGS
+    (0x8915, SInOut(40)), // SIOCGIFADDR
+    (0x8917, SInOut(40)), // SIOCGIFDSTADDR
+    (0x8919, SInOut(40)), // SIOCGIFBRDADDR
+    (0x891b, SInOut(40)), // SIOCGIFNETMASK
+    (0x891d, SInOut(40)), // SIOCGIFMETRIC
+    (0x8921, SInOut(40)), // SIOCGIFMTU
+    (0x8927, SInOut(40)), // SIOCGIFHWADDR
+    (0x8933, SInOut(40)), // SIOCGIFINDEX
+    (0x8942, SInOut(40)), // SIOCGIFTXQLEN
+    (0x894b, SOut(4)),    // SIOCOUTQNSD
+];
 
 /// The argument shape of an ioctl request, or None when mosvm does not know it (the call then
-/// fails with ENOTTY, which is what programs expect from a request a file does not support).
+/// fails with ENOTTY, what Linux answers for a request the file does not support).
 pub fn ioctl_arg(req: u64) -> Option<A> {
-    Some(match req & 0xffff_ffff {
-        TCGETS => SOut(36),
-        TCGETS2 => SOut(44),
-        TCSETS | TCSETSW | TCSETSF => SIn(36),
-        TIOCGPGRP | FIONREAD => SOut(4),
-        TIOCSPGRP | FIONBIO | FIOASYNC => SIn(4),
-        TIOCGWINSZ => SOut(8),
-        TIOCSWINSZ => SIn(8),
-        FIONCLEX | FIOCLEX => V,
-        r => {
-            // Generic _IOC encoding: direction in bits 30-31, size in bits 16-29.
-            let dir = (r >> 30) & 3;
-            let size = ((r >> 16) & 0x3fff) as u16;
-            match dir {
-                1 if size > 0 => SIn(size),
-                2 if size > 0 => SOut(size),
-                3 if size > 0 => SInOut(size),
-                _ => return None,
-            }
-        }
-    })
+    let r = req as u32;
+    IOCTLS.iter().find(|&&(n, _)| n == r).map(|&(_, a)| a)
 }
 
 /// The argument shape of an fcntl command.
@@ -436,9 +524,13 @@ mod tests {
     fn ioctl_shapes() {
         assert_eq!(ioctl_arg(0x5401), Some(SOut(36)));
         assert_eq!(ioctl_arg(0x5413), Some(SOut(8)));
-        // _IOR('T', 0x30, unsigned int) style: read 4 bytes.
         assert_eq!(ioctl_arg(0x8004_5430), Some(SOut(4)));
+        assert_eq!(ioctl_arg(0x4004_9409), Some(Fd));
+        assert_eq!(ioctl_arg(0x5409), Some(V));
         assert_eq!(ioctl_arg(0x1234), None);
+        // A request with pointers inside its struct (SIOCGIFCONF) is not guessed from its bits.
+        assert_eq!(ioctl_arg(0x8912), None);
+        assert_eq!(ioctl_arg(0xc010_660b), None);
         let args = [0, 0x1234, 0, 0, 0, 0];
         assert_eq!(
             spec(libc::SYS_ioctl as u64, &args, &[Fd, V, V]),

@@ -112,15 +112,12 @@ const EAGAIN: i64 = 11;
 const EFAULT: i64 = 14;
 const EINVAL: i64 = 22;
 const ENOSYS: i64 = 38;
-const ENAMETOOLONG: i64 = 36;
 const EPIPE: i64 = 32;
 const ETIMEDOUT: i64 = 110;
 const ENODEV: i64 = 19;
 const ENOMEM: i64 = 12;
 
-/// Largest single transfer a forwarded call carries; longer reads/writes are short, which the
-/// syscalls allow.
-const MAX_XFER: u64 = 64 << 20;
+use crate::deputy::marshal::MAX_XFER;
 
 enum Step {
     Ret(i64),
@@ -952,81 +949,10 @@ impl Vm {
         })
     }
 
-    /// Marshal a home call: gather inputs from guest memory, call the deputy, scatter outputs.
+    /// A home call: gathered from guest memory, run by the deputy, scattered back
+    /// (`forward`).
     fn forward(&mut self, nr: u64, args: [u64; 6], base: &'static [A]) -> Step {
-        let spec = match table::spec(nr, &args, base) {
-            Ok(s) => s,
-            Err(e) => return Step::Ret(-e),
-        };
-        let mem = &self.space.mem;
-        let mut slots = Vec::new();
-        // Where each output goes: (spec index, guest pointer, iovecs for IovOut).
-        let mut iov_out: Vec<(u64, u64)> = Vec::new();
-        for (i, kind) in spec.iter().enumerate() {
-            if !kind.is_slot() {
-                continue;
-            }
-            let ptr = args[i];
-            if ptr == 0 && !matches!(kind, A::IovIn(_) | A::IovOut(_)) {
-                slots.push(Slot::Null);
-                continue;
-            }
-            let slot = match gather(mem, *kind, ptr, &args, &mut iov_out) {
-                Ok(s) => s,
-                Err(e) => return Step::Ret(-e),
-            };
-            slots.push(slot);
-        }
-        let reply = self.deputy.call(Request { nr, args, slots });
-        let mem = &self.space.mem;
-        let mut ret = reply.ret;
-        // Scatter outputs.
-        let mut outs = reply.outs.into_iter();
-        for (i, kind) in spec.iter().enumerate() {
-            let is_out = matches!(
-                kind,
-                A::Out(_)
-                    | A::OutElems(..)
-                    | A::SOut(_)
-                    | A::IovOut(_)
-                    | A::LenOut(_)
-                    | A::InOutElems(..)
-                    | A::SInOut(_)
-                    | A::FdSet(_)
-            );
-            if !is_out || (args[i] == 0 && !matches!(kind, A::IovOut(_))) {
-                continue;
-            }
-            let Some(buf) = outs.next() else { continue };
-            if ret < 0 && !matches!(kind, A::SInOut(_)) {
-                continue;
-            }
-            let res = match *kind {
-                A::Out(_) => mem.write(args[i], &buf[..(ret.max(0) as usize).min(buf.len())]),
-                A::OutElems(_, size) => mem.write(
-                    args[i],
-                    &buf[..(ret.max(0) as usize * size as usize).min(buf.len())],
-                ),
-                A::LenOut(_) => mem.write(args[i], &buf),
-                A::IovOut(_) => {
-                    let mut left = &buf[..(ret.max(0) as usize).min(buf.len())];
-                    let mut r = Ok(());
-                    for &(base, len) in &iov_out {
-                        if left.is_empty() {
-                            break;
-                        }
-                        let k = (len as usize).min(left.len());
-                        r = r.and(mem.write(base, &left[..k]));
-                        left = &left[k..];
-                    }
-                    r
-                }
-                _ => mem.write(args[i], &buf),
-            };
-            if res.is_err() {
-                ret = -EFAULT;
-            }
-        }
+        let ret = crate::forward::home_call(&self.space.mem, &mut *self.deputy, nr, args, base);
         if ret == -EPIPE
             && matches!(
                 nr as i64,
@@ -1124,7 +1050,7 @@ impl Vm {
             libc::SYS_getrlimit => self.prlimit(0, a[0], 0, a[1]),
             libc::SYS_setrlimit => self.prlimit(0, a[0], a[1], 0),
             libc::SYS_getrandom => {
-                let n = a[1].min(MAX_XFER) as usize;
+                let n = a[1].min(MAX_XFER as u64) as usize;
                 self.space.mem.check_range(a[0], n).map_err(|_| EFAULT)?;
                 let mut b = vec![0u8; n];
                 getrandom(&mut b);
@@ -1600,106 +1526,6 @@ impl Vm {
     pub fn wants_stats(&self) -> bool {
         self.opts.stats
     }
-}
-
-fn gather(
-    mem: &GuestMem,
-    kind: A,
-    ptr: u64,
-    args: &[u64; 6],
-    iov_out: &mut Vec<(u64, u64)>,
-) -> std::result::Result<Slot, i64> {
-    let read = |len: usize| -> std::result::Result<Vec<u8>, i64> {
-        let mut b = vec![0u8; len];
-        mem.read(ptr, &mut b).map_err(|_| EFAULT)?;
-        Ok(b)
-    };
-    let iovecs = |n: u8| -> std::result::Result<Vec<(u64, u64)>, i64> {
-        let cnt = args[n as usize];
-        if cnt > 1024 {
-            return Err(EINVAL);
-        }
-        let mut raw = vec![0u8; cnt as usize * 16];
-        if cnt > 0 {
-            mem.read(ptr, &mut raw).map_err(|_| EFAULT)?;
-        }
-        Ok(raw
-            .chunks_exact(16)
-            .map(|c| {
-                (
-                    u64::from_le_bytes(c[..8].try_into().expect("8")),
-                    u64::from_le_bytes(c[8..].try_into().expect("8")),
-                )
-            })
-            .collect())
-    };
-    Ok(match kind {
-        A::Path => {
-            let mut s =
-                mem.read_cstr(ptr, 4096)
-                    .map_err(|f| if f.0 == ptr { EFAULT } else { ENAMETOOLONG })?;
-            s.push(0);
-            Slot::In(s)
-        }
-        A::In(n) => Slot::In(read(args[n as usize].min(MAX_XFER) as usize)?),
-        A::Out(n) => {
-            let len = args[n as usize].min(MAX_XFER) as usize;
-            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
-            Slot::Out(len)
-        }
-        A::OutElems(n, size) => {
-            let len = (args[n as usize].min(1 << 20) as usize) * size as usize;
-            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
-            Slot::Out(len)
-        }
-        A::InOutElems(n, size) => Slot::InOut(read(
-            (args[n as usize].min(1 << 16) as usize) * size as usize,
-        )?),
-        A::SIn(size) => Slot::In(read(size as usize)?),
-        A::SOut(size) => {
-            mem.check_range(ptr, size as usize).map_err(|_| EFAULT)?;
-            Slot::Out(size as usize)
-        }
-        A::SInOut(size) => Slot::InOut(read(size as usize)?),
-        A::FdSet(n) => Slot::InOut(read(crate::deputy::fdset_bytes(args[n as usize]))?),
-        A::LenOut(n) => {
-            let lp = args[n as usize];
-            if lp == 0 {
-                return Ok(Slot::Null);
-            }
-            let mut l = [0u8; 4];
-            mem.read(lp, &mut l).map_err(|_| EFAULT)?;
-            let len = u32::from_le_bytes(l).min(1 << 16) as usize;
-            mem.check_range(ptr, len).map_err(|_| EFAULT)?;
-            Slot::Out(len)
-        }
-        A::IovIn(n) => {
-            let mut data = Vec::new();
-            for (base, len) in iovecs(n)? {
-                if data.len() as u64 + len > MAX_XFER {
-                    break;
-                }
-                let mut b = vec![0u8; len as usize];
-                mem.read(base, &mut b).map_err(|_| EFAULT)?;
-                data.extend_from_slice(&b);
-            }
-            Slot::In(data)
-        }
-        A::IovOut(n) => {
-            let v = iovecs(n)?;
-            let mut total = 0u64;
-            for &(base, len) in &v {
-                if total + len > MAX_XFER {
-                    break;
-                }
-                mem.check_range(base, len as usize).map_err(|_| EFAULT)?;
-                total += len;
-                iov_out.push((base, len));
-            }
-            Slot::Out(total as usize)
-        }
-        A::V | A::Fd | A::DirFd => Slot::Null,
-    })
 }
 
 fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {

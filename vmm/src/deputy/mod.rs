@@ -6,7 +6,9 @@
 //! output buffer) out, so a network can later sit between the VMM and the deputy without
 //! touching syscall code. The argument shapes come from the shared table (`table::spec`).
 
-use crate::table::{self, A};
+pub mod marshal;
+
+use crate::table;
 
 /// One buffer argument of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,16 @@ pub struct Reply {
     pub ret: i64,
     /// Output buffers.
     pub outs: Vec<Vec<u8>>,
+}
+
+impl Reply {
+    /// A failed call: -errno and no buffers.
+    pub fn err(errno: i64) -> Reply {
+        Reply {
+            ret: -errno,
+            outs: vec![],
+        }
+    }
 }
 
 /// Anything that executes forwarded syscalls.
@@ -358,209 +370,33 @@ impl HostDeputy {
         Some(r)
     }
 
-    /// Run a request whose arguments follow the table spec.
+    /// Run a request whose arguments follow the table spec, through the marshalling choke
+    /// point (`marshal`): the host call sees only buffers built here.
     fn generic(&mut self, req: Request) -> Reply {
         let base = match table::lookup(req.nr).map(|e| e.class) {
             Some(table::Class::Home(s)) => s,
-            _ => {
-                return Reply {
-                    ret: -(libc::ENOSYS as i64),
-                    outs: vec![],
-                }
-            }
+            _ => return Reply::err(libc::ENOSYS as i64),
         };
-        let spec = match table::spec(req.nr, &req.args, base) {
-            Ok(s) => s,
-            Err(e) => {
-                return Reply {
-                    ret: -e,
-                    outs: vec![],
-                }
-            }
+        let nr = req.nr;
+        let args = req.args;
+        let mut call = match marshal::Call::prepare(req, base, self) {
+            Ok(c) => c,
+            Err(e) => return Reply::err(e),
         };
-        let mut args = req.args;
-        let mut slots = req.slots.into_iter();
-        // Buffers live here until the call returns; `outs` are returned in slot order.
-        let mut ins: Vec<Vec<u8>> = Vec::new();
-        let mut outs: Vec<Vec<u8>> = Vec::new();
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(2);
-        // (output index, slot kind) of fd-carrying buffers to translate back.
-        let mut fdsets: Vec<(usize, u64)> = Vec::new();
-        let mut pollfds: Option<usize> = None;
-        let mut ptr_of = [None::<(bool, usize)>; 6]; // (is_out, index)
-        for i in 0..6 {
-            match spec[i] {
-                A::V => {}
-                A::Fd => match self.host_fd(args[i]) {
-                    Ok(h) => args[i] = h as u64,
-                    Err(e) => {
-                        return Reply {
-                            ret: -e,
-                            outs: vec![],
-                        }
-                    }
-                },
-                A::DirFd => {
-                    if args[i] as i32 != libc::AT_FDCWD {
-                        match self.host_fd(args[i]) {
-                            Ok(h) => args[i] = h as u64,
-                            Err(e) => {
-                                return Reply {
-                                    ret: -e,
-                                    outs: vec![],
-                                }
-                            }
-                        }
-                    }
-                }
-                kind => {
-                    let mut slot = slots.next().unwrap_or(Slot::Null);
-                    if let (A::Path, Slot::In(p)) = (kind, &slot) {
-                        if let Some(q) = self.rewrite_path(p) {
-                            slot = Slot::In(q);
-                        }
-                    }
-                    match slot {
-                        Slot::Null => args[i] = 0,
-                        Slot::In(b) => {
-                            ins.push(b);
-                            ptr_of[i] = Some((false, ins.len() - 1));
-                        }
-                        Slot::Out(n) => {
-                            outs.push(vec![0u8; n]);
-                            ptr_of[i] = Some((true, outs.len() - 1));
-                        }
-                        Slot::InOut(b) => {
-                            outs.push(b);
-                            ptr_of[i] = Some((true, outs.len() - 1));
-                        }
-                    }
-                    if let Some((true, k)) = ptr_of[i] {
-                        match kind {
-                            A::FdSet(_) => fdsets.push((k, i as u64)),
-                            A::InOutElems(..)
-                                if matches!(req.nr as i64, libc::SYS_poll | libc::SYS_ppoll) =>
-                            {
-                                pollfds = Some(k)
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-        }
-        // Translate descriptors inside buffers.
-        if let Some(k) = pollfds {
-            for e in outs[k].chunks_exact_mut(8) {
-                let g = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
-                if g >= 0 {
-                    let h = self.host_fd(g as u64).unwrap_or(i32::MAX);
-                    e[0..4].copy_from_slice(&h.to_le_bytes());
-                }
-            }
-        }
-        let mut fdset_maps: Vec<Vec<(usize, i32)>> = Vec::new();
-        if !fdsets.is_empty() {
-            let nfds = args[0].min(MAX_FDS as u64) as usize;
-            let mut max_host = -1;
-            for &(k, _) in &fdsets {
-                let guest = std::mem::take(&mut outs[k]);
-                let mut host = vec![0u8; fdset_bytes(MAX_FDS as u64)];
-                let mut map = Vec::new();
-                for g in 0..nfds.min(guest.len() * 8) {
-                    if guest[g / 8] & (1 << (g % 8)) != 0 {
-                        let h = match self.host_fd(g as u64) {
-                            Ok(h) if (h as usize) < MAX_FDS => h,
-                            _ => {
-                                return Reply {
-                                    ret: -EBADF,
-                                    outs: vec![],
-                                }
-                            }
-                        };
-                        host[h as usize / 8] |= 1 << (h % 8);
-                        map.push((g, h));
-                        max_host = max_host.max(h);
-                    }
-                }
-                outs[k] = host;
-                fdset_maps.push(map);
-            }
-            args[0] = (max_host + 1) as u64;
-        }
-        // Point the arguments at the buffers.
-        for i in 0..6 {
-            let Some((is_out, k)) = ptr_of[i] else {
-                continue;
-            };
-            let (ptr, len) = if is_out {
-                (outs[k].as_mut_ptr(), outs[k].len())
-            } else {
-                (ins[k].as_mut_ptr(), ins[k].len())
-            };
-            match spec[i] {
-                A::IovIn(n) | A::IovOut(n) => {
-                    iovs.push(libc::iovec {
-                        iov_base: ptr as *mut libc::c_void,
-                        iov_len: len,
-                    });
-                    args[i] = iovs.last().expect("pushed") as *const libc::iovec as u64;
-                    args[n as usize] = 1;
-                }
-                _ => args[i] = ptr as u64,
-            }
-        }
-        // The shapes come from the shared table and every length the kernel reads (counts,
-        // sizes) is the one its buffer was allocated with; descriptors are the guest's own.
-        // SAFETY: every pointer argument points into a buffer owned by this function (`ins`,
-        // `outs`, `iovs`) at least as long as the kernel will access.
-        let ret = unsafe {
-            libc::syscall(
-                req.nr as libc::c_long,
-                args[0],
-                args[1],
-                args[2],
-                args[3],
-                args[4],
-                args[5],
-            )
-        };
-        let ret = if ret < 0 { -errno() } else { ret as i64 };
-        // Translate back.
-        if let Some(k) = pollfds {
-            for e in outs[k].chunks_exact_mut(8) {
-                let h = i32::from_le_bytes(e[0..4].try_into().expect("4 bytes"));
-                if h >= 0 {
-                    let g = self.guest_of(h).unwrap_or(-1);
-                    e[0..4].copy_from_slice(&g.to_le_bytes());
-                }
-            }
-        }
-        for ((k, _), map) in fdsets.iter().zip(&fdset_maps) {
-            let host = std::mem::take(&mut outs[*k]);
-            let mut guest = vec![0u8; fdset_bytes(req.args[0])];
-            if ret >= 0 {
-                for &(g, h) in map {
-                    if host[h as usize / 8] & (1 << (h % 8)) != 0 {
-                        guest[g / 8] |= 1 << (g % 8);
-                    }
-                }
-            }
-            outs[*k] = guest;
-        }
-        let mut ret = ret;
-        if ret >= 0 {
-            if table::returns_fd(req.nr) {
-                let cloexec = self.new_fd_cloexec(&req.nr, &req.args);
-                ret = self.install(ret as i32, 0, cloexec);
+        let ret = call.run();
+        let mut reply = call.finish(ret, self);
+        if reply.ret >= 0 {
+            if table::returns_fd(nr) {
+                let cloexec = self.new_fd_cloexec(&nr, &args);
+                reply.ret = self.install(reply.ret as i32, 0, cloexec);
             } else if matches!(
-                req.nr as i64,
+                nr as i64,
                 libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair
             ) {
-                if let Some(buf) = outs.first_mut() {
-                    let cloexec = match req.nr as i64 {
-                        libc::SYS_pipe2 => req.args[1] & libc::O_CLOEXEC as u64 != 0,
-                        libc::SYS_socketpair => req.args[1] & libc::SOCK_CLOEXEC as u64 != 0,
+                if let Some(buf) = reply.outs.first_mut().filter(|b| b.len() >= 8) {
+                    let cloexec = match nr as i64 {
+                        libc::SYS_pipe2 => args[1] & libc::O_CLOEXEC as u64 != 0,
+                        libc::SYS_socketpair => args[1] & libc::SOCK_CLOEXEC as u64 != 0,
                         _ => false,
                     };
                     let h0 = i32::from_le_bytes(buf[0..4].try_into().expect("int[2]"));
@@ -568,7 +404,7 @@ impl HostDeputy {
                     let g0 = self.install(h0, 0, cloexec);
                     let g1 = self.install(h1, 0, cloexec);
                     if g0 < 0 || g1 < 0 {
-                        ret = -EMFILE;
+                        reply.ret = -EMFILE;
                     } else {
                         buf[0..4].copy_from_slice(&(g0 as i32).to_le_bytes());
                         buf[4..8].copy_from_slice(&(g1 as i32).to_le_bytes());
@@ -576,14 +412,7 @@ impl HostDeputy {
                 }
             }
         }
-        Reply { ret, outs }
-    }
-
-    fn guest_of(&self, host: i32) -> Option<i32> {
-        self.fds
-            .iter()
-            .position(|f| f.is_some_and(|f| f.host == host))
-            .map(|i| i as i32)
+        reply
     }
 
     fn new_fd_cloexec(&self, nr: &u64, a: &[u64; 6]) -> bool {
@@ -605,6 +434,20 @@ fn close_host(h: i32) {
     // SAFETY: closing a descriptor this deputy owns (installed from a host call's result).
     unsafe {
         libc::close(h);
+    }
+}
+
+impl marshal::FdMap for HostDeputy {
+    fn host_fd(&self, guest: u64) -> Result<i32, i64> {
+        HostDeputy::host_fd(self, guest)
+    }
+
+    fn rewrite_path(&self, path: &[u8]) -> Option<Vec<u8>> {
+        HostDeputy::rewrite_path(self, path)
+    }
+
+    fn install(&mut self, host: i32, cloexec: bool) -> i64 {
+        HostDeputy::install(self, host, 0, cloexec)
     }
 }
 

@@ -1,0 +1,580 @@
+//! The VMM side of a home call: gather every input buffer from guest memory into one
+//! [`Request`], hand it to the deputy, and scatter the [`Reply`]'s buffers back, never writing
+//! more than the guest asked for nor more than the host wrote. Reads and writes longer than one
+//! request carries ([`MAX_XFER`]) are split into several requests, so a single 1 GiB `read`
+//! or `write` transfers as much as natively (Linux caps one call at [`MAX_RW_COUNT`]).
+//!
+//! The deputy does not trust what arrives here (`deputy::marshal` is the choke point); this
+//! side only promises to ask for no more than the guest's own arguments describe.
+
+use crate::deputy::marshal::{
+    MsgHead, MAX_CONTROL, MAX_RW_COUNT, MAX_SOCKBUF, MAX_XFER, MSG_HEAD, PATH_MAX, SOCKADDR_MAX,
+};
+use crate::deputy::{fdset_bytes, Deputy, Request, Slot};
+use crate::memory::GuestMem;
+use crate::table::{self, A};
+
+const EFAULT: i64 = libc::EFAULT as i64;
+const EINVAL: i64 = libc::EINVAL as i64;
+const EMSGSIZE: i64 = libc::EMSGSIZE as i64;
+const ENAMETOOLONG: i64 = libc::ENAMETOOLONG as i64;
+const ENOBUFS: i64 = libc::ENOBUFS as i64;
+/// Linux's `UIO_MAXIOV`: most iovecs one call takes.
+const UIO_MAXIOV: u64 = 1024;
+/// End of the user address space (`TASK_SIZE_MAX` with 4-level paging): `access_ok` fails
+/// beyond it, so such a buffer is EFAULT before anything moves.
+const TASK_SIZE_MAX: u64 = 0x7fff_ffff_f000;
+
+/// A guest buffer: (guest virtual address, length).
+type Seg = (u64, u64);
+
+/// A `recvmsg` in flight: where its outputs go in guest memory.
+struct MsgDest {
+    hdr: u64,
+    name: u64,
+    name_cap: usize,
+    control: u64,
+    control_cap: usize,
+    iov: Vec<Seg>,
+}
+
+/// Run home call `nr` (table row `base`) for the guest: -errno or the result.
+pub fn home_call(
+    mem: &GuestMem,
+    deputy: &mut dyn Deputy,
+    nr: u64,
+    args: [u64; 6],
+    base: &'static [A],
+) -> i64 {
+    if let Some(x) = Transfer::of(nr) {
+        return transfer(mem, deputy, nr, args, x);
+    }
+    let spec = match table::spec(nr, &args, base) {
+        Ok(s) => s,
+        Err(e) => return -e,
+    };
+    let mut slots = Vec::new();
+    let mut msg: Option<MsgDest> = None;
+    // For each argument: the bytes the guest's buffer holds when an output comes back for it.
+    let mut cap: [Option<u64>; 6] = [None; 6];
+    for (i, kind) in spec.iter().enumerate() {
+        if !kind.is_slot() {
+            continue;
+        }
+        let slot = if args[i] == 0 {
+            Slot::Null
+        } else {
+            match gather(mem, *kind, args[i], &args, &mut msg) {
+                Ok(s) => s,
+                Err(e) => return -e,
+            }
+        };
+        if kind.is_out() {
+            cap[i] = match &slot {
+                Slot::Null | Slot::In(_) => None,
+                Slot::Out(n) => Some(*n as u64),
+                Slot::InOut(b) => Some(b.len() as u64),
+            };
+        }
+        slots.push(slot);
+    }
+    let reply = deputy.call(Request { nr, args, slots });
+    let mut ret = reply.ret;
+    let mut outs = reply.outs.into_iter();
+    for (i, kind) in spec.iter().enumerate() {
+        let Some(cap) = cap[i] else { continue };
+        let Some(buf) = outs.next() else { break };
+        if ret < 0 && !matches!(kind, A::SInOut(_)) {
+            continue;
+        }
+        let res = match *kind {
+            A::Out(_) => put(mem, args[i], &buf, ret, cap),
+            A::OutElems(_, size) => put(mem, args[i], &buf, ret.saturating_mul(size as i64), cap),
+            A::MsgOut => match msg.as_ref() {
+                Some(d) => scatter_msg(mem, d, &buf),
+                None => Ok(()),
+            },
+            _ => put(mem, args[i], &buf, i64::MAX, cap),
+        };
+        if let Err(e) = res {
+            ret = -e;
+        }
+    }
+    ret
+}
+
+/// Write at most `min(got, cap, buf.len())` bytes of `buf` at `va`.
+fn put(mem: &GuestMem, va: u64, buf: &[u8], got: i64, cap: u64) -> Result<(), i64> {
+    let n = (got.max(0) as u64).min(cap).min(buf.len() as u64) as usize;
+    mem.write(va, &buf[..n]).map_err(|_| EFAULT)
+}
+
+/// The length of the mapped prefix of `[va, va+len)`, whole pages at a time.
+fn mapped_prefix(mem: &GuestMem, va: u64, len: u64) -> u64 {
+    let mut done = 0u64;
+    while done < len {
+        let cur = va + done;
+        let step = (4096 - (cur & 4095)).min(len - done);
+        if mem.check_range(cur, step as usize).is_err() {
+            break;
+        }
+        done += step;
+    }
+    done
+}
+
+fn read_vec(mem: &GuestMem, va: u64, len: usize) -> Result<Vec<u8>, i64> {
+    let mut b = vec![0u8; len];
+    mem.read(va, &mut b).map_err(|_| EFAULT)?;
+    Ok(b)
+}
+
+/// Read a guest iovec array of `cnt` entries with Linux's checks (`import_iovec`): more
+/// than UIO_MAXIOV entries is `too_many` (EINVAL, or EMSGSIZE for a msghdr), a negative length
+/// EINVAL, a piece reaching past the user address space EFAULT.
+fn iovecs(mem: &GuestMem, ptr: u64, cnt: u64, too_many: i64) -> Result<Vec<Seg>, i64> {
+    if cnt > UIO_MAXIOV {
+        return Err(too_many);
+    }
+    if cnt == 0 {
+        return Ok(Vec::new());
+    }
+    let raw = read_vec(mem, ptr, cnt as usize * 16)?;
+    let v: Vec<Seg> = raw
+        .chunks_exact(16)
+        .map(|c| {
+            (
+                u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+            )
+        })
+        .collect();
+    if v.iter().any(|&(_, l)| l > i64::MAX as u64) {
+        return Err(EINVAL);
+    }
+    if v.iter().any(|&(b, l)| beyond_user(b, l)) {
+        return Err(EFAULT);
+    }
+    Ok(v)
+}
+
+/// Whether `[va, va+len)` reaches past the user address space (`access_ok` fails).
+fn beyond_user(va: u64, len: u64) -> bool {
+    va.checked_add(len).is_none_or(|end| end > TASK_SIZE_MAX)
+}
+
+/// A path, NUL included, as Linux's `strncpy_from_user` takes it: EFAULT where it runs into
+/// unmapped memory, ENAMETOOLONG when PATH_MAX bytes hold no NUL.
+fn read_path(mem: &GuestMem, ptr: u64) -> Result<Vec<u8>, i64> {
+    let mut out = Vec::new();
+    let mut cur = ptr;
+    while out.len() < PATH_MAX {
+        let n = ((4096 - (cur & 4095)) as usize).min(PATH_MAX - out.len());
+        let piece = read_vec(mem, cur, n)?;
+        if let Some(z) = piece.iter().position(|&b| b == 0) {
+            out.extend_from_slice(&piece[..=z]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&piece);
+        cur = cur.checked_add(n as u64).ok_or(EFAULT)?;
+    }
+    Err(ENAMETOOLONG)
+}
+
+/// Gather one buffer argument.
+fn gather(
+    mem: &GuestMem,
+    kind: A,
+    ptr: u64,
+    args: &[u64; 6],
+    msg: &mut Option<MsgDest>,
+) -> Result<Slot, i64> {
+    let checked_out = |len: usize| -> Result<Slot, i64> {
+        mem.check_range(ptr, len).map_err(|_| EFAULT)?;
+        Ok(Slot::Out(len))
+    };
+    Ok(match kind {
+        A::Path => Slot::In(read_path(mem, ptr)?),
+        A::In(n) => Slot::In(read_vec(
+            mem,
+            ptr,
+            args[n as usize].min(MAX_XFER as u64) as usize,
+        )?),
+        A::Out(n) => checked_out(args[n as usize].min(MAX_XFER as u64) as usize)?,
+        A::OutElems(n, size) => {
+            let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
+            checked_out(elems as usize * size as usize)?
+        }
+        A::InOutElems(n, size) => {
+            let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
+            Slot::InOut(read_vec(mem, ptr, elems as usize * size as usize)?)
+        }
+        A::SIn(size) => Slot::In(read_vec(mem, ptr, size as usize)?),
+        A::SOut(size) => checked_out(size as usize)?,
+        A::SInOut(size) => Slot::InOut(read_vec(mem, ptr, size as usize)?),
+        A::FdSet(n) => Slot::InOut(read_vec(mem, ptr, fdset_bytes(args[n as usize]))?),
+        A::LenOut(n) => {
+            let lp = args[n as usize];
+            if lp == 0 {
+                return Ok(Slot::Null);
+            }
+            let mut l = [0u8; 4];
+            mem.read(lp, &mut l).map_err(|_| EFAULT)?;
+            let l = u32::from_le_bytes(l);
+            if (l as i32) < 0 {
+                return Err(EINVAL);
+            }
+            checked_out((l as usize).min(MAX_SOCKBUF))?
+        }
+        A::SigPack => {
+            let ss = mem.read_u64_va(ptr).map_err(|_| EFAULT)?;
+            let len = mem.read_u64_va(ptr + 8).map_err(|_| EFAULT)?;
+            if ss == 0 {
+                Slot::Null
+            } else if len != 8 {
+                return Err(EINVAL);
+            } else {
+                Slot::In(read_vec(mem, ss, 8)?)
+            }
+        }
+        A::MsgIn | A::MsgOut => {
+            let h = read_vec(mem, ptr, 56)?;
+            let u64at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+            let name = u64at(0);
+            let name_len = if name == 0 {
+                0
+            } else {
+                let l = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as i32;
+                if l < 0 {
+                    return Err(EINVAL);
+                }
+                (l as usize).min(SOCKADDR_MAX)
+            };
+            let iov = iovecs(mem, u64at(16), u64at(24), EMSGSIZE)?;
+            let control = u64at(32);
+            let control_len = if control == 0 { 0 } else { u64at(40) };
+            if control_len > i32::MAX as u64 {
+                return Err(ENOBUFS);
+            }
+            if control_len > MAX_CONTROL as u64 {
+                return Err(ENOBUFS);
+            }
+            let control_len = control_len as usize;
+            let mut data_len = 0u64;
+            let mut segs = Vec::new();
+            for (b, l) in iov {
+                let l = l.min(MAX_XFER as u64 - data_len);
+                segs.push((b, l));
+                data_len += l;
+            }
+            let mut head = MsgHead {
+                name_len: name_len as u32,
+                control_len: control_len as u32,
+                flags: 0,
+                data_len,
+            };
+            if kind == A::MsgOut {
+                for &(b, l) in &segs {
+                    mem.check_range(b, l as usize).map_err(|_| EFAULT)?;
+                }
+                mem.check_range(name, name_len).map_err(|_| EFAULT)?;
+                mem.check_range(control, control_len).map_err(|_| EFAULT)?;
+                *msg = Some(MsgDest {
+                    hdr: ptr,
+                    name,
+                    name_cap: name_len,
+                    control,
+                    control_cap: control_len,
+                    iov: segs,
+                });
+                Slot::InOut(head.to_bytes().to_vec())
+            } else {
+                let mut body = Vec::with_capacity(MSG_HEAD + name_len + control_len);
+                body.extend_from_slice(&[0; MSG_HEAD]);
+                body.extend_from_slice(&read_vec(mem, name, name_len)?);
+                body.extend_from_slice(&read_vec(mem, control, control_len)?);
+                for (b, l) in segs {
+                    body.extend_from_slice(&read_vec(mem, b, l as usize)?);
+                }
+                head.data_len = (body.len() - MSG_HEAD - name_len - control_len) as u64;
+                body[..MSG_HEAD].copy_from_slice(&head.to_bytes());
+                Slot::In(body)
+            }
+        }
+        A::IovIn(_) | A::IovOut(_) | A::V | A::Fd | A::DirFd => Slot::Null,
+    })
+}
+
+/// Write a `recvmsg` reply into the guest's `msghdr`, its name, control and iovec buffers.
+fn scatter_msg(mem: &GuestMem, d: &MsgDest, buf: &[u8]) -> Result<(), i64> {
+    let Some(head) = MsgHead::parse(buf) else {
+        return Ok(());
+    };
+    let body = &buf[MSG_HEAD..];
+    let name_n = (head.name_len as usize).min(d.name_cap).min(body.len());
+    let control_n = (head.control_len as usize)
+        .min(d.control_cap)
+        .min(body.len().saturating_sub(name_n));
+    let data = body
+        .get(name_n + control_n..)
+        .unwrap_or(&[])
+        .get(..head.data_len as usize)
+        .unwrap_or(&[]);
+    let fault = |_| EFAULT;
+    if d.name != 0 {
+        mem.write(d.name, &body[..name_n]).map_err(fault)?;
+        // msg_namelen: the address's real length, as the kernel reports it.
+        mem.write(d.hdr + 8, &head.name_len.to_le_bytes())
+            .map_err(fault)?;
+    }
+    if d.control != 0 {
+        mem.write(d.control, &body[name_n..name_n + control_n])
+            .map_err(fault)?;
+    }
+    mem.write(d.hdr + 40, &(control_n as u64).to_le_bytes())
+        .map_err(fault)?;
+    mem.write(d.hdr + 48, &head.flags.to_le_bytes())
+        .map_err(fault)?;
+    let mut left = data;
+    for &(b, l) in &d.iov {
+        if left.is_empty() {
+            break;
+        }
+        let k = (l as usize).min(left.len());
+        mem.write(b, &left[..k]).map_err(fault)?;
+        left = &left[k..];
+    }
+    Ok(())
+}
+
+/// A read or write of user data that may be longer than one request carries.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    write: bool,
+    /// The data is an iovec array (count in argument 2).
+    iov: bool,
+    /// The argument holding the file offset (`pread64`, `preadv`, ...), if any.
+    pos: Option<usize>,
+}
+
+impl Transfer {
+    fn of(nr: u64) -> Option<Transfer> {
+        let t = |write, iov, pos| Some(Transfer { write, iov, pos });
+        match nr as i64 {
+            libc::SYS_read => t(false, false, None),
+            libc::SYS_write | libc::SYS_sendto => t(true, false, None),
+            libc::SYS_pread64 => t(false, false, Some(3)),
+            libc::SYS_pwrite64 => t(true, false, Some(3)),
+            libc::SYS_readv => t(false, true, None),
+            libc::SYS_writev => t(true, true, None),
+            libc::SYS_preadv | libc::SYS_preadv2 => t(false, true, Some(3)),
+            libc::SYS_pwritev | libc::SYS_pwritev2 => t(true, true, Some(3)),
+            _ => None,
+        }
+    }
+}
+
+/// Take the next at most `max` bytes of `segs` (advancing it).
+fn take(segs: &mut Vec<Seg>, max: u64) -> Vec<Seg> {
+    let mut out = Vec::new();
+    let mut left = max;
+    while left > 0 && !segs.is_empty() {
+        let (b, l) = segs[0];
+        let k = l.min(left);
+        if k > 0 {
+            out.push((b, k));
+        }
+        left -= k;
+        if k == l {
+            segs.remove(0);
+        } else {
+            segs[0] = (b + k, l - k);
+        }
+    }
+    out
+}
+
+/// Whether guest descriptor `fd` is a regular file or block device (a read of it that filled
+/// one request's buffer may go on without blocking).
+fn is_file(deputy: &mut dyn Deputy, fd: u64) -> bool {
+    let r = deputy.call(Request {
+        nr: libc::SYS_fstat as u64,
+        args: [fd, 0, 0, 0, 0, 0],
+        slots: vec![Slot::Out(144)],
+    });
+    let mode = r
+        .outs
+        .first()
+        .and_then(|b| b.get(24..28))
+        .map_or(0, |m| u32::from_le_bytes(m.try_into().expect("4 bytes")));
+    r.ret == 0 && matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK)
+}
+
+/// Run a small call at home: (result, first output buffer).
+fn home(deputy: &mut dyn Deputy, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> (i64, Vec<u8>) {
+    let r = deputy.call(Request {
+        nr: nr as u64,
+        args,
+        slots,
+    });
+    (r.ret, r.outs.into_iter().next().unwrap_or_default())
+}
+
+/// What Linux answers for a read or write whose buffer is not mapped at all: EBADF when the
+/// descriptor is not open for it (checked first), 0 for a read of a regular file at its end
+/// (nothing is copied, so nothing faults), else EFAULT.
+fn unmapped_result(deputy: &mut dyn Deputy, args: [u64; 6], x: Transfer) -> i64 {
+    let fd = args[0];
+    let (fl, _) = home(
+        deputy,
+        libc::SYS_fcntl,
+        [fd, libc::F_GETFL as u64, 0, 0, 0, 0],
+        vec![],
+    );
+    if fl < 0 {
+        return fl;
+    }
+    let mode = fl as i32 & libc::O_ACCMODE;
+    if mode
+        == if x.write {
+            libc::O_RDONLY
+        } else {
+            libc::O_WRONLY
+        }
+    {
+        return -(libc::EBADF as i64);
+    }
+    if x.write {
+        return -EFAULT;
+    }
+    let (r, st) = home(
+        deputy,
+        libc::SYS_fstat,
+        [fd, 0, 0, 0, 0, 0],
+        vec![Slot::Out(144)],
+    );
+    let field = |o: usize| {
+        st.get(o..o + 8)
+            .map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if r < 0 || field(24) as u32 & libc::S_IFMT != libc::S_IFREG {
+        return -EFAULT;
+    }
+    let pos = match x.pos {
+        Some(p) if !(x.iov && args[p] as i64 == -1) => args[p] as i64,
+        _ => {
+            home(
+                deputy,
+                libc::SYS_lseek,
+                [fd, 0, libc::SEEK_CUR as u64, 0, 0, 0],
+                vec![],
+            )
+            .0
+        }
+    };
+    if pos >= field(48) {
+        0
+    } else {
+        -EFAULT
+    }
+}
+
+/// A read or write, in requests of at most [`MAX_XFER`] bytes each, as one call would behave
+/// natively: the total is capped at [`MAX_RW_COUNT`]; a write goes on while each request is
+/// taken whole; a read goes on only on a regular file or block device, while each request is
+/// filled. An error after some bytes moved returns the bytes moved, as Linux does.
+fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x: Transfer) -> i64 {
+    let mut segs = if x.iov {
+        match iovecs(mem, args[1], args[2], EINVAL) {
+            Ok(v) => v,
+            Err(e) => return -e,
+        }
+    } else {
+        let (b, l) = (args[1], args[2]);
+        if beyond_user(b, l) {
+            return -EFAULT;
+        }
+        vec![(b, l)]
+    };
+    let total: u64 = segs.iter().map(|s| s.1).sum::<u64>().min(MAX_RW_COUNT);
+    let mut done = 0u64;
+    let mut file: Option<bool> = None;
+    loop {
+        let chunk = take(&mut segs, (total - done).min(MAX_XFER as u64));
+        // Only the mapped prefix moves; nothing mapped at all is EFAULT.
+        let mut len = 0u64;
+        let mut ok = Vec::new();
+        for &(b, l) in &chunk {
+            let m = mapped_prefix(mem, b, l);
+            if m > 0 {
+                ok.push((b, m));
+            }
+            len += m;
+            if m < l {
+                break;
+            }
+        }
+        let want: u64 = chunk.iter().map(|s| s.1).sum();
+        if len == 0 && want > 0 {
+            return if done > 0 {
+                done as i64
+            } else {
+                unmapped_result(deputy, args, x)
+            };
+        }
+        let mut a = args;
+        a[2] = if x.iov { 1 } else { len };
+        if let Some(p) = x.pos {
+            if !(x.iov && a[p] as i64 == -1) {
+                a[p] = args[p].wrapping_add(done);
+            }
+        }
+        let slot = if x.write {
+            let mut data = Vec::with_capacity(len as usize);
+            for &(b, l) in &ok {
+                match read_vec(mem, b, l as usize) {
+                    Ok(v) => data.extend_from_slice(&v),
+                    Err(e) => return if done > 0 { done as i64 } else { -e },
+                }
+            }
+            Slot::In(data)
+        } else {
+            Slot::Out(len as usize)
+        };
+        let mut slots = vec![slot];
+        // sendto's address.
+        if nr as i64 == libc::SYS_sendto && args[4] != 0 {
+            let alen = args[5].min(MAX_SOCKBUF as u64) as usize;
+            match read_vec(mem, args[4], alen) {
+                Ok(v) => slots.push(Slot::In(v)),
+                Err(e) => return -e,
+            }
+        }
+        let r = deputy.call(Request { nr, args: a, slots });
+        if r.ret < 0 {
+            return if done > 0 { done as i64 } else { r.ret };
+        }
+        let got = (r.ret as u64).min(len);
+        if !x.write {
+            let data = r.outs.first().map_or(&[][..], Vec::as_slice);
+            let mut left = &data[..(got as usize).min(data.len())];
+            for &(b, l) in &ok {
+                if left.is_empty() {
+                    break;
+                }
+                let k = (l as usize).min(left.len());
+                if mem.write(b, &left[..k]).is_err() {
+                    return if done > 0 { done as i64 } else { -EFAULT };
+                }
+                left = &left[k..];
+            }
+        }
+        done += got;
+        if got < want || done >= total {
+            return done as i64;
+        }
+        if !x.write && !*file.get_or_insert_with(|| is_file(deputy, args[0])) {
+            return done as i64;
+        }
+    }
+}
