@@ -41,6 +41,7 @@ pub fn to_wire(seq: u64, r: Request) -> DeputyRequest {
                 Slot::In(b) => WireSlot::In(b),
                 Slot::Out(n) => WireSlot::Out(n as u64),
                 Slot::InOut(b) => WireSlot::InOut(b),
+                Slot::Fault => WireSlot::Fault,
             })
             .collect(),
     }
@@ -58,8 +59,11 @@ pub fn from_wire(r: DeputyRequest) -> Request {
                 WireSlot::Null => Slot::Null,
                 WireSlot::In(b) => Slot::In(b),
                 // A request names its own output sizes; the VMM side caps them (64 MiB).
-                WireSlot::Out(n) => Slot::Out(n.min(64 << 20) as usize),
+                WireSlot::Out(n) => {
+                    Slot::Out(n.min(vmm::deputy::marshal::MAX_XFER as u64) as usize)
+                }
                 WireSlot::InOut(b) => Slot::InOut(b),
+                WireSlot::Fault => Slot::Fault,
             })
             .collect(),
     }

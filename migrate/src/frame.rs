@@ -28,7 +28,7 @@ use crate::pages::PageBatch;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MOSV";
 /// The protocol version this build speaks. Bump it on any change to a message's layout.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
 /// Largest payload accepted or produced (64 MiB).
@@ -156,6 +156,10 @@ pub enum Slot {
     Out(u64),
     /// Input and output: bytes travel both ways.
     InOut(Vec<u8>),
+    /// Guest memory that could not be read or written: the deputy hands the host call a
+    /// pointer that faults, so the kernel answers EFAULT where Linux would (after its
+    /// descriptor and flag checks).
+    Fault,
 }
 
 /// A home-dependent system call forwarded to the deputy: one request, one reply.
@@ -882,6 +886,7 @@ mod tests {
                     Slot::In(b"hello".to_vec()),
                     Slot::Out(64),
                     Slot::InOut(vec![1, 2]),
+                    Slot::Fault,
                 ],
             }),
             Message::DeputyReply(DeputyReply {

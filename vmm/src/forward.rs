@@ -55,6 +55,10 @@ pub fn home_call(
     };
     let mut slots = Vec::new();
     let mut msg: Option<MsgDest> = None;
+    // An argument the VMM already knows is wrong (EINVAL, ENAMETOOLONG...): the host call
+    // faults there instead, so the checks Linux makes before it still come first; then the
+    // guest gets this errno in place of EFAULT.
+    let mut known: Option<i64> = None;
     // For each argument: the bytes the guest's buffer holds when an output comes back for it.
     let mut cap: [Option<u64>; 6] = [None; 6];
     for (i, kind) in spec.iter().enumerate() {
@@ -64,14 +68,19 @@ pub fn home_call(
         let slot = if args[i] == 0 {
             Slot::Null
         } else {
-            match gather(mem, *kind, args[i], &args, &mut msg) {
+            match gather(mem, nr, *kind, args[i], &args, &mut msg) {
                 Ok(s) => s,
-                Err(e) => return -e,
+                // The host call faults in its turn, after the checks Linux makes first.
+                Err(EFAULT) => Slot::Fault,
+                Err(e) => {
+                    known.get_or_insert(e);
+                    Slot::Fault
+                }
             }
         };
         if kind.is_out() {
             cap[i] = match &slot {
-                Slot::Null | Slot::In(_) => None,
+                Slot::Null | Slot::In(_) | Slot::Fault => None,
                 Slot::Out(n) => Some(*n as u64),
                 Slot::InOut(b) => Some(b.len() as u64),
             };
@@ -79,7 +88,10 @@ pub fn home_call(
         slots.push(slot);
     }
     let reply = deputy.call(Request { nr, args, slots });
-    let mut ret = reply.ret;
+    let mut ret = match known {
+        Some(e) if reply.ret == -EFAULT => -e,
+        _ => reply.ret,
+    };
     let mut outs = reply.outs.into_iter();
     for (i, kind) in spec.iter().enumerate() {
         let Some(cap) = cap[i] else { continue };
@@ -163,6 +175,19 @@ fn beyond_user(va: u64, len: u64) -> bool {
     va.checked_add(len).is_none_or(|end| end > TASK_SIZE_MAX)
 }
 
+/// The elements of `size` bytes that length argument `n` asks for, at most a request's
+/// worth; a C `int` length counts by its low 32 bits and a negative one asks for nothing (the
+/// kernel refuses it).
+fn len_arg(nr: u64, args: &[u64; 6], n: u8, size: u16) -> u64 {
+    let v = args[n as usize];
+    let v = if table::int_len(nr, n) {
+        (v as i32).max(0) as u64
+    } else {
+        v
+    };
+    v.min((MAX_XFER / size as usize) as u64)
+}
+
 /// A path, NUL included, as Linux's `strncpy_from_user` takes it: EFAULT where it runs into
 /// unmapped memory, ENAMETOOLONG when PATH_MAX bytes hold no NUL.
 fn read_path(mem: &GuestMem, ptr: u64) -> Result<Vec<u8>, i64> {
@@ -184,6 +209,7 @@ fn read_path(mem: &GuestMem, ptr: u64) -> Result<Vec<u8>, i64> {
 /// Gather one buffer argument.
 fn gather(
     mem: &GuestMem,
+    nr: u64,
     kind: A,
     ptr: u64,
     args: &[u64; 6],
@@ -195,16 +221,9 @@ fn gather(
     };
     Ok(match kind {
         A::Path => Slot::In(read_path(mem, ptr)?),
-        A::In(n) => Slot::In(read_vec(
-            mem,
-            ptr,
-            args[n as usize].min(MAX_XFER as u64) as usize,
-        )?),
-        A::Out(n) => checked_out(args[n as usize].min(MAX_XFER as u64) as usize)?,
-        A::OutElems(n, size) => {
-            let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
-            checked_out(elems as usize * size as usize)?
-        }
+        A::In(n) => Slot::In(read_vec(mem, ptr, len_arg(nr, args, n, 1) as usize)?),
+        A::Out(n) => checked_out(len_arg(nr, args, n, 1) as usize)?,
+        A::OutElems(n, size) => checked_out(len_arg(nr, args, n, size) as usize * size as usize)?,
         A::InOutElems(n, size) => {
             let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
             Slot::InOut(read_vec(mem, ptr, elems as usize * size as usize)?)
@@ -410,75 +429,6 @@ fn is_file(deputy: &mut dyn Deputy, fd: u64) -> bool {
     r.ret == 0 && matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK)
 }
 
-/// Run a small call at home: (result, first output buffer).
-fn home(deputy: &mut dyn Deputy, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> (i64, Vec<u8>) {
-    let r = deputy.call(Request {
-        nr: nr as u64,
-        args,
-        slots,
-    });
-    (r.ret, r.outs.into_iter().next().unwrap_or_default())
-}
-
-/// What Linux answers for a read or write whose buffer is not mapped at all: EBADF when the
-/// descriptor is not open for it (checked first), 0 for a read of a regular file at its end
-/// (nothing is copied, so nothing faults), else EFAULT.
-fn unmapped_result(deputy: &mut dyn Deputy, args: [u64; 6], x: Transfer) -> i64 {
-    let fd = args[0];
-    let (fl, _) = home(
-        deputy,
-        libc::SYS_fcntl,
-        [fd, libc::F_GETFL as u64, 0, 0, 0, 0],
-        vec![],
-    );
-    if fl < 0 {
-        return fl;
-    }
-    let mode = fl as i32 & libc::O_ACCMODE;
-    if mode
-        == if x.write {
-            libc::O_RDONLY
-        } else {
-            libc::O_WRONLY
-        }
-    {
-        return -(libc::EBADF as i64);
-    }
-    if x.write {
-        return -EFAULT;
-    }
-    let (r, st) = home(
-        deputy,
-        libc::SYS_fstat,
-        [fd, 0, 0, 0, 0, 0],
-        vec![Slot::Out(144)],
-    );
-    let field = |o: usize| {
-        st.get(o..o + 8)
-            .map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-    };
-    if r < 0 || field(24) as u32 & libc::S_IFMT != libc::S_IFREG {
-        return -EFAULT;
-    }
-    let pos = match x.pos {
-        Some(p) if !(x.iov && args[p] as i64 == -1) => args[p] as i64,
-        _ => {
-            home(
-                deputy,
-                libc::SYS_lseek,
-                [fd, 0, libc::SEEK_CUR as u64, 0, 0, 0],
-                vec![],
-            )
-            .0
-        }
-    };
-    if pos >= field(48) {
-        0
-    } else {
-        -EFAULT
-    }
-}
-
 /// A read or write, in requests of at most [`MAX_XFER`] bytes each, as one call would behave
 /// natively: the total is capped at [`MAX_RW_COUNT`]; a write goes on while each request is
 /// taken whole; a read goes on only on a regular file or block device, while each request is
@@ -487,12 +437,34 @@ fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x:
     let mut segs = if x.iov {
         match iovecs(mem, args[1], args[2], EINVAL) {
             Ok(v) => v,
-            Err(e) => return -e,
+            Err(e) => {
+                // The descriptor checks come first, as natively: the host call gets an iovec
+                // array that faults, and the guest this errno if it gets that far.
+                let r = deputy.call(Request {
+                    nr,
+                    args,
+                    slots: vec![Slot::Fault],
+                });
+                return if r.ret == -EFAULT { -e } else { r.ret };
+            }
         }
     } else {
         let (b, l) = (args[1], args[2]);
         if beyond_user(b, l) {
-            return -EFAULT;
+            // access_ok fails natively, after the descriptor and offset checks: the host call
+            // faults at the buffer and reports the checks that come first.
+            let mut a = args;
+            a[2] = 0;
+            let r = deputy.call(Request {
+                nr,
+                args: a,
+                slots: vec![Slot::Fault],
+            });
+            return if r.ret >= 0 || r.ret == -EFAULT {
+                -EFAULT
+            } else {
+                r.ret
+            };
         }
         vec![(b, l)]
     };
@@ -515,21 +487,26 @@ fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x:
             }
         }
         let want: u64 = chunk.iter().map(|s| s.1).sum();
-        if len == 0 && want > 0 {
-            return if done > 0 {
-                done as i64
-            } else {
-                unmapped_result(deputy, args, x)
-            };
+        if len == 0 && want > 0 && done > 0 {
+            return done as i64;
         }
         let mut a = args;
-        a[2] = if x.iov { 1 } else { len };
+        // Nothing mapped: the host call gets a pointer that faults (after the descriptor
+        // checks, and only if something is to be copied, as natively).
+        let fault = len == 0 && want > 0;
+        a[2] = match (x.iov, fault) {
+            (true, _) => 1,
+            (false, true) => want,
+            (false, false) => len,
+        };
         if let Some(p) = x.pos {
             if !(x.iov && a[p] as i64 == -1) {
                 a[p] = args[p].wrapping_add(done);
             }
         }
-        let slot = if x.write {
+        let slot = if fault {
+            Slot::Fault
+        } else if x.write {
             let mut data = Vec::with_capacity(len as usize);
             for &(b, l) in &ok {
                 match read_vec(mem, b, l as usize) {
@@ -545,10 +522,7 @@ fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x:
         // sendto's address.
         if nr as i64 == libc::SYS_sendto && args[4] != 0 {
             let alen = args[5].min(MAX_SOCKBUF as u64) as usize;
-            match read_vec(mem, args[4], alen) {
-                Ok(v) => slots.push(Slot::In(v)),
-                Err(e) => return -e,
-            }
+            slots.push(read_vec(mem, args[4], alen).map_or(Slot::Fault, Slot::In));
         }
         let r = deputy.call(Request { nr, args: a, slots });
         if r.ret < 0 {

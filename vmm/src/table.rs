@@ -434,6 +434,25 @@ pub fn spec(nr: u64, args: &[u64; 6], base: &'static [A]) -> Result<[A; 6], i64>
     Ok(s)
 }
 
+/// Whether length argument `n` of `nr` is a C `int` in the kernel (readlink's `bufsiz`,
+/// setsockopt's `optlen`, getgroups' `size`, epoll_wait's `maxevents`, a socket address's
+/// length): only its low 32 bits count, and a negative value is refused (EINVAL) before the
+/// kernel touches the buffer it describes.
+pub fn int_len(nr: u64, n: u8) -> bool {
+    matches!(
+        (nr as i64, n),
+        (libc::SYS_readlink, 2)
+            | (libc::SYS_readlinkat, 3)
+            | (libc::SYS_setsockopt, 4)
+            | (libc::SYS_getgroups, 0)
+            | (libc::SYS_epoll_wait, 2)
+            | (libc::SYS_epoll_pwait, 2)
+            | (libc::SYS_connect, 2)
+            | (libc::SYS_bind, 2)
+            | (libc::SYS_sendto, 5)
+    )
+}
+
 /// Whether a successful result of `nr` is a new file descriptor.
 pub fn returns_fd(nr: u64) -> bool {
     matches!(

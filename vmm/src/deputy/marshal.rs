@@ -37,11 +37,48 @@ pub const SOCKADDR_MAX: usize = 128;
 /// Bytes of the header of a `msghdr` slot (see [`MsgHead`]).
 pub const MSG_HEAD: usize = 24;
 
-const EBADF: i64 = libc::EBADF as i64;
 const EFAULT: i64 = libc::EFAULT as i64;
 const EINVAL: i64 = libc::EINVAL as i64;
 const ENAMETOOLONG: i64 = libc::ENAMETOOLONG as i64;
 const ENOBUFS: i64 = libc::ENOBUFS as i64;
+
+/// The host descriptor a guest descriptor that is not open becomes: a number no process can
+/// have open (`INT_MAX`), so the kernel answers for it as Linux answers for the guest's own
+/// (EBADF, after the checks it makes first; ignored as `dirfd` beside an absolute path;
+/// POLLNVAL in a `pollfd`). A guest number never reaches the host as it is.
+pub const NO_FD: i32 = i32::MAX;
+
+/// Bytes of the guard region (see [`guard`]): at least as long as any length the kernel is
+/// given with a pointer into it.
+pub const GUARD_LEN: usize = MAX_XFER;
+
+/// The start of a region of this process's address space reserved with no access at all
+/// (`PROT_NONE`, never populated): a pointer into it is a valid user address the kernel
+/// accepts (`access_ok`) but cannot read or write, so a host call given it fails with EFAULT
+/// exactly where it would for the guest's own unmapped memory, after its descriptor and flag
+/// checks. Lengths given with it are at most [`GUARD_LEN`], so the kernel cannot reach past it.
+pub fn guard() -> u64 {
+    static GUARD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *GUARD.get_or_init(|| {
+        // SAFETY: a fresh anonymous reservation at an address the kernel picks; it overlaps
+        // nothing of ours, and nothing ever reads, writes or unmaps it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GUARD_LEN,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert!(
+            p != libc::MAP_FAILED,
+            "cannot reserve the deputy's guard region"
+        );
+        p as u64
+    })
+}
 
 /// The descriptor table a call is translated through.
 pub trait FdMap {
@@ -119,6 +156,8 @@ pub struct Call {
     bufs: [Option<Vec<u8>>; 6],
     /// Whether the buffer of an argument goes back in the reply.
     out: [bool; 6],
+    /// Arguments whose guest memory faulted: they point into the guard region.
+    fault: [bool; 6],
     /// The one iovec of a readv/writev-style call.
     iov: Box<libc::iovec>,
     /// `pselect6`'s `{const sigset_t *ss; size_t ss_len}`.
@@ -128,6 +167,12 @@ pub struct Call {
     poll_guest: Vec<i32>,
     /// For each `fd_set` argument: (guest, host) pairs of the descriptors in it.
     fdset_maps: Vec<(usize, Vec<(usize, i32)>)>,
+}
+
+/// Bytes the kernel reads and writes of an `fd_set` for `nfds` host descriptors (host
+/// numbers are not bounded by the guest's table).
+fn host_set_bytes(nfds: u64) -> usize {
+    (nfds.min(i32::MAX as u64) as usize).div_ceil(64) * 8
 }
 
 fn le_i32(b: &[u8]) -> i32 {
@@ -164,6 +209,7 @@ impl Call {
             spec,
             bufs: Default::default(),
             out: [false; 6],
+            fault: [false; 6],
             iov: Box::new(libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
@@ -173,17 +219,29 @@ impl Call {
             poll_guest: Vec::new(),
             fdset_maps: Vec::new(),
         };
+        // C `int` lengths: their low 32 bits, sign-extended; a negative one is passed on as it
+        // is (the kernel refuses it before touching the buffer) and clamps nothing below.
+        let mut neg = [false; 6];
+        for kind in spec {
+            if let A::In(n) | A::Out(n) | A::OutElems(n, _) = kind {
+                if table::int_len(req.nr, n) {
+                    let v = c.args[n as usize] as i32;
+                    c.args[n as usize] = v as i64 as u64;
+                    neg[n as usize] = v < 0;
+                }
+            }
+        }
         let mut slots = req.slots.into_iter();
         for (i, &kind) in spec.iter().enumerate() {
             match kind {
                 A::V => continue,
                 A::Fd => {
-                    c.args[i] = fds.host_fd(c.args[i])? as u64;
+                    c.args[i] = fds.host_fd(c.args[i]).unwrap_or(NO_FD) as u64;
                     continue;
                 }
                 A::DirFd => {
                     if c.args[i] as i32 != libc::AT_FDCWD {
-                        c.args[i] = fds.host_fd(c.args[i])? as u64;
+                        c.args[i] = fds.host_fd(c.args[i]).unwrap_or(NO_FD) as u64;
                     }
                     continue;
                 }
@@ -196,6 +254,21 @@ impl Call {
                     if matches!(kind, A::IovIn(_) | A::IovOut(_)) {
                         // No iovecs: a zero-length transfer through one empty iovec.
                         c.bufs[i] = Some(Vec::new());
+                    }
+                    continue;
+                }
+                Slot::Fault => {
+                    c.fault[i] = true;
+                    // Whatever length goes with it stays inside the guard region.
+                    match kind {
+                        A::In(n) | A::Out(n) if !neg[n as usize] => {
+                            c.args[n as usize] = c.args[n as usize].min(GUARD_LEN as u64)
+                        }
+                        A::OutElems(n, size) | A::InOutElems(n, size) if !neg[n as usize] => {
+                            let max = (GUARD_LEN / size as usize) as u64;
+                            c.args[n as usize] = c.args[n as usize].min(max)
+                        }
+                        _ => {}
                     }
                     continue;
                 }
@@ -222,15 +295,19 @@ impl Call {
                     let mut b = data;
                     b.truncate(MAX_XFER);
                     let n = n as usize;
-                    c.args[n] = c.args[n].min(b.len() as u64);
+                    if !neg[n] {
+                        c.args[n] = c.args[n].min(b.len() as u64);
+                    }
                     b
                 }
                 A::OutElems(n, size) | A::InOutElems(n, size) => {
                     let mut b = data;
                     let elems = (b.len().min(MAX_XFER) / size as usize) as u64;
                     let n = n as usize;
-                    c.args[n] = c.args[n].min(elems);
-                    b.truncate(c.args[n] as usize * size as usize);
+                    if !neg[n] {
+                        c.args[n] = c.args[n].min(elems);
+                        b.truncate(c.args[n] as usize * size as usize);
+                    }
                     b
                 }
                 A::SIn(size) | A::SOut(size) | A::SInOut(size) => {
@@ -265,11 +342,17 @@ impl Call {
         // Lengths carried by reference: the socklen_t of a LenOut buffer.
         for (i, kind) in spec.iter().enumerate() {
             if let A::LenOut(n) = *kind {
-                let cap = c.bufs[i].as_ref().map_or(0, Vec::len) as u32;
+                let cap = match c.fault[i] {
+                    true => MAX_SOCKBUF,
+                    false => c.bufs[i].as_ref().map_or(0, Vec::len),
+                } as u32;
+                if c.fault[n as usize] {
+                    continue;
+                }
                 if let Some(l) = c.bufs[n as usize].as_mut().filter(|l| l.len() >= 4) {
                     let v = u32::from_le_bytes(l[..4].try_into().expect("4 bytes"));
                     l[..4].copy_from_slice(&v.min(cap).to_le_bytes());
-                } else {
+                } else if !c.fault[i] {
                     c.bufs[i] = None;
                     c.args[i] = 0;
                 }
@@ -305,11 +388,7 @@ impl Call {
                 if level == libc::SOL_SOCKET && ty == libc::SCM_RIGHTS {
                     for k in (off..off + len / 4 * 4).step_by(4) {
                         let g = le_i32(&control[k..]);
-                        let h = if g < 0 {
-                            Err(EBADF)
-                        } else {
-                            fds.host_fd(g as u64)
-                        }?;
+                        let h = fds.host_fd(g as u64).unwrap_or(NO_FD);
                         control[k..k + 4].copy_from_slice(&h.to_le_bytes());
                     }
                 }
@@ -346,10 +425,17 @@ impl Call {
                         if g >= 0 {
                             // An unknown descriptor becomes one no process has, so the kernel
                             // answers POLLNVAL for it; the guest's number comes back as it was.
-                            let h = fds.host_fd(g as u64).unwrap_or(i32::MAX);
+                            let h = fds.host_fd(g as u64).unwrap_or(NO_FD);
                             e[0..4].copy_from_slice(&h.to_le_bytes());
                         }
                     }
+                }
+                A::FdSet(n) if self.fault[i] => {
+                    // The kernel must reach the faulting set (and fail) as it would natively:
+                    // it reads every set up to nfds.
+                    any_set = true;
+                    let nfds = (self.guest_args[n as usize] as i32).clamp(0, MAX_FDS as i32);
+                    max_host = max_host.max(nfds - 1);
                 }
                 A::FdSet(n) => {
                     any_set = true;
@@ -377,7 +463,7 @@ impl Call {
             let nfds = (max_host + 1) as u64;
             self.args[0] = nfds;
             for (i, map) in &self.fdset_maps {
-                let mut host = vec![0u8; fdset_bytes(nfds)];
+                let mut host = vec![0u8; host_set_bytes(nfds)];
                 for &(_, h) in map {
                     host[h as usize / 8] |= 1 << (h % 8);
                 }
@@ -392,6 +478,13 @@ impl Call {
     pub fn host_args(&mut self) -> [u64; 6] {
         let mut a = self.args;
         for i in 0..6 {
+            if self.fault[i] {
+                a[i] = guard();
+                if let A::IovIn(n) | A::IovOut(n) = self.spec[i] {
+                    a[n as usize] = 1;
+                }
+                continue;
+            }
             match self.spec[i] {
                 A::MsgIn | A::MsgOut => {
                     if let Some(m) = self.msg.as_mut() {
@@ -451,12 +544,42 @@ impl Call {
     pub fn verify(&self, a: &[u64; 6]) -> Result<(), String> {
         let within =
             |ptr: u64, len: u64, b: &[u8]| ptr == b.as_ptr() as u64 && len <= b.len() as u64;
+        // The length the kernel takes from argument `n`: a C `int` length only by its low
+        // 32 bits, and nothing at all when negative (it is refused first).
+        let len = |n: u8| -> u64 {
+            let v = a[n as usize];
+            match table::int_len(self.nr, n) {
+                true if (v as i32) < 0 => 0,
+                true => v as i32 as u64,
+                false => v,
+            }
+        };
         for i in 0..6 {
             let kind = self.spec[i];
             if !kind.is_slot() || a[i] == 0 {
                 continue;
             }
             let bad = || Err(format!("{}: argument {i} ({kind:?})", table::name(self.nr)));
+            if self.fault[i] {
+                // The kernel may take at most GUARD_LEN bytes from the guard region.
+                let len = match kind {
+                    A::In(n) | A::Out(n) => len(n),
+                    A::OutElems(n, size) | A::InOutElems(n, size) => {
+                        len(n).saturating_mul(size as u64)
+                    }
+                    A::SIn(s) | A::SOut(s) | A::SInOut(s) => s as u64,
+                    A::IovIn(n) | A::IovOut(n) => 16 * a[n as usize],
+                    A::LenOut(n) => self.bufs[n as usize]
+                        .as_ref()
+                        .filter(|l| l.len() >= 4)
+                        .map_or(0, |l| le_i32(l) as u32 as u64),
+                    _ => 0,
+                };
+                if a[i] != guard() || len > GUARD_LEN as u64 {
+                    return bad();
+                }
+                continue;
+            }
             if let A::MsgIn | A::MsgOut = kind {
                 let Some(m) = self.msg.as_ref() else {
                     return bad();
@@ -480,9 +603,9 @@ impl Call {
             };
             let ok = match kind {
                 A::Path => a[i] == b.as_ptr() as u64 && b.contains(&0),
-                A::In(n) | A::Out(n) => within(a[i], a[n as usize], b),
+                A::In(n) | A::Out(n) => within(a[i], len(n), b),
                 A::OutElems(n, size) | A::InOutElems(n, size) => {
-                    within(a[i], a[n as usize].saturating_mul(size as u64), b)
+                    within(a[i], len(n).saturating_mul(size as u64), b)
                 }
                 A::SIn(size) | A::SOut(size) | A::SInOut(size) => within(a[i], size as u64, b),
                 A::IovIn(n) | A::IovOut(n) => {
@@ -490,7 +613,7 @@ impl Call {
                         && a[n as usize] == 1
                         && within(self.iov.iov_base as u64, self.iov.iov_len as u64, b)
                 }
-                A::FdSet(_) => within(a[i], fdset_bytes(a[0]) as u64, b),
+                A::FdSet(_) => within(a[i], host_set_bytes(a[0]) as u64, b),
                 A::LenOut(n) => {
                     let l = self.bufs[n as usize].as_ref().filter(|l| l.len() >= 4);
                     let len = l.map_or(u64::MAX, |l| le_i32(l) as u32 as u64);
@@ -644,5 +767,185 @@ impl Call {
         out.extend_from_slice(&m.control[..control_len]);
         out.extend_from_slice(&m.data[..data_len]);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Class, TABLE};
+    use proptest::prelude::*;
+
+    /// Guest descriptors 0..16 are host descriptors 100..116; nothing is installed for real.
+    struct Fake;
+
+    impl FdMap for Fake {
+        fn host_fd(&self, guest: u64) -> Result<i32, i64> {
+            if guest < 16 {
+                Ok(100 + guest as i32)
+            } else {
+                Err(libc::EBADF as i64)
+            }
+        }
+
+        fn install(&mut self, _host: i32, _cloexec: bool) -> i64 {
+            7
+        }
+    }
+
+    fn home_rows() -> Vec<(u64, &'static [A])> {
+        TABLE
+            .iter()
+            .filter_map(|e| match e.class {
+                Class::Home(s) => Some((e.nr as u64, s)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn arg() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..20,
+            any::<u64>(),
+            Just(u64::MAX),
+            Just(1 << 40),
+            Just(0x7fff_f000),
+            (0u64..1 << 20),
+            Just(libc::AT_FDCWD as u32 as u64),
+            // ioctl requests and fcntl commands the tables know.
+            prop::sample::select(vec![
+                0x5401u64,
+                0x5413,
+                0x541b,
+                0x4004_9409,
+                0x8910,
+                5,
+                7,
+                36
+            ]),
+        ]
+    }
+
+    fn msg_blob() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0u32..200,
+            0u32..100,
+            0u64..300,
+            prop::collection::vec(any::<u8>(), 0..400),
+        )
+            .prop_map(|(name_len, control_len, data_len, body)| {
+                let mut b = MsgHead {
+                    name_len,
+                    control_len,
+                    flags: 0,
+                    data_len,
+                }
+                .to_bytes()
+                .to_vec();
+                b.extend_from_slice(&body);
+                b
+            })
+    }
+
+    fn slot() -> impl Strategy<Value = Slot> {
+        prop_oneof![
+            Just(Slot::Null),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::In),
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::InOut),
+            msg_blob().prop_map(Slot::In),
+            msg_blob().prop_map(Slot::InOut),
+            (0usize..5000).prop_map(Slot::Out),
+            Just(Slot::Out(usize::MAX)),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = (Request, &'static [A])> {
+        let rows = home_rows();
+        (
+            prop::sample::select(rows),
+            prop::array::uniform6(arg()),
+            prop::collection::vec(slot(), 0..8),
+        )
+            .prop_map(|((nr, base), args, slots)| (Request { nr, args, slots }, base))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Whatever a request holds, the host call built from it touches only its own buffers,
+        /// and the reply never carries more than those buffers.
+        #[test]
+        fn host_calls_stay_inside_their_buffers(
+            (req, base) in request(),
+            ret in prop_oneof![Just(-14i64), 0i64..5000, Just(i64::MAX)],
+        ) {
+            let nr = req.nr;
+            if let Ok(mut call) = Call::prepare(req, base, &Fake) {
+                let a = call.host_args();
+                prop_assert_eq!(call.verify(&a), Ok(()), "{}", table::name(nr));
+                // An fd_set comes back in the guest's size (at most MAX_FDS bits).
+                let sets = call.fdset_maps.len() * fdset_bytes(MAX_FDS as u64);
+                let total: usize = call.bufs.iter().flatten().map(Vec::len).sum::<usize>()
+                    + sets
+                    + call.msg.as_ref().map_or(0, |m| {
+                        MSG_HEAD + m.name.len() + m.control.len() + m.data.len()
+                    });
+                let reply = call.finish(ret, &mut Fake);
+                let back: usize = reply.outs.iter().map(Vec::len).sum();
+                prop_assert!(back <= total.max(MSG_HEAD), "{}: {back} > {total}", table::name(nr));
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_follow_the_buffers_not_the_arguments() {
+        // read(3, buf, 1 GiB) with a 10-byte buffer: the kernel is told 10.
+        let req = Request {
+            nr: libc::SYS_read as u64,
+            args: [3, 0xdead_0000, 1 << 30, 0, 0, 0],
+            slots: vec![Slot::Out(10)],
+        };
+        let mut c = Call::prepare(req, &[A::Fd, A::Out(2), A::V], &Fake).unwrap();
+        let a = c.host_args();
+        assert_eq!(a[0], 103);
+        assert_eq!(a[2], 10);
+        assert_eq!(c.verify(&a), Ok(()));
+        // A path without its NUL gets one; a fixed struct is exactly its size.
+        let req = Request {
+            nr: libc::SYS_newfstatat as u64,
+            args: [libc::AT_FDCWD as u32 as u64, 1, 2, 0, 0, 0],
+            slots: vec![Slot::In(b"abc".to_vec()), Slot::Out(3)],
+        };
+        let base = &[A::DirFd, A::Path, A::SOut(144), A::V];
+        let mut c = Call::prepare(req, base, &Fake).unwrap();
+        let a = c.host_args();
+        assert_eq!(c.verify(&a), Ok(()));
+        assert_eq!(c.bufs[1].as_deref(), Some(&b"abc\0"[..]));
+        assert_eq!(c.bufs[2].as_ref().map(Vec::len), Some(144));
+        // A socklen_t larger than the buffer carried is cut to it.
+        let req = Request {
+            nr: libc::SYS_getsockname as u64,
+            args: [3, 1, 2, 0, 0, 0],
+            slots: vec![Slot::Out(16), Slot::InOut(1000u32.to_le_bytes().to_vec())],
+        };
+        let base = &[A::Fd, A::LenOut(2), A::SInOut(4)];
+        let mut c = Call::prepare(req, base, &Fake).unwrap();
+        let a = c.host_args();
+        assert_eq!(c.bufs[2].as_deref(), Some(&16u32.to_le_bytes()[..]));
+        assert_eq!(c.verify(&a), Ok(()));
+    }
+
+    #[test]
+    fn a_verify_catches_a_length_past_its_buffer() {
+        let req = Request {
+            nr: libc::SYS_write as u64,
+            args: [1, 0, 5, 0, 0, 0],
+            slots: vec![Slot::In(b"hello".to_vec())],
+        };
+        let mut c = Call::prepare(req, &[A::Fd, A::In(2), A::V], &Fake).unwrap();
+        let mut a = c.host_args();
+        assert_eq!(c.verify(&a), Ok(()));
+        a[2] = 6;
+        assert!(c.verify(&a).is_err());
     }
 }

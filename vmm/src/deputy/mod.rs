@@ -21,6 +21,10 @@ pub enum Slot {
     Out(usize),
     /// Input bytes that the call may change (they come back in the reply).
     InOut(Vec<u8>),
+    /// Guest memory that could not be read or written: the host call gets a pointer into
+    /// memory that always faults (`marshal::guard`), so the kernel answers EFAULT at the point
+    /// Linux would, after its own descriptor and flag checks.
+    Fault,
 }
 
 /// A forwarded syscall: number, raw arguments, and one slot per buffer argument, in order.
@@ -281,6 +285,11 @@ impl HostDeputy {
         let r = match req.nr as i64 {
             libc::SYS_close => self.close(a[0]),
             libc::SYS_close_range => {
+                // close_range(2): unknown flags or first > last are EINVAL.
+                let known = (libc::CLOSE_RANGE_CLOEXEC | libc::CLOSE_RANGE_UNSHARE) as u64;
+                if a[2] & !known != 0 || a[0] as u32 > a[1] as u32 {
+                    return Some(-EINVAL);
+                }
                 let (first, last) = (a[0] as u32 as usize, (a[1] as u32 as usize).min(MAX_FDS));
                 for g in first..=last.min(self.fds.len().saturating_sub(1)) {
                     if a[2] & libc::CLOSE_RANGE_CLOEXEC as u64 != 0 {
@@ -298,20 +307,22 @@ impl HostDeputy {
                 Err(e) => -e,
             },
             libc::SYS_dup2 | libc::SYS_dup3 => {
+                // dup2(2), in the kernel's order: dup3's flags and equal descriptors, then
+                // the new number's range, then the old descriptor.
                 let is3 = req.nr as i64 == libc::SYS_dup3;
+                let new = a[1] as i32;
+                if is3 && (a[2] & !(libc::O_CLOEXEC as u64) != 0 || a[0] as i32 == new) {
+                    return Some(-EINVAL);
+                }
+                if new < 0 || new as usize >= MAX_FDS {
+                    return Some(-EBADF);
+                }
                 let old = match self.host_fd(a[0]) {
                     Ok(h) => h,
                     Err(e) => return Some(-e),
                 };
-                let new = a[1] as i32;
-                if new < 0 || new as usize >= MAX_FDS {
-                    return Some(-EBADF);
-                }
                 if a[0] as i32 == new {
-                    return Some(if is3 { -EINVAL } else { new as i64 });
-                }
-                if is3 && a[2] & !(libc::O_CLOEXEC as u64) != 0 {
-                    return Some(-EINVAL);
+                    return Some(new as i64);
                 }
                 match Self::dup_host(old) {
                     Ok(h) => {
@@ -327,6 +338,9 @@ impl HostDeputy {
                 match a[1] as i32 {
                     libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
                         let min = a[2] as i32;
+                        if let Err(e) = self.host_fd(a[0]) {
+                            return Some(-e);
+                        }
                         if min < 0 || min as usize >= MAX_FDS {
                             return Some(-EINVAL);
                         }
