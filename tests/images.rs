@@ -96,6 +96,10 @@ image_tests!(fpu, |c| c);
 // pack, pollfd, socklen_t), good and wild, and a single 200 MiB read and write of a file.
 image_tests!(marshal, |c| c.arg("200"));
 
+// Flags, ranges and limits checked and enforced as Linux does (getrandom, msync, mlock,
+// sigaltstack, sigprocmask, prctl, RLIMIT_NOFILE on descriptor numbers, dup3's order).
+image_tests!(checks, |c| c);
+
 // segfault runs in every variant in tests/faults.rs (mosvm reports the fault on stderr).
 
 #[test]

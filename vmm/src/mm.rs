@@ -322,6 +322,25 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Whether every byte of `[start, end)` lies in some VMA (Linux's ENOMEM test for msync,
+    /// mlock, madvise...). O(VMAs in the range).
+    pub fn covered(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        for (s, v) in self.vmas.range(..end) {
+            if v.end <= at {
+                continue;
+            }
+            if *s > at {
+                return false;
+            }
+            at = v.end;
+            if at >= end {
+                return true;
+            }
+        }
+        at >= end
+    }
+
     /// The VMA containing `addr`.
     pub fn vma_at(&self, addr: u64) -> Option<(u64, &Vma)> {
         self.vmas

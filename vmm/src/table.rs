@@ -135,9 +135,7 @@ table! {
     SYS_rt_sigreturn => Local, SYS_futex => Local, SYS_kill => Local, SYS_tgkill => Local,
     SYS_tkill => Local, SYS_sched_getaffinity => Local, SYS_sched_setaffinity => Local,
     SYS_getcpu => Local, SYS_sysinfo => Local, SYS_getrusage => Local, SYS_times => Local,
-    SYS_prctl => Local, SYS_personality => Local, SYS_sched_getparam => Local,
-    SYS_sched_getscheduler => Local, SYS_getpriority => Local, SYS_setpriority => Local,
-    SYS_membarrier => Local, SYS_pause => Local, SYS_alarm => Local,
+    SYS_prctl => Local, SYS_personality => Local, SYS_membarrier => Local, SYS_pause => Local, SYS_alarm => Local,
 
     // Files and descriptors: home.
     SYS_read => Home(&[Fd, Out(2), V]),
@@ -263,6 +261,11 @@ table! {
     SYS_getgroups => Home(&[V, OutElems(0, 4)]),
     SYS_getresuid => Home(&[SOut(4), SOut(4), SOut(4)]),
     SYS_getresgid => Home(&[SOut(4), SOut(4), SOut(4)]),
+    // Scheduling priority is the process's own, as `nice mosvm run` set it at home.
+    SYS_getpriority => Home(&[V, V]),
+    SYS_setpriority => Home(&[V, V, V]),
+    SYS_sched_getparam => Home(&[V, SOut(4)]),
+    SYS_sched_getscheduler => Home(&[V]),
 
     // Not supported yet: processes and threads.
     SYS_fork => Refused(ENOSYS), SYS_vfork => Refused(ENOSYS), SYS_clone => Refused(ENOSYS),

@@ -116,12 +116,37 @@ const EPIPE: i64 = 32;
 const ETIMEDOUT: i64 = 110;
 const ENODEV: i64 = 19;
 const ENOMEM: i64 = 12;
+const ESRCH: i64 = 3;
 
 use crate::deputy::marshal::MAX_XFER;
 
 enum Step {
     Ret(i64),
     Exit(Outcome),
+}
+
+/// What prctl(2) sets on a process (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, ...).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Prctl {
+    pdeathsig: i32,
+    dumpable: bool,
+    keepcaps: bool,
+    no_new_privs: bool,
+    timerslack_ns: u64,
+    child_subreaper: bool,
+}
+
+impl Default for Prctl {
+    fn default() -> Self {
+        Prctl {
+            pdeathsig: 0,
+            dumpable: true,
+            keepcaps: false,
+            no_new_privs: false,
+            timerslack_ns: 50_000,
+            child_subreaper: false,
+        }
+    }
 }
 
 /// Guest signal dispositions (bookkeeping only: handlers are not yet delivered to).
@@ -175,6 +200,7 @@ pub struct Vm {
     sig: Signals,
     rlimits: [[u64; 2]; 16],
     comm: [u8; 16],
+    prctl: Prctl,
     /// Whether the syscall exit happens at CPL 3 (KVM-PVM): then the VMM performs the return.
     vmm_returns: Option<bool>,
     warned: std::collections::HashSet<u64>,
@@ -381,6 +407,7 @@ pub struct VmmState {
     altstack: Vec<u8>,
     rlimits: Vec<[u64; 2]>,
     comm: Vec<u8>,
+    prctl: Prctl,
     vmm_returns: Option<bool>,
     guest_mono_ns: i64,
     realtime_offset_ns: i64,
@@ -558,6 +585,7 @@ impl Vm {
             sig: Signals::new(),
             rlimits,
             comm,
+            prctl: Prctl::default(),
             vmm_returns: None,
             warned: Default::default(),
             mono_offset_ns: 0,
@@ -704,6 +732,7 @@ impl Vm {
             altstack: self.sig.altstack.to_vec(),
             rlimits: self.rlimits.to_vec(),
             comm: self.comm.to_vec(),
+            prctl: self.prctl.clone(),
             vmm_returns: self.vmm_returns,
             guest_mono_ns: host_mono_ns() + self.mono_offset_ns,
             realtime_offset_ns: self.realtime_offset_ns,
@@ -800,6 +829,7 @@ impl Vm {
             sig,
             rlimits,
             comm,
+            prctl: v.prctl,
             vmm_returns: v.vmm_returns,
             warned: Default::default(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
@@ -1020,11 +1050,34 @@ impl Vm {
                 }
                 ok(0)
             }
-            libc::SYS_msync
-            | libc::SYS_mlock
-            | libc::SYS_munlock
-            | libc::SYS_mlockall
-            | libc::SYS_munlockall => ok(0),
+            libc::SYS_msync => {
+                // msync(2): an unaligned start, unknown flags or MS_SYNC with MS_ASYNC are
+                // EINVAL; a range with unmapped parts ENOMEM.
+                let flags = a[2] as i32;
+                let known = libc::MS_ASYNC | libc::MS_INVALIDATE | libc::MS_SYNC;
+                if a[0] & (PAGE - 1) != 0
+                    || flags & !known != 0
+                    || flags & libc::MS_ASYNC != 0 && flags & libc::MS_SYNC != 0
+                {
+                    return Err(EINVAL);
+                }
+                self.range_mapped(a[0], a[1])?;
+                ok(0)
+            }
+            libc::SYS_mlock | libc::SYS_munlock => {
+                self.range_mapped(a[0] & !(PAGE - 1), a[1] + (a[0] & (PAGE - 1)))?;
+                ok(0)
+            }
+            libc::SYS_mlockall => {
+                let known = libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT;
+                if a[0] as i32 & !known != 0
+                    || a[0] as i32 & (libc::MCL_CURRENT | libc::MCL_FUTURE) == 0
+                {
+                    return Err(EINVAL);
+                }
+                ok(0)
+            }
+            libc::SYS_munlockall => ok(0),
             libc::SYS_mincore => {
                 if a[0] & (PAGE - 1) != 0 {
                     return Err(EINVAL);
@@ -1044,12 +1097,20 @@ impl Vm {
             }
             libc::SYS_arch_prctl => self.arch_prctl(a[0], a[1]),
             libc::SYS_set_tid_address => ok(self.pid),
+            // set_robust_list(2): the head must be `struct robust_list_head` (24 bytes).
+            libc::SYS_set_robust_list if a[1] != 24 => Err(EINVAL),
             libc::SYS_set_robust_list => ok(0),
             libc::SYS_get_robust_list | libc::SYS_rseq | libc::SYS_membarrier => Err(ENOSYS),
             libc::SYS_prlimit64 => self.prlimit(a[0], a[1], a[2], a[3]),
             libc::SYS_getrlimit => self.prlimit(0, a[0], 0, a[1]),
             libc::SYS_setrlimit => self.prlimit(0, a[0], a[1], 0),
             libc::SYS_getrandom => {
+                // getrandom(2): only GRND_NONBLOCK, GRND_RANDOM and GRND_INSECURE, and not the
+                // last two together.
+                let flags = a[2] as u32;
+                if flags & !7 != 0 || flags & 6 == 6 {
+                    return Err(EINVAL);
+                }
                 let n = a[1].min(MAX_XFER as u64) as usize;
                 self.space.mem.check_range(a[0], n).map_err(|_| EFAULT)?;
                 let mut b = vec![0u8; n];
@@ -1152,12 +1213,14 @@ impl Vm {
                 let old = self.sig.mask;
                 if a[1] != 0 {
                     let set = u64::from_le_bytes(self.read_guest::<8>(a[1])?);
+                    // SIGKILL and SIGSTOP can never be blocked (sigprocmask(2)).
+                    let never = 1u64 << (libc::SIGKILL - 1) | 1u64 << (libc::SIGSTOP - 1);
                     self.sig.mask = match a[0] as i32 {
                         libc::SIG_BLOCK => old | set,
                         libc::SIG_UNBLOCK => old & !set,
                         libc::SIG_SETMASK => set,
                         _ => return Err(EINVAL),
-                    };
+                    } & !never;
                 }
                 if a[2] != 0 {
                     self.write_guest(a[2], &old.to_le_bytes())?;
@@ -1167,7 +1230,20 @@ impl Vm {
             libc::SYS_sigaltstack => {
                 let old = self.sig.altstack;
                 if a[0] != 0 {
-                    self.sig.altstack = self.read_guest::<24>(a[0])?;
+                    // sigaltstack(2): ss_flags is 0, SS_DISABLE or SS_AUTODISARM; a stack
+                    // smaller than MINSIGSTKSZ is ENOMEM. Checked before `old` is written.
+                    let ss = self.read_guest::<24>(a[0])?;
+                    let flags = i32::from_le_bytes(ss[8..12].try_into().expect("4 bytes"));
+                    let size = u64::from_le_bytes(ss[16..24].try_into().expect("8 bytes"));
+                    const SS_AUTODISARM: i32 = 1 << 31;
+                    let mode = flags & !SS_AUTODISARM;
+                    if mode != 0 && mode != libc::SS_DISABLE && mode != libc::SS_ONSTACK {
+                        return Err(EINVAL);
+                    }
+                    if mode != libc::SS_DISABLE && size < libc::MINSIGSTKSZ as u64 {
+                        return Err(ENOMEM);
+                    }
+                    self.sig.altstack = ss;
                 }
                 if a[1] != 0 {
                     self.write_guest(a[1], &old)?;
@@ -1180,6 +1256,12 @@ impl Vm {
             libc::SYS_tgkill => self.kill(a[0] as i32 as i64, a[2] as i32, a),
             libc::SYS_tkill => self.kill(a[0] as i32 as i64, a[1] as i32, a),
             libc::SYS_sched_getaffinity => {
+                if (a[0] as i32) < 0 {
+                    return Err(EINVAL);
+                }
+                if a[0] as i32 != 0 && a[0] as i32 as i64 != self.pid {
+                    return Err(ESRCH);
+                }
                 let n = (a[1] as usize).min(1024);
                 let mut b = vec![0u8; n];
                 // SAFETY: `b` has `n` bytes for the kernel to fill.
@@ -1203,6 +1285,16 @@ impl Vm {
                 // SAFETY: `p` points at a buffer of sizeof(struct sysinfo) bytes.
                 unsafe { libc::sysinfo(p as *mut libc::sysinfo) as i64 }
             }),
+            libc::SYS_getrusage
+                if ![
+                    libc::RUSAGE_SELF,
+                    libc::RUSAGE_CHILDREN,
+                    libc::RUSAGE_THREAD,
+                ]
+                .contains(&(a[0] as i32)) =>
+            {
+                Err(EINVAL)
+            }
             libc::SYS_getrusage => self.host_struct(a[1], 144, |p| {
                 // SAFETY: `p` points at a buffer of sizeof(struct rusage) bytes.
                 unsafe { libc::getrusage(libc::RUSAGE_SELF, p as *mut libc::rusage) as i64 }
@@ -1216,7 +1308,69 @@ impl Vm {
                 }
                 ok(r)
             }
-            libc::SYS_prctl => match a[0] as i32 {
+            libc::SYS_prctl => self.prctl(a),
+            libc::SYS_personality => ok(0),
+            libc::SYS_alarm => ok(0),
+            _ => Err(ENOSYS),
+        }
+    }
+
+    /// prctl(2): the options programs use, on this process's own state; others EINVAL.
+    fn prctl(&mut self, a: [u64; 6]) -> Result<Step, i64> {
+        let ok = |v: i64| Ok(Step::Ret(v));
+        let p = &mut self.prctl;
+        let flag = |v: u64| if v <= 1 { Ok(v == 1) } else { Err(EINVAL) };
+        match a[0] as i32 {
+            libc::PR_SET_PDEATHSIG => {
+                if a[1] > 64 {
+                    return Err(EINVAL);
+                }
+                p.pdeathsig = a[1] as i32;
+                ok(0)
+            }
+            libc::PR_GET_PDEATHSIG => {
+                let v = p.pdeathsig;
+                self.write_guest(a[1], &v.to_le_bytes())?;
+                ok(0)
+            }
+            libc::PR_GET_DUMPABLE => ok(p.dumpable as i64),
+            libc::PR_SET_DUMPABLE => {
+                p.dumpable = flag(a[1])?;
+                ok(0)
+            }
+            libc::PR_GET_KEEPCAPS => ok(p.keepcaps as i64),
+            libc::PR_SET_KEEPCAPS => {
+                p.keepcaps = flag(a[1])?;
+                ok(0)
+            }
+            libc::PR_GET_NO_NEW_PRIVS if a[1..5] == [0; 4] => ok(p.no_new_privs as i64),
+            libc::PR_SET_NO_NEW_PRIVS if a[1] == 1 && a[2..5] == [0; 3] => {
+                p.no_new_privs = true;
+                ok(0)
+            }
+            libc::PR_GET_TIMERSLACK => ok(p.timerslack_ns as i64),
+            libc::PR_SET_TIMERSLACK => {
+                p.timerslack_ns = if a[1] == 0 { 50_000 } else { a[1] };
+                ok(0)
+            }
+            libc::PR_GET_CHILD_SUBREAPER => {
+                let v = p.child_subreaper as i32;
+                self.write_guest(a[1], &v.to_le_bytes())?;
+                ok(0)
+            }
+            libc::PR_SET_CHILD_SUBREAPER => {
+                p.child_subreaper = a[1] != 0;
+                ok(0)
+            }
+            libc::PR_GET_SECCOMP | libc::PR_GET_THP_DISABLE => ok(0),
+            // The bounding set is the host's: every capability up to CAP_LAST_CAP.
+            libc::PR_CAPBSET_READ => {
+                if a[1] > 40 {
+                    return Err(EINVAL);
+                }
+                ok(1)
+            }
+            _ => match a[0] as i32 {
                 libc::PR_SET_NAME => {
                     let s = self.space.mem.read_cstr(a[1], 4096).map_err(|_| EFAULT)?;
                     let n = s.len().min(15);
@@ -1230,17 +1384,16 @@ impl Vm {
                 }
                 _ => Err(EINVAL),
             },
-            libc::SYS_personality => ok(0),
-            libc::SYS_sched_getparam => {
-                self.write_guest(a[1], &0i32.to_le_bytes())?;
-                ok(0)
-            }
-            libc::SYS_sched_getscheduler => ok(0),
-            libc::SYS_getpriority => ok(20),
-            libc::SYS_setpriority => ok(0),
-            libc::SYS_alarm => ok(0),
-            _ => Err(ENOSYS),
         }
+    }
+
+    /// ENOMEM unless all of `[addr, addr+len)` is mapped; EINVAL when it wraps.
+    fn range_mapped(&self, addr: u64, len: u64) -> Result<(), i64> {
+        let end = addr.checked_add(page_up(len)).ok_or(EINVAL)?;
+        if len != 0 && !self.space.covered(addr, end) {
+            return Err(ENOMEM);
+        }
+        Ok(())
     }
 
     fn host_struct(
@@ -1368,6 +1521,14 @@ impl Vm {
                 return Err(EINVAL);
             }
             self.rlimits[r] = [cur, max];
+            if r == libc::RLIMIT_NOFILE as usize {
+                // The deputy's descriptor table is what this limit bounds.
+                self.deputy.call(Request {
+                    nr: libc::SYS_prlimit64 as u64,
+                    args: [0, r as u64, cur, 0, 0, 0],
+                    slots: vec![],
+                });
+            }
         }
         if old != 0 {
             let mut b = [0u8; 16];

@@ -614,6 +614,8 @@ impl Call {
                         && within(self.iov.iov_base as u64, self.iov.iov_len as u64, b)
                 }
                 A::FdSet(_) => within(a[i], host_set_bytes(a[0]) as u64, b),
+                // The kernel reads the length first: if that faults it touches nothing more.
+                A::LenOut(n) if self.fault[n as usize] => a[n as usize] == guard(),
                 A::LenOut(n) => {
                     let l = self.bufs[n as usize].as_ref().filter(|l| l.len() >= 4);
                     let len = l.map_or(u64::MAX, |l| le_i32(l) as u32 as u64);
@@ -850,6 +852,7 @@ mod tests {
     fn slot() -> impl Strategy<Value = Slot> {
         prop_oneof![
             Just(Slot::Null),
+            Just(Slot::Fault),
             prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::In),
             prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::InOut),
             msg_blob().prop_map(Slot::In),

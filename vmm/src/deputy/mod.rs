@@ -89,12 +89,18 @@ struct GuestFd {
     cloexec: bool,
 }
 
-/// Soft limit on guest descriptors (RLIMIT_NOFILE's usual default).
+/// Descriptors an `fd_set` covers (`FD_SETSIZE`).
 pub const MAX_FDS: usize = 1024;
+
+/// Most guest descriptors the table ever holds (Linux's default `fs.nr_open`).
+pub const NR_OPEN: u64 = 1 << 20;
 
 /// The deputy running in this process, against this host.
 pub struct HostDeputy {
     fds: Vec<Option<GuestFd>>,
+    /// The guest's RLIMIT_NOFILE soft limit: guest descriptors are below it (the VMM's own
+    /// descriptors do not count).
+    nofile: u64,
     /// The program's path, what the guest sees as /proc/self/exe.
     exe: Option<Vec<u8>>,
 }
@@ -124,8 +130,15 @@ impl HostDeputy {
 
     /// A deputy whose guest descriptors 0, 1, 2 are duplicates of these host descriptors.
     pub fn with_stdio(stdio: [i32; 3]) -> Self {
+        let mut lim = libc::rlimit {
+            rlim_cur: 1024,
+            rlim_max: 1024,
+        };
+        // SAFETY: getrlimit fills in the rlimit it is given.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         let mut d = HostDeputy {
             fds: vec![None; 3],
+            nofile: lim.rlim_cur.min(NR_OPEN),
             exe: None,
         };
         for (g, fd) in stdio.into_iter().enumerate() {
@@ -229,7 +242,8 @@ impl HostDeputy {
 
     /// Install a host descriptor at the lowest free guest number >= `min`.
     fn install(&mut self, host: i32, min: usize, cloexec: bool) -> i64 {
-        let slot = (min..MAX_FDS).find(|&i| self.fds.get(i).is_none_or(|f| f.is_none()));
+        let slot =
+            (min..self.nofile as usize).find(|&i| self.fds.get(i).is_none_or(|f| f.is_none()));
         match slot {
             Some(i) => {
                 if self.fds.len() <= i {
@@ -290,7 +304,7 @@ impl HostDeputy {
                 if a[2] & !known != 0 || a[0] as u32 > a[1] as u32 {
                     return Some(-EINVAL);
                 }
-                let (first, last) = (a[0] as u32 as usize, (a[1] as u32 as usize).min(MAX_FDS));
+                let (first, last) = (a[0] as u32 as usize, a[1] as u32 as usize);
                 for g in first..=last.min(self.fds.len().saturating_sub(1)) {
                     if a[2] & libc::CLOSE_RANGE_CLOEXEC as u64 != 0 {
                         if let Some(f) = self.fds[g].as_mut() {
@@ -314,7 +328,7 @@ impl HostDeputy {
                 if is3 && (a[2] & !(libc::O_CLOEXEC as u64) != 0 || a[0] as i32 == new) {
                     return Some(-EINVAL);
                 }
-                if new < 0 || new as usize >= MAX_FDS {
+                if new < 0 || new as u64 >= self.nofile {
                     return Some(-EBADF);
                 }
                 let old = match self.host_fd(a[0]) {
@@ -341,7 +355,7 @@ impl HostDeputy {
                         if let Err(e) = self.host_fd(a[0]) {
                             return Some(-e);
                         }
-                        if min < 0 || min as usize >= MAX_FDS {
+                        if min < 0 || min as u64 >= self.nofile {
                             return Some(-EINVAL);
                         }
                         match self.host_fd(a[0]).and_then(Self::dup_host) {
@@ -379,6 +393,12 @@ impl HostDeputy {
                 }
             }
             libc::SYS_gettid => std::process::id() as i64,
+            // The VMM tells its deputy the guest's new RLIMIT_NOFILE soft limit (prlimit is
+            // the VMM's; only the bound on the descriptor table lives here).
+            libc::SYS_prlimit64 if a[1] == libc::RLIMIT_NOFILE as u64 => {
+                self.nofile = a[2].min(NR_OPEN);
+                0
+            }
             _ => return None,
         };
         Some(r)
