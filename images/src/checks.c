@@ -79,6 +79,18 @@ int main(void) {
     ss.ss_flags = SS_DISABLE;
     show("sigaltstack(SS_DISABLE)", sigaltstack(&ss, NULL));
 
+    /* A 64 TiB PROT_NONE reservation, as allocators and C libraries probe: answered at once
+     * (its cost is what is mapped in it, not its size), a piece made usable, all unmapped. */
+    size_t huge = (size_t)1 << 46;
+    char *r = mmap(NULL, huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    printf("reserve 64 TiB -> %s\n", r == MAP_FAILED ? en(errno) : "ok");
+    if (r != MAP_FAILED) {
+        show("mprotect(1 MiB inside, RW)", mprotect(r + (huge >> 1), 1 << 20, PROT_READ | PROT_WRITE));
+        r[(huge >> 1) + 4096] = 42;
+        printf("byte written and read back: %d\n", r[(huge >> 1) + 4096]);
+        show("munmap(64 TiB)", munmap(r, huge));
+    }
+
     /* The descriptor table: the kernel's order of checks. */
     show("dup3(bad flags, bad fd)", dup3(77, 5, 0x1234));
     show("dup3(fd, same fd)", dup3(1, 1, 0));

@@ -132,10 +132,8 @@ impl AddressSpace {
         let pages = (end - start) / PAGE;
         if GuestMem::frames_needed(pages) > self.mem.free_frames() {
             // Count what is already mapped before refusing.
-            let missing = (0..pages)
-                .filter(|i| !self.mem.is_mapped(start + i * PAGE))
-                .count();
-            if GuestMem::frames_needed(missing as u64) > self.mem.free_frames() {
+            let missing = pages - self.mem.mapped_pages(start, end);
+            if GuestMem::frames_needed(missing) > self.mem.free_frames() {
                 return Err(NoMem);
             }
         }
