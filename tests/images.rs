@@ -100,6 +100,10 @@ image_tests!(marshal, |c| c.arg("200"));
 // sigaltstack, sigprocmask, prctl, RLIMIT_NOFILE on descriptor numbers, dup3's order).
 image_tests!(checks, |c| c);
 
+// The process's own /proc: cmdline and environ from its memory, comm after PR_SET_NAME,
+// status/stat/statm/limits/maps, fd/ and fdinfo/N.
+image_tests!(procself, |c| c.args(["alpha", "beta", "gamma delta"]));
+
 // segfault runs in every variant in tests/faults.rs (mosvm reports the fault on stderr).
 
 #[test]

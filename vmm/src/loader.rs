@@ -50,6 +50,21 @@ pub struct Started {
     pub entry: u64,
     /// Load bias of the interpreter (AT_BASE), 0 without one.
     pub interp_base: u64,
+    /// Where the initial stack holds what /proc/PID/{cmdline,environ,auxv} show.
+    pub layout: StackLayout,
+}
+
+/// Guest addresses of the argument and environment strings and of the auxiliary vector on
+/// the initial stack (Linux's `mm->arg_start`, `arg_end`, `env_start`, `env_end`,
+/// `saved_auxv`): ranges `[start, end)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StackLayout {
+    /// argv strings, NULs included.
+    pub args: (u64, u64),
+    /// envp strings, NULs included.
+    pub env: (u64, u64),
+    /// The auxiliary vector, AT_NULL pair included.
+    pub auxv: (u64, u64),
 }
 
 struct Mapped {
@@ -259,13 +274,14 @@ pub fn load(
             VmaKind::Stack,
         )
         .map_err(|_| too_big())?;
-    let rsp =
+    let (rsp, layout) =
         build_stack(space, argv, envp, execfn, facts, &main, interp_base).ok_or_else(too_big)?;
     Ok(Started {
         rip,
         rsp,
         entry: main.entry,
         interp_base,
+        layout,
     })
 }
 
@@ -290,7 +306,8 @@ const AT_RANDOM: u64 = 25;
 const AT_HWCAP2: u64 = 26;
 const AT_EXECFN: u64 = 31;
 
-/// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`. Returns rsp.
+/// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`. Returns rsp and where the
+/// strings and the auxiliary vector are.
 fn build_stack(
     space: &mut AddressSpace,
     argv: &[Vec<u8>],
@@ -299,7 +316,7 @@ fn build_stack(
     facts: &AuxFacts,
     main: &Mapped,
     interp_base: u64,
-) -> Option<u64> {
+) -> Option<(u64, StackLayout)> {
     let mut sp = STACK_TOP - 8;
     let mut push_bytes = |space: &mut AddressSpace, data: &[u8], nul: bool| -> Option<u64> {
         let len = data.len() as u64 + nul as u64;
@@ -322,6 +339,13 @@ fn build_stack(
         arg_at.push(push_bytes(space, a, true)?);
     }
     arg_at.reverse();
+    // The strings lie in order: argv[0].., envp[0].., then the execfn.
+    let args_start = arg_at
+        .first()
+        .or(env_at.first())
+        .copied()
+        .unwrap_or(execfn_at);
+    let env_start = env_at.first().copied().unwrap_or(execfn_at);
     let platform_at = push_bytes(space, b"x86_64", true)?;
     let random_at = push_bytes(space, &facts.random, false)?;
     sp &= !15;
@@ -347,6 +371,7 @@ fn build_stack(
         (AT_PLATFORM, platform_at),
         (AT_NULL, 0),
     ];
+    let auxv_len = auxv.len() as u64 * 16;
     let mut words: Vec<u64> = Vec::new();
     words.push(argv.len() as u64);
     words.extend(&arg_at);
@@ -363,7 +388,15 @@ fn build_stack(
     let raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     space.fault_in_range(rsp, raw.len() as u64);
     space.mem.write(rsp, &raw).ok()?;
-    Some(rsp)
+    let auxv_at = rsp + (words.len() as u64 * 8 - auxv_len);
+    Some((
+        rsp,
+        StackLayout {
+            args: (args_start, env_start),
+            env: (env_start, execfn_at),
+            auxv: (auxv_at, auxv_at + auxv_len),
+        },
+    ))
 }
 
 #[cfg(test)]

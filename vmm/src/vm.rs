@@ -11,6 +11,8 @@ use anyhow::{Context, Result};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+
+mod procfs;
 use std::time::Instant;
 
 /// How `mosvm run` was asked to run the program.
@@ -201,6 +203,8 @@ pub struct Vm {
     rlimits: [[u64; 2]; 16],
     comm: [u8; 16],
     prctl: Prctl,
+    /// Where argv, envp and auxv are on the initial stack (/proc/PID/cmdline...).
+    stack_layout: loader::StackLayout,
     /// Whether the syscall exit happens at CPL 3 (KVM-PVM): then the VMM performs the return.
     vmm_returns: Option<bool>,
     warned: std::collections::HashSet<u64>,
@@ -408,6 +412,7 @@ pub struct VmmState {
     rlimits: Vec<[u64; 2]>,
     comm: Vec<u8>,
     prctl: Prctl,
+    stack_layout: loader::StackLayout,
     vmm_returns: Option<bool>,
     guest_mono_ns: i64,
     realtime_offset_ns: i64,
@@ -586,6 +591,7 @@ impl Vm {
             rlimits,
             comm,
             prctl: Prctl::default(),
+            stack_layout: started.layout,
             vmm_returns: None,
             warned: Default::default(),
             mono_offset_ns: 0,
@@ -733,6 +739,7 @@ impl Vm {
             rlimits: self.rlimits.to_vec(),
             comm: self.comm.to_vec(),
             prctl: self.prctl.clone(),
+            stack_layout: self.stack_layout,
             vmm_returns: self.vmm_returns,
             guest_mono_ns: host_mono_ns() + self.mono_offset_ns,
             realtime_offset_ns: self.realtime_offset_ns,
@@ -830,6 +837,7 @@ impl Vm {
             rlimits,
             comm,
             prctl: v.prctl,
+            stack_layout: v.stack_layout,
             vmm_returns: v.vmm_returns,
             warned: Default::default(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
@@ -982,6 +990,19 @@ impl Vm {
     /// A home call: gathered from guest memory, run by the deputy, scattered back
     /// (`forward`).
     fn forward(&mut self, nr: u64, args: [u64; 6], base: &'static [A]) -> Step {
+        // The guest's own /proc files describe the guest (vm/procfs.rs).
+        let (path, flags) = match nr as i64 {
+            libc::SYS_open => (args[0], args[1]),
+            libc::SYS_openat => (args[1], args[2]),
+            _ => (0, 0),
+        };
+        if path != 0 && flags & libc::O_ACCMODE as u64 == libc::O_RDONLY as u64 {
+            if let Ok(p) = self.space.mem.read_cstr(path, 64) {
+                if let Some(f) = procfs::own_file(&p, self.pid) {
+                    return Step::Ret(self.open_proc(f, flags));
+                }
+            }
+        }
         let ret = crate::forward::home_call(&self.space.mem, &mut *self.deputy, nr, args, base);
         if ret == -EPIPE
             && matches!(

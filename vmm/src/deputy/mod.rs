@@ -103,6 +103,9 @@ pub struct HostDeputy {
     nofile: u64,
     /// The program's path, what the guest sees as /proc/self/exe.
     exe: Option<Vec<u8>>,
+    /// Directories standing for the guest's /proc/self/fd, by the guest descriptor they were
+    /// opened as (removed when it is closed, or with the deputy).
+    fd_dirs: Vec<(u64, std::path::PathBuf)>,
 }
 
 fn errno() -> i64 {
@@ -138,6 +141,7 @@ impl HostDeputy {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         let mut d = HostDeputy {
             fds: vec![None; 3],
+            fd_dirs: Vec::new(),
             nofile: lim.rlim_cur.min(NR_OPEN),
             exe: None,
         };
@@ -163,7 +167,8 @@ impl HostDeputy {
     }
 
     /// Paths that name the caller's own descriptors or executable mean the guest's, not the
-    /// VMM's: /proc/self/fd/N, /dev/fd/N, /dev/std{in,out,err}, /proc/self/exe.
+    /// VMM's: /proc/self/fd/N, /proc/self/fdinfo/N, /dev/fd/N, /dev/std{in,out,err},
+    /// /proc/self/exe.
     fn rewrite_path(&self, path: &[u8]) -> Option<Vec<u8>> {
         let p = path.strip_suffix(b"\0").unwrap_or(path);
         let pid = std::process::id().to_string();
@@ -173,6 +178,7 @@ impl HostDeputy {
             [b"/proc/".as_slice(), pid.as_bytes(), b"/"].concat(),
         ];
         let mut rest: Option<&[u8]> = None;
+        let mut dir = "fd";
         for prefix in &own_proc {
             if let Some(r) = p.strip_prefix(prefix.as_slice()) {
                 if r == b"exe" {
@@ -181,6 +187,9 @@ impl HostDeputy {
                     return Some(e);
                 }
                 rest = r.strip_prefix(b"fd/");
+                if let Some(i) = r.strip_prefix(b"fdinfo/") {
+                    (rest, dir) = (Some(i), "fdinfo");
+                }
             }
         }
         let (num, tail): (&[u8], &[u8]) = match (rest, p) {
@@ -200,7 +209,7 @@ impl HostDeputy {
         let guest: u64 = std::str::from_utf8(num).ok()?.parse().ok()?;
         // An unknown descriptor maps to a number no process has, so the lookup fails (ENOENT).
         let host = self.host_fd(guest).unwrap_or(i32::MAX);
-        let mut out = format!("/proc/self/fd/{host}").into_bytes();
+        let mut out = format!("/proc/self/{dir}/{host}").into_bytes();
         out.extend_from_slice(tail);
         out.push(0);
         Some(out)
@@ -277,10 +286,66 @@ impl HostDeputy {
         {
             Some(f) => {
                 close_host(f.host);
+                if let Some(i) = self.fd_dirs.iter().position(|(g, _)| *g == guest) {
+                    let _ = std::fs::remove_dir_all(self.fd_dirs.swap_remove(i).1);
+                }
                 0
             }
             None => -EBADF,
         }
+    }
+
+    /// An open of the guest's own descriptor directory (/proc/self/fd, /dev/fd): a directory
+    /// of symbolic links named by the guest's descriptor numbers, each pointing where the
+    /// descriptor does, the new descriptor itself included, as Linux lists it.
+    fn open_fd_dir(&mut self, req: &Request) -> Option<i64> {
+        let (path, flags) = match req.nr as i64 {
+            libc::SYS_open => (req.slots.first()?, req.args[1]),
+            libc::SYS_openat => (req.slots.first()?, req.args[2]),
+            _ => return None,
+        };
+        let Slot::In(p) = path else { return None };
+        let p = p.strip_suffix(b"\0").unwrap_or(p);
+        let p = p.strip_suffix(b"/").unwrap_or(p);
+        let pid = format!("/proc/{}/fd", std::process::id());
+        let names: [&[u8]; 4] = [
+            b"/proc/self/fd",
+            b"/proc/thread-self/fd",
+            b"/dev/fd",
+            pid.as_bytes(),
+        ];
+        if !names.contains(&p) || flags & libc::O_ACCMODE as u64 != libc::O_RDONLY as u64 {
+            return None;
+        }
+        let own =
+            (0..self.nofile as usize).find(|&i| self.fds.get(i).is_none_or(|f| f.is_none()))?;
+        let dir = std::env::temp_dir().join(format!(
+            "mosvm-fd-{}-{own}-{}",
+            std::process::id(),
+            self.fd_dirs.len()
+        ));
+        if std::fs::create_dir(&dir).is_err() {
+            return Some(-(libc::EACCES as i64));
+        }
+        for (g, f) in self.fds.iter().enumerate() {
+            if let Some(f) = f {
+                let target = std::fs::read_link(format!("/proc/self/fd/{}", f.host))
+                    .unwrap_or_else(|_| "anon_inode:[unknown]".into());
+                let _ = std::os::unix::fs::symlink(target, dir.join(g.to_string()));
+            }
+        }
+        let _ = std::os::unix::fs::symlink(&pid, dir.join(own.to_string()));
+        let file = match std::fs::File::open(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Some(-(e.raw_os_error().unwrap_or(libc::EIO) as i64));
+            }
+        };
+        let host = std::os::fd::IntoRawFd::into_raw_fd(file);
+        let g = self.install(host, own, flags & libc::O_CLOEXEC as u64 != 0);
+        self.fd_dirs.push((g as u64, dir));
+        Some(g)
     }
 
     fn dup_host(host: i32) -> Result<i32, i64> {
@@ -496,6 +561,9 @@ impl Drop for HostDeputy {
         for f in self.fds.drain(..).flatten() {
             close_host(f.host);
         }
+        for (_, dir) in self.fd_dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -522,7 +590,7 @@ impl Deputy for HostDeputy {
     }
 
     fn call(&mut self, req: Request) -> Reply {
-        if let Some(ret) = self.fd_call(&req) {
+        if let Some(ret) = self.fd_call(&req).or_else(|| self.open_fd_dir(&req)) {
             return Reply { ret, outs: vec![] };
         }
         if let Some(r) = self.readlink_exe(&req) {
