@@ -2,7 +2,8 @@
  * table: flags and ranges with their errno, SIGKILL/SIGSTOP never masked, RLIMIT_NOFILE
  * bounding descriptor numbers (lowered and raised), prctl options, and the kernel's order
  * of checks (a bad flag before a bad descriptor). Every result is printed, to be compared
- * with the same program run natively. */
+ * with the same program run natively. It ends by unblocking a pending SIGUSR1, which kills
+ * it (exit status 138). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -150,5 +151,26 @@ int main(void) {
     show("PR_GET_NAME", prctl(PR_GET_NAME, name));
     printf("name = %s\n", name);
     show("prctl(9999)", prctl(9999, 0, 0, 0, 0));
+
+    /* Blocked signals wait; an ignored pending signal is discarded; an unblocked one acts. */
+    sigset_t set, pend;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGTERM);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    show("kill(self, SIGUSR1) while blocked", kill(getpid(), SIGUSR1));
+    show("raise(SIGTERM) while blocked", raise(SIGTERM));
+    sigemptyset(&pend);
+    show("sigpending", sigpending(&pend));
+    printf("pending: USR1=%d TERM=%d\n", sigismember(&pend, SIGUSR1), sigismember(&pend, SIGTERM));
+    signal(SIGTERM, SIG_IGN);
+    sigemptyset(&pend);
+    sigpending(&pend);
+    printf("after SIG_IGN of TERM: USR1=%d TERM=%d\n", sigismember(&pend, SIGUSR1),
+           sigismember(&pend, SIGTERM));
+    show("rt_sigpending(size 16)", syscall(SYS_rt_sigpending, &pend, 16));
+    fflush(stdout);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    printf("still running after unblocking a pending SIGUSR1\n");
     return 0;
 }

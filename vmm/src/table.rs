@@ -132,7 +132,7 @@ table! {
     SYS_time => Local, SYS_nanosleep => Local, SYS_clock_nanosleep => Local,
     SYS_sched_yield => Local, SYS_uname => Local, SYS_exit => Local, SYS_exit_group => Local,
     SYS_rt_sigaction => Local, SYS_rt_sigprocmask => Local, SYS_sigaltstack => Local,
-    SYS_rt_sigreturn => Local, SYS_futex => Local, SYS_kill => Local, SYS_tgkill => Local,
+    SYS_rt_sigreturn => Local, SYS_rt_sigpending => Local, SYS_futex => Local, SYS_kill => Local, SYS_tgkill => Local,
     SYS_tkill => Local, SYS_sched_getaffinity => Local, SYS_sched_setaffinity => Local,
     SYS_getcpu => Local, SYS_sysinfo => Local, SYS_getrusage => Local, SYS_times => Local,
     SYS_prctl => Local, SYS_personality => Local, SYS_membarrier => Local, SYS_pause => Local, SYS_alarm => Local,
@@ -212,6 +212,12 @@ table! {
     SYS_listxattr => Home(&[Path, Out(2), V]),
     SYS_llistxattr => Home(&[Path, Out(2), V]),
     SYS_flistxattr => Home(&[Fd, Out(2), V]),
+    SYS_setxattr => Home(&[Path, Path, In(3), V, V]),
+    SYS_lsetxattr => Home(&[Path, Path, In(3), V, V]),
+    SYS_fsetxattr => Home(&[Fd, Path, In(3), V, V]),
+    SYS_removexattr => Home(&[Path, Path]),
+    SYS_lremovexattr => Home(&[Path, Path]),
+    SYS_fremovexattr => Home(&[Fd, Path]),
     SYS_sendfile => Home(&[Fd, Fd, SInOut(8), V]),
     SYS_copy_file_range => Home(&[Fd, SInOut(8), Fd, SInOut(8), V, V]),
     SYS_dup => Home(&[Fd]),
@@ -233,7 +239,16 @@ table! {
     SYS_epoll_wait => Home(&[Fd, OutElems(2, 12), V, V]),
     SYS_epoll_pwait => Home(&[Fd, OutElems(2, 12), V, V, SIn(8), V]),
     SYS_memfd_create => Home(&[Path, V]),
+    SYS_inotify_init => Home(&[]),
     SYS_inotify_init1 => Home(&[V]),
+    SYS_inotify_add_watch => Home(&[Fd, Path, V]),
+    SYS_inotify_rm_watch => Home(&[Fd, V]),
+    SYS_timerfd_create => Home(&[V, V]),
+    SYS_timerfd_settime => Home(&[Fd, V, SIn(32), SOut(32)]),
+    SYS_timerfd_gettime => Home(&[Fd, SOut(32)]),
+    SYS_splice => Home(&[Fd, SInOut(8), Fd, SInOut(8), V, V]),
+    SYS_tee => Home(&[Fd, Fd, V, V]),
+    SYS_sync_file_range => Home(&[Fd, V, V, V]),
 
     // Sockets: home.
     SYS_socket => Home(&[V, V, V]),
@@ -471,7 +486,9 @@ pub fn returns_fd(nr: u64) -> bool {
             | libc::SYS_epoll_create
             | libc::SYS_epoll_create1
             | libc::SYS_memfd_create
+            | libc::SYS_inotify_init
             | libc::SYS_inotify_init1
+            | libc::SYS_timerfd_create
     )
 }
 

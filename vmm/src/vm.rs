@@ -155,6 +155,8 @@ impl Default for Prctl {
 struct Signals {
     actions: [[u8; 32]; 65],
     mask: u64,
+    /// Signals sent while blocked, waiting to be unblocked (bit `sig - 1`).
+    pending: u64,
     altstack: [u8; 24],
 }
 
@@ -167,6 +169,7 @@ impl Signals {
         Signals {
             actions: [[0; 32]; 65],
             mask: 0,
+            pending: 0,
             altstack,
         }
     }
@@ -408,6 +411,7 @@ pub struct VmmState {
     pid: i64,
     sig_actions: Vec<Vec<u8>>,
     sig_mask: u64,
+    sig_pending: u64,
     altstack: Vec<u8>,
     rlimits: Vec<[u64; 2]>,
     comm: Vec<u8>,
@@ -735,6 +739,7 @@ impl Vm {
             pid: self.pid,
             sig_actions: self.sig.actions.iter().map(|a| a.to_vec()).collect(),
             sig_mask: self.sig.mask,
+            sig_pending: self.sig.pending,
             altstack: self.sig.altstack.to_vec(),
             rlimits: self.rlimits.to_vec(),
             comm: self.comm.to_vec(),
@@ -808,6 +813,7 @@ impl Vm {
             }
         }
         sig.mask = v.sig_mask;
+        sig.pending = v.sig_pending;
         if v.altstack.len() == 24 {
             sig.altstack.copy_from_slice(&v.altstack);
         }
@@ -1221,6 +1227,10 @@ impl Vm {
                 let old = self.sig.actions[sig];
                 if a[1] != 0 {
                     self.sig.actions[sig] = self.read_guest::<32>(a[1])?;
+                    // A pending signal that is now ignored is discarded (signal(7)).
+                    if self.sig.ignored(sig as i32) {
+                        self.sig.pending &= !(1 << (sig - 1));
+                    }
                 }
                 if a[2] != 0 {
                     self.write_guest(a[2], &old)?;
@@ -1246,6 +1256,21 @@ impl Vm {
                 if a[2] != 0 {
                     self.write_guest(a[2], &old.to_le_bytes())?;
                 }
+                // Pending signals just unblocked arrive now, lowest first.
+                let ready = self.sig.pending & !self.sig.mask;
+                if ready != 0 {
+                    let sig = ready.trailing_zeros() as i32 + 1;
+                    self.sig.pending &= !(1 << (sig - 1));
+                    return Ok(self.take_signal(sig));
+                }
+                ok(0)
+            }
+            libc::SYS_rt_sigpending => {
+                if a[1] > 8 {
+                    return Err(EINVAL);
+                }
+                let set = (self.sig.pending & self.sig.mask).to_le_bytes();
+                self.write_guest(a[0], &set[..a[1] as usize])?;
                 ok(0)
             }
             libc::SYS_sigaltstack => {
@@ -1670,6 +1695,16 @@ impl Vm {
         if sig == 0 || self.sig.ignored(sig) {
             return Ok(Step::Ret(0));
         }
+        if self.sig.mask & 1 << (sig - 1) != 0 {
+            // Blocked: it waits until unblocked (signal(7)).
+            self.sig.pending |= 1 << (sig - 1);
+            return Ok(Step::Ret(0));
+        }
+        Ok(self.take_signal(sig))
+    }
+
+    /// A signal reaches the guest: its default action (handlers are not run yet).
+    fn take_signal(&mut self, sig: i32) -> Step {
         if self.sig.handler(sig as usize) > SIG_IGN && self.warned.insert(1000 + sig as u64) {
             eprintln!(
                 "mosvm: {}: signal handlers are not delivered yet; {} takes its default action",
@@ -1677,7 +1712,7 @@ impl Vm {
                 signal_name(sig)
             );
         }
-        Ok(Step::Exit(Outcome::Signaled(sig)))
+        Step::Exit(Outcome::Signaled(sig))
     }
 
     /// One line of JSON with the run's counters and phase times.

@@ -524,6 +524,8 @@ impl HostDeputy {
             libc::SYS_eventfd2 => flag(a[1], libc::EFD_CLOEXEC),
             libc::SYS_epoll_create1 => flag(a[0], libc::EPOLL_CLOEXEC),
             libc::SYS_memfd_create => flag(a[1], libc::MFD_CLOEXEC as i32),
+            libc::SYS_inotify_init1 => flag(a[0], libc::IN_CLOEXEC),
+            libc::SYS_timerfd_create => flag(a[1], libc::TFD_CLOEXEC),
             _ => false,
         }
     }
