@@ -1068,15 +1068,7 @@ impl Vm {
                     .mremap(a[0], a[1], a[2], a[3] & MAYMOVE != 0, fixed)
                     .map(|v| Step::Ret(v as i64))
             }
-            libc::SYS_madvise => {
-                match a[2] as i32 {
-                    libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE => {
-                        self.space.discard(a[0], a[1])?
-                    }
-                    _ => {}
-                }
-                ok(0)
-            }
+            libc::SYS_madvise => self.madvise(a[0], a[1], a[2] as i32),
             libc::SYS_msync => {
                 // msync(2): an unaligned start, unknown flags or MS_SYNC with MS_ASYNC are
                 // EINVAL; a range with unmapped parts ENOMEM.
@@ -1091,7 +1083,8 @@ impl Vm {
                 self.range_mapped(a[0], a[1])?;
                 ok(0)
             }
-            libc::SYS_mlock | libc::SYS_munlock => {
+            libc::SYS_mlock2 if a[2] & !(libc::MLOCK_ONFAULT as u64) != 0 => Err(EINVAL),
+            libc::SYS_mlock | libc::SYS_munlock | libc::SYS_mlock2 => {
                 self.range_mapped(a[0] & !(PAGE - 1), a[1] + (a[0] & (PAGE - 1)))?;
                 ok(0)
             }
@@ -1431,6 +1424,38 @@ impl Vm {
                 _ => Err(EINVAL),
             },
         }
+    }
+
+    /// madvise(2): an unaligned start, an unknown advice or a wrapping range is EINVAL; the
+    /// advice applies to the mapped parts and a range with holes is then ENOMEM. MADV_FREE is
+    /// for private anonymous memory only, MADV_REMOVE for shared mappings only (EINVAL).
+    fn madvise(&mut self, addr: u64, len: u64, advice: i32) -> Result<Step, i64> {
+        let known = (0..=25).contains(&advice) && !(5..=7).contains(&advice);
+        let end = addr.checked_add(page_up(len)).filter(|e| *e >= addr);
+        let Some(end) = end.filter(|_| known && addr & (PAGE - 1) == 0) else {
+            return Err(EINVAL);
+        };
+        if end == addr {
+            return Ok(Step::Ret(0));
+        }
+        let parts: Vec<(u64, u64, VmaKind)> = self
+            .space
+            .vmas()
+            .filter(|(s, v)| *s < end && v.end > addr)
+            .map(|(s, v)| (s.max(addr), v.end.min(end), v.kind))
+            .collect();
+        for &(s, e, kind) in &parts {
+            match advice {
+                libc::MADV_REMOVE => return Err(EINVAL),
+                libc::MADV_FREE if kind == VmaKind::File => return Err(EINVAL),
+                libc::MADV_DONTNEED | libc::MADV_FREE => self.space.discard(s, e - s)?,
+                _ => {}
+            }
+        }
+        if !self.space.covered(addr, end) {
+            return Err(ENOMEM);
+        }
+        Ok(Step::Ret(0))
     }
 
     /// ENOMEM unless all of `[addr, addr+len)` is mapped; EINVAL when it wraps.
