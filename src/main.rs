@@ -226,6 +226,8 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // The guest's limits are taken; the VMM's own descriptors get room beyond them.
+    vmm::deputy::raise_own_nofile();
     let reg = register(a.socket.as_deref(), &vm);
     match run_guest(vm, reg) {
         Ok((code, vm)) => {

@@ -80,6 +80,38 @@ pub fn guard() -> u64 {
     })
 }
 
+/// Zeroed memory aligned to a page, for O_DIRECT transfers.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `layout.size()` initialised (zeroed) bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
 /// The descriptor table a call is translated through.
 pub trait FdMap {
     /// The host descriptor behind guest descriptor `guest`, or EBADF (positive errno).
@@ -644,13 +676,21 @@ impl Call {
             }
         }
         debug_assert_eq!(self.verify(&a), Ok(()));
+        let bounce = self.direct_bounce(&mut a);
         // SAFETY: `verify` holds for `a`: every pointer argument points into a buffer this
         // call owns, at least as long as the length the kernel takes for it (the shapes come
         // from the shared table, the lengths were clamped to the buffers), and those buffers
-        // live until `self` is dropped, after the call returns. Descriptors are the guest's
-        // own, translated through its table.
+        // live until `self` is dropped, after the call returns; an O_DIRECT transfer points
+        // instead into `bounce`, as long as the buffer it stands for, alive until the copy
+        // back below. Descriptors are the guest's own, translated through its table.
         let r =
             unsafe { libc::syscall(self.nr as libc::c_long, a[0], a[1], a[2], a[3], a[4], a[5]) };
+        if let Some((i, off, b)) = bounce {
+            if let Some(dst) = self.bufs[i].as_mut().filter(|_| self.out[i]) {
+                let n = dst.len();
+                dst.copy_from_slice(&b.as_slice()[off..off + n]);
+            }
+        }
         if r < 0 {
             -(std::io::Error::last_os_error()
                 .raw_os_error()
@@ -658,6 +698,51 @@ impl Call {
         } else {
             r as i64
         }
+    }
+
+    /// A read or write on a descriptor opened with O_DIRECT needs its buffer aligned as the
+    /// device wants: the data moves through a page-aligned copy placed at the guest buffer's
+    /// own offset within its page (so a buffer Linux would refuse is refused here too), and
+    /// `a` points there. Returns (argument, offset, copy).
+    fn direct_bounce(&mut self, a: &mut [u64; 6]) -> Option<(usize, usize, AlignedBuf)> {
+        let transfer = matches!(
+            self.nr as i64,
+            libc::SYS_read
+                | libc::SYS_write
+                | libc::SYS_pread64
+                | libc::SYS_pwrite64
+                | libc::SYS_readv
+                | libc::SYS_writev
+                | libc::SYS_preadv
+                | libc::SYS_pwritev
+                | libc::SYS_preadv2
+                | libc::SYS_pwritev2
+        );
+        if !transfer || self.fault[1] {
+            return None;
+        }
+        // SAFETY: F_GETFL on a descriptor number reads its flags and touches no memory.
+        let fl = unsafe { libc::fcntl(a[0] as i32, libc::F_GETFL) };
+        if fl < 0 || fl & libc::O_DIRECT == 0 {
+            return None;
+        }
+        let src = self.bufs[1].as_ref()?;
+        let iov = matches!(self.spec[1], A::IovIn(_) | A::IovOut(_));
+        let off = if iov {
+            0
+        } else {
+            (self.guest_args[1] & 4095) as usize
+        };
+        let n = src.len();
+        let mut b = AlignedBuf::new(off + n)?;
+        b.as_mut_slice()[off..off + n].copy_from_slice(src);
+        let ptr = b.as_mut_slice()[off..].as_mut_ptr();
+        if iov {
+            self.iov.iov_base = ptr.cast();
+        } else {
+            a[1] = ptr as u64;
+        }
+        Some((1, off, b))
     }
 
     /// The reply for result `ret`: every output buffer in argument order, each only as long as

@@ -124,6 +124,32 @@ pub fn fdset_bytes(nfds: u64) -> usize {
     (nfds.min(MAX_FDS as u64) as usize).div_ceil(64) * 8
 }
 
+/// Give this process room for its own descriptors beyond the guest's RLIMIT_NOFILE: the
+/// guest's table is bounded by the limit it started with (the deputy enforces it), while the
+/// VMM's own descriptors (KVM, links, duplicates of stdio) must not count against it. Raises
+/// the soft limit to the hard one, and both by 256 where the host allows it (root).
+pub fn raise_own_nofile() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return;
+        }
+        let more = l.rlim_max.saturating_add(256);
+        let up = libc::rlimit {
+            rlim_cur: more,
+            rlim_max: more,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &up) != 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 impl HostDeputy {
     /// A deputy whose guest descriptors 0, 1, 2 are this process's stdin, stdout, stderr.
     /// (They are duplicated, so a guest closing its stderr cannot silence the VMM's messages.)
