@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
@@ -124,6 +125,16 @@ int main(void) {
         close(3000);
     }
     setrlimit(RLIMIT_NOFILE, &orig);
+
+    /* Credentials: dropping to the ids one already has succeeds. */
+    show("setuid(getuid())", setuid(getuid()));
+    show("setgid(getgid())", setgid(getgid()));
+    show("setresuid(-1, -1, -1)", setresuid(-1, -1, -1));
+    show("setreuid(-1, geteuid())", setreuid(-1, geteuid()));
+    gid_t groups[256];
+    int ng = getgroups(256, groups);
+    show("setgroups(the same)", setgroups(ng, groups));
+    show("setgroups(-1)", syscall(SYS_setgroups, -1, groups));
 
     /* prctl. */
     int sig = -1;

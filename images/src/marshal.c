@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <termios.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -20,6 +22,10 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+#ifndef FICLONE
+#define FICLONE _IOW(0x94, 9, int)
+#endif
 
 #define WILD ((void *)0xdead0000000UL)
 #define KERNEL ((void *)0xffff888000000000UL)
@@ -277,6 +283,52 @@ static void messages(void) {
     unlink(va.sun_path);
 }
 
+static void ioctls_and_direct_io(void) {
+    int p[2];
+    if (pipe(p) != 0) return;
+    write(p[1], "abc", 3);
+    int n = -1;
+    show("ioctl(pipe, FIONREAD)", ioctl(p[0], FIONREAD, &n));
+    printf("FIONREAD -> %d\n", n);
+    show("ioctl(pipe, TCFLSH)", ioctl(p[0], TCFLSH, 0));
+    show("ioctl(pipe, TCSBRK)", ioctl(p[0], TCSBRK, 1));
+    struct termios t;
+    show("ioctl(pipe, TCGETS)", ioctl(p[0], TCGETS, &t));
+    show("ioctl(pipe, unknown)", ioctl(p[0], 0x12345678, 0));
+    show("ioctl(pipe, FIONREAD, WILD)", ioctl(p[0], FIONREAD, WILD));
+    int a = open("clone-src", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    int b = open("clone-dst", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    write(a, "cloned bytes\n", 13);
+    long r = ioctl(b, FICLONE, a);
+    show("ioctl(FICLONE)", r);
+    show("ioctl(FICLONE, bad fd)", ioctl(b, FICLONE, 77));
+    close(a);
+    close(b);
+    close(p[0]);
+    close(p[1]);
+    /* O_DIRECT wants aligned buffers: an aligned transfer works, a misaligned one is EINVAL. */
+    int fd = open("direct.dat", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    char page[8192];
+    memset(page, 'd', sizeof page);
+    write(fd, page, sizeof page);
+    fsync(fd);
+    close(fd);
+    fd = open("direct.dat", O_RDWR | O_DIRECT);
+    if (fd < 0) {
+        show("open(O_DIRECT)", fd);
+    } else {
+        char *buf = aligned_alloc(4096, 3 * 4096);
+        show("pread(O_DIRECT, aligned)", pread(fd, buf, 4096, 4096));
+        printf("read back '%c'\n", buf[100]);
+        memset(buf, 'w', 4096);
+        show("pwrite(O_DIRECT, aligned)", pwrite(fd, buf, 4096, 0));
+        show("pread(O_DIRECT, misaligned)", pread(fd, buf + 1, 4096, 0));
+        free(buf);
+        close(fd);
+    }
+    unlink("direct.dat");
+}
+
 static void paths(void) {
     char small[4];
     show("getcwd(4)", getcwd(small, sizeof small) ? 0 : -1);
@@ -312,6 +364,7 @@ int main(int argc, char **argv) {
     big_transfers(mib);
     selects();
     messages();
+    ioctls_and_direct_io();
     paths();
     return 0;
 }
