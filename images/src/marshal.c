@@ -14,6 +14,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <termios.h>
 #include <sys/select.h>
 #include <sys/socket.h>
@@ -302,6 +304,14 @@ static void ioctls_and_direct_io(void) {
     long r = ioctl(b, FICLONE, a);
     show("ioctl(FICLONE)", r);
     show("ioctl(FICLONE, bad fd)", ioctl(b, FICLONE, 77));
+    /* fcntl commands whose argument is a pointer. */
+    uint64_t hint = 2, got = 0;
+    show("fcntl(F_SET_RW_HINT)", syscall(SYS_fcntl, a, 1036, &hint));
+    show("fcntl(F_GET_RW_HINT)", syscall(SYS_fcntl, a, 1035, &got));
+    printf("rw hint %lu\n", (unsigned long)got);
+    show("fcntl(F_GET_RW_HINT, WILD)", syscall(SYS_fcntl, a, 1035, WILD));
+    show("fcntl(F_GETLK, WILD)", syscall(SYS_fcntl, a, F_GETLK, WILD));
+    show("fcntl(unknown command)", syscall(SYS_fcntl, a, 9999, 0));
     close(a);
     close(b);
     close(p[0]);
@@ -327,6 +337,34 @@ static void ioctls_and_direct_io(void) {
         close(fd);
     }
     unlink("direct.dat");
+}
+
+/* The kernel copies only where the process's mappings allow: into a read-only page, from a
+ * PROT_NONE page or a page given back by munmap is EFAULT; a deep stack buffer never touched
+ * before is filled. */
+static void protections(void) {
+    int fd = open("prot.txt", O_RDWR | O_CREAT | O_TRUNC, 0644);
+    write(fd, "0123456789", 10);
+    char *p = mmap(NULL, 3 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(p, 'q', 3 * 4096);
+    mprotect(p, 4096, PROT_READ);
+    mprotect(p + 4096, 4096, PROT_NONE);
+    munmap(p + 2 * 4096, 4096);
+    show("pread into a read-only page", pread(fd, p, 5, 0));
+    printf("read-only page still '%c'\n", p[0]);
+    show("write from a read-only page", write(fd, p, 5));
+    show("write from a PROT_NONE page", write(fd, p + 4096, 5));
+    show("write from an unmapped page", write(fd, p + 2 * 4096, 5));
+    show("pread into an unmapped page", pread(fd, p + 2 * 4096, 5, 0));
+    struct stat st;
+    show("fstat into a read-only page", syscall(SYS_fstat, fd, p));
+    show("fstat into its own struct", fstat(fd, &st));
+    struct timespec *ts = (void *)p;
+    show("clock_gettime into a read-only page", syscall(SYS_clock_gettime, CLOCK_MONOTONIC, ts));
+    volatile char deep[1 << 20];
+    show("pread into a deep stack buffer", pread(fd, (char *)deep, 10, 0));
+    printf("deep stack buffer holds '%c%c'\n", deep[0], deep[9]);
+    close(fd);
 }
 
 static void paths(void) {
@@ -365,6 +403,7 @@ int main(int argc, char **argv) {
     selects();
     messages();
     ioctls_and_direct_io();
+    protections();
     paths();
     return 0;
 }

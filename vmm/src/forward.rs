@@ -11,7 +11,8 @@ use crate::deputy::marshal::{
     MsgHead, MAX_CONTROL, MAX_RW_COUNT, MAX_SOCKBUF, MAX_XFER, MSG_HEAD, PATH_MAX, SOCKADDR_MAX,
 };
 use crate::deputy::{fdset_bytes, Deputy, Request, Slot};
-use crate::memory::GuestMem;
+use crate::memory::Fault;
+use crate::mm::AddressSpace;
 use crate::table::{self, A};
 
 const EFAULT: i64 = libc::EFAULT as i64;
@@ -38,9 +39,60 @@ struct MsgDest {
     iov: Vec<Seg>,
 }
 
+/// Guest memory as a system call sees it: only what the guest's mappings let it read or
+/// write (a PROT_NONE or read-only page, or a hole left by munmap, faults as on Linux), with
+/// demand-paged pages brought in before they are used.
+pub struct Guest<'a> {
+    space: &'a mut AddressSpace,
+}
+
+impl<'a> Guest<'a> {
+    /// The guest's memory through its address space.
+    pub fn new(space: &'a mut AddressSpace) -> Self {
+        Guest { space }
+    }
+
+    /// Bytes from `va` (at most `len`) the call may read (`write` false) or write, made
+    /// present.
+    fn accessible(&mut self, va: u64, len: u64, write: bool) -> u64 {
+        let n = self.space.accessible(va, len, write);
+        self.space.fault_in_range(va, n);
+        n
+    }
+
+    fn allow(&mut self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
+        match self.accessible(va, len as u64, write) == len as u64 {
+            true => Ok(()),
+            false => Err(Fault(va)),
+        }
+    }
+
+    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
+        self.allow(va, buf.len(), false)?;
+        self.space.mem.read(va, buf)
+    }
+
+    fn write(&mut self, va: u64, buf: &[u8]) -> Result<(), Fault> {
+        self.allow(va, buf.len(), true)?;
+        self.space.mem.write(va, buf)
+    }
+
+    /// Whether the call may write all of `[va, va+len)`.
+    fn check_range(&mut self, va: u64, len: usize) -> Result<(), Fault> {
+        self.allow(va, len, true)?;
+        self.space.mem.check_range(va, len)
+    }
+
+    fn read_u64_va(&mut self, va: u64) -> Result<u64, Fault> {
+        let mut b = [0u8; 8];
+        self.read(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
 /// Run home call `nr` (table row `base`) for the guest: -errno or the result.
 pub fn home_call(
-    mem: &GuestMem,
+    mem: &mut Guest<'_>,
     deputy: &mut dyn Deputy,
     nr: u64,
     args: [u64; 6],
@@ -116,18 +168,20 @@ pub fn home_call(
 }
 
 /// Write at most `min(got, cap, buf.len())` bytes of `buf` at `va`.
-fn put(mem: &GuestMem, va: u64, buf: &[u8], got: i64, cap: u64) -> Result<(), i64> {
+fn put(mem: &mut Guest<'_>, va: u64, buf: &[u8], got: i64, cap: u64) -> Result<(), i64> {
     let n = (got.max(0) as u64).min(cap).min(buf.len() as u64) as usize;
     mem.write(va, &buf[..n]).map_err(|_| EFAULT)
 }
 
-/// The length of the mapped prefix of `[va, va+len)`, whole pages at a time.
-fn mapped_prefix(mem: &GuestMem, va: u64, len: u64) -> u64 {
+/// The length of the prefix of `[va, va+len)` the call may read (`write` false) or write.
+fn mapped_prefix(mem: &mut Guest<'_>, va: u64, len: u64, write: bool) -> u64 {
+    let n = mem.accessible(va, len, write);
+    // Pages the guest may use but that could not be made present (no memory) end it too.
     let mut done = 0u64;
-    while done < len {
+    while done < n {
         let cur = va + done;
-        let step = (4096 - (cur & 4095)).min(len - done);
-        if mem.check_range(cur, step as usize).is_err() {
+        let step = (4096 - (cur & 4095)).min(n - done);
+        if mem.space.mem.check_range(cur, step as usize).is_err() {
             break;
         }
         done += step;
@@ -135,7 +189,7 @@ fn mapped_prefix(mem: &GuestMem, va: u64, len: u64) -> u64 {
     done
 }
 
-fn read_vec(mem: &GuestMem, va: u64, len: usize) -> Result<Vec<u8>, i64> {
+fn read_vec(mem: &mut Guest<'_>, va: u64, len: usize) -> Result<Vec<u8>, i64> {
     let mut b = vec![0u8; len];
     mem.read(va, &mut b).map_err(|_| EFAULT)?;
     Ok(b)
@@ -144,7 +198,7 @@ fn read_vec(mem: &GuestMem, va: u64, len: usize) -> Result<Vec<u8>, i64> {
 /// Read a guest iovec array of `cnt` entries with Linux's checks (`import_iovec`): more
 /// than UIO_MAXIOV entries is `too_many` (EINVAL, or EMSGSIZE for a msghdr), a negative length
 /// EINVAL, a piece reaching past the user address space EFAULT.
-fn iovecs(mem: &GuestMem, ptr: u64, cnt: u64, too_many: i64) -> Result<Vec<Seg>, i64> {
+fn iovecs(mem: &mut Guest<'_>, ptr: u64, cnt: u64, too_many: i64) -> Result<Vec<Seg>, i64> {
     if cnt > UIO_MAXIOV {
         return Err(too_many);
     }
@@ -190,7 +244,7 @@ fn len_arg(nr: u64, args: &[u64; 6], n: u8, size: u16) -> u64 {
 
 /// A path, NUL included, as Linux's `strncpy_from_user` takes it: EFAULT where it runs into
 /// unmapped memory, ENAMETOOLONG when PATH_MAX bytes hold no NUL.
-fn read_path(mem: &GuestMem, ptr: u64) -> Result<Vec<u8>, i64> {
+fn read_path(mem: &mut Guest<'_>, ptr: u64) -> Result<Vec<u8>, i64> {
     let mut out = Vec::new();
     let mut cur = ptr;
     while out.len() < PATH_MAX {
@@ -208,28 +262,30 @@ fn read_path(mem: &GuestMem, ptr: u64) -> Result<Vec<u8>, i64> {
 
 /// Gather one buffer argument.
 fn gather(
-    mem: &GuestMem,
+    mem: &mut Guest<'_>,
     nr: u64,
     kind: A,
     ptr: u64,
     args: &[u64; 6],
     msg: &mut Option<MsgDest>,
 ) -> Result<Slot, i64> {
-    let checked_out = |len: usize| -> Result<Slot, i64> {
+    let checked_out = |mem: &mut Guest<'_>, len: usize| -> Result<Slot, i64> {
         mem.check_range(ptr, len).map_err(|_| EFAULT)?;
         Ok(Slot::Out(len))
     };
     Ok(match kind {
         A::Path => Slot::In(read_path(mem, ptr)?),
         A::In(n) => Slot::In(read_vec(mem, ptr, len_arg(nr, args, n, 1) as usize)?),
-        A::Out(n) => checked_out(len_arg(nr, args, n, 1) as usize)?,
-        A::OutElems(n, size) => checked_out(len_arg(nr, args, n, size) as usize * size as usize)?,
+        A::Out(n) => checked_out(mem, len_arg(nr, args, n, 1) as usize)?,
+        A::OutElems(n, size) => {
+            checked_out(mem, len_arg(nr, args, n, size) as usize * size as usize)?
+        }
         A::InOutElems(n, size) => {
             let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
             Slot::InOut(read_vec(mem, ptr, elems as usize * size as usize)?)
         }
         A::SIn(size) => Slot::In(read_vec(mem, ptr, size as usize)?),
-        A::SOut(size) => checked_out(size as usize)?,
+        A::SOut(size) => checked_out(mem, size as usize)?,
         A::SInOut(size) => Slot::InOut(read_vec(mem, ptr, size as usize)?),
         A::FdSet(n) => Slot::InOut(read_vec(mem, ptr, fdset_bytes(args[n as usize]))?),
         A::LenOut(n) => {
@@ -243,7 +299,7 @@ fn gather(
             if (l as i32) < 0 {
                 return Err(EINVAL);
             }
-            checked_out((l as usize).min(MAX_SOCKBUF))?
+            checked_out(mem, (l as usize).min(MAX_SOCKBUF))?
         }
         A::SigPack => {
             let ss = mem.read_u64_va(ptr).map_err(|_| EFAULT)?;
@@ -325,7 +381,7 @@ fn gather(
 }
 
 /// Write a `recvmsg` reply into the guest's `msghdr`, its name, control and iovec buffers.
-fn scatter_msg(mem: &GuestMem, d: &MsgDest, buf: &[u8]) -> Result<(), i64> {
+fn scatter_msg(mem: &mut Guest<'_>, d: &MsgDest, buf: &[u8]) -> Result<(), i64> {
     let Some(head) = MsgHead::parse(buf) else {
         return Ok(());
     };
@@ -433,7 +489,13 @@ fn is_file(deputy: &mut dyn Deputy, fd: u64) -> bool {
 /// natively: the total is capped at [`MAX_RW_COUNT`]; a write goes on while each request is
 /// taken whole; a read goes on only on a regular file or block device, while each request is
 /// filled. An error after some bytes moved returns the bytes moved, as Linux does.
-fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x: Transfer) -> i64 {
+fn transfer(
+    mem: &mut Guest<'_>,
+    deputy: &mut dyn Deputy,
+    nr: u64,
+    args: [u64; 6],
+    x: Transfer,
+) -> i64 {
     let mut segs = if x.iov {
         match iovecs(mem, args[1], args[2], EINVAL) {
             Ok(v) => v,
@@ -477,7 +539,8 @@ fn transfer(mem: &GuestMem, deputy: &mut dyn Deputy, nr: u64, args: [u64; 6], x:
         let mut len = 0u64;
         let mut ok = Vec::new();
         for &(b, l) in &chunk {
-            let m = mapped_prefix(mem, b, l);
+            // A read fills guest memory (it must be writable); a write takes from it.
+            let m = mapped_prefix(mem, b, l, !x.write);
             if m > 0 {
                 ok.push((b, m));
             }

@@ -339,6 +339,21 @@ impl AddressSpace {
         at >= end
     }
 
+    /// How many bytes from `va` (at most `len`) the guest's mappings let a system call read
+    /// (any access at all: x86 pages are readable when mapped) or write (PROT_WRITE), as
+    /// Linux's `copy_from_user`/`copy_to_user` would before faulting. O(VMAs in the range).
+    pub fn accessible(&self, va: u64, len: u64, write: bool) -> u64 {
+        let end = va.saturating_add(len);
+        let mut at = va;
+        while at < end {
+            match self.vma_at(at) {
+                Some((_, v)) if v.prot != 0 && (!write || v.prot & 2 != 0) => at = v.end,
+                _ => break,
+            }
+        }
+        at.min(end) - va
+    }
+
     /// The VMA containing `addr`.
     pub fn vma_at(&self, addr: u64) -> Option<(u64, &Vma)> {
         self.vmas

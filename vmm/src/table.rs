@@ -543,19 +543,44 @@ pub fn ioctl_arg(req: u64) -> Option<A> {
     IOCTLS.iter().find(|&&(n, _)| n == r).map(|&(_, a)| a)
 }
 
-/// The argument shape of an fcntl command.
-pub fn fcntl_arg(cmd: u64) -> A {
-    match cmd as i32 {
+/// The argument shape of an fcntl command (fcntl(2)), or None for a command mosvm does not
+/// know (EINVAL, as Linux answers an unknown command). Known by number, never guessed: a
+/// command whose argument is a pointer must not pass the guest's address to the host.
+pub fn fcntl_arg(cmd: u64) -> Option<A> {
+    Some(match cmd as i32 {
         libc::F_GETLK
         | libc::F_SETLK
         | libc::F_SETLKW
         | libc::F_OFD_GETLK
         | libc::F_OFD_SETLK
         | libc::F_OFD_SETLKW => SInOut(32),
-        // F_SETOWN_EX, F_GETOWN_EX
-        15 | 16 => SInOut(8),
-        _ => V,
-    }
+        // F_SETOWN_EX, F_GETOWN_EX: struct f_owner_ex.
+        15 => SIn(8),
+        16 => SOut(8),
+        // F_GET_RW_HINT, F_GET_FILE_RW_HINT: a u64 out; F_SET_RW_HINT, F_SET_FILE_RW_HINT: in.
+        1035 | 1037 => SOut(8),
+        1036 | 1038 => SIn(8),
+        // F_DUPFD_QUERY compares with another descriptor of the caller's.
+        1027 => Fd,
+        libc::F_DUPFD
+        | libc::F_GETFD
+        | libc::F_SETFD
+        | libc::F_GETFL
+        | libc::F_SETFL
+        | libc::F_SETOWN
+        | libc::F_GETOWN
+        | libc::F_SETLEASE
+        | libc::F_GETLEASE
+        | libc::F_NOTIFY
+        | libc::F_DUPFD_CLOEXEC
+        | libc::F_SETPIPE_SZ
+        | libc::F_GETPIPE_SZ
+        | libc::F_ADD_SEALS
+        | libc::F_GET_SEALS => V,
+        // F_SETSIG, F_GETSIG, F_CREATED_QUERY, F_CANCELLK.
+        10 | 11 | 1028 | 1029 => V,
+        _ => return None,
+    })
 }
 
 /// The full spec of a home call, resolving value-dependent shapes (ioctl, fcntl).
@@ -564,7 +589,7 @@ pub fn spec(nr: u64, args: &[u64; 6], base: &'static [A]) -> Result<[A; 6], i64>
     s[..base.len()].copy_from_slice(base);
     match nr as i64 {
         libc::SYS_ioctl => s[2] = ioctl_arg(args[1]).ok_or(libc::ENOTTY as i64)?,
-        libc::SYS_fcntl => s[2] = fcntl_arg(args[1]),
+        libc::SYS_fcntl => s[2] = fcntl_arg(args[1]).ok_or(libc::EINVAL as i64)?,
         _ => {}
     }
     Ok(s)
@@ -695,6 +720,15 @@ mod tests {
             assert!(matches!(class(n), Home(_)));
         }
         assert_eq!(class(libc::SYS_fork), Refused(ENOSYS));
+    }
+
+    #[test]
+    fn fcntl_shapes_are_known_not_guessed() {
+        assert_eq!(fcntl_arg(libc::F_GETLK as u64), Some(SInOut(32)));
+        assert_eq!(fcntl_arg(1035), Some(SOut(8)));
+        assert_eq!(fcntl_arg(1036), Some(SIn(8)));
+        assert_eq!(fcntl_arg(libc::F_SETFL as u64), Some(V));
+        assert_eq!(fcntl_arg(9999), None);
     }
 
     #[test]

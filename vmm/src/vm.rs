@@ -1009,7 +1009,8 @@ impl Vm {
                 }
             }
         }
-        let ret = crate::forward::home_call(&self.space.mem, &mut *self.deputy, nr, args, base);
+        let mut guest = crate::forward::Guest::new(&mut self.space);
+        let ret = crate::forward::home_call(&mut guest, &mut *self.deputy, nr, args, base);
         if ret == -EPIPE
             && matches!(
                 nr as i64,
@@ -1030,12 +1031,24 @@ impl Vm {
         Step::Ret(ret)
     }
 
-    fn write_guest(&self, va: u64, bytes: &[u8]) -> Result<(), i64> {
+    /// Copy to the guest as the kernel's `copy_to_user` would: EFAULT unless its mappings let
+    /// it be written (demand-paged pages are brought in first).
+    fn write_guest(&mut self, va: u64, bytes: &[u8]) -> Result<(), i64> {
+        let n = bytes.len() as u64;
+        if self.space.accessible(va, n, true) != n {
+            return Err(EFAULT);
+        }
+        self.space.fault_in_range(va, n);
         self.space.mem.write(va, bytes).map_err(|_: Fault| EFAULT)
     }
 
-    fn read_guest<const N: usize>(&self, va: u64) -> Result<[u8; N], i64> {
+    /// Copy from the guest as `copy_from_user` would: EFAULT unless it may be read.
+    fn read_guest<const N: usize>(&mut self, va: u64) -> Result<[u8; N], i64> {
         let mut b = [0u8; N];
+        if self.space.accessible(va, N as u64, false) != N as u64 {
+            return Err(EFAULT);
+        }
+        self.space.fault_in_range(va, N as u64);
         self.space.mem.read(va, &mut b).map_err(|_| EFAULT)?;
         Ok(b)
     }
@@ -1468,7 +1481,7 @@ impl Vm {
     }
 
     fn host_struct(
-        &self,
+        &mut self,
         va: u64,
         size: usize,
         f: impl FnOnce(*mut u8) -> i64,

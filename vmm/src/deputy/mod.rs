@@ -512,8 +512,17 @@ impl HostDeputy {
         let mut reply = call.finish(ret, self);
         if reply.ret >= 0 {
             if table::returns_fd(nr) {
+                let host = reply.ret as i32;
+                let by_path = matches!(
+                    nr as i64,
+                    libc::SYS_open | libc::SYS_openat | libc::SYS_openat2 | libc::SYS_creat
+                );
+                if by_path && self.reaches_vmm(host) {
+                    close_host(host);
+                    return Reply::err(libc::EACCES as i64);
+                }
                 let cloexec = self.new_fd_cloexec(&nr, &args);
-                reply.ret = self.install(reply.ret as i32, 0, cloexec);
+                reply.ret = self.install(host, 0, cloexec);
             } else if matches!(
                 nr as i64,
                 libc::SYS_pipe | libc::SYS_pipe2 | libc::SYS_socketpair
@@ -538,6 +547,50 @@ impl HostDeputy {
             }
         }
         reply
+    }
+
+    /// Whether host descriptor `h`, just opened for the guest, reaches into this process (the
+    /// VMM) rather than into a file: this process's memory (`/proc/PID/mem`, `pagemap`,
+    /// `map_files/` of itself or any of its threads, however the path got there), or through
+    /// a `/proc/PID/fd/N` magic link one of the VMM's own pipes, sockets or anonymous inodes
+    /// (anything without a path that is not one of the guest's own descriptors). Such an open
+    /// is refused with EACCES, as Linux refuses a process that may not trace its target.
+    fn reaches_vmm(&self, h: i32) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{h}")) else {
+            return false;
+        };
+        let t = target.as_os_str().as_bytes();
+        if let Some(rest) = t.strip_prefix(b"/proc/") {
+            let end = rest.iter().position(|&c| c == b'/').unwrap_or(rest.len());
+            let Some(n) = std::str::from_utf8(&rest[..end])
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            let own = n == std::process::id()
+                || std::path::Path::new(&format!("/proc/self/task/{n}")).exists();
+            let mut tail = rest.get(end + 1..).unwrap_or(b"");
+            if let Some(t) = tail.strip_prefix(b"task/") {
+                tail = t
+                    .iter()
+                    .position(|&c| c == b'/')
+                    .map_or(b"", |i| &t[i + 1..]);
+            }
+            return own && (tail == b"mem" || tail == b"pagemap" || tail.starts_with(b"map_files"));
+        }
+        if t.starts_with(b"/") {
+            return false;
+        }
+        let id = |fd: i32| {
+            // SAFETY: fstat fills the stat buffer it is given.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: `st` is a valid stat buffer.
+            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+        };
+        let Some(me) = id(h) else { return true };
+        !self.fds.iter().flatten().any(|f| id(f.host) == Some(me))
     }
 
     fn new_fd_cloexec(&self, nr: &u64, a: &[u64; 6]) -> bool {
