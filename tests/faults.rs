@@ -456,3 +456,49 @@ fn enough_guest_memory() {
         .mosvm_flag("512M")
         .check();
 }
+
+// ---------------------------------------------------------------- the VMM out of reach
+
+/// A guest cannot open the VMM's memory (/proc/self/mem and pagemap of the process that runs
+/// it, by any path) nor reopen the VMM's own pipes through /proc/PID/fd links: natively the
+/// same program opens its own memory and finds no pipe but its own.
+fn vmm_out_of_reach(variant: &str) {
+    require_kvm!();
+    let case = Case::image(variant, "reach");
+    let native = case.run_native();
+    assert!(
+        native.stdout_text().contains("/proc/self/mem: opened"),
+        "{}",
+        native.stdout_text()
+    );
+    assert!(
+        native.stdout_text().contains("foreign pipes reopened: 0"),
+        "{}",
+        native.stdout_text()
+    );
+    let guest = case.run_mosvm();
+    let out = guest.stdout_text();
+    assert_eq!(guest.status.code(), Some(0), "{}", guest.stderr_text());
+    for path in [
+        "/proc/self/mem",
+        "/proc/thread-self/mem",
+        "/proc/self/pagemap",
+        "memlink",
+    ] {
+        assert!(
+            out.contains(&format!("{path}: Permission denied")),
+            "{path} must stay out of the guest's reach:\n{out}"
+        );
+    }
+    assert!(out.contains("foreign pipes reopened: 0"), "{out}");
+}
+
+#[test]
+fn vmm_out_of_reach_glibc_static() {
+    vmm_out_of_reach(VARIANTS[0]);
+}
+
+#[test]
+fn vmm_out_of_reach_musl_static() {
+    vmm_out_of_reach(VARIANTS[1]);
+}

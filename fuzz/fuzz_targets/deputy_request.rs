@@ -7,26 +7,9 @@
 use libfuzzer_sys::fuzz_target;
 use migrate::frame::{decode_frame, Slot as WireSlot};
 use migrate::Message;
-use vmm::deputy::marshal::{Call, FdMap, MAX_XFER};
+use vmm::deputy::marshal::{Call, FixedFds, MAX_XFER};
 use vmm::deputy::{Request, Slot};
 use vmm::table::{self, Class};
-
-/// Guest descriptors 0..16 open, as host descriptors 100..116; installs are only counted.
-struct Table;
-
-impl FdMap for Table {
-    fn host_fd(&self, guest: u64) -> Result<i32, i64> {
-        if guest < 16 {
-            Ok(100 + guest as i32)
-        } else {
-            Err(libc::EBADF as i64)
-        }
-    }
-
-    fn install(&mut self, _host: i32, _cloexec: bool) -> i64 {
-        3
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Ok((Message::DeputyRequest(r), used)) = decode_frame(data) else {
@@ -52,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let nr = req.nr;
-    if let Ok(mut call) = Call::prepare(req, base, &Table) {
+    if let Ok(mut call) = Call::prepare(req, base, &FixedFds) {
         let a = call.host_args();
         if let Err(e) = call.verify(&a) {
             panic!("{} would reach outside its buffers: {e}", table::name(nr));
@@ -61,6 +44,6 @@ fuzz_target!(|data: &[u8]| {
         let ret = data.get(used..used + 8).map_or(0, |b| {
             i64::from_le_bytes(b.try_into().expect("8 bytes"))
         });
-        let _ = call.finish(ret, &mut Table);
+        let _ = call.finish(ret, &mut FixedFds);
     }
 });

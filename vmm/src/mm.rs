@@ -522,10 +522,17 @@ impl AddressSpace {
 
     /// Demand-map every page of `[addr, addr+len)` that an accessible VMA covers.
     pub fn fault_in_range(&mut self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = addr.saturating_add(len);
         let mut p = page_down(addr);
-        while p < addr.saturating_add(len) {
+        while p < end {
             self.fault_in(p);
-            p += PAGE;
+            match p.checked_add(PAGE) {
+                Some(next) => p = next,
+                None => break,
+            }
         }
     }
 

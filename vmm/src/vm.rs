@@ -73,8 +73,19 @@ static PENDING: AtomicI32 = AtomicI32::new(0);
 /// The running vCPU's `kvm_run.immediate_exit`, so the handler can kick KVM_RUN.
 static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 
+/// The thread running the guest (its kernel tid), 0 while none does.
+static GUEST_TID: AtomicI32 = AtomicI32::new(0);
+/// Write end of the pipe that wakes the signal watchdog (-1 before it starts).
+static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
+
 extern "C" fn on_signal(sig: libc::c_int) {
     PENDING.store(sig, Ordering::SeqCst);
+    let w = WATCHDOG.load(Ordering::SeqCst);
+    if w >= 0 {
+        // SAFETY: write(2) of one byte from a local is async-signal-safe; the pipe stays open
+        // for the life of the process.
+        unsafe { libc::write(w, [1u8].as_ptr().cast(), 1) };
+    }
     let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
     if !p.is_null() {
         // SAFETY: `p` points at the immediate_exit byte of the vCPU's kvm_run mapping, which
@@ -84,9 +95,45 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
+/// Once a signal has come, interrupt the guest's thread every 20 ms until the process ends: a
+/// signal delivered to another thread, or just before the guest's thread entered a blocking
+/// host call (a read of a pipe at home), would otherwise leave that call blocked.
+fn start_watchdog() {
+    let mut p = [0i32; 2];
+    // SAFETY: pipe2 fills the two descriptors it is given.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("mosvm-signals".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            // SAFETY: a blocking read of one byte into a local buffer.
+            while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 1) } < 0 {}
+            install_kick_handler();
+            loop {
+                let tid = GUEST_TID.load(Ordering::SeqCst);
+                if tid > 0 {
+                    // SAFETY: tgkill of a thread of this process with the kick signal, whose
+                    // handler does nothing: it only interrupts a blocking call.
+                    unsafe {
+                        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+    if spawned.is_ok() {
+        WATCHDOG.store(p[1], Ordering::SeqCst);
+    }
+}
+
 /// Make SIGINT, SIGTERM and SIGHUP end the guest (status 128+N) instead of killing the VMM
 /// outright, and interrupt blocking host calls (no SA_RESTART).
 pub fn install_signal_handlers() {
+    if WATCHDOG.load(Ordering::SeqCst) < 0 {
+        start_watchdog();
+    }
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
         // SAFETY: a zeroed sigaction with a valid handler and empty mask is a valid argument;
         // the handler only does async-signal-safe atomic stores.
@@ -646,7 +693,13 @@ impl Vm {
             .store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
         p.immediate_exit.store(ie, Ordering::SeqCst);
         p.running.store(true, Ordering::SeqCst);
+        // SAFETY: gettid has no arguments and cannot fail.
+        GUEST_TID.store(
+            unsafe { libc::syscall(libc::SYS_gettid) } as i32,
+            Ordering::SeqCst,
+        );
         let out = self.run_loop();
+        GUEST_TID.store(0, Ordering::SeqCst);
         p.running.store(false, Ordering::SeqCst);
         p.immediate_exit
             .store(std::ptr::null_mut(), Ordering::SeqCst);

@@ -176,6 +176,24 @@ struct Msg {
     recv: bool,
 }
 
+/// A descriptor table for tests and fuzzing, where no call is run: guest descriptors 0..16
+/// are host descriptors 100..116, others EBADF; an install takes nothing and answers 7.
+pub struct FixedFds;
+
+impl FdMap for FixedFds {
+    fn host_fd(&self, guest: u64) -> Result<i32, i64> {
+        if guest < 16 {
+            Ok(100 + guest as i32)
+        } else {
+            Err(libc::EBADF as i64)
+        }
+    }
+
+    fn install(&mut self, _host: i32, _cloexec: bool) -> i64 {
+        7
+    }
+}
+
 /// One host syscall built from a request, owning every buffer it points to.
 pub struct Call {
     nr: u64,
@@ -863,22 +881,7 @@ mod tests {
     use crate::table::{Class, TABLE};
     use proptest::prelude::*;
 
-    /// Guest descriptors 0..16 are host descriptors 100..116; nothing is installed for real.
-    struct Fake;
-
-    impl FdMap for Fake {
-        fn host_fd(&self, guest: u64) -> Result<i32, i64> {
-            if guest < 16 {
-                Ok(100 + guest as i32)
-            } else {
-                Err(libc::EBADF as i64)
-            }
-        }
-
-        fn install(&mut self, _host: i32, _cloexec: bool) -> i64 {
-            7
-        }
-    }
+    use super::FixedFds as Fake;
 
     fn home_rows() -> Vec<(u64, &'static [A])> {
         TABLE
