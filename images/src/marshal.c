@@ -218,6 +218,19 @@ static void messages(void) {
     /* Control buffer too small for what arrives: truncated, MSG_CTRUNC. */
     memcpy(CMSG_DATA(c), &sv[0], sizeof sv[0]);
     show("sendmsg(SCM_RIGHTS again)", sendmsg(sv[0], &s, 0));
+    /* A receive buffer larger than any control message is only a capacity. */
+    static char bigctl[100000];
+    struct msghdr bm = rm;
+    bm.msg_control = bigctl;
+    bm.msg_controllen = sizeof bigctl;
+    show("sendmsg(SCM_RIGHTS for a big buffer)", sendmsg(sv[0], &s, 0));
+    r = recvmsg(sv[1], &bm, MSG_CMSG_CLOEXEC);
+    printf("recvmsg(control 100000) -> %ld controllen %zu\n", r, (size_t)bm.msg_controllen);
+    if (r > 0 && CMSG_FIRSTHDR(&bm)) {
+        int got_fd;
+        memcpy(&got_fd, CMSG_DATA(CMSG_FIRSTHDR(&bm)), sizeof got_fd);
+        close(got_fd);
+    }
     rm.msg_controllen = 8;
     r = recvmsg(sv[1], &rm, 0);
     printf("recvmsg(small control) -> %ld flags %#x controllen %zu\n", r, rm.msg_flags,

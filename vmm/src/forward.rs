@@ -328,13 +328,12 @@ fn gather(
             let iov = iovecs(mem, u64at(16), u64at(24), EMSGSIZE)?;
             let control = u64at(32);
             let control_len = if control == 0 { 0 } else { u64at(40) };
-            if control_len > i32::MAX as u64 {
-                return Err(ENOBUFS);
-            }
-            if control_len > MAX_CONTROL as u64 {
-                return Err(ENOBUFS);
-            }
-            let control_len = control_len as usize;
+            // Sending more ancillary data than the kernel takes is ENOBUFS; a receive buffer
+            // is only a capacity, of which one request carries at most MAX_CONTROL.
+            let control_len = match kind {
+                A::MsgIn if control_len > MAX_CONTROL as u64 => return Err(ENOBUFS),
+                _ => control_len.min(MAX_CONTROL as u64) as usize,
+            };
             let mut data_len = 0u64;
             let mut segs = Vec::new();
             for (b, l) in iov {

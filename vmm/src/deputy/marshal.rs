@@ -417,9 +417,10 @@ impl Call {
         let head = MsgHead::parse(&data).ok_or(EFAULT)?;
         let name_len = (head.name_len as usize).min(SOCKADDR_MAX);
         let control_len = head.control_len as usize;
-        if control_len > MAX_CONTROL {
+        if control_len > MAX_CONTROL && !recv {
             return Err(ENOBUFS);
         }
+        let control_len = control_len.min(MAX_CONTROL);
         let data_len = (head.data_len as usize).min(MAX_XFER);
         let (name, mut control, data) = if recv {
             (vec![0; name_len], vec![0; control_len], vec![0; data_len])
