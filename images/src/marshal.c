@@ -110,6 +110,7 @@ static void big_transfers(size_t mib) {
     for (int i = 0; i < 1025; i++) many[i] = rv[i % 2];
     show("readv(1025 iovecs)", readv(fd, many, 1025));
     show("readv(-1 iovecs)", syscall(SYS_readv, fd, rv, -1L));
+    show("readv(1<<63 iovecs: the low 32 bits count)", syscall(SYS_readv, fd, rv, 1UL << 63));
     show("writev(WILD iovecs)", writev(fd, WILD, 2));
     close(fd);
     unlink("big.bin");
@@ -152,6 +153,7 @@ static void selects(void) {
     printf("poll -> %ld: fd %d rev %#x, fd %d rev %#x, fd %d rev %#x\n", r, pf[0].fd,
            pf[0].revents, pf[1].fd, pf[1].revents, pf[2].fd, pf[2].revents);
     show("poll(WILD)", poll(WILD, 2, 0));
+    show("poll(nfds 1<<40: the low 32 bits count)", syscall(SYS_poll, pf, 1UL << 40, 0));
     show("ppoll(WILD sigmask)", ppoll(pf, 1, &ts, WILD));
     close(p[0]);
     close(p[1]);

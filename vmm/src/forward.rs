@@ -281,7 +281,8 @@ fn gather(
             checked_out(mem, len_arg(nr, args, n, size) as usize * size as usize)?
         }
         A::InOutElems(n, size) => {
-            let elems = args[n as usize].min((MAX_XFER / size as usize) as u64);
+            // poll's nfds and setgroups' size are 32-bit in the kernel.
+            let elems = (args[n as usize] as u32 as u64).min((MAX_XFER / size as usize) as u64);
             Slot::InOut(read_vec(mem, ptr, elems as usize * size as usize)?)
         }
         A::SIn(size) => Slot::In(read_vec(mem, ptr, size as usize)?),
@@ -496,7 +497,8 @@ fn transfer(
     x: Transfer,
 ) -> i64 {
     let mut segs = if x.iov {
-        match iovecs(mem, args[1], args[2], EINVAL) {
+        // import_iovec takes the count as an unsigned int: higher bits do not count.
+        match iovecs(mem, args[1], args[2] as u32 as u64, EINVAL) {
             Ok(v) => v,
             Err(e) => {
                 // The descriptor checks come first, as natively: the host call gets an iovec

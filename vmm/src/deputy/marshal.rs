@@ -354,6 +354,10 @@ impl Call {
                     let mut b = data;
                     let elems = (b.len().min(MAX_XFER) / size as usize) as u64;
                     let n = n as usize;
+                    if matches!(kind, A::InOutElems(..)) {
+                        // poll's nfds and setgroups' size are 32-bit in the kernel.
+                        c.args[n] = c.args[n] as u32 as u64;
+                    }
                     if !neg[n] {
                         c.args[n] = c.args[n].min(elems);
                         b.truncate(c.args[n] as usize * size as usize);
