@@ -700,14 +700,14 @@ impl Call {
         }
         debug_assert_eq!(self.verify(&a), Ok(()));
         let bounce = self.direct_bounce(&mut a);
+        let nr = self.nr as libc::c_long;
         // SAFETY: `verify` holds for `a`: every pointer argument points into a buffer this
         // call owns, at least as long as the length the kernel takes for it (the shapes come
         // from the shared table, the lengths were clamped to the buffers), and those buffers
         // live until `self` is dropped, after the call returns; an O_DIRECT transfer points
         // instead into `bounce`, as long as the buffer it stands for, alive until the copy
         // back below. Descriptors are the guest's own, translated through its table.
-        let r =
-            unsafe { libc::syscall(self.nr as libc::c_long, a[0], a[1], a[2], a[3], a[4], a[5]) };
+        let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
         if let Some((i, off, b)) = bounce {
             if let Some(dst) = self.bufs[i].as_mut().filter(|_| self.out[i]) {
                 let n = dst.len();
@@ -881,167 +881,5 @@ impl Call {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::table::{Class, TABLE};
-    use proptest::prelude::*;
-
-    use super::FixedFds as Fake;
-
-    fn home_rows() -> Vec<(u64, &'static [A])> {
-        TABLE
-            .iter()
-            .filter_map(|e| match e.class {
-                Class::Home(s) => Some((e.nr as u64, s)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn arg() -> impl Strategy<Value = u64> {
-        prop_oneof![
-            0u64..20,
-            any::<u64>(),
-            Just(u64::MAX),
-            Just(1 << 40),
-            Just(0x7fff_f000),
-            (0u64..1 << 20),
-            Just(libc::AT_FDCWD as u32 as u64),
-            // ioctl requests and fcntl commands the tables know.
-            prop::sample::select(vec![
-                0x5401u64,
-                0x5413,
-                0x541b,
-                0x4004_9409,
-                0x8910,
-                5,
-                7,
-                36
-            ]),
-        ]
-    }
-
-    fn msg_blob() -> impl Strategy<Value = Vec<u8>> {
-        (
-            0u32..200,
-            0u32..100,
-            0u64..300,
-            prop::collection::vec(any::<u8>(), 0..400),
-        )
-            .prop_map(|(name_len, control_len, data_len, body)| {
-                let mut b = MsgHead {
-                    name_len,
-                    control_len,
-                    flags: 0,
-                    data_len,
-                }
-                .to_bytes()
-                .to_vec();
-                b.extend_from_slice(&body);
-                b
-            })
-    }
-
-    fn slot() -> impl Strategy<Value = Slot> {
-        prop_oneof![
-            Just(Slot::Null),
-            Just(Slot::Fault),
-            prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::In),
-            prop::collection::vec(any::<u8>(), 0..300).prop_map(Slot::InOut),
-            msg_blob().prop_map(Slot::In),
-            msg_blob().prop_map(Slot::InOut),
-            (0usize..5000).prop_map(Slot::Out),
-            Just(Slot::Out(usize::MAX)),
-        ]
-    }
-
-    fn request() -> impl Strategy<Value = (Request, &'static [A])> {
-        let rows = home_rows();
-        (
-            prop::sample::select(rows),
-            prop::array::uniform6(arg()),
-            prop::collection::vec(slot(), 0..8),
-        )
-            .prop_map(|((nr, base), args, slots)| (Request { nr, args, slots }, base))
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(4000))]
-
-        /// Whatever a request holds, the host call built from it touches only its own buffers,
-        /// and the reply never carries more than those buffers.
-        #[test]
-        fn host_calls_stay_inside_their_buffers(
-            (req, base) in request(),
-            ret in prop_oneof![Just(-14i64), 0i64..5000, Just(i64::MAX)],
-        ) {
-            let nr = req.nr;
-            if let Ok(mut call) = Call::prepare(req, base, &Fake) {
-                let a = call.host_args();
-                prop_assert_eq!(call.verify(&a), Ok(()), "{}", table::name(nr));
-                // An fd_set comes back in the guest's size (at most MAX_FDS bits).
-                let sets = call.fdset_maps.len() * fdset_bytes(MAX_FDS as u64);
-                let total: usize = call.bufs.iter().flatten().map(Vec::len).sum::<usize>()
-                    + sets
-                    + call.msg.as_ref().map_or(0, |m| {
-                        MSG_HEAD + m.name.len() + m.control.len() + m.data.len()
-                    });
-                let reply = call.finish(ret, &mut Fake);
-                let back: usize = reply.outs.iter().map(Vec::len).sum();
-                prop_assert!(back <= total.max(MSG_HEAD), "{}: {back} > {total}", table::name(nr));
-            }
-        }
-    }
-
-    #[test]
-    fn lengths_follow_the_buffers_not_the_arguments() {
-        // read(3, buf, 1 GiB) with a 10-byte buffer: the kernel is told 10.
-        let req = Request {
-            nr: libc::SYS_read as u64,
-            args: [3, 0xdead_0000, 1 << 30, 0, 0, 0],
-            slots: vec![Slot::Out(10)],
-        };
-        let mut c = Call::prepare(req, &[A::Fd, A::Out(2), A::V], &Fake).unwrap();
-        let a = c.host_args();
-        assert_eq!(a[0], 103);
-        assert_eq!(a[2], 10);
-        assert_eq!(c.verify(&a), Ok(()));
-        // A path without its NUL gets one; a fixed struct is exactly its size.
-        let req = Request {
-            nr: libc::SYS_newfstatat as u64,
-            args: [libc::AT_FDCWD as u32 as u64, 1, 2, 0, 0, 0],
-            slots: vec![Slot::In(b"abc".to_vec()), Slot::Out(3)],
-        };
-        let base = &[A::DirFd, A::Path, A::SOut(144), A::V];
-        let mut c = Call::prepare(req, base, &Fake).unwrap();
-        let a = c.host_args();
-        assert_eq!(c.verify(&a), Ok(()));
-        assert_eq!(c.bufs[1].as_deref(), Some(&b"abc\0"[..]));
-        assert_eq!(c.bufs[2].as_ref().map(Vec::len), Some(144));
-        // A socklen_t larger than the buffer carried is cut to it.
-        let req = Request {
-            nr: libc::SYS_getsockname as u64,
-            args: [3, 1, 2, 0, 0, 0],
-            slots: vec![Slot::Out(16), Slot::InOut(1000u32.to_le_bytes().to_vec())],
-        };
-        let base = &[A::Fd, A::LenOut(2), A::SInOut(4)];
-        let mut c = Call::prepare(req, base, &Fake).unwrap();
-        let a = c.host_args();
-        assert_eq!(c.bufs[2].as_deref(), Some(&16u32.to_le_bytes()[..]));
-        assert_eq!(c.verify(&a), Ok(()));
-    }
-
-    #[test]
-    fn a_verify_catches_a_length_past_its_buffer() {
-        let req = Request {
-            nr: libc::SYS_write as u64,
-            args: [1, 0, 5, 0, 0, 0],
-            slots: vec![Slot::In(b"hello".to_vec())],
-        };
-        let mut c = Call::prepare(req, &[A::Fd, A::In(2), A::V], &Fake).unwrap();
-        let mut a = c.host_args();
-        assert_eq!(c.verify(&a), Ok(()));
-        a[2] = 6;
-        assert!(c.verify(&a).is_err());
-    }
-}
+#[path = "marshal_tests.rs"]
+mod tests;

@@ -9,7 +9,7 @@
 //! every other `/proc` file is the home host's.
 
 use super::{Vm, EINVAL};
-use crate::deputy::{Request, Slot};
+use crate::deputy::Slot;
 use crate::mm::VmaKind;
 
 /// A file of the guest's own `/proc/PID/` the VMM writes.
@@ -83,11 +83,7 @@ const LIMITS: [(&str, &str); 16] = [
 impl Vm {
     /// A call at home whose first output (if any) comes back: (result, bytes).
     fn home(&mut self, nr: i64, args: [u64; 6], slots: Vec<Slot>) -> (i64, Vec<u8>) {
-        let r = self.deputy.call(Request {
-            nr: nr as u64,
-            args,
-            slots,
-        });
+        let r = self.call_deputy(nr, args, slots);
         (r.ret, r.outs.into_iter().next().unwrap_or_default())
     }
 
