@@ -107,6 +107,46 @@ image_tests!(checks, |c| c
 // status/stat/statm/limits/maps, fd/ and fdinfo/N.
 image_tests!(procself, |c| c.args(["alpha", "beta", "gamma delta"]));
 
+// File-backed and shared memory: shared mappings are the page cache (coherent with
+// read/write/ftruncate, written back by msync and munmap, two mappings see each other),
+// private ones copy-on-write (DONTNEED brings the file back), PROT_NONE then mprotect and
+// mremap growth show the file, memfd, Linux's errno for what it refuses, /proc/self/maps
+// naming the file.
+image_tests!(filemap, |c| c);
+
+// Page protections enforced on the guest's own accesses without faulting: PROT_NONE keeps
+// contents, a W^X flip loop, munmap then mmap reads zero, a 1 TiB reservation opened in
+// pieces.
+image_tests!(protect, |c| c);
+
+/// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
+/// file) at the same point as natively.
+#[test]
+fn protection_faults_as_natively() {
+    require_kvm!();
+    for v in VARIANTS {
+        for mode in [
+            "ro-store",
+            "none-read",
+            "unmapped-read",
+            "guard",
+            "file-ro-store",
+            "brk-shrunk",
+        ] {
+            Case::image(v, "protect")
+                .arg(mode)
+                .expect_status(Some(128 + libc::SIGSEGV))
+                .ignore_stderr()
+                .check();
+        }
+        Case::image(v, "filemap")
+            .arg("sigbus")
+            .expect_status(Some(128 + libc::SIGBUS))
+            .ignore_stderr()
+            .check();
+    }
+}
+
 // segfault runs in every variant in tests/faults.rs (mosvm reports the fault on stderr).
 
 #[test]

@@ -14,3 +14,4 @@ pub mod mm;
 pub mod snapshot;
 pub mod table;
 pub mod vm;
+pub mod window;

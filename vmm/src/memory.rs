@@ -11,6 +11,8 @@
 //! tables, which do not see host-side writes to guest page tables) can never hold a stale one.
 
 use std::sync::Arc;
+
+use crate::window::Window;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
@@ -22,6 +24,9 @@ pub const PAGE: u64 = 4096;
 const PTE_P: u64 = 1;
 const PTE_RW: u64 = 2;
 const PTE_US: u64 = 4;
+/// Software bit (ignored by the MMU): the entry holds a frame. A held entry without `PTE_P` is
+/// a page whose VMA is `PROT_NONE` for now: it keeps its contents for a later `mprotect`.
+const PTE_HELD: u64 = 1 << 9;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Round down to a page boundary.
@@ -54,12 +59,42 @@ pub enum Access {
     UserReadOnly,
     /// Ring 0 only.
     Supervisor,
+    /// Ring 3 with a VMA's `PROT_*` bits: `PROT_NONE` keeps the frame but grants nothing, no
+    /// `PROT_WRITE` maps it read-only (x86 pages are readable whenever present).
+    Prot(u32),
+}
+
+impl Access {
+    fn flags(self) -> u64 {
+        PTE_HELD
+            | match self {
+                Access::User => PTE_P | PTE_RW | PTE_US,
+                Access::UserReadOnly => PTE_P | PTE_US,
+                Access::Supervisor => PTE_P | PTE_RW,
+                Access::Prot(0) => 0,
+                Access::Prot(p) if p & 2 != 0 => PTE_P | PTE_RW | PTE_US,
+                Access::Prot(_) => PTE_P | PTE_US,
+            }
+    }
+}
+
+/// Whether replacing entry `old` by `new` takes a right away from the guest (or moves the page
+/// to another frame): such a change must not be made in a page-table page the MMU may have
+/// cached, see [`GuestMem::set_entry`].
+fn revokes(old: u64, new: u64) -> bool {
+    old & PTE_P != 0
+        && (new & PTE_P == 0
+            || old & PTE_RW & !new != 0
+            || old & PTE_US & !new != 0
+            || old & ADDR_MASK != new & ADDR_MASK)
 }
 
 /// Guest physical memory plus the page tables that map guest virtual addresses onto it.
 pub struct GuestMem {
     /// Declared first so the VM is released before the memory it maps.
     vm: Option<Arc<kvm_ioctls::VmFd>>,
+    /// Host file mappings the guest sees (made on the first file mapping).
+    window: Option<Window>,
     mem: GuestMemoryMmap<AtomicBitmap>,
     host: *mut u8,
     size: u64,
@@ -71,6 +106,14 @@ pub struct GuestMem {
     registered: u64,
     /// Slot layout and dirty-logging state, shared with a migration running beside the vCPU.
     shared: Arc<std::sync::Mutex<Layout>>,
+    /// Data frames given back by `unmap` (and retired page-table frames), zero, to hand out
+    /// again as data. Never as page tables: see [`GuestMem::set_entry`].
+    free: Vec<u64>,
+    /// Page-table frames made since the guest last ran: no MMU has seen them, so they may be
+    /// changed in place in any way.
+    fresh: std::collections::HashSet<u64>,
+    /// The root moved (`pml4` is a copy): the vCPU must load it before it runs again.
+    new_root: bool,
 }
 
 /// What a migration thread needs to know about guest memory while the guest runs.
@@ -82,6 +125,8 @@ pub struct Layout {
     pub used: u64,
     /// Whether KVM dirty logging is on for every slot.
     pub log_dirty: bool,
+    /// The guest holds a writable shared mapping and must stay at home (paper §4.2).
+    pub pinned: bool,
 }
 
 /// Size of the first memory slot; later slots double the covered size.
@@ -123,9 +168,13 @@ impl GuestMem {
             registered: 0,
             shared: Default::default(),
             vm: None,
+            window: None,
+            free: Vec::new(),
+            fresh: Default::default(),
+            new_root: false,
         };
         g.pml4 = g
-            .alloc_frame()
+            .alloc_table()
             .map_err(|_| anyhow::anyhow!("guest memory too small"))?;
         Ok(g)
     }
@@ -187,7 +236,13 @@ impl GuestMem {
 
     /// Frames still available.
     pub fn free_frames(&self) -> u64 {
-        (self.size - self.next_frame) / PAGE
+        (self.size - self.next_frame) / PAGE + self.free.len() as u64
+    }
+
+    /// The frames below `used` that hold nothing and wait to be handed out again (a migration
+    /// carries them so the destination reuses them too).
+    pub fn free_list(&self) -> &[u64] {
+        &self.free
     }
 
     /// Mark a guest physical range dirty in the VMM's own bitmap.
@@ -203,8 +258,64 @@ impl GuestMem {
         for (i, &(base, size)) in layout.slots.iter().enumerate() {
             self.register(&vm, i as u32, base, size, layout.log_dirty)?;
         }
+        if let Some(w) = &self.window {
+            register_window(&vm, w)?;
+        }
         self.vm = Some(vm);
         Ok(())
+    }
+
+    /// The file window, reserved and registered with KVM on first use.
+    pub fn window(&mut self) -> Result<&mut Window, i64> {
+        if self.window.is_none() {
+            let w = Window::new()?;
+            if let Some(vm) = &self.vm {
+                register_window(vm, &w).map_err(|_| libc::ENOMEM as i64)?;
+            }
+            self.window = Some(w);
+        }
+        Ok(self.window.as_mut().expect("just made"))
+    }
+
+    /// Record whether the guest holds a writable shared mapping (see [`Layout::pinned`]).
+    pub fn set_pinned(&self, pinned: bool) {
+        if let Ok(mut l) = self.shared.lock() {
+            l.pinned = pinned;
+        }
+    }
+
+    /// The file window if one exists.
+    pub fn window_ref(&self) -> Option<&Window> {
+        self.window.as_ref()
+    }
+
+    /// Point the page at `va` at window memory `gpa` with the rights of `access` (its frame,
+    /// if it had one, is released first).
+    pub fn map_at(&mut self, va: u64, gpa: u64, access: Access) -> Result<(), NoMem> {
+        if self.is_mapped(va) {
+            self.unmap(va, va + PAGE)?;
+        }
+        let at = self.leaf(va, true)?.ok_or(NoMem)?;
+        self.write_u64(at, gpa | access.flags());
+        Ok(())
+    }
+
+    /// Copy guest physical memory (RAM or window) into `buf`; false on a fault.
+    fn copy_from(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        if gpa < self.size {
+            copy_out(&self.mem, gpa, buf)
+        } else {
+            self.window.as_ref().is_some_and(|w| w.read(gpa, buf))
+        }
+    }
+
+    /// Copy `buf` into guest physical memory (RAM, marked dirty, or window); false on a fault.
+    fn copy_to(&self, gpa: u64, buf: &[u8]) -> bool {
+        if gpa < self.size {
+            copy_in(&self.mem, gpa, buf)
+        } else {
+            self.window.as_ref().is_some_and(|w| w.write(gpa, buf))
+        }
     }
 
     /// A snapshot of the slot layout.
@@ -277,10 +388,11 @@ impl GuestMem {
 
     /// Rebuild the frame layout of a migrated guest: frames below `used` are handed out and
     /// the page tables start at `pml4`; contents arrive separately.
-    pub fn restore_layout(&mut self, used: u64, pml4: u64) -> Result<(), NoMem> {
-        if used > self.size || pml4 >= used {
+    pub fn restore_layout(&mut self, used: u64, pml4: u64, free: Vec<u64>) -> Result<(), NoMem> {
+        if used > self.size || pml4 >= used || free.iter().any(|f| *f >= used || f % PAGE != 0) {
             return Err(NoMem);
         }
+        self.free = free;
         while self.registered < used {
             self.grow()?;
         }
@@ -327,7 +439,23 @@ impl GuestMem {
         }
     }
 
-    fn alloc_frame(&mut self) -> Result<u64, NoMem> {
+    /// A frame for a page table: always one no page table has ever used, so no MMU holds a
+    /// translation cached from it (see [`GuestMem::set_entry`]).
+    fn alloc_table(&mut self) -> Result<u64, NoMem> {
+        let t = self.bump()?;
+        self.fresh.insert(t);
+        Ok(t)
+    }
+
+    /// A zero frame for data.
+    fn alloc_data(&mut self) -> Result<u64, NoMem> {
+        match self.free.pop() {
+            Some(f) => Ok(f),
+            None => self.bump(),
+        }
+    }
+
+    fn bump(&mut self) -> Result<u64, NoMem> {
         if self.next_frame + PAGE > self.size {
             return Err(NoMem);
         }
@@ -347,7 +475,7 @@ impl GuestMem {
     }
 
     fn write_u64(&self, gpa: u64, v: u64) {
-        // Page-table frames always lie inside guest memory: they come from `alloc_frame`.
+        // Page-table frames always lie inside guest memory: they come from `bump`.
         let _ = self.mem.write_obj(v, GuestAddress(gpa));
     }
 
@@ -363,7 +491,7 @@ impl GuestMem {
                 if !create {
                     return Ok(None);
                 }
-                let t = self.alloc_frame()?;
+                let t = self.alloc_table()?;
                 self.write_u64(e_addr, t | PTE_P | PTE_RW | PTE_US);
                 table = t;
             } else {
@@ -383,17 +511,138 @@ impl GuestMem {
     pub fn map_page(&mut self, va: u64, access: Access) -> Result<(u64, bool), NoMem> {
         let pte_addr = self.leaf(va, true)?.ok_or(NoMem)?;
         let pte = self.read_u64(pte_addr);
-        if pte & PTE_P != 0 {
+        if pte & PTE_HELD != 0 {
             return Ok((pte & ADDR_MASK, false));
         }
-        let f = self.alloc_frame()?;
-        let flags = match access {
-            Access::User => PTE_P | PTE_RW | PTE_US,
-            Access::UserReadOnly => PTE_P | PTE_US,
-            Access::Supervisor => PTE_P | PTE_RW,
-        };
-        self.write_u64(pte_addr, f | flags);
+        let f = self.alloc_data()?;
+        // A new entry grants rights where there were none: the MMU caches no translation of
+        // an entry that is not present, so it may be written in place.
+        self.write_u64(pte_addr, f | access.flags());
         Ok((f, true))
+    }
+
+    /// Write the leaf entry of `va` (whose tables exist). Adding rights is done in place: an
+    /// MMU re-reads an entry that refused an access before it reports a fault. Taking rights
+    /// away is not: KVM's shadow paging (KVM-PVM here) caches translations built from a
+    /// page-table page and does not see the VMM write to it, nor does reloading the same CR3
+    /// drop them. So the path from the root down to the entry is copied into frames no
+    /// page table ever used (and so no cache knows), changed there, and the vCPU loads the new
+    /// root before it runs again ([`GuestMem::take_new_root`]). The old tables become free
+    /// data frames; a frame that was once a page table is never a page table again.
+    fn set_entry(&mut self, va: u64, new: u64) -> Result<(), NoMem> {
+        let Some(at) = self.leaf(va, false)? else {
+            return Ok(());
+        };
+        let old = self.read_u64(at);
+        if old == new {
+            return Ok(());
+        }
+        let at = if revokes(old, new) {
+            self.private_path(va)?
+        } else {
+            at
+        };
+        self.write_u64(at, new);
+        Ok(())
+    }
+
+    /// Make every table on the path to `va`'s leaf entry fresh (copying the ones an MMU may
+    /// have seen) and return the address of the leaf entry in the fresh leaf table.
+    fn private_path(&mut self, va: u64) -> Result<u64, NoMem> {
+        if !self.fresh.contains(&self.pml4) {
+            let copy = self.copy_table(self.pml4)?;
+            self.retire(self.pml4);
+            self.pml4 = copy;
+            self.new_root = true;
+        }
+        let mut table = self.pml4;
+        for level in (1..4).rev() {
+            let e_addr = table + ((va >> (12 + 9 * level)) & 0x1ff) * 8;
+            let e = self.read_u64(e_addr);
+            let child = e & ADDR_MASK;
+            table = if e & PTE_P == 0 {
+                let t = self.alloc_table()?;
+                self.write_u64(e_addr, t | PTE_P | PTE_RW | PTE_US);
+                t
+            } else if self.fresh.contains(&child) {
+                child
+            } else {
+                let copy = self.copy_table(child)?;
+                self.write_u64(e_addr, copy | PTE_P | PTE_RW | PTE_US);
+                self.retire(child);
+                copy
+            };
+        }
+        Ok(table + ((va >> 12) & 0x1ff) * 8)
+    }
+
+    fn copy_table(&mut self, from: u64) -> Result<u64, NoMem> {
+        let to = self.alloc_table()?;
+        let mut page = [0u8; PAGE as usize];
+        copy_out(&self.mem, from, &mut page);
+        copy_in(&self.mem, to, &page);
+        Ok(to)
+    }
+
+    /// A page-table frame no longer in the tree: zero it and keep it for data.
+    fn retire(&mut self, frame: u64) {
+        self.release(frame);
+        self.fresh.remove(&frame);
+    }
+
+    /// Zero a frame, give its memory back to the host and put it on the free list.
+    fn release(&mut self, frame: u64) {
+        // SAFETY: `frame` is a frame below `size` (from `bump`), so the page-aligned host
+        // range lies inside the guest mapping we own; MADV_DONTNEED on private anonymous
+        // memory only replaces its contents with zeroes, which no Rust reference observes.
+        unsafe {
+            libc::madvise(
+                self.host.add(frame as usize) as *mut libc::c_void,
+                PAGE as usize,
+                libc::MADV_DONTNEED,
+            );
+        }
+        self.mark_dirty(frame, PAGE);
+        self.free.push(frame);
+    }
+
+    /// Called before the vCPU runs: the page-table frames made so far are about to be seen by
+    /// the MMU (so they are no longer fresh), and if the root moved, its new address to load
+    /// into CR3.
+    pub fn take_new_root(&mut self) -> Option<u64> {
+        if !self.fresh.is_empty() {
+            self.fresh.clear();
+        }
+        std::mem::take(&mut self.new_root).then_some(self.pml4)
+    }
+
+    /// Give the pages of `[va, end)` (page aligned) the rights of `access`, keeping their
+    /// frames. O(mapped pages + tables looked at).
+    pub fn protect(&mut self, va: u64, end: u64, access: Access) -> Result<(), NoMem> {
+        let mut cur = va;
+        while let Some(p) = self.next_mapped(cur, end) {
+            let at = self.leaf(p, false)?.ok_or(NoMem)?;
+            let old = self.read_u64(at);
+            self.set_entry(p, (old & ADDR_MASK) | access.flags())?;
+            cur = p + PAGE;
+        }
+        Ok(())
+    }
+
+    /// Unmap the pages of `[va, end)` (page aligned): their entries go, their frames are
+    /// zeroed and go back to the free list. O(mapped pages + tables looked at).
+    pub fn unmap(&mut self, va: u64, end: u64) -> Result<(), NoMem> {
+        let mut cur = va;
+        while let Some(p) = self.next_mapped(cur, end) {
+            let at = self.leaf(p, false)?.ok_or(NoMem)?;
+            let frame = self.read_u64(at) & ADDR_MASK;
+            self.set_entry(p, 0)?;
+            if frame < self.size {
+                self.release(frame);
+            }
+            cur = p + PAGE;
+        }
+        Ok(())
     }
 
     /// Translate a guest virtual address.
@@ -402,7 +651,7 @@ impl GuestMem {
         for level in (0..4).rev() {
             let idx = (va >> (12 + 9 * level)) & 0x1ff;
             let e = self.read_u64(table + idx * 8);
-            if e & PTE_P == 0 {
+            if e & if level == 0 { PTE_HELD } else { PTE_P } == 0 {
                 return None;
             }
             table = e & ADDR_MASK;
@@ -420,7 +669,7 @@ impl GuestMem {
             for level in (0..4).rev() {
                 let shift = 12 + 9 * level;
                 let e = self.read_u64(table + ((cur >> shift) & 0x1ff) * 8);
-                if e & PTE_P == 0 {
+                if e & if level == 0 { PTE_HELD } else { PTE_P } == 0 {
                     let span = 1u64 << shift;
                     cur = (cur & !(span - 1)).checked_add(span)?;
                     continue 'walk;
@@ -482,16 +731,22 @@ impl GuestMem {
     pub fn host_runs_for_write(&self, va: u64, len: usize) -> Result<Vec<(*mut u8, usize)>, Fault> {
         self.check_range(va, len)?;
         let mut runs: Vec<(u64, usize)> = Vec::new();
+        let mut window = false;
         self.for_each_piece(va, len, |gpa, _, n| match runs.last_mut() {
+            _ if gpa >= self.size => window = true,
             Some((g, l)) if *g + *l as u64 == gpa => *l += n,
             _ => runs.push((gpa, n)),
         })?;
+        if window {
+            // Window memory is only ever copied with fault handling (see `window`).
+            return Err(Fault(va));
+        }
         Ok(runs
             .into_iter()
             .map(|(gpa, n)| {
                 self.mark_dirty(gpa, n as u64);
                 // SAFETY: `gpa + n` lies inside the guest mapping (every frame comes from
-                // `alloc_frame`, below `size`), so the offset stays inside it.
+                // `bump`, below `size`), so the offset stays inside it.
                 (unsafe { self.host.add(gpa as usize) }, n)
             })
             .collect())
@@ -500,20 +755,30 @@ impl GuestMem {
     /// Copy guest virtual memory into `buf`.
     pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
         self.check_range(va, buf.len())?;
-        let mem = &self.mem;
+        let mut ok = true;
         self.for_each_piece(va, buf.len(), |gpa, off, n| {
-            let _ = mem.read_slice(&mut buf[off..off + n], GuestAddress(gpa));
-        })
+            ok &= self.copy_from(gpa, &mut buf[off..off + n]);
+        })?;
+        if ok {
+            Ok(())
+        } else {
+            Err(Fault(va))
+        }
     }
 
     /// Copy `buf` into guest virtual memory (tracked in the dirty bitmap). Nothing is written
     /// unless the whole range is mapped.
     pub fn write(&self, va: u64, buf: &[u8]) -> Result<(), Fault> {
         self.check_range(va, buf.len())?;
-        let mem = &self.mem;
+        let mut ok = true;
         self.for_each_piece(va, buf.len(), |gpa, off, n| {
-            let _ = mem.write_slice(&buf[off..off + n], GuestAddress(gpa));
-        })
+            ok &= self.copy_to(gpa, &buf[off..off + n]);
+        })?;
+        if ok {
+            Ok(())
+        } else {
+            Err(Fault(va))
+        }
     }
 
     /// Read a guest `u64`.
@@ -531,7 +796,9 @@ impl GuestMem {
             let gpa = self.translate(cur).ok_or(Fault(cur))?;
             let n = (PAGE - (cur & (PAGE - 1))) as usize;
             let mut chunk = vec![0u8; n];
-            let _ = self.mem.read_slice(&mut chunk, GuestAddress(gpa));
+            if !self.copy_from(gpa, &mut chunk) {
+                return Err(Fault(cur));
+            }
             if let Some(z) = chunk.iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..z]);
                 return Ok(out);
@@ -556,10 +823,12 @@ impl GuestMem {
             let page_end = page_down(cur) + PAGE;
             let n = page_end.min(end) - cur;
             if let Some(gpa) = self.translate(cur) {
-                if n == PAGE {
+                if gpa >= self.size {
+                    let _ = self.copy_to(gpa, &vec![0u8; n as usize]);
+                } else if n == PAGE {
                     // MADV_DONTNEED on private anonymous memory only replaces its contents
                     // with zeroes, which no Rust reference observes.
-                    // SAFETY: `gpa` is a frame from `alloc_frame`, so the page-aligned host
+                    // SAFETY: `gpa` is a frame from `bump`, so the page-aligned host
                     // range lies inside the guest mapping we own.
                     unsafe {
                         libc::madvise(
@@ -593,6 +862,21 @@ impl GuestMem {
     pub fn region_len(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()
     }
+}
+
+fn register_window(vm: &kvm_ioctls::VmFd, w: &Window) -> anyhow::Result<()> {
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: crate::window::WINDOW_SLOT,
+        flags: 0,
+        guest_phys_addr: crate::window::WINDOW_BASE,
+        memory_size: crate::window::WINDOW_SIZE,
+        userspace_addr: w.host() as u64,
+    };
+    // SAFETY: the window's reservation lives as long as guest memory, which outlives the VM
+    // (`GuestMem` releases its VM first); what is mapped in it changes under KVM's MMU
+    // notifier, as for any host memory.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| anyhow::anyhow!("KVM_SET_USER_MEMORY_REGION (file window): {e}"))
 }
 
 /// Copy `buf.len()` bytes at `gpa` out of guest memory with one memcpy (vm-memory's
@@ -629,6 +913,13 @@ pub struct MemView {
 }
 
 impl MemView {
+    /// Why the guest cannot leave its home node now, if it cannot.
+    pub fn pinned(&self) -> Option<&'static str> {
+        self.layout()
+            .pinned
+            .then_some("it holds a writable shared mapping (paper section 4.2)")
+    }
+
     /// Bytes of guest physical memory handed out so far.
     pub fn used(&self) -> u64 {
         self.shared.lock().map(|l| l.used).unwrap_or(0)
@@ -809,7 +1100,7 @@ mod tests {
         let mut m = GuestMem::new(1 << 22).unwrap();
         let (g1, _) = m.map_page(guest::STUB_VA, Access::UserReadOnly).unwrap();
         let pte_addr = m.leaf(guest::STUB_VA, false).unwrap().unwrap();
-        assert_eq!(m.read_u64(pte_addr), g1 | PTE_P | PTE_US);
+        assert_eq!(m.read_u64(pte_addr), g1 | PTE_HELD | PTE_P | PTE_US);
     }
 
     #[test]

@@ -42,6 +42,59 @@ pub struct Vma {
     pub prot: u32,
     /// What the area is.
     pub kind: VmaKind,
+    /// For a file mapping made at home: the guest physical address, in the file window
+    /// ([`crate::window`]), of the area's first page; its pages follow in order.
+    pub window: Option<u64>,
+    /// For a file mapping: the file, and its offset at the area's first page.
+    pub file: Option<Box<MapFile>>,
+}
+
+/// The file behind a file mapping, as `/proc/PID/maps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapFile {
+    /// Path at mapping time (`/proc/self/fd/N` at home).
+    pub path: String,
+    /// Offset in bytes of the area's first page.
+    pub off: u64,
+    /// Device (`st_dev`) and inode.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl Vma {
+    /// An anonymous-style area (no file, no window).
+    pub fn new(end: u64, prot: u32, kind: VmaKind) -> Vma {
+        Vma {
+            end,
+            prot,
+            kind,
+            window: None,
+            file: None,
+        }
+    }
+
+    /// The part of this area (which starts at `start`) from `at` to `end`.
+    fn tail(&self, start: u64, at: u64, end: u64) -> Vma {
+        let d = at - start;
+        Vma {
+            end,
+            prot: self.prot,
+            kind: self.kind,
+            window: self.window.map(|w| w + d),
+            file: self.file.as_ref().map(|f| {
+                Box::new(MapFile {
+                    off: f.off + d,
+                    ..(**f).clone()
+                })
+            }),
+        }
+    }
+
+    /// Guest physical address of `va` in the file window, for an area starting at `start`.
+    pub fn window_at(&self, start: u64, va: u64) -> Option<u64> {
+        self.window.map(|w| w + (va - start))
+    }
 }
 
 /// The origin of a VMA (for `ps`/maps-style reporting and brk bookkeeping).
@@ -55,8 +108,12 @@ pub enum VmaKind {
     Stack,
     /// An anonymous mmap.
     Anon,
-    /// A private copy of a file's contents.
+    /// A private file mapping (`MAP_PRIVATE` of a file).
     File,
+    /// A shared file mapping (`MAP_SHARED` of a file or memfd).
+    Shared,
+    /// A SysV shared memory segment (`shmat`).
+    Shm,
 }
 
 /// The whole address space: VMAs plus the memory and page tables behind them.
@@ -102,7 +159,8 @@ impl AddressSpace {
     }
 
     /// Remove `[start, end)` from the VMA map, splitting areas that straddle its edges.
-    fn carve(&mut self, start: u64, end: u64) {
+    /// Returns the pieces removed (clipped to the range).
+    fn carve(&mut self, start: u64, end: u64) -> Vec<(u64, Vma)> {
         let hit: Vec<u64> = self
             .vmas
             .range(..end)
@@ -110,25 +168,57 @@ impl AddressSpace {
             .take_while(|(_, v)| v.end > start)
             .map(|(s, _)| *s)
             .collect();
+        let mut removed = Vec::new();
         for s in hit {
             let v = self.vmas.remove(&s).expect("present");
             if s < start {
-                self.vmas.insert(
-                    s,
-                    Vma {
-                        end: start,
-                        ..v.clone()
-                    },
-                );
+                self.vmas.insert(s, v.tail(s, s, start));
             }
             if v.end > end {
-                self.vmas.insert(end, Vma { end: v.end, ..v });
+                self.vmas.insert(end, v.tail(s, end, v.end));
             }
+            let lo = s.max(start);
+            removed.push((lo, v.tail(s, lo, v.end.min(end))));
         }
+        removed
     }
 
-    /// Map (or re-zero) the pages of `[start, end)`, which must be page aligned.
-    fn populate(&mut self, start: u64, end: u64) -> Result<(), NoMem> {
+    /// Unmap `[start, end)` for good: areas, pages, and the file-window ranges behind them.
+    fn remove(&mut self, start: u64, end: u64) -> Result<(), i64> {
+        let removed = self.carve(start, end);
+        self.mem.unmap(start, end).map_err(|_| errno::ENOMEM)?;
+        let mut shared = false;
+        for (s, v) in removed {
+            shared |= matches!(v.kind, VmaKind::Shared | VmaKind::Shm);
+            if let Some(w) = v.window {
+                if let Ok(win) = self.mem.window() {
+                    win.release(w, v.end - s);
+                }
+            }
+        }
+        if shared {
+            self.note_sharing();
+        }
+        Ok(())
+    }
+
+    /// Whether the process holds a writable shared mapping (a file's, a memfd's, a SysV
+    /// segment's): the paper's §4.2 keeps such a process at home.
+    pub fn holds_writable_shared(&self) -> bool {
+        self.vmas
+            .values()
+            .any(|v| matches!(v.kind, VmaKind::Shared | VmaKind::Shm) && v.prot & 2 != 0)
+    }
+
+    /// Publish [`AddressSpace::holds_writable_shared`] to migration threads.
+    fn note_sharing(&mut self) {
+        let pinned = self.holds_writable_shared();
+        self.mem.set_pinned(pinned);
+    }
+
+    /// Map (or re-zero) the pages of `[start, end)`, which must be page aligned, with the
+    /// rights of `prot`.
+    fn populate(&mut self, start: u64, end: u64, prot: u32) -> Result<(), NoMem> {
         let pages = (end - start) / PAGE;
         if GuestMem::frames_needed(pages) > self.mem.free_frames() {
             // Count what is already mapped before refusing.
@@ -138,21 +228,17 @@ impl AddressSpace {
             }
         }
         let mut p = start;
-        let mut stale_from: Option<u64> = None;
+        let mut stale = false;
         while p < end {
-            let (_, fresh) = self.mem.map_page(p, Access::User)?;
-            match (fresh, stale_from) {
-                (false, None) => stale_from = Some(p),
-                (true, Some(s)) => {
-                    self.mem.zero(s, p - s);
-                    stale_from = None;
-                }
-                _ => {}
+            let (_, fresh) = self.mem.map_page(p, Access::Prot(prot))?;
+            if !fresh {
+                self.mem.zero(p, PAGE);
+                stale = true;
             }
             p += PAGE;
         }
-        if let Some(s) = stale_from {
-            self.mem.zero(s, end - s);
+        if stale {
+            self.mem.protect(start, end, Access::Prot(prot))?;
         }
         Ok(())
     }
@@ -177,6 +263,7 @@ impl AddressSpace {
     /// zero contents.
     pub fn insert(&mut self, addr: u64, len: u64, prot: u32, kind: VmaKind) -> Result<(), i64> {
         let end = addr + len;
+        self.remove(addr, end)?;
         if prot != 0 {
             // The stack is populated near its top only; deeper pages fault in on first use.
             let from = if kind == VmaKind::Stack {
@@ -184,24 +271,55 @@ impl AddressSpace {
             } else {
                 addr
             };
-            self.mem.zero(addr, from - addr);
-            self.populate(from, end).map_err(|_| errno::ENOMEM)?;
-        } else {
-            self.mem.zero(addr, len);
+            self.populate(from, end, prot).map_err(|_| errno::ENOMEM)?;
         }
-        self.put(addr, Vma { end, prot, kind });
+        self.put(addr, Vma::new(end, prot, kind));
         Ok(())
     }
 
-    /// Insert a VMA, merging it with neighbours of the same protection and kind.
+    /// Place a file mapping of `[addr, addr+len)` (page aligned, from [`AddressSpace::pick`])
+    /// whose pages are the file window's from `gpa` on. Pages are mapped on first touch.
+    pub fn insert_window(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        kind: VmaKind,
+        gpa: u64,
+        file: Option<MapFile>,
+    ) -> Result<(), i64> {
+        self.remove(addr, addr + len)?;
+        self.vmas.insert(
+            addr,
+            Vma {
+                end: addr + len,
+                prot,
+                kind,
+                window: Some(gpa),
+                file: file.map(Box::new),
+            },
+        );
+        if matches!(kind, VmaKind::Shared | VmaKind::Shm) {
+            self.note_sharing();
+        }
+        Ok(())
+    }
+
+    /// Insert a VMA, merging it with neighbours of the same protection and kind (areas with
+    /// a file or window never merge).
     fn put(&mut self, mut start: u64, mut vma: Vma) {
+        let plain = |v: &Vma| v.window.is_none() && v.file.is_none();
+        if !plain(&vma) {
+            self.vmas.insert(start, vma);
+            return;
+        }
         if let Some((s, prev)) = self.vmas.range(..start).next_back() {
-            if prev.end == start && prev.prot == vma.prot && prev.kind == vma.kind {
+            if prev.end == start && prev.prot == vma.prot && prev.kind == vma.kind && plain(prev) {
                 start = *s;
             }
         }
         if let Some(next) = self.vmas.get(&vma.end) {
-            if next.prot == vma.prot && next.kind == vma.kind {
+            if next.prot == vma.prot && next.kind == vma.kind && plain(next) {
                 let next = self.vmas.remove(&vma.end).expect("present");
                 vma.end = next.end;
             }
@@ -220,6 +338,14 @@ impl AddressSpace {
         noreplace: bool,
         kind: VmaKind,
     ) -> Result<u64, i64> {
+        let start = self.pick(addr, len, fixed, noreplace)?;
+        self.insert(start, page_up(len), prot, kind)?;
+        Ok(start)
+    }
+
+    /// Where `mmap(addr, len, ..., flags)` places a new mapping (Linux's checks and errno:
+    /// EINVAL, ENOMEM, EEXIST for MAP_FIXED_NOREPLACE over a mapping). Nothing changes.
+    pub fn pick(&self, addr: u64, len: u64, fixed: bool, noreplace: bool) -> Result<u64, i64> {
         if len == 0 {
             return Err(errno::EINVAL);
         }
@@ -253,20 +379,16 @@ impl AddressSpace {
                 self.find_free(len).ok_or(errno::ENOMEM)?
             }
         };
-        self.carve(start, start + len);
-        self.insert(start, len, prot, kind)?;
         Ok(start)
     }
 
-    /// munmap: zero and forget `[addr, addr+len)`.
+    /// munmap: forget `[addr, addr+len)`; its pages go and later accesses fault.
     pub fn munmap(&mut self, addr: u64, len: u64) -> Result<(), i64> {
         if addr & (PAGE - 1) != 0 || len == 0 {
             return Err(errno::EINVAL);
         }
         let end = addr.checked_add(page_up(len)).ok_or(errno::EINVAL)?;
-        self.carve(addr, end);
-        self.mem.zero(addr, end - addr);
-        Ok(())
+        self.remove(addr, end)
     }
 
     /// mprotect: record the new protection; make pages accessible where needed.
@@ -289,33 +411,52 @@ impl AddressSpace {
         if cur < end {
             return Err(errno::ENOMEM);
         }
-        let parts: Vec<(u64, Vma)> = self
-            .vmas
-            .range(..end)
-            .filter(|(_, v)| v.end > addr)
-            .map(|(s, v)| (*s, v.clone()))
-            .collect();
-        self.carve(addr, end);
+        let parts = self.carve(addr, end);
+        // Shared mappings carry their protection to the host mapping first: the host refuses
+        // PROT_WRITE on a file not open for writing (EACCES), and then nothing changes.
+        let mut done: Vec<(u64, u64, u32)> = Vec::new();
+        for (s, v) in &parts {
+            if let (Some(w), VmaKind::Shared | VmaKind::Shm) = (v.window, v.kind) {
+                let host = (prot & 3) as i32;
+                let r = match self.mem.window() {
+                    Ok(win) => win.protect(w, v.end - s, host),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    if let Ok(win) = self.mem.window() {
+                        for (w, n, p) in done {
+                            let _ = win.protect(w, n, (p & 3) as i32);
+                        }
+                    }
+                    for (s, v) in parts {
+                        self.vmas.insert(s, v);
+                    }
+                    return Err(e);
+                }
+                done.push((w, v.end - s, v.prot));
+            }
+        }
         for (s, v) in parts {
-            let (ps, pe) = (s.max(addr), v.end.min(end));
-            if prot != 0 && v.prot == 0 {
+            let (ps, pe) = (s, v.end);
+            if prot != 0 && v.prot == 0 && v.window.is_none() {
                 // Newly accessible: map what is missing, keep what is there.
                 let mut p = ps;
                 while p < pe {
                     self.mem
-                        .map_page(p, Access::User)
+                        .map_page(p, Access::Prot(prot))
                         .map_err(|_| errno::ENOMEM)?;
                     p += PAGE;
                 }
             }
-            self.put(
-                ps,
-                Vma {
-                    end: pe,
-                    prot,
-                    kind: v.kind,
-                },
-            );
+            // The pages themselves enforce the new protection against the guest.
+            self.mem
+                .protect(ps, pe, Access::Prot(prot))
+                .map_err(|_| errno::ENOMEM)?;
+            let shared = matches!(v.kind, VmaKind::Shared | VmaKind::Shm);
+            self.put(ps, Vma { prot, ..v });
+            if shared {
+                self.note_sharing();
+            }
         }
         Ok(())
     }
@@ -382,7 +523,9 @@ impl AddressSpace {
         if old_len == 0 || v.end < old + old_len {
             return Err(errno::EFAULT);
         }
-        let _ = vs;
+        if fixed.is_none() && new_len > old_len && v.window.is_some() {
+            return self.mremap_window(vs, &v, old, old_len, new_len, may_move);
+        }
         if fixed.is_none() {
             if new_len <= old_len {
                 if new_len < old_len {
@@ -427,6 +570,89 @@ impl AddressSpace {
         Ok(dest)
     }
 
+    /// mremap growth of a file-window area: the host moves the mapping within the window
+    /// (written private pages stay, the new tail shows the file), and the guest range stays
+    /// or moves as for any mapping.
+    fn mremap_window(
+        &mut self,
+        vs: u64,
+        v: &Vma,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        may_move: bool,
+    ) -> Result<u64, i64> {
+        let grow_end = old.checked_add(new_len).ok_or(errno::ENOMEM)?;
+        let in_place = v.end == old + old_len
+            && grow_end <= USER_END
+            && !self.overlaps(old + old_len, grow_end);
+        if !in_place && !may_move {
+            return Err(errno::ENOMEM);
+        }
+        let dest = if in_place {
+            old
+        } else {
+            self.find_free(new_len).ok_or(errno::ENOMEM)?
+        };
+        let gpa_old = v.window_at(vs, old).ok_or(errno::EFAULT)?;
+        let gpa = self.mem.window()?.grow(gpa_old, old_len, new_len)?;
+        // The window range behind the old pages is gone: drop the area and its pages.
+        self.carve(old, old + old_len);
+        self.mem
+            .unmap(old, old + old_len)
+            .map_err(|_| errno::ENOMEM)?;
+        let piece = v.tail(vs, old, old + old_len);
+        self.insert_window(dest, new_len, v.prot, v.kind, gpa, piece.file.map(|f| *f))?;
+        Ok(dest)
+    }
+
+    /// Turn every file-window area into private memory with the same contents (before the
+    /// process leaves home, where the files are): a private file mapping keeps what the guest
+    /// sees, a read-only shared one becomes a private snapshot. Pages past the end of their
+    /// file read as zero. Errors: ENOMEM when guest memory is short.
+    pub fn materialize(&mut self) -> Result<(), i64> {
+        let parts: Vec<(u64, Vma)> = self
+            .vmas
+            .iter()
+            .filter(|(_, v)| v.window.is_some())
+            .map(|(s, v)| (*s, v.clone()))
+            .collect();
+        let mut page = vec![0u8; PAGE as usize];
+        for (s, v) in parts {
+            let w = v.window.expect("filtered");
+            let mut p = s;
+            while p < v.end {
+                page.fill(0);
+                if let Some(win) = self.mem.window_ref() {
+                    let _ = win.read(w + (p - s), &mut page);
+                }
+                self.mem.unmap(p, p + PAGE).map_err(|_| errno::ENOMEM)?;
+                self.mem
+                    .map_page(p, Access::Prot(v.prot))
+                    .map_err(|_| errno::ENOMEM)?;
+                if page.iter().any(|b| *b != 0) {
+                    let _ = self.mem.write(p, &page);
+                }
+                p += PAGE;
+            }
+            self.mem.window()?.release(w, v.end - s);
+            let kind = if v.kind == VmaKind::Shm || v.kind == VmaKind::Shared {
+                VmaKind::File
+            } else {
+                v.kind
+            };
+            self.vmas.insert(
+                s,
+                Vma {
+                    window: None,
+                    kind,
+                    ..v
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Set up the program break right after the loaded image.
     pub fn init_brk(&mut self, at: u64) {
         self.brk_start = page_up(at);
@@ -444,7 +670,7 @@ impl AddressSpace {
             if self.overlaps(old_end, new_end) || new_end > MMAP_BASE {
                 return self.brk;
             }
-            if self.populate(old_end, new_end).is_err() {
+            if self.populate(old_end, new_end, 3).is_err() {
                 return self.brk;
             }
             // Extend (or create) the heap VMA.
@@ -452,28 +678,15 @@ impl AddressSpace {
                 Some((s, v)) if v.end == old_end && v.kind == VmaKind::Heap => *s,
                 _ => old_end,
             };
-            self.vmas.insert(
-                start,
-                Vma {
-                    end: new_end,
-                    prot: 3,
-                    kind: VmaKind::Heap,
-                },
-            );
+            self.vmas.insert(start, Vma::new(new_end, 3, VmaKind::Heap));
         } else if new_end < old_end {
-            self.carve(new_end, old_end);
-            self.mem.zero(new_end, old_end - new_end);
+            if self.remove(new_end, old_end).is_err() {
+                return self.brk;
+            }
             if new_end > self.brk_start {
                 if let Some((s, _)) = self.vmas.range(..new_end).next_back() {
                     let s = *s;
-                    self.vmas.insert(
-                        s,
-                        Vma {
-                            end: new_end,
-                            prot: 3,
-                            kind: VmaKind::Heap,
-                        },
-                    );
+                    self.vmas.insert(s, Vma::new(new_end, 3, VmaKind::Heap));
                 }
             }
         }
@@ -494,30 +707,44 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// A guest page fault at `addr`: map the page if an accessible VMA covers it and it is not
-    /// mapped yet (demand paging). Returns whether the guest may retry the access.
-    pub fn fault_in(&mut self, addr: u64) -> bool {
+    /// A guest page fault at `addr` (`write`: the access was a store): map the page if an
+    /// accessible VMA covers it and it is not mapped yet (demand paging), or give it the
+    /// rights its VMA grants if it has fewer. Returns whether the guest may retry the access;
+    /// false is Linux's SIGSEGV (no VMA, or one whose protection forbids the access).
+    pub fn fault_in(&mut self, addr: u64, write: bool) -> bool {
         let page = page_down(addr);
-        match self.vma_at(addr) {
-            Some((start, v)) if v.prot != 0 && !self.mem.is_mapped(page) => {
-                // Map the aligned 64 KiB block around the fault (within the VMA): a fault costs
-                // a VM exit, and neighbouring pages are usually next.
-                let block = 16 * PAGE;
-                let (lo, hi) = (
-                    (addr & !(block - 1)).max(start),
-                    ((addr & !(block - 1)) + block).min(v.end),
-                );
-                let mut p = lo;
-                while p < hi {
-                    if self.mem.map_page(p, Access::User).is_err() {
-                        return self.mem.is_mapped(page);
-                    }
-                    p += PAGE;
-                }
-                true
-            }
-            _ => false,
+        let Some((start, v)) = self.vma_at(addr) else {
+            return false;
+        };
+        let (start, end, prot, window) = (start, v.end, v.prot, v.window);
+        if prot == 0 || write && prot & 2 == 0 {
+            return false;
         }
+        if self.mem.is_mapped(page) {
+            return self
+                .mem
+                .protect(page, page + PAGE, Access::Prot(prot))
+                .is_ok();
+        }
+        // Map the aligned 64 KiB block around the fault (within the VMA): a fault costs a VM
+        // exit, and neighbouring pages are usually next.
+        let block = 16 * PAGE;
+        let (lo, hi) = (
+            (addr & !(block - 1)).max(start),
+            ((addr & !(block - 1)) + block).min(end),
+        );
+        let mut p = lo;
+        while p < hi {
+            let r = match window {
+                Some(w) => self.mem.map_at(p, w + (p - start), Access::Prot(prot)),
+                None => self.mem.map_page(p, Access::Prot(prot)).map(|_| ()),
+            };
+            if r.is_err() {
+                return self.mem.is_mapped(page);
+            }
+            p += PAGE;
+        }
+        true
     }
 
     /// Demand-map every page of `[addr, addr+len)` that an accessible VMA covers.
@@ -528,7 +755,9 @@ impl AddressSpace {
         let end = addr.saturating_add(len);
         let mut p = page_down(addr);
         while p < end {
-            self.fault_in(p);
+            if !self.mem.is_mapped(p) {
+                self.fault_in(p, false);
+            }
             match p.checked_add(PAGE) {
                 Some(next) => p = next,
                 None => break,
@@ -621,11 +850,67 @@ mod tests {
             .unwrap();
         assert!(a.mem.is_mapped(STACK_TOP - PAGE));
         assert!(!a.mem.is_mapped(base));
-        assert!(a.fault_in(base + 5));
+        assert!(a.fault_in(base + 5, true));
         assert!(a.mem.is_mapped(base));
-        // Already mapped, or outside any VMA: not a demand fault.
-        assert!(!a.fault_in(base + 5));
-        assert!(!a.fault_in(base - PAGE));
+        // Outside any VMA: not a demand fault.
+        assert!(!a.fault_in(base - PAGE, false));
+    }
+
+    #[test]
+    fn protection_is_enforced_by_the_pages() {
+        let mut a = space();
+        let x = a.mmap(0, 2 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        a.mem.write(x, b"kept").unwrap();
+        a.mem.take_new_root();
+        let root = a.mem.cr3();
+        a.mprotect(x, PAGE, 1).unwrap();
+        // Taking the write right away copies the path: the vCPU must load a new root.
+        let new_root = a.mem.take_new_root().expect("a new root");
+        assert_ne!(new_root, root);
+        assert_eq!(a.mem.take_new_root(), None);
+        assert!(
+            !a.fault_in(x, true),
+            "a store to a read-only page is SIGSEGV"
+        );
+        assert!(a.fault_in(x, false));
+        assert!(a.fault_in(x + PAGE, true));
+        a.mprotect(x, PAGE, 0).unwrap();
+        assert!(!a.fault_in(x, false), "PROT_NONE refuses reads");
+        a.mprotect(x, PAGE, 3).unwrap();
+        let mut b = [0u8; 4];
+        a.mem.read(x, &mut b).unwrap();
+        assert_eq!(&b, b"kept", "PROT_NONE keeps the contents");
+        // Adding rights is done in place.
+        assert!(a.mem.take_new_root().is_some());
+        a.mprotect(x, PAGE, 1).unwrap();
+        a.mem.take_new_root();
+        a.mprotect(x, PAGE, 3).unwrap();
+        assert_eq!(a.mem.take_new_root(), None);
+    }
+
+    #[test]
+    fn unmapped_frames_are_reused_and_faults_follow() {
+        let mut a = space();
+        let x = a.mmap(0, 8 * PAGE, 3, false, false, VmaKind::Anon).unwrap();
+        a.mem.write(x, b"old").unwrap();
+        let used = a.mem.used();
+        for _ in 0..100 {
+            a.munmap(x, 8 * PAGE).unwrap();
+            assert!(!a.mem.is_mapped(x));
+            assert!(!a.fault_in(x, false), "an unmapped page faults");
+            a.mem.take_new_root();
+            assert_eq!(a.mmap(x, 8 * PAGE, 3, true, false, VmaKind::Anon), Ok(x));
+        }
+        let mut b = [9u8; 3];
+        a.mem.read(x, &mut b).unwrap();
+        assert_eq!(b, [0; 3], "a new mapping reads as zero");
+        // Each round copies at most four tables; the data frames come back every time.
+        assert!(
+            a.mem.used() <= used + 100 * 4 * PAGE,
+            "{}",
+            a.mem.used() - used
+        );
+        assert!(a.mem.free_list().len() >= 300);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::loader::{self, AuxFacts, LoadError};
 use crate::memory::{page_up, Fault, GuestMem, PAGE};
 use crate::mm::{AddressSpace, VmaKind};
 use crate::table::{self, Class, A};
+use crate::window::Sharing;
 use anyhow::{Context, Result};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::path::PathBuf;
@@ -258,6 +259,8 @@ pub struct Vm {
     /// Whether the syscall exit happens at CPL 3 (KVM-PVM): then the VMM performs the return.
     vmm_returns: Option<bool>,
     warned: std::collections::HashSet<u64>,
+    /// The address of the last page fault the VMM fixed since the last system call.
+    last_fault: Option<u64>,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
@@ -452,6 +455,8 @@ pub struct VmmState {
     stats: bool,
     used: u64,
     pml4: u64,
+    /// Frames below `used` that hold nothing (unmapped pages, retired page tables).
+    free_frames: Vec<u64>,
     vmas: Vec<(u64, crate::mm::Vma)>,
     brk_start: u64,
     brk: u64,
@@ -645,6 +650,7 @@ impl Vm {
             stack_layout: started.layout,
             vmm_returns: None,
             warned: Default::default(),
+            last_fault: None,
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -717,10 +723,15 @@ impl Vm {
             if self.pause.requested() {
                 return Ok(None);
             }
+            self.load_new_root()?;
             self.pause.inner.in_guest.store(true, Ordering::SeqCst);
             let run = self.vcpu.run();
             self.pause.inner.in_guest.store(false, Ordering::SeqCst);
             let exit = match run {
+                Ok(VcpuExit::IoOut(port, _)) if port == guest::SYSCALL_PORT as u16 => {
+                    self.last_fault = None;
+                    Ok(port)
+                }
                 Ok(VcpuExit::IoOut(port, _)) => Ok(port),
                 Ok(VcpuExit::Shutdown) => Err("triple fault (shutdown)".to_string()),
                 Ok(VcpuExit::Hlt) => Err("guest halted".to_string()),
@@ -730,6 +741,15 @@ impl Vm {
                     "access to unbacked guest physical address {addr:#x}"
                 )),
                 Ok(other) => Err(format!("unexpected VM exit {other:?}")),
+                Err(e) if e.errno() == libc::EFAULT => {
+                    // The host could not supply a page: a file page past the end of its file
+                    // (Linux's SIGBUS for such an access).
+                    eprintln!(
+                        "mosvm: {} killed by SIGBUS: access past the end of a mapped file",
+                        self.program.display()
+                    );
+                    return Ok(Some(Outcome::Signaled(libc::SIGBUS)));
+                }
                 Err(e) if e.errno() == libc::EINTR => {
                     // A kick: when throttled, sit out the throttled share of a slice.
                     let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
@@ -773,9 +793,29 @@ impl Vm {
         }
     }
 
+    /// Before the vCPU runs (or is captured): page-table changes that took rights away live
+    /// in a copied path (see `GuestMem::take_new_root`), whose root the vCPU must load.
+    fn load_new_root(&mut self) -> Result<()> {
+        if let Some(cr3) = self.space.mem.take_new_root() {
+            let mut s = self.vcpu.get_sregs().context("KVM_GET_SREGS")?;
+            s.cr3 = cr3;
+            self.vcpu.set_sregs(&s).context("KVM_SET_SREGS")?;
+        }
+        Ok(())
+    }
+
     /// Capture a paused guest: its vCPU and VMM state (guest memory is read separately,
     /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
     pub fn capture(&mut self) -> Result<MigState> {
+        anyhow::ensure!(
+            !self.space.holds_writable_shared(),
+            "the process holds a writable shared mapping and stays at home (paper section 4.2)"
+        );
+        // File pages come along as private copies (the file stays at home).
+        self.space
+            .materialize()
+            .map_err(|e| anyhow::anyhow!("copying file mappings: errno {e}"))?;
+        self.load_new_root()?;
         let vcpu = crate::snapshot::capture(&mut self.vcpu)?;
         let vmm = VmmState {
             program: self.program.clone(),
@@ -786,6 +826,7 @@ impl Vm {
             stats: self.opts.stats,
             used: self.space.mem.used(),
             pml4: self.space.mem.cr3(),
+            free_frames: self.space.mem.free_list().to_vec(),
             vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
             brk_start: self.space.brk_start,
             brk: self.space.brk,
@@ -854,7 +895,7 @@ impl Vm {
         } = p;
         let v = st.vmm;
         anyhow::ensure!(mem.size() >= v.mem, "guest memory smaller than the guest's");
-        mem.restore_layout(v.used, v.pml4)
+        mem.restore_layout(v.used, v.pml4, v.free_frames)
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
         let mut space = AddressSpace::new(mem);
         space.restore(v.vmas, v.brk_start, v.brk);
@@ -899,6 +940,7 @@ impl Vm {
             stack_layout: v.stack_layout,
             vmm_returns: v.vmm_returns,
             warned: Default::default(),
+            last_fault: None,
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -918,8 +960,14 @@ impl Vm {
     fn exception(&mut self, v: usize) -> Result<Option<Outcome>> {
         if v == 14 {
             let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
-            if self.space.fault_in(cr2) {
+            let rsp = self.vcpu.sync_regs_mut().regs.rsp;
+            let err = self.space.mem.read_u64_va(rsp).unwrap_or(0);
+            // A fault the VMM fixes must not come straight back: if it does, the page tables
+            // and what the MMU sees disagree, and the guest would loop for ever.
+            let again = self.last_fault == Some(cr2);
+            if !again && self.space.fault_in(cr2, err & 2 != 0) {
                 self.stats.page_faults += 1;
+                self.last_fault = Some(cr2);
                 // The handler pops the error code and returns with iretq.
                 return Ok(None);
             }
@@ -1147,6 +1195,20 @@ impl Vm {
                     return Err(EINVAL);
                 }
                 self.range_mapped(a[0], a[1])?;
+                // Shared file pages are the host's: write them back as asked.
+                let end = a[0] + page_up(a[1]);
+                let parts: Vec<(u64, u64)> = self
+                    .space
+                    .vmas()
+                    .filter(|(s, v)| *s < end && v.end > a[0] && v.kind == VmaKind::Shared)
+                    .filter_map(|(s, v)| {
+                        let lo = s.max(a[0]);
+                        v.window_at(s, lo).map(|w| (w, v.end.min(end) - lo))
+                    })
+                    .collect();
+                for (w, n) in parts {
+                    self.space.mem.window()?.sync(w, n, flags)?;
+                }
                 ok(0)
             }
             libc::SYS_mlock2 if a[2] & !(libc::MLOCK_ONFAULT as u64) != 0 => Err(EINVAL),
@@ -1504,17 +1566,39 @@ impl Vm {
         if end == addr {
             return Ok(Step::Ret(0));
         }
-        let parts: Vec<(u64, u64, VmaKind)> = self
+        let parts: Vec<(u64, u64, VmaKind, Option<u64>)> = self
             .space
             .vmas()
             .filter(|(s, v)| *s < end && v.end > addr)
-            .map(|(s, v)| (s.max(addr), v.end.min(end), v.kind))
+            .map(|(s, v)| {
+                let lo = s.max(addr);
+                (lo, v.end.min(end), v.kind, v.window_at(s, lo))
+            })
             .collect();
-        for &(s, e, kind) in &parts {
+        for &(_, _, kind, _) in &parts {
+            let shared = matches!(kind, VmaKind::Shared | VmaKind::Shm);
             match advice {
-                libc::MADV_REMOVE => return Err(EINVAL),
-                libc::MADV_FREE if kind == VmaKind::File => return Err(EINVAL),
-                libc::MADV_DONTNEED | libc::MADV_FREE => self.space.discard(s, e - s)?,
+                libc::MADV_REMOVE if !shared => return Err(EINVAL),
+                libc::MADV_FREE if kind != VmaKind::Anon && kind != VmaKind::Heap => {
+                    return Err(EINVAL)
+                }
+                _ => {}
+            }
+        }
+        for &(s, e, _, window) in &parts {
+            match (advice, window) {
+                (libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE, Some(w)) => {
+                    // The host mapping does what Linux does: a private file page shows the
+                    // file again, a shared one stays the file's (MADV_REMOVE punches a hole).
+                    let win = self.space.mem.window()?;
+                    let a = if advice == libc::MADV_FREE {
+                        libc::MADV_DONTNEED
+                    } else {
+                        advice
+                    };
+                    win.advise(w, e - s, a)?;
+                }
+                (libc::MADV_DONTNEED | libc::MADV_FREE, None) => self.space.discard(s, e - s)?,
                 _ => {}
             }
         }
@@ -1555,13 +1639,6 @@ impl Vm {
         if off & (PAGE - 1) != 0 || len == 0 {
             return Err(EINVAL);
         }
-        if !anon && shared && prot & 2 != 0 {
-            // Writable shared file mappings would need write-back through the deputy.
-            if self.opts.trace {
-                eprintln!("[mosvm] writable MAP_SHARED file mapping refused (ENODEV)");
-            }
-            return Err(ENODEV);
-        }
         let fixed = flags & libc::MAP_FIXED != 0;
         let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
         let kind = if anon { VmaKind::Anon } else { VmaKind::File };
@@ -1575,10 +1652,22 @@ impl Vm {
             if r.ret < 0 {
                 return Err(-r.ret);
             }
+            let stat = r.outs.into_iter().next();
+            if let Some(host) = self.deputy.local_fd(fd as u64) {
+                return self.mmap_file(addr, len, prot, shared, fixed, noreplace, host, off, stat);
+            }
+            if shared && prot & 2 != 0 {
+                // Away from home the file is not here to share pages with.
+                if self.opts.trace {
+                    eprintln!("[mosvm] writable MAP_SHARED file mapping away from home (ENODEV)");
+                }
+                return Err(ENODEV);
+            }
         }
         let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
         if !anon && prot != 0 {
-            // Read the file straight into the new pages; past its end they stay zero.
+            // Away from home: read the file straight into the new pages (a private copy); past
+            // its end they stay zero.
             let runs = self
                 .space
                 .mem
@@ -1608,6 +1697,67 @@ impl Vm {
                     break;
                 }
             }
+        }
+        Ok(start)
+    }
+
+    /// A file mapping at home: the VMM maps host descriptor `host` the same way into the file
+    /// window (see [`crate::window`]), so the guest shares the host's page cache exactly as a
+    /// native process would. The host's mmap checks access modes (EACCES) and file types
+    /// (ENODEV).
+    #[allow(clippy::too_many_arguments)]
+    fn mmap_file(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        shared: bool,
+        fixed: bool,
+        noreplace: bool,
+        host: i32,
+        off: u64,
+        stat: Option<Vec<u8>>,
+    ) -> Result<u64, i64> {
+        let start = self.space.pick(addr, len, fixed, noreplace)?;
+        let len = page_up(len);
+        let (sharing, host_prot, kind) = if shared {
+            (Sharing::Shared, (prot & 3) as i32, VmaKind::Shared)
+        } else {
+            // Private pages are copy-on-write on the host: writable there whatever the guest
+            // may do now, the guest's own page tables enforce its protection.
+            (
+                Sharing::Private,
+                libc::PROT_READ | libc::PROT_WRITE,
+                VmaKind::File,
+            )
+        };
+        let gpa = self
+            .space
+            .mem
+            .window()?
+            .map_file(len, host, off, sharing, host_prot)?;
+        let field = |at: usize| {
+            stat.as_ref()
+                .and_then(|b| b.get(at..at + 8))
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")))
+        };
+        let path = std::fs::read_link(format!("/proc/self/fd/{host}"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = crate::mm::MapFile {
+            path,
+            off,
+            dev: field(0),
+            ino: field(8),
+        };
+        if let Err(e) = self
+            .space
+            .insert_window(start, len, prot, kind, gpa, Some(file))
+        {
+            if let Ok(w) = self.space.mem.window() {
+                w.release(gpa, len);
+            }
+            return Err(e);
         }
         Ok(start)
     }

@@ -81,6 +81,13 @@ pub trait Deputy {
         }
         r.ret
     }
+
+    /// The host descriptor behind guest descriptor `fd`, when the deputy runs in this process
+    /// (at home): the VMM maps the file itself (see [`crate::window`]). None when away.
+    fn local_fd(&self, fd: u64) -> Option<i32> {
+        let _ = fd;
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -649,6 +656,10 @@ impl Drop for HostDeputy {
 }
 
 impl Deputy for HostDeputy {
+    fn local_fd(&self, fd: u64) -> Option<i32> {
+        self.host_fd(fd).ok()
+    }
+
     fn pread_into(&mut self, fd: u64, off: u64, dst: &mut [u8]) -> i64 {
         let host = match self.host_fd(fd) {
             Ok(h) => h,

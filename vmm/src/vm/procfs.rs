@@ -146,17 +146,26 @@ impl Vm {
                 let mut out = String::new();
                 for (s, v) in self.space.vmas() {
                     let perm = |bit: u32, c: char| if v.prot & bit != 0 { c } else { '-' };
-                    let name = match v.kind {
-                        VmaKind::Heap => "[heap]",
-                        VmaKind::Stack => "[stack]",
-                        _ => "",
+                    let name = match (v.kind, &v.file) {
+                        (VmaKind::Heap, _) => "[heap]".to_string(),
+                        (VmaKind::Stack, _) => "[stack]".to_string(),
+                        (_, Some(f)) => f.path.clone(),
+                        _ => String::new(),
                     };
+                    let shared = matches!(v.kind, VmaKind::Shared | VmaKind::Shm);
+                    let (off, dev, ino) = v
+                        .file
+                        .as_ref()
+                        .map_or((0, 0, 0), |f| (f.off, f.dev as libc::dev_t, f.ino));
                     let line = format!(
-                        "{s:08x}-{:08x} {}{}{}p 00000000 00:00 0",
+                        "{s:08x}-{:08x} {}{}{}{} {off:08x} {:02x}:{:02x} {ino}",
                         v.end,
                         perm(1, 'r'),
                         perm(2, 'w'),
                         perm(4, 'x'),
+                        if shared { 's' } else { 'p' },
+                        libc::major(dev),
+                        libc::minor(dev),
                     );
                     if name.is_empty() {
                         out.push_str(&format!("{line}\n"));
