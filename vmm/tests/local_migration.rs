@@ -129,6 +129,9 @@ fn migrated(
         first.is_none(),
         "the program finished before it could be migrated: {first:?}"
     );
+    // As the switch-over does: capture first (file pages become private copies then), then
+    // the last dirty pages.
+    let mut state = vm.capture().unwrap();
     let last = view.take_dirty().unwrap();
     let last_round = last.len();
     let mut buf = [0u8; PAGE];
@@ -146,7 +149,6 @@ fn migrated(
             "page {gpn:#x} changed after it was last sent: the dirty log missed it"
         );
     }
-    let mut state = vm.capture().unwrap();
     state.shift_realtime(shift_realtime_ns);
     let deputy = vm.into_deputy();
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
