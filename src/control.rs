@@ -71,6 +71,10 @@ pub struct ProcInfo {
     pub migrations: u32,
     /// Locked to its node.
     pub locked: bool,
+    /// Why the process cannot leave its home node now (it holds a writable shared mapping:
+    /// paper section 4.2), if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     /// Why the last requested migration failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -184,6 +188,8 @@ pub enum Update {
     MigrationFailed { reason: String },
     /// CPU time the process has used on other nodes so far (seconds), and its memory there.
     Remote { cpu_s: f64, mem_bytes: u64 },
+    /// Whether (and why) the process must stay at home now.
+    Pinned { reason: Option<String> },
 }
 
 /// Send one request and read one reply.

@@ -366,6 +366,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         let _ = r
             .get_ref()
             .set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let mut pinned: Option<String> = None;
         loop {
             let mut l = String::new();
             match r.read_line(&mut l) {
@@ -447,6 +448,16 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
             }
             if let Ok(c) = now.lock() {
                 send_update(&upd, &control::Update::Memory { bytes: c.0.used() });
+                let why = c.0.pinned().map(str::to_string);
+                if why != pinned {
+                    send_update(
+                        &upd,
+                        &control::Update::Pinned {
+                            reason: why.clone(),
+                        },
+                    );
+                    pinned = why;
+                }
             }
         }
     });
@@ -499,6 +510,11 @@ fn run_guest(
         if vm.wants_stats() {
             let json = serde_json::to_string(&job.report).unwrap_or_default();
             eprintln!("mosvm-migration {json}");
+        }
+        // The node's next `migrate` goes to the guest's new host: route it there before the
+        // node learns of the move (the VM left here may take a while to drop).
+        if let Ok(mut r) = reg.remote.lock() {
+            *r = Some(job.link.clone());
         }
         send_update(
             &reg.updates,
@@ -750,7 +766,11 @@ fn procs_table(procs: &[control::ProcInfo]) -> String {
             p.cpu_s,
             p.mem_bytes as f64 / (1 << 20) as f64,
             p.migrations,
-            if p.locked { "yes" } else { "no" },
+            match (p.locked, &p.pinned) {
+                (true, _) => "yes",
+                (false, Some(_)) => "home",
+                (false, None) => "no",
+            },
             p.program
         );
     }

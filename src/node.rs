@@ -414,6 +414,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     migrations: 0,
                     locked,
                     last_error: None,
+                    pinned: None,
                 };
                 st.procs.insert(
                     pid,
@@ -435,6 +436,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             let Some(p) = st.procs.get_mut(&pid) else { continue };
                             match serde_json::from_str::<Update>(&l) {
                                 Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
+                                Ok(Update::Pinned { reason }) => p.info.pinned = reason,
                                 Ok(Update::Remote { cpu_s, mem_bytes }) => {
                                     p.remote_cpu_s = cpu_s;
                                     p.info.mem_bytes = mem_bytes;
@@ -501,6 +503,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             migrations: 0,
                             locked: false,
                             last_error: None,
+                            pinned: None,
                         };
                         (*host_pid, info)
                     })
@@ -570,6 +573,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     }
                     (Some(p), Ok(_)) if p.info.locked => Reply::Error {
                         message: format!("process {pid} is locked to node {}", p.info.node),
+                    },
+                    (Some(p), Ok(_)) if p.info.pinned.is_some() => Reply::Error {
+                        message: format!(
+                            "process {pid} stays at home: {}",
+                            p.info.pinned.as_deref().unwrap_or_default()
+                        ),
                     },
                     (Some(p), Ok(_)) => {
                         p.info.state = "migrating".into();

@@ -351,3 +351,51 @@ fn nodes_shows_what_live_peers_say_of_themselves() {
     assert_eq!(pg["cpus"], 0);
     drop(b);
 }
+
+#[test]
+fn a_writable_shared_mapping_keeps_the_process_home_until_it_goes() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0];
+    Case::image("glibc-static", "sharedwait")
+        .stdin("unmap\nfinish\n")
+        .stdin_by_hand()
+        .socket(&home.sock)
+        .check_while(|run| {
+            let pid = run.pid();
+            let mut input = run.take_stdin();
+            wait_registered(&home.sock, pid);
+            let pinned = |want: bool| {
+                wait_for(
+                    &format!("process {pid} pinned: {want}"),
+                    Duration::from_secs(10),
+                    || proc_info(&home.sock, pid).is_some_and(|p| p["pinned"].is_string() == want),
+                )
+            };
+            pinned(true);
+            let listed = client(&home.sock, &["ps"]);
+            let line = String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .find(|l| l.contains(&pid.to_string()))
+                .map(str::to_string)
+                .unwrap_or_default();
+            assert!(line.contains(" home "), "ps shows the constraint: {line}");
+            // Paper section 4.2: a process with writable shared memory stays at home.
+            let m = migrate(&home.sock, pid, "b");
+            assert!(
+                !m.status.success(),
+                "migration of a pinned process succeeded"
+            );
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(
+                err.contains("stays at home") && err.contains("writable shared mapping"),
+                "{err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+            // Once the mapping is gone it may move, and finishes identical to native.
+            input.write_all(b"unmap\n").unwrap();
+            pinned(false);
+            tour(home, pid, &["b"], &mut |_| {});
+            input.write_all(b"finish\n").unwrap();
+        });
+}

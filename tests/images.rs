@@ -119,6 +119,11 @@ image_tests!(filemap, |c| c);
 // pieces.
 image_tests!(protect, |c| c);
 
+// SysV shared memory (two attachments, nattch, shmdt, RMID while attached), semaphores
+// (semop, semtimedop, SETVAL, SETALL/GETALL, IPC_STAT), message queues (typed, E2BIG,
+// MSG_NOERROR, ENOMSG) and POSIX named semaphores over /dev/shm.
+image_tests!(sysvipc, |c| c);
+
 /// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
 /// file) at the same point as natively.
 #[test]

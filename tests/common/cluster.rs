@@ -417,14 +417,16 @@ pub fn tour(home: &Node, pid: u32, stops: &[&str], between: &mut dyn FnMut(usize
             String::from_utf8_lossy(&m.stderr)
         );
         let t = Instant::now();
+        let mut last = serde_json::Value::Null;
         loop {
             let Some(p) = proc_info(&home.sock, pid) else {
                 panic!(
                     "process {pid} ended before it reached {to} (hop {} of {stops:?}): it \
-                     needs more work to outlast its moves",
+                     needs more work to outlast its moves; last ps entry: {last}",
                     hop + 1
                 );
             };
+            last = p.clone();
             if p["node"] == shown && moves(&p) == start + hop as u64 + 1 {
                 break;
             }

@@ -154,6 +154,10 @@ pub fn home_call(
         let res = match *kind {
             A::Out(_) => put(mem, args[i], &buf, ret, cap),
             A::OutElems(_, size) => put(mem, args[i], &buf, ret.saturating_mul(size as i64), cap),
+            // msgrcv's buffer: the mtype, then `ret` bytes of text.
+            A::SOut(_) if nr as i64 == libc::SYS_msgrcv => {
+                put(mem, args[i], &buf, ret.saturating_add(8), cap)
+            }
             A::MsgOut => match msg.as_ref() {
                 Some(d) => scatter_msg(mem, d, &buf),
                 None => Ok(()),

@@ -327,11 +327,15 @@ table! {
     SYS_rt_tgsigqueueinfo => Refused(ENOSYS), SYS_pidfd_send_signal => Refused(ENOSYS),
     // Not there yet: SysV IPC, POSIX message queues, asynchronous I/O, io_uring, batched
     // messages, vmsplice, key rings, extended scheduling attributes, statmount/listmount.
-    SYS_shmget => Refused(ENOSYS), SYS_shmat => Refused(ENOSYS), SYS_shmctl => Refused(ENOSYS),
-    SYS_shmdt => Refused(ENOSYS), SYS_semget => Refused(ENOSYS), SYS_semop => Refused(ENOSYS),
-    SYS_semctl => Refused(ENOSYS), SYS_semtimedop => Refused(ENOSYS),
-    SYS_msgget => Refused(ENOSYS), SYS_msgsnd => Refused(ENOSYS), SYS_msgrcv => Refused(ENOSYS),
-    SYS_msgctl => Refused(ENOSYS), SYS_mq_open => Refused(ENOSYS),
+    // SysV IPC lives at home: ids are the home host's; shmat maps the segment into the VMM's
+    // file window (the VMM and the deputy are one process at home). Struct and array shapes
+    // depend on the command and counts: see `spec`.
+    SYS_shmget => Home(&[V, V, V]), SYS_shmctl => Home(&[V, V, V]),
+    SYS_shmat => Local, SYS_shmdt => Local,
+    SYS_semget => Home(&[V, V, V]), SYS_semop => Home(&[V, V, V]),
+    SYS_semtimedop => Home(&[V, V, V, SIn(16)]), SYS_semctl => Home(&[V, V, V, V]),
+    SYS_msgget => Home(&[V, V]), SYS_msgsnd => Home(&[V, V, V, V]),
+    SYS_msgrcv => Home(&[V, V, V, V, V]), SYS_msgctl => Home(&[V, V, V]), SYS_mq_open => Refused(ENOSYS),
     SYS_mq_unlink => Refused(ENOSYS), SYS_mq_timedsend => Refused(ENOSYS),
     SYS_mq_timedreceive => Refused(ENOSYS), SYS_mq_notify => Refused(ENOSYS),
     SYS_mq_getsetattr => Refused(ENOSYS), SYS_io_setup => Refused(ENOSYS),
@@ -590,9 +594,69 @@ pub fn spec(nr: u64, args: &[u64; 6], base: &'static [A]) -> Result<[A; 6], i64>
     match nr as i64 {
         libc::SYS_ioctl => s[2] = ioctl_arg(args[1]).ok_or(libc::ENOTTY as i64)?,
         libc::SYS_fcntl => s[2] = fcntl_arg(args[1]).ok_or(libc::EINVAL as i64)?,
+        libc::SYS_shmctl | libc::SYS_semctl | libc::SYS_msgctl => {
+            let at = if nr as i64 == libc::SYS_semctl { 3 } else { 2 };
+            s[at] = ipc_ctl_arg(nr, args).ok_or(libc::EINVAL as i64)?;
+        }
+        libc::SYS_semop | libc::SYS_semtimedop => {
+            // struct sembuf is 6 bytes; more than the buffer a request carries is more than
+            // SEMOPM allows (E2BIG).
+            s[1] = SIn(sized(args[2].checked_mul(6)).ok_or(libc::E2BIG as i64)?);
+        }
+        // struct msgbuf: a long mtype, then the text. Messages are at most msgmax bytes
+        // (8 KiB by default); msgrcv's capacity is clamped by the VMM (`IPC_MSG_MAX`).
+        libc::SYS_msgsnd => {
+            s[1] = SIn(sized(args[2].checked_add(8)).ok_or(libc::EINVAL as i64)?);
+        }
+        libc::SYS_msgrcv => {
+            s[1] = SOut(sized(args[2].checked_add(8)).ok_or(libc::EINVAL as i64)?);
+        }
         _ => {}
     }
     Ok(s)
+}
+
+/// The largest message text a forwarded `msgrcv` asks for: a capacity above any message the
+/// host allows (`kernel.msgmax`, 8 KiB by default) changes nothing.
+pub const IPC_MSG_MAX: u64 = u16::MAX as u64 - 8;
+
+fn sized(n: Option<u64>) -> Option<u16> {
+    n.and_then(|n| u16::try_from(n).ok())
+}
+
+/// The shape of the `buf`/`arg` argument of `shmctl`, `semctl` and `msgctl` for the command
+/// in `args` (shmctl(2), semctl(2), msgctl(2)), or None for a command mosvm does not know
+/// (EINVAL, as Linux answers one). `semctl`'s GETALL/SETALL arrays have `args[4]` elements:
+/// the VMM puts the set's size there (the kernel ignores that argument) and the deputy
+/// checks it against the host's before the call.
+pub fn ipc_ctl_arg(nr: u64, args: &[u64; 6]) -> Option<A> {
+    let cmd = args[if nr as i64 == libc::SYS_semctl { 2 } else { 1 }] as i32;
+    let (stat, info) = match nr as i64 {
+        libc::SYS_shmctl => (112, if cmd == libc::IPC_INFO { 72 } else { 48 }),
+        libc::SYS_semctl => (104, 40),
+        _ => (120, 32),
+    };
+    Some(match (nr as i64, cmd) {
+        (_, libc::IPC_RMID) => V,
+        (_, libc::IPC_SET) => SIn(stat),
+        (_, libc::IPC_STAT) => SOut(stat),
+        (_, libc::IPC_INFO) => SOut(info),
+        // SHM_LOCK, SHM_UNLOCK; SHM_STAT, SHM_INFO, SHM_STAT_ANY.
+        (libc::SYS_shmctl, 11 | 12) => V,
+        (libc::SYS_shmctl, 13 | 15) => SOut(stat),
+        (libc::SYS_shmctl, 14) => SOut(info),
+        // GETPID, GETVAL, GETNCNT, GETZCNT, SETVAL; GETALL, SETALL; SEM_STAT, SEM_INFO,
+        // SEM_STAT_ANY.
+        (libc::SYS_semctl, 11 | 12 | 14 | 15 | 16) => V,
+        (libc::SYS_semctl, 13) => SOut(sized(args[4].checked_mul(2))?),
+        (libc::SYS_semctl, 17) => SIn(sized(args[4].checked_mul(2))?),
+        (libc::SYS_semctl, 18 | 20) => SOut(stat),
+        (libc::SYS_semctl, 19) => SOut(info),
+        // MSG_STAT, MSG_INFO, MSG_STAT_ANY.
+        (libc::SYS_msgctl, 11 | 13) => SOut(stat),
+        (libc::SYS_msgctl, 12) => SOut(info),
+        _ => return None,
+    })
 }
 
 /// Whether length argument `n` of `nr` is a C `int` in the kernel (readlink's `bufsiz`,
@@ -728,6 +792,20 @@ mod tests {
         assert_eq!(fcntl_arg(1035), Some(SOut(8)));
         assert_eq!(fcntl_arg(1036), Some(SIn(8)));
         assert_eq!(fcntl_arg(libc::F_SETFL as u64), Some(V));
+        let semctl = libc::SYS_semctl as u64;
+        assert_eq!(
+            ipc_ctl_arg(semctl, &[0, 0, libc::GETALL as u64, 0, 5, 0]),
+            Some(SOut(10))
+        );
+        assert_eq!(ipc_ctl_arg(semctl, &[0, 0, 999, 0, 0, 0]), None);
+        assert_eq!(
+            ipc_ctl_arg(libc::SYS_shmctl as u64, &[0, 14, 0, 0, 0, 0]),
+            Some(SOut(48))
+        );
+        assert_eq!(
+            spec(libc::SYS_semop as u64, &[0, 1, 20_000, 0, 0, 0], &[V, V, V]),
+            Err(libc::E2BIG as i64)
+        );
         assert_eq!(fcntl_arg(9999), None);
     }
 

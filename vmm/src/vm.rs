@@ -1096,7 +1096,25 @@ impl Vm {
 
     /// A home call: gathered from guest memory, run by the deputy, scattered back
     /// (`forward`).
-    fn forward(&mut self, nr: u64, args: [u64; 6], base: &'static [A]) -> Step {
+    fn forward(&mut self, nr: u64, mut args: [u64; 6], base: &'static [A]) -> Step {
+        match nr as i64 {
+            libc::SYS_msgrcv if (args[2] as i64) < 0 => return Step::Ret(-EINVAL),
+            libc::SYS_msgrcv => args[2] = args[2].min(table::IPC_MSG_MAX),
+            libc::SYS_semctl if matches!(args[2] as i32, libc::GETALL | libc::SETALL) => {
+                // The array holds as many values as the set has (see `table::ipc_ctl_arg`).
+                let r = self.call_deputy(
+                    libc::SYS_semctl,
+                    [args[0], 0, libc::IPC_STAT as u64, 1, 0, 0],
+                    vec![Slot::Out(104)],
+                );
+                if r.ret < 0 {
+                    return Step::Ret(r.ret);
+                }
+                let ds = r.outs.first().filter(|b| b.len() >= 88);
+                args[4] = ds.map_or(0, |b| u64::from_le_bytes(b[80..88].try_into().expect("8")));
+            }
+            _ => {}
+        }
         // The guest's own /proc files describe the guest (vm/procfs.rs).
         let (path, flags) = match nr as i64 {
             libc::SYS_open => (args[0], args[1]),
@@ -1167,6 +1185,10 @@ impl Vm {
             libc::SYS_brk => ok(self.space.set_brk(a[0]) as i64),
             libc::SYS_mmap => self.mmap(a).map(|v| Step::Ret(v as i64)),
             libc::SYS_munmap => self.space.munmap(a[0], a[1]).map(|_| Step::Ret(0)),
+            libc::SYS_shmat => self
+                .shmat(a[0] as i32, a[1], a[2] as i32)
+                .map(|v| Step::Ret(v as i64)),
+            libc::SYS_shmdt => self.shmdt(a[0]).map(|_| Step::Ret(0)),
             libc::SYS_mprotect => self
                 .space
                 .mprotect(a[0], a[1], a[2] as u32 & 7)
@@ -1762,6 +1784,84 @@ impl Vm {
         Ok(start)
     }
 
+    /// shmat(2): attach SysV segment `id` at home, through the file window (the segment's
+    /// pages are the host's, shared with every process attached to it). Linux's checks: an
+    /// unaligned `addr` without SHM_RND is EINVAL, so is one over a mapping without
+    /// SHM_REMAP; the host checks the id and the permissions (EINVAL, EIDRM, EACCES).
+    /// Away from home the segment is not here: EINVAL, with a note.
+    fn shmat(&mut self, id: i32, addr: u64, flags: i32) -> Result<u64, i64> {
+        const SHMLBA: u64 = PAGE;
+        if !self.deputy.is_local() {
+            if self.warned.insert(libc::SYS_shmat as u64) {
+                eprintln!(
+                    "mosvm: {}: SysV shared memory is attached at home only (paper section 4.2)",
+                    self.program.display()
+                );
+            }
+            return Err(EINVAL);
+        }
+        let mut ds: libc::shmid_ds = zeroed_shmid_ds();
+        // SAFETY: IPC_STAT writes one `struct shmid_ds` into `ds`.
+        if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } != 0 {
+            return Err(last_errno());
+        }
+        let len = page_up(ds.shm_segsz as u64);
+        let addr = if flags & libc::SHM_RND != 0 {
+            addr & !(SHMLBA - 1)
+        } else if addr & (SHMLBA - 1) != 0 {
+            return Err(EINVAL);
+        } else {
+            addr
+        };
+        let start = if addr == 0 {
+            self.space.pick(0, len, false, false)?
+        } else {
+            if flags & libc::SHM_REMAP == 0 && self.space.overlaps(addr, addr.saturating_add(len)) {
+                return Err(EINVAL);
+            }
+            self.space
+                .pick(addr, len, true, false)
+                .map_err(|_| EINVAL)?
+        };
+        let readonly = flags & libc::SHM_RDONLY != 0;
+        let prot = if readonly { 1 } else { 3 } | if flags & libc::SHM_EXEC != 0 { 4 } else { 0 };
+        let gpa = self.space.mem.window()?.attach_shm(id, len, readonly)?;
+        let file = crate::mm::MapFile {
+            path: format!("/SYSV{:08x} (deleted)", ds.shm_perm.__key as u32),
+            off: 0,
+            dev: 0,
+            ino: id as u64,
+        };
+        if let Err(e) = self
+            .space
+            .insert_window(start, len, prot, VmaKind::Shm, gpa, Some(file))
+        {
+            if let Ok(w) = self.space.mem.window() {
+                w.release(gpa, len);
+            }
+            return Err(e);
+        }
+        Ok(start)
+    }
+
+    /// shmdt(2): `addr` must be where a segment was attached (EINVAL otherwise); every part
+    /// of that attachment goes.
+    fn shmdt(&mut self, addr: u64) -> Result<(), i64> {
+        let (start, v) = self.space.vma_at(addr).ok_or(EINVAL)?;
+        if start != addr || v.kind != VmaKind::Shm {
+            return Err(EINVAL);
+        }
+        let gpa = v.window_at(start, addr).ok_or(EINVAL)?;
+        let (w0, n) = self
+            .space
+            .mem
+            .window_ref()
+            .and_then(|w| w.extent(gpa))
+            .ok_or(EINVAL)?;
+        let end = addr + (w0 + n - gpa);
+        self.space.munmap(addr, end - addr)
+    }
+
     fn arch_prctl(&mut self, code: u64, addr: u64) -> Result<Step, i64> {
         const SET_GS: u64 = 0x1001;
         const SET_FS: u64 = 0x1002;
@@ -2009,6 +2109,19 @@ fn getrandom(buf: &mut [u8]) {
         }
         done += r as usize;
     }
+}
+
+/// A zeroed `shmid_ds` for IPC_STAT to fill.
+fn zeroed_shmid_ds() -> libc::shmid_ds {
+    // SAFETY: shmid_ds is a plain C struct of integers, for which all-zero bytes are valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// The calling thread's errno.
+fn last_errno() -> i64 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO) as i64
 }
 
 /// "SIGSEGV" for 11, and so on.

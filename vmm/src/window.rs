@@ -200,7 +200,7 @@ impl Window {
     }
 
     /// Give back `[gpa, gpa+len)` (page aligned, part of what was mapped): the host mapping
-    /// goes (`shmdt` for a whole SysV segment), the placeholder comes back.
+    /// goes (a SysV attachment is detached), the placeholder comes back.
     pub fn release(&mut self, gpa: u64, len: u64) {
         let Some(off) = gpa.checked_sub(WINDOW_BASE) else {
             return;
@@ -215,11 +215,8 @@ impl Window {
         for (s, n, k) in hit {
             self.used.remove(&s);
             let (lo, hi) = (s.max(off), (s + n).min(off + len));
-            if k == Sharing::SysV && (lo, hi) == (s, s + n) {
-                // SAFETY: `s` is where this segment was attached; detaching touches no Rust
-                // reference.
-                unsafe { libc::shmdt(self.at(s)) };
-            }
+            // Replacing a SysV attachment's pages detaches them (the host's shm_nattch
+            // counts mappings, as for a process that munmaps part of a segment).
             self.placeholder(lo, hi - lo);
             self.give_back(lo, hi - lo);
             if s < lo {
@@ -229,6 +226,13 @@ impl Window {
                 self.used.insert(hi, (s + n - hi, k));
             }
         }
+    }
+
+    /// The range in use that holds guest physical `gpa`: (its start, its length).
+    pub fn extent(&self, gpa: u64) -> Option<(u64, u64)> {
+        let off = gpa.checked_sub(WINDOW_BASE)?;
+        let (s, (n, _)) = self.used.range(..=off).next_back()?;
+        (off < s + n).then_some((WINDOW_BASE + s, *n))
     }
 
     /// Host `mprotect` of a window range (the guest's `mprotect` of a shared mapping: EACCES
@@ -344,15 +348,8 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        for (s, (n, k)) in std::mem::take(&mut self.used) {
-            if k == Sharing::SysV {
-                // SAFETY: detaching a segment attached at `s`; the window is going away.
-                unsafe { libc::shmdt(self.at(s)) };
-            }
-            let _ = n;
-        }
         // SAFETY: the reservation is ours and nothing refers to it once the window (and the
-        // VM, dropped before guest memory) is gone.
+        // VM, dropped before guest memory) is gone; unmapping it also detaches SysV segments.
         unsafe { libc::munmap(self.host as *mut libc::c_void, WINDOW_SIZE as usize) };
     }
 }

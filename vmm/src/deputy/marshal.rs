@@ -688,6 +688,37 @@ impl Call {
         Ok(())
     }
 
+    /// semctl's GETALL and SETALL take as many `unsigned short`s as the set has, whatever the
+    /// request says: the set's size (from the host) must fit the array buffer this call owns.
+    fn check_sem_array(&self, a: &[u64; 6]) -> Result<(), i64> {
+        if self.nr as i64 != libc::SYS_semctl || !matches!(a[2] as i32, libc::GETALL | libc::SETALL)
+        {
+            return Ok(());
+        }
+        let Some(buf) = self.bufs[3]
+            .as_ref()
+            .filter(|_| !self.fault[3] && a[3] != 0)
+        else {
+            // NULL or the guard region: the kernel faults on it (the guard is far larger than
+            // any set).
+            return Ok(());
+        };
+        let mut ds = [0u8; 104];
+        // SAFETY: IPC_STAT writes one `struct semid_ds` (104 bytes on x86-64) into `ds`.
+        let r =
+            unsafe { libc::syscall(libc::SYS_semctl, a[0], 0, libc::IPC_STAT, ds.as_mut_ptr()) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO) as i64);
+        }
+        let nsems = u64::from_le_bytes(ds[80..88].try_into().expect("8 bytes"));
+        if nsems.saturating_mul(2) > buf.len() as u64 {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
     /// Run the call against the host: the raw return value, or -errno.
     pub fn run(&mut self) -> i64 {
         let mut a = self.host_args();
@@ -699,6 +730,9 @@ impl Call {
             }
         }
         debug_assert_eq!(self.verify(&a), Ok(()));
+        if let Err(e) = self.check_sem_array(&a) {
+            return -e;
+        }
         let bounce = self.direct_bounce(&mut a);
         let nr = self.nr as libc::c_long;
         // SAFETY: `verify` holds for `a`: every pointer argument points into a buffer this

@@ -35,7 +35,11 @@ fn arg() -> impl Strategy<Value = u64> {
             0x8910,
             5,
             7,
-            36
+            36,
+            // IPC_STAT, GETALL, SETALL.
+            2,
+            13,
+            17
         ]),
     ]
 }
@@ -162,4 +166,26 @@ fn a_verify_catches_a_length_past_its_buffer() {
     assert_eq!(c.verify(&a), Ok(()));
     a[2] = 6;
     assert!(c.verify(&a).is_err());
+}
+
+#[test]
+fn a_semaphore_array_must_hold_the_whole_set() {
+    // SAFETY: plain SysV calls on a private set this test owns.
+    let id = unsafe { libc::semget(libc::IPC_PRIVATE, 3, libc::IPC_CREAT | 0o600) };
+    assert!(id >= 0);
+    let getall = |claimed: u64| {
+        let req = Request {
+            nr: libc::SYS_semctl as u64,
+            args: [id as u64, 0, libc::GETALL as u64, 1, claimed, 0],
+            slots: vec![Slot::Out(2 * claimed as usize)],
+        };
+        let mut c = Call::prepare(req, &[A::V, A::V, A::V, A::V], &Fake).unwrap();
+        let r = c.run();
+        (r, c.bufs[3].as_ref().map_or(0, Vec::len))
+    };
+    // A request claiming one semaphore cannot make the kernel write three.
+    assert_eq!(getall(1), (-(libc::EINVAL as i64), 2));
+    assert_eq!(getall(3), (0, 6));
+    // SAFETY: removes the set made above.
+    unsafe { libc::semctl(id, 0, libc::IPC_RMID) };
 }

@@ -88,6 +88,11 @@ pub trait Deputy {
         let _ = fd;
         None
     }
+
+    /// Whether the deputy runs in this process (the guest is at home).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -658,6 +663,10 @@ impl Drop for HostDeputy {
 impl Deputy for HostDeputy {
     fn local_fd(&self, fd: u64) -> Option<i32> {
         self.host_fd(fd).ok()
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 
     fn pread_into(&mut self, fd: u64, off: u64, dst: &mut [u8]) -> i64 {
