@@ -213,6 +213,11 @@ fn eio() -> Reply {
 }
 
 impl Deputy for RemoteDeputy {
+    fn request_home(&mut self) -> bool {
+        (self.router.on_command)(Message::MigrateBack);
+        true
+    }
+
     fn call(&mut self, req: Request) -> Reply {
         if (self.router.must_move)() {
             // The guest is moving: the call is made again once it has.

@@ -399,3 +399,31 @@ fn a_writable_shared_mapping_keeps_the_process_home_until_it_goes() {
             input.write_all(b"finish\n").unwrap();
         });
 }
+
+#[test]
+fn a_process_away_comes_home_for_a_writable_shared_mapping() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0];
+    Case::image("glibc-static", "latershared")
+        .stdin("go\n")
+        .stdin_by_hand()
+        .socket(&home.sock)
+        .check_while(|run| {
+            let pid = run.pid();
+            let mut input = run.take_stdin();
+            wait_registered(&home.sock, pid);
+            tour(home, pid, &["b"], &mut |_| {});
+            // Now it asks for a writable shared mapping and a SysV segment: it is brought
+            // home for them, and finishes there.
+            input.write_all(b"go\n").unwrap();
+            wait_for(
+                &format!("process {pid} back home"),
+                Duration::from_secs(20),
+                || {
+                    proc_info(&home.sock, pid)
+                        .is_none_or(|p| p["node"] == home.name.as_str() && p["migrations"] == 2)
+                },
+            );
+        });
+}

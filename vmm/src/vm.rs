@@ -261,6 +261,8 @@ pub struct Vm {
     warned: std::collections::HashSet<u64>,
     /// The address of the last page fault the VMM fixed since the last system call.
     last_fault: Option<u64>,
+    /// Since when a call that runs only at home has waited for the process to get there.
+    home_wait: Option<Instant>,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
@@ -651,6 +653,7 @@ impl Vm {
             vmm_returns: None,
             warned: Default::default(),
             last_fault: None,
+            home_wait: None,
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -941,6 +944,7 @@ impl Vm {
             vmm_returns: v.vmm_returns,
             warned: Default::default(),
             last_fault: None,
+            home_wait: None,
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -1679,11 +1683,9 @@ impl Vm {
                 return self.mmap_file(addr, len, prot, shared, fixed, noreplace, host, off, stat);
             }
             if shared && prot & 2 != 0 {
-                // Away from home the file is not here to share pages with.
-                if self.opts.trace {
-                    eprintln!("[mosvm] writable MAP_SHARED file mapping away from home (ENODEV)");
-                }
-                return Err(ENODEV);
+                // Away from home the file is not here to share pages with: the call waits
+                // until the process is home again (paper section 4.2).
+                self.wait_for_home("a writable shared file mapping")?;
             }
         }
         let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
@@ -1784,21 +1786,44 @@ impl Vm {
         Ok(start)
     }
 
+    /// A call that can only run at home, made away from home: ask to be brought home and
+    /// have the guest issue the call again (ERESTART) until it is. ENODEV if the process
+    /// cannot get home (nothing to ask, or no move home within `HOME_WAIT`).
+    fn wait_for_home(&mut self, what: &str) -> Result<(), i64> {
+        const HOME_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        match self.home_wait {
+            None => {
+                if !self.deputy.request_home() {
+                    return Err(ENODEV);
+                }
+                if self.opts.trace {
+                    eprintln!("[mosvm] {what} needs home: moving the process home first");
+                }
+                self.home_wait = Some(Instant::now());
+            }
+            Some(t) if t.elapsed() > HOME_WAIT => {
+                self.home_wait = None;
+                eprintln!(
+                    "mosvm: {}: {what} is made at home only, and the process could not get home",
+                    self.program.display()
+                );
+                return Err(ENODEV);
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        Err(ERESTART)
+    }
+
     /// shmat(2): attach SysV segment `id` at home, through the file window (the segment's
     /// pages are the host's, shared with every process attached to it). Linux's checks: an
     /// unaligned `addr` without SHM_RND is EINVAL, so is one over a mapping without
     /// SHM_REMAP; the host checks the id and the permissions (EINVAL, EIDRM, EACCES).
-    /// Away from home the segment is not here: EINVAL, with a note.
+    /// Away from home the call waits until the process is home (`wait_for_home`).
     fn shmat(&mut self, id: i32, addr: u64, flags: i32) -> Result<u64, i64> {
         const SHMLBA: u64 = PAGE;
         if !self.deputy.is_local() {
-            if self.warned.insert(libc::SYS_shmat as u64) {
-                eprintln!(
-                    "mosvm: {}: SysV shared memory is attached at home only (paper section 4.2)",
-                    self.program.display()
-                );
-            }
-            return Err(EINVAL);
+            self.wait_for_home("SysV shared memory")?;
         }
         let mut ds: libc::shmid_ds = zeroed_shmid_ds();
         // SAFETY: IPC_STAT writes one `struct shmid_ds` into `ds`.

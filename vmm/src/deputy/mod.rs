@@ -93,6 +93,13 @@ pub trait Deputy {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// Away from home: ask for the guest to be brought home (a call that can only run there,
+    /// such as making a writable shared mapping, waits for it). False when nothing can bring
+    /// it (at home, or no node to ask).
+    fn request_home(&mut self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
