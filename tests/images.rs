@@ -124,6 +124,20 @@ image_tests!(protect, |c| c);
 // MSG_NOERROR, ENOMSG) and POSIX named semaphores over /dev/shm.
 image_tests!(sysvipc, |c| c);
 
+/// Thousands of protection flips in 16 MiB of guest memory: taking rights away copies page
+/// tables into fresh frames, and when those run out the tables are rebuilt from free ones
+/// (after KVM drops its cached translations); contents and mappings survive.
+#[test]
+fn protection_flips_outlast_guest_memory() {
+    require_kvm!();
+    for v in VARIANTS {
+        Case::image(v, "protect")
+            .mosvm_flag("--mem")
+            .mosvm_flag("16M")
+            .check();
+    }
+}
+
 /// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
 /// file) at the same point as natively.
 #[test]

@@ -109,6 +109,9 @@ pub struct GuestMem {
     /// Data frames given back by `unmap` (and retired page-table frames), zero, to hand out
     /// again as data. Never as page tables: see [`GuestMem::set_entry`].
     free: Vec<u64>,
+    /// Free frames no page table has used since the MMU last dropped every cached
+    /// translation ([`GuestMem::reset_tables`], or a new VM): they may become page tables.
+    clean: Vec<u64>,
     /// Page-table frames made since the guest last ran: no MMU has seen them, so they may be
     /// changed in place in any way.
     fresh: std::collections::HashSet<u64>,
@@ -170,6 +173,7 @@ impl GuestMem {
             vm: None,
             window: None,
             free: Vec::new(),
+            clean: Vec::new(),
             fresh: Default::default(),
             new_root: false,
         };
@@ -236,13 +240,13 @@ impl GuestMem {
 
     /// Frames still available.
     pub fn free_frames(&self) -> u64 {
-        (self.size - self.next_frame) / PAGE + self.free.len() as u64
+        (self.size - self.next_frame) / PAGE + (self.free.len() + self.clean.len()) as u64
     }
 
     /// The frames below `used` that hold nothing and wait to be handed out again (a migration
     /// carries them so the destination reuses them too).
-    pub fn free_list(&self) -> &[u64] {
-        &self.free
+    pub fn free_list(&self) -> Vec<u64> {
+        [&self.free[..], &self.clean[..]].concat()
     }
 
     /// Mark a guest physical range dirty in the VMM's own bitmap.
@@ -392,7 +396,9 @@ impl GuestMem {
         if used > self.size || pml4 >= used || free.iter().any(|f| *f >= used || f % PAGE != 0) {
             return Err(NoMem);
         }
-        self.free = free;
+        // A new VM's MMU has cached nothing: every free frame may become a page table.
+        self.clean = free;
+        self.free.clear();
         while self.registered < used {
             self.grow()?;
         }
@@ -442,14 +448,17 @@ impl GuestMem {
     /// A frame for a page table: always one no page table has ever used, so no MMU holds a
     /// translation cached from it (see [`GuestMem::set_entry`]).
     fn alloc_table(&mut self) -> Result<u64, NoMem> {
-        let t = self.bump()?;
+        let t = match self.clean.pop() {
+            Some(t) => t,
+            None => self.bump()?,
+        };
         self.fresh.insert(t);
         Ok(t)
     }
 
     /// A zero frame for data.
     fn alloc_data(&mut self) -> Result<u64, NoMem> {
-        match self.free.pop() {
+        match self.free.pop().or_else(|| self.clean.pop()) {
             Some(f) => Ok(f),
             None => self.bump(),
         }
@@ -549,6 +558,15 @@ impl GuestMem {
     /// Make every table on the path to `va`'s leaf entry fresh (copying the ones an MMU may
     /// have seen) and return the address of the leaf entry in the fresh leaf table.
     fn private_path(&mut self, va: u64) -> Result<u64, NoMem> {
+        // Copies consume frames no page table used before; when those run short while many
+        // frames are free (a program that flips protections for ever), start afresh.
+        const RESERVE: u64 = 64;
+        if (self.clean.len() as u64) < 4
+            && (self.size - self.next_frame) / PAGE < RESERVE
+            && self.free.len() as u64 >= RESERVE / 2
+        {
+            self.reset_tables()?;
+        }
         if !self.fresh.contains(&self.pml4) {
             let copy = self.copy_table(self.pml4)?;
             self.retire(self.pml4);
@@ -582,6 +600,78 @@ impl GuestMem {
         copy_out(&self.mem, from, &mut page);
         copy_in(&self.mem, to, &page);
         Ok(to)
+    }
+
+    /// Make every free frame usable as a page table again: have KVM drop every translation
+    /// it cached from guest page tables (re-registering each RAM slot does that; its dirty
+    /// log is kept in the VMM's bitmap first), then rebuild the whole tree from clean frames
+    /// with the same entries. The vCPU loads the new root before it runs again.
+    fn reset_tables(&mut self) -> Result<(), NoMem> {
+        if let Some(vm) = self.vm.clone() {
+            let layout = self.layout();
+            for (i, &(base, size)) in layout.slots.iter().enumerate() {
+                if layout.log_dirty {
+                    if let Ok(log) = vm.get_dirty_log(i as u32, size as usize) {
+                        for (w, word) in log.iter().enumerate() {
+                            let mut word = *word;
+                            while word != 0 {
+                                let b = word.trailing_zeros() as u64;
+                                word &= word - 1;
+                                self.mark_dirty(base + (w as u64 * 64 + b) * PAGE, PAGE);
+                            }
+                        }
+                    }
+                }
+                self.register(&vm, i as u32, base, 0, false)
+                    .and_then(|_| self.register(&vm, i as u32, base, size, layout.log_dirty))
+                    .map_err(|_| NoMem)?;
+            }
+        }
+        let mut leaves = Vec::new();
+        let mut tables = Vec::new();
+        self.collect(self.pml4, 3, 0, &mut leaves, &mut tables);
+        let mut clean = std::mem::take(&mut self.free);
+        for t in tables {
+            self.release(t);
+            clean.extend(self.free.pop());
+        }
+        clean.append(&mut self.clean);
+        self.clean = clean;
+        self.fresh.clear();
+        self.pml4 = self.alloc_table()?;
+        for (va, pte) in leaves {
+            let at = self.leaf(va, true)?.ok_or(NoMem)?;
+            self.write_u64(at, pte);
+        }
+        self.new_root = true;
+        Ok(())
+    }
+
+    /// Every leaf entry (address, entry) and every table frame under `table` (at `level`,
+    /// 3 = PML4) mapping addresses from `base`.
+    fn collect(
+        &self,
+        table: u64,
+        level: u32,
+        base: u64,
+        leaves: &mut Vec<(u64, u64)>,
+        tables: &mut Vec<u64>,
+    ) {
+        tables.push(table);
+        for i in 0..512u64 {
+            let e = self.read_u64(table + i * 8);
+            let mut va = base | (i << (12 + 9 * level));
+            if level == 3 && i >= 256 {
+                va |= 0xffff_0000_0000_0000;
+            }
+            if level == 0 {
+                if e != 0 {
+                    leaves.push((va, e));
+                }
+            } else if e & PTE_P != 0 {
+                self.collect(e & ADDR_MASK, level - 1, va, leaves, tables);
+            }
+        }
     }
 
     /// A page-table frame no longer in the tree: zero it and keep it for data.
@@ -1101,6 +1191,29 @@ mod tests {
         let (g1, _) = m.map_page(guest::STUB_VA, Access::UserReadOnly).unwrap();
         let pte_addr = m.leaf(guest::STUB_VA, false).unwrap().unwrap();
         assert_eq!(m.read_u64(pte_addr), g1 | PTE_HELD | PTE_P | PTE_US);
+    }
+
+    #[test]
+    fn endless_protection_flips_reuse_page_table_frames() {
+        // 1 MiB of guest memory; every flip to read-only copies up to four tables.
+        let mut m = GuestMem::new(1 << 20).unwrap();
+        let va = 0x4000_0000;
+        m.map_page(va, Access::User).unwrap();
+        m.write(va, b"kept").unwrap();
+        let far = 0x7fff_0000_0000;
+        m.map_page(far, Access::User).unwrap();
+        for i in 0..5000 {
+            m.protect(va, va + PAGE, Access::Prot(1))
+                .unwrap_or_else(|_| panic!("flip {i}: out of frames"));
+            m.take_new_root();
+            m.protect(va, va + PAGE, Access::Prot(3)).unwrap();
+        }
+        let mut b = [0u8; 4];
+        m.read(va, &mut b).unwrap();
+        assert_eq!(&b, b"kept");
+        assert!(m.is_mapped(far), "other mappings survive the rebuilds");
+        let at = m.leaf(va, false).unwrap().unwrap();
+        assert_eq!(m.read_u64(at) & (PTE_P | PTE_RW), PTE_P | PTE_RW);
     }
 
     #[test]

@@ -436,29 +436,49 @@ impl AddressSpace {
                 done.push((w, v.end - s, v.prot));
             }
         }
-        for (s, v) in parts {
-            let (ps, pe) = (s, v.end);
-            if prot != 0 && v.prot == 0 && v.window.is_none() {
-                // Newly accessible: map what is missing, keep what is there.
-                let mut p = ps;
-                while p < pe {
-                    self.mem
-                        .map_page(p, Access::Prot(prot))
-                        .map_err(|_| errno::ENOMEM)?;
-                    p += PAGE;
+        let mut rest = parts.into_iter();
+        while let Some((s, v)) = rest.next() {
+            // Out of guest memory part-way: what is done stays done (as with Linux's ENOMEM
+            // from mprotect), every area not reached keeps its old protection.
+            if let Err(e) = self.reprotect(s, v.end, v.prot, prot, v.window.is_some()) {
+                self.vmas.insert(s, v);
+                for (s, v) in rest {
+                    self.vmas.insert(s, v);
                 }
+                return Err(e);
             }
-            // The pages themselves enforce the new protection against the guest.
-            self.mem
-                .protect(ps, pe, Access::Prot(prot))
-                .map_err(|_| errno::ENOMEM)?;
             let shared = matches!(v.kind, VmaKind::Shared | VmaKind::Shm);
-            self.put(ps, Vma { prot, ..v });
+            self.put(s, Vma { prot, ..v });
             if shared {
                 self.note_sharing();
             }
         }
         Ok(())
+    }
+
+    /// Give the pages of `[start, end)`, whose area had protection `old`, protection `prot`.
+    fn reprotect(
+        &mut self,
+        start: u64,
+        end: u64,
+        old: u32,
+        prot: u32,
+        window: bool,
+    ) -> Result<(), i64> {
+        if prot != 0 && old == 0 && !window {
+            // Newly accessible: map what is missing, keep what is there.
+            let mut p = start;
+            while p < end {
+                self.mem
+                    .map_page(p, Access::Prot(prot))
+                    .map_err(|_| errno::ENOMEM)?;
+                p += PAGE;
+            }
+        }
+        // The pages themselves enforce the new protection against the guest.
+        self.mem
+            .protect(start, end, Access::Prot(prot))
+            .map_err(|_| errno::ENOMEM)
     }
 
     /// Whether every byte of `[start, end)` lies in some VMA (Linux's ENOMEM test for msync,

@@ -829,7 +829,7 @@ impl Vm {
             stats: self.opts.stats,
             used: self.space.mem.used(),
             pml4: self.space.mem.cr3(),
-            free_frames: self.space.mem.free_list().to_vec(),
+            free_frames: self.space.mem.free_list(),
             vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
             brk_start: self.space.brk_start,
             brk: self.space.brk,
