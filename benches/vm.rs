@@ -151,7 +151,46 @@ fn main() {
         g * 1e3 - (c + l + r) / 1e3
     );
 
-    // 4. python3 -c pass.
+    // 4. Memory-map operations: per operation, guest vs native.
+    let mb = image("glibc-static", "mapbench");
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("memory maps (glibc-static mapbench), per operation");
+    for (mode, n, what) in [
+        (
+            "flip",
+            2000,
+            "mprotect RW->R->RW of a touched page (a revoke and a grant)",
+        ),
+        ("anon", 200, "mmap 1 MiB + touch 256 pages + munmap"),
+        (
+            "file",
+            200,
+            "mmap a 1 MiB file shared + read 256 pages + munmap",
+        ),
+    ] {
+        let cmd = |under: bool, count: usize| {
+            let mut c = if under {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg(&mb);
+                c
+            } else {
+                Command::new(&mb)
+            };
+            c.args([mode, &count.to_string()]).current_dir(dir.path());
+            c
+        };
+        // The same program doing no operation: what remains is the operations' cost.
+        let (n1, g1) = paired(5, &|| cmd(false, n), &|| cmd(true, n));
+        let (n0, g0) = paired(5, &|| cmd(false, 0), &|| cmd(true, 0));
+        let (per_n, per_g) = ((n1 - n0) / n as f64 * 1e6, (g1 - g0) / n as f64 * 1e6);
+        println!(
+            "  {what}: native {per_n:.1} us, mosvm {per_g:.1} us, ratio = {:.1}",
+            per_g / per_n
+        );
+    }
+    println!();
+
+    // 5. python3 -c pass.
     let py = Path::new("/usr/bin/python3");
     if py.exists() {
         let (n, g) = paired(

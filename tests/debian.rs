@@ -388,3 +388,133 @@ fn python_exception_exit_status() {
         .expect_status(Some(1))
         .check();
 }
+
+const PY_MMAP: &str = r#"
+import mmap, os
+with open("m.bin", "w+b") as f:
+    f.write(b"x" * 8192)
+    f.flush()
+    m = mmap.mmap(f.fileno(), 8192)
+    m[0:5] = b"hello"
+    m.flush()
+    print(open("m.bin", "rb").read(6))
+    f.seek(8000); f.write(b"via write"); f.flush()
+    print(m[8000:8009], m.find(b"via"))
+    m.resize(12288)
+    m[12000:12004] = b"tail"
+    print(os.path.getsize("m.bin"), open("m.bin", "rb").read()[12000:12004])
+    ro = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cp = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    cp[0:5] = b"COPY!"
+    print(ro[0:5], cp[0:5], open("m.bin", "rb").read(5))
+    try:
+        ro[0:1] = b"z"
+    except TypeError as e:
+        print("read-only:", e)
+    m.close(); ro.close(); cp.close()
+anon = mmap.mmap(-1, 1 << 20)
+anon.write(b"anonymous")
+print(anon[:9], len(anon))
+"#;
+
+/// Python's mmap module over a file: shared stores reach the file, write() is seen through
+/// the mapping, resize, ACCESS_READ and ACCESS_COPY, and an anonymous map.
+#[test]
+fn python_mmap_module() {
+    require_kvm!();
+    Case::new(PYTHON)
+        .args(["-c", PY_MMAP])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .check();
+}
+
+const PY_WAL: &str = r#"
+import sqlite3
+a = sqlite3.connect("w.db")
+print(a.execute("pragma journal_mode=wal").fetchone())
+a.execute("create table t(k integer primary key, v text)")
+a.commit()
+b = sqlite3.connect("w.db")
+for i in range(300):
+    a.execute("insert into t(v) values (?)", ("row%d" % i,))
+    if i % 50 == 49:
+        a.commit()
+        print("reader sees", b.execute("select count(*) from t").fetchone()[0])
+b.execute("begin")
+print("snapshot", b.execute("select count(*) from t").fetchone()[0])
+a.execute("insert into t(v) values ('late')"); a.commit()
+print("snapshot still", b.execute("select count(*) from t").fetchone()[0])
+b.execute("commit")
+print("after", b.execute("select count(*) from t").fetchone()[0])
+print(a.execute("pragma wal_checkpoint(truncate)").fetchone())
+b.close(); a.close()
+"#;
+
+/// SQLite in WAL mode (its -shm file is a writable shared mapping): a second connection
+/// reads while the first writes, keeps its snapshot inside a transaction, and the database
+/// left behind is byte-identical to native.
+#[test]
+fn python_sqlite_wal_two_connections() {
+    require_kvm!();
+    Case::new(PYTHON)
+        .args(["-c", PY_WAL])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .check();
+}
+
+/// The sqlite3 shell under mosvm writes a WAL-mode database while a native sqlite3 reads it
+/// over and over: both share the -shm index through the host's page cache, every count the
+/// reader sees is a committed one, and it never sees a damaged database.
+#[test]
+fn sqlite3_wal_writer_beside_a_native_reader() {
+    require_kvm!();
+    let sqlite = "/usr/bin/sqlite3";
+    assert!(
+        std::path::Path::new(sqlite).exists(),
+        "{sqlite} is missing (apt-get install sqlite3; .ci/run installs it)"
+    );
+    let mut script =
+        String::from("pragma journal_mode=wal;\ncreate table t(k integer primary key, v text);\n");
+    for batch in 0..200 {
+        script += "begin;\n";
+        for i in 0..50 {
+            script += &format!("insert into t(v) values ('b{batch} r{i}');\n");
+        }
+        script += "commit;\n";
+    }
+    script += "select count(*) from t;\n";
+    Case::new(sqlite)
+        .arg("w.db")
+        .stdin(script)
+        .check_while(|run| {
+            let db = run.dir().join("w.db");
+            let t = std::time::Instant::now();
+            let mut seen = Vec::new();
+            while matches!(run.child.try_wait(), Ok(None))
+                && t.elapsed() < std::time::Duration::from_secs(60)
+            {
+                if db.exists() {
+                    let out = std::process::Command::new(sqlite)
+                        .arg(&db)
+                        .arg("select count(*) from t;")
+                        .output()
+                        .expect("run sqlite3");
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(
+                        !err.contains("malformed") && !err.contains("disk I/O"),
+                        "the native reader saw: {err}"
+                    );
+                    if let Ok(n) = String::from_utf8_lossy(&out.stdout).trim().parse::<u64>() {
+                        assert_eq!(n % 50, 0, "a count inside a transaction: {n}");
+                        seen.push(n);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert!(
+                seen.windows(2).all(|w| w[0] <= w[1]),
+                "counts went backwards: {seen:?}"
+            );
+            eprintln!("the native reader saw {} counts: {seen:?}", seen.len());
+        });
+}
