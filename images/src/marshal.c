@@ -412,8 +412,51 @@ static void paths(void) {
     free(longp);
 }
 
+/* sendmmsg/recvmmsg: several datagrams in one call, msg_len filled in, MSG_WAITFORONE,
+ * a bad second header, nothing to read. */
+static void many_messages(void) {
+    int sv[2];
+    socketpair(AF_UNIX, SOCK_DGRAM, 0, sv);
+    char text[3][16] = {"one", "two two", "three three 3"};
+    struct iovec iov[3];
+    struct mmsghdr out[3];
+    memset(out, 0, sizeof out);
+    for (int i = 0; i < 3; i++) {
+        iov[i].iov_base = text[i];
+        iov[i].iov_len = strlen(text[i]);
+        out[i].msg_hdr.msg_iov = &iov[i];
+        out[i].msg_hdr.msg_iovlen = 1;
+    }
+    show("sendmmsg 3", sendmmsg(sv[0], out, 3, 0));
+    printf("msg_len %u %u %u\n", out[0].msg_len, out[1].msg_len, out[2].msg_len);
+    char in[4][32];
+    struct iovec iiov[4];
+    struct mmsghdr got[4];
+    memset(got, 0, sizeof got);
+    memset(in, 0, sizeof in);
+    for (int i = 0; i < 4; i++) {
+        iiov[i].iov_base = in[i];
+        iiov[i].iov_len = sizeof in[i];
+        got[i].msg_hdr.msg_iov = &iiov[i];
+        got[i].msg_hdr.msg_iovlen = 1;
+    }
+    show("recvmmsg 4 WAITFORONE", recvmmsg(sv[1], got, 4, MSG_WAITFORONE, NULL));
+    printf("got [%s] [%s] [%s] lens %u %u %u\n", in[0], in[1], in[2], got[0].msg_len,
+           got[1].msg_len, got[2].msg_len);
+    show("recvmmsg nothing DONTWAIT", recvmmsg(sv[1], got, 2, MSG_DONTWAIT, NULL));
+    out[1].msg_hdr.msg_iov = (struct iovec *)WILD;
+    show("sendmmsg bad second", sendmmsg(sv[0], out, 3, 0));
+    show("sendmmsg bad vector", sendmmsg(sv[0], (struct mmsghdr *)WILD, 2, 0));
+    show("recvmmsg one left", recvmmsg(sv[1], got, 4, MSG_DONTWAIT, NULL));
+    struct timespec bad = {0, 2000000000};
+    show("recvmmsg bad timeout", recvmmsg(sv[1], got, 1, 0, &bad));
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(int argc, char **argv) {
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 200;
+    many_messages();
     big_transfers(mib);
     selects();
     messages();

@@ -343,7 +343,8 @@ table! {
     SYS_io_submit => Refused(ENOSYS), SYS_io_cancel => Refused(ENOSYS),
     SYS_io_pgetevents(333) => Refused(ENOSYS), SYS_io_uring_setup => Refused(ENOSYS),
     SYS_io_uring_enter => Refused(ENOSYS), SYS_io_uring_register => Refused(ENOSYS),
-    SYS_sendmmsg => Refused(ENOSYS), SYS_recvmmsg => Refused(ENOSYS),
+    // One sendmsg/recvmsg home call per message (vm.rs `mmsg`).
+    SYS_sendmmsg => Local, SYS_recvmmsg => Local,
     SYS_vmsplice => Refused(ENOSYS), SYS_add_key => Refused(ENOSYS),
     SYS_request_key => Refused(ENOSYS), SYS_keyctl => Refused(ENOSYS),
     SYS_sched_setattr => Refused(ENOSYS), SYS_sched_getattr => Refused(ENOSYS),
