@@ -262,8 +262,9 @@ impl GuestMem {
         for (i, &(base, size)) in layout.slots.iter().enumerate() {
             self.register(&vm, i as u32, base, size, layout.log_dirty)?;
         }
-        if let Some(w) = &self.window {
-            register_window(&vm, w)?;
+        if let Some(w) = &mut self.window {
+            w.attach(vm.clone())
+                .map_err(|e| anyhow::anyhow!("registering the file window: errno {e}"))?;
         }
         self.vm = Some(vm);
         Ok(())
@@ -272,9 +273,9 @@ impl GuestMem {
     /// The file window, reserved and registered with KVM on first use.
     pub fn window(&mut self) -> Result<&mut Window, i64> {
         if self.window.is_none() {
-            let w = Window::new()?;
+            let mut w = Window::new()?;
             if let Some(vm) = &self.vm {
-                register_window(vm, &w).map_err(|_| libc::ENOMEM as i64)?;
+                w.attach(vm.clone())?;
             }
             self.window = Some(w);
         }
@@ -952,21 +953,6 @@ impl GuestMem {
     pub fn region_len(&self) -> u64 {
         self.mem.iter().map(|r| r.len()).sum()
     }
-}
-
-fn register_window(vm: &kvm_ioctls::VmFd, w: &Window) -> anyhow::Result<()> {
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: crate::window::WINDOW_SLOT,
-        flags: 0,
-        guest_phys_addr: crate::window::WINDOW_BASE,
-        memory_size: crate::window::WINDOW_SIZE,
-        userspace_addr: w.host() as u64,
-    };
-    // SAFETY: the window's reservation lives as long as guest memory, which outlives the VM
-    // (`GuestMem` releases its VM first); what is mapped in it changes under KVM's MMU
-    // notifier, as for any host memory.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| anyhow::anyhow!("KVM_SET_USER_MEMORY_REGION (file window): {e}"))
 }
 
 /// Copy `buf.len()` bytes at `gpa` out of guest memory with one memcpy (vm-memory's

@@ -23,8 +23,11 @@ use std::os::fd::RawFd;
 pub const WINDOW_BASE: u64 = 1 << 40;
 /// Bytes of guest physical address space the window spans.
 pub const WINDOW_SIZE: u64 = 1 << 37;
-/// KVM memory slot of the window (the RAM slots count up from 0).
+/// First KVM memory slot of the window (the RAM slots count up from 0). The window is
+/// registered in pieces as it is used, each as large as all before it (64 MiB first): a KVM
+/// slot's cost (time and the host memory for its page maps) grows with its size.
 pub const WINDOW_SLOT: u32 = 400;
+const FIRST_PIECE: u64 = 64 << 20;
 
 /// What kind of host mapping a window range holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,10 @@ pub enum Sharing {
 
 /// The host reservation and which parts of it are in use.
 pub struct Window {
+    /// Declared first: the VM lets go of the window's slots before the reservation goes.
+    vm: Option<std::sync::Arc<kvm_ioctls::VmFd>>,
+    /// Bytes from the window's start covered by KVM slots.
+    registered: u64,
     host: *mut u8,
     /// Free ranges: offset -> length.
     free: BTreeMap<u64, u64>,
@@ -74,15 +81,47 @@ impl Window {
             return Err(libc::ENOMEM as i64);
         }
         Ok(Window {
+            vm: None,
+            registered: 0,
             host: p as *mut u8,
             free: BTreeMap::from([(0, WINDOW_SIZE)]),
             used: BTreeMap::new(),
         })
     }
 
-    /// Host address of the window's start (for the KVM memory slot).
-    pub fn host(&self) -> *mut u8 {
-        self.host
+    /// Register the window with `vm`: what is in use now, and later pieces as they are
+    /// needed. Errors: the KVM ioctl's.
+    pub fn attach(&mut self, vm: std::sync::Arc<kvm_ioctls::VmFd>) -> Result<(), i64> {
+        let upto = self.registered;
+        self.registered = 0;
+        self.vm = Some(vm);
+        self.cover(upto)
+    }
+
+    /// Make sure KVM slots cover the window up to `end` bytes.
+    fn cover(&mut self, end: u64) -> Result<(), i64> {
+        while self.registered < end {
+            let size = self
+                .registered
+                .max(FIRST_PIECE)
+                .min(WINDOW_SIZE - self.registered);
+            let piece = (self.registered.max(FIRST_PIECE / 2) / (FIRST_PIECE / 2)).ilog2();
+            if let Some(vm) = &self.vm {
+                let region = kvm_bindings::kvm_userspace_memory_region {
+                    slot: WINDOW_SLOT + piece,
+                    flags: 0,
+                    guest_phys_addr: WINDOW_BASE + self.registered,
+                    memory_size: size,
+                    userspace_addr: self.host as u64 + self.registered,
+                };
+                // SAFETY: the range lies inside the reservation this window owns, which lives
+                // until after the VM has let go of it (field order above); what is mapped in
+                // it changes under KVM's MMU notifier, as for any host memory.
+                unsafe { vm.set_user_memory_region(region) }.map_err(|e| e.errno() as i64)?;
+            }
+            self.registered += size;
+        }
+        Ok(())
     }
 
     /// Whether a guest physical address lies in the window.
@@ -92,6 +131,9 @@ impl Window {
 
     fn take(&mut self, len: u64) -> Option<u64> {
         let (&off, &n) = self.free.iter().find(|(_, n)| **n >= len)?;
+        if self.cover(off + len).is_err() {
+            return None;
+        }
         self.free.remove(&off);
         if n > len {
             self.free.insert(off + len, n - len);
@@ -348,6 +390,8 @@ impl Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
+        // The VM (the last reference to it is usually this one) lets go of the slots first.
+        drop(self.vm.take());
         // SAFETY: the reservation is ours and nothing refers to it once the window (and the
         // VM, dropped before guest memory) is gone; unmapping it also detaches SysV segments.
         unsafe { libc::munmap(self.host as *mut libc::c_void, WINDOW_SIZE as usize) };
