@@ -446,7 +446,8 @@ static void many_messages(void) {
     show("recvmmsg nothing DONTWAIT", recvmmsg(sv[1], got, 2, MSG_DONTWAIT, NULL));
     out[1].msg_hdr.msg_iov = (struct iovec *)WILD;
     show("sendmmsg bad second", sendmmsg(sv[0], out, 3, 0));
-    show("sendmmsg bad vector", sendmmsg(sv[0], (struct mmsghdr *)WILD, 2, 0));
+    /* (A wild vector itself is not tried: musl reads each header in user space first.) */
+    show("sendmmsg bad vector", syscall(SYS_sendmmsg, sv[0], WILD, 2, 0));
     show("recvmmsg one left", recvmmsg(sv[1], got, 4, MSG_DONTWAIT, NULL));
     struct timespec bad = {0, 2000000000};
     show("recvmmsg bad timeout", recvmmsg(sv[1], got, 1, 0, &bad));

@@ -7,14 +7,21 @@ use crate::loader::{self, AuxFacts, LoadError};
 use crate::memory::{page_up, Fault, GuestMem, PAGE};
 use crate::mm::{AddressSpace, VmaKind};
 use crate::table::{self, Class, A};
-use crate::window::Sharing;
 use anyhow::{Context, Result};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::Ordering;
 
+mod mem;
+mod net;
+mod pause;
 mod procfs;
+mod time;
+
+pub use pause::{install_kick_handler, install_signal_handlers, pending_signal, PauseHandle};
+use pause::{GUEST_TID, IMMEDIATE_EXIT, THROTTLE_PERIOD};
 use std::time::Instant;
+use time::{host_mono_ns, shift_ts, timespec_bytes};
 
 /// How `mosvm run` was asked to run the program.
 #[derive(Debug, Clone)]
@@ -67,93 +74,6 @@ pub struct Stats {
     pub run_us: u64,
     /// Guest page faults resolved by mapping a page (demand paging).
     pub page_faults: u64,
-}
-
-/// Signal received by `mosvm run` (0 = none); set by the handler.
-static PENDING: AtomicI32 = AtomicI32::new(0);
-/// The running vCPU's `kvm_run.immediate_exit`, so the handler can kick KVM_RUN.
-static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The thread running the guest (its kernel tid), 0 while none does.
-static GUEST_TID: AtomicI32 = AtomicI32::new(0);
-/// Write end of the pipe that wakes the signal watchdog (-1 before it starts).
-static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    PENDING.store(sig, Ordering::SeqCst);
-    let w = WATCHDOG.load(Ordering::SeqCst);
-    if w >= 0 {
-        // SAFETY: write(2) of one byte from a local is async-signal-safe; the pipe stays open
-        // for the life of the process.
-        unsafe { libc::write(w, [1u8].as_ptr().cast(), 1) };
-    }
-    let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
-    if !p.is_null() {
-        // SAFETY: `p` points at the immediate_exit byte of the vCPU's kvm_run mapping, which
-        // stays mapped while it is published here (cleared before the vCPU is dropped); a
-        // volatile byte store is async-signal-safe.
-        unsafe { p.write_volatile(1) };
-    }
-}
-
-/// Once a signal has come, interrupt the guest's thread every 20 ms until the process ends: a
-/// signal delivered to another thread, or just before the guest's thread entered a blocking
-/// host call (a read of a pipe at home), would otherwise leave that call blocked.
-fn start_watchdog() {
-    let mut p = [0i32; 2];
-    // SAFETY: pipe2 fills the two descriptors it is given.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("mosvm-signals".into())
-        .spawn(move || {
-            let mut b = [0u8; 1];
-            // SAFETY: a blocking read of one byte into a local buffer.
-            while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 1) } < 0 {}
-            install_kick_handler();
-            loop {
-                let tid = GUEST_TID.load(Ordering::SeqCst);
-                if tid > 0 {
-                    // SAFETY: tgkill of a thread of this process with the kick signal, whose
-                    // handler does nothing: it only interrupts a blocking call.
-                    unsafe {
-                        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
-                    }
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-    if spawned.is_ok() {
-        WATCHDOG.store(p[1], Ordering::SeqCst);
-    }
-}
-
-/// Make SIGINT, SIGTERM and SIGHUP end the guest (status 128+N) instead of killing the VMM
-/// outright, and interrupt blocking host calls (no SA_RESTART).
-pub fn install_signal_handlers() {
-    if WATCHDOG.load(Ordering::SeqCst) < 0 {
-        start_watchdog();
-    }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-        // SAFETY: a zeroed sigaction with a valid handler and empty mask is a valid argument;
-        // the handler only does async-signal-safe atomic stores.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = 0;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-/// A signal to `mosvm run` that has not been acted on.
-pub fn pending_signal() -> Option<i32> {
-    match PENDING.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
-    }
 }
 
 const EPERM: i64 = 1;
@@ -275,176 +195,12 @@ pub struct Vm {
     pub stats: Stats,
 }
 
-/// Stops a running guest at its next exit, from any thread (to capture it for migration).
-#[derive(Clone, Default)]
-pub struct PauseHandle {
-    inner: std::sync::Arc<PauseInner>,
-}
-
-#[derive(Default)]
-struct PauseInner {
-    requested: std::sync::atomic::AtomicBool,
-    in_guest: std::sync::atomic::AtomicBool,
-    /// The run loop is running (on `thread`).
-    running: std::sync::atomic::AtomicBool,
-    immediate_exit: AtomicPtr<u8>,
-    thread: std::sync::atomic::AtomicU64,
-    /// The share of vCPU time taken away, per mille (0: none).
-    throttle: std::sync::atomic::AtomicU32,
-}
-
-/// Slice of time a throttled vCPU is stopped in: it is kicked out of the guest once a slice,
-/// and sleeps the throttled share of one.
-const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// A deputy's answer meaning "issue this syscall again" (Linux's internal ERESTARTSYS, which
 /// no program ever sees): the call was held back or cancelled because the guest is moving.
 pub const ERESTART: i64 = 512;
 
 /// Length of the `syscall` instruction (0f 05).
 const SYSCALL_INSN_LEN: u64 = 2;
-
-/// Signal used to kick a vCPU thread out of KVM_RUN.
-const KICK_SIGNAL: i32 = libc::SIGUSR2;
-
-extern "C" fn on_kick(_: libc::c_int) {}
-
-impl PauseHandle {
-    /// Ask the guest to stop. A syscall the deputy is running finishes first; guest code is
-    /// interrupted at once.
-    pub fn request(&self) {
-        let i = &self.inner;
-        i.requested.store(true, Ordering::SeqCst);
-        let p = i.immediate_exit.load(Ordering::SeqCst);
-        if !p.is_null() {
-            // SAFETY: `p` is the running vCPU's kvm_run.immediate_exit, published while the
-            // run loop runs and withdrawn before the vCPU can be dropped.
-            unsafe { p.write_volatile(1) };
-        }
-        // Keep kicking until the loop has stopped: a kick also interrupts a syscall blocked
-        // on the guest's behalf (which is then restarted after the move), and one sent just
-        // before the call blocked would be lost.
-        let me = self.clone();
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while me.requested()
-                && me.inner.running.load(Ordering::SeqCst)
-                && t0.elapsed() < std::time::Duration::from_secs(10)
-            {
-                let t = me.inner.thread.load(Ordering::SeqCst);
-                if t != 0 {
-                    // SAFETY: `t` is the pthread id of the thread inside the run loop (it
-                    // clears `running` before leaving); the kick signal's handler does
-                    // nothing, so its only effect is to interrupt KVM_RUN or a blocking call.
-                    unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        });
-    }
-
-    /// Interrupt a blocking call on `thread` (a pthread id) with the kick signal.
-    pub fn kick_thread(thread: u64) {
-        install_kick_handler();
-        // SAFETY: the caller passes the id of a live thread of this process; the kick
-        // signal's handler does nothing, so its only effect is to interrupt a blocking call.
-        unsafe { libc::pthread_kill(thread as libc::pthread_t, KICK_SIGNAL) };
-    }
-
-    /// Force the vCPU out of guest mode once (it re-enters at once). KVM may buffer a running
-    /// vCPU's dirty-page information until its next exit: kick before reading the dirty log.
-    pub fn kick(&self) {
-        let i = &self.inner;
-        if i.in_guest.load(Ordering::SeqCst) {
-            let t = i.thread.load(Ordering::SeqCst);
-            if t != 0 {
-                // SAFETY: as in `request`: the thread is inside the run loop and the kick
-                // signal's handler does nothing.
-                unsafe { libc::pthread_kill(t as libc::pthread_t, KICK_SIGNAL) };
-            }
-        }
-    }
-
-    /// Deliver a signal to the guest as if `mosvm run` had received it: the run loop ends the
-    /// guest with the signal's default action at once.
-    pub fn deliver(&self, sig: i32) {
-        on_signal(sig);
-        self.kick();
-    }
-
-    /// Slow the guest: take `fraction` (0 to 0.99) of its vCPU time away, until set back to
-    /// 0 (a migration whose link cannot keep up with the guest's writes).
-    pub fn throttle(&self, fraction: f64) {
-        let pm = (fraction.clamp(0.0, 0.99) * 1000.0) as u32;
-        let was = self.inner.throttle.swap(pm, Ordering::SeqCst);
-        if pm > 0 && was == 0 {
-            let me = self.clone();
-            std::thread::spawn(move || {
-                while me.inner.throttle.load(Ordering::SeqCst) > 0 {
-                    std::thread::sleep(THROTTLE_PERIOD);
-                    me.kick();
-                }
-            });
-        }
-    }
-
-    /// The throttled share of vCPU time, 0 to 0.99.
-    pub fn throttled(&self) -> f64 {
-        self.inner.throttle.load(Ordering::SeqCst) as f64 / 1000.0
-    }
-
-    /// Whether a pause was requested and not yet cleared.
-    pub fn requested(&self) -> bool {
-        self.inner.requested.load(Ordering::SeqCst)
-    }
-
-    /// Let the guest run again.
-    pub fn clear(&self) {
-        self.inner.requested.store(false, Ordering::SeqCst);
-    }
-}
-
-/// Install the (no-op) handler of the signal that kicks a thread out of KVM_RUN or a
-/// blocking call. Idempotent.
-pub fn install_kick_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction with a no-op handler and empty mask is valid.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut());
-        }
-    });
-}
-
-fn host_mono_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to fill in.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-}
-
-fn is_monotonic(clock: i32) -> bool {
-    matches!(
-        clock,
-        libc::CLOCK_MONOTONIC
-            | libc::CLOCK_MONOTONIC_RAW
-            | libc::CLOCK_MONOTONIC_COARSE
-            | libc::CLOCK_BOOTTIME
-    )
-}
-
-fn shift_ts(ts: &mut libc::timespec, ns: i64) {
-    let t = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128 + ns as i128;
-    let t = t.max(0);
-    ts.tv_sec = (t / 1_000_000_000) as i64;
-    ts.tv_nsec = (t % 1_000_000_000) as i64;
-}
 
 /// The VMM's side of a guest: everything besides guest memory and the vCPU.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -1581,69 +1337,6 @@ impl Vm {
         }
     }
 
-    /// madvise(2): an unaligned start, an unknown advice or a wrapping range is EINVAL; the
-    /// advice applies to the mapped parts and a range with holes is then ENOMEM. MADV_FREE is
-    /// for private anonymous memory only, MADV_REMOVE for shared mappings only (EINVAL).
-    fn madvise(&mut self, addr: u64, len: u64, advice: i32) -> Result<Step, i64> {
-        let known = (0..=25).contains(&advice) && !(5..=7).contains(&advice);
-        let end = addr.checked_add(page_up(len)).filter(|e| *e >= addr);
-        let Some(end) = end.filter(|_| known && addr & (PAGE - 1) == 0) else {
-            return Err(EINVAL);
-        };
-        if end == addr {
-            return Ok(Step::Ret(0));
-        }
-        let parts: Vec<(u64, u64, VmaKind, Option<u64>)> = self
-            .space
-            .vmas()
-            .filter(|(s, v)| *s < end && v.end > addr)
-            .map(|(s, v)| {
-                let lo = s.max(addr);
-                (lo, v.end.min(end), v.kind, v.window_at(s, lo))
-            })
-            .collect();
-        for &(_, _, kind, _) in &parts {
-            let shared = matches!(kind, VmaKind::Shared | VmaKind::Shm);
-            match advice {
-                libc::MADV_REMOVE if !shared => return Err(EINVAL),
-                libc::MADV_FREE if kind != VmaKind::Anon && kind != VmaKind::Heap => {
-                    return Err(EINVAL)
-                }
-                _ => {}
-            }
-        }
-        for &(s, e, _, window) in &parts {
-            match (advice, window) {
-                (libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE, Some(w)) => {
-                    // The host mapping does what Linux does: a private file page shows the
-                    // file again, a shared one stays the file's (MADV_REMOVE punches a hole).
-                    let win = self.space.mem.window()?;
-                    let a = if advice == libc::MADV_FREE {
-                        libc::MADV_DONTNEED
-                    } else {
-                        advice
-                    };
-                    win.advise(w, e - s, a)?;
-                }
-                (libc::MADV_DONTNEED | libc::MADV_FREE, None) => self.space.discard(s, e - s)?,
-                _ => {}
-            }
-        }
-        if !self.space.covered(addr, end) {
-            return Err(ENOMEM);
-        }
-        Ok(Step::Ret(0))
-    }
-
-    /// ENOMEM unless all of `[addr, addr+len)` is mapped; EINVAL when it wraps.
-    fn range_mapped(&self, addr: u64, len: u64) -> Result<(), i64> {
-        let end = addr.checked_add(page_up(len)).ok_or(EINVAL)?;
-        if len != 0 && !self.space.covered(addr, end) {
-            return Err(ENOMEM);
-        }
-        Ok(())
-    }
-
     fn host_struct(
         &mut self,
         va: u64,
@@ -1656,290 +1349,6 @@ impl Vm {
         }
         self.write_guest(va, &b)?;
         Ok(Step::Ret(0))
-    }
-
-    fn mmap(&mut self, a: [u64; 6]) -> Result<u64, i64> {
-        let (addr, len, prot, flags, fd, off) =
-            (a[0], a[1], a[2] as u32 & 7, a[3] as i32, a[4] as i32, a[5]);
-        let anon = flags & libc::MAP_ANONYMOUS != 0;
-        let shared = flags & libc::MAP_SHARED != 0 && flags & libc::MAP_PRIVATE == 0;
-        if off & (PAGE - 1) != 0 || len == 0 {
-            return Err(EINVAL);
-        }
-        let fixed = flags & libc::MAP_FIXED != 0;
-        let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
-        let kind = if anon { VmaKind::Anon } else { VmaKind::File };
-        if !anon {
-            // Check the descriptor before changing the address space.
-            let r = self.call_deputy(
-                libc::SYS_fstat,
-                [fd as u64, 0, 0, 0, 0, 0],
-                vec![Slot::Out(144)],
-            );
-            if r.ret < 0 {
-                return Err(-r.ret);
-            }
-            let stat = r.outs.into_iter().next();
-            if let Some(host) = self.deputy.local_fd(fd as u64) {
-                return self.mmap_file(addr, len, prot, shared, fixed, noreplace, host, off, stat);
-            }
-            if shared && prot & 2 != 0 {
-                // Away from home the file is not here to share pages with: the call waits
-                // until the process is home again (paper section 4.2).
-                self.wait_for_home("a writable shared file mapping")?;
-            }
-        }
-        let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
-        if !anon && prot != 0 {
-            // Away from home: read the file straight into the new pages (a private copy); past
-            // its end they stay zero.
-            let runs = self
-                .space
-                .mem
-                .host_runs_for_write(start, page_up(len) as usize)
-                .map_err(|_| EFAULT)?;
-            let mut done = 0u64;
-            for (ptr, n) in runs {
-                // SAFETY: `ptr..ptr+n` is guest memory backing the new mapping (just created,
-                // so nothing else refers to it), and the vCPU is stopped in this exit.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
-                let mut got = 0usize;
-                while got < n {
-                    let r =
-                        self.deputy
-                            .pread_into(fd as u64, off + done + got as u64, &mut dst[got..]);
-                    if r < 0 {
-                        let _ = self.space.munmap(start, len);
-                        return Err(-r);
-                    }
-                    if r == 0 {
-                        break;
-                    }
-                    got += r as usize;
-                }
-                done += got as u64;
-                if got < n {
-                    break;
-                }
-            }
-        }
-        Ok(start)
-    }
-
-    /// A file mapping at home: the VMM maps host descriptor `host` the same way into the file
-    /// window (see [`crate::window`]), so the guest shares the host's page cache exactly as a
-    /// native process would. The host's mmap checks access modes (EACCES) and file types
-    /// (ENODEV).
-    #[allow(clippy::too_many_arguments)]
-    fn mmap_file(
-        &mut self,
-        addr: u64,
-        len: u64,
-        prot: u32,
-        shared: bool,
-        fixed: bool,
-        noreplace: bool,
-        host: i32,
-        off: u64,
-        stat: Option<Vec<u8>>,
-    ) -> Result<u64, i64> {
-        let start = self.space.pick(addr, len, fixed, noreplace)?;
-        let len = page_up(len);
-        let (sharing, host_prot, kind) = if shared {
-            (Sharing::Shared, (prot & 3) as i32, VmaKind::Shared)
-        } else {
-            // Private pages are copy-on-write on the host: writable there whatever the guest
-            // may do now, the guest's own page tables enforce its protection.
-            (
-                Sharing::Private,
-                libc::PROT_READ | libc::PROT_WRITE,
-                VmaKind::File,
-            )
-        };
-        let gpa = self
-            .space
-            .mem
-            .window()?
-            .map_file(len, host, off, sharing, host_prot)?;
-        let field = |at: usize| {
-            stat.as_ref()
-                .and_then(|b| b.get(at..at + 8))
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")))
-        };
-        let path = std::fs::read_link(format!("/proc/self/fd/{host}"))
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let file = crate::mm::MapFile {
-            path,
-            off,
-            dev: field(0),
-            ino: field(8),
-        };
-        if let Err(e) = self
-            .space
-            .insert_window(start, len, prot, kind, gpa, Some(file))
-        {
-            if let Ok(w) = self.space.mem.window() {
-                w.release(gpa, len);
-            }
-            return Err(e);
-        }
-        Ok(start)
-    }
-
-    /// sendmmsg(2)/recvmmsg(2): one sendmsg/recvmsg home call per `struct mmsghdr` (64
-    /// bytes: a msghdr, then `msg_len`, which receives the bytes moved). Returns the number
-    /// of messages moved, or the first call's error when none was. recvmmsg's
-    /// MSG_WAITFORONE turns on MSG_DONTWAIT after the first message; its timeout is checked
-    /// between messages, as Linux does. At most UIO_MAXIOV (1024) messages, as Linux.
-    fn mmsg(&mut self, nr: u64, a: [u64; 6]) -> Step {
-        const MMSGHDR: u64 = 64;
-        let send = nr as i64 == libc::SYS_sendmmsg;
-        let (fd, vec, vlen, mut flags) = (a[0], a[1], (a[2] as u32).min(1024), a[3] as i32);
-        let deadline = if !send && a[4] != 0 {
-            match self.read_guest::<16>(a[4]) {
-                Ok(b) => {
-                    let sec = i64::from_le_bytes(b[..8].try_into().expect("8"));
-                    let nsec = i64::from_le_bytes(b[8..].try_into().expect("8"));
-                    if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
-                        return Step::Ret(-EINVAL);
-                    }
-                    Some(Instant::now() + std::time::Duration::new(sec as u64, nsec as u32))
-                }
-                Err(e) => return Step::Ret(-e),
-            }
-        } else {
-            None
-        };
-        let (one, base): (i64, &'static [A]) = if send {
-            (libc::SYS_sendmsg, &[A::Fd, A::MsgIn, A::V])
-        } else {
-            (libc::SYS_recvmsg, &[A::Fd, A::MsgOut, A::V])
-        };
-        let mut done = 0u32;
-        while done < vlen {
-            let hdr = vec.wrapping_add(done as u64 * MMSGHDR);
-            let call_flags = flags & !libc::MSG_WAITFORONE;
-            let r = match self.forward(one as u64, [fd, hdr, call_flags as u64, 0, 0, 0], base) {
-                Step::Ret(r) => r,
-                other => return other,
-            };
-            if r < 0 {
-                return Step::Ret(if done > 0 { done as i64 } else { r });
-            }
-            if let Err(e) = self.write_guest(hdr + 56, &(r as u32).to_le_bytes()) {
-                return Step::Ret(if done > 0 { done as i64 } else { -e });
-            }
-            done += 1;
-            if !send && flags & libc::MSG_WAITFORONE != 0 {
-                flags |= libc::MSG_DONTWAIT;
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
-        }
-        Step::Ret(done as i64)
-    }
-
-    /// A call that can only run at home, made away from home: ask to be brought home and
-    /// have the guest issue the call again (ERESTART) until it is. ENODEV if the process
-    /// cannot get home (nothing to ask, or no move home within `HOME_WAIT`).
-    fn wait_for_home(&mut self, what: &str) -> Result<(), i64> {
-        const HOME_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-        match self.home_wait {
-            None => {
-                if !self.deputy.request_home() {
-                    return Err(ENODEV);
-                }
-                if self.opts.trace {
-                    eprintln!("[mosvm] {what} needs home: moving the process home first");
-                }
-                self.home_wait = Some(Instant::now());
-            }
-            Some(t) if t.elapsed() > HOME_WAIT => {
-                self.home_wait = None;
-                eprintln!(
-                    "mosvm: {}: {what} is made at home only, and the process could not get home",
-                    self.program.display()
-                );
-                return Err(ENODEV);
-            }
-            Some(_) => {}
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        Err(ERESTART)
-    }
-
-    /// shmat(2): attach SysV segment `id` at home, through the file window (the segment's
-    /// pages are the host's, shared with every process attached to it). Linux's checks: an
-    /// unaligned `addr` without SHM_RND is EINVAL, so is one over a mapping without
-    /// SHM_REMAP; the host checks the id and the permissions (EINVAL, EIDRM, EACCES).
-    /// Away from home the call waits until the process is home (`wait_for_home`).
-    fn shmat(&mut self, id: i32, addr: u64, flags: i32) -> Result<u64, i64> {
-        const SHMLBA: u64 = PAGE;
-        if !self.deputy.is_local() {
-            self.wait_for_home("SysV shared memory")?;
-        }
-        let mut ds: libc::shmid_ds = zeroed_shmid_ds();
-        // SAFETY: IPC_STAT writes one `struct shmid_ds` into `ds`.
-        if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } != 0 {
-            return Err(last_errno());
-        }
-        let len = page_up(ds.shm_segsz as u64);
-        let addr = if flags & libc::SHM_RND != 0 {
-            addr & !(SHMLBA - 1)
-        } else if addr & (SHMLBA - 1) != 0 {
-            return Err(EINVAL);
-        } else {
-            addr
-        };
-        let start = if addr == 0 {
-            self.space.pick(0, len, false, false)?
-        } else {
-            if flags & libc::SHM_REMAP == 0 && self.space.overlaps(addr, addr.saturating_add(len)) {
-                return Err(EINVAL);
-            }
-            self.space
-                .pick(addr, len, true, false)
-                .map_err(|_| EINVAL)?
-        };
-        let readonly = flags & libc::SHM_RDONLY != 0;
-        let prot = if readonly { 1 } else { 3 } | if flags & libc::SHM_EXEC != 0 { 4 } else { 0 };
-        let gpa = self.space.mem.window()?.attach_shm(id, len, readonly)?;
-        let file = crate::mm::MapFile {
-            path: format!("/SYSV{:08x} (deleted)", ds.shm_perm.__key as u32),
-            off: 0,
-            dev: 0,
-            ino: id as u64,
-        };
-        if let Err(e) = self
-            .space
-            .insert_window(start, len, prot, VmaKind::Shm, gpa, Some(file))
-        {
-            if let Ok(w) = self.space.mem.window() {
-                w.release(gpa, len);
-            }
-            return Err(e);
-        }
-        Ok(start)
-    }
-
-    /// shmdt(2): `addr` must be where a segment was attached (EINVAL otherwise); every part
-    /// of that attachment goes.
-    fn shmdt(&mut self, addr: u64) -> Result<(), i64> {
-        let (start, v) = self.space.vma_at(addr).ok_or(EINVAL)?;
-        if start != addr || v.kind != VmaKind::Shm {
-            return Err(EINVAL);
-        }
-        let gpa = v.window_at(start, addr).ok_or(EINVAL)?;
-        let (w0, n) = self
-            .space
-            .mem
-            .window_ref()
-            .and_then(|w| w.extent(gpa))
-            .ok_or(EINVAL)?;
-        let end = addr + (w0 + n - gpa);
-        self.space.munmap(addr, end - addr)
     }
 
     fn arch_prctl(&mut self, code: u64, addr: u64) -> Result<Step, i64> {
@@ -2004,64 +1413,6 @@ impl Vm {
             self.write_guest(old, &b)?;
         }
         Ok(Step::Ret(0))
-    }
-
-    fn sleep(&mut self, clock: i32, flags: i32, req: u64, rem: u64) -> Result<Step, i64> {
-        let b = self.read_guest::<16>(req)?;
-        let mut ts = libc::timespec {
-            tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
-            tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),
-        };
-        if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
-            return Err(EINVAL);
-        }
-        if flags & libc::TIMER_ABSTIME != 0 {
-            // The guest's deadline is on its own clock (monotonic carried across moves, wall
-            // clock the home node's).
-            shift_ts(&mut ts, -self.clock_offset(clock));
-        }
-        let mut left = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: both timespecs are valid for the duration of the call.
-        let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
-        if r == libc::EINTR {
-            if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
-                self.write_guest(rem, &timespec_bytes(&left))?;
-            }
-            return Err(EINTR);
-        }
-        if r != 0 {
-            return Err(r as i64);
-        }
-        Ok(Step::Ret(0))
-    }
-
-    /// The guest's wall-clock time: its home node's.
-    fn guest_realtime(&self) -> libc::timespec {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid timespec to fill in.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        shift_ts(&mut ts, self.realtime_offset_ns);
-        ts
-    }
-
-    /// How far the guest's view of `clock` is ahead of this host's.
-    fn clock_offset(&self, clock: i32) -> i64 {
-        if is_monotonic(clock) {
-            self.mono_offset_ns
-        } else if matches!(
-            clock,
-            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI
-        ) {
-            self.realtime_offset_ns
-        } else {
-            0
-        }
     }
 
     fn futex(&mut self, a: [u64; 6]) -> Result<Step, i64> {
@@ -2166,13 +1517,6 @@ impl Vm {
     }
 }
 
-fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
-    b[8..].copy_from_slice(&ts.tv_nsec.to_le_bytes());
-    b
-}
-
 fn getrandom(buf: &mut [u8]) {
     let mut done = 0;
     while done < buf.len() {
@@ -2189,19 +1533,6 @@ fn getrandom(buf: &mut [u8]) {
         }
         done += r as usize;
     }
-}
-
-/// A zeroed `shmid_ds` for IPC_STAT to fill.
-fn zeroed_shmid_ds() -> libc::shmid_ds {
-    // SAFETY: shmid_ds is a plain C struct of integers, for which all-zero bytes are valid.
-    unsafe { std::mem::zeroed() }
-}
-
-/// The calling thread's errno.
-fn last_errno() -> i64 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO) as i64
 }
 
 /// "SIGSEGV" for 11, and so on.

@@ -1,0 +1,104 @@
+//! Time: the guest's clocks (monotonic carried across moves, wall clock the home node's: the
+//! paper's gettimeofday rule) and sleeping on them.
+
+use super::{Step, Vm, EINTR, EINVAL};
+
+pub(super) fn host_mono_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to fill in.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+pub(super) fn is_monotonic(clock: i32) -> bool {
+    matches!(
+        clock,
+        libc::CLOCK_MONOTONIC
+            | libc::CLOCK_MONOTONIC_RAW
+            | libc::CLOCK_MONOTONIC_COARSE
+            | libc::CLOCK_BOOTTIME
+    )
+}
+
+pub(super) fn shift_ts(ts: &mut libc::timespec, ns: i64) {
+    let t = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128 + ns as i128;
+    let t = t.max(0);
+    ts.tv_sec = (t / 1_000_000_000) as i64;
+    ts.tv_nsec = (t % 1_000_000_000) as i64;
+}
+
+pub(super) fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&ts.tv_sec.to_le_bytes());
+    b[8..].copy_from_slice(&ts.tv_nsec.to_le_bytes());
+    b
+}
+
+impl Vm {
+    pub(super) fn sleep(
+        &mut self,
+        clock: i32,
+        flags: i32,
+        req: u64,
+        rem: u64,
+    ) -> Result<Step, i64> {
+        let b = self.read_guest::<16>(req)?;
+        let mut ts = libc::timespec {
+            tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
+            tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),
+        };
+        if ts.tv_sec < 0 || !(0..1_000_000_000).contains(&ts.tv_nsec) {
+            return Err(EINVAL);
+        }
+        if flags & libc::TIMER_ABSTIME != 0 {
+            // The guest's deadline is on its own clock (monotonic carried across moves, wall
+            // clock the home node's).
+            shift_ts(&mut ts, -self.clock_offset(clock));
+        }
+        let mut left = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: both timespecs are valid for the duration of the call.
+        let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
+        if r == libc::EINTR {
+            if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
+                self.write_guest(rem, &timespec_bytes(&left))?;
+            }
+            return Err(EINTR);
+        }
+        if r != 0 {
+            return Err(r as i64);
+        }
+        Ok(Step::Ret(0))
+    }
+
+    /// The guest's wall-clock time: its home node's.
+    pub(super) fn guest_realtime(&self) -> libc::timespec {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to fill in.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        shift_ts(&mut ts, self.realtime_offset_ns);
+        ts
+    }
+
+    /// How far the guest's view of `clock` is ahead of this host's.
+    pub(super) fn clock_offset(&self, clock: i32) -> i64 {
+        if is_monotonic(clock) {
+            self.mono_offset_ns
+        } else if matches!(
+            clock,
+            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI
+        ) {
+            self.realtime_offset_ns
+        } else {
+            0
+        }
+    }
+}
