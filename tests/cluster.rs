@@ -249,11 +249,14 @@ fn a_process_travels_home_a_b_home_and_matches_native() {
             });
         });
 
-    // A program computing, dirtying memory, printing steadily and writing a file.
-    ticker("dynamic", ["400", "3000000", "32"], home).check_while(|run| {
-        wait_registered(&home.sock, run.pid());
-        tour(home, run.pid(), &["a", "b", "home"], &mut |_| {});
-    });
+    // A program computing, dirtying memory, printing steadily and writing a file (about 20 s
+    // of work alone; the other tests of this file share the machine's two cores with it).
+    ticker("dynamic", ["400", "3000000", "32"], home)
+        .timeout(Duration::from_secs(180))
+        .check_while(|run| {
+            wait_registered(&home.sock, run.pid());
+            tour(home, run.pid(), &["a", "b", "home"], &mut |_| {});
+        });
 }
 
 #[test]
