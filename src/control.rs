@@ -71,7 +71,7 @@ pub struct ProcInfo {
     pub migrations: u32,
     /// Locked to its node.
     pub locked: bool,
-    /// Why the process cannot leave its home node now (it holds a writable shared mapping:
+    /// Why the process cannot leave its home node now (it holds a shared mapping:
     /// paper section 4.2), if it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,

@@ -391,7 +391,7 @@ fn a_writable_shared_mapping_keeps_the_process_home_until_it_goes() {
             );
             let err = String::from_utf8_lossy(&m.stderr);
             assert!(
-                err.contains("stays at home") && err.contains("writable shared mapping"),
+                err.contains("stays at home") && err.contains("shared mapping"),
                 "{err}"
             );
             assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

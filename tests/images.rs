@@ -246,3 +246,66 @@ fn lock_flag_runs_standalone() {
         .stdin("locked to its home node\n")
         .check();
 }
+
+/// A POSIX named semaphore shared between the guest and a native process: the guest's
+/// sem_wait/sem_timedwait sleep in the host's futex on the shared page, so a native
+/// sem_post wakes them, and the guest's sem_post wakes a native waiter. Each pairing must
+/// print what a pairing of two native processes prints.
+#[test]
+fn named_semaphores_work_between_guest_and_native_processes() {
+    require_kvm!();
+    use std::process::{Command, Stdio};
+    // Start the waiter, let it block, run the poster; both outputs and statuses.
+    let pair = |mut waiter: Command, mut poster: Command| {
+        let w = waiter
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the waiter");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let p = poster
+            .stdout(Stdio::piped())
+            .output()
+            .expect("run the poster");
+        let w = w.wait_with_output().expect("waiter");
+        (
+            String::from_utf8_lossy(&w.stdout).into_owned(),
+            w.status.code(),
+            String::from_utf8_lossy(&p.stdout).into_owned(),
+            p.status.code(),
+        )
+    };
+    for v in VARIANTS {
+        let prog = common::image(v, "psem");
+        let native = |mode: &str, name: &str| {
+            let mut c = Command::new(&prog);
+            c.args([mode, name]);
+            c
+        };
+        let guest = |mode: &str, name: &str| {
+            let mut c = Command::new(common::mosvm_bin());
+            c.arg("run").arg(&prog).args([mode, name]);
+            c
+        };
+        let name = |i: u32| format!("/mosvm-test-psem-{}-{i}", std::process::id());
+        let want = pair(native("wait", &name(0)), native("post", &name(0)));
+        for (what, waiter, poster) in [
+            (
+                "guest sem_wait, native post",
+                guest("wait", &name(1)),
+                native("post", &name(1)),
+            ),
+            (
+                "guest sem_timedwait, native post",
+                guest("timed", &name(2)),
+                native("post", &name(2)),
+            ),
+            (
+                "native sem_wait, guest post",
+                native("wait", &name(3)),
+                guest("post", &name(3)),
+            ),
+        ] {
+            assert_eq!(pair(waiter, poster), want, "{v}: {what}");
+        }
+    }
+}

@@ -128,7 +128,7 @@ pub struct Layout {
     pub used: u64,
     /// Whether KVM dirty logging is on for every slot.
     pub log_dirty: bool,
-    /// The guest holds a writable shared mapping and must stay at home (paper §4.2).
+    /// The guest holds a shared mapping and must stay at home (paper §4.2).
     pub pinned: bool,
 }
 
@@ -282,7 +282,7 @@ impl GuestMem {
         Ok(self.window.as_mut().expect("just made"))
     }
 
-    /// Record whether the guest holds a writable shared mapping (see [`Layout::pinned`]).
+    /// Record whether the guest holds a shared mapping (see [`Layout::pinned`]).
     pub fn set_pinned(&self, pinned: bool) {
         if let Ok(mut l) = self.shared.lock() {
             l.pinned = pinned;
@@ -993,7 +993,7 @@ impl MemView {
     pub fn pinned(&self) -> Option<&'static str> {
         self.layout()
             .pinned
-            .then_some("it holds a writable shared mapping (paper section 4.2)")
+            .then_some("it holds a shared mapping (paper section 4.2)")
     }
 
     /// Bytes of guest physical memory handed out so far.

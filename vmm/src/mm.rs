@@ -25,6 +25,10 @@ pub const PIE_BASE: u64 = 0x5555_5555_4000;
 /// Highest user address + 1.
 pub const USER_END: u64 = 0x7fff_ffff_f000;
 
+/// Most areas a process may have (Linux's default `vm.max_map_count`): mmap beyond it is
+/// ENOMEM.
+pub const MAX_MAP_COUNT: usize = 65530;
+
 /// Linux errno values used here.
 pub mod errno {
     pub const ENOMEM: i64 = 12;
@@ -202,17 +206,19 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Whether the process holds a writable shared mapping (a file's, a memfd's, a SysV
-    /// segment's): the paper's §4.2 keeps such a process at home.
-    pub fn holds_writable_shared(&self) -> bool {
+    /// Whether the process holds a shared mapping (a file's, a memfd's, a SysV segment's):
+    /// the paper's §4.2 keeps a process with writable shared memory at home. A read-only one
+    /// keeps it home too: its view of the file must follow the file, and it may be made
+    /// writable later.
+    pub fn holds_shared(&self) -> bool {
         self.vmas
             .values()
-            .any(|v| matches!(v.kind, VmaKind::Shared | VmaKind::Shm) && v.prot & 2 != 0)
+            .any(|v| matches!(v.kind, VmaKind::Shared | VmaKind::Shm))
     }
 
-    /// Publish [`AddressSpace::holds_writable_shared`] to migration threads.
+    /// Publish [`AddressSpace::holds_shared`] to migration threads.
     fn note_sharing(&mut self) {
-        let pinned = self.holds_writable_shared();
+        let pinned = self.holds_shared();
         self.mem.set_pinned(pinned);
     }
 
@@ -274,6 +280,30 @@ impl AddressSpace {
             self.populate(from, end, prot).map_err(|_| errno::ENOMEM)?;
         }
         self.put(addr, Vma::new(end, prot, kind));
+        Ok(())
+    }
+
+    /// Like [`AddressSpace::insert`], for a private copy of a file's pages: the area keeps
+    /// its file (for `/proc/PID/maps`) and so never merges with its neighbours, as Linux's
+    /// areas of different files or offsets do not.
+    pub fn insert_file(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        kind: VmaKind,
+        file: MapFile,
+    ) -> Result<(), i64> {
+        self.insert(addr, len, prot, kind)?;
+        // `insert` may have merged the new area into a neighbour: split it back out.
+        self.carve(addr, addr + len);
+        self.vmas.insert(
+            addr,
+            Vma {
+                file: Some(Box::new(file)),
+                ..Vma::new(addr + len, prot, kind)
+            },
+        );
         Ok(())
     }
 
@@ -350,7 +380,7 @@ impl AddressSpace {
             return Err(errno::EINVAL);
         }
         let len = page_up(len);
-        if len > USER_END {
+        if len > USER_END || self.vmas.len() >= MAX_MAP_COUNT {
             return Err(errno::ENOMEM);
         }
         let start = if fixed || noreplace {

@@ -28,6 +28,11 @@ pub const WINDOW_SIZE: u64 = 1 << 37;
 /// slot's cost (time and the host memory for its page maps) grows with its size.
 pub const WINDOW_SLOT: u32 = 400;
 const FIRST_PIECE: u64 = 64 << 20;
+/// Most ranges in use at once. Each is a host mapping of the VMM's process, and the host
+/// limits a process's mappings (`vm.max_map_count`, 65530 by default): the VMM keeps well
+/// below it for its own. Beyond it a mapping is refused (ENOMEM; a private file mapping then
+/// becomes a private copy).
+pub const MAX_RANGES: usize = 16384;
 
 /// What kind of host mapping a window range holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +135,9 @@ impl Window {
     }
 
     fn take(&mut self, len: u64) -> Option<u64> {
+        if self.used.len() >= MAX_RANGES {
+            return None;
+        }
         let (&off, &n) = self.free.iter().find(|(_, n)| **n >= len)?;
         if self.cover(off + len).is_err() {
             return None;
@@ -232,6 +240,13 @@ impl Window {
         }
         self.used.insert(w, (len, Sharing::SysV));
         Ok(WINDOW_BASE + w)
+    }
+
+    /// The host address of window memory at guest physical `gpa`, for host calls that take
+    /// an address in a shared mapping (a futex there is the same futex for every process
+    /// mapping the file). The host kernel checks the address when it uses it.
+    pub fn host_addr(&self, gpa: u64) -> Option<u64> {
+        Self::contains(gpa).then(|| self.at(gpa - WINDOW_BASE) as u64)
     }
 
     /// What the range starting at guest physical `gpa` holds.

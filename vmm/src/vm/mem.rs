@@ -95,19 +95,53 @@ impl Vm {
                 return Err(-r.ret);
             }
             let stat = r.outs.into_iter().next();
-            if let Some(host) = self.deputy.local_fd(fd as u64) {
-                return self.mmap_file(addr, len, prot, shared, fixed, noreplace, host, off, stat);
+            let local = self.deputy.local_fd(fd as u64);
+            let file = map_file_info(local, off, stat.as_deref());
+            if let Some(host) = local {
+                match self.mmap_file(
+                    addr,
+                    len,
+                    prot,
+                    shared,
+                    fixed,
+                    noreplace,
+                    host,
+                    off,
+                    file.clone(),
+                ) {
+                    // The file window is full: a private mapping can still be a private copy.
+                    Err(ENOMEM) if !shared => {}
+                    r => return r,
+                }
             }
-            if shared && prot & 2 != 0 {
+            if shared {
                 // Away from home the file is not here to share pages with: the call waits
                 // until the process is home again (paper section 4.2).
-                self.wait_for_home("a writable shared file mapping")?;
+                self.wait_for_home("a shared file mapping")?;
             }
+            let start = self.space.pick(addr, len, fixed, noreplace)?;
+            self.space
+                .insert_file(start, page_up(len), prot, kind, file)?;
+            self.read_file_into(start, len, prot, fd, off)?;
+            return Ok(start);
         }
-        let start = self.space.mmap(addr, len, prot, fixed, noreplace, kind)?;
-        if !anon && prot != 0 {
-            // Away from home: read the file straight into the new pages (a private copy); past
-            // its end they stay zero.
+        self.space.mmap(addr, len, prot, fixed, noreplace, kind)
+    }
+
+    /// Fill a new private file mapping with the file's bytes through the deputy (away from
+    /// home, or when the file window is full); past the file's end pages stay zero.
+    fn read_file_into(
+        &mut self,
+        start: u64,
+        len: u64,
+        prot: u32,
+        fd: i32,
+        off: u64,
+    ) -> Result<(), i64> {
+        if prot == 0 {
+            return Ok(());
+        }
+        {
             let runs = self
                 .space
                 .mem
@@ -138,7 +172,7 @@ impl Vm {
                 }
             }
         }
-        Ok(start)
+        Ok(())
     }
 
     /// A file mapping at home: the VMM maps host descriptor `host` the same way into the file
@@ -156,7 +190,7 @@ impl Vm {
         noreplace: bool,
         host: i32,
         off: u64,
-        stat: Option<Vec<u8>>,
+        file: crate::mm::MapFile,
     ) -> Result<u64, i64> {
         let start = self.space.pick(addr, len, fixed, noreplace)?;
         let len = page_up(len);
@@ -176,20 +210,6 @@ impl Vm {
             .mem
             .window()?
             .map_file(len, host, off, sharing, host_prot)?;
-        let field = |at: usize| {
-            stat.as_ref()
-                .and_then(|b| b.get(at..at + 8))
-                .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")))
-        };
-        let path = std::fs::read_link(format!("/proc/self/fd/{host}"))
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let file = crate::mm::MapFile {
-            path,
-            off,
-            dev: field(0),
-            ino: field(8),
-        };
         if let Err(e) = self
             .space
             .insert_window(start, len, prot, kind, gpa, Some(file))
@@ -311,8 +331,27 @@ fn zeroed_shmid_ds() -> libc::shmid_ds {
 }
 
 /// The calling thread's errno.
-fn last_errno() -> i64 {
+pub(super) fn last_errno() -> i64 {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO) as i64
+}
+
+/// What `/proc/PID/maps` shows for a file mapping: the path (at home, through the host
+/// descriptor), the offset, and the device and inode from the fstat reply (`stat`).
+fn map_file_info(host: Option<i32>, off: u64, stat: Option<&[u8]>) -> crate::mm::MapFile {
+    let field = |at: usize| {
+        stat.and_then(|b| b.get(at..at + 8))
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")))
+    };
+    let path = host
+        .and_then(|h| std::fs::read_link(format!("/proc/self/fd/{h}")).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::mm::MapFile {
+        path,
+        off,
+        dev: field(0),
+        ino: field(8),
+    }
 }
