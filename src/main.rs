@@ -398,6 +398,14 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                             busy.store(false, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         };
+                        if let Some(why) = view.pinned() {
+                            // The node had not heard yet: refuse here, without a word on the
+                            // program's own stderr.
+                            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                            let reason = format!("the process stays at home: {why}");
+                            send_update(&upd, &control::Update::MigrationFailed { reason });
+                            continue;
+                        }
                         let busy = busy.clone();
                         let program = prog.clone();
                         let (view, pause, home, path, tx, upd) = (

@@ -151,6 +151,7 @@ fn protection_faults_as_natively() {
             "guard",
             "file-ro-store",
             "brk-shrunk",
+            "hole",
         ] {
             Case::image(v, "protect")
                 .arg(mode)

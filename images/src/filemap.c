@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define PG 4096L
@@ -143,6 +144,49 @@ int main(int argc, char **argv) {
             if (line[21] == 's' || strstr(line, "-s ")) shared++;
         }
     printf("maps: data.bin %s, shared lines %s\n", named ? "named" : "missing", shared ? "yes" : "no");
+
+    /* mremap with MREMAP_FIXED keeps a shared mapping the file's; an overlapping target is
+     * EINVAL; a shrinking move drops the tail. */
+    char *fm = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    char *target = mmap(NULL, 4 * PG, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    errno = 0;
+    void *ov = mremap(fm, 2 * PG, 2 * PG, MREMAP_MAYMOVE | MREMAP_FIXED, fm + PG);
+    printf("%-40s %s\n", "mremap onto itself", ov == MAP_FAILED ? en(errno) : "moved");
+    char *moved = mremap(fm, 2 * PG, 2 * PG, MREMAP_MAYMOVE | MREMAP_FIXED, target + PG);
+    if (moved == MAP_FAILED) printf("mremap fixed: %s\n", en(errno));
+    else {
+        moved[PG + 3] = 'M';
+        pread(fd, b, 1, PG + 3);
+        printf("store after a fixed move reaches the file: %c\n", b[0]);
+        char *smaller = mremap(moved, 2 * PG, PG, MREMAP_MAYMOVE | MREMAP_FIXED, target);
+        printf("shrinking move: %s, reads %c\n", smaller == MAP_FAILED ? en(errno) : "ok",
+               smaller == MAP_FAILED ? '!' : smaller[7]);
+    }
+    /* A read into a page past the end of a file is EFAULT and takes nothing from the pipe. */
+    int pp[2];
+    pipe(pp);
+    write(pp[1], "XY", 2);
+    char *eof = mmap(NULL, 2 * PG, PROT_READ | PROT_WRITE, MAP_SHARED, m, 0);
+    ftruncate(m, PG);
+    errno = 0;
+    long rr = read(pp[0], eof + PG, 2);
+    printf("read into a page past EOF: %ld %s\n", rr, rr < 0 ? en(errno) : "");
+    char left[4] = {0};
+    printf("pipe still holds %ld bytes: %.2s\n", (long)read(pp[0], left, 2), left);
+
+    /* mmap flags Linux checks. */
+    try_map("no mapping type", PG, PROT_READ, MAP_ANONYMOUS, -1, 0);
+    try_map("SHARED_VALIDATE with an unknown flag", PG, PROT_READ, MAP_SHARED_VALIDATE | 0x200000, fd, 0);
+    try_map("GROWSDOWN of a file", PG, PROT_READ, MAP_PRIVATE | MAP_GROWSDOWN, fd, 0);
+    char *low = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+    printf("MAP_32BIT below 2 GiB: %s\n", low != MAP_FAILED && (unsigned long)low < 0x80000000UL ? "yes" : "no");
+
+    /* brk lowered inside a page keeps the bytes before the end of that page. */
+    char *b0 = (char *)syscall(SYS_brk, 0); /* raw: musl's brk/sbrk refuse to move it */
+    syscall(SYS_brk, b0 + PG);
+    b0[100] = 'W';
+    syscall(SYS_brk, b0 + 50);
+    printf("after brk inside the page: %c\n", b0[100] ? b0[100] : '0');
 
     if (argc > 1 && !strcmp(argv[1], "sigbus")) {
         char *t = mmap(NULL, 2 * PG, PROT_READ, MAP_SHARED, fd, 0);

@@ -97,6 +97,13 @@ int main(int argc, char **argv) {
         volatile char *f = mmap(NULL, PG, PROT_READ, MAP_PRIVATE, fd, 0);
         printf("file page reads %c\n", f[0]);
         fault_now(f, 1);
+    } else if (!strcmp(mode, "hole")) {
+        /* mprotect over a hole changes the pages before it, then says ENOMEM. */
+        munmap((void *)(p + 2 * PG), PG);
+        int r = mprotect((void *)p, 3 * PG, PROT_READ);
+        printf("mprotect over a hole: %d\n", r);
+        printf("bad prot bits: %d\n", mprotect((void *)p, PG, 0xff));
+        fault_now(p + PG, 1);
     } else if (!strcmp(mode, "brk-shrunk")) {
         char *top = sbrk(0);
         sbrk(4 * PG);

@@ -810,7 +810,12 @@ impl GuestMem {
         let mut p = page_down(va);
         let end = va.checked_add(len as u64).ok_or(Fault(va))?;
         while p < end {
-            self.translate(p).ok_or(Fault(p.max(va)))?;
+            let gpa = self.translate(p).ok_or(Fault(p.max(va)))?;
+            // A file page past the end of its file is mapped but cannot be touched: find out
+            // before a host call consumes data it could not deliver.
+            if gpa >= self.size && !self.copy_from(gpa, &mut [0u8; 1]) {
+                return Err(Fault(p.max(va)));
+            }
             p += PAGE;
         }
         Ok(())

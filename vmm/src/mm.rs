@@ -249,6 +249,22 @@ impl AddressSpace {
         Ok(())
     }
 
+    /// Find a free range of `len` bytes in `[lo, hi)`, bottom-up (Linux's MAP_32BIT search,
+    /// from 1 GiB to 2 GiB).
+    pub fn find_free_in(&self, len: u64, lo: u64, hi: u64) -> Option<u64> {
+        let mut at = lo;
+        for (s, v) in self.vmas.range(..hi) {
+            if v.end <= at {
+                continue;
+            }
+            if *s >= at.checked_add(len)? {
+                break;
+            }
+            at = v.end;
+        }
+        (at.checked_add(len)? <= hi).then_some(at)
+    }
+
     /// Find a free range of `len` bytes, top-down below `MMAP_BASE`.
     pub fn find_free(&self, len: u64) -> Option<u64> {
         let mut top = MMAP_BASE;
@@ -414,7 +430,7 @@ impl AddressSpace {
 
     /// munmap: forget `[addr, addr+len)`; its pages go and later accesses fault.
     pub fn munmap(&mut self, addr: u64, len: u64) -> Result<(), i64> {
-        if addr & (PAGE - 1) != 0 || len == 0 {
+        if addr & (PAGE - 1) != 0 || len == 0 || addr > USER_END || len > USER_END - addr {
             return Err(errno::EINVAL);
         }
         let end = addr.checked_add(page_up(len)).ok_or(errno::EINVAL)?;
@@ -427,18 +443,21 @@ impl AddressSpace {
             return Err(errno::EINVAL);
         }
         let end = addr.checked_add(page_up(len)).ok_or(errno::ENOMEM)?;
-        // Every page must be covered by a VMA.
+        // Linux changes the areas up to the first hole, then answers ENOMEM.
         let mut cur = addr;
         for (s, v) in self.vmas.range(..end) {
             if v.end <= cur {
                 continue;
             }
             if *s > cur {
-                return Err(errno::ENOMEM);
+                break;
             }
             cur = v.end;
         }
         if cur < end {
+            if cur > addr {
+                self.mprotect(addr, cur - addr, prot)?;
+            }
             return Err(errno::ENOMEM);
         }
         let parts = self.carve(addr, end);
@@ -566,23 +585,35 @@ impl AddressSpace {
         if old & (PAGE - 1) != 0 || new_len == 0 {
             return Err(errno::EINVAL);
         }
-        let old_len = page_up(old_len);
+        let mut old_len = page_up(old_len);
         let new_len = page_up(new_len);
+        if let Some(a) = fixed {
+            // The new range may not overlap the old one (Linux: EINVAL).
+            let (a_end, o_end) = (a.saturating_add(new_len), old.saturating_add(old_len));
+            if a & (PAGE - 1) != 0 || (a < o_end && old < a_end) {
+                return Err(errno::EINVAL);
+            }
+            if new_len < old_len {
+                // A shrinking move drops the tail first, whatever lies there.
+                self.munmap(old + new_len, old_len - new_len)?;
+                old_len = new_len;
+            }
+        } else if new_len <= old_len {
+            // Shrinking in place unmaps the tail, whatever lies there.
+            if new_len < old_len {
+                self.munmap(old + new_len, old_len - new_len)?;
+            }
+            return Ok(old);
+        }
         let (vs, v) = self.vma_at(old).ok_or(errno::EFAULT)?;
         let v = v.clone();
         if old_len == 0 || v.end < old + old_len {
             return Err(errno::EFAULT);
         }
-        if fixed.is_none() && new_len > old_len && v.window.is_some() {
-            return self.mremap_window(vs, &v, old, old_len, new_len, may_move);
+        if v.window.is_some() {
+            return self.mremap_window(vs, &v, old, old_len, new_len, may_move, fixed);
         }
         if fixed.is_none() {
-            if new_len <= old_len {
-                if new_len < old_len {
-                    self.munmap(old + new_len, old_len - new_len)?;
-                }
-                return Ok(old);
-            }
             let grow_end = old.checked_add(new_len).ok_or(errno::ENOMEM)?;
             if v.end == old + old_len
                 && grow_end <= USER_END
@@ -620,9 +651,10 @@ impl AddressSpace {
         Ok(dest)
     }
 
-    /// mremap growth of a file-window area: the host moves the mapping within the window
+    /// mremap of a file-window area that grows or moves: the host moves the mapping within the window
     /// (written private pages stay, the new tail shows the file), and the guest range stays
     /// or moves as for any mapping.
+    #[allow(clippy::too_many_arguments)]
     fn mremap_window(
         &mut self,
         vs: u64,
@@ -631,18 +663,20 @@ impl AddressSpace {
         old_len: u64,
         new_len: u64,
         may_move: bool,
+        fixed: Option<u64>,
     ) -> Result<u64, i64> {
         let grow_end = old.checked_add(new_len).ok_or(errno::ENOMEM)?;
-        let in_place = v.end == old + old_len
+        let in_place = fixed.is_none()
+            && v.end == old + old_len
             && grow_end <= USER_END
             && !self.overlaps(old + old_len, grow_end);
         if !in_place && !may_move {
             return Err(errno::ENOMEM);
         }
-        let dest = if in_place {
-            old
-        } else {
-            self.find_free(new_len).ok_or(errno::ENOMEM)?
+        let dest = match fixed {
+            Some(a) => self.pick(a, new_len, true, false)?,
+            None if in_place => old,
+            None => self.find_free(new_len).ok_or(errno::ENOMEM)?,
         };
         let gpa_old = v.window_at(vs, old).ok_or(errno::EFAULT)?;
         let gpa = self.mem.window()?.grow(gpa_old, old_len, new_len)?;
@@ -740,10 +774,8 @@ impl AddressSpace {
                 }
             }
         }
-        // Bytes between the break and the end of its page read as zero, as on Linux.
-        if want < self.brk {
-            self.mem.zero(want, page_up(want) - want);
-        }
+        // Bytes between a lowered break and the end of its page stay as they were, as on
+        // Linux (only whole pages go).
         self.brk = want;
         want
     }

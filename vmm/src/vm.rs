@@ -951,10 +951,29 @@ impl Vm {
                 .map(|v| Step::Ret(v as i64)),
             libc::SYS_shmdt => self.shmdt(a[0]).map(|_| Step::Ret(0)),
             libc::SYS_sendmmsg | libc::SYS_recvmmsg => Ok(self.mmsg(nr, a)),
-            libc::SYS_mprotect => self
-                .space
-                .mprotect(a[0], a[1], a[2] as u32 & 7)
-                .map(|_| Step::Ret(0)),
+            libc::SYS_mprotect => {
+                // mprotect(2): PROT_READ/WRITE/EXEC, PROT_SEM (no effect on x86), and
+                // PROT_GROWSDOWN, which extends the change down to the start of a stack area
+                // (EINVAL elsewhere); x86 has no PROT_GROWSUP areas.
+                const PROT_SEM: u64 = 8;
+                const GROWSDOWN: u64 = 0x0100_0000;
+                let (mut addr, mut len, prot) = (a[0], a[1], a[2]);
+                if prot & !(7 | PROT_SEM | GROWSDOWN) != 0 {
+                    return Err(EINVAL);
+                }
+                if prot & GROWSDOWN != 0 {
+                    match self.space.vma_at(addr) {
+                        Some((s, v)) if v.kind == VmaKind::Stack => {
+                            len = len.saturating_add(addr - s);
+                            addr = s;
+                        }
+                        _ => return Err(EINVAL),
+                    }
+                }
+                self.space
+                    .mprotect(addr, len, prot as u32 & 7)
+                    .map(|_| Step::Ret(0))
+            }
             libc::SYS_mremap => {
                 const MAYMOVE: u64 = 1;
                 const FIXED: u64 = 2;
@@ -1013,6 +1032,12 @@ impl Vm {
             libc::SYS_mincore => {
                 if a[0] & (PAGE - 1) != 0 {
                     return Err(EINVAL);
+                }
+                if a[0]
+                    .checked_add(a[1])
+                    .is_none_or(|e| e > crate::mm::USER_END)
+                {
+                    return Err(ENOMEM);
                 }
                 let n = crate::memory::page_up(a[1]) / PAGE;
                 let mut v = Vec::with_capacity(n.min(1 << 20) as usize);

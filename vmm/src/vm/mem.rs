@@ -9,6 +9,9 @@ use crate::mm::VmaKind;
 use crate::window::Sharing;
 use std::time::Instant;
 
+const EOPNOTSUPP: i64 = libc::EOPNOTSUPP as i64;
+const EACCES: i64 = libc::EACCES as i64;
+
 impl Vm {
     /// madvise(2): an unaligned start, an unknown advice or a wrapping range is EINVAL; the
     /// advice applies to the mapped parts and a range with holes is then ENOMEM. MADV_FREE is
@@ -34,6 +37,8 @@ impl Vm {
         for &(_, _, kind, _) in &parts {
             let shared = matches!(kind, VmaKind::Shared | VmaKind::Shm);
             match advice {
+                // Linux: EINVAL without a file, EACCES for a private file mapping.
+                libc::MADV_REMOVE if kind == VmaKind::File => return Err(EACCES),
                 libc::MADV_REMOVE if !shared => return Err(EINVAL),
                 libc::MADV_FREE if kind != VmaKind::Anon && kind != VmaKind::Heap => {
                     return Err(EINVAL)
@@ -77,10 +82,55 @@ impl Vm {
         let (addr, len, prot, flags, fd, off) =
             (a[0], a[1], a[2] as u32 & 7, a[3] as i32, a[4] as i32, a[5]);
         let anon = flags & libc::MAP_ANONYMOUS != 0;
-        let shared = flags & libc::MAP_SHARED != 0 && flags & libc::MAP_PRIVATE == 0;
+        // mmap(2): the mapping type is MAP_SHARED, MAP_PRIVATE or MAP_SHARED_VALIDATE (which
+        // refuses flags it does not know, and MAP_SYNC outside DAX files, with EOPNOTSUPP).
+        let shared = match flags & 0x0f {
+            libc::MAP_PRIVATE => false,
+            libc::MAP_SHARED => true,
+            libc::MAP_SHARED_VALIDATE => {
+                let known = 0x0f
+                    | libc::MAP_FIXED
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_32BIT
+                    | libc::MAP_GROWSDOWN
+                    | libc::MAP_DENYWRITE
+                    | libc::MAP_EXECUTABLE
+                    | libc::MAP_LOCKED
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_POPULATE
+                    | libc::MAP_NONBLOCK
+                    | libc::MAP_STACK
+                    | libc::MAP_HUGETLB
+                    | libc::MAP_FIXED_NOREPLACE
+                    | (0x3f << 26);
+                if flags & !known != 0 {
+                    return Err(EOPNOTSUPP);
+                }
+                true
+            }
+            _ => return Err(EINVAL),
+        };
         if off & (PAGE - 1) != 0 || len == 0 {
             return Err(EINVAL);
         }
+        if flags & libc::MAP_GROWSDOWN != 0 && !anon {
+            // Only anonymous memory grows down (a file mapping with it is EINVAL).
+            return Err(EINVAL);
+        }
+        if flags & libc::MAP_HUGETLB != 0 {
+            // No huge pages are set aside for guests (as on a host with vm.nr_hugepages = 0).
+            return Err(ENOMEM);
+        }
+        // MAP_32BIT (without a fixed address): the first free range from 1 GiB below 2 GiB.
+        let addr = if flags & libc::MAP_32BIT != 0
+            && flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) == 0
+        {
+            self.space
+                .find_free_in(page_up(len), 0x4000_0000, 0x8000_0000)
+                .ok_or(ENOMEM)?
+        } else {
+            addr
+        };
         let fixed = flags & libc::MAP_FIXED != 0;
         let noreplace = flags & libc::MAP_FIXED_NOREPLACE != 0;
         let kind = if anon { VmaKind::Anon } else { VmaKind::File };
