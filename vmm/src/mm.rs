@@ -1,17 +1,29 @@
 //! The guest's address space: Linux-like virtual memory areas (VMAs), placement of new mappings
 //! (top-down below `mmap_base`, as Linux does without randomisation), the program break, and
-//! mmap/munmap/mprotect/mremap/madvise of anonymous memory.
+//! mmap/munmap/mprotect/mremap/madvise of anonymous memory and of file-window areas (file
+//! mappings at home, see `window`).
 //!
-//! Pages of an accessible VMA are mapped eagerly (their host memory is still only allocated when
-//! touched). Pages of a `PROT_NONE` VMA stay unmapped until made accessible. Protections are
-//! recorded but not enforced beyond present/not-present: see `memory` for why a mapped page
-//! keeps its frame, and the README's limits.
+//! Pages of an accessible anonymous VMA are mapped eagerly (their host memory is still only
+//! allocated when touched); file-window pages and the stack below its top are mapped on first
+//! touch. The page tables carry each VMA's protection, so the guest's own accesses are checked
+//! as on Linux (see `memory` for how rights are taken away safely).
 
 use crate::memory::{page_down, page_up, Access, GuestMem, NoMem, PAGE};
 use std::collections::BTreeMap;
 
-/// Lowest address a mapping may use.
-pub const MMAP_MIN: u64 = 0x10000;
+/// Lowest address a mapping is placed at: the host's `vm.mmap_min_addr`, but at least 64 KiB
+/// (the floor Linux's security modules keep, `CONFIG_LSM_MMAP_MIN_ADDR`). Below it a hint is
+/// not taken and MAP_FIXED is EPERM, unless the process may (CAP_SYS_RAWIO: root here).
+pub fn mmap_min() -> u64 {
+    static MIN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(0x10000, |v| page_up(v.max(0x10000)))
+    })
+}
+
 /// Top of the user stack (as Linux's TASK_SIZE on x86-64 with 4-level paging).
 pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
 /// Size of the stack mapping.
@@ -31,6 +43,7 @@ pub const MAX_MAP_COUNT: usize = 65530;
 
 /// Linux errno values used here.
 pub mod errno {
+    pub const EPERM: i64 = 1;
     pub const ENOMEM: i64 = 12;
     pub const EINVAL: i64 = 22;
     pub const EEXIST: i64 = 17;
@@ -274,7 +287,7 @@ impl AddressSpace {
             }
             top = top.min(*s);
         }
-        if top >= MMAP_MIN + len {
+        if top >= mmap_min() + len {
             Some(top - len)
         } else {
             None
@@ -403,12 +416,13 @@ impl AddressSpace {
             if addr & (PAGE - 1) != 0 {
                 return Err(errno::EINVAL);
             }
-            if addr < MMAP_MIN || addr.checked_add(len).is_none_or(|e| e > USER_END) {
-                return Err(if noreplace {
-                    errno::ENOMEM
-                } else {
-                    errno::EINVAL
-                });
+            if addr.checked_add(len).is_none_or(|e| e > USER_END) {
+                return Err(errno::ENOMEM);
+            }
+            // SAFETY: geteuid has no preconditions.
+            if addr < mmap_min() && unsafe { libc::geteuid() } != 0 {
+                // Only a process with CAP_SYS_RAWIO (root here) may map that low.
+                return Err(errno::EPERM);
             }
             if noreplace && self.overlaps(addr, addr + len) {
                 return Err(errno::EEXIST);
@@ -416,7 +430,7 @@ impl AddressSpace {
             addr
         } else {
             let hint = page_down(addr);
-            if hint >= MMAP_MIN
+            if hint >= mmap_min()
                 && hint.checked_add(len).is_some_and(|e| e <= USER_END)
                 && !self.overlaps(hint, hint + len)
             {

@@ -325,6 +325,10 @@ impl Vm {
             addr
         };
         let start = if addr == 0 {
+            if flags & libc::SHM_REMAP != 0 {
+                // Nothing to replace without an address (Linux: EINVAL).
+                return Err(EINVAL);
+            }
             self.space.pick(0, len, false, false)?
         } else {
             if flags & libc::SHM_REMAP == 0 && self.space.overlaps(addr, addr.saturating_add(len)) {
