@@ -683,6 +683,13 @@ impl GuestMem {
 
     /// Zero a frame, give its memory back to the host and put it on the free list.
     fn release(&mut self, frame: u64) {
+        self.zero_frame(frame);
+        self.free.push(frame);
+    }
+
+    /// Zero a RAM frame by giving its memory back to the host (recorded as dirty).
+    fn zero_frame(&self, frame: u64) {
+        debug_assert!(frame + PAGE <= self.size && frame % PAGE == 0);
         // SAFETY: `frame` is a frame below `size` (from `bump`), so the page-aligned host
         // range lies inside the guest mapping we own; MADV_DONTNEED on private anonymous
         // memory only replaces its contents with zeroes, which no Rust reference observes.
@@ -694,7 +701,6 @@ impl GuestMem {
             );
         }
         self.mark_dirty(frame, PAGE);
-        self.free.push(frame);
     }
 
     /// Called before the vCPU runs: the page-table frames made so far are about to be seen by
@@ -922,18 +928,7 @@ impl GuestMem {
                 if gpa >= self.size {
                     let _ = self.copy_to(gpa, &vec![0u8; n as usize]);
                 } else if n == PAGE {
-                    // MADV_DONTNEED on private anonymous memory only replaces its contents
-                    // with zeroes, which no Rust reference observes.
-                    // SAFETY: `gpa` is a frame from `bump`, so the page-aligned host
-                    // range lies inside the guest mapping we own.
-                    unsafe {
-                        libc::madvise(
-                            self.host.add(gpa as usize) as *mut libc::c_void,
-                            PAGE as usize,
-                            libc::MADV_DONTNEED,
-                        );
-                    }
-                    self.mark_dirty(gpa, PAGE);
+                    self.zero_frame(gpa);
                 } else {
                     let _ = self
                         .mem
