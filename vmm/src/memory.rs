@@ -689,7 +689,7 @@ impl GuestMem {
 
     /// Zero a RAM frame by giving its memory back to the host (recorded as dirty).
     fn zero_frame(&self, frame: u64) {
-        debug_assert!(frame + PAGE <= self.size && frame % PAGE == 0);
+        debug_assert!(frame + PAGE <= self.size && frame.is_multiple_of(PAGE));
         // SAFETY: `frame` is a frame below `size` (from `bump`), so the page-aligned host
         // range lies inside the guest mapping we own; MADV_DONTNEED on private anonymous
         // memory only replaces its contents with zeroes, which no Rust reference observes.
