@@ -12,11 +12,16 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
+mod futex;
 mod mem;
 mod net;
 mod pause;
 mod procfs;
+mod signal;
 mod time;
+
+pub use signal::signal_name;
+use signal::Signals;
 
 use mem::last_errno;
 pub use pause::{install_kick_handler, install_signal_handlers, pending_signal, PauseHandle};
@@ -117,47 +122,6 @@ impl Default for Prctl {
             timerslack_ns: 50_000,
             child_subreaper: false,
         }
-    }
-}
-
-/// Guest signal dispositions (bookkeeping only: handlers are not yet delivered to).
-struct Signals {
-    actions: [[u8; 32]; 65],
-    mask: u64,
-    /// Signals sent while blocked, waiting to be unblocked (bit `sig - 1`).
-    pending: u64,
-    altstack: [u8; 24],
-}
-
-const SIG_IGN: u64 = 1;
-
-impl Signals {
-    fn new() -> Self {
-        let mut altstack = [0u8; 24];
-        altstack[8..12].copy_from_slice(&2i32.to_le_bytes()); // SS_DISABLE
-        Signals {
-            actions: [[0; 32]; 65],
-            mask: 0,
-            pending: 0,
-            altstack,
-        }
-    }
-    fn handler(&self, sig: usize) -> u64 {
-        u64::from_le_bytes(self.actions[sig][0..8].try_into().expect("8 bytes"))
-    }
-    /// Whether the signal's default action (or SIG_IGN) ignores it.
-    fn ignored(&self, sig: i32) -> bool {
-        let h = self.handler(sig as usize);
-        h == SIG_IGN
-            || (h == 0
-                && matches!(
-                    sig,
-                    libc::SIGCHLD | libc::SIGURG | libc::SIGWINCH | libc::SIGCONT
-                ))
-            || matches!(
-                sig,
-                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-            )
     }
 }
 
@@ -1441,138 +1405,6 @@ impl Vm {
         Ok(Step::Ret(0))
     }
 
-    fn futex(&mut self, a: [u64; 6]) -> Result<Step, i64> {
-        const WAIT: u64 = 0;
-        const WAKE: u64 = 1;
-        const WAIT_BITSET: u64 = 9;
-        const WAKE_BITSET: u64 = 10;
-        if let Some(host) = self.shared_futex(a[0]) {
-            return self.host_futex(host, a);
-        }
-        match a[1] & 0x7f {
-            WAIT | WAIT_BITSET => {
-                let cur = u32::from_le_bytes(self.read_guest::<4>(a[0])?);
-                if cur != a[2] as u32 {
-                    return Err(EAGAIN);
-                }
-                // One thread: nobody can wake us. Honour a timeout; otherwise this is a deadlock.
-                if a[3] != 0 {
-                    let clock = if a[1] & 0x7f == WAIT_BITSET && a[1] & 256 != 0 {
-                        libc::CLOCK_REALTIME
-                    } else {
-                        libc::CLOCK_MONOTONIC
-                    };
-                    let flags = if a[1] & 0x7f == WAIT_BITSET {
-                        libc::TIMER_ABSTIME
-                    } else {
-                        0
-                    };
-                    self.sleep(clock, flags, a[3], 0)?;
-                    return Err(ETIMEDOUT);
-                }
-                eprintln!(
-                    "mosvm: {}: futex wait with no other thread: deadlock",
-                    self.program.display()
-                );
-                Ok(Step::Exit(Outcome::Signaled(libc::SIGABRT)))
-            }
-            WAKE | WAKE_BITSET => Ok(Step::Ret(0)),
-            _ => Err(ENOSYS),
-        }
-    }
-
-    /// The host address behind `uaddr` when it lies in a shared mapping (file, memfd, SysV
-    /// segment): its futex is shared with other processes (a POSIX named semaphore, a
-    /// process-shared mutex), so the host's futex must wait and wake on it.
-    fn shared_futex(&self, uaddr: u64) -> Option<u64> {
-        let (start, v) = self.space.vma_at(uaddr)?;
-        if !matches!(v.kind, VmaKind::Shared | VmaKind::Shm) {
-            return None;
-        }
-        let gpa = v.window_at(start, uaddr)?;
-        self.space.mem.window_ref()?.host_addr(gpa)
-    }
-
-    /// futex(2) on a shared mapping, made by the host on the VMM's mapping of the same pages:
-    /// FUTEX_WAIT/WAKE and their BITSET forms, with the guest's flags (PRIVATE, CLOCK_REALTIME)
-    /// and timeout (an absolute one on the guest's clock is moved to the host's). Other
-    /// operations there are ENOSYS. A wait is interrupted (and reissued) when the guest moves
-    /// or `mosvm run` gets a signal.
-    fn host_futex(&mut self, host: u64, a: [u64; 6]) -> Result<Step, i64> {
-        const WAIT: u64 = 0;
-        const WAKE: u64 = 1;
-        const WAIT_BITSET: u64 = 9;
-        const WAKE_BITSET: u64 = 10;
-        let op = a[1] & 0x7f;
-        if !matches!(op, WAIT | WAKE | WAIT_BITSET | WAKE_BITSET) {
-            return Err(ENOSYS);
-        }
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        let timeout = if matches!(op, WAIT | WAIT_BITSET) && a[3] != 0 {
-            let b = self.read_guest::<16>(a[3])?;
-            ts.tv_sec = i64::from_le_bytes(b[..8].try_into().expect("8"));
-            ts.tv_nsec = i64::from_le_bytes(b[8..].try_into().expect("8"));
-            if op == WAIT_BITSET && ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
-                let clock = if a[1] & 256 != 0 {
-                    libc::CLOCK_REALTIME
-                } else {
-                    libc::CLOCK_MONOTONIC
-                };
-                shift_ts(&mut ts, -self.clock_offset(clock));
-            }
-            &ts as *const libc::timespec as u64
-        } else {
-            a[3]
-        };
-        // SAFETY: `host` is an address in the VMM's own shared mapping of the guest's pages
-        // (the file window); the kernel reads the futex word there and checks it itself
-        // (EFAULT past the end of a truncated file). `timeout` is NULL, the guest's value for
-        // a wake (a count, not a pointer), or `ts`, alive for the call.
-        let r = unsafe { libc::syscall(libc::SYS_futex, host, a[1], a[2], timeout, 0u64, a[5]) };
-        if r < 0 {
-            return Err(last_errno());
-        }
-        Ok(Step::Ret(r as i64))
-    }
-
-    fn kill(&mut self, pid: i64, sig: i32, a: [u64; 6]) -> Result<Step, i64> {
-        let own = pid == self.pid || pid == 0;
-        if !own {
-            // Another process: the deputy sends it, from home.
-            let nr = libc::SYS_kill;
-            let r = self.call_deputy(nr, [pid as u64, sig as u64, 0, 0, 0, 0], vec![]);
-            let _ = a;
-            return Ok(Step::Ret(r.ret));
-        }
-        if !(0..=64).contains(&sig) {
-            return Err(EINVAL);
-        }
-        if sig == 0 || self.sig.ignored(sig) {
-            return Ok(Step::Ret(0));
-        }
-        if self.sig.mask & 1 << (sig - 1) != 0 {
-            // Blocked: it waits until unblocked (signal(7)).
-            self.sig.pending |= 1 << (sig - 1);
-            return Ok(Step::Ret(0));
-        }
-        Ok(self.take_signal(sig))
-    }
-
-    /// A signal reaches the guest: its default action (handlers are not run yet).
-    fn take_signal(&mut self, sig: i32) -> Step {
-        if self.sig.handler(sig as usize) > SIG_IGN && self.warned.insert(1000 + sig as u64) {
-            eprintln!(
-                "mosvm: {}: signal handlers are not delivered yet; {} takes its default action",
-                self.program.display(),
-                signal_name(sig)
-            );
-        }
-        Step::Exit(Outcome::Signaled(sig))
-    }
-
     /// One line of JSON with the run's counters and phase times.
     pub fn stats_json(&self) -> String {
         let s = &self.stats;
@@ -1619,49 +1451,6 @@ fn getrandom(buf: &mut [u8]) {
         }
         done += r as usize;
     }
-}
-
-/// "SIGSEGV" for 11, and so on.
-pub fn signal_name(sig: i32) -> String {
-    let names = [
-        "",
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGILL",
-        "SIGTRAP",
-        "SIGABRT",
-        "SIGBUS",
-        "SIGFPE",
-        "SIGKILL",
-        "SIGUSR1",
-        "SIGSEGV",
-        "SIGUSR2",
-        "SIGPIPE",
-        "SIGALRM",
-        "SIGTERM",
-        "SIGSTKFLT",
-        "SIGCHLD",
-        "SIGCONT",
-        "SIGSTOP",
-        "SIGTSTP",
-        "SIGTTIN",
-        "SIGTTOU",
-        "SIGURG",
-        "SIGXCPU",
-        "SIGXFSZ",
-        "SIGVTALRM",
-        "SIGPROF",
-        "SIGWINCH",
-        "SIGIO",
-        "SIGPWR",
-        "SIGSYS",
-    ];
-    names
-        .get(sig as usize)
-        .filter(|n| !n.is_empty())
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| format!("signal {sig}"))
 }
 
 #[cfg(test)]
