@@ -138,6 +138,10 @@ fn protection_flips_outlast_guest_memory() {
     }
 }
 
+// Priority-inheritance futex operations (LOCK_PI, TRYLOCK_PI, UNLOCK_PI, an owner that died)
+// and get_robust_list, in one thread; PI and robust mutexes through the C library.
+image_tests!(futexpi, |c| c);
+
 /// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
 /// file) at the same point as natively.
 #[test]

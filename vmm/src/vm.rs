@@ -148,6 +148,8 @@ pub struct Vm {
     last_fault: Option<u64>,
     /// Since when a call that runs only at home has waited for the process to get there.
     home_wait: Option<Instant>,
+    /// The robust futex list head set_robust_list registered (0: none).
+    robust_list: u64,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
@@ -180,6 +182,8 @@ pub struct VmmState {
     pml4: u64,
     /// Frames below `used` that hold nothing (unmapped pages, retired page tables).
     free_frames: Vec<u64>,
+    /// The robust futex list head (set_robust_list).
+    robust_list: u64,
     vmas: Vec<(u64, crate::mm::Vma)>,
     brk_start: u64,
     brk: u64,
@@ -375,6 +379,7 @@ impl Vm {
             warned: Default::default(),
             last_fault: None,
             home_wait: None,
+            robust_list: 0,
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -551,6 +556,7 @@ impl Vm {
             used: self.space.mem.used(),
             pml4: self.space.mem.cr3(),
             free_frames: self.space.mem.free_list(),
+            robust_list: self.robust_list,
             vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
             brk_start: self.space.brk_start,
             brk: self.space.brk,
@@ -666,6 +672,7 @@ impl Vm {
             warned: Default::default(),
             last_fault: None,
             home_wait: None,
+            robust_list: v.robust_list,
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -1020,8 +1027,19 @@ impl Vm {
             libc::SYS_set_tid_address => ok(self.pid),
             // set_robust_list(2): the head must be `struct robust_list_head` (24 bytes).
             libc::SYS_set_robust_list if a[1] != 24 => Err(EINVAL),
-            libc::SYS_set_robust_list => ok(0),
-            libc::SYS_get_robust_list | libc::SYS_rseq | libc::SYS_membarrier => Err(ENOSYS),
+            libc::SYS_set_robust_list => {
+                self.robust_list = a[0];
+                ok(0)
+            }
+            // get_robust_list(2): this thread's head (pid 0 or its own); another process's
+            // is not the guest's to read.
+            libc::SYS_get_robust_list if a[0] != 0 && a[0] as i64 != self.pid => Err(EPERM),
+            libc::SYS_get_robust_list => {
+                self.write_guest(a[1], &self.robust_list.to_le_bytes())?;
+                self.write_guest(a[2], &24u64.to_le_bytes())?;
+                ok(0)
+            }
+            libc::SYS_rseq | libc::SYS_membarrier => Err(ENOSYS),
             libc::SYS_prlimit64 => self.prlimit(a[0], a[1], a[2], a[3]),
             libc::SYS_getrlimit => self.prlimit(0, a[0], 0, a[1]),
             libc::SYS_setrlimit => self.prlimit(0, a[0], a[1], 0),

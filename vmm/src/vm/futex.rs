@@ -1,8 +1,14 @@
 //! futex(2): a single-threaded guest's own futexes, and the host's futex for words in shared
 //! mappings (a POSIX named semaphore, a process-shared mutex).
 
-use super::{last_errno, shift_ts, Outcome, Step, Vm, EAGAIN, ENOSYS, ETIMEDOUT};
+use super::{last_errno, shift_ts, Outcome, Step, Vm, EAGAIN, ENOSYS, EPERM, ESRCH, ETIMEDOUT};
 use crate::mm::VmaKind;
+
+const LOCK_PI: u64 = 6;
+const UNLOCK_PI: u64 = 7;
+const TRYLOCK_PI: u64 = 8;
+const LOCK_PI2: u64 = 13;
+const EDEADLK: i64 = libc::EDEADLK as i64;
 
 impl Vm {
     pub(super) fn futex(&mut self, a: [u64; 6]) -> Result<Step, i64> {
@@ -41,7 +47,35 @@ impl Vm {
                 Ok(Step::Exit(Outcome::Signaled(libc::SIGABRT)))
             }
             WAKE | WAKE_BITSET => Ok(Step::Ret(0)),
+            LOCK_PI | LOCK_PI2 | TRYLOCK_PI | UNLOCK_PI => self.pi_futex(a[0], a[1] & 0x7f),
             _ => Err(ENOSYS),
+        }
+    }
+
+    /// The priority-inheritance futex operations for the process's one thread (futex(2),
+    /// "Priority-inheritance futexes"): the word holds the owner's TID. Locking a free word
+    /// takes it (keeping FUTEX_OWNER_DIED), locking one's own is EDEADLK; a word owned by a
+    /// TID that is not this thread's belongs to no live thread: LOCK_PI gives ESRCH,
+    /// TRYLOCK_PI EAGAIN. Unlocking a word one does not own is EPERM.
+    fn pi_futex(&mut self, uaddr: u64, op: u64) -> Result<Step, i64> {
+        const TID_MASK: u32 = 0x3fff_ffff;
+        const OWNER_DIED: u32 = 0x4000_0000;
+        let tid = self.pid as u32;
+        let val = u32::from_le_bytes(self.read_guest::<4>(uaddr)?);
+        let owner = val & TID_MASK;
+        match op {
+            UNLOCK_PI if owner != tid => Err(EPERM),
+            UNLOCK_PI => {
+                self.write_guest(uaddr, &0u32.to_le_bytes())?;
+                Ok(Step::Ret(0))
+            }
+            _ if owner == tid => Err(EDEADLK),
+            _ if owner == 0 => {
+                self.write_guest(uaddr, &(tid | (val & OWNER_DIED)).to_le_bytes())?;
+                Ok(Step::Ret(0))
+            }
+            TRYLOCK_PI => Err(EAGAIN),
+            _ => Err(ESRCH),
         }
     }
 
