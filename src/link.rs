@@ -517,11 +517,10 @@ mod tests {
         });
         assert_eq!(r.ret, 5);
         let mut buf = [0u8; 5];
-        // SAFETY: reading into a local buffer from our own pipe.
-        assert_eq!(
-            unsafe { libc::read(pr, buf.as_mut_ptr() as *mut libc::c_void, 5) },
-            5
-        );
+        let dst = buf.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: reading 5 bytes into a local 5-byte buffer from our own pipe.
+        let n = unsafe { libc::read(pr, dst, 5) };
+        assert_eq!(n, 5);
         assert_eq!(&buf, b"hello");
         let bad = rd.call(Request {
             nr: libc::SYS_close as u64,

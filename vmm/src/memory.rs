@@ -531,7 +531,7 @@ impl GuestMem {
         Ok((f, true))
     }
 
-    /// Write the leaf entry of `va` (whose tables exist). Adding rights is done in place: an
+    /// Write the leaf entry of `va`, found at `at` by the caller. Adding rights is done in place: an
     /// MMU re-reads an entry that refused an access before it reports a fault. Taking rights
     /// away is not: KVM's shadow paging (KVM-PVM here) caches translations built from a
     /// page-table page and does not see the VMM write to it, nor does reloading the same CR3
@@ -539,10 +539,7 @@ impl GuestMem {
     /// page table ever used (and so no cache knows), changed there, and the vCPU loads the new
     /// root before it runs again ([`GuestMem::take_new_root`]). The old tables become free
     /// data frames; a frame that was once a page table is never a page table again.
-    fn set_entry(&mut self, va: u64, new: u64) -> Result<(), NoMem> {
-        let Some(at) = self.leaf(va, false)? else {
-            return Ok(());
-        };
+    fn set_entry(&mut self, va: u64, at: u64, new: u64) -> Result<(), NoMem> {
         let old = self.read_u64(at);
         if old == new {
             return Ok(());
@@ -720,7 +717,7 @@ impl GuestMem {
         while let Some(p) = self.next_mapped(cur, end) {
             let at = self.leaf(p, false)?.ok_or(NoMem)?;
             let old = self.read_u64(at);
-            self.set_entry(p, (old & ADDR_MASK) | access.flags())?;
+            self.set_entry(p, at, (old & ADDR_MASK) | access.flags())?;
             cur = p + PAGE;
         }
         Ok(())
@@ -733,7 +730,7 @@ impl GuestMem {
         while let Some(p) = self.next_mapped(cur, end) {
             let at = self.leaf(p, false)?.ok_or(NoMem)?;
             let frame = self.read_u64(at) & ADDR_MASK;
-            self.set_entry(p, 0)?;
+            self.set_entry(p, at, 0)?;
             if frame < self.size {
                 self.release(frame);
             }
@@ -1015,10 +1012,10 @@ impl MemView {
         let Ok(host) = self.mem.get_host_address(GuestAddress(0)) else {
             return Vec::new();
         };
+        let (start, out) = (host as *mut libc::c_void, vec.as_mut_ptr());
         // SAFETY: `host..host+used` is the start of the guest mapping (used <= size), and
         // `vec` has one byte per page of it, as mincore requires.
-        let r =
-            unsafe { libc::mincore(host as *mut libc::c_void, used as usize, vec.as_mut_ptr()) };
+        let r = unsafe { libc::mincore(start, used as usize, out) };
         if r != 0 {
             return (0..pages as u64).collect();
         }

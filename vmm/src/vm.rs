@@ -424,15 +424,13 @@ impl Vm {
         IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
         let p = self.pause.inner.clone();
         // SAFETY: pthread_self has no preconditions.
-        p.thread
-            .store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+        let me = unsafe { libc::pthread_self() };
+        p.thread.store(me as u64, Ordering::SeqCst);
         p.immediate_exit.store(ie, Ordering::SeqCst);
         p.running.store(true, Ordering::SeqCst);
         // SAFETY: gettid has no arguments and cannot fail.
-        GUEST_TID.store(
-            unsafe { libc::syscall(libc::SYS_gettid) } as i32,
-            Ordering::SeqCst,
-        );
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        GUEST_TID.store(tid as i32, Ordering::SeqCst);
         let out = self.run_loop();
         GUEST_TID.store(0, Ordering::SeqCst);
         p.running.store(false, Ordering::SeqCst);

@@ -250,7 +250,7 @@ impl Window {
     }
 
     /// What the range starting at guest physical `gpa` holds.
-    pub fn sharing(&self, gpa: u64) -> Option<Sharing> {
+    fn sharing(&self, gpa: u64) -> Option<Sharing> {
         let off = gpa.checked_sub(WINDOW_BASE)?;
         let (s, (n, k)) = self.used.range(..=off).next_back()?;
         (off < s + n).then_some(*k)
@@ -392,14 +392,6 @@ impl Window {
     /// Whether any range is in use.
     pub fn is_empty(&self) -> bool {
         self.used.is_empty()
-    }
-
-    /// Every range in use: (guest physical address, length, sharing).
-    pub fn ranges(&self) -> Vec<(u64, u64, Sharing)> {
-        self.used
-            .iter()
-            .map(|(s, (n, k))| (WINDOW_BASE + s, *n, *k))
-            .collect()
     }
 }
 

@@ -704,9 +704,9 @@ impl Call {
             return Ok(());
         };
         let mut ds = [0u8; 104];
-        // SAFETY: IPC_STAT writes one `struct semid_ds` (104 bytes on x86-64) into `ds`.
-        let r =
-            unsafe { libc::syscall(libc::SYS_semctl, a[0], 0, libc::IPC_STAT, ds.as_mut_ptr()) };
+        let out = ds.as_mut_ptr();
+        // SAFETY: IPC_STAT writes one `struct semid_ds` (104 bytes on x86-64) at `out`, into `ds`.
+        let r = unsafe { libc::syscall(libc::SYS_semctl, a[0], 0, libc::IPC_STAT, out) };
         if r < 0 {
             return Err(std::io::Error::last_os_error()
                 .raw_os_error()

@@ -191,35 +191,33 @@ impl Vm {
         if prot == 0 {
             return Ok(());
         }
-        {
-            let runs = self
-                .space
-                .mem
-                .host_runs_for_write(start, page_up(len) as usize)
-                .map_err(|_| EFAULT)?;
-            let mut done = 0u64;
-            for (ptr, n) in runs {
-                // SAFETY: `ptr..ptr+n` is guest memory backing the new mapping (just created,
-                // so nothing else refers to it), and the vCPU is stopped in this exit.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
-                let mut got = 0usize;
-                while got < n {
-                    let r =
-                        self.deputy
-                            .pread_into(fd as u64, off + done + got as u64, &mut dst[got..]);
-                    if r < 0 {
-                        let _ = self.space.munmap(start, len);
-                        return Err(-r);
-                    }
-                    if r == 0 {
-                        break;
-                    }
-                    got += r as usize;
+        let runs = self
+            .space
+            .mem
+            .host_runs_for_write(start, page_up(len) as usize)
+            .map_err(|_| EFAULT)?;
+        let mut done = 0u64;
+        for (ptr, n) in runs {
+            // SAFETY: `ptr..ptr+n` is guest memory backing the new mapping (just created,
+            // so nothing else refers to it), and the vCPU is stopped in this exit.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
+            let mut got = 0usize;
+            while got < n {
+                let r = self
+                    .deputy
+                    .pread_into(fd as u64, off + done + got as u64, &mut dst[got..]);
+                if r < 0 {
+                    let _ = self.space.munmap(start, len);
+                    return Err(-r);
                 }
-                done += got as u64;
-                if got < n {
+                if r == 0 {
                     break;
                 }
+                got += r as usize;
+            }
+            done += got as u64;
+            if got < n {
+                break;
             }
         }
         Ok(())
