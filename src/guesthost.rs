@@ -317,7 +317,9 @@ pub fn main() -> ExitCode {
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
-                home_link.tell_last(&Message::Exit { status: out.code() });
+                home_link.tell_last(&Message::Exit {
+                    status: out.to_wire(),
+                });
                 return ExitCode::SUCCESS;
             }
             Err(e) => {

@@ -13,17 +13,17 @@ use vmm::deputy::{Deputy, Reply, Request, Slot};
 /// Exit status of `mosvm run` when the node hosting its process is lost.
 pub const LOST_HOST_STATUS: u8 = 112;
 
-/// Keep SIGINT, SIGTERM, SIGHUP and SIGQUIT for the vCPU thread: helper threads block them,
-/// so the kernel delivers them where they interrupt KVM_RUN.
+/// Keep the signals meant for the guest for the vCPU thread (or, at home while the guest is
+/// away, the thread serving its deputy): helper threads block them, so the kernel delivers
+/// them where they interrupt KVM_RUN or a blocking call.
 pub fn block_host_signals() {
-    // SAFETY: building a signal set and changing this thread's mask touch only local state.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    vmm::vm::block_guest_signals();
+}
+
+/// At home while the guest is away: pass the signals `mosvm run` received on to it.
+fn forward_signals(writer: &Wire) {
+    for (sig, _) in vmm::vm::take_host_signals() {
+        let _ = writer.send(&Message::Signal { sig });
     }
 }
 
@@ -236,6 +236,9 @@ impl Deputy for RemoteDeputy {
             return eio();
         }
         let mut cancelled = false;
+        // A signal came for the guest while the call waits at home: it is interrupted there
+        // and the VMM decides (handler with or without SA_RESTART) as for a local call.
+        let mut for_signal = false;
         let mut last_cancel = std::time::Instant::now();
         loop {
             match rd.recv_within(std::time::Duration::from_millis(20)) {
@@ -245,7 +248,7 @@ impl Deputy for RemoteDeputy {
                         self.router.dispatch(m);
                     }
                     drop(rd);
-                    if cancelled && r.ret == -EINTR {
+                    if cancelled && r.ret == -EINTR && !for_signal {
                         return self.restart();
                     }
                     return Reply {
@@ -258,7 +261,11 @@ impl Deputy for RemoteDeputy {
                     // Ask home to interrupt the call, and ask again now and then: a request
                     // to interrupt that lands just before the call blocks is lost.
                     let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
-                    if (self.router.must_move)() && (!cancelled || again) {
+                    let signal = vmm::vm::host_signals_pending();
+                    if signal && !cancelled {
+                        for_signal = true;
+                    }
+                    if ((self.router.must_move)() || signal) && (!cancelled || again) {
                         cancelled = true;
                         last_cancel = std::time::Instant::now();
                         let _ = link.send(&Message::Cancel { seq });
@@ -292,6 +299,10 @@ impl RemoteDeputy {
 pub fn serve_request(writer: &Wire, deputy: &mut dyn Deputy, r: DeputyRequest) -> bool {
     let seq = r.seq;
     let reply = deputy.call(from_wire(r));
+    if reply.ret == -EINTR {
+        // A signal interrupted the call here: it reaches the guest before the reply does.
+        forward_signals(writer);
+    }
     let msg = Message::DeputyReply(DeputyReply {
         seq,
         ret: reply.ret,
@@ -338,14 +349,8 @@ pub fn serve_home(
         let (writer, done) = (writer.clone(), done.clone());
         std::thread::spawn(move || {
             block_host_signals();
-            let mut sent = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Some(sig) = vmm::vm::pending_signal() {
-                    if sig != sent {
-                        sent = sig;
-                        let _ = writer.send(&Message::Signal { sig });
-                    }
-                }
+                forward_signals(&writer);
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         });

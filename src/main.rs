@@ -230,11 +230,16 @@ fn run(a: RunArgs) -> ExitCode {
     vmm::deputy::raise_own_nofile();
     let reg = register(a.socket.as_deref(), &vm);
     match run_guest(vm, reg) {
-        Ok((code, vm)) => {
+        Ok((status, vm)) => {
             if let Some(vm) = vm.filter(|vm| vm.wants_stats()) {
                 eprintln!("{}", vm.stats_json());
             }
-            ExitCode::from(code as u8)
+            match vmm::vm::Outcome::from_wire(status) {
+                // Killed: `mosvm run` dies of the same signal, so its parent sees what it
+                // would natively.
+                vmm::vm::Outcome::Signaled(sig) => vmm::vm::die_by(sig),
+                vmm::vm::Outcome::Exited(code) => ExitCode::from(code as u8),
+            }
         }
         Err(e) => {
             eprintln!("mosvm: {e:#}");
@@ -488,7 +493,7 @@ fn run_guest(
 ) -> anyhow::Result<(i32, Option<vmm::vm::Vm>)> {
     loop {
         if let Some(out) = vm.run_or_pause()? {
-            return Ok((out.code(), Some(vm)));
+            return Ok((out.to_wire(), Some(vm)));
         }
         let pause = vm.pause_handle();
         let job = reg

@@ -142,6 +142,14 @@ fn protection_flips_outlast_guest_memory() {
 // and get_robust_list, in one thread; PI and robust mutexes through the C library.
 image_tests!(futexpi, |c| c);
 
+// Signal handlers: frames, masks, sigaltstack, faults recovered with siglongjmp, timers,
+// SA_RESTART against EINTR, sigtimedwait, sigqueue, SIGPIPE.
+image_tests!(sighandlers, |c| c);
+
+// execve: errno for what cannot run, a `#!` script, descriptors and signal state across
+// exec, and a chain on through /bin/sh whose exit status is the process's.
+image_tests!(execchain, |c| c.expect_status(Some(42)));
+
 /// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
 /// file) at the same point as natively.
 #[test]

@@ -149,6 +149,19 @@ pub fn guest_xcr0(host: &Host) -> u64 {
         | 0x3
 }
 
+/// Bytes of the guest's XSAVE image in standard format for its XCR0 (CPUID leaf 0xd): what
+/// a signal frame holds of the FPU/SSE/AVX state (`fpu_user_cfg.max_size` in Linux).
+pub fn xstate_size(host: &Host) -> u64 {
+    let xcr0 = guest_xcr0(host);
+    host.cpuid
+        .as_slice()
+        .iter()
+        .filter(|e| e.function == 0xd && (2..63).contains(&e.index))
+        .filter(|e| xcr0 & (1 << e.index) != 0)
+        .map(|e| e.ebx as u64 + e.eax as u64)
+        .fold(576, u64::max)
+}
+
 /// AT_HWCAP: CPUID leaf 1 EDX as the guest's own `cpuid` instruction reports it. Ring-3
 /// CPUID is not intercepted on every KVM, so the host's value (not KVM's supported mask) is what
 /// the program sees, and what Linux reports natively.

@@ -11,6 +11,7 @@ pub mod forward;
 pub mod loader;
 pub mod memory;
 pub mod mm;
+pub mod sigframe;
 pub mod snapshot;
 pub mod table;
 pub mod vm;

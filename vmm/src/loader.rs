@@ -228,6 +228,25 @@ fn read_file(path: &Path) -> Result<memmap2::Mmap, std::io::Error> {
     unsafe { memmap2::Mmap::map(&f) }
 }
 
+/// Check that `path` can be loaded (an x86-64 ELF executable whose interpreter, if it names
+/// one, is one too) without touching any guest memory: execve(2) fails before its point of no
+/// return when this fails.
+pub fn check(path: &Path) -> Result<(), LoadError> {
+    let bytes = read_file(path).map_err(|e| LoadError::Io(path.into(), e))?;
+    let elf = parse(path, &bytes)?;
+    if let Some(interp) = elf.interpreter {
+        let ipath = PathBuf::from(interp);
+        let ibytes = read_file(&ipath).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                LoadError::MissingInterpreter(path.into(), interp.to_owned())
+            }
+            _ => LoadError::Io(ipath.clone(), e),
+        })?;
+        parse(&ipath, &ibytes)?;
+    }
+    Ok(())
+}
+
 /// Load `path` (and its interpreter) into `space` and build the initial stack.
 pub fn load(
     space: &mut AddressSpace,
@@ -305,6 +324,17 @@ const AT_SECURE: u64 = 23;
 const AT_RANDOM: u64 = 25;
 const AT_HWCAP2: u64 = 26;
 const AT_EXECFN: u64 = 31;
+const AT_MINSIGSTKSZ: u64 = 51;
+
+/// AT_MINSIGSTKSZ: the largest signal frame this CPU's state needs. The guest runs with the
+/// host's CPU state components, so the host kernel's own value is the guest's.
+fn minsigstksz() -> u64 {
+    // SAFETY: getauxval reads this process's auxiliary vector; it has no preconditions.
+    match unsafe { libc::getauxval(AT_MINSIGSTKSZ) } {
+        0 => 2048,
+        v => v,
+    }
+}
 
 /// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`. Returns rsp and where the
 /// strings and the auxiliary vector are.
@@ -351,6 +381,7 @@ fn build_stack(
     sp &= !15;
 
     let auxv: Vec<(u64, u64)> = vec![
+        (AT_MINSIGSTKSZ, minsigstksz()),
         (AT_HWCAP, facts.hwcap),
         (AT_PAGESZ, PAGE),
         (AT_CLKTCK, 100),

@@ -12,6 +12,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
+mod exec;
 mod futex;
 mod mem;
 mod net;
@@ -21,10 +22,13 @@ mod signal;
 mod time;
 
 pub use signal::signal_name;
-use signal::Signals;
+use signal::{Resume, Signals};
 
 use mem::last_errno;
-pub use pause::{install_kick_handler, install_signal_handlers, pending_signal, PauseHandle};
+pub use pause::{
+    block_guest_signals, caught, die_by, host_signals_pending, install_kick_handler,
+    install_signal_handlers, take_host_signals, PauseHandle,
+};
 use pause::{GUEST_TID, IMMEDIATE_EXIT, THROTTLE_PERIOD};
 use std::time::Instant;
 use time::{host_mono_ns, shift_ts, timespec_bytes};
@@ -59,6 +63,23 @@ impl Outcome {
         match self {
             Outcome::Exited(c) => *c & 0xff,
             Outcome::Signaled(s) => 128 + s,
+        }
+    }
+
+    /// As an exit report travels home: the status 0..=255, or 256 + the signal.
+    pub fn to_wire(&self) -> i32 {
+        match self {
+            Outcome::Exited(c) => *c & 0xff,
+            Outcome::Signaled(s) => 256 + s,
+        }
+    }
+
+    /// Read what [`Outcome::to_wire`] produced.
+    pub fn from_wire(w: i32) -> Outcome {
+        if (257..=320).contains(&w) {
+            Outcome::Signaled(w - 256)
+        } else {
+            Outcome::Exited(w & 0xff)
         }
     }
 }
@@ -99,6 +120,8 @@ use crate::deputy::marshal::MAX_XFER;
 enum Step {
     Ret(i64),
     Exit(Outcome),
+    /// rt_sigreturn: resume at these user registers.
+    Resume(kvm_bindings::kvm_regs),
 }
 
 /// What prctl(2) sets on a process (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, ...).
@@ -136,6 +159,8 @@ pub struct Vm {
     program: PathBuf,
     pid: i64,
     sig: Signals,
+    /// The guest's XSAVE image size in bytes and its XCR0 (signal frames hold the image).
+    xstate: (u64, u64),
     rlimits: [[u64; 2]; 16],
     comm: [u8; 16],
     prctl: Prctl,
@@ -190,8 +215,12 @@ pub struct VmmState {
     pid: i64,
     sig_actions: Vec<Vec<u8>>,
     sig_mask: u64,
-    sig_pending: u64,
-    altstack: Vec<u8>,
+    /// Pending signals' `siginfo_t`s, oldest first.
+    sig_queue: Vec<Vec<u8>>,
+    altstack: crate::sigframe::AltStack,
+    sig_trap: [u64; 3],
+    /// ITIMER_REAL, _VIRTUAL, _PROF: (interval, value) in µs.
+    itimers: Vec<[u64; 2]>,
     rlimits: Vec<[u64; 2]>,
     comm: Vec<u8>,
     prctl: Prctl,
@@ -371,6 +400,7 @@ impl Vm {
             program,
             pid: 0,
             sig: Signals::new(),
+            xstate: (cpu::xstate_size(host), cpu::guest_xcr0(host)),
             rlimits,
             comm,
             prctl: Prctl::default(),
@@ -444,9 +474,6 @@ impl Vm {
 
     fn run_loop(&mut self) -> Result<Option<Outcome>> {
         loop {
-            if let Some(sig) = pending_signal() {
-                return Ok(Some(Outcome::Signaled(sig)));
-            }
             if self.pause.requested() {
                 return Ok(None);
             }
@@ -478,7 +505,13 @@ impl Vm {
                     return Ok(Some(Outcome::Signaled(libc::SIGBUS)));
                 }
                 Err(e) if e.errno() == libc::EINTR => {
-                    // A kick: when throttled, sit out the throttled share of a slice.
+                    // A kick: a signal for the guest, a pause, or throttling (sit out the
+                    // throttled share of a slice). A signal handler may have set
+                    // immediate_exit: clear it (a pause request is seen at the loop's top).
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    if let Some(out) = self.interrupt()? {
+                        return Ok(Some(out));
+                    }
                     let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
                     if pm > 0 && !self.pause.requested() {
                         std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
@@ -544,6 +577,8 @@ impl Vm {
             .map_err(|e| anyhow::anyhow!("copying file mappings: errno {e}"))?;
         self.load_new_root()?;
         let vcpu = crate::snapshot::capture(&mut self.vcpu)?;
+        // Signals the host gave `mosvm run` until now travel in the pending queue.
+        self.take_host();
         let vmm = VmmState {
             program: self.program.clone(),
             mem: self.opts.mem,
@@ -561,8 +596,10 @@ impl Vm {
             pid: self.pid,
             sig_actions: self.sig.actions.iter().map(|a| a.to_vec()).collect(),
             sig_mask: self.sig.mask,
-            sig_pending: self.sig.pending,
-            altstack: self.sig.altstack.to_vec(),
+            sig_queue: self.sig.queue.iter().map(|b| b.to_vec()).collect(),
+            altstack: self.sig.alt,
+            sig_trap: self.sig.trap,
+            itimers: signal::itimers_now(),
             rlimits: self.rlimits.to_vec(),
             comm: self.comm.to_vec(),
             prctl: self.prctl.clone(),
@@ -580,8 +617,10 @@ impl Vm {
         Ok(MigState { vcpu, vmm })
     }
 
-    /// Give up the VM (after it has moved away) and keep its deputy.
+    /// Give up the VM (after it has moved away) and keep its deputy. The interval timers
+    /// went with the guest: they stop here.
     pub fn into_deputy(self) -> Box<dyn Deputy> {
+        signal::set_itimers(&[[0, 0]; 3]);
         self.deputy
     }
 
@@ -635,10 +674,19 @@ impl Vm {
             }
         }
         sig.mask = v.sig_mask;
-        sig.pending = v.sig_pending;
-        if v.altstack.len() == 24 {
-            sig.altstack.copy_from_slice(&v.altstack);
+        for b in &v.sig_queue {
+            if let Ok(info) = <[u8; 128]>::try_from(b.as_slice()) {
+                let s = i32::from_le_bytes(info[..4].try_into().expect("4"));
+                if (1..=64).contains(&s) {
+                    sig.pending |= 1 << (s - 1);
+                    sig.queue.push_back(info);
+                }
+            }
         }
+        sig.alt = v.altstack;
+        sig.trap = v.sig_trap;
+        signal::set_itimers(&v.itimers);
+        let host = cpu::host()?;
         let mut rlimits = [[u64::MAX; 2]; 16];
         for (d, s) in rlimits.iter_mut().zip(&v.rlimits) {
             *d = *s;
@@ -662,6 +710,7 @@ impl Vm {
             program: v.program,
             pid: v.pid,
             sig,
+            xstate: (cpu::xstate_size(host), cpu::guest_xcr0(host)),
             rlimits,
             comm,
             prctl: v.prctl,
@@ -714,20 +763,32 @@ impl Vm {
             0
         };
         let rip = self.space.mem.read_u64_va(frame).unwrap_or(0);
-        let cr2 = self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0);
-        let (sig, what) = match v {
-            0 => (libc::SIGFPE, "divide error".to_string()),
-            1 | 3 => (libc::SIGTRAP, "breakpoint".to_string()),
-            6 => (libc::SIGILL, "invalid opcode".to_string()),
-            13 => (
-                libc::SIGSEGV,
-                format!("general protection fault (error {err:#x})"),
-            ),
-            14 => (libc::SIGSEGV, format!("page fault at {cr2:#x}")),
-            16 | 19 => (libc::SIGFPE, "floating-point exception".to_string()),
-            17 => (libc::SIGBUS, "alignment check".to_string()),
-            12 | 11 => (libc::SIGSEGV, "stack fault".to_string()),
-            _ => (libc::SIGSEGV, format!("exception {v}")),
+        let cr2 = if v == 14 || v == 17 {
+            self.vcpu.get_sregs().map(|s| s.cr2).unwrap_or(0)
+        } else {
+            0
+        };
+        let mxcsr = if v == 19 {
+            self.vcpu.get_xsave().map(|x| x.region[6]).unwrap_or(0)
+        } else {
+            0
+        };
+        let mapped = self.space.vma_at(cr2).is_some();
+        let (sig, code, addr) = signal::fault_signal(v, rip, cr2, mapped, mxcsr);
+        let trap = [err, v as u64, cr2];
+        if let Some(out) = self.fault_to_handler(sig, code, addr, trap, Resume::Iret(frame))? {
+            return Ok(out);
+        }
+        let what = match v {
+            0 => "divide error".to_string(),
+            1 | 3 => "breakpoint".to_string(),
+            6 => "invalid opcode".to_string(),
+            13 => format!("general protection fault (error {err:#x})"),
+            14 => format!("page fault at {cr2:#x}"),
+            16 | 19 => "floating-point exception".to_string(),
+            17 => "alignment check".to_string(),
+            12 | 11 => "stack fault".to_string(),
+            _ => format!("exception {v}"),
         };
         let name = signal_name(sig);
         eprintln!(
@@ -735,6 +796,25 @@ impl Vm {
             self.program.display()
         );
         Ok(Some(Outcome::Signaled(sig)))
+    }
+
+    /// KVM_RUN came back interrupted: deliver signals that arrived meanwhile, when the vCPU
+    /// stopped in the program's own code (in the stub, the next exit delivers them).
+    fn interrupt(&mut self) -> Result<Option<Outcome>> {
+        if !host_signals_pending() && self.sig.pending & !self.sig.mask == 0 {
+            return Ok(None);
+        }
+        let rip = self.vcpu.sync_regs_mut().regs.rip;
+        if rip >= guest::KERNEL_BASE {
+            // Inside the stub (about to exit or return): come back shortly.
+            let p = self.pause.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                p.kick();
+            });
+            return Ok(None);
+        }
+        self.deliver_signals(Resume::Direct)
     }
 
     /// Handle one syscall exit. Returns the outcome when the guest is done.
@@ -780,6 +860,7 @@ impl Vm {
             let res = match &step {
                 Step::Ret(v) => format!("{v}"),
                 Step::Exit(o) => format!("{o:?}"),
+                Step::Resume(r) => format!("resume at {:#x}", r.rip),
             };
             eprintln!(
                 "[mosvm] {}({:#x}, {:#x}, {:#x}, {:#x}) = {res} {where_} {:.1}us",
@@ -793,12 +874,20 @@ impl Vm {
         }
         match step {
             Step::Exit(o) => Ok(Some(o)),
+            Step::Resume(regs) => {
+                let how = self.resume_at(regs);
+                self.deliver_signals(how)
+            }
             Step::Ret(v) => {
                 let vmm_returns = self.vmm_returns == Some(true);
                 // A call interrupted because the guest is about to move: undo it, so the guest
-                // issues it again wherever it resumes (as Linux restarts a syscall).
+                // issues it again wherever it resumes (as Linux restarts a syscall). A call a
+                // signal interrupted is restarted unless a handler runs that asks otherwise
+                // (SA_RESTART, signal(7)).
                 let restart = v == -ERESTART
-                    || (v == -EINTR && self.pause.requested() && pending_signal().is_none());
+                    || (v == -EINTR && self.interrupted(nr).is_none_or(|again| again));
+                let quick =
+                    !restart && self.sig.pending & !self.sig.mask == 0 && !host_signals_pending();
                 let regs = &mut self.vcpu.sync_regs_mut().regs;
                 if restart {
                     regs.rax = nr;
@@ -811,7 +900,14 @@ impl Vm {
                     regs.rflags = regs.r11;
                 }
                 self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                Ok(None)
+                if quick {
+                    return Ok(None);
+                }
+                self.deliver_signals(if vmm_returns {
+                    Resume::Direct
+                } else {
+                    Resume::Sysret
+                })
             }
         }
     }
@@ -828,6 +924,13 @@ impl Vm {
     /// (`forward`).
     fn forward(&mut self, nr: u64, mut args: [u64; 6], base: &'static [A]) -> Step {
         match nr as i64 {
+            libc::SYS_rt_sigqueueinfo | libc::SYS_rt_tgsigqueueinfo
+                if args[0] as i32 as i64 == self.pid =>
+            {
+                return self
+                    .sigqueue(nr as i64, args)
+                    .unwrap_or_else(|e| Step::Ret(-e));
+            }
             libc::SYS_msgrcv if (args[2] as i64) < 0 => return Step::Ret(-EINVAL),
             libc::SYS_msgrcv => args[2] = args[2].min(table::IPC_MSG_MAX),
             libc::SYS_semctl if matches!(args[2] as i32, libc::GETALL | libc::SETALL) => {
@@ -867,15 +970,12 @@ impl Vm {
                     | libc::SYS_writev
                     | libc::SYS_pwrite64
                     | libc::SYS_pwritev
+                    | libc::SYS_pwritev2
                     | libc::SYS_sendto
+                    | libc::SYS_sendmsg
             )
-            && self.sig.handler(libc::SIGPIPE as usize) == 0
         {
-            return Step::Exit(Outcome::Signaled(libc::SIGPIPE));
-        }
-        if ret == -EINTR && pending_signal().is_some() {
-            // The VMM was interrupted by a signal to `mosvm run`: the run loop ends the guest.
-            return Step::Ret(-EINTR);
+            self.raise_sigpipe();
         }
         Step::Ret(ret)
     }
@@ -1102,11 +1202,12 @@ impl Vm {
             libc::SYS_nanosleep => self.sleep(libc::CLOCK_MONOTONIC, 0, a[0], a[1]),
             libc::SYS_clock_nanosleep => self.sleep(a[0] as i32, a[1] as i32, a[2], a[3]),
             libc::SYS_sched_yield => ok(0),
-            libc::SYS_pause => {
-                while pending_signal().is_none() && !self.pause.requested() {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(EINTR)
+            libc::SYS_pause => self.pause_call(),
+            libc::SYS_execve | libc::SYS_execveat => self.execve(nr as i64, a),
+            libc::SYS_rt_sigsuspend => self.sigsuspend(a[0], a[1]),
+            libc::SYS_rt_sigtimedwait => self.sigtimedwait(a),
+            libc::SYS_alarm | libc::SYS_getitimer | libc::SYS_setitimer => {
+                self.itimer(nr as i64, a)
             }
             libc::SYS_uname => {
                 // SAFETY: utsname is plain data; uname fills it in.
@@ -1137,10 +1238,14 @@ impl Vm {
                 let old = self.sig.actions[sig];
                 if a[1] != 0 {
                     self.sig.actions[sig] = self.read_guest::<32>(a[1])?;
-                    // A pending signal that is now ignored is discarded (signal(7)).
-                    if self.sig.ignored(sig as i32) {
-                        self.sig.pending &= !(1 << (sig - 1));
+                    // A pending signal whose action is now to ignore it is discarded, blocked
+                    // or not (sigaction(2)).
+                    let h = self.sig.handler(sig);
+                    let mask = std::mem::replace(&mut self.sig.mask, 0);
+                    if h == signal::SIG_IGN || self.sig.ignored(sig as i32) {
+                        self.sig.discard(sig as i32);
                     }
+                    self.sig.mask = mask;
                 }
                 if a[2] != 0 {
                     self.write_guest(a[2], &old)?;
@@ -1166,13 +1271,7 @@ impl Vm {
                 if a[2] != 0 {
                     self.write_guest(a[2], &old.to_le_bytes())?;
                 }
-                // Pending signals just unblocked arrive now, lowest first.
-                let ready = self.sig.pending & !self.sig.mask;
-                if ready != 0 {
-                    let sig = ready.trailing_zeros() as i32 + 1;
-                    self.sig.pending &= !(1 << (sig - 1));
-                    return Ok(self.take_signal(sig));
-                }
+                // Pending signals just unblocked arrive as the call returns.
                 ok(0)
             }
             libc::SYS_rt_sigpending => {
@@ -1183,34 +1282,16 @@ impl Vm {
                 self.write_guest(a[0], &set[..a[1] as usize])?;
                 ok(0)
             }
-            libc::SYS_sigaltstack => {
-                let old = self.sig.altstack;
-                if a[0] != 0 {
-                    // sigaltstack(2): ss_flags is 0, SS_DISABLE or SS_AUTODISARM; a stack
-                    // smaller than MINSIGSTKSZ is ENOMEM. Checked before `old` is written.
-                    let ss = self.read_guest::<24>(a[0])?;
-                    let flags = i32::from_le_bytes(ss[8..12].try_into().expect("4 bytes"));
-                    let size = u64::from_le_bytes(ss[16..24].try_into().expect("8 bytes"));
-                    const SS_AUTODISARM: i32 = 1 << 31;
-                    let mode = flags & !SS_AUTODISARM;
-                    if mode != 0 && mode != libc::SS_DISABLE && mode != libc::SS_ONSTACK {
-                        return Err(EINVAL);
-                    }
-                    if mode != libc::SS_DISABLE && size < libc::MINSIGSTKSZ as u64 {
-                        return Err(ENOMEM);
-                    }
-                    self.sig.altstack = ss;
+            libc::SYS_sigaltstack => self.sigaltstack(a[0], a[1]),
+            libc::SYS_rt_sigreturn => match self.sigreturn() {
+                Ok(step) => Ok(step),
+                Err(e) => {
+                    eprintln!("mosvm: rt_sigreturn: {e:#}");
+                    Ok(Step::Exit(Outcome::Signaled(libc::SIGSEGV)))
                 }
-                if a[1] != 0 {
-                    self.write_guest(a[1], &old)?;
-                }
-                ok(0)
-            }
-            libc::SYS_rt_sigreturn => Err(ENOSYS),
+            },
             libc::SYS_futex => self.futex(a),
-            libc::SYS_kill => self.kill(a[0] as i32 as i64, a[1] as i32, a),
-            libc::SYS_tgkill => self.kill(a[0] as i32 as i64, a[2] as i32, a),
-            libc::SYS_tkill => self.kill(a[0] as i32 as i64, a[1] as i32, a),
+            libc::SYS_kill | libc::SYS_tgkill | libc::SYS_tkill => self.kill_call(nr as i64, a),
             libc::SYS_sched_getaffinity => {
                 if (a[0] as i32) < 0 {
                     return Err(EINVAL);
@@ -1266,7 +1347,7 @@ impl Vm {
             }
             libc::SYS_prctl => self.prctl(a),
             libc::SYS_personality => ok(0),
-            libc::SYS_alarm => ok(0),
+
             _ => Err(ENOSYS),
         }
     }

@@ -94,6 +94,12 @@ pub trait Deputy {
         false
     }
 
+    /// execve(2) succeeded: close the descriptors marked close-on-exec; `exe` is the new
+    /// program (/proc/self/exe). Only a deputy at home sees it (exec runs at home).
+    fn exec(&mut self, exe: &std::path::Path) {
+        let _ = exe;
+    }
+
     /// Away from home: ask for the guest to be brought home (a call that can only run there,
     /// such as making a writable shared mapping, waits for it). False when nothing can bring
     /// it (at home, or no node to ask).
@@ -668,6 +674,21 @@ impl Drop for HostDeputy {
 }
 
 impl Deputy for HostDeputy {
+    fn exec(&mut self, exe: &std::path::Path) {
+        let doomed: Vec<u64> = self
+            .fds
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.is_some_and(|f| f.cloexec))
+            .map(|(i, _)| i as u64)
+            .collect();
+        for fd in doomed {
+            self.close(fd);
+        }
+        let abs = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+        self.exe = Some(abs.into_os_string().into_encoded_bytes());
+    }
+
     fn local_fd(&self, fd: u64) -> Option<i32> {
         self.host_fd(fd).ok()
     }

@@ -1,13 +1,16 @@
 //! Stopping and waking the vCPU thread from other threads: a pause for the switch-over of a
 //! migration, throttling while pre-copy catches up, the kick that interrupts KVM_RUN or a
-//! blocking host call, and signals sent to `mosvm run` itself (SIGINT, SIGTERM, ...), which
-//! end the guest with status 128+N.
+//! blocking host call, and the signals `mosvm run` itself receives (from other processes, the
+//! terminal, its children, its interval timers): each is recorded with its `siginfo_t` and
+//! handed to the guest at its next exit (`vm/signal.rs`).
 
-use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Signal received by `mosvm run` (0 = none); set by the handler.
-pub(super) static PENDING: AtomicI32 = AtomicI32::new(0);
+/// Host signals received and not yet taken by the VMM (bit `sig - 1`).
+pub(super) static HOST_PENDING: AtomicU64 = AtomicU64::new(0);
+/// The `siginfo_t` of the last host signal of each number, as 16 words.
+static HOST_INFO: [[AtomicU64; 16]; 65] = [const { [const { AtomicU64::new(0) }; 16] }; 65];
 /// The running vCPU's `kvm_run.immediate_exit`, so the handler can kick KVM_RUN.
 pub(super) static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 
@@ -15,14 +18,68 @@ pub(super) static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_
 pub(super) static GUEST_TID: AtomicI32 = AtomicI32::new(0);
 /// Write end of the pipe that wakes the signal watchdog (-1 before it starts).
 pub(super) static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
+/// An eventfd the handler signals: local waits (pause, sigsuspend, sleeps) poll it.
+pub(super) static WAKE: AtomicI32 = AtomicI32::new(-1);
 
-pub(super) extern "C" fn on_signal(sig: libc::c_int) {
-    PENDING.store(sig, Ordering::SeqCst);
-    let w = WATCHDOG.load(Ordering::SeqCst);
-    if w >= 0 {
-        // SAFETY: write(2) of one byte from a local is async-signal-safe; the pipe stays open
-        // for the life of the process.
-        unsafe { libc::write(w, [1u8].as_ptr().cast(), 1) };
+/// Whether host signal `sig` is taken for the guest. Not: SIGKILL and SIGSTOP (cannot be),
+/// the VMM's own fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS: a fault in
+/// the VMM must not be mistaken for one of the guest's), SIGPIPE (the VMM ignores it; the
+/// guest gets its own SIGPIPE from a write's EPIPE), and glibc's internal 32 and 33.
+pub fn caught(sig: i32) -> bool {
+    (1..=64).contains(&sig)
+        && !matches!(
+            sig,
+            libc::SIGKILL
+                | libc::SIGSTOP
+                | libc::SIGSEGV
+                | libc::SIGBUS
+                | libc::SIGILL
+                | libc::SIGFPE
+                | libc::SIGTRAP
+                | libc::SIGSYS
+                | libc::SIGPIPE
+                | 32
+                | 33
+        )
+}
+
+pub(super) extern "C" fn on_signal(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    if !(1..=64).contains(&sig) {
+        return;
+    }
+    if !info.is_null() && sig == KICK_SIGNAL {
+        // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; getpid is
+        // async-signal-safe.
+        let (code, pid) = unsafe { ((*info).si_code, (*info).si_pid()) };
+        // SAFETY: as above.
+        if code == libc::SI_TKILL && pid == unsafe { libc::getpid() } {
+            return; // the VMM's own kick: it only interrupts
+        }
+    }
+    if !info.is_null() {
+        // SAFETY: a siginfo_t is 128 bytes, readable for the duration of the handler.
+        let words = unsafe { std::slice::from_raw_parts(info as *const u64, 16) };
+        for (d, w) in HOST_INFO[sig as usize].iter().zip(words) {
+            d.store(*w, Ordering::SeqCst);
+        }
+    }
+    record(sig);
+}
+
+/// Mark host signal `sig` pending and wake whoever waits for it.
+fn record(sig: i32) {
+    HOST_PENDING.fetch_or(1 << (sig - 1), Ordering::SeqCst);
+    for fd in [WATCHDOG.load(Ordering::SeqCst), WAKE.load(Ordering::SeqCst)] {
+        if fd >= 0 {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: write(2) from a local is async-signal-safe; both descriptors are
+            // non-blocking and stay open for the life of the process.
+            unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+        }
     }
     let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
     if !p.is_null() {
@@ -33,32 +90,66 @@ pub(super) extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Once a signal has come, interrupt the guest's thread every 20 ms until the process ends: a
-/// signal delivered to another thread, or just before the guest's thread entered a blocking
-/// host call (a read of a pipe at home), would otherwise leave that call blocked.
+/// Take the host signals received so far: (number, its `siginfo_t`), lowest first.
+pub fn take_host_signals() -> Vec<(i32, [u8; 128])> {
+    let bits = HOST_PENDING.swap(0, Ordering::SeqCst);
+    (1..=64)
+        .filter(|s| bits & 1 << (s - 1) != 0)
+        .map(|s| {
+            let mut b = [0u8; 128];
+            for (i, w) in HOST_INFO[s as usize].iter().enumerate() {
+                b[8 * i..8 * i + 8].copy_from_slice(&w.load(Ordering::SeqCst).to_le_bytes());
+            }
+            (s, b)
+        })
+        .collect()
+}
+
+/// Whether host signals wait to be taken.
+pub fn host_signals_pending() -> bool {
+    HOST_PENDING.load(Ordering::SeqCst) != 0
+}
+
+/// While host signals wait to be taken, interrupt the guest's thread every 20 ms: a signal
+/// delivered to another thread, or just before the guest's thread entered a blocking host
+/// call (a read of a pipe at home), would otherwise leave that call blocked.
 pub(super) fn start_watchdog() {
     let mut p = [0i32; 2];
     // SAFETY: pipe2 fills the two descriptors it is given.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
         return;
     }
+    // SAFETY: eventfd has no memory arguments.
+    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    WAKE.store(wake, Ordering::SeqCst);
     let spawned = std::thread::Builder::new()
         .name("mosvm-signals".into())
         .spawn(move || {
-            let mut b = [0u8; 1];
-            // SAFETY: a blocking read of one byte into a local buffer.
-            while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), 1) } < 0 {}
+            block_guest_signals();
             install_kick_handler();
             loop {
-                let tid = GUEST_TID.load(Ordering::SeqCst);
-                if tid > 0 {
-                    // SAFETY: tgkill of a thread of this process with the kick signal, whose
-                    // handler does nothing: it only interrupts a blocking call.
-                    unsafe {
-                        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
+                let mut pfd = libc::pollfd {
+                    fd: p[0],
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+                let mut b = [0u8; 64];
+                // SAFETY: a non-blocking read into a local buffer.
+                while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), b.len()) } > 0 {}
+                while host_signals_pending() {
+                    let tid = GUEST_TID.load(Ordering::SeqCst);
+                    if tid > 0 {
+                        // SAFETY: tgkill of a thread of this process with the kick signal,
+                        // whose handler ignores the VMM's own kicks: it only interrupts a
+                        // blocking call.
+                        unsafe {
+                            libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
+                        }
                     }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         });
     if spawned.is_ok() {
@@ -66,30 +157,64 @@ pub(super) fn start_watchdog() {
     }
 }
 
-/// Make SIGINT, SIGTERM and SIGHUP end the guest (status 128+N) instead of killing the VMM
-/// outright, and interrupt blocking host calls (no SA_RESTART).
+/// Take every signal [`caught`] for the guest, without SA_RESTART (so a host call blocked on
+/// the guest's behalf returns EINTR and the VMM decides, as Linux would, whether the guest's
+/// call is restarted). Idempotent.
 pub fn install_signal_handlers() {
     if WATCHDOG.load(Ordering::SeqCst) < 0 {
         start_watchdog();
     }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-        // SAFETY: a zeroed sigaction with a valid handler and empty mask is a valid argument;
-        // the handler only does async-signal-safe atomic stores.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = 0;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
+    for sig in (1..=64).filter(|&s| caught(s)) {
+        set_handler(sig);
     }
 }
 
-/// A signal to `mosvm run` that has not been acted on.
-pub fn pending_signal() -> Option<i32> {
-    match PENDING.load(Ordering::SeqCst) {
-        0 => None,
-        s => Some(s),
+fn set_handler(sig: i32) {
+    // SAFETY: a zeroed sigaction with a valid SA_SIGINFO handler and empty mask is a valid
+    // argument; the handler only does async-signal-safe stores and writes.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal
+            as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+            as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
+    }
+}
+
+/// Block every signal taken for the guest in the calling thread, so that they reach the
+/// thread running the guest (where they interrupt KVM_RUN or a blocking call).
+pub fn block_guest_signals() {
+    // SAFETY: building a signal set and changing this thread's mask touch only local state.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL) {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// End `mosvm run` the way the guest ended: killed by `sig` (without a core file: the VMM's
+/// memory is not the guest's), so its parent sees the same wait status as natively.
+pub fn die_by(sig: i32) -> ! {
+    // SAFETY: resetting a disposition, unblocking one signal, setting RLIMIT_CORE and
+    // signalling this process touch only local state.
+    unsafe {
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::kill(libc::getpid(), sig);
+        libc::_exit(128 + sig)
     }
 }
 
@@ -117,8 +242,6 @@ pub(super) const THROTTLE_PERIOD: std::time::Duration = std::time::Duration::fro
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 pub(super) const KICK_SIGNAL: i32 = libc::SIGUSR2;
-
-pub(super) extern "C" fn on_kick(_: libc::c_int) {}
 
 impl PauseHandle {
     /// Ask the guest to stop. A syscall the deputy is running finishes first; guest code is
@@ -176,10 +299,18 @@ impl PauseHandle {
         }
     }
 
-    /// Deliver a signal to the guest as if `mosvm run` had received it: the run loop ends the
-    /// guest with the signal's default action at once.
+    /// Deliver a signal to the guest as if `mosvm run` had received it from another process
+    /// (a signal sent to the process at home, passed on by the link). SIGKILL ends it at once.
     pub fn deliver(&self, sig: i32) {
-        on_signal(sig);
+        if !(1..=64).contains(&sig) {
+            return;
+        }
+        let mut info = [0u64; 16];
+        info[0] = sig as u64; // si_signo; si_errno 0, si_code SI_USER, si_pid 0
+        for (d, w) in HOST_INFO[sig as usize].iter().zip(info) {
+            d.store(w, Ordering::SeqCst);
+        }
+        record(sig);
         self.kick();
     }
 
@@ -215,17 +346,11 @@ impl PauseHandle {
     }
 }
 
-/// Install the (no-op) handler of the signal that kicks a thread out of KVM_RUN or a
-/// blocking call. Idempotent.
+/// Install the handler of the signal that kicks a thread out of KVM_RUN or a blocking call
+/// (it ignores the VMM's own kicks and records anyone else's signal). Idempotent.
 pub fn install_kick_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction with a no-op handler and empty mask is valid.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(KICK_SIGNAL, &sa, std::ptr::null_mut());
-        }
+        set_handler(KICK_SIGNAL);
     });
 }

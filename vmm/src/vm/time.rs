@@ -62,18 +62,27 @@ impl Vm {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        // SAFETY: both timespecs are valid for the duration of the call.
-        let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
-        if r == libc::EINTR {
-            if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
-                self.write_guest(rem, &timespec_bytes(&left))?;
+        loop {
+            // SAFETY: both timespecs are valid for the duration of the call.
+            let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
+            if r != libc::EINTR {
+                if r != 0 {
+                    return Err(r as i64);
+                }
+                return Ok(Step::Ret(0));
             }
-            return Err(EINTR);
+            // A signal that reaches a handler (or ends the guest) interrupts the sleep; one
+            // the guest ignores or blocks does not (nanosleep(2)).
+            if self.signal_ready() || self.pause.requested() {
+                if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
+                    self.write_guest(rem, &timespec_bytes(&left))?;
+                }
+                return Err(EINTR);
+            }
+            if flags & libc::TIMER_ABSTIME == 0 {
+                ts = left;
+            }
         }
-        if r != 0 {
-            return Err(r as i64);
-        }
-        Ok(Step::Ret(0))
     }
 
     /// The guest's wall-clock time: its home node's.

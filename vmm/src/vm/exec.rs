@@ -1,0 +1,311 @@
+//! execve(2) and execveat(2): the same process (pid, deputy, descriptors without
+//! close-on-exec ones, signal mask and pending signals, interval timers) with a new program
+//! in a new address space; handlers reset, statistics reset (paper §4.3). `#!` scripts run
+//! their interpreter as binfmt_script does. Exec runs at home: a process away is brought home
+//! first (the program and its interpreter are files of the home node).
+
+use super::{signal, Step, Vm, EFAULT, EINVAL};
+use crate::loader::{self, AuxFacts, LoadError};
+use std::path::PathBuf;
+
+/// Longest single argument or environment string (Linux's MAX_ARG_STRLEN, 32 pages).
+const MAX_ARG_STRLEN: usize = 32 * 4096;
+/// Bytes of `#!` line Linux reads (BINPRM_BUF_SIZE).
+const BINPRM_BUF_SIZE: usize = 256;
+/// Scripts whose interpreter is a script, at most (Linux: 4 levels, then ELOOP).
+const MAX_SCRIPT_DEPTH: usize = 4;
+
+const ENOENT: i64 = libc::ENOENT as i64;
+const EACCES: i64 = libc::EACCES as i64;
+const ENOEXEC: i64 = libc::ENOEXEC as i64;
+const E2BIG: i64 = libc::E2BIG as i64;
+const ELOOP: i64 = libc::ELOOP as i64;
+
+fn errno_of(e: &std::io::Error) -> i64 {
+    e.raw_os_error().map_or(libc::EIO as i64, |e| e as i64)
+}
+
+/// What an exec failure before the point of no return means (Linux's errno).
+fn load_errno(e: &LoadError) -> i64 {
+    match e {
+        LoadError::Io(_, e) => errno_of(e),
+        LoadError::MissingInterpreter(..) => ENOENT,
+        LoadError::TooBig(..) => super::ENOMEM,
+        _ => ENOEXEC,
+    }
+}
+
+/// The interpreter and its optional argument from a `#!` line (binfmt_script): the first
+/// word after `#!` (spaces and tabs skipped), then the rest of the line, trimmed, as one
+/// argument.
+pub(super) fn parse_shebang(head: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let rest = head.strip_prefix(b"#!")?;
+    let line = match rest.iter().position(|&b| b == b'\n') {
+        Some(n) => &rest[..n],
+        None => rest,
+    };
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !ws(b))?;
+    let line = &line[start..];
+    let end = line.iter().position(ws).unwrap_or(line.len());
+    let interp = line[..end].to_vec();
+    let arg = &line[end..];
+    let a0 = arg.iter().position(|b| !ws(b));
+    let arg = a0.map(|a0| {
+        let a = &arg[a0..];
+        let z = a.iter().rposition(|b| !ws(b)).map_or(0, |z| z + 1);
+        a[..z].to_vec()
+    });
+    (!interp.is_empty()).then_some((interp, arg.filter(|a| !a.is_empty())))
+}
+
+impl Vm {
+    /// Bytes of guest memory, as copy_from_user would take them.
+    fn read_bytes(&mut self, va: u64, n: usize) -> Result<Vec<u8>, i64> {
+        let mut b = vec![0u8; n];
+        if self.space.accessible(va, n as u64, false) != n as u64 {
+            return Err(EFAULT);
+        }
+        self.space.fault_in_range(va, n as u64);
+        self.space.mem.read(va, &mut b).map_err(|_| EFAULT)?;
+        Ok(b)
+    }
+
+    /// A NUL-terminated string of at most `max` bytes (without the NUL): EFAULT where it
+    /// runs into memory it may not read, `too_long` when it is longer.
+    fn read_string(&mut self, va: u64, max: usize, too_long: i64) -> Result<Vec<u8>, i64> {
+        let mut out = Vec::new();
+        let mut cur = va;
+        loop {
+            let n = (4096 - (cur & 4095)) as usize;
+            let piece = self.read_bytes(cur, n)?;
+            if let Some(z) = piece.iter().position(|&b| b == 0) {
+                out.extend_from_slice(&piece[..z]);
+                return if out.len() > max {
+                    Err(too_long)
+                } else {
+                    Ok(out)
+                };
+            }
+            out.extend_from_slice(&piece);
+            if out.len() > max {
+                return Err(too_long);
+            }
+            cur = cur.checked_add(n as u64).ok_or(EFAULT)?;
+        }
+    }
+
+    /// A NULL-terminated array of strings (argv, envp); `total` counts their bytes against
+    /// the limit execve(2) sets (a quarter of the stack limit).
+    fn read_strings(&mut self, va: u64, total: &mut usize) -> Result<Vec<Vec<u8>>, i64> {
+        let mut v = Vec::new();
+        if va == 0 {
+            return Ok(v);
+        }
+        let limit = (self.rlimits[libc::RLIMIT_STACK as usize][0] / 4).max(32 * 4096) as usize;
+        for i in 0.. {
+            let p = u64::from_le_bytes(self.read_guest::<8>(va + 8 * i)?);
+            if p == 0 {
+                break;
+            }
+            let s = self.read_string(p, MAX_ARG_STRLEN - 1, E2BIG)?;
+            *total += s.len() + 1 + 8;
+            if *total > limit {
+                return Err(E2BIG);
+            }
+            v.push(s);
+        }
+        Ok(v)
+    }
+
+    /// execve(path, argv, envp) and execveat(dirfd, path, argv, envp, flags).
+    pub(super) fn execve(&mut self, nr: i64, a: [u64; 6]) -> Result<Step, i64> {
+        let (dirfd, path_va, argv_va, envp_va, flags) = if nr == libc::SYS_execveat {
+            (a[0] as i32, a[1], a[2], a[3], a[4] as i32)
+        } else {
+            (libc::AT_FDCWD, a[0], a[1], a[2], 0)
+        };
+        if flags & !(libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(EINVAL);
+        }
+        let path = self.read_string(path_va, 4095, libc::ENAMETOOLONG as i64)?;
+        let mut total = 0;
+        let mut argv = self.read_strings(argv_va, &mut total)?;
+        let envp = self.read_strings(envp_va, &mut total)?;
+        if !self.deputy.is_local() {
+            self.wait_for_home("execve")?;
+        }
+        self.home_wait = None;
+        // The file, as the user's own open of it at home would find it.
+        let host_dir = if dirfd == libc::AT_FDCWD || path.first() == Some(&b'/') {
+            libc::AT_FDCWD
+        } else {
+            self.deputy
+                .local_fd(dirfd as u32 as u64)
+                .ok_or(libc::EBADF as i64)?
+        };
+        if path.is_empty() && flags & libc::AT_EMPTY_PATH == 0 {
+            return Err(ENOENT);
+        }
+        let mut file = open_exec(host_dir, &path, flags)?;
+        let mut filename = if path.is_empty() {
+            format!("/dev/fd/{dirfd}").into_bytes()
+        } else {
+            path.clone()
+        };
+        if argv.is_empty() {
+            // Linux supplies an empty argv[0] (since 5.18).
+            argv.push(Vec::new());
+        }
+        // `#!` scripts: the interpreter runs with the script's name as an argument.
+        for depth in 0.. {
+            let mut head = [0u8; BINPRM_BUF_SIZE];
+            // SAFETY: `head` is a writable local buffer of its length; `file` is open.
+            let n = unsafe { libc::pread(file.0, head.as_mut_ptr().cast(), head.len(), 0) };
+            let head = &head[..n.max(0) as usize];
+            let Some((interp, arg)) = parse_shebang(head) else {
+                break;
+            };
+            if depth >= MAX_SCRIPT_DEPTH {
+                return Err(ELOOP);
+            }
+            let mut new = vec![interp.clone()];
+            new.extend(arg);
+            new.push(filename.clone());
+            new.extend(argv.into_iter().skip(1));
+            argv = new;
+            file = open_exec(libc::AT_FDCWD, &interp, 0)?;
+            filename = interp;
+        }
+        let exe = PathBuf::from(format!("/proc/self/fd/{}", file.0));
+        loader::check(&exe).map_err(|e| load_errno(&e))?;
+        let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
+
+        // The point of no return: the old program goes.
+        let old: Vec<(u64, u64)> = self.space.vmas().map(|(s, v)| (s, v.end)).collect();
+        for (s, e) in old {
+            let _ = self.space.munmap(s, e - s);
+        }
+        let mut random = [0u8; 16];
+        super::getrandom(&mut random);
+        let facts = AuxFacts {
+            hwcap: crate::cpu::hwcap(),
+            ids: super::host_ids(),
+            random,
+        };
+        let started = loader::load(
+            &mut self.space,
+            &exe,
+            &argv,
+            &envp,
+            &filename,
+            &facts,
+            &self.opts.mem_label,
+        );
+        drop(file);
+        let started = match started {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("mosvm: execve of {}: {e}", real.display());
+                return Ok(Step::Exit(super::Outcome::Signaled(libc::SIGSEGV)));
+            }
+        };
+        self.deputy.exec(&real);
+        self.program = real;
+        let base = filename.rsplit(|&b| b == b'/').next().unwrap_or(&filename);
+        self.comm = [0; 16];
+        let n = base.len().min(15);
+        self.comm[..n].copy_from_slice(&base[..n]);
+        self.stack_layout = started.layout;
+        self.robust_list = 0;
+        self.last_fault = None;
+        self.sig.exec();
+        self.stats = super::Stats::default();
+        // A new thread state: registers zero but for the entry and stack; no TLS base;
+        // the FPU as at boot.
+        crate::cpu::set_msrs(&self.vcpu, &[(0xc000_0100, 0), (0xc000_0101, 0)])
+            .map_err(|_| EFAULT)?;
+        self.set_fpu(&signal::init_fpu()).map_err(|_| EFAULT)?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: started.rip,
+            rsp: started.rsp,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        Ok(Step::Resume(regs))
+    }
+}
+
+/// An open host descriptor of the file to execute, closed when dropped.
+struct ExecFile(i32);
+
+impl Drop for ExecFile {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is ours and closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Open `path` (relative to host descriptor `dir`) for execution as execve(2) checks it:
+/// it must exist (ENOENT), be a regular file and executable by the user (EACCES).
+fn open_exec(dir: i32, path: &[u8], flags: i32) -> Result<ExecFile, i64> {
+    let c = std::ffi::CString::new(path.to_vec()).map_err(|_| ENOENT)?;
+    let mut oflags = libc::O_RDONLY | libc::O_CLOEXEC;
+    if flags & libc::AT_SYMLINK_NOFOLLOW != 0 {
+        oflags |= libc::O_NOFOLLOW;
+    }
+    let fd = if path.is_empty() {
+        // AT_EMPTY_PATH: the descriptor itself (fexecve).
+        let p = std::ffi::CString::new(format!("/proc/self/fd/{dir}")).map_err(|_| ENOENT)?;
+        // SAFETY: `p` is a valid C string.
+        unsafe { libc::open(p.as_ptr(), oflags) }
+    } else {
+        // SAFETY: `c` is a valid C string; `dir` is a host directory descriptor or AT_FDCWD.
+        unsafe { libc::openat(dir, c.as_ptr(), oflags) }
+    };
+    if fd < 0 {
+        return Err(super::last_errno());
+    }
+    let f = ExecFile(fd);
+    // SAFETY: `st` is a valid stat buffer for fstat to fill in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `f.0` is open and `st` is writable.
+    if unsafe { libc::fstat(f.0, &mut st) } != 0 {
+        return Err(super::last_errno());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(EACCES);
+    }
+    // SAFETY: an empty path with AT_EMPTY_PATH names the open descriptor itself.
+    let ok = unsafe {
+        libc::faccessat(
+            f.0,
+            c"".as_ptr(),
+            libc::X_OK,
+            libc::AT_EACCESS | libc::AT_EMPTY_PATH,
+        )
+    };
+    if ok != 0 {
+        return Err(EACCES);
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shebang;
+
+    #[test]
+    fn shebang_lines_split_as_binfmt_script_does() {
+        assert_eq!(
+            parse_shebang(b"#!/bin/sh\necho"),
+            Some((b"/bin/sh".to_vec(), None))
+        );
+        assert_eq!(
+            parse_shebang(b"#! /usr/bin/env  python3 -u \nx"),
+            Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec())))
+        );
+        assert_eq!(parse_shebang(b"#!\n"), None);
+        assert_eq!(parse_shebang(b"\x7fELF"), None);
+    }
+}
