@@ -229,7 +229,7 @@ fn run(a: RunArgs) -> ExitCode {
     // The guest's limits are taken; the VMM's own descriptors get room beyond them.
     vmm::deputy::raise_own_nofile();
     let reg = register(a.socket.as_deref(), &vm);
-    match run_guest(vm, reg) {
+    match run_guest(vm, reg, a.socket.as_deref()) {
         Ok((status, vm)) => {
             if let Some(vm) = vm.filter(|vm| vm.wants_stats()) {
                 eprintln!("{}", vm.stats_json());
@@ -489,11 +489,19 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
 /// deputy calls from home until it ends there.
 fn run_guest(
     mut vm: vmm::vm::Vm,
-    reg: Option<Registration>,
+    mut reg: Option<Registration>,
+    socket: Option<&Path>,
 ) -> anyhow::Result<(i32, Option<vmm::vm::Vm>)> {
     loop {
         if let Some(out) = vm.run_or_pause()? {
             return Ok((out.to_wire(), Some(vm)));
+        }
+        if vm.take_forked() {
+            // This is a forked child: the parent's registration threads did not come along
+            // (leave their remains alone); the child registers as a process of its own.
+            std::mem::forget(reg.take());
+            reg = register(socket, &vm);
+            continue;
         }
         let pause = vm.pause_handle();
         let job = reg

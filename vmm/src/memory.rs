@@ -270,6 +270,21 @@ impl GuestMem {
         Ok(())
     }
 
+    /// In the child of a host fork(2): this memory is the child's copy-on-write copy of the
+    /// parent's; move it to the child's own VM. `layout` was read before the fork (a lock the
+    /// parent's threads held then would never be released here). The new VM's MMU has cached
+    /// nothing, so every free frame may become a page table.
+    pub fn forked(&mut self, mut layout: Layout, vm: Arc<kvm_ioctls::VmFd>) -> anyhow::Result<()> {
+        layout.log_dirty = false;
+        self.shared = Arc::new(std::sync::Mutex::new(layout));
+        let mut clean = std::mem::take(&mut self.free);
+        clean.append(&mut self.clean);
+        self.clean = clean;
+        self.fresh.clear();
+        self.vm = None;
+        self.attach(vm)
+    }
+
     /// The file window, reserved and registered with KVM on first use.
     pub fn window(&mut self) -> Result<&mut Window, i64> {
         if self.window.is_none() {

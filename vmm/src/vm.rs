@@ -17,6 +17,7 @@ mod futex;
 mod mem;
 mod net;
 mod pause;
+mod process;
 mod procfs;
 mod signal;
 mod time;
@@ -175,6 +176,12 @@ pub struct Vm {
     home_wait: Option<Instant>,
     /// The robust futex list head set_robust_list registered (0: none).
     robust_list: u64,
+    /// set_tid_address / CLONE_CHILD_CLEARTID: zeroed and woken at exit (0: none).
+    clear_child_tid: u64,
+    /// This is the child of a fork that has not been reported (see [`Vm::take_forked`]).
+    forked: bool,
+    /// A vfork child: the pipe end whose closing lets the parent go on.
+    vfork_done: Option<i32>,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
@@ -410,6 +417,9 @@ impl Vm {
             last_fault: None,
             home_wait: None,
             robust_list: 0,
+            clear_child_tid: 0,
+            forked: false,
+            vfork_done: None,
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -525,6 +535,10 @@ impl Vm {
                 Ok(port) if port == guest::SYSCALL_PORT as u16 => {
                     if let Some(out) = self.syscall()? {
                         return Ok(Some(out));
+                    }
+                    if self.forked {
+                        // A new process: its embedder registers it before it goes on.
+                        return Ok(None);
                     }
                 }
                 Ok(port)
@@ -720,6 +734,9 @@ impl Vm {
             last_fault: None,
             home_wait: None,
             robust_list: v.robust_list,
+            clear_child_tid: 0,
+            forked: false,
+            vfork_done: None,
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -1122,7 +1139,10 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_arch_prctl => self.arch_prctl(a[0], a[1]),
-            libc::SYS_set_tid_address => ok(self.pid),
+            libc::SYS_set_tid_address => {
+                self.clear_child_tid = a[0];
+                ok(self.pid)
+            }
             // set_robust_list(2): the head must be `struct robust_list_head` (24 bytes).
             libc::SYS_set_robust_list if a[1] != 24 => Err(EINVAL),
             libc::SYS_set_robust_list => {
@@ -1225,8 +1245,13 @@ impl Vm {
                 ok(0)
             }
             libc::SYS_exit | libc::SYS_exit_group => {
+                self.release_vfork_parent();
                 Ok(Step::Exit(Outcome::Exited(a[0] as i32 & 0xff)))
             }
+            libc::SYS_fork => self.fork_call(false),
+            libc::SYS_vfork => self.fork_call(true),
+            libc::SYS_clone => self.clone_process(process::CloneArgs::from_clone(a)),
+            libc::SYS_clone3 => self.clone3(a),
             libc::SYS_rt_sigaction => {
                 let sig = a[0] as usize;
                 if !(1..=64).contains(&sig) || a[3] != 8 {
@@ -1238,6 +1263,14 @@ impl Vm {
                 let old = self.sig.actions[sig];
                 if a[1] != 0 {
                     self.sig.actions[sig] = self.read_guest::<32>(a[1])?;
+                    if sig == libc::SIGCHLD as usize {
+                        // Children are the VMM's own host children: SIG_IGN and
+                        // SA_NOCLDWAIT (no zombies) and SA_NOCLDSTOP must hold there too.
+                        pause::mirror_sigchld(
+                            self.sig.handler(sig) == signal::SIG_IGN,
+                            u64::from_le_bytes(self.sig.actions[sig][8..16].try_into().expect("8")),
+                        );
+                    }
                     // A pending signal whose action is now to ignore it is discarded, blocked
                     // or not (sigaction(2)).
                     let h = self.sig.handler(sig);

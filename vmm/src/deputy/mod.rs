@@ -100,6 +100,10 @@ pub trait Deputy {
         let _ = exe;
     }
 
+    /// This deputy is the child's copy after a host fork(2): what it owns with the parent
+    /// (temporary directories) stays the parent's.
+    fn forked(&mut self) {}
+
     /// Away from home: ask for the guest to be brought home (a call that can only run there,
     /// such as making a writable shared mapping, waits for it). False when nothing can bring
     /// it (at home, or no node to ask).
@@ -674,6 +678,11 @@ impl Drop for HostDeputy {
 }
 
 impl Deputy for HostDeputy {
+    fn forked(&mut self) {
+        // The parent removes them; the child's copies of their descriptors stay usable.
+        self.fd_dirs.clear();
+    }
+
     fn exec(&mut self, exe: &std::path::Path) {
         let doomed: Vec<u64> = self
             .fds

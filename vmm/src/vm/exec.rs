@@ -211,6 +211,8 @@ impl Vm {
             }
         };
         self.deputy.exec(&real);
+        self.release_vfork_parent();
+        self.clear_child_tid = 0;
         self.program = real;
         let base = filename.rsplit(|&b| b == b'/').next().unwrap_or(&filename);
         self.comm = [0; 16];

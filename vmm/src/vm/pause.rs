@@ -183,6 +183,27 @@ fn set_handler(sig: i32) {
     }
 }
 
+/// Mirror the guest's SIGCHLD action on the host, where its children are: ignored (children
+/// are reaped at once), SA_NOCLDWAIT, SA_NOCLDSTOP; otherwise taken for the guest.
+pub(super) fn mirror_sigchld(ignored: bool, flags: u64) {
+    // SAFETY: a zeroed sigaction with SIG_IGN or the guest-signal handler and an empty mask is
+    // a valid argument.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        libc::sigemptyset(&mut sa.sa_mask);
+        if ignored {
+            sa.sa_sigaction = libc::SIG_IGN;
+        } else {
+            sa.sa_sigaction = on_signal
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            sa.sa_flags =
+                libc::SA_SIGINFO | (flags as i32 & (libc::SA_NOCLDWAIT | libc::SA_NOCLDSTOP));
+        }
+        libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+    }
+}
+
 /// Block every signal taken for the guest in the calling thread, so that they reach the
 /// thread running the guest (where they interrupt KVM_RUN or a blocking call).
 pub fn block_guest_signals() {

@@ -1,0 +1,305 @@
+//! fork(2), vfork(2), and clone(2)/clone3(2) without CLONE_THREAD: the child is a new
+//! process at home whose deputy is a host fork of the parent's (DESIGN.md, "Process trees"):
+//! at home the VMM and the deputy are one process, so the VMM forks itself. The child
+//! inherits descriptors, cwd, credentials, process group and terminal from the host fork, its
+//! host pid is its pid, its guest memory is the host's copy-on-write copy of the parent's
+//! (nothing is copied byte by byte), and it gets a new VM and vCPU (a KVM VM cannot be used
+//! across a host fork) loaded with the parent's registers and rax = 0. Its exit status (or
+//! the signal that kills it) is the host process's, so the parent's wait4 sees Linux's.
+
+use super::pause::{GUEST_TID, HOST_PENDING, IMMEDIATE_EXIT, WAKE, WATCHDOG};
+use super::{Step, Vm, EINVAL, ENOSYS};
+use std::sync::atomic::Ordering;
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_FS: u64 = 0x200;
+const CLONE_FILES: u64 = 0x400;
+const CLONE_SIGHAND: u64 = 0x800;
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_VFORK: u64 = 0x4000;
+const CLONE_PARENT: u64 = 0x8000;
+const CLONE_THREAD: u64 = 0x1_0000;
+const CLONE_SYSVSEM: u64 = 0x4_0000;
+const CLONE_SETTLS: u64 = 0x8_0000;
+const CLONE_PARENT_SETTID: u64 = 0x10_0000;
+const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
+const CLONE_CHILD_SETTID: u64 = 0x100_0000;
+/// What a new process (not a thread) may ask for here.
+const SUPPORTED: u64 = CLONE_VM
+    | CLONE_VFORK
+    | CLONE_SYSVSEM
+    | CLONE_SETTLS
+    | CLONE_PARENT_SETTID
+    | CLONE_CHILD_CLEARTID
+    | CLONE_CHILD_SETTID
+    | 0xff;
+
+/// One clone request, from clone(2)'s registers or clone3(2)'s `struct clone_args`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct CloneArgs {
+    pub flags: u64,
+    /// The child's stack pointer (0: the parent's).
+    pub stack: u64,
+    pub parent_tid: u64,
+    pub child_tid: u64,
+    pub tls: u64,
+}
+
+impl CloneArgs {
+    /// clone(flags, stack, parent_tid, child_tid, tls) (x86-64 argument order).
+    pub(super) fn from_clone(a: [u64; 6]) -> CloneArgs {
+        CloneArgs {
+            flags: a[0],
+            stack: a[1],
+            parent_tid: a[2],
+            child_tid: a[3],
+            tls: a[4],
+        }
+    }
+}
+
+impl Vm {
+    /// clone3(args, size): `struct clone_args` (flags, pidfd, child_tid, parent_tid,
+    /// exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup).
+    pub(super) fn clone3(&mut self, a: [u64; 6]) -> Result<Step, i64> {
+        if a[1] < 64 || a[1] > 4096 {
+            return Err(EINVAL);
+        }
+        let b = self.read_guest::<88>(a[0]).or_else(|e| {
+            // A size-64 struct (the first version) may end at the end of memory.
+            if a[1] == 64 {
+                let s = self.read_guest::<64>(a[0])?;
+                let mut b = [0u8; 88];
+                b[..64].copy_from_slice(&s);
+                Ok(b)
+            } else {
+                Err(e)
+            }
+        })?;
+        let w = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8"));
+        let (flags, exit_signal, stack, stack_size) = (w(0), w(4), w(5), w(6));
+        if exit_signal > 64 || flags & 0xff != 0 || (stack == 0) != (stack_size == 0) {
+            return Err(EINVAL);
+        }
+        if a[1] >= 80 && w(9) != 0 {
+            return Err(ENOSYS); // set_tid: pid namespaces
+        }
+        self.clone_process(CloneArgs {
+            flags: flags | exit_signal,
+            stack: if stack != 0 { stack + stack_size } else { 0 },
+            parent_tid: w(3),
+            child_tid: w(2),
+            tls: w(7),
+        })
+    }
+
+    /// fork(2) and vfork(2).
+    pub(super) fn fork_call(&mut self, vfork: bool) -> Result<Step, i64> {
+        let flags = libc::SIGCHLD as u64 | if vfork { CLONE_VM | CLONE_VFORK } else { 0 };
+        self.clone_process(CloneArgs {
+            flags,
+            ..Default::default()
+        })
+    }
+
+    /// A new process: see the module's description. CLONE_VM is honoured only with
+    /// CLONE_VFORK (the parent waits until the child execs or exits, so a child that only
+    /// does that cannot tell its memory is a copy).
+    pub(super) fn clone_process(&mut self, c: CloneArgs) -> Result<Step, i64> {
+        let f = c.flags;
+        if f & CLONE_THREAD != 0 {
+            if self.warned.insert(0x7000_0001) {
+                eprintln!(
+                    "mosvm: {}: threads (clone with CLONE_THREAD) are not supported yet",
+                    self.program.display()
+                );
+            }
+            return Err(ENOSYS);
+        }
+        // clone(2): CLONE_SIGHAND needs CLONE_VM, CLONE_THREAD needs CLONE_SIGHAND.
+        if f & CLONE_SIGHAND != 0 && f & CLONE_VM == 0 {
+            return Err(EINVAL);
+        }
+        let unsupported = f & !SUPPORTED;
+        let shared_vm = f & CLONE_VM != 0 && f & CLONE_VFORK == 0;
+        if unsupported != 0 || shared_vm {
+            if self.warned.insert(0x7000_0002) {
+                let what = if shared_vm {
+                    "CLONE_VM without CLONE_VFORK".to_string()
+                } else {
+                    format!(
+                        "flags {unsupported:#x}{}",
+                        if unsupported & (CLONE_FS | CLONE_FILES | CLONE_PARENT | CLONE_PIDFD) != 0
+                        {
+                            " (shared fs, files, parent or pidfd)"
+                        } else {
+                            ""
+                        }
+                    )
+                };
+                eprintln!(
+                    "mosvm: {}: clone with {what} is not supported yet",
+                    self.program.display()
+                );
+            }
+            return Err(ENOSYS);
+        }
+        if !self.deputy.is_local() {
+            // Away from home the child's deputy must still be forked at home: not yet.
+            if self.warned.insert(0x7000_0003) {
+                eprintln!(
+                    "mosvm: {}: fork while away from home waits for the process to come home",
+                    self.program.display()
+                );
+            }
+            self.wait_for_home("fork")?;
+        }
+        self.home_wait = None;
+        // The parent's state as the child starts from it, taken before the host fork.
+        self.load_new_root().map_err(|_| EINVAL)?;
+        let st = crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?;
+        let layout = self.space.mem.layout();
+        let vfork_pipe = if f & CLONE_VFORK != 0 {
+            let mut p = [0i32; 2];
+            // SAFETY: pipe2 fills the two descriptors it is given.
+            if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                return Err(super::last_errno());
+            }
+            Some(p)
+        } else {
+            None
+        };
+        // SAFETY: fork(2) in a process whose other threads hold no lock the child needs: the
+        // child touches only its own copy of this thread's state, starts its own helper
+        // threads, and re-creates every KVM object before use.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            if let Some(p) = vfork_pipe {
+                // SAFETY: both descriptors are ours.
+                unsafe {
+                    libc::close(p[0]);
+                    libc::close(p[1]);
+                }
+            }
+            return Err(super::last_errno());
+        }
+        if pid > 0 {
+            if f & CLONE_PARENT_SETTID != 0 {
+                let _ = self.write_guest(c.parent_tid, &pid.to_le_bytes());
+            }
+            if let Some(p) = vfork_pipe {
+                // vfork: wait until the child execs or exits (its end closes).
+                // SAFETY: closing our copy of the write end, then reading the read end into
+                // a local until end of file.
+                unsafe {
+                    libc::close(p[1]);
+                    let mut b = [0u8; 1];
+                    while libc::read(p[0], b.as_mut_ptr().cast(), 1) != 0
+                        && super::last_errno() == libc::EINTR as i64
+                    {}
+                    libc::close(p[0]);
+                }
+            }
+            return Ok(Step::Ret(pid as i64));
+        }
+        // The child.
+        if let Some(p) = vfork_pipe {
+            // SAFETY: the read end is the parent's business.
+            unsafe { libc::close(p[0]) };
+            self.vfork_done = Some(p[1]);
+        }
+        match self.become_child(st, layout, &c) {
+            Ok(step) => Ok(step),
+            Err(e) => {
+                eprintln!("mosvm: {}: fork: {e:#}", self.program.display());
+                // SAFETY: ending the child process at once; nothing of the parent's is used.
+                unsafe { libc::_exit(127) }
+            }
+        }
+    }
+
+    /// In the child of the host fork: a new VM and vCPU over this process's copy of guest
+    /// memory, the parent's registers with rax = 0, fresh signal plumbing.
+    fn become_child(
+        &mut self,
+        st: crate::snapshot::VcpuState,
+        layout: crate::memory::Layout,
+        c: &CloneArgs,
+    ) -> anyhow::Result<Step> {
+        // Host signal plumbing: nothing pending (fork(2)), a watchdog thread of its own.
+        HOST_PENDING.store(0, Ordering::SeqCst);
+        IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
+        WATCHDOG.store(-1, Ordering::SeqCst);
+        WAKE.store(-1, Ordering::SeqCst);
+        super::install_signal_handlers();
+        let host = crate::cpu::host()?;
+        let vm = std::sync::Arc::new(host.kvm.create_vm()?);
+        self.space.mem.forked(layout, vm.clone())?;
+        let mut vcpu = crate::cpu::create_vcpu(host, &vm, &self.space.mem, 0, 0)?;
+        crate::snapshot::restore(&mut vcpu, &st)?;
+        // The old VM's objects belong to the parent: dropping our copies only unmaps and
+        // closes them here.
+        self.vcpu = vcpu;
+        self._vm = vm;
+        let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
+        self.pause.inner.immediate_exit.store(ie, Ordering::SeqCst);
+        // SAFETY: gettid and pthread_self have no preconditions.
+        let (tid, me) = unsafe { (libc::syscall(libc::SYS_gettid), libc::pthread_self()) };
+        GUEST_TID.store(tid as i32, Ordering::SeqCst);
+        self.pause.inner.thread.store(me as u64, Ordering::SeqCst);
+        self.pause.clear();
+        self.pid = self
+            .deputy
+            .call(crate::deputy::Request {
+                nr: libc::SYS_getpid as u64,
+                args: [0; 6],
+                slots: vec![],
+            })
+            .ret;
+        self.deputy.forked();
+        self.sig.pending = 0;
+        self.sig.queue.clear();
+        self.robust_list = 0;
+        self.prctl.pdeathsig = 0;
+        self.home_wait = None;
+        self.last_fault = None;
+        self.stats = super::Stats::default();
+        self.forked = true;
+        let mut regs = st.regs;
+        if c.flags & CLONE_CHILD_SETTID != 0 {
+            let _ = self.write_guest(c.child_tid, &(self.pid as i32).to_le_bytes());
+        }
+        if c.flags & CLONE_PARENT_SETTID != 0 {
+            let _ = self.write_guest(c.parent_tid, &(self.pid as i32).to_le_bytes());
+        }
+        if c.flags & CLONE_CHILD_CLEARTID != 0 {
+            self.clear_child_tid = c.child_tid;
+        }
+        if c.flags & CLONE_SETTLS != 0 {
+            crate::cpu::set_msrs(&self.vcpu, &[(0xc000_0100, c.tls)])?;
+        }
+        // The child returns from the call with 0, on its own stack if it was given one.
+        regs.rax = 0;
+        regs.rip = regs.rcx;
+        regs.rflags = regs.r11;
+        if c.stack != 0 {
+            regs.rsp = c.stack;
+        }
+        Ok(Step::Resume(regs))
+    }
+
+    /// The child of a fork has run: the embedding program re-registers it (its node knows the
+    /// parent only). True once per fork.
+    pub fn take_forked(&mut self) -> bool {
+        std::mem::take(&mut self.forked)
+    }
+
+    /// A vfork child execs or exits: its parent goes on.
+    pub(super) fn release_vfork_parent(&mut self) {
+        if let Some(fd) = self.vfork_done.take() {
+            // SAFETY: the descriptor is ours and closed once.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
