@@ -420,6 +420,8 @@ table! {
 /// Calls that are refused because mosvm does not run them yet (said on stderr once, always).
 pub fn unsupported_note(nr: u32) -> Option<&'static str> {
     match nr as i64 {
+        libc::SYS_timer_create => Some("POSIX timers (timer_create) are not supported yet"),
+        libc::SYS_signalfd | libc::SYS_signalfd4 => Some("signalfd is not supported yet"),
         _ => None,
     }
 }
