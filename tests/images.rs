@@ -150,6 +150,11 @@ image_tests!(sighandlers, |c| c);
 // exec, and a chain on through /bin/sh whose exit status is the process's.
 image_tests!(execchain, |c| c.expect_status(Some(42)));
 
+// fork, wait statuses, SIGCHLD and waitid, kill between processes and process groups, exec
+// chains through /bin/sh, vfork, posix_spawn, copy-on-write memory, inherited descriptors
+// and cwd. (mosvm names a child's fatal fault on stderr, where natively the shell would.)
+image_tests!(forkwait, |c| c.ignore_stderr());
+
 /// Accesses Linux refuses kill the process with SIGSEGV (or SIGBUS past the end of a mapped
 /// file) at the same point as natively.
 #[test]

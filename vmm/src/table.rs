@@ -417,6 +417,16 @@ table! {
     SYS_landlock_restrict_self => Refused(EOPNOTSUPP),
 }
 
+/// Calls the VMM runs itself for the process's own sake but the deputy runs at home when
+/// they concern other processes (kill(2) and tgkill(2) of another pid): their shapes there.
+pub fn also_home(nr: u64) -> Option<&'static [A]> {
+    match nr as i64 {
+        libc::SYS_kill | libc::SYS_tkill => Some(&[V, V]),
+        libc::SYS_tgkill => Some(&[V, V, V]),
+        _ => None,
+    }
+}
+
 /// Calls that are refused because mosvm does not run them yet (said on stderr once, always).
 pub fn unsupported_note(nr: u32) -> Option<&'static str> {
     match nr as i64 {

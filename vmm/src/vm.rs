@@ -978,8 +978,29 @@ impl Vm {
                 }
             }
         }
+        // pselect6, ppoll, epoll_pwait(2): the guest's mask is the call's own while it waits,
+        // and a handler that interrupts it runs under that mask (as for sigsuspend).
+        let temp_mask = match self.call_sigmask(nr, &args) {
+            Ok(m) => m,
+            Err(e) => return Step::Ret(-e),
+        };
+        let old_mask = self.sig.mask;
+        if let Some(m) = temp_mask {
+            self.sig.mask = m;
+            if self.signal_ready() {
+                self.sig.saved_mask = Some(old_mask);
+                return Step::Ret(-EINTR);
+            }
+        }
         let mut guest = crate::forward::Guest::new(&mut self.space);
         let ret = crate::forward::home_call(&mut guest, &mut *self.deputy, nr, args, base);
+        if temp_mask.is_some() {
+            if ret == -EINTR && self.signal_ready() {
+                self.sig.saved_mask = Some(old_mask);
+            } else {
+                self.sig.mask = old_mask;
+            }
+        }
         if ret == -EPIPE
             && matches!(
                 nr as i64,

@@ -529,7 +529,10 @@ impl HostDeputy {
     fn generic(&mut self, req: Request) -> Reply {
         let base = match table::lookup(req.nr).map(|e| e.class) {
             Some(table::Class::Home(s)) => s,
-            _ => return Reply::err(libc::ENOSYS as i64),
+            _ => match table::also_home(req.nr) {
+                Some(s) => s,
+                None => return Reply::err(libc::ENOSYS as i64),
+            },
         };
         let nr = req.nr;
         let args = req.args;

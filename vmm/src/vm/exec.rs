@@ -128,7 +128,13 @@ impl Vm {
         if flags & !(libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) != 0 {
             return Err(EINVAL);
         }
-        let path = self.read_string(path_va, 4095, libc::ENAMETOOLONG as i64)?;
+        let mut path = self.read_string(path_va, 4095, libc::ENAMETOOLONG as i64)?;
+        // The process's own executable is the guest's program, not the VMM (busybox runs
+        // its applets so).
+        let own = format!("/proc/{}/exe", self.pid).into_bytes();
+        if path == b"/proc/self/exe" || path == b"/proc/thread-self/exe" || path == own {
+            path = self.program.as_os_str().as_encoded_bytes().to_vec();
+        }
         let mut total = 0;
         let mut argv = self.read_strings(argv_va, &mut total)?;
         let envp = self.read_strings(envp_va, &mut total)?;

@@ -436,6 +436,35 @@ impl Vm {
         }
     }
 
+    /// The signal mask a pselect6, ppoll, epoll_pwait or epoll_pwait2 call waits under, if
+    /// it names one (EFAULT / EINVAL as those calls check it).
+    pub(super) fn call_sigmask(&mut self, nr: u64, a: &[u64; 6]) -> Result<Option<u64>, i64> {
+        let (ptr, size) = match nr as i64 {
+            libc::SYS_pselect6 => {
+                if a[5] == 0 {
+                    return Ok(None);
+                }
+                let b = self.read_guest::<16>(a[5])?;
+                (
+                    u64::from_le_bytes(b[..8].try_into().expect("8")),
+                    u64::from_le_bytes(b[8..].try_into().expect("8")),
+                )
+            }
+            libc::SYS_ppoll => (a[3], a[4]),
+            libc::SYS_epoll_pwait | libc::SYS_epoll_pwait2 => (a[4], a[5]),
+            _ => return Ok(None),
+        };
+        if ptr == 0 {
+            return Ok(None);
+        }
+        if size != 8 {
+            return Err(EINVAL);
+        }
+        Ok(Some(
+            u64::from_le_bytes(self.read_guest::<8>(ptr)?) & !UNBLOCKABLE,
+        ))
+    }
+
     /// A write's EPIPE also raises SIGPIPE (pipe(7)).
     pub(super) fn raise_sigpipe(&mut self) {
         self.sig
