@@ -221,4 +221,102 @@ fn main() {
             s["run_us"].as_f64().unwrap() / 1e3
         );
     }
+    println!();
+    process_trees();
+}
+
+/// Per-operation cost of `procbench MODE N`: the difference between a long and a short run,
+/// so process start and teardown cancel out. (native µs, mosvm µs)
+fn per_op(mode: &str, big: u64, small: u64) -> (f64, f64) {
+    let run = |under: bool, n: u64| {
+        move || {
+            let mut c = if under {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg(image("glibc-static", "procbench"));
+                c
+            } else {
+                Command::new(image("glibc-static", "procbench"))
+            };
+            c.arg(mode).arg(n.to_string());
+            c
+        }
+    };
+    let (nb, gb) = paired(5, &run(false, big), &run(true, big));
+    let (ns, gs) = paired(5, &run(false, small), &run(true, small));
+    let per = |b: f64, s: f64| (b - s) * 1e6 / (big - small) as f64;
+    (per(nb, ns), per(gb, gs))
+}
+
+/// 6. Processes and signals: fork + exit + wait, a signal to a handler, a 3-stage shell
+/// pipeline, and a `make -j2` build with gcc, each against the same thing run natively.
+fn process_trees() {
+    println!("process trees (glibc-static procbench; Debian's sh, make and gcc)");
+    let (n, g) = per_op("fork", 300, 30);
+    println!(
+        "  fork + exit + wait: native {n:.0} us, mosvm {g:.0} us, ratio = {:.1}",
+        g / n
+    );
+    let (n, g) = per_op("signal", 100_000, 1_000);
+    println!(
+        "  signal to a handler (raise + frame + rt_sigreturn): native {:.2} us, mosvm {:.2} us, ratio = {:.1}",
+        n,
+        g,
+        g / n
+    );
+    let script = "seq 1 200000 | sort -rn | sha256sum";
+    let sh = |under: bool| {
+        move || {
+            let mut c = if under {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg("/bin/sh");
+                c
+            } else {
+                Command::new("/bin/sh")
+            };
+            c.args(["-c", script]);
+            c
+        }
+    };
+    let (n, g) = paired(7, &sh(false), &sh(true));
+    println!(
+        "  sh -c '{script}': native {:.1} ms, mosvm {:.1} ms, ratio = {:.2}",
+        n * 1e3,
+        g * 1e3,
+        g / n
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(
+        d.join("Makefile"),
+        "prog: main.o f.o g.o\n\t$(CC) -o $@ main.o f.o g.o\n%.o: %.c\n\t$(CC) -O2 -c $<\n",
+    )
+    .expect("Makefile");
+    std::fs::write(
+        d.join("main.c"),
+        "#include <stdio.h>\nint f(int); int g(int);\nint main(void) { printf(\"%d\\n\", f(1) + g(2)); return 0; }\n",
+    )
+    .expect("main.c");
+    std::fs::write(d.join("f.c"), "int f(int x) { return 2 * x + 1; }\n").expect("f.c");
+    std::fs::write(d.join("g.c"), "int g(int x) { return x * x * x; }\n").expect("g.c");
+    let mk = |under: bool| {
+        let d = d.to_path_buf();
+        move || {
+            let mut c = if under {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg("/usr/bin/make");
+                c
+            } else {
+                Command::new("/usr/bin/make")
+            };
+            c.args(["-s", "-B", "-j2", "-C"]).arg(&d);
+            c
+        }
+    };
+    let (n, g) = paired(5, &mk(false), &mk(true));
+    println!(
+        "  make -B -j2 (3 C files, gcc -O2): native {:.0} ms, mosvm {:.0} ms, ratio = {:.2}",
+        n * 1e3,
+        g * 1e3,
+        g / n
+    );
 }

@@ -175,7 +175,49 @@ impl Vm {
             self.read_file_into(start, len, prot, fd, off)?;
             return Ok(start);
         }
+        if shared {
+            return self.mmap_shared_anon(addr, len, prot, fixed, noreplace);
+        }
         self.space.mmap(addr, len, prot, fixed, noreplace, kind)
+    }
+
+    /// MAP_SHARED|MAP_ANONYMOUS: memory a process shares with the children it forks, so it
+    /// lives in the file window as a host shared mapping of an unnamed file (as Linux backs it
+    /// with one on its shmem filesystem, "/dev/zero (deleted)"). Made at home only, like any
+    /// shared mapping (paper section 4.2).
+    fn mmap_shared_anon(
+        &mut self,
+        addr: u64,
+        len: u64,
+        prot: u32,
+        fixed: bool,
+        noreplace: bool,
+    ) -> Result<u64, i64> {
+        if !self.deputy.is_local() {
+            self.wait_for_home("a shared anonymous mapping")?;
+        }
+        let size = page_up(len);
+        // SAFETY: memfd_create with a constant name and flags has no memory effects.
+        let fd = unsafe { libc::memfd_create(c"dev/zero".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(last_errno());
+        }
+        let mut st = [0u8; 144];
+        // SAFETY: `fd` is ours; `st` is a writable stat buffer of its size.
+        let ok = unsafe {
+            libc::ftruncate(fd, size as libc::off_t) == 0
+                && libc::fstat(fd, st.as_mut_ptr().cast()) == 0
+        };
+        let r = if ok {
+            let mut file = map_file_info(None, 0, Some(&st));
+            file.path = "/dev/zero (deleted)".into();
+            self.mmap_file(addr, len, prot, true, fixed, noreplace, fd, 0, file)
+        } else {
+            Err(last_errno())
+        };
+        // SAFETY: the mapping keeps the file; our descriptor is not needed any more.
+        unsafe { libc::close(fd) };
+        r
     }
 
     /// Fill a new private file mapping with the file's bytes through the deputy (away from
