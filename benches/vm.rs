@@ -247,8 +247,8 @@ fn per_op(mode: &str, big: u64, small: u64) -> (f64, f64) {
     (per(nb, ns), per(gb, gs))
 }
 
-/// 6. Processes and signals: fork + exit + wait, a signal to a handler, a 3-stage shell
-/// pipeline, and a `make -j2` build with gcc, each against the same thing run natively.
+/// Processes and signals: fork + exit + wait, a signal to a handler, a 3-stage shell pipeline,
+/// and a `make -j2` build with gcc, each against the same thing run natively.
 fn process_trees() {
     println!("process trees (glibc-static procbench; Debian's sh, make and gcc)");
     let (n, g) = per_op("fork", 300, 30);
