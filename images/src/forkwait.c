@@ -168,8 +168,8 @@ int main(void) {
     status("vfork exit", st);
     char *argv[] = {"sh", "-c", "echo spawned $0", NULL};
     int r = posix_spawn(&c, "/bin/sh", NULL, NULL, argv, environ);
+    waitpid(c, &st, 0);  // the spawned shell's output and ours would race otherwise
     printf("posix_spawn: %d\n", r);
-    waitpid(c, &st, 0);
     status("spawned", st);
 
     // 7. Inherited: descriptors, cwd, files written by the children.
