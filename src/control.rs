@@ -190,6 +190,8 @@ pub enum Update {
     Remote { cpu_s: f64, mem_bytes: u64 },
     /// Whether (and why) the process must stay at home now.
     Pinned { reason: Option<String> },
+    /// The process exec'd another program.
+    Program { program: String },
 }
 
 /// Send one request and read one reply.

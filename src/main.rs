@@ -366,8 +366,10 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     let busy_r = busy.clone();
     let (remote_r, home_r) = (remote.clone(), home.clone());
     let upd = updates.clone();
+    let program = vm.program_cell();
     std::thread::spawn(move || {
         link::block_host_signals();
+        let mut shown = program.lock().map(|p| p.clone()).unwrap_or_default();
         let _ = r
             .get_ref()
             .set_read_timeout(Some(std::time::Duration::from_secs(1)));
@@ -458,6 +460,16 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
                 Err(_) => return,
+            }
+            let prog = program.lock().map(|p| p.clone()).unwrap_or_default();
+            if prog != shown {
+                send_update(
+                    &upd,
+                    &control::Update::Program {
+                        program: prog.clone(),
+                    },
+                );
+                shown = prog;
             }
             if let Ok(c) = now.lock() {
                 send_update(&upd, &control::Update::Memory { bytes: c.0.used() });

@@ -437,6 +437,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             match serde_json::from_str::<Update>(&l) {
                                 Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
                                 Ok(Update::Pinned { reason }) => p.info.pinned = reason,
+                                Ok(Update::Program { program }) => p.info.program = program,
                                 Ok(Update::Remote { cpu_s, mem_bytes }) => {
                                     p.remote_cpu_s = cpu_s;
                                     p.info.mem_bytes = mem_bytes;

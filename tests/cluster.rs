@@ -430,3 +430,68 @@ fn a_process_away_comes_home_for_a_writable_shared_mapping() {
             );
         });
 }
+
+/// A shell pipeline homed at one node: every process of it (the shell and the children it
+/// forks) is listed with its own pid; two children are moved to two other nodes while the
+/// pipeline runs, and what it prints and writes equals a native run.
+#[test]
+fn children_of_a_shell_move_to_different_nodes_and_the_pipeline_matches_native() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
+    let ticker = image("glibc-static", "ticker");
+    let script = format!(
+        "{t} 60 3000000 8 | tr 0-9 a-j > first.txt; {t} 50 3000000 8 | sha256sum",
+        t = ticker.display()
+    );
+    let find = |program: &str, skip: &[u32]| -> Option<u32> {
+        common::cluster::ps(&nodes[0].sock)
+            .into_iter()
+            .filter(|p| p["program"].as_str().is_some_and(|s| s.ends_with(program)))
+            .filter(|p| p["node"] == "home")
+            .filter_map(|p| p["pid"].as_u64().map(|x| x as u32))
+            .find(|pid| !skip.contains(pid))
+    };
+    Case::new("/bin/sh")
+        .args(["-c", &script])
+        .socket(&nodes[0].sock)
+        .timeout(Duration::from_secs(180))
+        .check_while(|run| {
+            let shell = run.pid();
+            wait_registered(&nodes[0].sock, shell);
+            // The first ticker (a child of the shell) goes to a.
+            let mut first = 0;
+            wait_for(
+                "the first ticker to register",
+                Duration::from_secs(20),
+                || {
+                    first = find("ticker", &[]).unwrap_or(0);
+                    first != 0
+                },
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            tour(&nodes[0], first, &["a"], &mut |_| {});
+            // The second pipeline's ticker goes to b once it has started.
+            let mut second = 0;
+            wait_for(
+                "the second ticker to register",
+                Duration::from_secs(120),
+                || {
+                    second = find("ticker", &[first])
+                        .filter(|p| {
+                            common::cluster::proc_info(&nodes[0].sock, *p)
+                                .is_some_and(|i| i["node"] == "home")
+                        })
+                        .unwrap_or(0);
+                    second != 0
+                },
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            tour(&nodes[0], second, &["b"], &mut |_| {});
+            assert!(
+                common::cluster::proc_info(&nodes[0].sock, shell).is_some(),
+                "the shell is listed beside its children"
+            );
+        });
+}

@@ -182,6 +182,8 @@ pub struct Vm {
     forked: bool,
     /// A vfork child: the pipe end whose closing lets the parent go on.
     vfork_done: Option<i32>,
+    /// `program` for other threads (the registration reports a new one after execve).
+    program_cell: std::sync::Arc<std::sync::Mutex<String>>,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
     /// the guest's monotonic time never goes backwards).
     mono_offset_ns: i64,
@@ -420,6 +422,7 @@ impl Vm {
             clear_child_tid: 0,
             forked: false,
             vfork_done: None,
+            program_cell: Default::default(),
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -430,6 +433,7 @@ impl Vm {
                 ..Default::default()
             },
         };
+        *vm.program_cell.lock().expect("new") = vm.program.display().to_string();
         vm.pid = vm
             .deputy
             .call(Request {
@@ -709,6 +713,7 @@ impl Vm {
         let n = v.comm.len().min(16);
         comm[..n].copy_from_slice(&v.comm[..n]);
         let [exits, local, home, page_faults] = v.counters;
+        let shown: String;
         Ok(Vm {
             vcpu,
             _vm: vm,
@@ -721,7 +726,10 @@ impl Vm {
                 lock: v.lock,
                 stats: v.stats,
             },
-            program: v.program,
+            program: {
+                shown = v.program.display().to_string();
+                v.program
+            },
             pid: v.pid,
             sig,
             xstate: (cpu::xstate_size(host), cpu::guest_xcr0(host)),
@@ -737,6 +745,7 @@ impl Vm {
             clear_child_tid: 0,
             forked: false,
             vfork_done: None,
+            program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -1578,6 +1587,11 @@ impl Vm {
     /// The program's path.
     pub fn program(&self) -> &std::path::Path {
         &self.program
+    }
+
+    /// The program's path as other threads see it (it changes at execve).
+    pub fn program_cell(&self) -> std::sync::Arc<std::sync::Mutex<String>> {
+        self.program_cell.clone()
     }
 
     /// Whether `--stats` was given.

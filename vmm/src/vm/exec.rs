@@ -220,6 +220,9 @@ impl Vm {
         self.release_vfork_parent();
         self.clear_child_tid = 0;
         self.program = real;
+        if let Ok(mut p) = self.program_cell.lock() {
+            *p = self.program.display().to_string();
+        }
         let base = filename.rsplit(|&b| b == b'/').next().unwrap_or(&filename);
         self.comm = [0; 16];
         let n = base.len().min(15);
