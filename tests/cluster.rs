@@ -495,3 +495,59 @@ fn children_of_a_shell_move_to_different_nodes_and_the_pipeline_matches_native()
             );
         });
 }
+
+/// Handlers, an interval timer and a POSIX timer travel with the process: it counts their
+/// signals in handlers while it moves home → b → home, and prints what a native run prints.
+#[test]
+fn timers_and_handlers_travel_with_the_process() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    for variant in ["glibc-static", "musl-static"] {
+        Case::image(variant, "sigtravel")
+            .args(["400"])
+            .socket(&nodes[0].sock)
+            .check_while(|run| {
+                let pid = run.pid();
+                wait_registered(&nodes[0].sock, pid);
+                std::thread::sleep(Duration::from_millis(300));
+                tour(&nodes[0], pid, &["b", "home"], &mut |_| {});
+            });
+    }
+}
+
+/// A signal sent to the process at home while it runs on b reaches its handler there, with
+/// the sender's `si_code`; the same as when it is sent to the native program.
+#[test]
+fn a_signal_sent_home_reaches_the_handler_of_the_remote_guest() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let case = Case::image("glibc-static", "sigtravel")
+        .args(["50", "usr1"])
+        .socket(&nodes[0].sock);
+    let signal = |pid: u32| {
+        // SAFETY: sending a signal to our own child.
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    };
+    let native = {
+        let child = std::process::Command::new(image("glibc-static", "sigtravel"))
+            .args(["50", "usr1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the native program");
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(child.id());
+        let out = child.wait_with_output().expect("native run");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let run = case.spawn_mosvm();
+    let pid = run.pid();
+    wait_registered(&nodes[0].sock, pid);
+    tour(&nodes[0], pid, &["b"], &mut |_| {});
+    std::thread::sleep(Duration::from_millis(800));
+    signal(pid);
+    let got = run.finish();
+    assert_eq!(got.shell_status(), 0, "{}", got.stderr_text());
+    assert_eq!(got.stdout_text(), native, "{}", got.stderr_text());
+}

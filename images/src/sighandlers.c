@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -256,6 +257,53 @@ int main(void) {
     hits = 0;
     sigqueue(getpid(), SIGUSR2, (union sigval){.sival_int = 4242});
     printf("sigqueue: hits %d code %d value %ld\n", hits, last_code, last_value);
+
+    // 11a. POSIX timers: a periodic SIGEV_SIGNAL timer taken with sigtimedwait, its
+    // siginfo, gettime/getoverrun, delete; a timer with the default sigevent.
+    {
+        sigset_t rt;
+        sigemptyset(&rt);
+        sigaddset(&rt, SIGRTMIN + 1);
+        sigaddset(&rt, SIGALRM);
+        sigprocmask(SIG_BLOCK, &rt, &old);
+        struct sigevent ev = {.sigev_notify = SIGEV_SIGNAL, .sigev_signo = SIGRTMIN + 1};
+        ev.sigev_value.sival_int = 77;
+        timer_t t;
+        int cr = timer_create(CLOCK_MONOTONIC, &ev, &t);
+        struct itimerspec its = {{0, 10000000}, {0, 10000000}};
+        int st = timer_settime(t, 0, &its, NULL);
+        int got_sigs = 0, code_ok = 1, value_ok = 1;
+        for (int i = 0; i < 3; i++) {
+            siginfo_t ti;
+            struct timespec lim = {2, 0};
+            if (sigtimedwait(&rt, &ti, &lim) == SIGRTMIN + 1) {
+                got_sigs++;
+                code_ok &= ti.si_code == SI_TIMER;
+                value_ok &= ti.si_value.sival_int == 77;
+            }
+        }
+        struct itimerspec cur;
+        int gt = timer_gettime(t, &cur);
+        printf("timer: create %d settime %d signals %d SI_TIMER %d value %d gettime %d interval %ld\n",
+               cr, st, got_sigs, code_ok, value_ok, gt, cur.it_interval.tv_nsec);
+        int ov = timer_getoverrun(t);
+        int del = timer_delete(t);
+        printf("timer: overrun >= 0 %d delete %d\n", ov >= 0, del);
+        errno = 0;
+        int after = timer_gettime(t, &cur);
+        printf("timer: gettime after delete %d %s\n", after, strerror(errno));
+        timer_t d;
+        timer_create(CLOCK_REALTIME, NULL, &d);
+        struct itimerspec once = {{0, 0}, {0, 20000000}};
+        timer_settime(d, 0, &once, NULL);
+        siginfo_t di;
+        struct timespec lim = {2, 0};
+        int dsig = sigtimedwait(&rt, &di, &lim);
+        printf("default timer: %s code SI_TIMER %d\n", dsig == SIGALRM ? "SIGALRM" : "other",
+               di.si_code == SI_TIMER);
+        timer_delete(d);
+        sigprocmask(SIG_SETMASK, &old, NULL);
+    }
 
     // 11. SIGPIPE to a handler; the write fails with EPIPE.
     hits = 0;

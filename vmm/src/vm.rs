@@ -21,6 +21,7 @@ mod process;
 mod procfs;
 mod signal;
 mod time;
+mod timers;
 
 pub use signal::signal_name;
 use signal::{Resume, Signals};
@@ -182,6 +183,8 @@ pub struct Vm {
     forked: bool,
     /// A vfork child: the pipe end whose closing lets the parent go on.
     vfork_done: Option<i32>,
+    /// POSIX timers (timer_create).
+    timers: Vec<timers::PosixTimer>,
     /// `program` for other threads (the registration reports a new one after execve).
     program_cell: std::sync::Arc<std::sync::Mutex<String>>,
     /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
@@ -230,6 +233,8 @@ pub struct VmmState {
     sig_trap: [u64; 3],
     /// ITIMER_REAL, _VIRTUAL, _PROF: (interval, value) in µs.
     itimers: Vec<[u64; 2]>,
+    /// POSIX timers and what was left of them.
+    posix_timers: Vec<timers::PosixTimer>,
     rlimits: Vec<[u64; 2]>,
     comm: Vec<u8>,
     prctl: Prctl,
@@ -423,6 +428,7 @@ impl Vm {
             forked: false,
             vfork_done: None,
             program_cell: Default::default(),
+            timers: Vec::new(),
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
@@ -618,6 +624,7 @@ impl Vm {
             altstack: self.sig.alt,
             sig_trap: self.sig.trap,
             itimers: signal::itimers_now(),
+            posix_timers: self.timers_now(),
             rlimits: self.rlimits.to_vec(),
             comm: self.comm.to_vec(),
             prctl: self.prctl.clone(),
@@ -637,8 +644,9 @@ impl Vm {
 
     /// Give up the VM (after it has moved away) and keep its deputy. The interval timers
     /// went with the guest: they stop here.
-    pub fn into_deputy(self) -> Box<dyn Deputy> {
+    pub fn into_deputy(mut self) -> Box<dyn Deputy> {
         signal::set_itimers(&[[0, 0]; 3]);
+        self.drop_host_timers();
         self.deputy
     }
 
@@ -746,6 +754,7 @@ impl Vm {
             forked: false,
             vfork_done: None,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
+            timers: timers::recreate(v.posix_timers, v.pid),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -1259,6 +1268,11 @@ impl Vm {
             libc::SYS_alarm | libc::SYS_getitimer | libc::SYS_setitimer => {
                 self.itimer(nr as i64, a)
             }
+            libc::SYS_timer_create
+            | libc::SYS_timer_settime
+            | libc::SYS_timer_gettime
+            | libc::SYS_timer_getoverrun
+            | libc::SYS_timer_delete => self.posix_timer(nr as i64, a),
             libc::SYS_uname => {
                 // SAFETY: utsname is plain data; uname fills it in.
                 let mut u: libc::utsname = unsafe { std::mem::zeroed() };

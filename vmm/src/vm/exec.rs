@@ -217,6 +217,7 @@ impl Vm {
             }
         };
         self.deputy.exec(&real);
+        self.drop_host_timers();
         self.release_vfork_parent();
         self.clear_child_tid = 0;
         self.program = real;

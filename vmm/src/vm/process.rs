@@ -260,6 +260,8 @@ impl Vm {
         self.deputy.forked();
         self.sig.pending = 0;
         self.sig.queue.clear();
+        // Timers are not inherited (fork(2)); the host fork made none in the child.
+        self.timers.clear();
         self.robust_list = 0;
         self.prctl.pdeathsig = 0;
         self.home_wait = None;

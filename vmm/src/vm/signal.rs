@@ -255,6 +255,13 @@ impl Vm {
     pub(super) fn take_host(&mut self) {
         for (sig, mut info) in take_host_signals() {
             info[..4].copy_from_slice(&sig.to_le_bytes());
+            let code = i32::from_le_bytes(info[8..12].try_into().expect("4"));
+            if code == super::timers::SI_TIMER {
+                let host = i32::from_le_bytes(info[16..20].try_into().expect("4"));
+                if let Some(g) = self.guest_timer_id(host) {
+                    info[16..20].copy_from_slice(&g.to_le_bytes());
+                }
+            }
             self.sig.post(info);
         }
     }
