@@ -551,3 +551,50 @@ fn a_signal_sent_home_reaches_the_handler_of_the_remote_guest() {
     assert_eq!(got.shell_status(), 0, "{}", got.stderr_text());
     assert_eq!(got.stdout_text(), native, "{}", got.stderr_text());
 }
+
+/// A read of stdin that waits at home for a process running on b is interrupted by a signal
+/// sent home: with SA_RESTART the read goes on and gets the data written later, without it
+/// fails with EINTR; both as natively.
+#[test]
+fn a_signal_interrupts_a_remote_process_blocked_in_a_read_at_home() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    // Signal, wait, then write a line: the same for both runs.
+    let drive = |pid: u32, stdin: &mut std::process::ChildStdin| {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: sending a signal to our own child.
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = stdin.write_all(b"late data\n");
+    };
+    for mode in ["restart", "eintr"] {
+        let prog = image("glibc-static", "sigread");
+        let mut child = std::process::Command::new(&prog)
+            .arg(mode)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the native program");
+        let mut stdin = child.stdin.take().expect("stdin");
+        drive(child.id(), &mut stdin);
+        drop(stdin);
+        let native = child.wait_with_output().expect("native run");
+        let native = String::from_utf8_lossy(&native.stdout).into_owned();
+
+        let mut run = Case::image("glibc-static", "sigread")
+            .arg(mode)
+            .stdin_by_hand()
+            .socket(&nodes[0].sock)
+            .spawn_mosvm();
+        let pid = run.pid();
+        wait_registered(&nodes[0].sock, pid);
+        tour(&nodes[0], pid, &["b"], &mut |_| {});
+        let mut stdin = run.take_stdin();
+        drive(pid, &mut stdin);
+        drop(stdin);
+        let got = run.finish();
+        assert_eq!(got.shell_status(), 0, "{mode}: {}", got.stderr_text());
+        assert_eq!(got.stdout_text(), native, "{mode}: {}", got.stderr_text());
+    }
+}
