@@ -56,6 +56,14 @@ fn busybox_sh_runs_pipelines_and_jobs() {
     shell("/bin/busybox", &["sh"]).check();
 }
 
+/// `python3 -c PROG`.
+fn python(prog: &str) -> Case {
+    Case::new("/usr/bin/python3")
+        .args(["-c", prog])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .timeout(Duration::from_secs(60))
+}
+
 #[test]
 fn python_subprocess() {
     require_kvm!();
@@ -72,11 +80,7 @@ if pid == 0:
     os._exit(7)
 print(os.waitpid(pid, 0)[1] >> 8)
 "#;
-    Case::new("/usr/bin/python3")
-        .args(["-c", prog])
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .timeout(Duration::from_secs(60))
-        .check();
+    python(prog).check();
 }
 
 #[test]
@@ -122,9 +126,5 @@ os.kill(pid, signal.SIGUSR1)
 _, st = os.waitpid(pid, 0)
 print("child status", os.WIFSIGNALED(st), os.WTERMSIG(st))
 "#;
-    Case::new("/usr/bin/python3")
-        .args(["-c", prog])
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .timeout(Duration::from_secs(60))
-        .check();
+    python(prog).check();
 }

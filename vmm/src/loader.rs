@@ -228,6 +228,16 @@ fn read_file(path: &Path) -> Result<memmap2::Mmap, std::io::Error> {
     unsafe { memmap2::Mmap::map(&f) }
 }
 
+/// The interpreter `interp` a program at `path` names (PT_INTERP), read.
+fn read_interp(path: &Path, interp: &str) -> Result<(PathBuf, memmap2::Mmap), LoadError> {
+    let ipath = PathBuf::from(interp);
+    let ibytes = read_file(&ipath).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => LoadError::MissingInterpreter(path.into(), interp.into()),
+        _ => LoadError::Io(ipath.clone(), e),
+    })?;
+    Ok((ipath, ibytes))
+}
+
 /// Check that `path` can be loaded (an x86-64 ELF executable whose interpreter, if it names
 /// one, is one too) without touching any guest memory: execve(2) fails before its point of no
 /// return when this fails.
@@ -235,13 +245,7 @@ pub fn check(path: &Path) -> Result<(), LoadError> {
     let bytes = read_file(path).map_err(|e| LoadError::Io(path.into(), e))?;
     let elf = parse(path, &bytes)?;
     if let Some(interp) = elf.interpreter {
-        let ipath = PathBuf::from(interp);
-        let ibytes = read_file(&ipath).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                LoadError::MissingInterpreter(path.into(), interp.to_owned())
-            }
-            _ => LoadError::Io(ipath.clone(), e),
-        })?;
+        let (ipath, ibytes) = read_interp(path, interp)?;
         parse(&ipath, &ibytes)?;
     }
     Ok(())
@@ -270,13 +274,7 @@ pub fn load(
     space.init_brk(main.end);
     let (rip, interp_base) = match &main.interp {
         Some(interp) => {
-            let ipath = PathBuf::from(interp);
-            let ibytes = read_file(&ipath).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    LoadError::MissingInterpreter(path.into(), interp.clone())
-                }
-                _ => LoadError::Io(ipath.clone(), e),
-            })?;
+            let (ipath, ibytes) = read_interp(path, interp)?;
             let im = map_image(space, &ipath, &ibytes, None, mem_label)?;
             (im.entry, im.bias)
         }
