@@ -77,6 +77,10 @@ pub struct MapFile {
     pub dev: u64,
     /// Inode number.
     pub ino: u64,
+    /// The descriptor it was mapped from was open for writing (a shared mapping of it can be
+    /// made writable with mprotect).
+    #[serde(default)]
+    pub writable: bool,
 }
 
 impl Vma {
@@ -219,14 +223,19 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Whether the process holds a shared mapping (a file's, a memfd's, a SysV segment's):
-    /// the paper's §4.2 keeps a process with writable shared memory at home. A read-only one
-    /// keeps it home too: its view of the file must follow the file, and it may be made
-    /// writable later.
+    /// Whether the process holds a shared mapping that can be written (a file's, a memfd's,
+    /// a SysV segment's): the paper's §4.2 keeps a process with writable shared memory at home.
+    /// A read-only shared mapping of a file opened read-only (glibc maps its gconv cache so in
+    /// nearly every program) can never be written by the process: it travels as a private
+    /// copy, which no longer follows later changes to the file.
     pub fn holds_shared(&self) -> bool {
-        self.vmas
-            .values()
-            .any(|v| matches!(v.kind, VmaKind::Shared | VmaKind::Shm))
+        self.vmas.values().any(|v| match v.kind {
+            VmaKind::Shm => true,
+            VmaKind::Shared => {
+                v.prot & 2 != 0 || v.file.as_ref().is_none_or(|f| f.writable)
+            }
+            _ => false,
+        })
     }
 
     /// Publish [`AddressSpace::holds_shared`] to migration threads.

@@ -386,6 +386,7 @@ impl Vm {
             off: 0,
             dev: 0,
             ino: id as u64,
+            writable: !readonly,
         };
         if let Err(e) = self
             .space
@@ -442,10 +443,13 @@ fn map_file_info(host: Option<i32>, off: u64, stat: Option<&[u8]>) -> crate::mm:
         .and_then(|h| std::fs::read_link(format!("/proc/self/fd/{h}")).ok())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // SAFETY: F_GETFL has no memory arguments.
+    let mode = host.map(|h| unsafe { libc::fcntl(h, libc::F_GETFL) });
     crate::mm::MapFile {
         path,
         off,
         dev: field(0),
         ino: field(8),
+        writable: mode.is_none_or(|m| m < 0 || m & libc::O_ACCMODE != libc::O_RDONLY),
     }
 }
