@@ -152,11 +152,45 @@ struct RunArgs {
     /// node the program runs standalone.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// The program (a path, or a name looked up on PATH).
-    program: OsString,
-    /// Its arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    args: Vec<OsString>,
+    /// The program (a path, or a name looked up on PATH) and its arguments: everything from
+    /// the program on is the program's, options included.
+    #[arg(
+        value_name = "PROGRAM [ARGS]",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
+}
+
+/// For a `#!` script: its interpreter, with argv [interpreter, optional argument, the
+/// script's path, the script's arguments]; anything else unchanged. Interpreters that are
+/// scripts themselves are followed a few levels, as Linux does.
+fn script_interpreter(
+    mut program: PathBuf,
+    mut argv: Vec<Vec<u8>>,
+) -> Result<(PathBuf, Vec<Vec<u8>>), String> {
+    use std::io::Read;
+    for _ in 0..4 {
+        let mut head = [0u8; 256];
+        let n = std::fs::File::open(&program)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        let Some((interp, arg)) = vmm::loader::parse_shebang(&head[..n]) else {
+            return Ok((program, argv));
+        };
+        let mut new = vec![interp.clone()];
+        new.extend(arg);
+        new.push(program.into_os_string().into_vec());
+        new.extend(argv.into_iter().skip(1));
+        argv = new;
+        program = PathBuf::from(OsString::from_vec(interp));
+    }
+    Err(format!(
+        "{}: too many levels of #! interpreters",
+        program.display()
+    ))
 }
 
 fn find_program(p: &OsString) -> Result<PathBuf, String> {
@@ -189,15 +223,28 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let program = match find_program(&a.program) {
+    let mut command = a.command.into_iter();
+    let Some(prog_arg) = command.next() else {
+        eprintln!("mosvm: no program given");
+        return ExitCode::from(2);
+    };
+    let program = match find_program(&prog_arg) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("mosvm: {e}");
             return ExitCode::from(127);
         }
     };
-    let mut argv = vec![a.program.clone().into_vec()];
-    argv.extend(a.args.into_iter().map(OsStringExt::into_vec));
+    let mut argv = vec![prog_arg.into_vec()];
+    argv.extend(command.map(OsStringExt::into_vec));
+    // A `#!` script runs its interpreter, as execve(2) does (binfmt_script).
+    let (program, argv) = match script_interpreter(program, argv) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("mosvm: {e}");
+            return ExitCode::from(126);
+        }
+    };
     let envp: Vec<Vec<u8>> = std::env::vars_os()
         .map(|(k, v)| {
             let mut e = k.into_vec();

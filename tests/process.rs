@@ -128,3 +128,114 @@ print("child status", os.WIFSIGNALED(st), os.WTERMSIG(st))
 "#;
     python(prog).check();
 }
+
+/// Runs `program args` on a new pseudo-terminal as its controlling terminal (a session of
+/// its own), types each input after its delay, and returns the transcript (carriage returns
+/// and bracketed-paste toggles removed) and the exit status.
+fn on_a_terminal(program: &str, args: &[&str], steps: &[(u64, &[u8])]) -> (String, i32) {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors; the name, termios and winsize are not wanted.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env("PS1", "$ ").env("TERM", "dumb");
+    // SAFETY: the slave descriptor stays open until the child has its copies.
+    unsafe {
+        cmd.stdin(std::process::Stdio::from_raw_fd(libc::dup(slave)))
+            .stdout(std::process::Stdio::from_raw_fd(libc::dup(slave)))
+            .stderr(std::process::Stdio::from_raw_fd(libc::dup(slave)))
+            .pre_exec(|| {
+                // A session of its own with the terminal as its controlling terminal.
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+    }
+    let mut child = cmd.spawn().expect("spawn on the terminal");
+    // SAFETY: our copy of the slave end is ours to close; the master is ours from now on.
+    let mut master = unsafe {
+        libc::close(slave);
+        std::fs::File::from_raw_fd(master)
+    };
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let (out, mut m) = (out.clone(), master.try_clone().expect("dup master"));
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = m.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        })
+    };
+    for (ms, data) in steps {
+        std::thread::sleep(Duration::from_millis(*ms));
+        let _ = master.write_all(data);
+    }
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!(
+                "{program} on a terminal did not exit; transcript:\n{}",
+                String::from_utf8_lossy(&out.lock().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    drop(master);
+    drop(reader);
+    let text = String::from_utf8_lossy(&out.lock().unwrap())
+        .replace('\r', "")
+        .replace("\x1b[?2004h", "")
+        .replace("\x1b[?2004l", "");
+    (text, common::shell_status(status))
+}
+
+/// Interactive shells with job control on a terminal: a foreground job, one stopped with
+/// Ctrl-Z, `jobs`, `fg`, Ctrl-C, and the statuses they leave; the transcript and the exit
+/// status must be those of the same shell run natively.
+#[test]
+fn interactive_shells_with_job_control() {
+    require_kvm!();
+    let mosvm = env!("CARGO_BIN_EXE_mosvm");
+    let steps: &[(u64, &[u8])] = &[
+        (800, b"/bin/true; echo st=$?\n"),
+        (500, b"sleep 5\n"),
+        (700, b"\x1a"),
+        (500, b"jobs\n"),
+        (500, b"fg\n"),
+        (700, b"\x03"),
+        (500, b"echo st=$?\n"),
+        (500, b"exit 7\n"),
+    ];
+    for (shell, args) in [
+        ("/bin/bash", &["--norc", "-i"][..]),
+        ("/bin/sh", &["-i"][..]),
+    ] {
+        let native = on_a_terminal(shell, args, steps);
+        let mut margs = vec!["run", shell];
+        margs.extend(args);
+        let guest = on_a_terminal(mosvm, &margs, steps);
+        assert_eq!(guest, native, "{shell} under mosvm vs natively");
+        assert_eq!(native.1, 7, "{shell}: {}", native.0);
+    }
+}

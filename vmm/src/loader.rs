@@ -228,6 +228,30 @@ fn read_file(path: &Path) -> Result<memmap2::Mmap, std::io::Error> {
     unsafe { memmap2::Mmap::map(&f) }
 }
 
+/// The interpreter and its optional argument from a `#!` line (binfmt_script): the first
+/// word after `#!` (spaces and tabs skipped), then the rest of the line, trimmed, as one
+/// argument.
+pub fn parse_shebang(head: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let rest = head.strip_prefix(b"#!")?;
+    let line = match rest.iter().position(|&b| b == b'\n') {
+        Some(n) => &rest[..n],
+        None => rest,
+    };
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !ws(b))?;
+    let line = &line[start..];
+    let end = line.iter().position(ws).unwrap_or(line.len());
+    let interp = line[..end].to_vec();
+    let arg = &line[end..];
+    let a0 = arg.iter().position(|b| !ws(b));
+    let arg = a0.map(|a0| {
+        let a = &arg[a0..];
+        let z = a.iter().rposition(|b| !ws(b)).map_or(0, |z| z + 1);
+        a[..z].to_vec()
+    });
+    (!interp.is_empty()).then_some((interp, arg.filter(|a| !a.is_empty())))
+}
+
 /// The interpreter `interp` a program at `path` names (PT_INTERP), read.
 fn read_interp(path: &Path, interp: &str) -> Result<(PathBuf, memmap2::Mmap), LoadError> {
     let ipath = PathBuf::from(interp);
@@ -515,5 +539,19 @@ mod tests {
         let phdr_type = s.mem.read_u64_va(aux[&AT_PHDR]).unwrap() as u32;
         assert!(phdr_type == program_header::PT_PHDR || phdr_type == program_header::PT_LOAD);
         assert!(aux[&AT_PHNUM] > 2);
+    }
+
+    #[test]
+    fn shebang_lines_split_as_binfmt_script_does() {
+        assert_eq!(
+            parse_shebang(b"#!/bin/sh\necho"),
+            Some((b"/bin/sh".to_vec(), None))
+        );
+        assert_eq!(
+            parse_shebang(b"#! /usr/bin/env  python3 -u \nx"),
+            Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec())))
+        );
+        assert_eq!(parse_shebang(b"#!\n"), None);
+        assert_eq!(parse_shebang(b"\x7fELF"), None);
     }
 }

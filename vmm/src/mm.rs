@@ -231,9 +231,7 @@ impl AddressSpace {
     pub fn holds_shared(&self) -> bool {
         self.vmas.values().any(|v| match v.kind {
             VmaKind::Shm => true,
-            VmaKind::Shared => {
-                v.prot & 2 != 0 || v.file.as_ref().is_none_or(|f| f.writable)
-            }
+            VmaKind::Shared => v.prot & 2 != 0 || v.file.as_ref().is_none_or(|f| f.writable),
             _ => false,
         })
     }

@@ -440,6 +440,7 @@ impl Vm {
             },
         };
         *vm.program_cell.lock().expect("new") = vm.program.display().to_string();
+        vm.sig.inherit();
         vm.pid = vm
             .deputy
             .call(Request {
@@ -712,6 +713,7 @@ impl Vm {
         sig.alt = v.altstack;
         sig.trap = v.sig_trap;
         signal::set_itimers(&v.itimers);
+        sig.mirror_all();
         let host = cpu::host()?;
         let mut rlimits = [[u64::MAX; 2]; 16];
         for (d, s) in rlimits.iter_mut().zip(&v.rlimits) {
@@ -935,6 +937,7 @@ impl Vm {
                     regs.rflags = regs.r11;
                 }
                 self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                pause::mirror_stop_mask(self.sig.mask);
                 if quick {
                     return Ok(None);
                 }
@@ -1306,15 +1309,15 @@ impl Vm {
                 }
                 let old = self.sig.actions[sig];
                 if a[1] != 0 {
-                    self.sig.actions[sig] = self.read_guest::<32>(a[1])?;
-                    if sig == libc::SIGCHLD as usize {
-                        // Children are the VMM's own host children: SIG_IGN and
-                        // SA_NOCLDWAIT (no zombies) and SA_NOCLDSTOP must hold there too.
-                        pause::mirror_sigchld(
-                            self.sig.handler(sig) == signal::SIG_IGN,
-                            u64::from_le_bytes(self.sig.actions[sig][8..16].try_into().expect("8")),
-                        );
-                    }
+                    let mut act = self.read_guest::<32>(a[1])?;
+                    // SIGKILL and SIGSTOP are never in a handler's mask (sigaction(2)).
+                    let m = u64::from_le_bytes(act[24..32].try_into().expect("8"))
+                        & !(1 << (libc::SIGKILL - 1) | 1 << (libc::SIGSTOP - 1));
+                    act[24..32].copy_from_slice(&m.to_le_bytes());
+                    self.sig.actions[sig] = act;
+                    // Where the kernel decides by the action (ignored signals, job-control
+                    // stops, SIGCHLD's flags for the VMM's host children), the host follows.
+                    self.sig.mirror(sig as i32);
                     // A pending signal whose action is now to ignore it is discarded, blocked
                     // or not (sigaction(2)).
                     let h = self.sig.handler(sig);

@@ -5,7 +5,7 @@
 //! first (the program and its interpreter are files of the home node).
 
 use super::{signal, Step, Vm, EFAULT, EINVAL};
-use crate::loader::{self, AuxFacts, LoadError};
+use crate::loader::{self, parse_shebang, AuxFacts, LoadError};
 use std::path::PathBuf;
 
 /// Longest single argument or environment string (Linux's MAX_ARG_STRLEN, 32 pages).
@@ -33,30 +33,6 @@ fn load_errno(e: &LoadError) -> i64 {
         LoadError::TooBig(..) => super::ENOMEM,
         _ => ENOEXEC,
     }
-}
-
-/// The interpreter and its optional argument from a `#!` line (binfmt_script): the first
-/// word after `#!` (spaces and tabs skipped), then the rest of the line, trimmed, as one
-/// argument.
-pub(super) fn parse_shebang(head: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
-    let rest = head.strip_prefix(b"#!")?;
-    let line = match rest.iter().position(|&b| b == b'\n') {
-        Some(n) => &rest[..n],
-        None => rest,
-    };
-    let ws = |b: &u8| *b == b' ' || *b == b'\t';
-    let start = line.iter().position(|b| !ws(b))?;
-    let line = &line[start..];
-    let end = line.iter().position(ws).unwrap_or(line.len());
-    let interp = line[..end].to_vec();
-    let arg = &line[end..];
-    let a0 = arg.iter().position(|b| !ws(b));
-    let arg = a0.map(|a0| {
-        let a = &arg[a0..];
-        let z = a.iter().rposition(|b| !ws(b)).map_or(0, |z| z + 1);
-        a[..z].to_vec()
-    });
-    (!interp.is_empty()).then_some((interp, arg.filter(|a| !a.is_empty())))
 }
 
 impl Vm {
@@ -301,23 +277,4 @@ fn open_exec(dir: i32, path: &[u8], flags: i32) -> Result<ExecFile, i64> {
         return Err(EACCES);
     }
     Ok(f)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_shebang;
-
-    #[test]
-    fn shebang_lines_split_as_binfmt_script_does() {
-        assert_eq!(
-            parse_shebang(b"#!/bin/sh\necho"),
-            Some((b"/bin/sh".to_vec(), None))
-        );
-        assert_eq!(
-            parse_shebang(b"#! /usr/bin/env  python3 -u \nx"),
-            Some((b"/usr/bin/env".to_vec(), Some(b"python3 -u".to_vec())))
-        );
-        assert_eq!(parse_shebang(b"#!\n"), None);
-        assert_eq!(parse_shebang(b"\x7fELF"), None);
-    }
 }

@@ -21,27 +21,23 @@ pub(super) static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
 /// An eventfd the handler signals: local waits (pause, sigsuspend, sleeps) poll it.
 pub(super) static WAKE: AtomicI32 = AtomicI32::new(-1);
 
-/// Whether host signal `sig` is taken for the guest. Not: SIGKILL and SIGSTOP (cannot be),
-/// the VMM's own fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS: a fault in
-/// the VMM must not be mistaken for one of the guest's), SIGPIPE (the VMM ignores it; the
-/// guest gets its own SIGPIPE from a write's EPIPE), and glibc's internal 32 and 33.
+/// Whether host signal `sig` is taken for the guest: all but SIGKILL and SIGSTOP (which
+/// cannot be) and glibc's internal 32 and 33. The fault signals (see [`FAULTS`]) and SIGPIPE
+/// are the guest's only when another process sends them: the VMM's own faults still kill it,
+/// and the guest gets its own SIGPIPE from a write's EPIPE.
 pub fn caught(sig: i32) -> bool {
-    (1..=64).contains(&sig)
-        && !matches!(
-            sig,
-            libc::SIGKILL
-                | libc::SIGSTOP
-                | libc::SIGSEGV
-                | libc::SIGBUS
-                | libc::SIGILL
-                | libc::SIGFPE
-                | libc::SIGTRAP
-                | libc::SIGSYS
-                | libc::SIGPIPE
-                | 32
-                | 33
-        )
+    (1..=64).contains(&sig) && !matches!(sig, libc::SIGKILL | libc::SIGSTOP | 32 | 33)
 }
+
+/// Signals the CPU raises for a fault.
+pub(super) const FAULTS: [i32; 6] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+    libc::SIGSYS,
+];
 
 pub(super) extern "C" fn on_signal(
     sig: libc::c_int,
@@ -51,13 +47,23 @@ pub(super) extern "C" fn on_signal(
     if !(1..=64).contains(&sig) {
         return;
     }
-    if !info.is_null() && sig == KICK_SIGNAL {
+    if !info.is_null() {
         // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; getpid is
         // async-signal-safe.
         let (code, pid) = unsafe { ((*info).si_code, (*info).si_pid()) };
         // SAFETY: as above.
-        if code == libc::SI_TKILL && pid == unsafe { libc::getpid() } {
+        let own = pid == unsafe { libc::getpid() };
+        if sig == KICK_SIGNAL && code == libc::SI_TKILL && own {
             return; // the VMM's own kick: it only interrupts
+        }
+        if FAULTS.contains(&sig) && code > 0 {
+            // A fault of the VMM itself: die of it (the instruction faults again).
+            // SAFETY: signal(2) is async-signal-safe.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+            return;
+        }
+        if sig == libc::SIGPIPE && code == libc::SI_USER && own {
+            return; // a write of the VMM's to a closed pipe: EPIPE says it
         }
     }
     if !info.is_null() {
@@ -161,11 +167,130 @@ pub(super) fn start_watchdog() {
 /// the guest's behalf returns EINTR and the VMM decides, as Linux would, whether the guest's
 /// call is restarted). Idempotent.
 pub fn install_signal_handlers() {
+    static INHERITED: std::sync::Once = std::sync::Once::new();
+    INHERITED.call_once(|| {
+        // What `mosvm run` inherited is the program's: ignored signals stay ignored across
+        // exec, and so does the signal mask (signal(7), execve(2)).
+        let mut ign = 0u64;
+        for sig in (1..=64).filter(|&s| caught(s)) {
+            // SAFETY: querying a disposition into a zeroed sigaction.
+            let h = unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old);
+                old.sa_sigaction
+            };
+            // (Rust itself ignores SIGPIPE before main: that one is not inherited.)
+            if h == libc::SIG_IGN && sig != libc::SIGPIPE {
+                ign |= 1 << (sig - 1);
+            }
+        }
+        INHERITED_IGN.store(ign, Ordering::SeqCst);
+        let mut mask = 0u64;
+        // SAFETY: reading this thread's mask into a zeroed sigset.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+            for sig in 1..=64 {
+                if libc::sigismember(&set, sig) == 1 {
+                    mask |= 1 << (sig - 1);
+                }
+            }
+        }
+        INHERITED_MASK.store(mask, Ordering::SeqCst);
+    });
     if WATCHDOG.load(Ordering::SeqCst) < 0 {
         start_watchdog();
     }
     for sig in (1..=64).filter(|&s| caught(s)) {
         set_handler(sig);
+    }
+    // The guest's mask is the VMM's business: the host lets every taken signal in.
+    // SAFETY: building a signal set and changing this thread's mask touch only local state.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in (1..=64).filter(|&s| caught(s)) {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    HOST_STOP_MASK.store(0, Ordering::SeqCst);
+}
+
+/// Signals `mosvm run` found ignored when it started (bit `sig - 1`).
+pub(super) static INHERITED_IGN: AtomicU64 = AtomicU64::new(0);
+/// The signal mask `mosvm run` started with.
+pub(super) static INHERITED_MASK: AtomicU64 = AtomicU64::new(0);
+/// The job-control stop signals the guest's thread blocks, as blocked on the host thread.
+static HOST_STOP_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// SIGTSTP, SIGTTIN, SIGTTOU.
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU];
+
+/// Make the host act on signal `sig` as the guest's action says where the kernel itself
+/// decides: an ignored signal is ignored on the host too (so a background process's terminal
+/// calls go through when it ignores SIGTTOU, and nohup's SIGHUP stays away); a job-control
+/// stop signal left at its default stops the host process itself (so its parent sees the
+/// right stop signal); SIGCHLD's flags hold for the host children. Everything else is taken
+/// for the guest.
+pub(super) fn mirror(sig: i32, ignored: bool, default: bool, flags: u64) {
+    if !caught(sig) || FAULTS.contains(&sig) || sig == libc::SIGPIPE {
+        return;
+    }
+    if sig == KICK_SIGNAL {
+        // Kicks must keep working: the VMM drops what the guest ignores.
+        set_handler(sig);
+        return;
+    }
+    if sig == libc::SIGCHLD {
+        mirror_sigchld(ignored, flags);
+        return;
+    }
+    let dfl = default && STOP_SIGNALS.contains(&sig);
+    if ignored || dfl {
+        // SAFETY: setting SIG_IGN or SIG_DFL for a signal other than the VMM's own faults.
+        unsafe {
+            libc::signal(
+                sig,
+                if ignored {
+                    libc::SIG_IGN
+                } else {
+                    libc::SIG_DFL
+                },
+            )
+        };
+    } else {
+        set_handler(sig);
+    }
+}
+
+/// Block on the host thread the job-control stop signals the guest blocks (the kernel checks
+/// them when a background process uses its terminal, and stops it for them).
+pub(super) fn mirror_stop_mask(guest_mask: u64) {
+    let want: u64 = STOP_SIGNALS
+        .iter()
+        .map(|&s| 1u64 << (s - 1))
+        .filter(|b| guest_mask & b != 0)
+        .sum();
+    let had = HOST_STOP_MASK.swap(want, Ordering::SeqCst);
+    if had == want {
+        return;
+    }
+    // SAFETY: building signal sets and changing this thread's mask touch only local state.
+    unsafe {
+        let (mut block, mut unblock): (libc::sigset_t, libc::sigset_t) =
+            (std::mem::zeroed(), std::mem::zeroed());
+        libc::sigemptyset(&mut block);
+        libc::sigemptyset(&mut unblock);
+        for s in STOP_SIGNALS {
+            if want & 1 << (s - 1) != 0 {
+                libc::sigaddset(&mut block, s);
+            } else {
+                libc::sigaddset(&mut unblock, s);
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
     }
 }
 
@@ -211,7 +336,7 @@ pub fn block_guest_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL) {
+        for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL && !FAULTS.contains(&s)) {
             libc::sigaddset(&mut set, s);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

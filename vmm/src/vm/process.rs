@@ -232,6 +232,7 @@ impl Vm {
         WATCHDOG.store(-1, Ordering::SeqCst);
         WAKE.store(-1, Ordering::SeqCst);
         super::install_signal_handlers();
+        self.sig.mirror_all();
         let host = crate::cpu::host()?;
         let vm = std::sync::Arc::new(host.kvm.create_vm()?);
         self.space.mem.forked(layout, vm.clone())?;

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 pub(super) const SIG_IGN: u64 = 1;
-const SA_SIGINFO: u64 = 4;
 const SA_ONSTACK: u64 = 0x0800_0000;
 const SA_RESTART: u64 = 0x1000_0000;
 const SA_NODEFER: u64 = 0x4000_0000;
@@ -195,10 +194,39 @@ impl Signals {
         for sig in 1..65 {
             if self.handler(sig) != SIG_IGN {
                 self.actions[sig] = [0; 32];
+                self.mirror(sig as i32);
             }
         }
         self.alt = AltStack::default();
         self.saved_mask = None;
+    }
+
+    /// Make the host act on every signal as the guest's actions say where the kernel itself
+    /// decides (see `pause::mirror`).
+    pub(super) fn mirror_all(&self) {
+        for sig in 1..65 {
+            self.mirror(sig);
+        }
+    }
+
+    /// See [`Signals::mirror_all`], for one signal.
+    pub(super) fn mirror(&self, sig: i32) {
+        let h = self.handler(sig as usize);
+        super::pause::mirror(sig, h == SIG_IGN, h == 0, self.flags(sig));
+    }
+
+    /// Take the dispositions and mask `mosvm run` inherited (ignored signals stay ignored
+    /// across execve, and so does the mask).
+    pub(super) fn inherit(&mut self) {
+        let ign = super::pause::INHERITED_IGN.load(Ordering::SeqCst);
+        for sig in 1..65 {
+            if ign & bit(sig) != 0 {
+                self.actions[sig as usize] = [0; 32];
+                self.actions[sig as usize][..8].copy_from_slice(&SIG_IGN.to_le_bytes());
+                self.mirror(sig);
+            }
+        }
+        self.mask = super::pause::INHERITED_MASK.load(Ordering::SeqCst) & !UNBLOCKABLE;
     }
 
     /// Drop pending instances of a signal (its action became "ignore").
@@ -578,9 +606,12 @@ impl Vm {
             if self.sig.handler(sig as usize) == 0 {
                 match default_action(sig) {
                     Default::Stop => {
-                        // The whole VMM stops, as the process would, until SIGCONT.
+                        // The whole VMM stops, as the process would, until SIGCONT: the host
+                        // takes this stop signal's default action too (`pause::mirror`), so
+                        // the parent sees it as the stop signal.
+                        super::pause::mirror_stop_mask(self.sig.mask);
                         // SAFETY: signalling this process has no memory effects.
-                        unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+                        unsafe { libc::kill(libc::getpid(), sig) };
                         continue;
                     }
                     Default::Ign | Default::Cont => continue,
@@ -619,9 +650,9 @@ impl Vm {
             return Ok(Err("no SA_RESTORER"));
         }
         if flags & SA_RESETHAND != 0 {
+            // SA_RESETHAND: the handler becomes SIG_DFL (the flags stay as they were).
             self.sig.actions[sig as usize][..8].fill(0);
-            self.sig.actions[sig as usize][8..16]
-                .copy_from_slice(&(flags & !SA_SIGINFO).to_le_bytes());
+            self.sig.mirror(sig);
         }
         let mut regs = self.user_regs(how);
         let xsize = self.xstate.0;
