@@ -441,6 +441,7 @@ impl Vm {
         };
         *vm.program_cell.lock().expect("new") = vm.program.display().to_string();
         vm.sig.inherit();
+        vm.show_comm();
         vm.pid = vm
             .deputy
             .call(Request {
@@ -718,6 +719,12 @@ impl Vm {
         let mut rlimits = [[u64::MAX; 2]; 16];
         for (d, s) in rlimits.iter_mut().zip(&v.rlimits) {
             *d = *s;
+        }
+        // The limits the host enforces hold on this host too.
+        for (r, l) in rlimits.iter().enumerate() {
+            if host_enforced(r) {
+                let _ = set_host_rlimit(r, *l);
+            }
         }
         let mut comm = [0u8; 16];
         let n = v.comm.len().min(16);
@@ -1443,6 +1450,10 @@ impl Vm {
                     return Err(EINVAL);
                 }
                 p.pdeathsig = a[1] as i32;
+                // The parent is the VMM's host parent: the host sends the signal, which
+                // reaches the guest like any other.
+                // SAFETY: prctl with integer arguments only.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, a[1] as libc::c_ulong) };
                 ok(0)
             }
             libc::PR_GET_PDEATHSIG => {
@@ -1477,6 +1488,9 @@ impl Vm {
             }
             libc::PR_SET_CHILD_SUBREAPER => {
                 p.child_subreaper = a[1] != 0;
+                // Orphaned descendants are host processes: the host reparents them.
+                // SAFETY: prctl with integer arguments only.
+                unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, (a[1] != 0) as libc::c_ulong) };
                 ok(0)
             }
             libc::PR_GET_SECCOMP | libc::PR_GET_THP_DISABLE => ok(0),
@@ -1493,6 +1507,7 @@ impl Vm {
                     let n = s.len().min(15);
                     self.comm = [0; 16];
                     self.comm[..n].copy_from_slice(&s[..n]);
+                    self.show_comm();
                     ok(0)
                 }
                 libc::PR_GET_NAME => {
@@ -1563,15 +1578,34 @@ impl Vm {
             if cur > max {
                 return Err(EINVAL);
             }
-            self.rlimits[r] = [cur, max];
+            // setrlimit(2): raising a hard limit takes CAP_SYS_RESOURCE; RLIMIT_NOFILE stays
+            // within fs.nr_open.
+            // SAFETY: geteuid cannot fail.
+            let privileged = unsafe { libc::geteuid() } == 0;
+            if max > prev[1] && !privileged && !host_enforced(r) {
+                return Err(EPERM);
+            }
+            if r == libc::RLIMIT_NOFILE as usize && max > nr_open() {
+                return Err(EPERM);
+            }
             if r == libc::RLIMIT_NOFILE as usize {
-                // The deputy's descriptor table is what this limit bounds.
-                self.deputy.call(Request {
+                // The deputy's descriptor table is what this limit bounds (EPERM above
+                // fs.nr_open or when raising the hard limit unprivileged, as the host says).
+                let got = self.deputy.call(Request {
                     nr: libc::SYS_prlimit64 as u64,
-                    args: [0, r as u64, cur, 0, 0, 0],
+                    args: [0, r as u64, cur, max, 0, 0],
                     slots: vec![],
                 });
+                if got.ret < 0 {
+                    return Err(-got.ret);
+                }
+            } else if host_enforced(r) {
+                // The host enforces it on the VMM as it would on the program (SIGXFSZ and
+                // EFBIG past RLIMIT_FSIZE, SIGXCPU/SIGKILL past RLIMIT_CPU, EAGAIN from fork
+                // past RLIMIT_NPROC); its checks give Linux's errno.
+                set_host_rlimit(r, [cur, max])?;
             }
+            self.rlimits[r] = [cur, max];
         }
         if old != 0 {
             let mut b = [0u8; 16];
@@ -1615,6 +1649,52 @@ impl Vm {
     pub fn wants_stats(&self) -> bool {
         self.opts.stats
     }
+}
+
+impl Vm {
+    /// Other processes see the guest's name as the VMM's (`ps`, `pgrep`, `/proc/PID/comm`).
+    fn show_comm(&self) {
+        // SAFETY: `comm` is 16 bytes, NUL-terminated (at most 15 bytes of name).
+        unsafe { libc::prctl(libc::PR_SET_NAME, self.comm.as_ptr()) };
+    }
+}
+
+/// fs.nr_open: the most descriptors RLIMIT_NOFILE may allow.
+fn nr_open() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(crate::deputy::NR_OPEN)
+}
+
+/// Limits the host enforces on the VMM process as Linux would on the program itself.
+fn host_enforced(r: usize) -> bool {
+    [
+        libc::RLIMIT_FSIZE,
+        libc::RLIMIT_CPU,
+        libc::RLIMIT_NPROC,
+        libc::RLIMIT_LOCKS,
+        libc::RLIMIT_SIGPENDING,
+        libc::RLIMIT_MSGQUEUE,
+        libc::RLIMIT_NICE,
+        libc::RLIMIT_RTPRIO,
+        libc::RLIMIT_RTTIME,
+    ]
+    .iter()
+    .any(|&x| x as usize == r)
+}
+
+/// setrlimit(2) of the VMM process itself. Errors: the host's errno.
+fn set_host_rlimit(r: usize, [cur, max]: [u64; 2]) -> Result<(), i64> {
+    let l = libc::rlimit {
+        rlim_cur: cur,
+        rlim_max: max,
+    };
+    // SAFETY: `l` is a valid rlimit; the resource number was checked by the caller.
+    if unsafe { libc::setrlimit(r as _, &l) } != 0 {
+        return Err(last_errno());
+    }
+    Ok(())
 }
 
 fn getrandom(buf: &mut [u8]) {

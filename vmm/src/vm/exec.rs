@@ -78,7 +78,11 @@ impl Vm {
         if va == 0 {
             return Ok(v);
         }
-        let limit = (self.rlimits[libc::RLIMIT_STACK as usize][0] / 4).max(32 * 4096) as usize;
+        // fs/exec.c: a quarter of the stack limit, at most 3/4 of _STK_LIM (8 MiB), at least
+        // ARG_MAX (32 pages).
+        let limit = (self.rlimits[libc::RLIMIT_STACK as usize][0] / 4)
+            .min(6 << 20)
+            .max(32 * 4096) as usize;
         for i in 0.. {
             let p = u64::from_le_bytes(self.read_guest::<8>(va + 8 * i)?);
             if p == 0 {
@@ -204,6 +208,7 @@ impl Vm {
         self.comm = [0; 16];
         let n = base.len().min(15);
         self.comm[..n].copy_from_slice(&base[..n]);
+        self.show_comm();
         self.stack_layout = started.layout;
         self.robust_list = 0;
         self.last_fault = None;
