@@ -80,9 +80,8 @@ impl Vm {
         }
         // fs/exec.c: a quarter of the stack limit, at most 3/4 of _STK_LIM (8 MiB), at least
         // ARG_MAX (32 pages).
-        let limit = (self.rlimits[libc::RLIMIT_STACK as usize][0] / 4)
-            .min(6 << 20)
-            .max(32 * 4096) as usize;
+        let limit =
+            (self.rlimits[libc::RLIMIT_STACK as usize][0] / 4).clamp(32 * 4096, 6 << 20) as usize;
         for i in 0.. {
             let p = u64::from_le_bytes(self.read_guest::<8>(va + 8 * i)?);
             if p == 0 {
