@@ -217,6 +217,15 @@ fn find_program(p: &OsString) -> Result<PathBuf, String> {
 
 fn run(a: RunArgs) -> ExitCode {
     let mem = match vmm::vm::parse_size(&a.mem) {
+        Ok(m) if m > vmm::vm::MAX_MEM => {
+            eprintln!(
+                "mosvm: --mem {}: at most {} GiB (guest physical memory ends where the file \
+                 window begins)",
+                a.mem,
+                vmm::vm::MAX_MEM >> 30
+            );
+            return ExitCode::from(2);
+        }
         Ok(m) => m,
         Err(e) => {
             eprintln!("mosvm: --mem: {e}");

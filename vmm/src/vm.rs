@@ -295,6 +295,10 @@ impl MigState {
     }
 }
 
+/// Largest `--mem`: guest RAM lies below the file window's guest physical addresses
+/// ([`crate::window::WINDOW_BASE`], 1 TiB); half of that keeps the dirty bitmap small.
+pub const MAX_MEM: u64 = crate::window::WINDOW_BASE / 2;
+
 /// Read `--mem` style sizes: 1048576, 64K, 512M, 2G.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -793,6 +797,20 @@ impl Vm {
                 self.last_fault = Some(cr2);
                 // The handler pops the error code and returns with iretq.
                 return Ok(None);
+            }
+            if !again
+                && cr2 < guest::KERNEL_BASE
+                && self.space.accessible(cr2, 1, err & 2 != 0) == 1
+                && self.space.mem.free_frames() == 0
+            {
+                // The access was allowed but no guest memory is left for the page: what a
+                // memory cgroup's OOM killer does to a process over its limit.
+                eprintln!(
+                    "mosvm: {} killed: out of guest memory (--mem {})",
+                    self.program.display(),
+                    self.opts.mem_label
+                );
+                return Ok(Some(Outcome::Signaled(libc::SIGKILL)));
             }
         }
         let rsp = self.vcpu.sync_regs_mut().regs.rsp;

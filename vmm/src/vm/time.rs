@@ -58,13 +58,32 @@ impl Vm {
             // clock the home node's).
             shift_ts(&mut ts, -self.clock_offset(clock));
         }
+        // A relative sleep ends at a fixed time (as Linux's timer does): being interrupted
+        // or stopped on the way does not add to it.
+        let relative = flags & libc::TIMER_ABSTIME == 0;
+        let now = |c: i32| {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec to fill in.
+            unsafe { libc::clock_gettime(c, &mut t) };
+            t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+        };
+        if relative {
+            let end = now(clock) + ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+            ts.tv_sec = (end / 1_000_000_000) as i64;
+            ts.tv_nsec = (end % 1_000_000_000) as i64;
+        }
         let mut left = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         loop {
             // SAFETY: both timespecs are valid for the duration of the call.
-            let r = unsafe { libc::clock_nanosleep(clock, flags, &ts, &mut left) };
+            let r = unsafe {
+                libc::clock_nanosleep(clock, flags | libc::TIMER_ABSTIME, &ts, &mut left)
+            };
             if r != libc::EINTR {
                 if r != 0 {
                     return Err(r as i64);
@@ -74,13 +93,14 @@ impl Vm {
             // A signal that reaches a handler (or ends the guest) interrupts the sleep; one
             // the guest ignores or blocks does not (nanosleep(2)).
             if self.signal_ready() || self.pause.requested() {
-                if rem != 0 && flags & libc::TIMER_ABSTIME == 0 {
+                if rem != 0 && relative {
+                    let end = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+                    let l = (end - now(clock)).max(0);
+                    left.tv_sec = (l / 1_000_000_000) as i64;
+                    left.tv_nsec = (l % 1_000_000_000) as i64;
                     self.write_guest(rem, &timespec_bytes(&left))?;
                 }
                 return Err(EINTR);
-            }
-            if flags & libc::TIMER_ABSTIME == 0 {
-                ts = left;
             }
         }
     }
