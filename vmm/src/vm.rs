@@ -947,7 +947,7 @@ impl Vm {
                 // signal interrupted is restarted unless a handler runs that asks otherwise
                 // (SA_RESTART, signal(7)).
                 let restart = v == -ERESTART
-                    || (v == -EINTR && self.interrupted(nr).is_none_or(|again| again));
+                    || (v == -EINTR && self.interrupted(nr, &a).is_none_or(|again| again));
                 let quick =
                     !restart && self.sig.pending & !self.sig.mask == 0 && !host_signals_pending();
                 let regs = &mut self.vcpu.sync_regs_mut().regs;

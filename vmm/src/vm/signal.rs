@@ -509,7 +509,7 @@ impl Vm {
     /// What happens to a call the host interrupted (-EINTR): `Some(restart)` when a handler
     /// will run (restart per SA_RESTART and the call), `None` when no handler runs (the
     /// interruption was the VMM's own: the call is restarted).
-    pub(super) fn interrupted(&mut self, nr: u64) -> Option<bool> {
+    pub(super) fn interrupted(&mut self, nr: u64, a: &[u64; 6]) -> Option<bool> {
         self.take_host();
         let sig = self.sig.next()?;
         let h = self.sig.handler(sig as usize);
@@ -517,7 +517,42 @@ impl Vm {
             // Default action: the guest stops (the call goes on) or ends.
             return (default_action(sig) == Default::Term).then_some(false);
         }
-        Some(self.sig.flags(sig) & SA_RESTART != 0 && !never_restarted(nr))
+        Some(
+            self.sig.flags(sig) & SA_RESTART != 0
+                && !never_restarted(nr)
+                && !self.socket_with_timeout(nr, a[0]),
+        )
+    }
+
+    /// A socket call on a socket with a receive (or send) timeout is never restarted after a
+    /// handler (signal(7); Linux's `sock_intr_errno`).
+    fn socket_with_timeout(&self, nr: u64, fd: u64) -> bool {
+        let opt = match nr as i64 {
+            libc::SYS_read
+            | libc::SYS_readv
+            | libc::SYS_recvfrom
+            | libc::SYS_recvmsg
+            | libc::SYS_recvmmsg
+            | libc::SYS_accept
+            | libc::SYS_accept4 => libc::SO_RCVTIMEO,
+            libc::SYS_write
+            | libc::SYS_writev
+            | libc::SYS_sendto
+            | libc::SYS_sendmsg
+            | libc::SYS_sendmmsg
+            | libc::SYS_connect => libc::SO_SNDTIMEO,
+            _ => return false,
+        };
+        let Some(host) = self.deputy.local_fd(fd & 0xffff_ffff) else {
+            return false;
+        };
+        let mut tv = [0i64; 2];
+        let mut len = 16u32;
+        // SAFETY: `tv` is a 16-byte struct timeval and `len` says so.
+        let r = unsafe {
+            libc::getsockopt(host, libc::SOL_SOCKET, opt, tv.as_mut_ptr().cast(), &mut len)
+        };
+        r == 0 && (tv[0] != 0 || tv[1] != 0)
     }
 
     /// The user registers at this exit.
