@@ -270,7 +270,11 @@ fn run(a: RunArgs) -> ExitCode {
         stats: a.stats,
     };
     vmm::vm::install_signal_handlers();
-    let deputy = Box::new(vmm::deputy::HostDeputy::new().with_exe(&program));
+    let deputy = Box::new(
+        vmm::deputy::HostDeputy::new()
+            .inheriting()
+            .with_exe(&program),
+    );
     let vm = match vmm::vm::Vm::new(program, argv, envp, deputy, opts) {
         Ok(vm) => vm,
         Err(e) => {

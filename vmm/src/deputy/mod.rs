@@ -186,6 +186,46 @@ impl HostDeputy {
         Self::with_stdio([0, 1, 2])
     }
 
+    /// Take into the guest's table, under the same numbers, the descriptors above 2 this
+    /// process inherited (those not marked close-on-exec: every descriptor the VMM opens
+    /// itself is): a program started with `7<file`, or a bash process substitution's
+    /// `/dev/fd/63`, finds them as natively. Call before the VMM opens anything it would not
+    /// mark so.
+    pub fn inheriting(mut self) -> Self {
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+            return self;
+        };
+        let mut fds: Vec<i32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        fds.sort_unstable();
+        for fd in fds {
+            // SAFETY: F_GETFD on a descriptor number touches no memory.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if flags < 0 || flags & libc::FD_CLOEXEC != 0 || fd as u64 >= self.nofile {
+                continue;
+            }
+            // SAFETY: duplicating (close-on-exec, above 2) then closing the inherited
+            // descriptor, which nothing else in this process uses.
+            let host = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if host < 0 {
+                continue;
+            }
+            // SAFETY: as above.
+            unsafe { libc::close(fd) };
+            let g = fd as usize;
+            if self.fds.len() <= g {
+                self.fds.resize(g + 1, None);
+            }
+            self.fds[g] = Some(GuestFd {
+                host,
+                cloexec: false,
+            });
+        }
+        self
+    }
+
     /// A deputy whose guest descriptors 0, 1, 2 are duplicates of these host descriptors.
     pub fn with_stdio(stdio: [i32; 3]) -> Self {
         let mut lim = libc::rlimit {
