@@ -172,6 +172,21 @@ int main(void) {
     printf("posix_spawn: %d\n", r);
     status("spawned", st);
 
+    // 6b. A vfork child shares its parent's memory until it execs or exits: what it writes
+    // is seen (glibc's posix_spawn reports a failed exec that way).
+    volatile int shared_word = 1;
+    c = vfork();
+    if (c == 0) {
+        shared_word = 42;
+        _exit(0);
+    }
+    waitpid(c, &st, 0);
+    printf("vfork child's write seen: %d\n", shared_word);
+    char *none_argv[] = {"nope", NULL};
+    r = posix_spawn(&c, "/nonexistent/program", NULL, NULL, none_argv, environ);
+    printf("posix_spawn of a missing program: %d (%s)\n", r, strerror(r));
+    if (r == 0) waitpid(c, &st, 0);
+
     // 7. Inherited: descriptors, cwd, files written by the children.
     mkdir("sub", 0755);
     if (chdir("sub") != 0) return 2;

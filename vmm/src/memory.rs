@@ -274,8 +274,15 @@ impl GuestMem {
     /// parent's; move it to the child's own VM. `layout` was read before the fork (a lock the
     /// parent's threads held then would never be released here). The new VM's MMU has cached
     /// nothing, so every free frame may become a page table.
-    pub fn forked(&mut self, mut layout: Layout, vm: Arc<kvm_ioctls::VmFd>) -> anyhow::Result<()> {
-        layout.log_dirty = false;
+    /// With `log`, the new VM logs the guest's writes from the start (a vfork child's
+    /// writes go back to its parent, see [`GuestMem::user_pages`]).
+    pub fn forked(
+        &mut self,
+        mut layout: Layout,
+        vm: Arc<kvm_ioctls::VmFd>,
+        log: bool,
+    ) -> anyhow::Result<()> {
+        layout.log_dirty = log;
         self.shared = Arc::new(std::sync::Mutex::new(layout));
         let mut clean = std::mem::take(&mut self.free);
         clean.append(&mut self.clean);
@@ -283,6 +290,19 @@ impl GuestMem {
         self.fresh.clear();
         self.vm = None;
         self.attach(vm)
+    }
+
+    /// Every page of guest RAM mapped at a user address: (virtual address, guest physical
+    /// address), from the page tables.
+    pub fn user_pages(&self) -> Vec<(u64, u64)> {
+        let mut leaves = Vec::new();
+        let mut tables = Vec::new();
+        self.collect(self.pml4, 3, 0, &mut leaves, &mut tables);
+        leaves
+            .into_iter()
+            .filter(|(va, pte)| *va < 1 << 47 && pte & PTE_P != 0 && pte & ADDR_MASK < self.size)
+            .map(|(va, pte)| (va, pte & ADDR_MASK))
+            .collect()
     }
 
     /// The file window, reserved and registered with KVM on first use.

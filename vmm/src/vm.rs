@@ -183,6 +183,9 @@ pub struct Vm {
     forked: bool,
     /// A vfork child: the pipe end whose closing lets the parent go on.
     vfork_done: Option<i32>,
+    /// That child runs on a copy of its parent's memory which natively it would share: the
+    /// pages it writes go back through the pipe.
+    vfork_shared: bool,
     /// POSIX timers (timer_create).
     timers: Vec<timers::PosixTimer>,
     /// `program` for other threads (the registration reports a new one after execve).
@@ -431,6 +434,7 @@ impl Vm {
             clear_child_tid: 0,
             forked: false,
             vfork_done: None,
+            vfork_shared: false,
             program_cell: Default::default(),
             timers: Vec::new(),
             mono_offset_ns: 0,
@@ -766,6 +770,7 @@ impl Vm {
             clear_child_tid: 0,
             forked: false,
             vfork_done: None,
+            vfork_shared: false,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
             timers: timers::recreate(v.posix_timers, v.pid),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),

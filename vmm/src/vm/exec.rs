@@ -166,6 +166,8 @@ impl Vm {
         loader::check(&exe).map_err(|e| load_errno(&e))?;
         let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
 
+        // A vfork parent goes on now (with what this child wrote).
+        self.release_vfork_parent();
         // The point of no return: the old program goes.
         let old: Vec<(u64, u64)> = self.space.vmas().map(|(s, v)| (s, v.end)).collect();
         for (s, e) in old {
@@ -197,7 +199,6 @@ impl Vm {
         };
         self.deputy.exec(&real);
         self.drop_host_timers();
-        self.release_vfork_parent();
         self.clear_child_tid = 0;
         self.program = real;
         if let Ok(mut p) = self.program_cell.lock() {

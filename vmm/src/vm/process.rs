@@ -188,16 +188,19 @@ impl Vm {
                 let _ = self.write_guest(c.parent_tid, &pid.to_le_bytes());
             }
             if let Some(p) = vfork_pipe {
-                // vfork: wait until the child execs or exits (its end closes).
-                // SAFETY: closing our copy of the write end, then reading the read end into
-                // a local until end of file.
-                unsafe {
-                    libc::close(p[1]);
-                    let mut b = [0u8; 1];
-                    while libc::read(p[0], b.as_mut_ptr().cast(), 1) != 0
-                        && super::last_errno() == libc::EINTR as i64
-                    {}
-                    libc::close(p[0]);
+                // vfork: wait until the child execs or exits (its end closes), taking back
+                // the pages it wrote, which natively it shares with us.
+                // SAFETY: closing our copy of the write end.
+                unsafe { libc::close(p[1]) };
+                // SAFETY: the read end is ours; File closes it once.
+                let mut pipe =
+                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(p[0]) };
+                let mut rec = vec![0u8; 8 + 4096];
+                while std::io::Read::read_exact(&mut pipe, &mut rec).is_ok() {
+                    let va = u64::from_le_bytes(rec[..8].try_into().expect("8"));
+                    if self.space.accessible(va, 4096, true) == 4096 {
+                        let _ = self.write_guest(va, &rec[8..]);
+                    }
                 }
             }
             return Ok(Step::Ret(pid as i64));
@@ -235,7 +238,13 @@ impl Vm {
         self.sig.mirror_all();
         let host = crate::cpu::host()?;
         let vm = std::sync::Arc::new(host.kvm.create_vm()?);
-        self.space.mem.forked(layout, vm.clone())?;
+        let shares_memory = c.flags & CLONE_VM != 0;
+        self.space.mem.forked(layout, vm.clone(), shares_memory)?;
+        if shares_memory {
+            // Start the log of what this child writes: its parent gets those pages back.
+            let _ = self.space.mem.view().take_dirty();
+            self.vfork_shared = true;
+        }
         let mut vcpu = crate::cpu::create_vcpu(host, &vm, &self.space.mem, 0, 0)?;
         crate::snapshot::restore(&mut vcpu, &st)?;
         // The old VM's objects belong to the parent: dropping our copies only unmaps and
@@ -298,11 +307,36 @@ impl Vm {
         std::mem::take(&mut self.forked)
     }
 
-    /// A vfork child execs or exits: its parent goes on.
+    /// A vfork child execs or exits: its parent goes on, with the pages the child wrote
+    /// (a CLONE_VM child writes the parent's memory natively: glibc's posix_spawn reports a
+    /// failed exec so).
     pub(super) fn release_vfork_parent(&mut self) {
-        if let Some(fd) = self.vfork_done.take() {
-            // SAFETY: the descriptor is ours and closed once.
-            unsafe { libc::close(fd) };
+        let Some(fd) = self.vfork_done.take() else {
+            return;
+        };
+        if std::mem::take(&mut self.vfork_shared) {
+            if let Ok(dirty) = self.space.mem.view().take_dirty() {
+                let dirty: std::collections::HashSet<u64> = dirty.into_iter().collect();
+                // SAFETY: the write end is ours; File closes it once, below.
+                let mut pipe =
+                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let mut rec = vec![0u8; 8 + 4096];
+                for (va, gpa) in self.space.mem.user_pages() {
+                    if !dirty.contains(&(gpa / 4096)) {
+                        continue;
+                    }
+                    rec[..8].copy_from_slice(&va.to_le_bytes());
+                    if self.space.mem.read(va, &mut rec[8..]).is_err() {
+                        continue;
+                    }
+                    if std::io::Write::write_all(&mut pipe, &rec).is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
         }
+        // SAFETY: the descriptor is ours and closed once.
+        unsafe { libc::close(fd) };
     }
 }

@@ -550,7 +550,13 @@ impl Vm {
         let mut len = 16u32;
         // SAFETY: `tv` is a 16-byte struct timeval and `len` says so.
         let r = unsafe {
-            libc::getsockopt(host, libc::SOL_SOCKET, opt, tv.as_mut_ptr().cast(), &mut len)
+            libc::getsockopt(
+                host,
+                libc::SOL_SOCKET,
+                opt,
+                tv.as_mut_ptr().cast(),
+                &mut len,
+            )
         };
         r == 0 && (tv[0] != 0 || tv[1] != 0)
     }
