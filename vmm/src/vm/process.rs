@@ -9,6 +9,7 @@
 
 use super::pause::{GUEST_TID, HOST_PENDING, IMMEDIATE_EXIT, WAKE, WATCHDOG};
 use super::{Step, Vm, EINVAL, ENOSYS};
+use std::os::fd::FromRawFd;
 use std::sync::atomic::Ordering;
 
 const CLONE_VM: u64 = 0x100;
@@ -193,8 +194,7 @@ impl Vm {
                 // SAFETY: closing our copy of the write end.
                 unsafe { libc::close(p[1]) };
                 // SAFETY: the read end is ours; File closes it once.
-                let mut pipe =
-                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(p[0]) };
+                let mut pipe = unsafe { std::fs::File::from_raw_fd(p[0]) };
                 let mut rec = vec![0u8; 8 + 4096];
                 while std::io::Read::read_exact(&mut pipe, &mut rec).is_ok() {
                     let va = u64::from_le_bytes(rec[..8].try_into().expect("8"));
@@ -318,8 +318,7 @@ impl Vm {
             if let Ok(dirty) = self.space.mem.view().take_dirty() {
                 let dirty: std::collections::HashSet<u64> = dirty.into_iter().collect();
                 // SAFETY: the write end is ours; File closes it once, below.
-                let mut pipe =
-                    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
                 let mut rec = vec![0u8; 8 + 4096];
                 for (va, gpa) in self.space.mem.user_pages() {
                     if !dirty.contains(&(gpa / 4096)) {
