@@ -239,3 +239,20 @@ fn interactive_shells_with_job_control() {
         assert_eq!(native.1, 7, "{shell}: {}", native.0);
     }
 }
+
+/// dash runs external commands in vfork children, which write its memory (its heap and the C
+/// library's data) before they exec: the shell goes on with what they wrote, as natively.
+#[test]
+fn dash_vfork_children_share_memory_until_exec() {
+    require_kvm!();
+    for script in [
+        "/bin/true; echo x",
+        "for i in $(seq 1 60); do /bin/true; x=\"$x$i\"; done; echo ${#x}",
+        "ls /nonexistent 2>/dev/null || echo failed; /bin/echo $((6 * 7))",
+    ] {
+        Case::new("/bin/sh")
+            .args(["-c", script])
+            .timeout(Duration::from_secs(60))
+            .check();
+    }
+}

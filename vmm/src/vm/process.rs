@@ -25,6 +25,9 @@ const CLONE_SETTLS: u64 = 0x8_0000;
 const CLONE_PARENT_SETTID: u64 = 0x10_0000;
 const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
 const CLONE_CHILD_SETTID: u64 = 0x100_0000;
+/// A vfork child's record of its program break (a page record's address never is this).
+const BRK_RECORD: u64 = u64::MAX;
+
 /// What a new process (not a thread) may ask for here.
 const SUPPORTED: u64 = CLONE_VM
     | CLONE_VFORK
@@ -198,6 +201,13 @@ impl Vm {
                 let mut rec = vec![0u8; 8 + 4096];
                 while std::io::Read::read_exact(&mut pipe, &mut rec).is_ok() {
                     let va = u64::from_le_bytes(rec[..8].try_into().expect("8"));
+                    if va == BRK_RECORD {
+                        // The child moved the break (its malloc grew the heap): so does
+                        // the parent, whose heap the child's writes describe.
+                        let brk = u64::from_le_bytes(rec[8..16].try_into().expect("8"));
+                        self.space.set_brk(brk);
+                        continue;
+                    }
                     if self.space.accessible(va, 4096, true) == 4096 {
                         let _ = self.write_guest(va, &rec[8..]);
                     }
@@ -320,10 +330,31 @@ impl Vm {
                 // SAFETY: the write end is ours; File closes it once, below.
                 let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
                 let mut rec = vec![0u8; 8 + 4096];
-                for (va, gpa) in self.space.mem.user_pages() {
-                    if !dirty.contains(&(gpa / 4096)) {
-                        continue;
+                rec[..8].copy_from_slice(&BRK_RECORD.to_le_bytes());
+                rec[8..16].copy_from_slice(&self.space.brk.to_le_bytes());
+                let _ = std::io::Write::write_all(&mut pipe, &rec);
+                rec[8..16].fill(0);
+                // Guest RAM the child wrote (the dirty log), and every page of its writable
+                // private file mappings (a library's data: host copy-on-write memory in the
+                // file window, which the log does not see).
+                let mut pages: Vec<u64> = self
+                    .space
+                    .mem
+                    .user_pages()
+                    .into_iter()
+                    .filter(|(_, gpa)| dirty.contains(&(gpa / 4096)))
+                    .map(|(va, _)| va)
+                    .collect();
+                for (start, v) in self.space.vmas() {
+                    if v.window.is_some() && v.kind == crate::mm::VmaKind::File && v.prot & 2 != 0 {
+                        pages.extend(
+                            (start..v.end)
+                                .step_by(4096)
+                                .filter(|va| self.space.mem.is_mapped(*va)),
+                        );
                     }
+                }
+                for va in pages {
                     rec[..8].copy_from_slice(&va.to_le_bytes());
                     if self.space.mem.read(va, &mut rec[8..]).is_err() {
                         continue;
