@@ -313,6 +313,25 @@ int main(void) {
     ssize_t w = write(p[1], "y", 1);
     printf("sigpipe: write %zd %s hits %d\n", w, strerror(errno), hits);
 
+    // 11b. /proc/self/status shows this process's own signal state.
+    {
+        sigset_t b2, o2;
+        sigemptyset(&b2);
+        sigaddset(&b2, SIGWINCH);
+        sigaddset(&b2, SIGUSR1);
+        sigprocmask(SIG_BLOCK, &b2, &o2);
+        signal(SIGUSR1, on_plain);
+        raise(SIGWINCH);
+        kill(getpid(), SIGUSR1);
+        FILE *st = fopen("/proc/self/status", "r");
+        char line[256];
+        while (st && fgets(line, sizeof line, st))
+            if ((!strncmp(line, "Sig", 3) && strncmp(line, "SigQ", 4)) || !strncmp(line, "ShdPnd", 6))
+                fputs(line, stdout);
+        if (st) fclose(st);
+        sigprocmask(SIG_SETMASK, &o2, NULL);
+    }
+
     // 12. Ignored signals are dropped even when sent while blocked and then ignored.
     set(SIGUSR1, SIG_IGN, 0, 0);
     raise(SIGUSR1);

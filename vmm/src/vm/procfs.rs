@@ -8,7 +8,7 @@
 //! `/proc/self/fd/`, `fdinfo/N`, `exe`, `cwd` and `root` are the deputy's (`deputy::rewrite_path`);
 //! every other `/proc` file is the home host's.
 
-use super::{Vm, EINVAL};
+use super::{signal, Vm, EINVAL};
 use crate::deputy::Slot;
 use crate::mm::VmaKind;
 
@@ -222,6 +222,47 @@ impl Vm {
                         "RssFile" | "RssShmem" | "VmLck" | "VmPin" | "VmSwap" => kb(0),
                         "Threads" => "1".into(),
                         "SigBlk" => format!("{:016x}", self.sig.mask),
+                        // The guest's own signal state, not the VMM's (proc_pid_status(5)).
+                        // Signals queued for the user: the guest's pending ones count too.
+                        "SigQ" => {
+                            let v = line.split_once(':').map_or("", |x| x.1).trim();
+                            let (n, max) = v.split_once('/').unwrap_or(("0", "0"));
+                            let n = n.parse::<usize>().unwrap_or(0) + self.sig.queue.len();
+                            format!("{n}/{max}")
+                        }
+                        // tgkill/tkill (SI_TKILL) pend on the thread, the rest on the process.
+                        "SigPnd" | "ShdPnd" => {
+                            let thread = key == "SigPnd";
+                            let bits: u64 = self
+                                .sig
+                                .queue
+                                .iter()
+                                .filter(|i| {
+                                    let code = i32::from_le_bytes(i[8..12].try_into().expect("4"));
+                                    (code == -6) == thread
+                                })
+                                .map(|i| {
+                                    let sig = i32::from_le_bytes(i[..4].try_into().expect("4"));
+                                    1u64 << ((sig - 1) & 63)
+                                })
+                                .fold(0, |a, b| a | b);
+                            format!("{bits:016x}")
+                        }
+                        "SigIgn" | "SigCgt" => {
+                            let want_ign = key == "SigIgn";
+                            let bits: u64 = (1..=64)
+                                .filter(|&s| {
+                                    let h = self.sig.handler(s);
+                                    if want_ign {
+                                        h == signal::SIG_IGN
+                                    } else {
+                                        h > signal::SIG_IGN
+                                    }
+                                })
+                                .map(|s| 1u64 << (s - 1))
+                                .sum();
+                            format!("{bits:016x}")
+                        }
                         _ => {
                             out.push_str(line);
                             out.push('\n');
