@@ -95,6 +95,20 @@ int main(void) {
     status("killed", st);
     close(p[0]);
 
+    // 2b. A signal sent the moment fork returns reaches the child (none is lost while the
+    // child is still being set up).
+    int killed = 0;
+    for (int i = 0; i < 20; i++) {
+        c = fork();
+        if (c == 0) {
+            for (;;) pause();
+        }
+        kill(c, SIGTERM);
+        waitpid(c, &st, 0);
+        killed += WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM;
+    }
+    printf("killed right after fork: %d of 20\n", killed);
+
     // 3. SIGCHLD with siginfo, then waitid.
     struct sigaction sa = {.sa_sigaction = on_chld, .sa_flags = SA_SIGINFO | SA_RESTART};
     sigaction(SIGCHLD, &sa, NULL);

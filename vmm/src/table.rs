@@ -330,9 +330,12 @@ table! {
     SYS_timer_create => Local, SYS_timer_settime => Local,
     SYS_timer_gettime => Local, SYS_timer_getoverrun => Local,
     SYS_timer_delete => Local,
-    // Not there yet: signalfd, pidfd_send_signal.
+    // pidfds are the home host's: signalling through one is its business (a signal to this
+    // very process comes back to the VMM as a host signal).
+    SYS_pidfd_send_signal => Home(&[Fd, V, SIn(128), V]),
+    // Not there yet: signalfd.
     SYS_signalfd => Refused(ENOSYS),
-    SYS_signalfd4 => Refused(ENOSYS), SYS_pidfd_send_signal => Refused(ENOSYS),
+    SYS_signalfd4 => Refused(ENOSYS),
     // Not there yet: SysV IPC, POSIX message queues, asynchronous I/O, io_uring, batched
     // messages, vmsplice, key rings, extended scheduling attributes, statmount/listmount.
     // SysV IPC lives at home: ids are the home host's; shmat maps the segment into the VMM's

@@ -329,6 +329,25 @@ pub(super) fn mirror_sigchld(ignored: bool, flags: u64) {
     }
 }
 
+/// Block every signal this thread may block; returns the mask to give back to
+/// [`restore_mask`].
+pub(super) fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: filling signal sets and changing this thread's mask touch only local state.
+    unsafe {
+        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+            (std::mem::zeroed(), std::mem::zeroed());
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    }
+}
+
+/// Give this thread back the mask [`block_all_signals`] returned.
+pub(super) fn restore_mask(old: &libc::sigset_t) {
+    // SAFETY: `old` is a signal set pthread_sigmask filled in.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+}
+
 /// Block every signal taken for the guest in the calling thread, so that they reach the
 /// thread running the guest (where they interrupt KVM_RUN or a blocking call).
 pub fn block_guest_signals() {

@@ -29,7 +29,8 @@ const CLONE_CHILD_SETTID: u64 = 0x100_0000;
 const BRK_RECORD: u64 = u64::MAX;
 
 /// What a new process (not a thread) may ask for here.
-const SUPPORTED: u64 = CLONE_VM
+const SUPPORTED: u64 = CLONE_PIDFD
+    | CLONE_VM
     | CLONE_VFORK
     | CLONE_SYSVSEM
     | CLONE_SETTLS
@@ -47,6 +48,8 @@ pub(super) struct CloneArgs {
     pub parent_tid: u64,
     pub child_tid: u64,
     pub tls: u64,
+    /// Where CLONE_PIDFD's descriptor goes (clone(2): the parent_tid argument).
+    pub pidfd: u64,
 }
 
 impl CloneArgs {
@@ -58,6 +61,7 @@ impl CloneArgs {
             parent_tid: a[2],
             child_tid: a[3],
             tls: a[4],
+            pidfd: a[2],
         }
     }
 }
@@ -94,6 +98,7 @@ impl Vm {
             parent_tid: w(3),
             child_tid: w(2),
             tls: w(7),
+            pidfd: w(1),
         })
     }
 
@@ -122,6 +127,10 @@ impl Vm {
         }
         // clone(2): CLONE_SIGHAND needs CLONE_VM, CLONE_THREAD needs CLONE_SIGHAND.
         if f & CLONE_SIGHAND != 0 && f & CLONE_VM == 0 {
+            return Err(EINVAL);
+        }
+        // clone(2) passes CLONE_PIDFD's pointer where CLONE_PARENT_SETTID's goes.
+        if f & CLONE_PIDFD != 0 && f & CLONE_PARENT_SETTID != 0 && c.pidfd == c.parent_tid {
             return Err(EINVAL);
         }
         let unsupported = f & !SUPPORTED;
@@ -173,10 +182,16 @@ impl Vm {
         } else {
             None
         };
+        // Signals sent to the child before it has its own plumbing stay pending in the kernel
+        // until it has (fork(2) leaves the parent's pending signals behind).
+        let old_mask = super::pause::block_all_signals();
         // SAFETY: fork(2) in a process whose other threads hold no lock the child needs: the
         // child touches only its own copy of this thread's state, starts its own helper
         // threads, and re-creates every KVM object before use.
         let pid = unsafe { libc::fork() };
+        if pid != 0 {
+            super::pause::restore_mask(&old_mask);
+        }
         if pid < 0 {
             if let Some(p) = vfork_pipe {
                 // SAFETY: both descriptors are ours.
@@ -188,6 +203,14 @@ impl Vm {
             return Err(super::last_errno());
         }
         if pid > 0 {
+            if f & CLONE_PIDFD != 0 {
+                // A pidfd of the child, in the guest's table (close-on-exec, as Linux's).
+                let fd =
+                    self.call_deputy(libc::SYS_pidfd_open, [pid as u64, 0, 0, 0, 0, 0], vec![]);
+                if fd.ret >= 0 {
+                    let _ = self.write_guest(c.pidfd, &(fd.ret as i32).to_le_bytes());
+                }
+            }
             if f & CLONE_PARENT_SETTID != 0 {
                 let _ = self.write_guest(c.parent_tid, &pid.to_le_bytes());
             }
@@ -215,7 +238,10 @@ impl Vm {
             }
             return Ok(Step::Ret(pid as i64));
         }
-        // The child.
+        // The child: what the parent's handler recorded before the fork was the parent's;
+        // signals for the child wait in the kernel until its mask is back.
+        HOST_PENDING.store(0, Ordering::SeqCst);
+        super::pause::restore_mask(&old_mask);
         if let Some(p) = vfork_pipe {
             // SAFETY: the read end is the parent's business.
             unsafe { libc::close(p[0]) };
@@ -239,8 +265,7 @@ impl Vm {
         layout: crate::memory::Layout,
         c: &CloneArgs,
     ) -> anyhow::Result<Step> {
-        // Host signal plumbing: nothing pending (fork(2)), a watchdog thread of its own.
-        HOST_PENDING.store(0, Ordering::SeqCst);
+        // Host signal plumbing: a watchdog thread of its own.
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
         WATCHDOG.store(-1, Ordering::SeqCst);
         WAKE.store(-1, Ordering::SeqCst);
