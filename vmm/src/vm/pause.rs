@@ -131,6 +131,14 @@ pub(super) fn start_watchdog() {
     let spawned = std::thread::Builder::new()
         .name("mosvm-signals".into())
         .spawn(move || {
+            // A clean mask first (a thread starts with its creator's, which may block all),
+            // then the guest's signals go to the guest's thread.
+            // SAFETY: setting this thread's mask from an empty set touches only local state.
+            unsafe {
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            }
             block_guest_signals();
             install_kick_handler();
             loop {
@@ -172,7 +180,7 @@ pub fn install_signal_handlers() {
         // What `mosvm run` inherited is the program's: ignored signals stay ignored across
         // exec, and so does the signal mask (signal(7), execve(2)).
         let mut ign = 0u64;
-        for sig in (1..=64).filter(|&s| caught(s)) {
+        for sig in (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
             // SAFETY: querying a disposition into a zeroed sigaction.
             let h = unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
@@ -204,7 +212,12 @@ pub fn install_signal_handlers() {
     for sig in (1..=64).filter(|&s| caught(s)) {
         set_handler(sig);
     }
-    // The guest's mask is the VMM's business: the host lets every taken signal in.
+    unblock_guest_signals();
+}
+
+/// The guest's mask is the VMM's business: the host lets every signal taken for the guest in
+/// on the calling thread.
+pub(super) fn unblock_guest_signals() {
     // SAFETY: building a signal set and changing this thread's mask touch only local state.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

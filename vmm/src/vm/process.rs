@@ -239,15 +239,21 @@ impl Vm {
             return Ok(Step::Ret(pid as i64));
         }
         // The child: what the parent's handler recorded before the fork was the parent's;
-        // signals for the child wait in the kernel until its mask is back.
+        // signals for the child wait in the kernel until its VM is set up and its mask back
+        // (a signal handled meanwhile would interrupt the KVM calls that set it up).
         HOST_PENDING.store(0, Ordering::SeqCst);
-        super::pause::restore_mask(&old_mask);
         if let Some(p) = vfork_pipe {
             // SAFETY: the read end is the parent's business.
             unsafe { libc::close(p[0]) };
             self.vfork_done = Some(p[1]);
         }
-        match self.become_child(st, layout, &c) {
+        let became = self.become_child(st, layout, &c);
+        // The plumbing is up: the signals sent to the child meanwhile come in now.
+        super::install_signal_handlers();
+        self.sig.mirror_all();
+        super::pause::restore_mask(&old_mask);
+        super::pause::unblock_guest_signals();
+        match became {
             Ok(step) => Ok(step),
             Err(e) => {
                 eprintln!("mosvm: {}: fork: {e:#}", self.program.display());
@@ -265,12 +271,10 @@ impl Vm {
         layout: crate::memory::Layout,
         c: &CloneArgs,
     ) -> anyhow::Result<Step> {
-        // Host signal plumbing: a watchdog thread of its own.
+        // Host signal plumbing: a watchdog thread of its own (started once the VM is up).
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
         WATCHDOG.store(-1, Ordering::SeqCst);
         WAKE.store(-1, Ordering::SeqCst);
-        super::install_signal_handlers();
-        self.sig.mirror_all();
         let host = crate::cpu::host()?;
         let vm = std::sync::Arc::new(host.kvm.create_vm()?);
         let shares_memory = c.flags & CLONE_VM != 0;
