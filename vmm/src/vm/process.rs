@@ -307,6 +307,10 @@ impl Vm {
             })
             .ret;
         self.deputy.forked();
+        // Locks other threads of the parent held at the fork stay held in the child's copy:
+        // a cell they share gets a new one.
+        self.program_cell =
+            std::sync::Arc::new(std::sync::Mutex::new(self.program.display().to_string()));
         self.sig.pending = 0;
         self.sig.queue.clear();
         // Timers are not inherited (fork(2)); the host fork made none in the child.
