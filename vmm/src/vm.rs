@@ -60,14 +60,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The status a shell would report.
-    pub fn code(&self) -> i32 {
-        match self {
-            Outcome::Exited(c) => *c & 0xff,
-            Outcome::Signaled(s) => 128 + s,
-        }
-    }
-
     /// As an exit report travels home: the status 0..=255, or 256 + the signal.
     pub fn to_wire(&self) -> i32 {
         match self {
@@ -1350,12 +1342,9 @@ impl Vm {
                     self.sig.mirror(sig as i32);
                     // A pending signal whose action is now to ignore it is discarded, blocked
                     // or not (sigaction(2)).
-                    let h = self.sig.handler(sig);
-                    let mask = std::mem::replace(&mut self.sig.mask, 0);
-                    if h == signal::SIG_IGN || self.sig.ignored(sig as i32) {
+                    if self.sig.action_ignores(sig as i32) {
                         self.sig.discard(sig as i32);
                     }
-                    self.sig.mask = mask;
                 }
                 if a[2] != 0 {
                     self.write_guest(a[2], &old)?;
@@ -1753,9 +1742,11 @@ mod tests {
     }
 
     #[test]
-    fn shell_status() {
-        assert_eq!(Outcome::Exited(3).code(), 3);
-        assert_eq!(Outcome::Signaled(11).code(), 139);
+    fn outcomes_travel_as_wire_statuses() {
+        assert_eq!(Outcome::Exited(3).to_wire(), 3);
+        assert_eq!(Outcome::Signaled(11).to_wire(), 267);
+        assert_eq!(Outcome::from_wire(267), Outcome::Signaled(11));
+        assert_eq!(Outcome::from_wire(3), Outcome::Exited(3));
         assert_eq!(signal_name(15), "SIGTERM");
     }
 }

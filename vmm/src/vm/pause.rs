@@ -292,10 +292,11 @@ pub(super) fn mirror_stop_mask(guest_mask: u64) {
         .map(|&s| 1u64 << (s - 1))
         .filter(|b| guest_mask & b != 0)
         .sum();
-    let had = HOST_STOP_MASK.swap(want, Ordering::SeqCst);
-    if had == want {
+    // Called after every syscall: a plain load when nothing changed.
+    if HOST_STOP_MASK.load(Ordering::Relaxed) == want {
         return;
     }
+    HOST_STOP_MASK.store(want, Ordering::SeqCst);
     // SAFETY: building signal sets and changing this thread's mask touch only local state.
     unsafe {
         let (mut block, mut unblock): (libc::sigset_t, libc::sigset_t) =

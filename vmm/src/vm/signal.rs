@@ -135,10 +135,14 @@ impl Signals {
     /// Whether a signal arriving now would be discarded: its action ignores it and it is not
     /// blocked (a blocked one stays pending: its action may change).
     pub(super) fn ignored(&self, sig: i32) -> bool {
+        self.mask & bit(sig) == 0 && self.action_ignores(sig)
+    }
+
+    /// Whether the signal's action is to ignore it: SIG_IGN, or a default action of ignore or
+    /// continue.
+    pub(super) fn action_ignores(&self, sig: i32) -> bool {
         let h = self.handler(sig as usize);
-        self.mask & bit(sig) == 0
-            && (h == SIG_IGN
-                || (h == 0 && matches!(default_action(sig), Default::Ign | Default::Cont)))
+        h == SIG_IGN || (h == 0 && matches!(default_action(sig), Default::Ign | Default::Cont))
     }
 
     /// Add a signal to the pending set (Linux's `send_signal`): discarded when ignored, and a
@@ -177,10 +181,7 @@ impl Signals {
                 return None;
             }
             let sig = ready.trailing_zeros() as i32 + 1;
-            let h = self.handler(sig as usize);
-            let ign = h == SIG_IGN
-                || (h == 0 && matches!(default_action(sig), Default::Ign | Default::Cont));
-            if ign {
+            if self.action_ignores(sig) {
                 self.dequeue(sig);
                 continue;
             }
