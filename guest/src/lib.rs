@@ -132,6 +132,16 @@ pub const fn stub_page() -> [u8; 4096] {
     p
 }
 
+/// The TSSs of a multi-threaded guest's other vCPUs: vCPU `i` (from 1) has its own at
+/// `THREAD_TSS_VA + i * THREAD_TSS_STRIDE` (its exceptions need a stack of their own).
+pub const THREAD_TSS_VA: u64 = KERNEL_BASE + 0x10_0000;
+/// Bytes between two vCPUs' TSSs (a TSS with its I/O bitmap fits).
+pub const THREAD_TSS_STRIDE: u64 = 256;
+/// vCPU `i`'s exception stack ends at `THREAD_STACK_VA + (i + 1) * THREAD_STACK_SIZE`.
+pub const THREAD_STACK_VA: u64 = KERNEL_BASE + 0x20_0000;
+/// Bytes of exception stack per extra vCPU (an exception frame and nothing more).
+pub const THREAD_STACK_SIZE: u64 = 1024;
+
 /// Size of the TSS proper (before the I/O bitmap).
 pub const TSS_SIZE: usize = 104;
 /// Bytes of I/O bitmap: covers ports 0..=255, plus the terminating 0xff byte.

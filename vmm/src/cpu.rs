@@ -119,6 +119,26 @@ pub fn install_stub(mem: &mut GuestMem) -> Result<()> {
     Ok(())
 }
 
+/// Give vCPU `index` (from 1) of a multi-threaded guest its own TSS and exception stack
+/// (supervisor pages mapped on first use): returns the TSS's address, for TR's base, and the
+/// top of the stack (its rsp0).
+pub fn thread_tss(mem: &mut GuestMem, index: u64) -> Result<(u64, u64)> {
+    let nomem = || anyhow::anyhow!("guest memory too small for another thread");
+    let tss = guest::THREAD_TSS_VA + index * guest::THREAD_TSS_STRIDE;
+    let stack = guest::THREAD_STACK_VA + index * guest::THREAD_STACK_SIZE;
+    let top = stack + guest::THREAD_STACK_SIZE;
+    for va in [tss, stack] {
+        mem.map_page(va & !(PAGE - 1), Access::Supervisor)
+            .map_err(|_| nomem())?;
+    }
+    let mut t = guest::tss_page();
+    t[4..12].copy_from_slice(&top.to_le_bytes());
+    let len = guest::TSS_SIZE + guest::IOMAP_SIZE;
+    let gpa = mem.translate(tss).ok_or_else(nomem)?;
+    mem.write_phys(gpa, &t[..len]);
+    Ok((tss, top))
+}
+
 fn seg(selector: u16, type_: u8, dpl: u8, l: u8, s: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -193,7 +213,19 @@ pub fn set_msrs(vcpu: &VcpuFd, entries: &[(u32, u64)]) -> Result<()> {
 
 /// Create and configure the vCPU to start at `entry` with stack `rsp`, in ring 3.
 pub fn create_vcpu(host: &Host, vm: &VmFd, mem: &GuestMem, entry: u64, rsp: u64) -> Result<VcpuFd> {
-    let mut vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    create_vcpu_id(host, vm, mem, 0, entry, rsp)
+}
+
+/// Like [`create_vcpu`], with KVM vCPU id `id` (the threads of a guest after the first).
+pub fn create_vcpu_id(
+    host: &Host,
+    vm: &VmFd,
+    mem: &GuestMem,
+    id: u64,
+    entry: u64,
+    rsp: u64,
+) -> Result<VcpuFd> {
+    let mut vcpu = vm.create_vcpu(id).context("KVM_CREATE_VCPU")?;
     vcpu.set_cpuid2(&host.cpuid).context("KVM_SET_CPUID2")?;
 
     let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;

@@ -43,44 +43,87 @@ struct MsgDest {
 /// write (a PROT_NONE or read-only page, or a hole left by munmap, faults as on Linux), with
 /// demand-paged pages brought in before they are used.
 pub struct Guest<'a> {
-    space: &'a mut AddressSpace,
+    space: Access<'a>,
+}
+
+/// How a [`Guest`] reaches the address space.
+enum Access<'a> {
+    /// Borrowed for the whole call.
+    Borrowed(&'a mut AddressSpace),
+    /// Through a lock taken for each access: a home call of one thread of a multi-threaded
+    /// guest, which must not hold the process while its host call blocks.
+    Locked(&'a dyn SpaceLock),
+}
+
+/// The address space of a guest whose other threads run meanwhile.
+pub trait SpaceLock {
+    /// Run `f` on the address space under the process's lock; false (and `f` not run) when
+    /// the process has ended.
+    fn with_space(&self, f: &mut dyn FnMut(&mut AddressSpace)) -> bool;
 }
 
 impl<'a> Guest<'a> {
     /// The guest's memory through its address space.
     pub fn new(space: &'a mut AddressSpace) -> Self {
-        Guest { space }
-    }
-
-    /// Bytes from `va` (at most `len`) the call may read (`write` false) or write, made
-    /// present.
-    fn accessible(&mut self, va: u64, len: u64, write: bool) -> u64 {
-        let n = self.space.accessible(va, len, write);
-        self.space.fault_in_range(va, n);
-        n
-    }
-
-    fn allow(&mut self, va: u64, len: usize, write: bool) -> Result<(), Fault> {
-        match self.accessible(va, len as u64, write) == len as u64 {
-            true => Ok(()),
-            false => Err(Fault(va)),
+        Guest {
+            space: Access::Borrowed(space),
         }
     }
 
+    /// The guest's memory through a lock taken for each access.
+    pub fn locked(space: &'a dyn SpaceLock) -> Self {
+        Guest {
+            space: Access::Locked(space),
+        }
+    }
+
+    /// Run `f` on the address space; None when the process ended meanwhile.
+    fn with<R>(&mut self, f: impl FnOnce(&mut AddressSpace) -> R) -> Option<R> {
+        match &mut self.space {
+            Access::Borrowed(s) => Some(f(s)),
+            Access::Locked(l) => {
+                let mut f = Some(f);
+                let mut out = None;
+                l.with_space(&mut |s| {
+                    if let Some(f) = f.take() {
+                        out = Some(f(s));
+                    }
+                });
+                out
+            }
+        }
+    }
+
+    /// Check and access `[va, va+len)` in one go (under one lock): `f` runs on the memory
+    /// once the call may touch all of it.
+    fn access(
+        &mut self,
+        va: u64,
+        len: usize,
+        write: bool,
+        f: impl FnOnce(&mut crate::memory::GuestMem) -> Result<(), Fault>,
+    ) -> Result<(), Fault> {
+        self.with(|s| {
+            if s.accessible(va, len as u64, write) != len as u64 {
+                return Err(Fault(va));
+            }
+            s.fault_in_range(va, len as u64);
+            f(&mut s.mem)
+        })
+        .unwrap_or(Err(Fault(va)))
+    }
+
     fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.allow(va, buf.len(), false)?;
-        self.space.mem.read(va, buf)
+        self.access(va, buf.len(), false, |m| m.read(va, buf))
     }
 
     fn write(&mut self, va: u64, buf: &[u8]) -> Result<(), Fault> {
-        self.allow(va, buf.len(), true)?;
-        self.space.mem.write(va, buf)
+        self.access(va, buf.len(), true, |m| m.write(va, buf))
     }
 
     /// Whether the call may write all of `[va, va+len)`.
     fn check_range(&mut self, va: u64, len: usize) -> Result<(), Fault> {
-        self.allow(va, len, true)?;
-        self.space.mem.check_range(va, len)
+        self.access(va, len, true, |m| m.check_range(va, len))
     }
 
     fn read_u64_va(&mut self, va: u64) -> Result<u64, Fault> {
@@ -179,18 +222,22 @@ fn put(mem: &mut Guest<'_>, va: u64, buf: &[u8], got: i64, cap: u64) -> Result<(
 
 /// The length of the prefix of `[va, va+len)` the call may read (`write` false) or write.
 fn mapped_prefix(mem: &mut Guest<'_>, va: u64, len: u64, write: bool) -> u64 {
-    let n = mem.accessible(va, len, write);
-    // Pages the guest may use but that could not be made present (no memory) end it too.
-    let mut done = 0u64;
-    while done < n {
-        let cur = va + done;
-        let step = (4096 - (cur & 4095)).min(n - done);
-        if mem.space.mem.check_range(cur, step as usize).is_err() {
-            break;
+    mem.with(|s| {
+        let n = s.accessible(va, len, write);
+        s.fault_in_range(va, n);
+        // Pages the guest may use but that could not be made present (no memory) end it too.
+        let mut done = 0u64;
+        while done < n {
+            let cur = va + done;
+            let step = (4096 - (cur & 4095)).min(n - done);
+            if s.mem.check_range(cur, step as usize).is_err() {
+                break;
+            }
+            done += step;
         }
-        done += step;
-    }
-    done
+        done
+    })
+    .unwrap_or(0)
 }
 
 fn read_vec(mem: &mut Guest<'_>, va: u64, len: usize) -> Result<Vec<u8>, i64> {

@@ -117,6 +117,8 @@ pub struct GuestMem {
     fresh: std::collections::HashSet<u64>,
     /// The root moved (`pml4` is a copy): the vCPU must load it before it runs again.
     new_root: bool,
+    /// Retired page tables kept while other vCPUs may use them (see `hold_retired`).
+    held: Option<Vec<u64>>,
 }
 
 /// What a migration thread needs to know about guest memory while the guest runs.
@@ -176,6 +178,7 @@ impl GuestMem {
             clean: Vec::new(),
             fresh: Default::default(),
             new_root: false,
+            held: None,
         };
         g.pml4 = g
             .alloc_table()
@@ -594,7 +597,9 @@ impl GuestMem {
         // Copies consume frames no page table used before; when those run short while many
         // frames are free (a program that flips protections for ever), start afresh.
         const RESERVE: u64 = 64;
-        if (self.clean.len() as u64) < 4
+        // (Not while other vCPUs may be using the tables: see `hold_retired`.)
+        if self.held.is_none()
+            && (self.clean.len() as u64) < 4
             && (self.size - self.next_frame) / PAGE < RESERVE
             && self.free.len() as u64 >= RESERVE / 2
         {
@@ -709,8 +714,32 @@ impl GuestMem {
 
     /// A page-table frame no longer in the tree: zero it and keep it for data.
     fn retire(&mut self, frame: u64) {
-        self.release(frame);
         self.fresh.remove(&frame);
+        match self.held.as_mut() {
+            Some(h) => h.push(frame),
+            None => self.release(frame),
+        }
+    }
+
+    /// Several vCPUs run on this memory (a guest's threads): a retired page table may still
+    /// be in use by a vCPU that has not loaded the new root yet, so it is kept as it is until
+    /// [`GuestMem::release_retired`] (every vCPU has). `false` releases what was kept.
+    pub fn hold_retired(&mut self, on: bool) {
+        match (on, self.held.is_some()) {
+            (true, false) => self.held = Some(Vec::new()),
+            (false, true) => self.release_retired(),
+            _ => {}
+        }
+        if !on {
+            self.held = None;
+        }
+    }
+
+    /// Free the page tables retired while [`GuestMem::hold_retired`] kept them.
+    pub fn release_retired(&mut self) {
+        for f in self.held.as_mut().map(std::mem::take).unwrap_or_default() {
+            self.release(f);
+        }
     }
 
     /// Zero a frame, give its memory back to the host and put it on the free list.
@@ -772,6 +801,26 @@ impl GuestMem {
             cur = p + PAGE;
         }
         Ok(())
+    }
+
+    /// The host address of the mapped guest word at `va` (guest RAM or a file window page),
+    /// where the host's futex(2) can wait and wake on it for the guest: the same address for
+    /// every thread of this process, and for a shared mapping the same file page as other
+    /// processes'. None when `va` is not mapped.
+    pub fn futex_addr(&self, va: u64) -> Option<u64> {
+        let gpa = self.translate(va)?;
+        if gpa + 4 <= self.size {
+            return Some(self.host as u64 + gpa);
+        }
+        self.window.as_ref()?.host_addr(gpa)
+    }
+
+    /// Note in the dirty log that the VMM wrote the guest word at `va` through its host
+    /// address (an atomic update of a futex word).
+    pub fn mark_dirty_va(&self, va: u64) {
+        if let Some(gpa) = self.translate(va).filter(|&g| g < self.size) {
+            self.mark_dirty(gpa, 4);
+        }
     }
 
     /// Translate a guest virtual address.

@@ -277,7 +277,7 @@ table! {
     SYS_recvmsg => Home(&[Fd, MsgOut, V]),
 
     // Identity: home (the process "seems to run" there).
-    SYS_getpid => Home(&[]), SYS_getppid => Home(&[]), SYS_gettid => Home(&[]),
+    SYS_getpid => Home(&[]), SYS_getppid => Home(&[]), SYS_gettid => Local,
     SYS_getuid => Home(&[]), SYS_geteuid => Home(&[]), SYS_getgid => Home(&[]),
     SYS_getegid => Home(&[]), SYS_getpgrp => Home(&[]), SYS_getpgid => Home(&[V]),
     SYS_getsid => Home(&[V]), SYS_setpgid => Home(&[V, V]), SYS_setsid => Home(&[]),

@@ -8,7 +8,7 @@ use crate::memory::{page_up, Fault, GuestMem, PAGE};
 use crate::mm::{AddressSpace, VmaKind};
 use crate::table::{self, Class, A};
 use anyhow::{Context, Result};
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{SyncReg, VcpuFd, VmFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
@@ -20,6 +20,7 @@ mod pause;
 mod process;
 mod procfs;
 mod signal;
+mod thread;
 mod time;
 mod timers;
 
@@ -116,6 +117,11 @@ enum Step {
     Exit(Outcome),
     /// rt_sigreturn: resume at these user registers.
     Resume(kvm_bindings::kvm_regs),
+    /// A thread of several blocks: this runs without the process lock, then the call is
+    /// finished (see vm/thread.rs).
+    Block(thread::Op),
+    /// The calling thread has exited (others go on).
+    Gone,
 }
 
 /// What prctl(2) sets on a process (PR_SET_PDEATHSIG, PR_SET_DUMPABLE, ...).
@@ -144,7 +150,36 @@ impl Default for Prctl {
 
 /// A program running in its micro-VM.
 pub struct Vm {
-    vcpu: VcpuFd,
+    /// The vCPU of the thread whose state is in (the only one, unless `mt`).
+    vcpu: thread::VcpuSlot,
+    /// The current thread's id (the pid for the first thread).
+    tid: i64,
+    /// The process's other threads' states (see vm/thread.rs).
+    others: Vec<thread::ThreadState>,
+    /// What the current thread's state displaced while it is in.
+    parked: thread::ThreadState,
+    /// The process lock, once the process has had a second thread.
+    mt: Option<std::sync::Arc<thread::Shared>>,
+    /// The blocking step of the current thread's call (see [`Step::Block`]).
+    block: Option<thread::Op>,
+    /// Where a wait that is handled again (a thread's sleep or signal wait) ends, and the
+    /// mask rt_sigsuspend replaced meanwhile.
+    redo_until: Option<Instant>,
+    redo_mask: Option<u64>,
+    /// The page-table root the current thread's vCPU has loaded (threads only).
+    cr3_loaded: u64,
+    /// The current thread has exited.
+    thread_exited: bool,
+    /// The main thread has exited (exit(2)) while others go on; its exit status.
+    main_exited: bool,
+    leader_status: Option<i32>,
+    /// The current thread's vCPU's TSS and exception stack top.
+    tss: u64,
+    exc_top: u64,
+    /// vCPUs of exited threads, with their TSS and stack top, for new ones; the next KVM
+    /// vCPU id.
+    spare_vcpus: Vec<(VcpuFd, u64, u64)>,
+    next_vcpu: u64,
     _vm: std::sync::Arc<VmFd>,
     /// The address space (guest memory, page tables, VMAs).
     pub space: AddressSpace,
@@ -405,7 +440,22 @@ impl Vm {
 
         let opts_lock = opts.lock;
         let mut vm = Vm {
-            vcpu,
+            vcpu: thread::VcpuSlot(Some(vcpu)),
+            tid: 0,
+            others: Vec::new(),
+            parked: Default::default(),
+            mt: None,
+            block: None,
+            redo_until: None,
+            redo_mask: None,
+            cr3_loaded: 0,
+            thread_exited: false,
+            main_exited: false,
+            leader_status: None,
+            tss: guest::TSS_VA,
+            exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
+            spare_vcpus: Vec::new(),
+            next_vcpu: 1,
             _vm: vm,
             space,
             deputy,
@@ -450,6 +500,7 @@ impl Vm {
                 slots: vec![],
             })
             .ret;
+        vm.tid = vm.pid;
         Ok(vm)
     }
 
@@ -483,13 +534,27 @@ impl Vm {
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         GUEST_TID.store(tid as i32, Ordering::SeqCst);
-        let out = self.run_loop();
+        let out = loop {
+            let r = if self.mt.is_some() {
+                self.run_threads()
+            } else {
+                self.run_loop()
+            };
+            // Threads started or ended, or the main thread exited while others go on: run
+            // on (unless a pause or a new process's registration is due).
+            match r {
+                Ok(None) if !self.forked && !self.pause.requested() => continue,
+                r => break r,
+            }
+        };
         GUEST_TID.store(0, Ordering::SeqCst);
         p.running.store(false, Ordering::SeqCst);
         p.immediate_exit
             .store(std::ptr::null_mut(), Ordering::SeqCst);
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
-        self.vcpu.set_kvm_immediate_exit(0);
+        if let Some(v) = self.vcpu.0.as_mut() {
+            v.set_kvm_immediate_exit(0);
+        }
         self.stats.run_us += t.elapsed().as_micros() as u64;
         out
     }
@@ -501,82 +566,69 @@ impl Vm {
             }
             self.load_new_root()?;
             self.pause.inner.in_guest.store(true, Ordering::SeqCst);
-            let run = self.vcpu.run();
+            let ev = thread::Event::of(self.vcpu.run());
             self.pause.inner.in_guest.store(false, Ordering::SeqCst);
-            let exit = match run {
-                Ok(VcpuExit::IoOut(port, _)) if port == guest::SYSCALL_PORT as u16 => {
-                    self.last_fault = None;
-                    Ok(port)
-                }
-                Ok(VcpuExit::IoOut(port, _)) => Ok(port),
-                Ok(VcpuExit::Shutdown) => Err("triple fault (shutdown)".to_string()),
-                Ok(VcpuExit::Hlt) => Err("guest halted".to_string()),
-                Ok(VcpuExit::FailEntry(reason, _)) => Err(format!("VM entry failed ({reason:#x})")),
-                Ok(VcpuExit::InternalError) => Err("KVM internal error".to_string()),
-                Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Err(format!(
-                    "access to unbacked guest physical address {addr:#x}"
-                )),
-                Ok(other) => Err(format!("unexpected VM exit {other:?}")),
-                Err(e) if e.errno() == libc::EFAULT => {
-                    // The host could not supply a page: a file page past the end of its file
-                    // (Linux's SIGBUS for such an access).
-                    eprintln!(
-                        "mosvm: {} killed by SIGBUS: access past the end of a mapped file",
-                        self.program.display()
-                    );
-                    return Ok(Some(Outcome::Signaled(libc::SIGBUS)));
-                }
-                Err(e) if e.errno() == libc::EINTR => {
-                    // A kick: a signal for the guest, a pause, or throttling (sit out the
-                    // throttled share of a slice). A signal handler may have set
-                    // immediate_exit: clear it (a pause request is seen at the loop's top).
-                    self.vcpu.set_kvm_immediate_exit(0);
-                    if let Some(out) = self.interrupt()? {
-                        return Ok(Some(out));
-                    }
-                    let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
-                    if pm > 0 && !self.pause.requested() {
-                        std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(anyhow::anyhow!("KVM_RUN: {e}")),
-            };
-            self.stats.exits += 1;
-            match exit {
-                Ok(port) if port == guest::SYSCALL_PORT as u16 => {
-                    if let Some(out) = self.syscall()? {
-                        return Ok(Some(out));
-                    }
-                    if self.forked {
-                        // A new process: its embedder registers it before it goes on.
-                        return Ok(None);
-                    }
-                }
-                Ok(port)
-                    if (guest::EXCEPTION_PORT_BASE as u16
-                        ..guest::EXCEPTION_PORT_BASE as u16 + guest::EXCEPTION_VECTORS as u16)
-                        .contains(&port) =>
-                {
-                    let v = (port - guest::EXCEPTION_PORT_BASE as u16) as usize;
-                    if let Some(out) = self.exception(v)? {
-                        return Ok(Some(out));
-                    }
-                }
-                Ok(port) => {
-                    return Err(anyhow::anyhow!("guest wrote to unknown port {port:#x}"));
-                }
-                Err(msg) => {
-                    let regs = self.vcpu.get_regs().ok();
-                    eprintln!(
-                        "mosvm: {}: {msg} at rip {:#x}",
-                        self.program.display(),
-                        regs.map(|r| r.rip).unwrap_or(0)
-                    );
-                    return Ok(Some(Outcome::Signaled(libc::SIGSEGV)));
-                }
+            if let Some(out) = self.handle_event(ev)? {
+                return Ok(Some(out));
+            }
+            if self.forked || self.mt.is_some() {
+                // A new process (its embedder registers it before it goes on), or a second
+                // thread (the threads take over).
+                return Ok(None);
             }
         }
+    }
+
+    /// Handle one exit of the current thread's vCPU: Some when the process is done.
+    fn handle_event(&mut self, ev: thread::Event) -> Result<Option<Outcome>> {
+        use thread::Event;
+        let msg = match ev {
+            Event::Syscall => {
+                self.stats.exits += 1;
+                self.last_fault = None;
+                return self.syscall();
+            }
+            Event::Exception(v) => {
+                self.stats.exits += 1;
+                return self.exception(v);
+            }
+            Event::Port(port) => {
+                return Err(anyhow::anyhow!("guest wrote to unknown port {port:#x}"));
+            }
+            Event::Sigbus => {
+                // The host could not supply a page: a file page past the end of its file
+                // (Linux's SIGBUS for such an access).
+                eprintln!(
+                    "mosvm: {} killed by SIGBUS: access past the end of a mapped file",
+                    self.program.display()
+                );
+                return Ok(Some(Outcome::Signaled(libc::SIGBUS)));
+            }
+            Event::Kicked => {
+                // A kick: a signal for the guest, a pause, or throttling (sit out the
+                // throttled share of a slice). A signal handler may have set
+                // immediate_exit: clear it (a pause request is seen at the loop's top).
+                self.vcpu.set_kvm_immediate_exit(0);
+                if let Some(out) = self.interrupt()? {
+                    return Ok(Some(out));
+                }
+                let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
+                if pm > 0 && !self.pause.requested() && self.mt.is_none() {
+                    std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
+                }
+                return Ok(None);
+            }
+            Event::Error(e) => return Err(anyhow::anyhow!(e)),
+            Event::Bad(msg) => msg,
+        };
+        self.stats.exits += 1;
+        let regs = self.vcpu.get_regs().ok();
+        eprintln!(
+            "mosvm: {}: {msg} at rip {:#x}",
+            self.program.display(),
+            regs.map(|r| r.rip).unwrap_or(0)
+        );
+        Ok(Some(Outcome::Signaled(libc::SIGSEGV)))
     }
 
     /// Before the vCPU runs (or is captured): page-table changes that took rights away live
@@ -593,6 +645,10 @@ impl Vm {
     /// Capture a paused guest: its vCPU and VMM state (guest memory is read separately,
     /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
     pub fn capture(&mut self) -> Result<MigState> {
+        anyhow::ensure!(
+            self.mt.is_none(),
+            "the process has several threads and stays at home (threads do not migrate yet)"
+        );
         anyhow::ensure!(
             !self.space.holds_shared(),
             "the process holds a shared mapping and stays at home (paper section 4.2)"
@@ -732,7 +788,22 @@ impl Vm {
         let [exits, local, home, page_faults] = v.counters;
         let shown: String;
         Ok(Vm {
-            vcpu,
+            vcpu: thread::VcpuSlot(Some(vcpu)),
+            tid: v.pid,
+            others: Vec::new(),
+            parked: Default::default(),
+            mt: None,
+            block: None,
+            redo_until: None,
+            redo_mask: None,
+            cr3_loaded: 0,
+            thread_exited: false,
+            main_exited: false,
+            leader_status: None,
+            tss: guest::TSS_VA,
+            exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
+            spare_vcpus: Vec::new(),
+            next_vcpu: 1,
             _vm: vm,
             space,
             deputy,
@@ -860,16 +931,20 @@ impl Vm {
     /// KVM_RUN came back interrupted: deliver signals that arrived meanwhile, when the vCPU
     /// stopped in the program's own code (in the stub, the next exit delivers them).
     fn interrupt(&mut self) -> Result<Option<Outcome>> {
-        if !host_signals_pending() && self.sig.pending & !self.sig.mask == 0 {
+        if !host_signals_pending() && self.sig.all_pending() & !self.sig.mask == 0 {
             return Ok(None);
         }
         let rip = self.vcpu.sync_regs_mut().regs.rip;
         if rip >= guest::KERNEL_BASE {
             // Inside the stub (about to exit or return): come back shortly.
             let p = self.pause.clone();
+            let tid = (self.mt.is_some()).then_some(self.tid as i32);
             std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(1));
-                p.kick();
+                match tid {
+                    Some(t) => pause::kick_tid(t),
+                    None => p.kick(),
+                }
             });
             return Ok(None);
         }
@@ -920,6 +995,8 @@ impl Vm {
                 Step::Ret(v) => format!("{v}"),
                 Step::Exit(o) => format!("{o:?}"),
                 Step::Resume(r) => format!("resume at {:#x}", r.rip),
+                Step::Block(_) => "(blocks)".to_string(),
+                Step::Gone => "(thread gone)".to_string(),
             };
             eprintln!(
                 "[mosvm] {}({:#x}, {:#x}, {:#x}, {:#x}) = {res} {where_} {:.1}us",
@@ -931,7 +1008,21 @@ impl Vm {
                 t.elapsed().as_secs_f64() * 1e6
             );
         }
+        self.complete(nr, a, step)
+    }
+
+    /// Finish system call `nr(a)` with what its handler made of it.
+    fn complete(&mut self, nr: u64, a: [u64; 6], step: Step) -> Result<Option<Outcome>> {
+        if !matches!(step, Step::Block(_)) {
+            self.redo_until = None;
+            self.redo_mask = None;
+        }
         match step {
+            Step::Block(op) => {
+                self.block = Some(op);
+                Ok(None)
+            }
+            Step::Gone => Ok(None),
             Step::Exit(o) => Ok(Some(o)),
             Step::Resume(regs) => {
                 let how = self.resume_at(regs);
@@ -945,8 +1036,9 @@ impl Vm {
                 // (SA_RESTART, signal(7)).
                 let restart = v == -ERESTART
                     || (v == -EINTR && self.interrupted(nr, &a).is_none_or(|again| again));
-                let quick =
-                    !restart && self.sig.pending & !self.sig.mask == 0 && !host_signals_pending();
+                let quick = !restart
+                    && self.sig.all_pending() & !self.sig.mask == 0
+                    && !host_signals_pending();
                 let regs = &mut self.vcpu.sync_regs_mut().regs;
                 if restart {
                     regs.rax = nr;
@@ -1035,8 +1127,24 @@ impl Vm {
                 return Step::Ret(-EINTR);
             }
         }
+        if self.mt.is_some() {
+            // Another thread may go on while this one's host call blocks.
+            return Step::Block(thread::Op::Home {
+                nr,
+                args,
+                base,
+                temp_mask,
+                old_mask,
+            });
+        }
         let mut guest = crate::forward::Guest::new(&mut self.space);
         let ret = crate::forward::home_call(&mut guest, &mut *self.deputy, nr, args, base);
+        self.forward_done(nr, ret, temp_mask, old_mask)
+    }
+
+    /// The end of a home call `nr` that returned `ret`: the guest's mask back after a call
+    /// that waited under its own, SIGPIPE after EPIPE.
+    fn forward_done(&mut self, nr: u64, ret: i64, temp_mask: Option<u64>, old_mask: u64) -> Step {
         if temp_mask.is_some() {
             if ret == -EINTR && self.signal_ready() {
                 self.sig.saved_mask = Some(old_mask);
@@ -1205,8 +1313,9 @@ impl Vm {
             libc::SYS_arch_prctl => self.arch_prctl(a[0], a[1]),
             libc::SYS_set_tid_address => {
                 self.clear_child_tid = a[0];
-                ok(self.pid)
+                ok(self.tid)
             }
+            libc::SYS_gettid => ok(self.tid),
             // set_robust_list(2): the head must be `struct robust_list_head` (24 bytes).
             libc::SYS_set_robust_list if a[1] != 24 => Err(EINVAL),
             libc::SYS_set_robust_list => {
@@ -1215,9 +1324,16 @@ impl Vm {
             }
             // get_robust_list(2): this thread's head (pid 0 or its own); another process's
             // is not the guest's to read.
-            libc::SYS_get_robust_list if a[0] != 0 && a[0] as i64 != self.pid => Err(EPERM),
+            libc::SYS_get_robust_list if a[0] != 0 && !self.has_thread(a[0] as i32 as i64) => {
+                Err(EPERM)
+            }
             libc::SYS_get_robust_list => {
-                self.write_guest(a[1], &self.robust_list.to_le_bytes())?;
+                let head = if a[0] == 0 || a[0] as i32 as i64 == self.tid {
+                    self.robust_list
+                } else {
+                    self.thread_robust_list(a[0] as i32 as i64)
+                };
+                self.write_guest(a[1], &head.to_le_bytes())?;
                 self.write_guest(a[2], &24u64.to_le_bytes())?;
                 ok(0)
             }
@@ -1313,9 +1429,22 @@ impl Vm {
                 self.write_guest(a[0], bytes)?;
                 ok(0)
             }
+            libc::SYS_exit if !self.others.is_empty() => {
+                // One thread ends; the others go on (the process's status is its first
+                // thread's, when that one ends this way).
+                if self.tid == self.pid {
+                    self.leader_status = Some(a[0] as i32 & 0xff);
+                }
+                self.exit_thread();
+                Ok(Step::Gone)
+            }
             libc::SYS_exit | libc::SYS_exit_group => {
                 self.release_vfork_parent();
-                Ok(Step::Exit(Outcome::Exited(a[0] as i32 & 0xff)))
+                let code = match (nr as i64, self.leader_status) {
+                    (libc::SYS_exit, Some(c)) => c,
+                    _ => a[0] as i32 & 0xff,
+                };
+                Ok(Step::Exit(Outcome::Exited(code)))
             }
             libc::SYS_fork => self.fork_call(false),
             libc::SYS_vfork => self.fork_call(true),
@@ -1377,7 +1506,7 @@ impl Vm {
                 if a[1] > 8 {
                     return Err(EINVAL);
                 }
-                let set = (self.sig.pending & self.sig.mask).to_le_bytes();
+                let set = (self.sig.all_pending() & self.sig.mask).to_le_bytes();
                 self.write_guest(a[0], &set[..a[1] as usize])?;
                 ok(0)
             }
@@ -1389,6 +1518,7 @@ impl Vm {
                     Ok(Step::Exit(Outcome::Signaled(libc::SIGSEGV)))
                 }
             },
+            libc::SYS_futex if self.mt.is_some() => self.futex_mt(a),
             libc::SYS_futex => self.futex(a),
             libc::SYS_kill | libc::SYS_tgkill | libc::SYS_tkill => self.kill_call(nr as i64, a),
             libc::SYS_sched_getaffinity => {

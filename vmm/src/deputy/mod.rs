@@ -110,6 +110,41 @@ pub trait Deputy {
     fn request_home(&mut self) -> bool {
         false
     }
+
+    /// Start a request whose host call may block, so that it can run without this deputy
+    /// (another thread of the guest uses it meanwhile): `Done` when it ran to the end here,
+    /// else the host call to make ([`Pending::run`]) and hand back to [`Deputy::complete`].
+    fn begin(&mut self, req: Request) -> Begun {
+        Begun::Done(self.call(req))
+    }
+
+    /// Finish what [`Deputy::begin`] left pending, with its host call's result.
+    fn complete(&mut self, p: Box<Pending>, ret: i64) -> Reply {
+        let _ = (p, ret);
+        Reply::err(libc::EIO as i64)
+    }
+}
+
+/// What [`Deputy::begin`] made of a request.
+pub enum Begun {
+    /// The reply.
+    Done(Reply),
+    /// The host call still to make.
+    Pending(Box<Pending>),
+}
+
+/// A host call prepared by a deputy, owning its buffers: it needs nothing of the deputy.
+pub struct Pending {
+    call: marshal::Call,
+    nr: u64,
+    args: [u64; 6],
+}
+
+impl Pending {
+    /// Make the host call: its return value or -errno.
+    pub fn run(&mut self) -> i64 {
+        self.call.run()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -565,22 +600,29 @@ impl HostDeputy {
     }
 
     /// Run a request whose arguments follow the table spec, through the marshalling choke
-    /// point (`marshal`): the host call sees only buffers built here.
-    fn generic(&mut self, req: Request) -> Reply {
+    /// point (`marshal`): the host call sees only buffers built here. This first half builds
+    /// the host call; [`HostDeputy::finish`] takes its result (in between it needs nothing
+    /// of the deputy, so another thread may use the deputy while it blocks).
+    fn prepare(&mut self, req: Request) -> Result<Pending, Reply> {
         let base = match table::lookup(req.nr).map(|e| e.class) {
             Some(table::Class::Home(s)) => s,
             _ => match table::also_home(req.nr) {
                 Some(s) => s,
-                None => return Reply::err(libc::ENOSYS as i64),
+                None => return Err(Reply::err(libc::ENOSYS as i64)),
             },
         };
         let nr = req.nr;
         let args = req.args;
-        let mut call = match marshal::Call::prepare(req, base, self) {
-            Ok(c) => c,
-            Err(e) => return Reply::err(e),
-        };
-        let ret = call.run();
+        match marshal::Call::prepare(req, base, self) {
+            Ok(call) => Ok(Pending { call, nr, args }),
+            Err(e) => Err(Reply::err(e)),
+        }
+    }
+
+    /// The second half of [`HostDeputy::prepare`]: the reply, with new descriptors installed
+    /// in the guest's table.
+    fn finish(&mut self, p: Pending, ret: i64) -> Reply {
+        let Pending { call, nr, args } = p;
         let mut reply = call.finish(ret, self);
         if reply.ret >= 0 {
             if table::returns_fd(nr) {
@@ -771,19 +813,36 @@ impl Deputy for HostDeputy {
     }
 
     fn call(&mut self, req: Request) -> Reply {
+        match self.begin(req) {
+            Begun::Done(r) => r,
+            Begun::Pending(mut p) => {
+                let ret = p.run();
+                self.finish(*p, ret)
+            }
+        }
+    }
+
+    fn begin(&mut self, req: Request) -> Begun {
         if let Some(ret) = self.fd_call(&req).or_else(|| self.open_fd_dir(&req)) {
-            return Reply { ret, outs: vec![] };
+            return Begun::Done(Reply { ret, outs: vec![] });
         }
         if let Some(r) = self.readlink_exe(&req) {
-            return r;
+            return Begun::Done(r);
         }
         if req.nr as i64 == libc::SYS_ioctl && table::ioctl_arg(req.args[1]).is_none() {
-            return Reply {
+            return Begun::Done(Reply {
                 ret: -ENOTTY,
                 outs: vec![],
-            };
+            });
         }
-        self.generic(req)
+        match self.prepare(req) {
+            Ok(p) => Begun::Pending(Box::new(p)),
+            Err(r) => Begun::Done(r),
+        }
+    }
+
+    fn complete(&mut self, p: Box<Pending>, ret: i64) -> Reply {
+        self.finish(*p, ret)
     }
 }
 

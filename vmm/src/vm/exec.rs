@@ -166,6 +166,20 @@ impl Vm {
         loader::check(&exe).map_err(|e| load_errno(&e))?;
         let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
 
+        if !self.others.is_empty() {
+            // execve(2) ends the other threads first (and waits until they are gone).
+            if self.tid != self.pid {
+                if self.warned.insert(0x7000_0006) {
+                    eprintln!(
+                        "mosvm: {}: execve from a thread other than the first is not supported yet",
+                        self.program.display()
+                    );
+                }
+                return Err(libc::EAGAIN as i64);
+            }
+            self.zap_threads();
+            return Ok(self.redo(None));
+        }
         // A vfork parent goes on now (with what this child wrote).
         self.release_vfork_parent();
         // The point of no return: the old program goes.

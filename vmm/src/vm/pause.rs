@@ -16,6 +16,71 @@ pub(super) static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_
 
 /// The thread running the guest (its kernel tid), 0 while none does.
 pub(super) static GUEST_TID: AtomicI32 = AtomicI32::new(0);
+/// The host threads running the other threads of a multi-threaded guest (kernel tids).
+static THREAD_TIDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+/// Threads that have something to take (a signal, an order to end) and are kicked until they
+/// come for it (a kick that lands just before a blocking call is lost otherwise).
+static WANTED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's vCPU's `kvm_run.immediate_exit` while it runs one (threads of a
+    /// multi-threaded guest): a kick makes its next KVM_RUN return at once.
+    static OWN_IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publish (or, with null, withdraw) the calling thread's vCPU `immediate_exit` byte for the
+/// kick handler. Withdraw it before the vCPU is dropped.
+pub(super) fn set_own_immediate_exit(p: *mut u8) {
+    OWN_IMMEDIATE_EXIT.with(|c| c.set(p));
+}
+
+/// A host thread running a guest thread starts (`add`) or ends: host signals for the guest
+/// kick it too, so that one that can take them does.
+pub(super) fn register_thread(tid: i32, add: bool) {
+    let mut t = THREAD_TIDS.lock().unwrap_or_else(|e| e.into_inner());
+    t.retain(|&x| x != tid);
+    if add {
+        t.push(tid);
+    }
+}
+
+/// Kick thread `tid` until it calls [`kicked`].
+pub(super) fn want(tid: i32) {
+    {
+        let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.contains(&tid) {
+            w.push(tid);
+        }
+    }
+    kick_tid(tid);
+    wake_watchdog();
+}
+
+/// The calling thread came for what [`want`] kicked it for.
+pub(super) fn kicked(tid: i32) {
+    let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !w.is_empty() {
+        w.retain(|&x| x != tid);
+    }
+}
+
+/// Interrupt thread `tid` of this process with the kick signal.
+pub(super) fn kick_tid(tid: i32) {
+    // SAFETY: tgkill of a thread of this process with the kick signal, whose handler only
+    // marks the thread's vCPU to exit: it interrupts KVM_RUN or a blocking call.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
+    }
+}
+
+fn wake_watchdog() {
+    let fd = WATCHDOG.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: a write of a local to the watchdog's non-blocking pipe.
+        unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+    }
+}
 /// Write end of the pipe that wakes the signal watchdog (-1 before it starts).
 pub(super) static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
 /// An eventfd the handler signals: local waits (pause, sigsuspend, sleeps) poll it.
@@ -54,7 +119,14 @@ pub(super) extern "C" fn on_signal(
         // SAFETY: as above.
         let own = pid == unsafe { libc::getpid() };
         if sig == KICK_SIGNAL && code == libc::SI_TKILL && own {
-            return; // the VMM's own kick: it only interrupts
+            // The VMM's own kick: it only interrupts (and makes this thread's next KVM_RUN,
+            // if it was about to enter one, return at once).
+            let p = OWN_IMMEDIATE_EXIT.with(|c| c.get());
+            if !p.is_null() {
+                // SAFETY: as in `record`: the byte stays mapped while published.
+                unsafe { p.write_volatile(1) };
+            }
+            return;
         }
         if FAULTS.contains(&sig) && code > 0 {
             // A fault of the VMM itself: die of it (the instruction faults again).
@@ -87,12 +159,16 @@ fn record(sig: i32) {
             unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
         }
     }
-    let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
-    if !p.is_null() {
-        // SAFETY: `p` points at the immediate_exit byte of the vCPU's kvm_run mapping, which
-        // stays mapped while it is published here (cleared before the vCPU is dropped); a
-        // volatile byte store is async-signal-safe.
-        unsafe { p.write_volatile(1) };
+    for p in [
+        IMMEDIATE_EXIT.load(Ordering::SeqCst),
+        OWN_IMMEDIATE_EXIT.with(|c| c.get()),
+    ] {
+        if !p.is_null() {
+            // SAFETY: `p` points at the immediate_exit byte of a vCPU's kvm_run mapping,
+            // which stays mapped while it is published here (withdrawn before the vCPU is
+            // dropped); a volatile byte store is async-signal-safe.
+            unsafe { p.write_volatile(1) };
+        }
     }
 }
 
@@ -152,15 +228,18 @@ pub(super) fn start_watchdog() {
                 let mut b = [0u8; 64];
                 // SAFETY: a non-blocking read into a local buffer.
                 while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), b.len()) } > 0 {}
-                while host_signals_pending() {
-                    let tid = GUEST_TID.load(Ordering::SeqCst);
-                    if tid > 0 {
-                        // SAFETY: tgkill of a thread of this process with the kick signal,
-                        // whose handler ignores the VMM's own kicks: it only interrupts a
-                        // blocking call.
-                        unsafe {
-                            libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, KICK_SIGNAL);
-                        }
+                loop {
+                    let mut tids: Vec<i32> =
+                        WANTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if host_signals_pending() {
+                        tids.push(GUEST_TID.load(Ordering::SeqCst));
+                        tids.extend(THREAD_TIDS.lock().unwrap_or_else(|e| e.into_inner()).iter());
+                    }
+                    if tids.is_empty() {
+                        break;
+                    }
+                    for tid in tids.into_iter().filter(|&t| t > 0) {
+                        kick_tid(tid);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }

@@ -117,13 +117,7 @@ impl Vm {
     pub(super) fn clone_process(&mut self, c: CloneArgs) -> Result<Step, i64> {
         let f = c.flags;
         if f & CLONE_THREAD != 0 {
-            if self.warned.insert(0x7000_0001) {
-                eprintln!(
-                    "mosvm: {}: threads (clone with CLONE_THREAD) are not supported yet",
-                    self.program.display()
-                );
-            }
-            return Err(ENOSYS);
+            return self.clone_thread(c);
         }
         // clone(2): CLONE_SIGHAND needs CLONE_VM, CLONE_THREAD needs CLONE_SIGHAND.
         if f & CLONE_SIGHAND != 0 && f & CLONE_VM == 0 {
@@ -288,7 +282,7 @@ impl Vm {
         crate::snapshot::restore(&mut vcpu, &st)?;
         // The old VM's objects belong to the parent: dropping our copies only unmaps and
         // closes them here.
-        self.vcpu = vcpu;
+        self.vcpu = super::thread::VcpuSlot(Some(vcpu));
         self._vm = vm;
         let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
@@ -313,6 +307,13 @@ impl Vm {
             std::sync::Arc::new(std::sync::Mutex::new(self.program.display().to_string()));
         self.sig.pending = 0;
         self.sig.queue.clear();
+        // Only the forking thread goes on in the child (fork(2)).
+        self.others.clear();
+        // (The new vCPU keeps this thread's TSS and stack: new threads' ids start after
+        // every slot the parent used.)
+        self.spare_vcpus.clear();
+        self.mt = None;
+        self.tid = self.pid;
         // Timers are not inherited (fork(2)); the host fork made none in the child.
         self.timers.clear();
         self.robust_list = 0;

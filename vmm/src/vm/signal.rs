@@ -100,6 +100,9 @@ pub(super) struct Signals {
     /// (a standard signal at most once, real-time ones queued).
     pub(super) pending: u64,
     pub(super) queue: VecDeque<[u8; 128]>,
+    /// Signals pending for this thread alone (tgkill, its faults, its SIGPIPE), and theirs.
+    pub(super) tpending: u64,
+    pub(super) tqueue: VecDeque<[u8; 128]>,
     pub(super) alt: AltStack,
     /// rt_sigsuspend's caller mask, restored once a handler has run.
     pub(super) saved_mask: Option<u64>,
@@ -114,6 +117,8 @@ impl Signals {
             mask: 0,
             pending: 0,
             queue: VecDeque::new(),
+            tpending: 0,
+            tqueue: VecDeque::new(),
             alt: AltStack::default(),
             saved_mask: None,
             trap: [0; 3],
@@ -159,9 +164,38 @@ impl Signals {
         self.queue.push_back(info);
     }
 
-    /// Take the oldest instance of `sig` from the pending queue.
+    /// Like [`Signals::post`], for the current thread alone (tgkill(2), a fault, SIGPIPE).
+    pub(super) fn post_thread(&mut self, info: [u8; 128]) {
+        let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
+        if !(1..=64).contains(&sig) || self.ignored(sig) {
+            return;
+        }
+        if sig < 32 && self.tpending & bit(sig) != 0 {
+            return;
+        }
+        self.tpending |= bit(sig);
+        self.tqueue.push_back(info);
+    }
+
+    /// Signals pending for the current thread: its own and the process's.
+    pub(super) fn all_pending(&self) -> u64 {
+        self.pending | self.tpending
+    }
+
+    /// Take the oldest instance of `sig` from the pending queues (the thread's own first, as
+    /// Linux's `dequeue_signal`).
     fn dequeue(&mut self, sig: i32) -> [u8; 128] {
         let signo = |b: &[u8; 128]| i32::from_le_bytes(b[..4].try_into().expect("4"));
+        if self.tpending & bit(sig) != 0 {
+            if let Some(p) = self.tqueue.iter().position(|b| signo(b) == sig) {
+                let info = self.tqueue.remove(p).expect("found");
+                if !self.tqueue.iter().any(|b| signo(b) == sig) {
+                    self.tpending &= !bit(sig);
+                }
+                return info;
+            }
+            self.tpending &= !bit(sig);
+        }
         let pos = self.queue.iter().position(|b| signo(b) == sig);
         let info = pos
             .and_then(|p| self.queue.remove(p))
@@ -176,7 +210,7 @@ impl Signals {
     /// action is to ignore them are dropped on the way).
     fn next(&mut self) -> Option<i32> {
         loop {
-            let ready = self.pending & !self.mask;
+            let ready = self.all_pending() & !self.mask;
             if ready == 0 {
                 return None;
             }
@@ -232,7 +266,7 @@ impl Signals {
 
     /// Drop pending instances of a signal (its action became "ignore").
     pub(super) fn discard(&mut self, sig: i32) {
-        while self.pending & bit(sig) != 0 {
+        while self.all_pending() & bit(sig) != 0 {
             self.dequeue(sig);
         }
     }
@@ -277,6 +311,9 @@ pub(super) enum Woken {
     Timeout,
     /// The guest is about to be paused (to move): the call is restarted after.
     Pause,
+    /// Nothing yet, and the process has other threads: wait without its lock (see
+    /// [`Vm::redo`]) and handle the call again.
+    Later,
 }
 
 impl Vm {
@@ -293,6 +330,9 @@ impl Vm {
             }
             self.sig.post(info);
         }
+        if self.mt.is_some() {
+            self.notify_threads();
+        }
     }
 
     /// Whether a signal would be delivered (or end the guest) at the next return to it.
@@ -304,6 +344,16 @@ impl Vm {
     /// kill(2), tkill(2), tgkill(2): to this process, queued here; to others (or process
     /// groups), sent by the deputy from home.
     pub(super) fn kill(&mut self, pid: i64, sig: i32, code: i32) -> Result<Step, i64> {
+        if code == SI_TKILL && self.has_thread(pid) {
+            // tkill(2) to a thread of this process.
+            if !(0..=64).contains(&sig) {
+                return Err(EINVAL);
+            }
+            if sig != 0 {
+                self.post_to_thread(pid, info_sender(sig, code, self.pid, own_uid()));
+            }
+            return Ok(Step::Ret(0));
+        }
         if pid != self.pid {
             let nr = if code == SI_TKILL {
                 libc::SYS_tkill
@@ -318,6 +368,9 @@ impl Vm {
         }
         if sig != 0 {
             self.sig.post(info_sender(sig, code, self.pid, own_uid()));
+            if self.mt.is_some() {
+                self.notify_threads();
+            }
         }
         Ok(Step::Ret(0))
     }
@@ -328,12 +381,12 @@ impl Vm {
             libc::SYS_kill => self.kill(a[0] as i32 as i64, a[1] as i32, SI_USER),
             libc::SYS_tkill => self.kill(a[0] as i32 as i64, a[1] as i32, SI_TKILL),
             _ => {
-                // tgkill(tgid, tid, sig): this process's one thread has tid == pid.
+                // tgkill(tgid, tid, sig): a thread of this process, or of another.
                 let (tgid, tid) = (a[0] as i32 as i64, a[1] as i32 as i64);
                 if tgid <= 0 || tid <= 0 {
                     return Err(EINVAL);
                 }
-                if tgid == self.pid && tid != self.pid {
+                if tgid == self.pid && !self.has_thread(tid) {
                     return Err(super::ESRCH);
                 }
                 if tgid != self.pid {
@@ -371,7 +424,7 @@ impl Vm {
         loop {
             self.take_host();
             let hit = match want {
-                Some(set) => self.sig.pending & set != 0 || self.sig.next().is_some(),
+                Some(set) => self.sig.all_pending() & set != 0 || self.sig.next().is_some(),
                 None => self.sig.next().is_some(),
             };
             if hit {
@@ -387,6 +440,10 @@ impl Vm {
                     return Woken::Timeout;
                 }
                 slice = slice.min(d - now);
+            }
+            if self.mt.is_some() {
+                // The other threads go on: wait without the process lock, then look again.
+                return Woken::Later;
             }
             let fd = WAKE.load(Ordering::SeqCst);
             if fd < 0 {
@@ -411,6 +468,7 @@ impl Vm {
     pub(super) fn pause_call(&mut self) -> Result<Step, i64> {
         match self.wait_signal(None, None) {
             Woken::Pause => Err(ERESTART),
+            Woken::Later => Ok(self.redo(None)),
             _ => Err(EINTR),
         }
     }
@@ -422,12 +480,17 @@ impl Vm {
             return Err(EINVAL);
         }
         let new = u64::from_le_bytes(self.read_guest::<8>(set)?) & !UNBLOCKABLE;
-        let old = self.sig.mask;
+        let old = self.redo_mask.take().unwrap_or(self.sig.mask);
         self.sig.mask = new;
         match self.wait_signal(None, None) {
             Woken::Pause => {
                 self.sig.mask = old;
                 Err(ERESTART)
+            }
+            Woken::Later => {
+                // Waits under its own mask (which says which signals reach this thread).
+                self.redo_mask = Some(old);
+                Ok(self.redo(None))
             }
             _ => {
                 self.sig.saved_mask = Some(old);
@@ -449,16 +512,23 @@ impl Vm {
             if s < 0 || !(0..1_000_000_000).contains(&ns) {
                 return Err(EINVAL);
             }
-            Some(Instant::now() + Duration::new(s as u64, ns as u32))
+            Some(
+                self.redo_until
+                    .unwrap_or_else(|| Instant::now() + Duration::new(s as u64, ns as u32)),
+            )
         } else {
             None
         };
         // The set's signals count as unblocked while waiting (Linux's real_blocked).
         match self.wait_signal(Some(set), deadline) {
             Woken::Pause => Err(ERESTART),
+            Woken::Later => {
+                self.redo_until = deadline;
+                Ok(self.redo(deadline))
+            }
             Woken::Timeout => Err(EAGAIN),
             Woken::Signal => {
-                let mine = self.sig.pending & set;
+                let mine = self.sig.all_pending() & set;
                 if mine == 0 {
                     return Err(EINTR);
                 }
@@ -504,7 +574,7 @@ impl Vm {
     /// A write's EPIPE also raises SIGPIPE (pipe(7)).
     pub(super) fn raise_sigpipe(&mut self) {
         self.sig
-            .post(info_sender(libc::SIGPIPE, SI_USER, self.pid, own_uid()));
+            .post_thread(info_sender(libc::SIGPIPE, SI_USER, self.pid, own_uid()));
     }
 
     /// What happens to a call the host interrupted (-EINTR): `Some(restart)` when a handler
@@ -617,7 +687,7 @@ impl Vm {
             self.set_user_regs(Resume::Direct, u);
             return Resume::Direct;
         }
-        let f = guest::EXC_STACK_VA + guest::EXC_STACK_SIZE - 40;
+        let f = self.exc_top - 40;
         let frame = [
             u.rip,
             guest::USER_CS as u64,

@@ -2,6 +2,7 @@
 //! paper's gettimeofday rule) and sleeping on them.
 
 use super::{Step, Vm, EINTR, EINVAL};
+use std::time::{Duration, Instant};
 
 pub(super) fn host_mono_ns() -> i64 {
     let mut ts = libc::timespec {
@@ -79,6 +80,32 @@ impl Vm {
             tv_sec: 0,
             tv_nsec: 0,
         };
+        if self.mt.is_some() {
+            // The other threads go on: look, wait without the process lock, look again.
+            let end_ns = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+            let until = *self.redo_until.get_or_insert_with(|| {
+                let d = (end_ns - now(clock)).max(0) as u64;
+                Instant::now() + Duration::from_nanos(d)
+            });
+            let done = if relative {
+                Instant::now() >= until
+            } else {
+                now(clock) >= end_ns
+            };
+            if done {
+                return Ok(Step::Ret(0));
+            }
+            if self.signal_ready() || self.pause.requested() {
+                if rem != 0 && relative {
+                    let l = until.saturating_duration_since(Instant::now());
+                    left.tv_sec = l.as_secs() as i64;
+                    left.tv_nsec = l.subsec_nanos() as i64;
+                    self.write_guest(rem, &timespec_bytes(&left))?;
+                }
+                return Err(EINTR);
+            }
+            return Ok(self.redo(Some(until)));
+        }
         loop {
             // SAFETY: both timespecs are valid for the duration of the call.
             let r = unsafe {

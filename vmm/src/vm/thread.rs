@@ -1,0 +1,999 @@
+//! Threads: clone(2) with CLONE_THREAD. Each guest thread is a vCPU of the process's VM, run
+//! by a host thread of its own whose kernel tid is the guest thread's tid, so the host's futex
+//! (priority inheritance included), tgkill from other processes and the guest agree on it.
+//!
+//! The process (the [`Vm`]: address space, deputy, signal actions, timers...) is shared. A
+//! thread takes the process lock ([`Shared`]) to handle each exit of its vCPU, with its own
+//! state swapped in ([`ThreadState`]: vCPU, tid, signal mask, alternate stack, signals pending
+//! for it alone, clear_child_tid, robust list), and lets go of the lock while its guest code
+//! runs and while a call of its blocks ([`Op`]: the host call of a home call, a futex wait, a
+//! sleep or a wait for a signal), so that the other threads go on meanwhile.
+//!
+//! The first thread is the host's main thread (tid = pid); when the last other thread is gone
+//! the process runs single-threaded again, without the lock. Threads stay at home: a process
+//! that has more than one does not migrate (yet).
+
+use super::pause::{self, KICK_SIGNAL};
+use super::{last_errno, Outcome, Step, Vm, EAGAIN, EFAULT, EINVAL, ENOSYS};
+use crate::deputy::{Begun, Deputy, Reply, Request};
+use crate::mm::AddressSpace;
+use crate::sigframe::AltStack;
+use crate::table::A;
+use anyhow::Result;
+use kvm_ioctls::VcpuFd;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Most threads a process may have here (clone fails with EAGAIN beyond, as at
+/// RLIMIT_NPROC).
+pub(super) const MAX_THREADS: usize = 1024;
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_FS: u64 = 0x200;
+const CLONE_FILES: u64 = 0x400;
+const CLONE_SIGHAND: u64 = 0x800;
+const CLONE_THREAD: u64 = 0x1_0000;
+const CLONE_SYSVSEM: u64 = 0x4_0000;
+const CLONE_SETTLS: u64 = 0x8_0000;
+const CLONE_PARENT_SETTID: u64 = 0x10_0000;
+const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
+const CLONE_DETACHED: u64 = 0x40_0000;
+const CLONE_CHILD_SETTID: u64 = 0x100_0000;
+
+/// futex(2) operations and flags.
+const FUTEX_WAIT: u64 = 0;
+const FUTEX_WAKE: u64 = 1;
+const FUTEX_REQUEUE: u64 = 3;
+const FUTEX_CMP_REQUEUE: u64 = 4;
+const FUTEX_WAKE_OP: u64 = 5;
+const FUTEX_LOCK_PI: u64 = 6;
+const FUTEX_UNLOCK_PI: u64 = 7;
+const FUTEX_TRYLOCK_PI: u64 = 8;
+const FUTEX_WAIT_BITSET: u64 = 9;
+const FUTEX_WAKE_BITSET: u64 = 10;
+const FUTEX_WAIT_REQUEUE_PI: u64 = 11;
+const FUTEX_CMP_REQUEUE_PI: u64 = 12;
+const FUTEX_LOCK_PI2: u64 = 13;
+const FUTEX_CLOCK_REALTIME: u64 = 256;
+const FUTEX_CMD_MASK: u64 = !(128 | 256);
+/// Robust futex word bits (futex(2), "Robust futexes").
+const FUTEX_WAITERS: u32 = 0x8000_0000;
+const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
+/// Most entries of a robust list walked at thread exit (Linux's ROBUST_LIST_LIMIT).
+const ROBUST_LIST_LIMIT: usize = 2048;
+
+/// The vCPU of the thread whose state is in the [`Vm`] (empty while none is: the thread's
+/// own host thread holds it while its guest code runs).
+#[derive(Default)]
+pub(super) struct VcpuSlot(pub(super) Option<VcpuFd>);
+
+impl std::ops::Deref for VcpuSlot {
+    type Target = VcpuFd;
+    fn deref(&self) -> &VcpuFd {
+        self.0.as_ref().expect("a thread's state is in")
+    }
+}
+
+impl std::ops::DerefMut for VcpuSlot {
+    fn deref_mut(&mut self) -> &mut VcpuFd {
+        self.0.as_mut().expect("a thread's state is in")
+    }
+}
+
+/// What belongs to one thread of a process, while another thread's is in the [`Vm`].
+#[derive(Default)]
+pub(super) struct ThreadState {
+    pub(super) tid: i64,
+    mask: u64,
+    saved_mask: Option<u64>,
+    alt: AltStack,
+    trap: [u64; 3],
+    tpending: u64,
+    tqueue: VecDeque<[u8; 128]>,
+    clear_child_tid: u64,
+    robust_list: u64,
+    last_fault: Option<u64>,
+    home_wait: Option<Instant>,
+    redo_until: Option<Instant>,
+    redo_mask: Option<u64>,
+    /// The page-table root this thread's vCPU has loaded.
+    cr3: u64,
+    /// Its vCPU's TSS and the top of its exception stack.
+    tss: u64,
+    exc_top: u64,
+    /// Told to end (another thread called execve).
+    zap: bool,
+    /// Its vCPU may be running guest code (it is not blocked in an [`Op`]).
+    in_guest: bool,
+}
+
+/// A blocking step of a thread's system call, run without the process lock.
+pub(super) enum Op {
+    /// A home call's gathering, host call and scattering (see `forward`); the guest's mask
+    /// is put back to `old_mask` after a pselect6-style call waited under its own.
+    Home {
+        nr: u64,
+        args: [u64; 6],
+        base: &'static [A],
+        temp_mask: Option<u64>,
+        old_mask: u64,
+    },
+    /// A host futex(2) call on host addresses.
+    Futex {
+        addr: u64,
+        op: u64,
+        val: u64,
+        timeout: Option<libc::timespec>,
+        addr2: u64,
+        val3: u64,
+    },
+    /// Wait until kicked (or `until`, or a slice), then handle the call again: sleeps and
+    /// waits for signals, which look again at what they wait for.
+    Wait { until: Option<Instant> },
+}
+
+/// How long a thread waiting for a signal sleeps between looks.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// The process lock and what the threads share besides the [`Vm`].
+pub(super) struct Shared {
+    vm: AtomicPtr<Vm>,
+    book: Mutex<Book>,
+    cv: Condvar,
+    pause: super::PauseHandle,
+}
+
+#[derive(Default)]
+struct Book {
+    /// The main thread is in [`Vm::run_threads`]: the Vm may be reached through `vm`.
+    open: bool,
+    /// The process has ended (the outcome, or the error that ended it): nobody touches the
+    /// Vm through `vm` again.
+    ended: Option<std::result::Result<Outcome, String>>,
+}
+
+/// How a thread's run ended.
+enum End {
+    /// The process ended.
+    Process,
+    /// This thread exited; the others go on.
+    Thread,
+    /// It is the only thread left (the main one): back to running without the lock.
+    Single,
+    /// The main thread was asked to pause (a migration is attempted).
+    Pause,
+}
+
+impl Shared {
+    fn new(pause: super::PauseHandle) -> Arc<Shared> {
+        Arc::new(Shared {
+            vm: AtomicPtr::new(std::ptr::null_mut()),
+            book: Mutex::new(Book::default()),
+            cv: Condvar::new(),
+            pause,
+        })
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `f` on the process under its lock: None once the process has ended.
+    fn with<R>(&self, f: impl FnOnce(&mut Vm, &mut Book) -> R) -> Option<R> {
+        let mut b = self.book();
+        while !b.open && b.ended.is_none() {
+            b = self.cv.wait(b).unwrap_or_else(|e| e.into_inner());
+        }
+        if b.ended.is_some() {
+            return None;
+        }
+        // SAFETY: `vm` was published by the main thread inside `run_threads`, which keeps
+        // the Vm alive and touches it only under this lock until it closes the book (under
+        // the lock too); we hold the lock, so this is the only reference for its duration.
+        let vm = unsafe { &mut *self.vm.load(Ordering::SeqCst) };
+        Some(f(vm, &mut b))
+    }
+}
+
+/// The address space of a thread's home call, under the process lock.
+struct LockedSpace<'a>(&'a Shared);
+
+impl crate::forward::SpaceLock for LockedSpace<'_> {
+    fn with_space(&self, f: &mut dyn FnMut(&mut AddressSpace)) -> bool {
+        self.0.with(|vm, _| f(&mut vm.space)).is_some()
+    }
+}
+
+/// The process's deputy for a thread's home call: the host call runs without the lock.
+struct LockedDeputy<'a>(&'a Shared);
+
+impl Deputy for LockedDeputy<'_> {
+    fn call(&mut self, req: Request) -> Reply {
+        let ended = || Reply::err(libc::EINTR as i64);
+        match self.0.with(|vm, _| vm.deputy.begin(req)) {
+            Some(Begun::Done(r)) => r,
+            Some(Begun::Pending(mut p)) => {
+                let ret = p.run();
+                self.0
+                    .with(|vm, _| vm.deputy.complete(p, ret))
+                    .unwrap_or_else(ended)
+            }
+            None => ended(),
+        }
+    }
+}
+
+impl Op {
+    /// Run the blocking part (no lock held): its result.
+    fn run(&self, sh: &Shared) -> i64 {
+        match self {
+            Op::Home { nr, args, base, .. } => {
+                let space = LockedSpace(sh);
+                let mut guest = crate::forward::Guest::locked(&space);
+                crate::forward::home_call(&mut guest, &mut LockedDeputy(sh), *nr, *args, base)
+            }
+            Op::Futex {
+                addr,
+                op,
+                val,
+                timeout,
+                addr2,
+                val3,
+            } => {
+                let ts = timeout
+                    .as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+                // SAFETY: `addr` (and `addr2` where the operation uses it) are host
+                // addresses of mapped guest words (`GuestMem::futex_addr`) in mappings that
+                // live as long as the process; the kernel checks the words itself. `ts` is
+                // null or a timespec alive for the call.
+                let r =
+                    unsafe { libc::syscall(libc::SYS_futex, *addr, *op, *val, ts, *addr2, *val3) };
+                if r < 0 {
+                    -last_errno()
+                } else {
+                    r as i64
+                }
+            }
+            Op::Wait { until } => {
+                let mut slice = WAIT_SLICE;
+                if let Some(u) = until {
+                    slice = slice.min(u.saturating_duration_since(Instant::now()));
+                }
+                let ts = libc::timespec {
+                    tv_sec: slice.as_secs() as i64,
+                    tv_nsec: slice.subsec_nanos() as i64,
+                };
+                // SAFETY: ppoll with no descriptors and a valid timeout: a sleep that a kick
+                // interrupts.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &ts, std::ptr::null()) };
+                0
+            }
+        }
+    }
+}
+
+/// One exit of a vCPU, taken from KVM_RUN's result before the lock is taken.
+pub(super) enum Event {
+    Syscall,
+    Exception(usize),
+    Port(u16),
+    /// KVM_RUN was interrupted (a kick).
+    Kicked,
+    /// The host could not supply a page (a file page past the end of its file).
+    Sigbus,
+    /// The guest cannot go on (triple fault, failed entry...).
+    Bad(String),
+    Error(String),
+}
+
+impl Event {
+    pub(super) fn of(
+        run: std::result::Result<kvm_ioctls::VcpuExit<'_>, kvm_ioctls::Error>,
+    ) -> Event {
+        use kvm_ioctls::VcpuExit;
+        match run {
+            Ok(VcpuExit::IoOut(port, _)) if port == guest::SYSCALL_PORT as u16 => Event::Syscall,
+            Ok(VcpuExit::IoOut(port, _))
+                if (guest::EXCEPTION_PORT_BASE as u16
+                    ..guest::EXCEPTION_PORT_BASE as u16 + guest::EXCEPTION_VECTORS as u16)
+                    .contains(&port) =>
+            {
+                Event::Exception((port - guest::EXCEPTION_PORT_BASE as u16) as usize)
+            }
+            Ok(VcpuExit::IoOut(port, _)) => Event::Port(port),
+            Ok(VcpuExit::Shutdown) => Event::Bad("triple fault (shutdown)".to_string()),
+            Ok(VcpuExit::Hlt) => Event::Bad("guest halted".to_string()),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                Event::Bad(format!("VM entry failed ({reason:#x})"))
+            }
+            Ok(VcpuExit::InternalError) => Event::Bad("KVM internal error".to_string()),
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => Event::Bad(
+                format!("access to unbacked guest physical address {addr:#x}"),
+            ),
+            Ok(other) => Event::Bad(format!("unexpected VM exit {other:?}")),
+            Err(e) if e.errno() == libc::EFAULT => Event::Sigbus,
+            Err(e) if e.errno() == libc::EINTR => Event::Kicked,
+            Err(e) => Event::Error(format!("KVM_RUN: {e}")),
+        }
+    }
+}
+
+/// The calling host thread's kernel tid.
+fn gettid() -> i64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// A vCPU handed to the host thread that will run it.
+struct SendVcpu(VcpuFd);
+// SAFETY: a vCPU file descriptor and its kvm_run mapping may be used from any thread; it is
+// moved (not shared) to the one thread that runs it.
+unsafe impl Send for SendVcpu {}
+
+impl Vm {
+    /// Exchange the current thread's state in the Vm with `t`.
+    fn exchange(&mut self, t: &mut ThreadState) {
+        use std::mem::swap;
+        swap(&mut self.tid, &mut t.tid);
+        swap(&mut self.sig.mask, &mut t.mask);
+        swap(&mut self.sig.saved_mask, &mut t.saved_mask);
+        swap(&mut self.sig.alt, &mut t.alt);
+        swap(&mut self.sig.trap, &mut t.trap);
+        swap(&mut self.sig.tpending, &mut t.tpending);
+        swap(&mut self.sig.tqueue, &mut t.tqueue);
+        swap(&mut self.clear_child_tid, &mut t.clear_child_tid);
+        swap(&mut self.robust_list, &mut t.robust_list);
+        swap(&mut self.last_fault, &mut t.last_fault);
+        swap(&mut self.home_wait, &mut t.home_wait);
+        swap(&mut self.redo_until, &mut t.redo_until);
+        swap(&mut self.redo_mask, &mut t.redo_mask);
+        swap(&mut self.cr3_loaded, &mut t.cr3);
+        swap(&mut self.tss, &mut t.tss);
+        swap(&mut self.exc_top, &mut t.exc_top);
+    }
+
+    /// Put thread `tid`'s state (and its vCPU, from its host thread) in. False when the
+    /// thread was told to end (it is then gone).
+    fn swap_in(&mut self, tid: i64, vcpu: &mut Option<VcpuFd>) -> bool {
+        pause::kicked(tid as i32);
+        let Some(i) = self.others.iter().position(|t| t.tid == tid) else {
+            return false;
+        };
+        let mut t = self.others.swap_remove(i);
+        if t.zap {
+            return false;
+        }
+        self.exchange(&mut t);
+        self.parked = t;
+        std::mem::swap(&mut self.vcpu.0, vcpu);
+        // Page-table changes other threads made meanwhile.
+        self.load_root_mt();
+        true
+    }
+
+    /// Take the current thread's state out again (its vCPU back to its host thread, to run
+    /// guest code when `in_guest`, else blocked in an [`Op`]).
+    fn swap_out(&mut self, vcpu: &mut Option<VcpuFd>, in_guest: bool) {
+        self.load_root_mt();
+        std::mem::swap(&mut self.vcpu.0, vcpu);
+        let mut t = std::mem::take(&mut self.parked);
+        self.exchange(&mut t);
+        t.in_guest = in_guest;
+        self.others.push(t);
+    }
+
+    /// The current thread is gone: its state goes, its vCPU waits for the next new thread
+    /// (KVM cannot remove a vCPU from a VM, and each one it makes uses up an id).
+    fn drop_current(&mut self) {
+        if let Some(v) = self.vcpu.0.take() {
+            self.spare_vcpus.push((v, self.tss, self.exc_top));
+        }
+        let mut t = std::mem::take(&mut self.parked);
+        self.exchange(&mut t);
+    }
+
+    /// Load the newest page-table root into the current vCPU if it has an older one; when
+    /// a change took rights away (a new root), the other threads are kicked to load it too.
+    fn load_root_mt(&mut self) {
+        let fresh = self.space.mem.take_new_root().is_some();
+        let want = self.space.mem.cr3();
+        if self.cr3_loaded != want {
+            if let Ok(mut s) = self.vcpu.get_sregs() {
+                s.cr3 = want;
+                if self.vcpu.set_sregs(&s).is_ok() {
+                    self.cr3_loaded = want;
+                }
+            }
+        }
+        if fresh {
+            for t in &self.others {
+                pause::want(t.tid as i32);
+            }
+        }
+        // Retired tables are freed once no running vCPU can still walk them.
+        if self.others.iter().all(|t| !t.in_guest || t.cr3 == want) {
+            self.space.mem.release_retired();
+        }
+    }
+
+    /// clone(2) with CLONE_THREAD: a new vCPU starting from this one's registers at this
+    /// exit (rax 0, the new stack and TLS), on a host thread of its own. Returns its tid.
+    pub(super) fn clone_thread(&mut self, c: super::process::CloneArgs) -> Result<Step, i64> {
+        let f = c.flags;
+        // clone(2): CLONE_THREAD needs CLONE_SIGHAND, which needs CLONE_VM.
+        if f & CLONE_SIGHAND == 0 || f & CLONE_VM == 0 {
+            return Err(EINVAL);
+        }
+        let known = CLONE_VM
+            | CLONE_FS
+            | CLONE_FILES
+            | CLONE_SIGHAND
+            | CLONE_THREAD
+            | CLONE_SYSVSEM
+            | CLONE_SETTLS
+            | CLONE_PARENT_SETTID
+            | CLONE_CHILD_CLEARTID
+            | CLONE_DETACHED
+            | CLONE_CHILD_SETTID;
+        if f & !known != 0 || f & (CLONE_FS | CLONE_FILES) != CLONE_FS | CLONE_FILES {
+            if self.warned.insert(0x7000_0004) {
+                eprintln!(
+                    "mosvm: {}: threads with flags {:#x} (their own descriptor table or \
+                     filesystem context) are not supported",
+                    self.program.display(),
+                    f
+                );
+            }
+            return Err(EINVAL);
+        }
+        if !self.deputy.is_local() {
+            if self.warned.insert(0x7000_0005) {
+                eprintln!(
+                    "mosvm: {}: a new thread while away from home waits for the process to \
+                     come home",
+                    self.program.display()
+                );
+            }
+            self.wait_for_home("threads")?;
+        }
+        self.home_wait = None;
+        if self.others.len() + 1 >= MAX_THREADS {
+            return Err(EAGAIN);
+        }
+        if self.mt.is_none() {
+            self.load_new_root().map_err(|_| EINVAL)?;
+            self.cr3_loaded = self.space.mem.cr3();
+            self.space.mem.hold_retired(true);
+        }
+        let (vcpu, tss, exc_top) = self.thread_vcpu(&c)?;
+        let sh = self
+            .mt
+            .get_or_insert_with(|| Shared::new(self.pause.clone()))
+            .clone();
+        // The new host thread reports its tid, then waits for its state to be in place.
+        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel::<i64>(1);
+        let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<bool>(1);
+        let v = SendVcpu(vcpu);
+        let spawned = std::thread::Builder::new()
+            .name("mosvm-thread".into())
+            .spawn(move || {
+                let v = v;
+                let tid = gettid();
+                let _ = tid_tx.send(tid);
+                if go_rx.recv() != Ok(true) {
+                    return;
+                }
+                thread_main(sh, tid, v.0);
+            });
+        if spawned.is_err() {
+            return Err(EAGAIN);
+        }
+        let tid = tid_rx.recv().map_err(|_| EAGAIN)?;
+        // The new thread's own state: the creator's mask, no alternate stack (clone(2)), no
+        // pending signals.
+        self.others.push(ThreadState {
+            tid,
+            mask: self.sig.mask,
+            clear_child_tid: if f & CLONE_CHILD_CLEARTID != 0 {
+                c.child_tid
+            } else {
+                0
+            },
+            cr3: self.cr3_loaded,
+            tss,
+            exc_top,
+            ..Default::default()
+        });
+        if f & CLONE_PARENT_SETTID != 0 {
+            let _ = self.write_guest(c.parent_tid, &(tid as i32).to_le_bytes());
+        }
+        if f & CLONE_CHILD_SETTID != 0 {
+            let _ = self.write_guest(c.child_tid, &(tid as i32).to_le_bytes());
+        }
+        let _ = go_tx.send(true);
+        Ok(Step::Ret(tid))
+    }
+
+    /// The new thread's vCPU (a spare one, or a new one with its own TSS and exception
+    /// stack): this one's state at this exit, returning 0 from clone on the new stack (if
+    /// given) with the new TLS (CLONE_SETTLS). Returns it with its TSS and stack top.
+    fn thread_vcpu(&mut self, c: &super::process::CloneArgs) -> Result<(VcpuFd, u64, u64), i64> {
+        let (mut vcpu, tss, top) = match self.spare_vcpus.pop() {
+            Some(v) => v,
+            None => {
+                let id = self.next_vcpu;
+                if id as usize >= MAX_THREADS {
+                    return Err(EAGAIN);
+                }
+                let host = crate::cpu::host().map_err(|_| EAGAIN)?;
+                let (tss, top) =
+                    crate::cpu::thread_tss(&mut self.space.mem, id).map_err(|_| EAGAIN)?;
+                let v = crate::cpu::create_vcpu_id(host, &self._vm, &self.space.mem, id, 0, 0)
+                    .map_err(|_| EAGAIN)?;
+                self.next_vcpu += 1;
+                (v, tss, top)
+            }
+        };
+        match self.setup_thread_vcpu(&mut vcpu, tss, c) {
+            Ok(()) => Ok((vcpu, tss, top)),
+            Err(_) => {
+                self.spare_vcpus.push((vcpu, tss, top));
+                Err(EAGAIN)
+            }
+        }
+    }
+
+    fn setup_thread_vcpu(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        tss: u64,
+        c: &super::process::CloneArgs,
+    ) -> Result<()> {
+        let st = crate::snapshot::capture(&mut self.vcpu)?;
+        crate::snapshot::restore(vcpu, &st)?;
+        let mut s = vcpu.get_sregs()?;
+        s.tr.base = tss;
+        if c.flags & CLONE_SETTLS != 0 {
+            s.fs.base = c.tls;
+        }
+        vcpu.set_sregs(&s)?;
+        let mut r = vcpu.get_regs()?;
+        r.rax = 0;
+        if c.stack != 0 {
+            r.rsp = c.stack;
+        }
+        if self.vmm_returns == Some(true) {
+            r.rip = r.rcx;
+            r.rflags = r.r11;
+        }
+        vcpu.set_regs(&r)?;
+        Ok(())
+    }
+
+    /// exit(2) of one thread while others go on: its robust futexes are released and its
+    /// clear_child_tid word zeroed and woken (set_tid_address(2)).
+    pub(super) fn exit_thread(&mut self) {
+        self.release_robust_list();
+        if self.clear_child_tid != 0 {
+            if let Some(h) = self.futex_word(self.clear_child_tid) {
+                // SAFETY: `h` is the host address of a mapped, aligned guest word.
+                let w = unsafe { &*(h as *const std::sync::atomic::AtomicU32) };
+                w.store(0, Ordering::SeqCst);
+                self.space.mem.mark_dirty_va(self.clear_child_tid);
+                // SAFETY: a futex wake on that word (as the kernel does at thread exit).
+                unsafe { libc::syscall(libc::SYS_futex, h, FUTEX_WAKE, 1, 0, 0, 0) };
+            }
+        }
+        self.thread_exited = true;
+    }
+
+    /// The host address of the aligned, mapped guest futex word at `va`.
+    fn futex_word(&mut self, va: u64) -> Option<u64> {
+        if !va.is_multiple_of(4) || self.space.accessible(va, 4, false) != 4 {
+            return None;
+        }
+        self.space.fault_in_range(va, 4);
+        self.space.mem.futex_addr(va)
+    }
+
+    /// Walk the exiting thread's robust list (get_robust_list(2)): each futex it holds gets
+    /// FUTEX_OWNER_DIED and one waiter woken, as Linux's `exit_robust_list`.
+    fn release_robust_list(&mut self) {
+        let head = self.robust_list;
+        if head == 0 {
+            return;
+        }
+        let read = |vm: &mut Vm, va: u64| vm.read_guest::<8>(va).ok().map(u64::from_le_bytes);
+        let (Some(first), Some(offset), Some(pending)) = (
+            read(self, head),
+            read(self, head + 8),
+            read(self, head + 16),
+        ) else {
+            return;
+        };
+        let mut entry = first;
+        let mut n = 0;
+        while entry != head && entry != 0 && n < ROBUST_LIST_LIMIT {
+            let next = read(self, entry & !1);
+            if entry != pending {
+                self.futex_death((entry & !1).wrapping_add(offset));
+            }
+            let Some(next) = next else { break };
+            entry = next;
+            n += 1;
+        }
+        if pending != 0 {
+            self.futex_death((pending & !1).wrapping_add(offset));
+        }
+    }
+
+    /// One robust futex of an exiting thread (Linux's `handle_futex_death`).
+    fn futex_death(&mut self, va: u64) {
+        let Some(h) = self.futex_word(va) else { return };
+        // SAFETY: `h` is the host address of a mapped, aligned guest word.
+        let w = unsafe { &*(h as *const std::sync::atomic::AtomicU32) };
+        let mut cur = w.load(Ordering::SeqCst);
+        loop {
+            if cur & FUTEX_TID_MASK != self.tid as u32 {
+                return;
+            }
+            let new = (cur & FUTEX_WAITERS) | FUTEX_OWNER_DIED;
+            match w.compare_exchange(cur, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                Err(v) => cur = v,
+            }
+        }
+        self.space.mem.mark_dirty_va(va);
+        if cur & FUTEX_WAITERS != 0 {
+            // SAFETY: a shared futex wake on that word, as the kernel's.
+            unsafe { libc::syscall(libc::SYS_futex, h, FUTEX_WAKE, 1, 0, 0, 0) };
+        }
+    }
+
+    /// futex(2) for a process with several threads: the host's futex on the host addresses
+    /// of the guest's words, so waiters and wakers on any vCPU (and, for shared mappings, in
+    /// other processes) meet. Waits run without the process lock.
+    pub(super) fn futex_mt(&mut self, a: [u64; 6]) -> Result<Step, i64> {
+        let op = a[1];
+        let cmd = op & FUTEX_CMD_MASK;
+        if !a[0].is_multiple_of(4) {
+            return Err(EINVAL);
+        }
+        let addr = self.futex_word(a[0]).ok_or(EFAULT)?;
+        let two = matches!(
+            cmd,
+            FUTEX_REQUEUE
+                | FUTEX_CMP_REQUEUE
+                | FUTEX_WAKE_OP
+                | FUTEX_WAIT_REQUEUE_PI
+                | FUTEX_CMP_REQUEUE_PI
+        );
+        let addr2 = if two {
+            if !a[4].is_multiple_of(4) {
+                return Err(EINVAL);
+            }
+            self.futex_word(a[4]).ok_or(EFAULT)?
+        } else {
+            0
+        };
+        let host = |addr: u64, val: u64, t: u64| {
+            // SAFETY: host addresses of mapped guest words; `t` is the guest's count (val2)
+            // for the requeue and wake-op operations, never a pointer here.
+            let r = unsafe { libc::syscall(libc::SYS_futex, addr, op, val, t, addr2, a[5]) };
+            if r < 0 {
+                Err(last_errno())
+            } else {
+                Ok(Step::Ret(r as i64))
+            }
+        };
+        match cmd {
+            FUTEX_WAKE | FUTEX_WAKE_BITSET | FUTEX_REQUEUE | FUTEX_CMP_REQUEUE | FUTEX_WAKE_OP
+            | FUTEX_CMP_REQUEUE_PI => host(addr, a[2], a[3]),
+            FUTEX_UNLOCK_PI | FUTEX_TRYLOCK_PI => host(addr, a[2], 0),
+            FUTEX_WAIT
+            | FUTEX_WAIT_BITSET
+            | FUTEX_LOCK_PI
+            | FUTEX_LOCK_PI2
+            | FUTEX_WAIT_REQUEUE_PI => {
+                let timeout = if a[3] != 0 {
+                    let b = self.read_guest::<16>(a[3])?;
+                    let mut ts = libc::timespec {
+                        tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
+                        tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),
+                    };
+                    // Absolute timeouts are on the guest's clock: CLOCK_REALTIME for
+                    // LOCK_PI, else as FUTEX_CLOCK_REALTIME says.
+                    let absolute = cmd != FUTEX_WAIT;
+                    if absolute && ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {
+                        let clock = if cmd == FUTEX_LOCK_PI || op & FUTEX_CLOCK_REALTIME != 0 {
+                            libc::CLOCK_REALTIME
+                        } else {
+                            libc::CLOCK_MONOTONIC
+                        };
+                        super::shift_ts(&mut ts, -self.clock_offset(clock));
+                    }
+                    Some(ts)
+                } else {
+                    None
+                };
+                Ok(Step::Block(Op::Futex {
+                    addr,
+                    op,
+                    val: a[2],
+                    timeout,
+                    addr2,
+                    val3: a[5],
+                }))
+            }
+            _ => Err(ENOSYS),
+        }
+    }
+
+    /// Post a signal for thread `tid` of this process (tgkill(2)): false when there is no
+    /// such thread.
+    pub(super) fn post_to_thread(&mut self, tid: i64, info: [u8; 128]) -> bool {
+        if tid == self.tid {
+            self.sig.post_thread(info);
+            return true;
+        }
+        let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
+        let ignores = (1..=64).contains(&sig) && self.sig.action_ignores(sig);
+        let Some(t) = self.others.iter_mut().find(|t| t.tid == tid && !t.zap) else {
+            return false;
+        };
+        let bit = 1u64 << (sig - 1);
+        if !(1..=64).contains(&sig) || (ignores && t.mask & bit == 0) {
+            return true;
+        }
+        if sig >= 32 || t.tpending & bit == 0 {
+            t.tpending |= bit;
+            t.tqueue.push_back(info);
+        }
+        pause::want(tid as i32);
+        true
+    }
+
+    /// A signal is pending for the process: kick the other threads that could take it.
+    pub(super) fn notify_threads(&mut self) {
+        let p = self.sig.pending;
+        if p == 0 {
+            return;
+        }
+        for t in &self.others {
+            if p & !t.mask != 0 {
+                pause::want(t.tid as i32);
+            }
+        }
+    }
+
+    /// The robust list head of thread `tid` (another than the current one).
+    pub(super) fn thread_robust_list(&self, tid: i64) -> u64 {
+        self.others
+            .iter()
+            .find(|t| t.tid == tid)
+            .map_or(0, |t| t.robust_list)
+    }
+
+    /// Whether `tid` is a thread of this process.
+    pub(super) fn has_thread(&self, tid: i64) -> bool {
+        tid == self.tid || self.others.iter().any(|t| t.tid == tid && !t.zap)
+    }
+
+    /// Tell every other thread to end (execve(2) by this one, which waits until they have).
+    pub(super) fn zap_threads(&mut self) {
+        for t in &mut self.others {
+            t.zap = true;
+            pause::want(t.tid as i32);
+        }
+    }
+
+    /// Wait (without the lock) and handle the current call again.
+    pub(super) fn redo(&mut self, until: Option<Instant>) -> Step {
+        Step::Block(Op::Wait { until })
+    }
+
+    /// After an [`Op`] ran: finish the call it belongs to.
+    fn finish_op(&mut self, op: Op, ret: i64) -> Result<Option<Outcome>> {
+        let r = &self.vcpu.sync_regs_mut().regs;
+        let (nr, a) = (r.rax, [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9]);
+        match op {
+            Op::Home {
+                nr,
+                args,
+                temp_mask,
+                old_mask,
+                ..
+            } => {
+                let step = self.forward_done(nr, ret, temp_mask, old_mask);
+                self.complete(nr, args, step)
+            }
+            // Interrupted by a kick (-EINTR): restarted unless a handler runs.
+            Op::Futex { .. } => self.complete(nr, a, Step::Ret(ret)),
+            Op::Wait { .. } => self.syscall(),
+        }
+    }
+
+    /// Run the process's threads until it ends, a pause is asked for, or only the main
+    /// thread is left. The main thread's state is in when called and when this returns.
+    pub(super) fn run_threads(&mut self) -> Result<Option<Outcome>> {
+        let sh = self.mt.clone().expect("threads");
+        let main_alive = !self.main_exited;
+        let tid = self.tid;
+        let mut vcpu = None;
+        if main_alive {
+            self.swap_out(&mut vcpu, true);
+        }
+        let p: *mut Vm = self;
+        sh.vm.store(p, Ordering::SeqCst);
+        {
+            let mut b = sh.book();
+            b.open = true;
+            sh.cv.notify_all();
+        }
+        let end = if main_alive {
+            if let Some(v) = vcpu.as_mut() {
+                let ie = &mut v.get_kvm_run().immediate_exit as *mut u8;
+                pause::set_own_immediate_exit(ie);
+            }
+            let e = thread_loop(&sh, tid, &mut vcpu, true);
+            pause::set_own_immediate_exit(std::ptr::null_mut());
+            e
+        } else {
+            // The main thread exited: wait for the process to end.
+            let mut b = sh.book();
+            while b.ended.is_none() {
+                b = sh.cv.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+            End::Process
+        };
+        let ended = {
+            let mut b = sh.book();
+            b.open = false;
+            b.ended.clone()
+        };
+        // From here on nothing reaches the Vm through `p`.
+        match end {
+            End::Process => match ended {
+                Some(Ok(o)) => Ok(Some(o)),
+                Some(Err(e)) => Err(anyhow::anyhow!(e)),
+                None => Err(anyhow::anyhow!("threads ended without an outcome")),
+            },
+            End::Thread => {
+                // The main thread exited; others remain.
+                self.main_exited = true;
+                Ok(None)
+            }
+            End::Single => {
+                self.mt = None;
+                self.space.mem.hold_retired(false);
+                Ok(None)
+            }
+            End::Pause => Ok(None),
+        }
+    }
+}
+
+/// A thread other than the main one: runs until it or the process ends.
+fn thread_main(sh: Arc<Shared>, tid: i64, vcpu: VcpuFd) {
+    pause::unblock_guest_signals();
+    pause::register_thread(tid as i32, true);
+    let mut vcpu = Some(vcpu);
+    if let Some(v) = vcpu.as_mut() {
+        let ie = &mut v.get_kvm_run().immediate_exit as *mut u8;
+        pause::set_own_immediate_exit(ie);
+    }
+    let end = thread_loop(&sh, tid, &mut vcpu, false);
+    pause::set_own_immediate_exit(std::ptr::null_mut());
+    pause::register_thread(tid as i32, false);
+    pause::kicked(tid as i32);
+    if matches!(end, End::Process) {
+        // The main thread returns the outcome.
+        sh.cv.notify_all();
+    }
+    drop(vcpu);
+}
+
+/// What a thread does after its state went out.
+enum Flow {
+    Run,
+    Block(Op),
+    End(End),
+}
+
+/// Run one thread's vCPU: exits are handled under the process lock with its state in.
+fn thread_loop(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>, main: bool) -> End {
+    loop {
+        if main && sh.pause.requested() {
+            let back = sh.with(|vm, book| {
+                book.open = false;
+                vm.swap_in(tid, vcpu)
+            });
+            return match back {
+                Some(true) => End::Pause,
+                _ => End::Process,
+            };
+        }
+        let ev = match vcpu.as_mut() {
+            Some(v) => Event::of(v.run()),
+            None => return End::Thread,
+        };
+        let mut next: std::result::Result<Event, (Op, i64)> = Ok(ev);
+        loop {
+            let flow = sh.with(|vm, book| {
+                if !vm.swap_in(tid, vcpu) {
+                    return Flow::End(End::Thread);
+                }
+                let r = match next {
+                    Ok(ev) => vm.handle_event(ev),
+                    Err((op, ret)) => vm.finish_op(op, ret),
+                };
+                let block = vm.block.take();
+                let end = |vm: &mut Vm, book: &mut Book, r| {
+                    book.ended = Some(r);
+                    for t in &vm.others {
+                        pause::kick_tid(t.tid as i32);
+                    }
+                    let main_tid = pause::GUEST_TID.load(Ordering::SeqCst);
+                    if main_tid > 0 && main_tid as i64 != vm.tid {
+                        pause::kick_tid(main_tid);
+                    }
+                    Flow::End(End::Process)
+                };
+                match r {
+                    Err(e) => {
+                        vm.swap_out(vcpu, false);
+                        return end(vm, book, Err(format!("{e:#}")));
+                    }
+                    Ok(Some(o)) => {
+                        vm.swap_out(vcpu, false);
+                        return end(vm, book, Ok(o));
+                    }
+                    Ok(None) => {}
+                }
+                if std::mem::take(&mut vm.thread_exited) {
+                    if main {
+                        vm.main_exited = true;
+                    }
+                    vm.drop_current();
+                    return Flow::End(End::Thread);
+                }
+                if main && ((vm.others.is_empty() && block.is_none()) || vm.forked) {
+                    // The last other thread is gone (or this is a new process's only one):
+                    // the main thread's state stays in.
+                    book.open = false;
+                    return Flow::End(End::Single);
+                }
+                vm.swap_out(vcpu, block.is_none());
+                match block {
+                    Some(op) => Flow::Block(op),
+                    None => Flow::Run,
+                }
+            });
+            match flow {
+                None => return End::Process,
+                Some(Flow::Run) => break,
+                Some(Flow::Block(op)) => {
+                    let ret = op.run(sh);
+                    next = Err((op, ret));
+                }
+                Some(Flow::End(End::Single)) => {
+                    return End::Single;
+                }
+                Some(Flow::End(e)) => {
+                    if matches!(e, End::Process) {
+                        sh.cv.notify_all();
+                    }
+                    return e;
+                }
+            }
+        }
+    }
+}
+
+/// The kick signal interrupts blocking host calls of the threads: it must never restart
+/// them.
+const _: () = assert!(KICK_SIGNAL == libc::SIGUSR2);
