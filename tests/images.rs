@@ -145,6 +145,11 @@ image_tests!(futexpi, |c| c);
 // Signal handlers: frames, masks, sigaltstack, faults recovered with siglongjmp, timers,
 // SA_RESTART against EINTR, sigtimedwait, sigqueue, SIGPIPE.
 image_tests!(sighandlers, |c| c);
+// Threads: mutexes, condition variables, barriers, rwlocks, semaphores, TLS, 64 threads,
+// PI and robust mutexes, a thread blocked in a pipe read, signals to a thread and to the
+// process, cancellation, fork and posix_spawn from a thread, execve from a thread after the
+// first one exited.
+image_tests!(threads, |c| c);
 
 // execve: errno for what cannot run, a `#!` script, descriptors and signal state across
 // exec, and a chain on through /bin/sh whose exit status is the process's.

@@ -83,6 +83,48 @@ print(os.waitpid(pid, 0)[1] >> 8)
     python(prog).check();
 }
 
+/// Python's threads (a work queue, a thread pool), `multiprocessing.Pool(2)` (forks and
+/// threads together) and subprocesses started from pool threads (forks by threads other than
+/// the first).
+#[test]
+fn python_threads_and_multiprocessing() {
+    require_kvm!();
+    let prog = r#"
+import threading, queue, subprocess, multiprocessing, concurrent.futures as cf
+q = queue.Queue()
+def work(n):
+    q.put(sum(i * i for i in range(n)))
+ts = [threading.Thread(target=work, args=(100000 + i,)) for i in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(sorted(q.get() for _ in range(4)))
+with cf.ThreadPoolExecutor(4) as ex:
+    print(list(ex.map(lambda x: x * x, range(10))))
+def sq(x):
+    return x * x
+with multiprocessing.Pool(2) as p:
+    print(p.map(sq, range(10)))
+def run(i):
+    return subprocess.run(["echo", str(i)], capture_output=True, text=True).stdout.strip()
+with cf.ThreadPoolExecutor(3) as ex:
+    print(list(ex.map(run, range(6))))
+lock = threading.Lock(); cond = threading.Condition(lock); box = []
+def producer():
+    for i in range(100):
+        with cond:
+            box.append(i); cond.notify()
+t = threading.Thread(target=producer); t.start()
+got = 0
+while got < 100:
+    with cond:
+        while not box:
+            cond.wait()
+        got += len(box); box.clear()
+t.join()
+print("condition", got)
+"#;
+    python(prog).check();
+}
+
 #[test]
 fn make_j2_builds_with_gcc() {
     require_kvm!();

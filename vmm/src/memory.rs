@@ -750,18 +750,24 @@ impl GuestMem {
 
     /// Zero a RAM frame by giving its memory back to the host (recorded as dirty).
     fn zero_frame(&self, frame: u64) {
-        debug_assert!(frame + PAGE <= self.size && frame.is_multiple_of(PAGE));
-        // SAFETY: `frame` is a frame below `size` (from `bump`), so the page-aligned host
-        // range lies inside the guest mapping we own; MADV_DONTNEED on private anonymous
-        // memory only replaces its contents with zeroes, which no Rust reference observes.
+        self.zero_frames(frame, PAGE);
+    }
+
+    /// Zero `len` bytes of RAM frames from `frame` (page aligned) in one host call.
+    fn zero_frames(&self, frame: u64, len: u64) {
+        debug_assert!(frame + len <= self.size && frame.is_multiple_of(PAGE));
+        // SAFETY: `[frame, frame + len)` lies below `size` (frames come from `bump`), so the
+        // page-aligned host range lies inside the guest mapping we own; MADV_DONTNEED on
+        // private anonymous memory only replaces its contents with zeroes, which no Rust
+        // reference observes.
         unsafe {
             libc::madvise(
                 self.host.add(frame as usize) as *mut libc::c_void,
-                PAGE as usize,
+                len as usize,
                 libc::MADV_DONTNEED,
             );
         }
-        self.mark_dirty(frame, PAGE);
+        self.mark_dirty(frame, len);
     }
 
     /// Called before the vCPU runs: the page-table frames made so far are about to be seen by
@@ -999,6 +1005,13 @@ impl GuestMem {
     pub fn zero(&self, va: u64, len: u64) {
         let end = va.saturating_add(len);
         let mut cur = va;
+        // Whole RAM frames that follow each other are zeroed in one host call.
+        let mut run: Option<(u64, u64)> = None;
+        let flush = |run: &mut Option<(u64, u64)>| {
+            if let Some((f, n)) = run.take() {
+                self.zero_frames(f, n);
+            }
+        };
         // Only mapped pages are visited: a huge range with little mapped in it (a PROT_NONE
         // reservation of terabytes) costs what is mapped, as on Linux.
         while let Some(p) = self.next_mapped(cur, end) {
@@ -1009,7 +1022,13 @@ impl GuestMem {
                 if gpa >= self.size {
                     let _ = self.copy_to(gpa, &vec![0u8; n as usize]);
                 } else if n == PAGE {
-                    self.zero_frame(gpa);
+                    match run.as_mut() {
+                        Some((f, len)) if *f + *len == gpa => *len += PAGE,
+                        _ => {
+                            flush(&mut run);
+                            run = Some((gpa, PAGE));
+                        }
+                    }
                 } else {
                     let _ = self
                         .mem
@@ -1018,6 +1037,7 @@ impl GuestMem {
             }
             cur += n;
         }
+        flush(&mut run);
     }
 
     /// Raw write at a guest physical address (descriptor tables at setup).

@@ -180,6 +180,13 @@ pub struct Vm {
     /// vCPU id.
     spare_vcpus: Vec<(VcpuFd, u64, u64)>,
     next_vcpu: u64,
+    /// A fork another thread asked the first one to make (see vm/thread.rs), and the vCPU
+    /// state that fork starts the child from.
+    delegated: Option<thread::Delegated>,
+    fork_snapshot: Option<crate::snapshot::VcpuState>,
+    /// The first thread took an execve caller's place after it had exited: it handles that
+    /// call before it runs.
+    resume_syscall: bool,
     _vm: std::sync::Arc<VmFd>,
     /// The address space (guest memory, page tables, VMAs).
     pub space: AddressSpace,
@@ -456,6 +463,9 @@ impl Vm {
             exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
             spare_vcpus: Vec::new(),
             next_vcpu: 1,
+            delegated: None,
+            fork_snapshot: None,
+            resume_syscall: false,
             _vm: vm,
             space,
             deputy,
@@ -804,6 +814,9 @@ impl Vm {
             exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
             spare_vcpus: Vec::new(),
             next_vcpu: 1,
+            delegated: None,
+            fork_snapshot: None,
+            resume_syscall: false,
             _vm: vm,
             space,
             deputy,

@@ -169,13 +169,8 @@ impl Vm {
         if !self.others.is_empty() {
             // execve(2) ends the other threads first (and waits until they are gone).
             if self.tid != self.pid {
-                if self.warned.insert(0x7000_0006) {
-                    eprintln!(
-                        "mosvm: {}: execve from a thread other than the first is not supported yet",
-                        self.program.display()
-                    );
-                }
-                return Err(libc::EAGAIN as i64);
+                // The first thread's host thread carries on (see vm/thread.rs).
+                return self.delegate_exec();
             }
             self.zap_threads();
             return Ok(self.redo(None));

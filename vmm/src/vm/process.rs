@@ -162,9 +162,22 @@ impl Vm {
             self.wait_for_home("fork")?;
         }
         self.home_wait = None;
+        if self.mt.is_some() && self.tid != self.pid && self.fork_snapshot.is_none() {
+            // The child's only thread runs on the host's first thread (see vm/thread.rs).
+            return self.delegate_fork(c);
+        }
         // The parent's state as the child starts from it, taken before the host fork.
-        self.load_new_root().map_err(|_| EINVAL)?;
-        let st = crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?;
+        let st = match self.fork_snapshot.take() {
+            Some(st) => st,
+            None => {
+                if self.mt.is_some() {
+                    self.load_root_mt();
+                } else {
+                    self.load_new_root().map_err(|_| EINVAL)?;
+                }
+                crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?
+            }
+        };
         let layout = self.space.mem.layout();
         let vfork_pipe = if f & CLONE_VFORK != 0 {
             let mut p = [0i32; 2];
@@ -309,6 +322,10 @@ impl Vm {
         self.sig.queue.clear();
         // Only the forking thread goes on in the child (fork(2)).
         self.others.clear();
+        self.delegated = None;
+        self.main_exited = false;
+        self.leader_status = None;
+        self.space.mem.hold_retired(false);
         // (The new vCPU keeps this thread's TSS and stack: new threads' ids start after
         // every slot the parent used.)
         self.spare_vcpus.clear();

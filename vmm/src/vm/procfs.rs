@@ -227,27 +227,14 @@ impl Vm {
                         "SigQ" => {
                             let v = line.split_once(':').map_or("", |x| x.1).trim();
                             let (n, max) = v.split_once('/').unwrap_or(("0", "0"));
-                            let n = n.parse::<usize>().unwrap_or(0) + self.sig.queue.len();
+                            let n = n.parse::<usize>().unwrap_or(0)
+                                + self.sig.queue.len()
+                                + self.sig.tqueue.len();
                             format!("{n}/{max}")
                         }
-                        // tgkill/tkill (SI_TKILL) pend on the thread, the rest on the process.
-                        "SigPnd" | "ShdPnd" => {
-                            let thread = key == "SigPnd";
-                            let bits: u64 = self
-                                .sig
-                                .queue
-                                .iter()
-                                .filter(|i| {
-                                    let code = i32::from_le_bytes(i[8..12].try_into().expect("4"));
-                                    (code == -6) == thread
-                                })
-                                .map(|i| {
-                                    let sig = i32::from_le_bytes(i[..4].try_into().expect("4"));
-                                    1u64 << ((sig - 1) & 63)
-                                })
-                                .fold(0, |a, b| a | b);
-                            format!("{bits:016x}")
-                        }
+                        // Signals for the thread (tgkill, its faults) and for the process.
+                        "SigPnd" => format!("{:016x}", self.sig.tpending),
+                        "ShdPnd" => format!("{:016x}", self.sig.pending),
                         "SigIgn" | "SigCgt" => {
                             let want_ign = key == "SigIgn";
                             let bits: u64 = (1..=64)

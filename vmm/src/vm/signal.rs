@@ -264,6 +264,17 @@ impl Signals {
         self.mask = super::pause::INHERITED_MASK.load(Ordering::SeqCst) & !UNBLOCKABLE;
     }
 
+    /// Drop the queued signals `which` picks (a deleted timer's).
+    pub(super) fn drop_queued(&mut self, which: impl Fn(&[u8; 128]) -> bool) {
+        let signo = |b: &[u8; 128]| i32::from_le_bytes(b[..4].try_into().expect("4"));
+        self.queue.retain(|b| !which(b));
+        let mut left = 0u64;
+        for b in &self.queue {
+            left |= bit(signo(b));
+        }
+        self.pending &= left;
+    }
+
     /// Drop pending instances of a signal (its action became "ignore").
     pub(super) fn discard(&mut self, sig: i32) {
         while self.all_pending() & bit(sig) != 0 {

@@ -135,6 +135,35 @@ pub(super) enum Op {
     Wait { until: Option<Instant> },
 }
 
+/// A fork(2) (or clone without CLONE_THREAD) by a thread other than the first: the host fork
+/// must happen on the host's first thread, the only one a host child has that can carry on as
+/// the new process (its embedder's code runs there). The thread waits for the result.
+pub(super) struct Delegated {
+    tid: i64,
+    st: Option<crate::snapshot::VcpuState>,
+    what: Delegate,
+    result: Option<std::result::Result<i64, i64>>,
+}
+
+/// What a thread asks the first thread to do for it.
+#[derive(Clone, Copy)]
+enum Delegate {
+    Fork(super::process::CloneArgs),
+    /// execve(2) at its point of no return: the first thread takes the caller's place (its
+    /// state, with the pid as tid, as Linux's `de_thread`) and goes on with the call.
+    Exec,
+}
+
+/// What [`Vm::serve_delegated`] did.
+#[derive(PartialEq)]
+enum Served {
+    Nothing,
+    /// This is the child of the fork.
+    Child,
+    /// The first thread took an execve caller's place: the call is handled next.
+    Exec,
+}
+
 /// How long a thread waiting for a signal sleeps between looks.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
@@ -165,6 +194,8 @@ enum End {
     Single,
     /// The main thread was asked to pause (a migration is attempted).
     Pause,
+    /// The main thread, which had exited, took an execve caller's place.
+    Revived,
 }
 
 impl Shared {
@@ -398,7 +429,7 @@ impl Vm {
 
     /// Load the newest page-table root into the current vCPU if it has an older one; when
     /// a change took rights away (a new root), the other threads are kicked to load it too.
-    fn load_root_mt(&mut self) {
+    pub(super) fn load_root_mt(&mut self) {
         let fresh = self.space.mem.take_new_root().is_some();
         let want = self.space.mem.cr3();
         if self.cr3_loaded != want {
@@ -506,6 +537,8 @@ impl Vm {
             cr3: self.cr3_loaded,
             tss,
             exc_top,
+            // Its vCPU runs guest code before it first comes in.
+            in_guest: true,
             ..Default::default()
         });
         if f & CLONE_PARENT_SETTID != 0 {
@@ -791,6 +824,131 @@ impl Vm {
         }
     }
 
+    /// A fork by a thread other than the first: hand it to the first thread and wait for
+    /// its result.
+    pub(super) fn delegate_fork(&mut self, c: super::process::CloneArgs) -> Result<Step, i64> {
+        self.delegate(Delegate::Fork(c))
+    }
+
+    /// execve by a thread other than the first, at its point of no return: the first thread
+    /// takes its place (this one then ends).
+    pub(super) fn delegate_exec(&mut self) -> Result<Step, i64> {
+        self.delegate(Delegate::Exec)
+    }
+
+    fn delegate(&mut self, what: Delegate) -> Result<Step, i64> {
+        match &self.delegated {
+            Some(d) if d.tid == self.tid => {
+                if let Some(r) = d.result {
+                    self.delegated = None;
+                    return r.map(Step::Ret);
+                }
+                return Ok(self.redo(None));
+            }
+            // Another thread's fork is under way.
+            Some(_) => return Ok(self.redo(None)),
+            None => {}
+        }
+        let st = crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?;
+        self.delegated = Some(Delegated {
+            tid: self.tid,
+            st: Some(st),
+            what,
+            result: None,
+        });
+        pause::want(self.pid as i32);
+        if let Some(sh) = &self.mt {
+            sh.cv.notify_all();
+        }
+        Ok(self.redo(None))
+    }
+
+    /// On the first thread: do what another thread asked for ([`Vm::delegate`]).
+    fn serve_delegated(&mut self) -> Served {
+        let Some(d) = self
+            .delegated
+            .as_mut()
+            .filter(|d| d.result.is_none() && d.st.is_some())
+        else {
+            return Served::Nothing;
+        };
+        let (tid, st, what) = (d.tid, d.st.take(), d.what);
+        let Some(i) = self.others.iter().position(|t| t.tid == tid) else {
+            self.delegated = None;
+            return Served::Nothing;
+        };
+        let mut t = self.others.swap_remove(i);
+        self.exchange(&mut t);
+        let c = match what {
+            Delegate::Fork(c) => c,
+            Delegate::Exec => {
+                self.delegated = None;
+                return match self.take_place(t, st) {
+                    Ok(()) => Served::Exec,
+                    Err(e) => {
+                        eprintln!("mosvm: {}: execve: {e:#}", self.program.display());
+                        Served::Nothing
+                    }
+                };
+            }
+        };
+        self.fork_snapshot = st;
+        let r = self.clone_process(c);
+        self.fork_snapshot = None;
+        if self.forked {
+            // The child: the asking thread's state is its only thread's; its call returns.
+            drop(t);
+            if let Ok(step) = r {
+                let _ = self.complete(0, [0; 6], step);
+            }
+            return Served::Child;
+        }
+        self.exchange(&mut t);
+        self.others.push(t);
+        let r = r.map(|s| match s {
+            Step::Ret(v) => v,
+            _ => 0,
+        });
+        if let Some(d) = self.delegated.as_mut() {
+            d.result = Some(r);
+        }
+        pause::want(tid as i32);
+        Served::Nothing
+    }
+
+    /// The first thread's host thread takes the place of the thread whose state is in (an
+    /// execve caller): its vCPU gets that thread's registers, the state keeps the first
+    /// thread's vCPU's TSS and the pid as tid; the first thread's own state (`first`) goes.
+    fn take_place(
+        &mut self,
+        first: ThreadState,
+        st: Option<crate::snapshot::VcpuState>,
+    ) -> Result<()> {
+        let st = st.ok_or_else(|| anyhow::anyhow!("no state to take over"))?;
+        if self.vcpu.0.is_none() {
+            // The first thread had exited: a spare vCPU carries on.
+            let (v, tss, top) = self
+                .spare_vcpus
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("no vCPU left"))?;
+            self.vcpu.0 = Some(v);
+            self.tss = tss;
+            self.exc_top = top;
+        } else {
+            self.tss = first.tss;
+            self.exc_top = first.exc_top;
+        }
+        crate::snapshot::restore(&mut self.vcpu, &st)?;
+        let mut s = self.vcpu.get_sregs()?;
+        s.tr.base = self.tss;
+        self.vcpu.set_sregs(&s)?;
+        self.vcpu.sync_regs_mut().regs = st.regs;
+        self.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+        self.tid = self.pid;
+        self.main_exited = false;
+        Ok(())
+    }
+
     /// Wait (without the lock) and handle the current call again.
     pub(super) fn redo(&mut self, until: Option<Instant>) -> Step {
         Step::Block(Op::Wait { until })
@@ -823,6 +981,7 @@ impl Vm {
         let sh = self.mt.clone().expect("threads");
         let main_alive = !self.main_exited;
         let tid = self.tid;
+        let first = std::mem::take(&mut self.resume_syscall).then_some(Event::Syscall);
         let mut vcpu = None;
         if main_alive {
             self.swap_out(&mut vcpu, true);
@@ -839,16 +998,36 @@ impl Vm {
                 let ie = &mut v.get_kvm_run().immediate_exit as *mut u8;
                 pause::set_own_immediate_exit(ie);
             }
-            let e = thread_loop(&sh, tid, &mut vcpu, true);
+            let e = thread_loop(&sh, tid, &mut vcpu, true, first);
             pause::set_own_immediate_exit(std::ptr::null_mut());
             e
         } else {
-            // The main thread exited: wait for the process to end.
-            let mut b = sh.book();
-            while b.ended.is_none() {
-                b = sh.cv.wait(b).unwrap_or_else(|e| e.into_inner());
+            // The main thread exited: wait for the process to end, making the forks the
+            // others ask for.
+            loop {
+                let served = sh.with(|vm, book| {
+                    let s = vm.serve_delegated();
+                    if s == Served::Exec {
+                        // The first thread lives again, with the execve to finish.
+                        vm.resume_syscall = true;
+                    }
+                    if s != Served::Nothing {
+                        book.open = false;
+                    }
+                    s
+                });
+                match served {
+                    None => break End::Process,
+                    Some(Served::Child) => break End::Single,
+                    Some(Served::Exec) => break End::Revived,
+                    Some(Served::Nothing) => {}
+                }
+                let b = sh.book();
+                if b.ended.is_some() {
+                    break End::Process;
+                }
+                let _ = sh.cv.wait_timeout(b, WAIT_SLICE);
             }
-            End::Process
         };
         let ended = {
             let mut b = sh.book();
@@ -872,7 +1051,7 @@ impl Vm {
                 self.space.mem.hold_retired(false);
                 Ok(None)
             }
-            End::Pause => Ok(None),
+            End::Pause | End::Revived => Ok(None),
         }
     }
 }
@@ -886,7 +1065,7 @@ fn thread_main(sh: Arc<Shared>, tid: i64, vcpu: VcpuFd) {
         let ie = &mut v.get_kvm_run().immediate_exit as *mut u8;
         pause::set_own_immediate_exit(ie);
     }
-    let end = thread_loop(&sh, tid, &mut vcpu, false);
+    let end = thread_loop(&sh, tid, &mut vcpu, false, None);
     pause::set_own_immediate_exit(std::ptr::null_mut());
     pause::register_thread(tid as i32, false);
     pause::kicked(tid as i32);
@@ -905,7 +1084,13 @@ enum Flow {
 }
 
 /// Run one thread's vCPU: exits are handled under the process lock with its state in.
-fn thread_loop(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>, main: bool) -> End {
+fn thread_loop(
+    sh: &Shared,
+    tid: i64,
+    vcpu: &mut Option<VcpuFd>,
+    main: bool,
+    mut first: Option<Event>,
+) -> End {
     loop {
         if main && sh.pause.requested() {
             let back = sh.with(|vm, book| {
@@ -917,9 +1102,10 @@ fn thread_loop(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>, main: bool) -> 
                 _ => End::Process,
             };
         }
-        let ev = match vcpu.as_mut() {
-            Some(v) => Event::of(v.run()),
-            None => return End::Thread,
+        let ev = match (first.take(), vcpu.as_mut()) {
+            (Some(ev), _) => ev,
+            (None, Some(v)) => Event::of(v.run()),
+            (None, None) => return End::Thread,
         };
         let mut next: std::result::Result<Event, (Op, i64)> = Ok(ev);
         loop {
@@ -927,9 +1113,20 @@ fn thread_loop(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>, main: bool) -> 
                 if !vm.swap_in(tid, vcpu) {
                     return Flow::End(End::Thread);
                 }
-                let r = match next {
-                    Ok(ev) => vm.handle_event(ev),
-                    Err((op, ret)) => vm.finish_op(op, ret),
+                let served = if main {
+                    vm.serve_delegated()
+                } else {
+                    Served::Nothing
+                };
+                let r = match (served, next) {
+                    (Served::Child, _) => {
+                        // This is the child of a fork another thread asked for.
+                        book.open = false;
+                        return Flow::End(End::Single);
+                    }
+                    (Served::Exec, _) => vm.handle_event(Event::Syscall),
+                    (_, Ok(ev)) => vm.handle_event(ev),
+                    (_, Err((op, ret))) => vm.finish_op(op, ret),
                 };
                 let block = vm.block.take();
                 let end = |vm: &mut Vm, book: &mut Book, r| {

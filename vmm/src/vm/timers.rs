@@ -183,10 +183,18 @@ impl Vm {
                 Ok(Step::Ret(r))
             }
             _ => {
-                let host = self.timer(a[0])?.host_id;
+                let t = self.timer(a[0])?;
+                let (host, guest) = (t.host_id, t.guest_id);
                 // SAFETY: no memory arguments.
                 unsafe { libc::syscall(libc::SYS_timer_delete, host) };
+                // Its signal no longer pends (timer_delete(2); Linux frees its queue entry).
+                self.take_host();
                 self.timers.retain(|t| t.host_id != host);
+                self.sig.drop_queued(|info| {
+                    let code = i32::from_le_bytes(info[8..12].try_into().expect("4"));
+                    let id = i32::from_le_bytes(info[16..20].try_into().expect("4"));
+                    code == SI_TIMER && id == guest
+                });
                 Ok(Step::Ret(0))
             }
         }
