@@ -427,9 +427,10 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     let (remote_r, home_r) = (remote.clone(), home.clone());
     let upd = updates.clone();
     let program = vm.program_cell();
+    // What the node was told: the program may change (execve) before this thread starts.
+    let mut shown = prog.clone();
     std::thread::spawn(move || {
         link::block_host_signals();
-        let mut shown = program.lock().map(|p| p.clone()).unwrap_or_default();
         let _ = r
             .get_ref()
             .set_read_timeout(Some(std::time::Duration::from_secs(1)));

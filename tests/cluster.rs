@@ -442,7 +442,9 @@ fn children_of_a_shell_move_to_different_nodes_and_the_pipeline_matches_native()
     let nodes = loopback_cluster(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
     let ticker = image("glibc-static", "ticker");
     let script = format!(
-        "{t} 60 3000000 8 | tr 0-9 a-j > first.txt; {t} 50 3000000 8 | sha256sum",
+        // Each ticker runs for seconds: long enough to be seen under its own name (a child's
+        // registration reports its program about once a second) and then moved.
+        "{t} 200 3000000 8 | tr 0-9 a-j > first.txt; {t} 150 3000000 8 | sha256sum",
         t = ticker.display()
     );
     let find = |program: &str, skip: &[u32]| -> Option<u32> {
