@@ -247,8 +247,9 @@ fn per_op(mode: &str, big: u64, small: u64) -> (f64, f64) {
     (per(nb, ns), per(gb, gs))
 }
 
-/// Processes and signals: fork + exit + wait, a signal to a handler, a 3-stage shell pipeline,
-/// and a `make -j2` build with gcc, each against the same thing run natively.
+/// Processes, threads and signals: fork + exit + wait, a signal to a handler, thread create +
+/// join, a futex ping-pong between two threads, a 3-stage shell pipeline, and a `make -j2`
+/// build with gcc, each against the same thing run natively.
 fn process_trees() {
     println!("process trees (glibc-static procbench; Debian's sh, make and gcc)");
     let (n, g) = per_op("fork", 300, 30);
@@ -261,6 +262,16 @@ fn process_trees() {
         "  signal to a handler (raise + frame + rt_sigreturn): native {:.2} us, mosvm {:.2} us, ratio = {:.1}",
         n,
         g,
+        g / n
+    );
+    let (n, g) = per_op("thread", 300, 30);
+    println!(
+        "  thread create + join: native {n:.1} us, mosvm {g:.0} us, ratio = {:.1}",
+        g / n
+    );
+    let (n, g) = per_op("futex", 20_000, 2_000);
+    println!(
+        "  futex ping-pong between two threads (one round trip): native {n:.2} us, mosvm {g:.2} us, ratio = {:.1}",
         g / n
     );
     let script = "seq 1 200000 | sort -rn | sha256sum";
