@@ -2,13 +2,15 @@
 // barriers, read-write locks, semaphores, thread-local storage, 64 threads, 300 create/join
 // rounds, a priority-inheritance mutex, a robust mutex whose owner dies, a thread blocked in a
 // pipe read while others compute, signals to one thread (pthread_kill) and to the process,
-// cancellation of a blocked thread, fork and posix_spawn from a thread, the first thread
-// exiting first, and execve from another thread. Output is deterministic.
+// cancellation of a blocked thread, a SIGEV_THREAD timer, a sigwait thread, fork and
+// posix_spawn from a thread, the first thread exiting first, and execve from another thread.
+// Output is deterministic.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -137,6 +139,17 @@ static void *cancel_me(void *a) {
     pthread_barrier_wait(&bar);
     read(pfd[0], &c, 1); // a cancellation point, blocked
     return (void *)1;
+}
+
+static atomic_int ticks;
+static void tick(union sigval v) { atomic_fetch_add(&ticks, v.sival_int); }
+
+static void *sigwaiter(void *a) {
+    sigset_t *set = a;
+    int sig = 0;
+    sigwait(set, &sig);
+    printf("sigwait thread took signal %d\n", sig);
+    return 0;
 }
 
 static void *forker(void *a) {
@@ -281,6 +294,29 @@ int main(void) {
     pthread_join(t[0], &r);
     printf("gettid: %d in the first thread, %d in another; affinity has CPUs: %d\n",
            gettid_() == getpid(), (int)(long)r, CPU_COUNT(&set) > 0);
+
+    struct sigevent tev = {0};
+    tev.sigev_notify = SIGEV_THREAD;
+    tev.sigev_notify_function = tick;
+    tev.sigev_value.sival_int = 1;
+    timer_t tt;
+    if (timer_create(CLOCK_MONOTONIC, &tev, &tt) == 0) {
+        struct itimerspec its = {{0, 20000000}, {0, 20000000}};
+        timer_settime(tt, 0, &its, 0);
+        while (atomic_load(&ticks) < 5) usleep(10000);
+        timer_delete(tt);
+        printf("SIGEV_THREAD timer: its callbacks ran in a thread\n");
+    }
+
+    sigset_t ws, old;
+    sigemptyset(&ws);
+    sigaddset(&ws, SIGWINCH);
+    pthread_sigmask(SIG_BLOCK, &ws, &old);
+    pthread_create(&t[0], 0, sigwaiter, &ws);
+    usleep(50000);
+    kill(getpid(), SIGWINCH);
+    pthread_join(t[0], 0);
+    pthread_sigmask(SIG_SETMASK, &old, 0);
 
     pthread_create(&t[0], 0, forker, 0);
     pthread_join(t[0], 0);

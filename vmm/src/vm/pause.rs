@@ -87,11 +87,13 @@ pub(super) static WATCHDOG: AtomicI32 = AtomicI32::new(-1);
 pub(super) static WAKE: AtomicI32 = AtomicI32::new(-1);
 
 /// Whether host signal `sig` is taken for the guest: all but SIGKILL and SIGSTOP (which
-/// cannot be) and glibc's internal 32 and 33. The fault signals (see [`FAULTS`]) and SIGPIPE
+/// cannot be) and 33, which the C library under the VMM keeps for itself (set*id across
+/// threads); 32 (its thread cancellation, which the VMM never uses) is the guest's, as glibc
+/// programs' timers with SIGEV_THREAD signal it. The fault signals (see [`FAULTS`]) and SIGPIPE
 /// are the guest's only when another process sends them: the VMM's own faults still kill it,
 /// and the guest gets its own SIGPIPE from a write's EPIPE.
 pub fn caught(sig: i32) -> bool {
-    (1..=64).contains(&sig) && !matches!(sig, libc::SIGKILL | libc::SIGSTOP | 32 | 33)
+    (1..=64).contains(&sig) && !matches!(sig, libc::SIGKILL | libc::SIGSTOP | 33)
 }
 
 /// Signals the CPU raises for a fault.
@@ -395,6 +397,10 @@ pub(super) fn mirror_stop_mask(guest_mask: u64) {
 }
 
 fn set_handler(sig: i32) {
+    if sig == 32 {
+        set_handler_raw(sig);
+        return;
+    }
     // SAFETY: a zeroed sigaction with a valid SA_SIGINFO handler and empty mask is a valid
     // argument; the handler only does async-signal-safe stores and writes.
     unsafe {
@@ -406,6 +412,39 @@ fn set_handler(sig: i32) {
         sa.sa_flags = libc::SA_SIGINFO;
         libc::sigaction(sig, &sa, std::ptr::null_mut());
     }
+}
+
+/// [`set_handler`] for a signal the C library's `sigaction` refuses (32): the raw call, with
+/// the C library's own signal-return trampoline (read back from the kick signal's action,
+/// which `sigaction` installed).
+fn set_handler_raw(sig: i32) {
+    install_kick_handler();
+    // SAFETY: reading the kick signal's action into a zeroed sigaction.
+    let restorer = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(KICK_SIGNAL, std::ptr::null(), &mut old);
+        old.sa_restorer
+    };
+    let Some(restorer) = restorer else { return };
+    const SA_RESTORER: u64 = 0x0400_0000;
+    // struct kernel_sigaction: handler, flags, restorer, mask.
+    let act: [u64; 4] = [
+        on_signal as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as u64,
+        libc::SA_SIGINFO as u64 | SA_RESTORER,
+        restorer as usize as u64,
+        0,
+    ];
+    // SAFETY: a complete struct kernel_sigaction whose handler only does async-signal-safe
+    // work and whose restorer is the C library's rt_sigreturn trampoline.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            act.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            8,
+        )
+    };
 }
 
 /// Mirror the guest's SIGCHLD action on the host, where its children are: ignored (children

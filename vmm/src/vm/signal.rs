@@ -338,6 +338,12 @@ impl Vm {
                 if let Some(g) = self.guest_timer_id(host) {
                     info[16..20].copy_from_slice(&g.to_le_bytes());
                 }
+                // A SIGEV_THREAD_ID timer's signal is for its thread alone.
+                if let Some(tid) = self.timer_thread(host) {
+                    if self.post_to_thread(tid, info) {
+                        continue;
+                    }
+                }
             }
             self.sig.post(info);
         }

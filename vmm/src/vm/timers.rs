@@ -32,9 +32,11 @@ fn errno() -> i64 {
     super::last_errno()
 }
 
-/// The host `struct sigevent` for a guest one: signals go to this process (or to the thread
-/// running the guest, for SIGEV_THREAD_ID naming the guest's own thread).
-fn host_sigevent(guest: &[u8], pid: i64) -> Result<[u8; 64], i64> {
+/// The host `struct sigevent` for a guest one: signals go to this process (or, for
+/// SIGEV_THREAD_ID, to the host thread running the guest's thread it names: the first one's
+/// is `GUEST_TID`, another's has the guest thread's tid; `is_thread` says which tids are the
+/// guest's).
+fn host_sigevent(guest: &[u8], pid: i64, is_thread: &dyn Fn(i64) -> bool) -> Result<[u8; 64], i64> {
     let mut ev = [0u8; 64];
     ev.copy_from_slice(&guest[..64]);
     let signo = i32::from_le_bytes(ev[8..12].try_into().expect("4"));
@@ -47,10 +49,13 @@ fn host_sigevent(guest: &[u8], pid: i64) -> Result<[u8; 64], i64> {
             }
             if notify == SIGEV_THREAD_ID {
                 let tid = i32::from_le_bytes(ev[16..20].try_into().expect("4"));
-                if tid as i64 != pid {
+                let host = if tid as i64 == pid {
+                    GUEST_TID.load(Ordering::SeqCst)
+                } else if is_thread(tid as i64) {
+                    tid
+                } else {
                     return Err(EINVAL);
-                }
-                let host = GUEST_TID.load(Ordering::SeqCst);
+                };
                 ev[16..20].copy_from_slice(&host.to_le_bytes());
             }
         }
@@ -105,7 +110,7 @@ impl Vm {
                     ev[8..12].copy_from_slice(&libc::SIGALRM.to_le_bytes());
                     ev
                 };
-                let ev = host_sigevent(&guest_ev, self.pid)?;
+                let ev = host_sigevent(&guest_ev, self.pid, &|t| self.has_thread(t))?;
                 // Check the output before creating anything.
                 self.write_guest(a[2], &[0u8; 4])?;
                 let host_id = host_create(clock, &ev)?;
@@ -200,6 +205,15 @@ impl Vm {
         }
     }
 
+    /// The guest thread a SIGEV_THREAD_ID timer signals (by host timer id).
+    pub(super) fn timer_thread(&self, host_id: i32) -> Option<i64> {
+        let t = self.timers.iter().find(|t| t.host_id == host_id)?;
+        let ev = t.sigevent.get(..20)?;
+        let notify = i32::from_le_bytes(ev[12..16].try_into().expect("4"));
+        (notify == SIGEV_THREAD_ID)
+            .then(|| i32::from_le_bytes(ev[16..20].try_into().expect("4")) as i64)
+    }
+
     /// A host timer's signal names the host's timer id: the guest knows another.
     pub(super) fn guest_timer_id(&self, host_id: i32) -> Option<i32> {
         self.timers
@@ -239,7 +253,7 @@ pub(super) fn recreate(timers: Vec<PosixTimer>, pid: i64) -> Vec<PosixTimer> {
     timers
         .into_iter()
         .filter_map(|mut t| {
-            let ev = host_sigevent(&t.sigevent, pid).ok()?;
+            let ev = host_sigevent(&t.sigevent, pid, &|_| false).ok()?;
             t.host_id = host_create(t.clock, &ev).ok()?;
             let [iv, val] = t.left;
             let (i, v) = (ns_to_timespec(iv), ns_to_timespec(val));
