@@ -429,7 +429,8 @@ fn set_handler_raw(sig: i32) {
     const SA_RESTORER: u64 = 0x0400_0000;
     // struct kernel_sigaction: handler, flags, restorer, mask.
     let act: [u64; 4] = [
-        on_signal as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as u64,
+        on_signal as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize
+            as u64,
         libc::SA_SIGINFO as u64 | SA_RESTORER,
         restorer as usize as u64,
         0,
