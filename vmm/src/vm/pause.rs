@@ -16,11 +16,44 @@ pub(super) static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_
 
 /// The thread running the guest (its kernel tid), 0 while none does.
 pub(super) static GUEST_TID: AtomicI32 = AtomicI32::new(0);
-/// The host threads running the other threads of a multi-threaded guest (kernel tids).
-static THREAD_TIDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+/// The host threads running the other threads of a multi-threaded guest (kernel tids; 0:
+/// a free slot). Lock-free, so a host fork never leaves one held in the child.
+static THREAD_TIDS: [AtomicI32; 1024] = [const { AtomicI32::new(0) }; 1024];
 /// Threads that have something to take (a signal, an order to end) and are kicked until they
 /// come for it (a kick that lands just before a blocking call is lost otherwise).
-static WANTED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+static WANTED: [AtomicI32; 1024] = [const { AtomicI32::new(0) }; 1024];
+
+/// Put `tid` in a free slot of `set` (if it is not there yet); false when full.
+fn slot_add(set: &[AtomicI32], tid: i32) -> bool {
+    if set.iter().any(|s| s.load(Ordering::SeqCst) == tid) {
+        return true;
+    }
+    set.iter().any(|s| {
+        s.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    })
+}
+
+/// Take `tid` out of `set`.
+fn slot_remove(set: &[AtomicI32], tid: i32) {
+    for s in set {
+        let _ = s.compare_exchange(tid, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// The tids in `set`.
+fn slots(set: &[AtomicI32]) -> impl Iterator<Item = i32> + '_ {
+    set.iter()
+        .map(|s| s.load(Ordering::SeqCst))
+        .filter(|&t| t > 0)
+}
+
+/// After a host fork, in the child: the parent's threads are not this process's.
+pub(super) fn forget_threads() {
+    for s in THREAD_TIDS.iter().chain(WANTED.iter()) {
+        s.store(0, Ordering::SeqCst);
+    }
+}
 
 thread_local! {
     /// This thread's vCPU's `kvm_run.immediate_exit` while it runs one (threads of a
@@ -37,31 +70,23 @@ pub(super) fn set_own_immediate_exit(p: *mut u8) {
 /// A host thread running a guest thread starts (`add`) or ends: host signals for the guest
 /// kick it too, so that one that can take them does.
 pub(super) fn register_thread(tid: i32, add: bool) {
-    let mut t = THREAD_TIDS.lock().unwrap_or_else(|e| e.into_inner());
-    t.retain(|&x| x != tid);
     if add {
-        t.push(tid);
+        slot_add(&THREAD_TIDS, tid);
+    } else {
+        slot_remove(&THREAD_TIDS, tid);
     }
 }
 
 /// Kick thread `tid` until it calls [`kicked`].
 pub(super) fn want(tid: i32) {
-    {
-        let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
-        if !w.contains(&tid) {
-            w.push(tid);
-        }
-    }
+    slot_add(&WANTED, tid);
     kick_tid(tid);
     wake_watchdog();
 }
 
 /// The calling thread came for what [`want`] kicked it for.
 pub(super) fn kicked(tid: i32) {
-    let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
-    if !w.is_empty() {
-        w.retain(|&x| x != tid);
-    }
+    slot_remove(&WANTED, tid);
 }
 
 /// Interrupt thread `tid` of this process with the kick signal.
@@ -231,11 +256,10 @@ pub(super) fn start_watchdog() {
                 // SAFETY: a non-blocking read into a local buffer.
                 while unsafe { libc::read(p[0], b.as_mut_ptr().cast(), b.len()) } > 0 {}
                 loop {
-                    let mut tids: Vec<i32> =
-                        WANTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let mut tids: Vec<i32> = slots(&WANTED).collect();
                     if host_signals_pending() {
                         tids.push(GUEST_TID.load(Ordering::SeqCst));
-                        tids.extend(THREAD_TIDS.lock().unwrap_or_else(|e| e.into_inner()).iter());
+                        tids.extend(slots(&THREAD_TIDS));
                     }
                     if tids.is_empty() {
                         break;

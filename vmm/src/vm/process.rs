@@ -280,6 +280,7 @@ impl Vm {
     ) -> anyhow::Result<Step> {
         // Host signal plumbing: a watchdog thread of its own (started once the VM is up).
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
+        super::pause::forget_threads();
         WATCHDOG.store(-1, Ordering::SeqCst);
         WAKE.store(-1, Ordering::SeqCst);
         let host = crate::cpu::host()?;
