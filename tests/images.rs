@@ -150,6 +150,8 @@ image_tests!(sighandlers, |c| c);
 // process, cancellation, fork and posix_spawn from a thread, execve from a thread after the
 // first one exited.
 image_tests!(threads, |c| c);
+// signalfd: records, readiness through poll and epoll, SIGCHLD's status, blocking reads.
+image_tests!(signalfd, |c| c);
 
 // execve: errno for what cannot run, a `#!` script, descriptors and signal state across
 // exec, and a chain on through /bin/sh whose exit status is the process's.

@@ -333,9 +333,8 @@ table! {
     // pidfds are the home host's: signalling through one is its business (a signal to this
     // very process comes back to the VMM as a host signal).
     SYS_pidfd_send_signal => Home(&[Fd, V, SIn(128), V]),
-    // Not there yet: signalfd.
-    SYS_signalfd => Refused(ENOSYS),
-    SYS_signalfd4 => Refused(ENOSYS),
+    SYS_signalfd => Local,
+    SYS_signalfd4 => Local,
     // Not there yet: SysV IPC, POSIX message queues, asynchronous I/O, io_uring, batched
     // messages, vmsplice, key rings, extended scheduling attributes, statmount/listmount.
     // SysV IPC lives at home: ids are the home host's; shmat maps the segment into the VMM's
@@ -435,7 +434,8 @@ pub fn also_home(nr: u64) -> Option<&'static [A]> {
 /// Calls that are refused because mosvm does not run them yet (said on stderr once, always).
 pub fn unsupported_note(nr: u32) -> Option<&'static str> {
     match nr as i64 {
-        libc::SYS_signalfd | libc::SYS_signalfd4 => Some("signalfd is not supported yet"),
+        libc::SYS_vmsplice => Some("vmsplice is not supported yet"),
+        libc::SYS_mq_open => Some("POSIX message queues are not supported yet"),
         _ => None,
     }
 }
@@ -803,7 +803,7 @@ mod tests {
         ] {
             assert!(matches!(class(n), Home(_)));
         }
-        assert_eq!(class(libc::SYS_signalfd4), Refused(ENOSYS));
+        assert_eq!(class(libc::SYS_signalfd4), Local);
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod pause;
 mod process;
 mod procfs;
 mod signal;
+mod signalfd;
 mod thread;
 mod time;
 mod timers;
@@ -109,6 +110,7 @@ const ETIMEDOUT: i64 = 110;
 const ENODEV: i64 = 19;
 const ENOMEM: i64 = 12;
 const ESRCH: i64 = 3;
+const EBADF: i64 = 9;
 
 use crate::deputy::marshal::MAX_XFER;
 
@@ -187,6 +189,8 @@ pub struct Vm {
     /// The first thread took an execve caller's place after it had exited: it handles that
     /// call before it runs.
     resume_syscall: bool,
+    /// The guest's signalfds (see vm/signalfd.rs).
+    signalfds: Vec<signalfd::SignalFd>,
     _vm: std::sync::Arc<VmFd>,
     /// The address space (guest memory, page tables, VMAs).
     pub space: AddressSpace,
@@ -280,6 +284,7 @@ pub struct VmmState {
     guest_mono_ns: i64,
     realtime_offset_ns: i64,
     counters: [u64; 4],
+    signalfds: Vec<signalfd::SignalFd>,
 }
 
 /// A VM and vCPU created ahead of a migrating guest's state (see [`Vm::prepare`]).
@@ -466,6 +471,7 @@ impl Vm {
             delegated: None,
             fork_snapshot: None,
             resume_syscall: false,
+            signalfds: Vec::new(),
             _vm: vm,
             space,
             deputy,
@@ -706,6 +712,7 @@ impl Vm {
                 self.stats.home,
                 self.stats.page_faults,
             ],
+            signalfds: self.signalfds.clone(),
         };
         Ok(MigState { vcpu, vmm })
     }
@@ -817,6 +824,7 @@ impl Vm {
             delegated: None,
             fork_snapshot: None,
             resume_syscall: false,
+            signalfds: Vec::new(),
             _vm: vm,
             space,
             deputy,
@@ -1029,6 +1037,7 @@ impl Vm {
         if !matches!(step, Step::Block(_)) {
             self.redo_until = None;
             self.redo_mask = None;
+            self.sync_signalfds();
         }
         match step {
             Step::Block(op) => {
@@ -1088,6 +1097,17 @@ impl Vm {
     /// A home call: gathered from guest memory, run by the deputy, scattered back
     /// (`forward`).
     fn forward(&mut self, nr: u64, mut args: [u64; 6], base: &'static [A]) -> Step {
+        if self.is_signalfd(args[0]) {
+            match nr as i64 {
+                libc::SYS_read => {
+                    return self
+                        .signalfd_read(args[0], args[1], args[2])
+                        .unwrap_or_else(|e| Step::Ret(-e))
+                }
+                libc::SYS_close => self.signalfd_closed(args[0]),
+                _ => {}
+            }
+        }
         match nr as i64 {
             libc::SYS_rt_sigqueueinfo | libc::SYS_rt_tgsigqueueinfo
                 if args[0] as i32 as i64 == self.pid =>
@@ -1418,6 +1438,7 @@ impl Vm {
             libc::SYS_pause => self.pause_call(),
             libc::SYS_execve | libc::SYS_execveat => self.execve(nr as i64, a),
             libc::SYS_rt_sigsuspend => self.sigsuspend(a[0], a[1]),
+            libc::SYS_signalfd | libc::SYS_signalfd4 => self.signalfd(nr as i64, a),
             libc::SYS_rt_sigtimedwait => self.sigtimedwait(a),
             libc::SYS_alarm | libc::SYS_getitimer | libc::SYS_setitimer => {
                 self.itimer(nr as i64, a)

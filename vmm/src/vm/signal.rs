@@ -182,6 +182,11 @@ impl Signals {
         self.pending | self.tpending
     }
 
+    /// Take the oldest pending instance of `sig` (signalfd(2) reads it).
+    pub(super) fn take(&mut self, sig: i32) -> [u8; 128] {
+        self.dequeue(sig)
+    }
+
     /// Take the oldest instance of `sig` from the pending queues (the thread's own first, as
     /// Linux's `dequeue_signal`).
     fn dequeue(&mut self, sig: i32) -> [u8; 128] {
