@@ -150,6 +150,9 @@ image_tests!(sighandlers, |c| c);
 // process, cancellation, fork and posix_spawn from a thread, execve from a thread after the
 // first one exited.
 image_tests!(threads, |c| c);
+// Thread cases found by review: forks by a thread during munmaps, stores into unmapped memory,
+// a sigwait thread, process signals taken by the first thread, sem_post from a handler.
+image_tests!(threadcases, |c| c);
 // signalfd: records, readiness through poll and epoll, SIGCHLD's status, blocking reads.
 image_tests!(signalfd, |c| c);
 

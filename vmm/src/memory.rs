@@ -715,15 +715,13 @@ impl GuestMem {
     /// A page-table frame no longer in the tree: zero it and keep it for data.
     fn retire(&mut self, frame: u64) {
         self.fresh.remove(&frame);
-        match self.held.as_mut() {
-            Some(h) => h.push(frame),
-            None => self.release(frame),
-        }
+        self.release(frame);
     }
 
-    /// Several vCPUs run on this memory (a guest's threads): a retired page table may still
-    /// be in use by a vCPU that has not loaded the new root yet, so it is kept as it is until
-    /// [`GuestMem::release_retired`] (every vCPU has). `false` releases what was kept.
+    /// Several vCPUs run on this memory (a guest's threads): a retired page table, or a frame
+    /// unmapped by one thread, may still be reached by a vCPU that has not loaded the new root
+    /// yet, so it is kept as it is (not zeroed, not reused) until
+    /// [`GuestMem::release_retired`] (every running vCPU has). `false` releases what was kept.
     pub fn hold_retired(&mut self, on: bool) {
         match (on, self.held.is_some()) {
             (true, false) => self.held = Some(Vec::new()),
@@ -735,15 +733,21 @@ impl GuestMem {
         }
     }
 
-    /// Free the page tables retired while [`GuestMem::hold_retired`] kept them.
+    /// Free the frames kept while [`GuestMem::hold_retired`] held them.
     pub fn release_retired(&mut self) {
         for f in self.held.as_mut().map(std::mem::take).unwrap_or_default() {
-            self.release(f);
+            self.zero_frame(f);
+            self.free.push(f);
         }
     }
 
-    /// Zero a frame, give its memory back to the host and put it on the free list.
+    /// Zero a frame, give its memory back to the host and put it on the free list (or keep it
+    /// as it is while other vCPUs may still reach it: see `hold_retired`).
     fn release(&mut self, frame: u64) {
+        if let Some(h) = self.held.as_mut() {
+            h.push(frame);
+            return;
+        }
         self.zero_frame(frame);
         self.free.push(frame);
     }

@@ -168,6 +168,8 @@ pub struct Vm {
     /// mask rt_sigsuspend replaced meanwhile.
     redo_until: Option<Instant>,
     redo_mask: Option<u64>,
+    /// The signals a wait of the current thread (sigtimedwait, a signalfd read) waits for.
+    sigwait_set: u64,
     /// The page-table root the current thread's vCPU has loaded (threads only).
     cr3_loaded: u64,
     /// The current thread has exited.
@@ -460,6 +462,7 @@ impl Vm {
             block: None,
             redo_until: None,
             redo_mask: None,
+            sigwait_set: 0,
             cr3_loaded: 0,
             thread_exited: false,
             main_exited: false,
@@ -813,6 +816,7 @@ impl Vm {
             block: None,
             redo_until: None,
             redo_mask: None,
+            sigwait_set: 0,
             cr3_loaded: 0,
             thread_exited: false,
             main_exited: false,
@@ -1037,6 +1041,7 @@ impl Vm {
         if !matches!(step, Step::Block(_)) {
             self.redo_until = None;
             self.redo_mask = None;
+            self.sigwait_set = 0;
             self.sync_signalfds();
         }
         match step {

@@ -1,7 +1,7 @@
 //! futex(2): a single-threaded guest's own futexes, and the host's futex for words in shared
 //! mappings (a POSIX named semaphore, a process-shared mutex).
 
-use super::{last_errno, shift_ts, Outcome, Step, Vm, EAGAIN, ENOSYS, EPERM, ESRCH, ETIMEDOUT};
+use super::{last_errno, shift_ts, Step, Vm, EAGAIN, ENOSYS, EPERM, ESRCH, ETIMEDOUT};
 use crate::mm::VmaKind;
 
 const LOCK_PI: u64 = 6;
@@ -40,11 +40,13 @@ impl Vm {
                     self.sleep(clock, flags, a[3], 0)?;
                     return Err(ETIMEDOUT);
                 }
-                eprintln!(
-                    "mosvm: {}: futex wait with no other thread: deadlock",
-                    self.program.display()
-                );
-                Ok(Step::Exit(Outcome::Signaled(libc::SIGABRT)))
+                // No other thread can wake it: only a signal's handler can (sem_post in a
+                // handler); without one it waits for ever, as natively.
+                match self.wait_signal(None, None) {
+                    super::signal::Woken::Pause => Err(super::ERESTART),
+                    super::signal::Woken::Later => Ok(self.redo(None)),
+                    _ => Err(super::EINTR),
+                }
             }
             WAKE | WAKE_BITSET => Ok(Step::Ret(0)),
             LOCK_PI | LOCK_PI2 | TRYLOCK_PI | UNLOCK_PI => self.pi_futex(a[0], a[1] & 0x7f),

@@ -167,7 +167,7 @@ impl Vm {
             return self.delegate_fork(c);
         }
         // The parent's state as the child starts from it, taken before the host fork.
-        let st = match self.fork_snapshot.take() {
+        let mut st = match self.fork_snapshot.take() {
             Some(st) => st,
             None => {
                 if self.mt.is_some() {
@@ -178,6 +178,9 @@ impl Vm {
                 crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?
             }
         };
+        // The child starts on the newest page tables (another thread may have replaced the
+        // root since a delegated fork's state was taken; the old tables are not the child's).
+        st.sregs.cr3 = self.space.mem.cr3();
         let layout = self.space.mem.layout();
         let vfork_pipe = if f & CLONE_VFORK != 0 {
             let mut p = [0i32; 2];

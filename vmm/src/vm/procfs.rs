@@ -220,7 +220,7 @@ impl Vm {
                         "VmPeak" | "VmSize" => kb(size),
                         "VmHWM" | "VmRSS" | "RssAnon" => kb(rss),
                         "RssFile" | "RssShmem" | "VmLck" | "VmPin" | "VmSwap" => kb(0),
-                        "Threads" => "1".into(),
+                        "Threads" => self.thread_count().to_string(),
                         "SigBlk" => format!("{:016x}", self.sig.mask),
                         // The guest's own signal state, not the VMM's (proc_pid_status(5)).
                         // Signals queued for the user: the guest's pending ones count too.
@@ -277,7 +277,7 @@ impl Vm {
                         *f = v;
                     }
                 };
-                set(20, "1".into());
+                set(20, self.thread_count().to_string());
                 set(23, size.to_string());
                 set(24, (rss / crate::memory::PAGE).to_string());
                 format!("{pid} ({}) {}\n", self.comm_str(), fields.join(" ")).into_bytes()

@@ -103,6 +103,9 @@ pub(super) struct Signals {
     /// Signals pending for this thread alone (tgkill, its faults, its SIGPIPE), and theirs.
     pub(super) tpending: u64,
     pub(super) tqueue: VecDeque<[u8; 128]>,
+    /// Process signals this thread leaves to the first one, which takes those it does not
+    /// block (Linux's `complete_signal` prefers the thread group leader).
+    pub(super) defer: u64,
     pub(super) alt: AltStack,
     /// rt_sigsuspend's caller mask, restored once a handler has run.
     pub(super) saved_mask: Option<u64>,
@@ -119,6 +122,7 @@ impl Signals {
             queue: VecDeque::new(),
             tpending: 0,
             tqueue: VecDeque::new(),
+            defer: 0,
             alt: AltStack::default(),
             saved_mask: None,
             trap: [0; 3],
@@ -215,7 +219,7 @@ impl Signals {
     /// action is to ignore them are dropped on the way).
     fn next(&mut self) -> Option<i32> {
         loop {
-            let ready = self.all_pending() & !self.mask;
+            let ready = ((self.pending & !self.defer) | self.tpending) & !self.mask;
             if ready == 0 {
                 return None;
             }
@@ -546,6 +550,7 @@ impl Vm {
             Woken::Pause => Err(ERESTART),
             Woken::Later => {
                 self.redo_until = deadline;
+                self.sigwait_set = set;
                 Ok(self.redo(deadline))
             }
             Woken::Timeout => Err(EAGAIN),

@@ -150,7 +150,10 @@ impl Vm {
                 return Err(EAGAIN);
             }
             return match self.wait_signal(Some(s.mask), None) {
-                super::signal::Woken::Later => Ok(self.redo(None)),
+                super::signal::Woken::Later => {
+                    self.sigwait_set = s.mask;
+                    Ok(self.redo(None))
+                }
                 super::signal::Woken::Pause => Err(super::ERESTART),
                 // A signal of the mask: read again; another one: a handler runs (EINTR,
                 // restarted as SA_RESTART says).

@@ -99,6 +99,7 @@ pub(super) struct ThreadState {
     home_wait: Option<Instant>,
     redo_until: Option<Instant>,
     redo_mask: Option<u64>,
+    sigwait_set: u64,
     /// The page-table root this thread's vCPU has loaded.
     cr3: u64,
     /// Its vCPU's TSS and the top of its exception stack.
@@ -382,6 +383,7 @@ impl Vm {
         swap(&mut self.home_wait, &mut t.home_wait);
         swap(&mut self.redo_until, &mut t.redo_until);
         swap(&mut self.redo_mask, &mut t.redo_mask);
+        swap(&mut self.sigwait_set, &mut t.sigwait_set);
         swap(&mut self.cr3_loaded, &mut t.cr3);
         swap(&mut self.tss, &mut t.tss);
         swap(&mut self.exc_top, &mut t.exc_top);
@@ -401,6 +403,11 @@ impl Vm {
         self.exchange(&mut t);
         self.parked = t;
         std::mem::swap(&mut self.vcpu.0, vcpu);
+        // Process signals the first thread does not block are its to take.
+        self.sig.defer = match self.others.iter().find(|t| t.tid == self.pid && !t.zap) {
+            Some(first) if self.tid != self.pid => !first.mask,
+            _ => 0,
+        };
         // Page-table changes other threads made meanwhile.
         self.load_root_mt();
         true
@@ -797,7 +804,7 @@ impl Vm {
             return;
         }
         for t in &self.others {
-            if p & !t.mask != 0 {
+            if p & (!t.mask | t.sigwait_set) != 0 {
                 pause::want(t.tid as i32);
             }
         }
@@ -809,6 +816,12 @@ impl Vm {
             .iter()
             .find(|t| t.tid == tid)
             .map_or(0, |t| t.robust_list)
+    }
+
+    /// The process's live threads.
+    pub(super) fn thread_count(&self) -> usize {
+        // The calling thread's state is in; the others are listed apart.
+        1 + self.others.iter().filter(|t| !t.zap).count()
     }
 
     /// Whether `tid` is a thread of this process.
