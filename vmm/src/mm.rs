@@ -3,9 +3,10 @@
 //! mmap/munmap/mprotect/mremap/madvise of anonymous memory and of file-window areas (file
 //! mappings at home, see `window`).
 //!
-//! Pages of an accessible anonymous VMA are mapped eagerly (their host memory is still only
-//! allocated when touched); file-window pages and the stack below its top are mapped on first
-//! touch. The page tables carry each VMA's protection, so the guest's own accesses are checked
+//! Pages of an accessible anonymous VMA of at most [`EAGER_MAX`] are mapped eagerly (their
+//! host memory is still only allocated when touched); larger anonymous areas, file-window
+//! pages and the stack below its top are mapped on first touch, so untouched memory (thread
+//! stacks, reservations) does not count against the guest's memory. The page tables carry each VMA's protection, so the guest's own accesses are checked
 //! as on Linux (see `memory` for how rights are taken away safely).
 
 use crate::memory::{page_down, page_up, Access, GuestMem, NoMem, PAGE};
@@ -26,6 +27,11 @@ pub fn mmap_min() -> u64 {
 
 /// Top of the user stack (as Linux's TASK_SIZE on x86-64 with 4-level paging).
 pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
+/// Anonymous mappings larger than this (thread stacks, big arrays, reservations) get their
+/// pages when first touched, as on Linux, so that untouched memory does not count against
+/// `--mem`; smaller ones are mapped at once (a fault costs a VM exit).
+pub const EAGER_MAX: u64 = 1 << 20;
+
 /// Size of the stack mapping.
 pub const STACK_SIZE: u64 = 8 << 20;
 /// Bytes at the top of the stack mapped up front.
@@ -305,8 +311,13 @@ impl AddressSpace {
     /// zero contents.
     pub fn insert(&mut self, addr: u64, len: u64, prot: u32, kind: VmaKind) -> Result<(), i64> {
         let end = addr + len;
+        if prot != 0 && kind == VmaKind::Anon && len > EAGER_MAX && len > self.mem.size() {
+            // More than all of guest memory: refused, as Linux's heuristic overcommit refuses
+            // what could never fit.
+            return Err(errno::ENOMEM);
+        }
         self.remove(addr, end)?;
-        if prot != 0 {
+        if prot != 0 && !(kind == VmaKind::Anon && len > EAGER_MAX) {
             // The stack is populated near its top only; deeper pages fault in on first use.
             let from = if kind == VmaKind::Stack {
                 end.saturating_sub(STACK_EAGER).max(addr)
@@ -510,7 +521,8 @@ impl AddressSpace {
         while let Some((s, v)) = rest.next() {
             // Out of guest memory part-way: what is done stays done (as with Linux's ENOMEM
             // from mprotect), every area not reached keeps its old protection.
-            if let Err(e) = self.reprotect(s, v.end, v.prot, prot, v.window.is_some()) {
+            let lazy = v.kind == VmaKind::Anon && v.end - s > EAGER_MAX;
+            if let Err(e) = self.reprotect(s, v.end, v.prot, prot, v.window.is_some() || lazy) {
                 self.vmas.insert(s, v);
                 for (s, v) in rest {
                     self.vmas.insert(s, v);
@@ -526,16 +538,17 @@ impl AddressSpace {
         Ok(())
     }
 
-    /// Give the pages of `[start, end)`, whose area had protection `old`, protection `prot`.
+    /// Give the pages of `[start, end)`, whose area had protection `old`, protection `prot`
+    /// (`on_touch`: pages not mapped yet stay so, and are mapped when first touched).
     fn reprotect(
         &mut self,
         start: u64,
         end: u64,
         old: u32,
         prot: u32,
-        window: bool,
+        on_touch: bool,
     ) -> Result<(), i64> {
-        if prot != 0 && old == 0 && !window {
+        if prot != 0 && old == 0 && !on_touch {
             // Newly accessible: map what is missing, keep what is there.
             let mut p = start;
             while p < end {
@@ -657,16 +670,22 @@ impl AddressSpace {
             }
             None => self.mmap(0, new_len, v.prot, false, false, v.kind)?,
         };
-        // Copy the contents (a mapped page keeps its frame, so pages are copied, not moved).
+        // Copy the contents (a mapped page keeps its frame, so pages are copied, not moved):
+        // the pages mapped in the old area that hold anything (pages never touched, or zero,
+        // read as zero in the new one anyway).
         let n = old_len.min(new_len);
-        let mut buf = vec![0u8; (1 << 20).min(n) as usize];
-        let mut off = 0;
-        while off < n {
-            let k = (n - off).min(buf.len() as u64) as usize;
-            if self.mem.read(old + off, &mut buf[..k]).is_ok() {
-                let _ = self.mem.write(dest + off, &buf[..k]);
+        let mut page = vec![0u8; PAGE as usize];
+        let mut at = old;
+        while let Some(p) = self.mem.next_mapped(at, old + n) {
+            let o = p - old;
+            let k = PAGE.min(n - o) as usize;
+            if self.mem.read(p, &mut page[..k]).is_ok() && page[..k].iter().any(|&b| b != 0) {
+                if !self.mem.is_mapped(dest + o) {
+                    self.fault_in(dest + o, true);
+                }
+                let _ = self.mem.write(dest + o, &page[..k]);
             }
-            off += k as u64;
+            at = p + PAGE;
         }
         self.munmap(old, old_len)?;
         Ok(dest)
@@ -829,9 +848,14 @@ impl AddressSpace {
                 .protect(page, page + PAGE, Access::Prot(prot))
                 .is_ok();
         }
-        // Map the aligned 64 KiB block around the fault (within the VMA): a fault costs a VM
-        // exit, and neighbouring pages are usually next.
-        let block = 16 * PAGE;
+        // Map the aligned 64 KiB block around the fault (256 KiB in a large anonymous area,
+        // which is mapped as it is touched) within the VMA: a fault costs a VM exit, and
+        // neighbouring pages are usually next.
+        let block = if window.is_none() && end - start > EAGER_MAX {
+            64 * PAGE
+        } else {
+            16 * PAGE
+        };
         let (lo, hi) = (
             (addr & !(block - 1)).max(start),
             ((addr & !(block - 1)) + block).min(end),
