@@ -1363,7 +1363,14 @@ impl Vm {
             // get_robust_list(2): this thread's head (pid 0 or its own); another process's
             // is not the guest's to read.
             libc::SYS_get_robust_list if a[0] != 0 && !self.has_thread(a[0] as i32 as i64) => {
-                Err(EPERM)
+                // Another process's: not the guest's to read (ESRCH when there is none).
+                // SAFETY: kill with signal 0 only checks that the target exists.
+                let exists = unsafe { libc::kill(a[0] as i32, 0) } == 0 || last_errno() == EPERM;
+                Err(if exists && a[0] as i32 > 0 {
+                    EPERM
+                } else {
+                    ESRCH
+                })
             }
             libc::SYS_get_robust_list => {
                 let head = if a[0] == 0 || a[0] as i32 as i64 == self.tid {
