@@ -156,41 +156,10 @@ pub struct Vm {
     vcpu: thread::VcpuSlot,
     /// The current thread's id (the pid for the first thread).
     tid: i64,
-    /// The process's other threads' states (see vm/thread.rs).
-    others: Vec<thread::ThreadState>,
-    /// What the current thread's state displaced while it is in.
-    parked: thread::ThreadState,
-    /// The process lock, once the process has had a second thread.
-    mt: Option<std::sync::Arc<thread::Shared>>,
-    /// The blocking step of the current thread's call (see [`Step::Block`]).
-    block: Option<thread::Op>,
-    /// Where a wait that is handled again (a thread's sleep or signal wait) ends, and the
-    /// mask rt_sigsuspend replaced meanwhile.
-    redo_until: Option<Instant>,
-    redo_mask: Option<u64>,
-    /// The signals a wait of the current thread (sigtimedwait, a signalfd read) waits for.
-    sigwait_set: u64,
-    /// The page-table root the current thread's vCPU has loaded (threads only).
-    cr3_loaded: u64,
-    /// The current thread has exited.
-    thread_exited: bool,
-    /// The main thread has exited (exit(2)) while others go on; its exit status.
-    main_exited: bool,
-    leader_status: Option<i32>,
-    /// The current thread's vCPU's TSS and exception stack top.
-    tss: u64,
-    exc_top: u64,
-    /// vCPUs of exited threads, with their TSS and stack top, for new ones; the next KVM
-    /// vCPU id.
-    spare_vcpus: Vec<(VcpuFd, u64, u64)>,
-    next_vcpu: u64,
-    /// A fork another thread asked the first one to make (see vm/thread.rs), and the vCPU
-    /// state that fork starts the child from.
-    delegated: Option<thread::Delegated>,
-    fork_snapshot: Option<crate::snapshot::VcpuState>,
-    /// The first thread took an execve caller's place after it had exited: it handles that
-    /// call before it runs.
-    resume_syscall: bool,
+    /// The process's threads (see vm/thread.rs).
+    th: thread::Threads,
+    /// The current thread's own bookkeeping (see vm/thread.rs).
+    cur: thread::Current,
     /// The guest's signalfds (see vm/signalfd.rs).
     signalfds: Vec<signalfd::SignalFd>,
     _vm: std::sync::Arc<VmFd>,
@@ -456,24 +425,8 @@ impl Vm {
         let mut vm = Vm {
             vcpu: thread::VcpuSlot(Some(vcpu)),
             tid: 0,
-            others: Vec::new(),
-            parked: Default::default(),
-            mt: None,
-            block: None,
-            redo_until: None,
-            redo_mask: None,
-            sigwait_set: 0,
-            cr3_loaded: 0,
-            thread_exited: false,
-            main_exited: false,
-            leader_status: None,
-            tss: guest::TSS_VA,
-            exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
-            spare_vcpus: Vec::new(),
-            next_vcpu: 1,
-            delegated: None,
-            fork_snapshot: None,
-            resume_syscall: false,
+            th: Default::default(),
+            cur: Default::default(),
             signalfds: Vec::new(),
             _vm: vm,
             space,
@@ -554,7 +507,7 @@ impl Vm {
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         GUEST_TID.store(tid as i32, Ordering::SeqCst);
         let out = loop {
-            let r = if self.mt.is_some() {
+            let r = if self.th.mt.is_some() {
                 self.run_threads()
             } else {
                 self.run_loop()
@@ -590,7 +543,7 @@ impl Vm {
             if let Some(out) = self.handle_event(ev)? {
                 return Ok(Some(out));
             }
-            if self.forked || self.mt.is_some() {
+            if self.forked || self.th.mt.is_some() {
                 // A new process (its embedder registers it before it goes on), or a second
                 // thread (the threads take over).
                 return Ok(None);
@@ -632,7 +585,7 @@ impl Vm {
                     return Ok(Some(out));
                 }
                 let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
-                if pm > 0 && !self.pause.requested() && self.mt.is_none() {
+                if pm > 0 && !self.pause.requested() && self.th.mt.is_none() {
                     std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
                 }
                 return Ok(None);
@@ -665,7 +618,7 @@ impl Vm {
     /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
     pub fn capture(&mut self) -> Result<MigState> {
         anyhow::ensure!(
-            self.mt.is_none(),
+            self.th.mt.is_none(),
             "the process has several threads and stays at home (threads do not migrate yet)"
         );
         anyhow::ensure!(
@@ -810,24 +763,8 @@ impl Vm {
         Ok(Vm {
             vcpu: thread::VcpuSlot(Some(vcpu)),
             tid: v.pid,
-            others: Vec::new(),
-            parked: Default::default(),
-            mt: None,
-            block: None,
-            redo_until: None,
-            redo_mask: None,
-            sigwait_set: 0,
-            cr3_loaded: 0,
-            thread_exited: false,
-            main_exited: false,
-            leader_status: None,
-            tss: guest::TSS_VA,
-            exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
-            spare_vcpus: Vec::new(),
-            next_vcpu: 1,
-            delegated: None,
-            fork_snapshot: None,
-            resume_syscall: false,
+            th: Default::default(),
+            cur: Default::default(),
             signalfds: Vec::new(),
             _vm: vm,
             space,
@@ -963,7 +900,7 @@ impl Vm {
         if rip >= guest::KERNEL_BASE {
             // Inside the stub (about to exit or return): come back shortly.
             let p = self.pause.clone();
-            let tid = (self.mt.is_some()).then_some(self.tid as i32);
+            let tid = (self.th.mt.is_some()).then_some(self.tid as i32);
             std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 match tid {
@@ -1039,14 +976,14 @@ impl Vm {
     /// Finish system call `nr(a)` with what its handler made of it.
     fn complete(&mut self, nr: u64, a: [u64; 6], step: Step) -> Result<Option<Outcome>> {
         if !matches!(step, Step::Block(_)) {
-            self.redo_until = None;
-            self.redo_mask = None;
-            self.sigwait_set = 0;
+            self.cur.redo_until = None;
+            self.cur.redo_mask = None;
+            self.cur.sigwait_set = 0;
             self.sync_signalfds();
         }
         match step {
             Step::Block(op) => {
-                self.block = Some(op);
+                self.th.block = Some(op);
                 Ok(None)
             }
             Step::Gone => Ok(None),
@@ -1165,7 +1102,7 @@ impl Vm {
                 return Step::Ret(-EINTR);
             }
         }
-        if self.mt.is_some() {
+        if self.th.mt.is_some() {
             // Another thread may go on while this one's host call blocks.
             return Step::Block(thread::Op::Home {
                 nr,
@@ -1475,18 +1412,18 @@ impl Vm {
                 self.write_guest(a[0], bytes)?;
                 ok(0)
             }
-            libc::SYS_exit if !self.others.is_empty() => {
+            libc::SYS_exit if !self.th.others.is_empty() => {
                 // One thread ends; the others go on (the process's status is its first
                 // thread's, when that one ends this way).
                 if self.tid == self.pid {
-                    self.leader_status = Some(a[0] as i32 & 0xff);
+                    self.th.leader_status = Some(a[0] as i32 & 0xff);
                 }
                 self.exit_thread();
                 Ok(Step::Gone)
             }
             libc::SYS_exit | libc::SYS_exit_group => {
                 self.release_vfork_parent();
-                let code = match (nr as i64, self.leader_status) {
+                let code = match (nr as i64, self.th.leader_status) {
                     (libc::SYS_exit, Some(c)) => c,
                     _ => a[0] as i32 & 0xff,
                 };
@@ -1564,7 +1501,7 @@ impl Vm {
                     Ok(Step::Exit(Outcome::Signaled(libc::SIGSEGV)))
                 }
             },
-            libc::SYS_futex if self.mt.is_some() => self.futex_mt(a),
+            libc::SYS_futex if self.th.mt.is_some() => self.futex_mt(a),
             libc::SYS_futex => self.futex(a),
             libc::SYS_kill | libc::SYS_tgkill | libc::SYS_tkill => self.kill_call(nr as i64, a),
             libc::SYS_sched_getaffinity => {

@@ -166,7 +166,7 @@ impl Vm {
         loader::check(&exe).map_err(|e| load_errno(&e))?;
         let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
 
-        if !self.others.is_empty() {
+        if !self.th.others.is_empty() {
             // execve(2) ends the other threads first (and waits until they are gone).
             if self.tid != self.pid {
                 // The first thread's host thread carries on (see vm/thread.rs).

@@ -162,15 +162,15 @@ impl Vm {
             self.wait_for_home("fork")?;
         }
         self.home_wait = None;
-        if self.mt.is_some() && self.tid != self.pid && self.fork_snapshot.is_none() {
+        if self.th.mt.is_some() && self.tid != self.pid && self.th.fork_snapshot.is_none() {
             // The child's only thread runs on the host's first thread (see vm/thread.rs).
             return self.delegate_fork(c);
         }
         // The parent's state as the child starts from it, taken before the host fork.
-        let mut st = match self.fork_snapshot.take() {
+        let mut st = match self.th.fork_snapshot.take() {
             Some(st) => st,
             None => {
-                if self.mt.is_some() {
+                if self.th.mt.is_some() {
                     self.load_root_mt();
                 } else {
                     self.load_new_root().map_err(|_| EINVAL)?;
@@ -325,15 +325,15 @@ impl Vm {
         self.sig.pending = 0;
         self.sig.queue.clear();
         // Only the forking thread goes on in the child (fork(2)).
-        self.others.clear();
-        self.delegated = None;
-        self.main_exited = false;
-        self.leader_status = None;
+        self.th.others.clear();
+        self.th.delegated = None;
+        self.th.main_exited = false;
+        self.th.leader_status = None;
         self.space.mem.hold_retired(false);
         // (The new vCPU keeps this thread's TSS and stack: new threads' ids start after
         // every slot the parent used.)
-        self.spare_vcpus.clear();
-        self.mt = None;
+        self.th.spare_vcpus.clear();
+        self.th.mt = None;
         self.tid = self.pid;
         // Timers are not inherited (fork(2)); the host fork made none in the child.
         self.timers.clear();

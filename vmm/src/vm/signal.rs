@@ -157,28 +157,22 @@ impl Signals {
     /// Add a signal to the pending set (Linux's `send_signal`): discarded when ignored, and a
     /// standard signal already pending is not queued twice.
     pub(super) fn post(&mut self, info: [u8; 128]) {
-        let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
-        if !(1..=64).contains(&sig) || self.ignored(sig) {
-            return;
+        if self.wanted(&info) {
+            enqueue(&mut self.pending, &mut self.queue, info);
         }
-        if sig < 32 && self.pending & bit(sig) != 0 {
-            return;
-        }
-        self.pending |= bit(sig);
-        self.queue.push_back(info);
     }
 
     /// Like [`Signals::post`], for the current thread alone (tgkill(2), a fault, SIGPIPE).
     pub(super) fn post_thread(&mut self, info: [u8; 128]) {
+        if self.wanted(&info) {
+            enqueue(&mut self.tpending, &mut self.tqueue, info);
+        }
+    }
+
+    /// Whether a signal arriving now is kept (a valid number its action does not discard).
+    fn wanted(&self, info: &[u8; 128]) -> bool {
         let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
-        if !(1..=64).contains(&sig) || self.ignored(sig) {
-            return;
-        }
-        if sig < 32 && self.tpending & bit(sig) != 0 {
-            return;
-        }
-        self.tpending |= bit(sig);
-        self.tqueue.push_back(info);
+        (1..=64).contains(&sig) && !self.ignored(sig)
     }
 
     /// Signals pending for the current thread: its own and the process's.
@@ -292,6 +286,17 @@ impl Signals {
     }
 }
 
+/// Queue `info` in a pending set and its queue: a standard signal already pending is not
+/// queued twice, real-time ones are.
+pub(super) fn enqueue(pending: &mut u64, queue: &mut VecDeque<[u8; 128]>, info: [u8; 128]) {
+    let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
+    if sig < 32 && *pending & bit(sig) != 0 {
+        return;
+    }
+    *pending |= bit(sig);
+    queue.push_back(info);
+}
+
 /// A `siginfo_t` with only signo and code.
 fn info_basic(sig: i32, code: i32) -> [u8; 128] {
     let mut b = [0u8; 128];
@@ -356,7 +361,7 @@ impl Vm {
             }
             self.sig.post(info);
         }
-        if self.mt.is_some() {
+        if self.th.mt.is_some() {
             self.notify_threads();
         }
     }
@@ -394,7 +399,7 @@ impl Vm {
         }
         if sig != 0 {
             self.sig.post(info_sender(sig, code, self.pid, own_uid()));
-            if self.mt.is_some() {
+            if self.th.mt.is_some() {
                 self.notify_threads();
             }
         }
@@ -467,7 +472,7 @@ impl Vm {
                 }
                 slice = slice.min(d - now);
             }
-            if self.mt.is_some() {
+            if self.th.mt.is_some() {
                 // The other threads go on: wait without the process lock, then look again.
                 return Woken::Later;
             }
@@ -506,7 +511,7 @@ impl Vm {
             return Err(EINVAL);
         }
         let new = u64::from_le_bytes(self.read_guest::<8>(set)?) & !UNBLOCKABLE;
-        let old = self.redo_mask.take().unwrap_or(self.sig.mask);
+        let old = self.cur.redo_mask.take().unwrap_or(self.sig.mask);
         self.sig.mask = new;
         match self.wait_signal(None, None) {
             Woken::Pause => {
@@ -515,7 +520,7 @@ impl Vm {
             }
             Woken::Later => {
                 // Waits under its own mask (which says which signals reach this thread).
-                self.redo_mask = Some(old);
+                self.cur.redo_mask = Some(old);
                 Ok(self.redo(None))
             }
             _ => {
@@ -539,7 +544,8 @@ impl Vm {
                 return Err(EINVAL);
             }
             Some(
-                self.redo_until
+                self.cur
+                    .redo_until
                     .unwrap_or_else(|| Instant::now() + Duration::new(s as u64, ns as u32)),
             )
         } else {
@@ -549,8 +555,8 @@ impl Vm {
         match self.wait_signal(Some(set), deadline) {
             Woken::Pause => Err(ERESTART),
             Woken::Later => {
-                self.redo_until = deadline;
-                self.sigwait_set = set;
+                self.cur.redo_until = deadline;
+                self.cur.sigwait_set = set;
                 Ok(self.redo(deadline))
             }
             Woken::Timeout => Err(EAGAIN),
@@ -714,7 +720,7 @@ impl Vm {
             self.set_user_regs(Resume::Direct, u);
             return Resume::Direct;
         }
-        let f = self.exc_top - 40;
+        let f = self.cur.exc_top - 40;
         let frame = [
             u.rip,
             guest::USER_CS as u64,

@@ -151,7 +151,7 @@ impl Vm {
             }
             return match self.wait_signal(Some(s.mask), None) {
                 super::signal::Woken::Later => {
-                    self.sigwait_set = s.mask;
+                    self.cur.sigwait_set = s.mask;
                     Ok(self.redo(None))
                 }
                 super::signal::Woken::Pause => Err(super::ERESTART),

@@ -83,6 +83,81 @@ impl std::ops::DerefMut for VcpuSlot {
     }
 }
 
+/// The process's threads as a whole (the first thread's alone: all empty).
+pub(super) struct Threads {
+    /// The other threads' states.
+    pub(super) others: Vec<ThreadState>,
+    /// What the current thread's state displaced while it is in.
+    pub(super) parked: ThreadState,
+    /// The process lock, once the process has had a second thread.
+    pub(super) mt: Option<Arc<Shared>>,
+    /// The blocking step of the current thread's call (see `Step::Block`).
+    pub(super) block: Option<Op>,
+    /// The current thread has exited.
+    pub(super) thread_exited: bool,
+    /// The first thread has exited (exit(2)) while others go on, with this status.
+    pub(super) main_exited: bool,
+    pub(super) leader_status: Option<i32>,
+    /// vCPUs of exited threads, with their TSS and stack top, for new ones; the next KVM
+    /// vCPU id.
+    pub(super) spare_vcpus: Vec<(VcpuFd, u64, u64)>,
+    pub(super) next_vcpu: u64,
+    /// A fork or execve another thread asked the first one to make, and the vCPU state such
+    /// a fork starts the child from.
+    pub(super) delegated: Option<Delegated>,
+    pub(super) fork_snapshot: Option<crate::snapshot::VcpuState>,
+    /// The first thread took an execve caller's place after it had exited: it handles that
+    /// call before it runs.
+    pub(super) resume_syscall: bool,
+}
+
+impl Default for Threads {
+    fn default() -> Self {
+        Threads {
+            others: Vec::new(),
+            parked: ThreadState::default(),
+            mt: None,
+            block: None,
+            thread_exited: false,
+            main_exited: false,
+            leader_status: None,
+            spare_vcpus: Vec::new(),
+            next_vcpu: 1,
+            delegated: None,
+            fork_snapshot: None,
+            resume_syscall: false,
+        }
+    }
+}
+
+/// A thread's own bookkeeping, kept in the [`Vm`] for the thread whose state is in.
+pub(super) struct Current {
+    /// Where a wait that is handled again (a thread's sleep or signal wait) ends, and the
+    /// mask rt_sigsuspend replaced meanwhile.
+    pub(super) redo_until: Option<Instant>,
+    pub(super) redo_mask: Option<u64>,
+    /// The signals a wait of the thread (sigtimedwait, a signalfd read) waits for.
+    pub(super) sigwait_set: u64,
+    /// The page-table root the thread's vCPU has loaded (threads only).
+    pub(super) cr3_loaded: u64,
+    /// The thread's vCPU's TSS and exception stack top.
+    pub(super) tss: u64,
+    pub(super) exc_top: u64,
+}
+
+impl Default for Current {
+    fn default() -> Self {
+        Current {
+            redo_until: None,
+            redo_mask: None,
+            sigwait_set: 0,
+            cr3_loaded: 0,
+            tss: guest::TSS_VA,
+            exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
+        }
+    }
+}
+
 /// What belongs to one thread of a process, while another thread's is in the [`Vm`].
 #[derive(Default)]
 pub(super) struct ThreadState {
@@ -97,14 +172,7 @@ pub(super) struct ThreadState {
     robust_list: u64,
     last_fault: Option<u64>,
     home_wait: Option<Instant>,
-    redo_until: Option<Instant>,
-    redo_mask: Option<u64>,
-    sigwait_set: u64,
-    /// The page-table root this thread's vCPU has loaded.
-    cr3: u64,
-    /// Its vCPU's TSS and the top of its exception stack.
-    tss: u64,
-    exc_top: u64,
+    cur: Current,
     /// Told to end (another thread called execve).
     zap: bool,
     /// Its vCPU may be running guest code (it is not blocked in an [`Op`]).
@@ -381,30 +449,25 @@ impl Vm {
         swap(&mut self.robust_list, &mut t.robust_list);
         swap(&mut self.last_fault, &mut t.last_fault);
         swap(&mut self.home_wait, &mut t.home_wait);
-        swap(&mut self.redo_until, &mut t.redo_until);
-        swap(&mut self.redo_mask, &mut t.redo_mask);
-        swap(&mut self.sigwait_set, &mut t.sigwait_set);
-        swap(&mut self.cr3_loaded, &mut t.cr3);
-        swap(&mut self.tss, &mut t.tss);
-        swap(&mut self.exc_top, &mut t.exc_top);
+        swap(&mut self.cur, &mut t.cur);
     }
 
     /// Put thread `tid`'s state (and its vCPU, from its host thread) in. False when the
     /// thread was told to end (it is then gone).
     fn swap_in(&mut self, tid: i64, vcpu: &mut Option<VcpuFd>) -> bool {
         pause::kicked(tid as i32);
-        let Some(i) = self.others.iter().position(|t| t.tid == tid) else {
+        let Some(i) = self.th.others.iter().position(|t| t.tid == tid) else {
             return false;
         };
-        let mut t = self.others.swap_remove(i);
+        let mut t = self.th.others.swap_remove(i);
         if t.zap {
             return false;
         }
         self.exchange(&mut t);
-        self.parked = t;
+        self.th.parked = t;
         std::mem::swap(&mut self.vcpu.0, vcpu);
         // Process signals the first thread does not block are its to take.
-        self.sig.defer = match self.others.iter().find(|t| t.tid == self.pid && !t.zap) {
+        self.sig.defer = match self.th.others.iter().find(|t| t.tid == self.pid && !t.zap) {
             Some(first) if self.tid != self.pid => !first.mask,
             _ => 0,
         };
@@ -418,19 +481,21 @@ impl Vm {
     fn swap_out(&mut self, vcpu: &mut Option<VcpuFd>, in_guest: bool) {
         self.load_root_mt();
         std::mem::swap(&mut self.vcpu.0, vcpu);
-        let mut t = std::mem::take(&mut self.parked);
+        let mut t = std::mem::take(&mut self.th.parked);
         self.exchange(&mut t);
         t.in_guest = in_guest;
-        self.others.push(t);
+        self.th.others.push(t);
     }
 
     /// The current thread is gone: its state goes, its vCPU waits for the next new thread
     /// (KVM cannot remove a vCPU from a VM, and each one it makes uses up an id).
     fn drop_current(&mut self) {
         if let Some(v) = self.vcpu.0.take() {
-            self.spare_vcpus.push((v, self.tss, self.exc_top));
+            self.th
+                .spare_vcpus
+                .push((v, self.cur.tss, self.cur.exc_top));
         }
-        let mut t = std::mem::take(&mut self.parked);
+        let mut t = std::mem::take(&mut self.th.parked);
         self.exchange(&mut t);
     }
 
@@ -439,21 +504,26 @@ impl Vm {
     pub(super) fn load_root_mt(&mut self) {
         let fresh = self.space.mem.take_new_root().is_some();
         let want = self.space.mem.cr3();
-        if self.cr3_loaded != want {
+        if self.cur.cr3_loaded != want {
             if let Ok(mut s) = self.vcpu.get_sregs() {
                 s.cr3 = want;
                 if self.vcpu.set_sregs(&s).is_ok() {
-                    self.cr3_loaded = want;
+                    self.cur.cr3_loaded = want;
                 }
             }
         }
         if fresh {
-            for t in &self.others {
+            for t in &self.th.others {
                 pause::want(t.tid as i32);
             }
         }
         // Retired tables are freed once no running vCPU can still walk them.
-        if self.others.iter().all(|t| !t.in_guest || t.cr3 == want) {
+        if self
+            .th
+            .others
+            .iter()
+            .all(|t| !t.in_guest || t.cur.cr3_loaded == want)
+        {
             self.space.mem.release_retired();
         }
     }
@@ -499,16 +569,17 @@ impl Vm {
             self.wait_for_home("threads")?;
         }
         self.home_wait = None;
-        if self.others.len() + 1 >= MAX_THREADS {
+        if self.th.others.len() + 1 >= MAX_THREADS {
             return Err(EAGAIN);
         }
-        if self.mt.is_none() {
+        if self.th.mt.is_none() {
             self.load_new_root().map_err(|_| EINVAL)?;
-            self.cr3_loaded = self.space.mem.cr3();
+            self.cur.cr3_loaded = self.space.mem.cr3();
             self.space.mem.hold_retired(true);
         }
         let (vcpu, tss, exc_top) = self.thread_vcpu(&c)?;
         let sh = self
+            .th
             .mt
             .get_or_insert_with(|| Shared::new(self.pause.clone()))
             .clone();
@@ -533,7 +604,7 @@ impl Vm {
         let tid = tid_rx.recv().map_err(|_| EAGAIN)?;
         // The new thread's own state: the creator's mask, no alternate stack (clone(2)), no
         // pending signals.
-        self.others.push(ThreadState {
+        self.th.others.push(ThreadState {
             tid,
             mask: self.sig.mask,
             clear_child_tid: if f & CLONE_CHILD_CLEARTID != 0 {
@@ -541,9 +612,12 @@ impl Vm {
             } else {
                 0
             },
-            cr3: self.cr3_loaded,
-            tss,
-            exc_top,
+            cur: Current {
+                cr3_loaded: self.cur.cr3_loaded,
+                tss,
+                exc_top,
+                ..Default::default()
+            },
             // Its vCPU runs guest code before it first comes in.
             in_guest: true,
             ..Default::default()
@@ -562,10 +636,10 @@ impl Vm {
     /// stack): this one's state at this exit, returning 0 from clone on the new stack (if
     /// given) with the new TLS (CLONE_SETTLS). Returns it with its TSS and stack top.
     fn thread_vcpu(&mut self, c: &super::process::CloneArgs) -> Result<(VcpuFd, u64, u64), i64> {
-        let (mut vcpu, tss, top) = match self.spare_vcpus.pop() {
+        let (mut vcpu, tss, top) = match self.th.spare_vcpus.pop() {
             Some(v) => v,
             None => {
-                let id = self.next_vcpu;
+                let id = self.th.next_vcpu;
                 if id as usize >= MAX_THREADS {
                     return Err(EAGAIN);
                 }
@@ -574,14 +648,14 @@ impl Vm {
                     crate::cpu::thread_tss(&mut self.space.mem, id).map_err(|_| EAGAIN)?;
                 let v = crate::cpu::create_vcpu_id(host, &self._vm, &self.space.mem, id, 0, 0)
                     .map_err(|_| EAGAIN)?;
-                self.next_vcpu += 1;
+                self.th.next_vcpu += 1;
                 (v, tss, top)
             }
         };
         match self.setup_thread_vcpu(&mut vcpu, tss, c) {
             Ok(()) => Ok((vcpu, tss, top)),
             Err(_) => {
-                self.spare_vcpus.push((vcpu, tss, top));
+                self.th.spare_vcpus.push((vcpu, tss, top));
                 Err(EAGAIN)
             }
         }
@@ -628,7 +702,7 @@ impl Vm {
                 unsafe { libc::syscall(libc::SYS_futex, h, FUTEX_WAKE, 1, 0, 0, 0) };
             }
         }
-        self.thread_exited = true;
+        self.th.thread_exited = true;
     }
 
     /// The host address of the aligned, mapped guest futex word at `va`.
@@ -782,17 +856,13 @@ impl Vm {
         }
         let sig = i32::from_le_bytes(info[..4].try_into().expect("4"));
         let ignores = (1..=64).contains(&sig) && self.sig.action_ignores(sig);
-        let Some(t) = self.others.iter_mut().find(|t| t.tid == tid && !t.zap) else {
+        let Some(t) = self.th.others.iter_mut().find(|t| t.tid == tid && !t.zap) else {
             return false;
         };
-        let bit = 1u64 << (sig - 1);
-        if !(1..=64).contains(&sig) || (ignores && t.mask & bit == 0) {
+        if !(1..=64).contains(&sig) || (ignores && t.mask & 1u64 << (sig - 1) == 0) {
             return true;
         }
-        if sig >= 32 || t.tpending & bit == 0 {
-            t.tpending |= bit;
-            t.tqueue.push_back(info);
-        }
+        super::signal::enqueue(&mut t.tpending, &mut t.tqueue, info);
         pause::want(tid as i32);
         true
     }
@@ -803,8 +873,8 @@ impl Vm {
         if p == 0 {
             return;
         }
-        for t in &self.others {
-            if p & (!t.mask | t.sigwait_set) != 0 {
+        for t in &self.th.others {
+            if p & (!t.mask | t.cur.sigwait_set) != 0 {
                 pause::want(t.tid as i32);
             }
         }
@@ -812,7 +882,8 @@ impl Vm {
 
     /// The robust list head of thread `tid` (another than the current one).
     pub(super) fn thread_robust_list(&self, tid: i64) -> u64 {
-        self.others
+        self.th
+            .others
             .iter()
             .find(|t| t.tid == tid)
             .map_or(0, |t| t.robust_list)
@@ -821,17 +892,17 @@ impl Vm {
     /// The process's live threads.
     pub(super) fn thread_count(&self) -> usize {
         // The calling thread's state is in; the others are listed apart.
-        1 + self.others.iter().filter(|t| !t.zap).count()
+        1 + self.th.others.iter().filter(|t| !t.zap).count()
     }
 
     /// Whether `tid` is a thread of this process.
     pub(super) fn has_thread(&self, tid: i64) -> bool {
-        tid == self.tid || self.others.iter().any(|t| t.tid == tid && !t.zap)
+        tid == self.tid || self.th.others.iter().any(|t| t.tid == tid && !t.zap)
     }
 
     /// Tell every other thread to end (execve(2) by this one, which waits until they have).
     pub(super) fn zap_threads(&mut self) {
-        for t in &mut self.others {
+        for t in &mut self.th.others {
             t.zap = true;
             pause::want(t.tid as i32);
         }
@@ -850,10 +921,10 @@ impl Vm {
     }
 
     fn delegate(&mut self, what: Delegate) -> Result<Step, i64> {
-        match &self.delegated {
+        match &self.th.delegated {
             Some(d) if d.tid == self.tid => {
                 if let Some(r) = d.result {
-                    self.delegated = None;
+                    self.th.delegated = None;
                     return r.map(Step::Ret);
                 }
                 return Ok(self.redo(None));
@@ -863,14 +934,14 @@ impl Vm {
             None => {}
         }
         let st = crate::snapshot::capture(&mut self.vcpu).map_err(|_| EINVAL)?;
-        self.delegated = Some(Delegated {
+        self.th.delegated = Some(Delegated {
             tid: self.tid,
             st: Some(st),
             what,
             result: None,
         });
         pause::want(self.pid as i32);
-        if let Some(sh) = &self.mt {
+        if let Some(sh) = &self.th.mt {
             sh.cv.notify_all();
         }
         Ok(self.redo(None))
@@ -879,6 +950,7 @@ impl Vm {
     /// On the first thread: do what another thread asked for ([`Vm::delegate`]).
     fn serve_delegated(&mut self) -> Served {
         let Some(d) = self
+            .th
             .delegated
             .as_mut()
             .filter(|d| d.result.is_none() && d.st.is_some())
@@ -886,16 +958,16 @@ impl Vm {
             return Served::Nothing;
         };
         let (tid, st, what) = (d.tid, d.st.take(), d.what);
-        let Some(i) = self.others.iter().position(|t| t.tid == tid) else {
-            self.delegated = None;
+        let Some(i) = self.th.others.iter().position(|t| t.tid == tid) else {
+            self.th.delegated = None;
             return Served::Nothing;
         };
-        let mut t = self.others.swap_remove(i);
+        let mut t = self.th.others.swap_remove(i);
         self.exchange(&mut t);
         let c = match what {
             Delegate::Fork(c) => c,
             Delegate::Exec => {
-                self.delegated = None;
+                self.th.delegated = None;
                 return match self.take_place(t, st) {
                     Ok(()) => Served::Exec,
                     Err(e) => {
@@ -905,9 +977,9 @@ impl Vm {
                 };
             }
         };
-        self.fork_snapshot = st;
+        self.th.fork_snapshot = st;
         let r = self.clone_process(c);
-        self.fork_snapshot = None;
+        self.th.fork_snapshot = None;
         if self.forked {
             // The child: the asking thread's state is its only thread's; its call returns.
             drop(t);
@@ -917,12 +989,12 @@ impl Vm {
             return Served::Child;
         }
         self.exchange(&mut t);
-        self.others.push(t);
+        self.th.others.push(t);
         let r = r.map(|s| match s {
             Step::Ret(v) => v,
             _ => 0,
         });
-        if let Some(d) = self.delegated.as_mut() {
+        if let Some(d) = self.th.delegated.as_mut() {
             d.result = Some(r);
         }
         pause::want(tid as i32);
@@ -941,24 +1013,25 @@ impl Vm {
         if self.vcpu.0.is_none() {
             // The first thread had exited: a spare vCPU carries on.
             let (v, tss, top) = self
+                .th
                 .spare_vcpus
                 .pop()
                 .ok_or_else(|| anyhow::anyhow!("no vCPU left"))?;
             self.vcpu.0 = Some(v);
-            self.tss = tss;
-            self.exc_top = top;
+            self.cur.tss = tss;
+            self.cur.exc_top = top;
         } else {
-            self.tss = first.tss;
-            self.exc_top = first.exc_top;
+            self.cur.tss = first.cur.tss;
+            self.cur.exc_top = first.cur.exc_top;
         }
         crate::snapshot::restore(&mut self.vcpu, &st)?;
         let mut s = self.vcpu.get_sregs()?;
-        s.tr.base = self.tss;
+        s.tr.base = self.cur.tss;
         self.vcpu.set_sregs(&s)?;
         self.vcpu.sync_regs_mut().regs = st.regs;
         self.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
         self.tid = self.pid;
-        self.main_exited = false;
+        self.th.main_exited = false;
         Ok(())
     }
 
@@ -991,10 +1064,10 @@ impl Vm {
     /// Run the process's threads until it ends, a pause is asked for, or only the main
     /// thread is left. The main thread's state is in when called and when this returns.
     pub(super) fn run_threads(&mut self) -> Result<Option<Outcome>> {
-        let sh = self.mt.clone().expect("threads");
-        let main_alive = !self.main_exited;
+        let sh = self.th.mt.clone().expect("threads");
+        let main_alive = !self.th.main_exited;
         let tid = self.tid;
-        let first = std::mem::take(&mut self.resume_syscall).then_some(Event::Syscall);
+        let first = std::mem::take(&mut self.th.resume_syscall).then_some(Event::Syscall);
         let mut vcpu = None;
         if main_alive {
             self.swap_out(&mut vcpu, true);
@@ -1022,7 +1095,7 @@ impl Vm {
                     let s = vm.serve_delegated();
                     if s == Served::Exec {
                         // The first thread lives again, with the execve to finish.
-                        vm.resume_syscall = true;
+                        vm.th.resume_syscall = true;
                     }
                     if s != Served::Nothing {
                         book.open = false;
@@ -1056,11 +1129,11 @@ impl Vm {
             },
             End::Thread => {
                 // The main thread exited; others remain.
-                self.main_exited = true;
+                self.th.main_exited = true;
                 Ok(None)
             }
             End::Single => {
-                self.mt = None;
+                self.th.mt = None;
                 self.space.mem.hold_retired(false);
                 Ok(None)
             }
@@ -1141,10 +1214,10 @@ fn thread_loop(
                     (_, Ok(ev)) => vm.handle_event(ev),
                     (_, Err((op, ret))) => vm.finish_op(op, ret),
                 };
-                let block = vm.block.take();
+                let block = vm.th.block.take();
                 let end = |vm: &mut Vm, book: &mut Book, r| {
                     book.ended = Some(r);
-                    for t in &vm.others {
+                    for t in &vm.th.others {
                         pause::kick_tid(t.tid as i32);
                     }
                     let main_tid = pause::GUEST_TID.load(Ordering::SeqCst);
@@ -1164,14 +1237,14 @@ fn thread_loop(
                     }
                     Ok(None) => {}
                 }
-                if std::mem::take(&mut vm.thread_exited) {
+                if std::mem::take(&mut vm.th.thread_exited) {
                     if main {
-                        vm.main_exited = true;
+                        vm.th.main_exited = true;
                     }
                     vm.drop_current();
                     return Flow::End(End::Thread);
                 }
-                if main && ((vm.others.is_empty() && block.is_none()) || vm.forked) {
+                if main && ((vm.th.others.is_empty() && block.is_none()) || vm.forked) {
                     // The last other thread is gone (or this is a new process's only one):
                     // the main thread's state stays in.
                     book.open = false;

@@ -80,10 +80,10 @@ impl Vm {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        if self.mt.is_some() {
+        if self.th.mt.is_some() {
             // The other threads go on: look, wait without the process lock, look again.
             let end_ns = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
-            let until = *self.redo_until.get_or_insert_with(|| {
+            let until = *self.cur.redo_until.get_or_insert_with(|| {
                 let d = (end_ns - now(clock)).max(0) as u64;
                 Instant::now() + Duration::from_nanos(d)
             });
