@@ -2,7 +2,7 @@
 // with deterministic output: forks by a thread while another unmaps memory (the child started
 // on a replaced page-table root); stores of a thread into memory another thread unmapped
 // (they must fault, never land in memory mapped afterwards); a sigwait thread taking five
-// signals sent 50 ms apart; signals a worker sends to the process, handled by the first
+// signals, each sent once it took the one before; signals a worker sends to the process, handled by the first
 // thread; sem_post from a signal handler waking a single-threaded sem_wait; 300 threads alive
 // at once with the C library's default 8 MiB stacks (more than the default --mem, untouched).
 #define _GNU_SOURCE
@@ -49,11 +49,13 @@ static void *writer(void *a) {
 }
 
 static sigset_t waitset;
+static sem_t ack;
 static void *sigwaiter(void *a) {
     int got = 0;
     for (int i = 0; i < 5; i++) {
         int s;
         if (sigwait(&waitset, &s) == 0 && s == SIGUSR1) got++;
+        sem_post(&ack);
     }
     printf("sigwait thread took %d signals\n", got);
     return 0;
@@ -68,6 +70,9 @@ static void *sender(void *a) {
     usleep(20000); // the first thread is in pthread_join by then
     for (int i = 0; i < 20; i++) {
         kill(getpid(), SIGUSR2);
+        // The next one once this one's handler has run and returned (while a handler runs,
+        // its signal is blocked in its thread, which would then not take the next).
+        while (on_first + on_sender <= i) usleep(1000);
         usleep(5000);
     }
     return 0;
@@ -117,10 +122,12 @@ int main(void) {
     sigemptyset(&waitset);
     sigaddset(&waitset, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &waitset, 0);
+    sem_init(&ack, 0, 0);
     pthread_create(&w, 0, sigwaiter, 0);
     for (int i = 0; i < 5; i++) {
-        usleep(50000);
+        usleep(20000);
         kill(getpid(), SIGUSR1);
+        while (sem_wait(&ack) != 0) ;
     }
     pthread_join(w, 0);
 
