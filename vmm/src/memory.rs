@@ -760,10 +760,9 @@ impl GuestMem {
     /// Zero `len` bytes of RAM frames from `frame` (page aligned) in one host call.
     fn zero_frames(&self, frame: u64, len: u64) {
         debug_assert!(frame + len <= self.size && frame.is_multiple_of(PAGE));
-        // SAFETY: `[frame, frame + len)` lies below `size` (frames come from `bump`), so the
-        // page-aligned host range lies inside the guest mapping we own; MADV_DONTNEED on
-        // private anonymous memory only replaces its contents with zeroes, which no Rust
-        // reference observes.
+        // `[frame, frame + len)` lies below `size` (frames come from `bump`).
+        // SAFETY: so the page-aligned host range lies inside the guest mapping we own; its
+        // MADV_DONTNEED only replaces contents with zeroes, which no Rust reference observes.
         unsafe {
             libc::madvise(
                 self.host.add(frame as usize) as *mut libc::c_void,

@@ -735,12 +735,13 @@ impl Call {
         }
         let bounce = self.direct_bounce(&mut a);
         let nr = self.nr as libc::c_long;
-        // SAFETY: `verify` holds for `a`: every pointer argument points into a buffer this
-        // call owns, at least as long as the length the kernel takes for it (the shapes come
-        // from the shared table, the lengths were clamped to the buffers), and those buffers
-        // live until `self` is dropped, after the call returns; an O_DIRECT transfer points
-        // instead into `bounce`, as long as the buffer it stands for, alive until the copy
-        // back below. Descriptors are the guest's own, translated through its table.
+        // `verify` holds for `a`: every pointer argument points into a buffer this call owns,
+        // at least as long as the length the kernel takes for it (the shapes come from the
+        // shared table, the lengths were clamped to the buffers), and those buffers live until
+        // `self` is dropped, after the call returns; an O_DIRECT transfer points instead into
+        // `bounce`, as long as the buffer it stands for, alive until the copy back below.
+        // SAFETY: as just said, the kernel only touches buffers this call owns; descriptors
+        // are the guest's own, translated through its table.
         let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
         if let Some((i, off, b)) = bounce {
             if let Some(dst) = self.bufs[i].as_mut().filter(|_| self.out[i]) {

@@ -127,10 +127,9 @@ impl Vm {
         } else {
             a[3]
         };
-        // SAFETY: `host` is an address in the VMM's own shared mapping of the guest's pages
-        // (the file window); the kernel reads the futex word there and checks it itself
-        // (EFAULT past the end of a truncated file). `timeout` is NULL, the guest's value for
-        // a wake (a count, not a pointer), or `ts`, alive for the call.
+        // `timeout` is NULL, the guest's value for a wake (a count, not a pointer), or `ts`.
+        // SAFETY: `host` is in the VMM's own shared mapping of the guest's pages (the file
+        // window), checked by the kernel (EFAULT past a truncated file's end); `ts` lives on.
         let r = unsafe { libc::syscall(libc::SYS_futex, host, a[1], a[2], timeout, 0u64, a[5]) };
         if r < 0 {
             return Err(last_errno());

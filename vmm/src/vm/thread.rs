@@ -347,10 +347,9 @@ impl Op {
                     .as_ref()
                     .map_or(std::ptr::null(), |t| t as *const libc::timespec);
                 let (w, w2, o, v, v3) = (*addr, *addr2, *op, *val, *val3);
-                // SAFETY: `w` (and `w2` where the operation uses it) are host addresses of
-                // mapped guest words (`GuestMem::futex_addr`) in mappings that live as long
-                // as the process; the kernel checks the words itself. `ts` is null or a
-                // timespec alive for the call.
+                // `ts` is null or a timespec alive for the call.
+                // SAFETY: `w` (and `w2` where used) are host addresses of mapped guest words
+                // (`GuestMem::futex_addr`), in mappings as long-lived as the process.
                 let r = unsafe { libc::syscall(libc::SYS_futex, w, o, v, ts, w2, v3) };
                 if r < 0 {
                     -last_errno()
