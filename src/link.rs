@@ -155,23 +155,62 @@ impl HomeLink {
 }
 
 /// The guest side of the deputy channel: a remote VMM's deputy calls go home over the link.
-/// The calling (vCPU) thread reads the answer itself; between calls a reader thread takes
-/// what home sends (signals, commands, a migration's answers).
-pub struct RemoteDeputy {
-    seq: u64,
+/// Calls of different guest threads are in flight together, each with its sequence number;
+/// a caller reads the link itself while no other does, and hands the answers it finds for
+/// other calls to their callers (`Calls`); between calls a reader thread takes what home
+/// sends (signals, commands, a migration's answers).
+pub struct RemoteDeputy(Arc<Remote>);
+
+struct Remote {
+    seq: std::sync::atomic::AtomicU64,
     home: HomeLink,
     router: Arc<Router>,
+    calls: Mutex<Calls>,
+    arrived: std::sync::Condvar,
+}
+
+/// The calls waiting for home, and the answers read for them by another caller.
+#[derive(Default)]
+struct Calls {
+    waiting: std::collections::HashSet<u64>,
+    answers: std::collections::HashMap<u64, DeputyReply>,
+}
+
+impl Remote {
+    fn calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Act on a message from home: an answer goes to its caller.
+    fn take(&self, m: Message) {
+        match m {
+            Message::DeputyReply(r) => {
+                let mut c = self.calls();
+                if c.waiting.contains(&r.seq) {
+                    c.answers.insert(r.seq, r);
+                    self.arrived.notify_all();
+                }
+            }
+            m => self.router.dispatch(m),
+        }
+    }
 }
 
 impl RemoteDeputy {
     /// Start reading the link from home between calls (see [`Router`]).
     pub fn start(home: HomeLink, r: Router) -> RemoteDeputy {
-        let router = Arc::new(r);
-        let (h, rt) = (home.clone(), router.clone());
+        let remote = Arc::new(Remote {
+            seq: Default::default(),
+            home,
+            router: Arc::new(r),
+            calls: Default::default(),
+            arrived: Default::default(),
+        });
+        let rt = remote.clone();
         std::thread::spawn(move || {
             block_host_signals();
-            let Some(link) = h.get() else {
-                (rt.on_lost)();
+            let Some(link) = rt.home.get() else {
+                (rt.router.on_lost)();
                 return;
             };
             loop {
@@ -182,23 +221,19 @@ impl RemoteDeputy {
                     continue;
                 };
                 match rd.recv_within(std::time::Duration::ZERO) {
-                    Ok(Some(m)) => rt.dispatch(m),
+                    Ok(Some(m)) => rt.take(m),
                     Ok(None) => {
                         drop(rd);
                         link.wait_readable(std::time::Duration::from_millis(100));
                     }
                     Err(_) => {
-                        (rt.on_lost)();
+                        (rt.router.on_lost)();
                         return;
                     }
                 }
             }
         });
-        RemoteDeputy {
-            seq: 0,
-            home,
-            router,
-        }
+        RemoteDeputy(remote)
     }
 }
 
@@ -214,21 +249,40 @@ fn eio() -> Reply {
 
 impl Deputy for RemoteDeputy {
     fn request_home(&mut self) -> bool {
-        (self.router.on_command)(Message::MigrateBack);
+        (self.0.router.on_command)(Message::MigrateBack);
         true
     }
 
     fn call(&mut self, req: Request) -> Reply {
+        self.0.call(req)
+    }
+
+    /// The call waits for home without the deputy: other threads' calls go meanwhile.
+    fn begin(&mut self, req: Request) -> vmm::deputy::Begun {
+        let remote = self.0.clone();
+        vmm::deputy::Begun::Waiting(Box::new(move || remote.call(req)))
+    }
+}
+
+impl Remote {
+    fn call(&self, req: Request) -> Reply {
         if (self.router.must_move)() {
             // The guest is moving: the call is made again once it has.
             return self.restart();
         }
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let Some(link) = self.home.get() else {
             return eio();
         };
-        let mut rd = link.reader();
+        self.calls().waiting.insert(seq);
+        let r = self.wait(&link, seq, req);
+        let mut c = self.calls();
+        c.waiting.remove(&seq);
+        c.answers.remove(&seq);
+        r
+    }
+
+    fn wait(&self, link: &Wire, seq: u64, req: Request) -> Reply {
         if link
             .send(&Message::DeputyRequest(to_wire(seq, req)))
             .is_err()
@@ -240,44 +294,74 @@ impl Deputy for RemoteDeputy {
         // and the VMM decides (handler with or without SA_RESTART) as for a local call.
         let mut for_signal = false;
         let mut last_cancel = std::time::Instant::now();
+        let mut last_look = std::time::Instant::now();
         loop {
-            match rd.recv_within(std::time::Duration::from_millis(20)) {
-                Ok(Some(Message::DeputyReply(r))) if r.seq == seq => {
-                    // Leave nothing that already arrived unread behind us.
-                    while let Ok(Some(m)) = rd.recv_within(std::time::Duration::ZERO) {
-                        self.router.dispatch(m);
+            let answer = self.calls().answers.remove(&seq);
+            let answer = match answer {
+                Some(r) => Some(r),
+                None => match link.try_reader() {
+                    Some(mut rd) => match rd.recv_within(std::time::Duration::from_millis(20)) {
+                        Ok(Some(Message::DeputyReply(r))) if r.seq == seq => {
+                            // Leave nothing that already arrived unread behind us.
+                            while let Ok(Some(m)) = rd.recv_within(std::time::Duration::ZERO) {
+                                self.take(m);
+                            }
+                            drop(rd);
+                            // Another caller may take the link now.
+                            self.arrived.notify_all();
+                            Some(r)
+                        }
+                        Ok(Some(m)) => {
+                            self.take(m);
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(_) => {
+                            drop(rd);
+                            self.arrived.notify_all();
+                            return eio();
+                        }
+                    },
+                    None => {
+                        // Another caller reads the link: it hands our answer over.
+                        let c = self.calls();
+                        if !c.answers.contains_key(&seq) {
+                            let _ = self
+                                .arrived
+                                .wait_timeout(c, std::time::Duration::from_millis(5));
+                        }
+                        None
                     }
-                    drop(rd);
-                    if cancelled && r.ret == -EINTR && !for_signal {
-                        return self.restart();
-                    }
-                    return Reply {
-                        ret: r.ret,
-                        outs: r.outs,
-                    };
+                },
+            };
+            if let Some(r) = answer {
+                if cancelled && r.ret == -EINTR && !for_signal {
+                    return self.restart();
                 }
-                Ok(Some(m)) => self.router.dispatch(m),
-                Ok(None) => {
-                    // Ask home to interrupt the call, and ask again now and then: a request
-                    // to interrupt that lands just before the call blocks is lost.
-                    let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
-                    let signal = vmm::vm::host_signals_pending();
-                    if signal && !cancelled {
-                        for_signal = true;
-                    }
-                    if ((self.router.must_move)() || signal) && (!cancelled || again) {
-                        cancelled = true;
-                        last_cancel = std::time::Instant::now();
-                        let _ = link.send(&Message::Cancel { seq });
-                    }
-                }
-                Err(_) => return eio(),
+                return Reply {
+                    ret: r.ret,
+                    outs: r.outs,
+                };
+            }
+            if last_look.elapsed() < std::time::Duration::from_millis(20) {
+                continue;
+            }
+            last_look = std::time::Instant::now();
+            // Ask home to interrupt the call, and ask again now and then: a request to
+            // interrupt that lands just before the call blocks is lost.
+            let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
+            let signal = vmm::vm::host_signals_pending();
+            if signal && !cancelled {
+                for_signal = true;
+            }
+            if ((self.router.must_move)() || signal) && (!cancelled || again) {
+                cancelled = true;
+                last_cancel = std::time::Instant::now();
+                let _ = link.send(&Message::Cancel { seq });
             }
         }
     }
-}
 
-impl RemoteDeputy {
     /// Hold the call until the guest stops for its move (or the move is given up), then have
     /// the VMM reissue it wherever the guest resumes.
     fn restart(&self) -> Reply {
@@ -295,22 +379,6 @@ impl RemoteDeputy {
     }
 }
 
-/// Serve one deputy request from the link; false when the link is gone.
-pub fn serve_request(writer: &Wire, deputy: &mut dyn Deputy, r: DeputyRequest) -> bool {
-    let seq = r.seq;
-    let reply = deputy.call(from_wire(r));
-    if reply.ret == -EINTR {
-        // A signal interrupted the call here: it reaches the guest before the reply does.
-        forward_signals(writer);
-    }
-    let msg = Message::DeputyReply(DeputyReply {
-        seq,
-        ret: reply.ret,
-        outs: reply.outs,
-    });
-    writer.send(&msg).is_ok()
-}
-
 /// How serving a remote guest from home ended.
 pub enum HomeEnd {
     /// The guest exited with this status.
@@ -324,24 +392,87 @@ pub enum HomeEnd {
         token: [u8; 32],
     },
     /// The guest is coming home: its host sent this offer; the rest of the link's traffic
-    /// arrives on the inbox; the caller keeps marking the request it executes (for cancels).
+    /// arrives on the inbox; calls still made meanwhile are served through `Running` (for
+    /// cancels).
     Coming(
         migrate::frame::MigrateOffer,
         Arc<Mutex<mpsc::Receiver<Message>>>,
-        Arc<std::sync::atomic::AtomicU64>,
+        Running,
     ),
 }
 
+/// The host threads running deputy calls at home for a remote guest, by the call's
+/// sequence number (a cancel from the guest interrupts the one running that call).
+#[derive(Clone, Default)]
+pub struct Running(Arc<Mutex<std::collections::HashMap<u64, u64>>>);
+
+impl Running {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Interrupt the host call serving request `seq`, if one runs.
+    pub fn cancel(&self, seq: u64) {
+        let m = self.map();
+        if let Some(&t) = m.get(&seq) {
+            // Kicked under the lock: the thread is still registered, so alive.
+            vmm::vm::PauseHandle::kick_thread(t);
+        }
+    }
+
+    /// Interrupt every call running; false when none is.
+    fn cancel_all(&self) -> bool {
+        let m = self.map();
+        for &t in m.values() {
+            vmm::vm::PauseHandle::kick_thread(t);
+        }
+        !m.is_empty()
+    }
+
+    /// Serve request `r` on this thread (registered for cancels while it runs); false when
+    /// the link is gone.
+    pub fn serve(&self, writer: &Wire, deputy: &Mutex<&mut dyn Deputy>, r: DeputyRequest) -> bool {
+        let seq = r.seq;
+        let lock = || deputy.lock().unwrap_or_else(|p| p.into_inner());
+        let begun = lock().begin(from_wire(r));
+        let reply = match begun {
+            vmm::deputy::Begun::Done(r) => r,
+            vmm::deputy::Begun::Pending(mut p) => {
+                // SAFETY: pthread_self has no preconditions.
+                let me = unsafe { libc::pthread_self() } as u64;
+                self.map().insert(seq, me);
+                let ret = p.run();
+                self.map().remove(&seq);
+                lock().complete(p, ret)
+            }
+            vmm::deputy::Begun::Waiting(wait) => wait(),
+        };
+        if reply.ret == -EINTR {
+            // A signal interrupted the call here: it reaches the guest before the reply does.
+            forward_signals(writer);
+        }
+        let msg = Message::DeputyReply(DeputyReply {
+            seq,
+            ret: reply.ret,
+            outs: reply.outs,
+        });
+        writer.send(&msg).is_ok()
+    }
+}
+
 /// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
-/// is lost or moves on. A reader thread takes the link's traffic (and interrupts a call home
-/// was asked to cancel); signals `mosvm run` receives meanwhile are sent to the guest;
+/// is lost or moves on. This thread reads the link and serves the calls; while one of them
+/// runs a while (it may block), a helper reads the link meanwhile: a cancel interrupts the
+/// call it names, a further call (another guest thread's) runs on a thread of its own,
+/// reports are taken at once, and anything else is passed on (the guest's exit, or a lost
+/// link, interrupts the calls still running for it). Signals `mosvm run` receives meanwhile are sent to the guest;
 /// `on_failed` hears why a move the guest's host tried failed, `on_usage` what the guest has
 /// used on its host (CPU ns, memory bytes).
 pub fn serve_home(
     writer: Wire,
     deputy: &mut dyn Deputy,
-    on_failed: &dyn Fn(String),
-    on_usage: &dyn Fn(u64, u64),
+    on_failed: &(dyn Fn(String) + Sync),
+    on_usage: &(dyn Fn(u64, u64) + Sync),
 ) -> HomeEnd {
     let reader = writer.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -355,117 +486,155 @@ pub fn serve_home(
             }
         });
     }
-    // The request being executed (0: none), by this thread.
-    let running = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() } as u64;
+    // The request this thread executes (0: none).
+    let busy = std::sync::atomic::AtomicU64::new(0);
+    let running = Running::default();
+    let deputy = Mutex::new(deputy);
     vmm::vm::install_kick_handler();
-    // This thread reads the requests itself; once one has run a while (it may block), a
-    // helper reads the link meanwhile (a cancel of that request interrupts it) and passes
-    // anything else on. When the guest is coming home the helper reads everything.
     let (tx, rx) = mpsc::channel();
-    let helper_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let helper_all = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (running, done, all, link) = (
-            running.clone(),
-            helper_done.clone(),
-            helper_all.clone(),
-            reader.clone(),
-        );
-        std::thread::spawn(move || {
-            block_host_signals();
-            let tick = std::time::Duration::from_millis(2);
-            let mut seen = 0;
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                let now = running.load(std::sync::atomic::Ordering::SeqCst);
-                let reading = all.load(std::sync::atomic::Ordering::SeqCst);
-                let m = if reading {
-                    link.reader()
-                        .recv_within(std::time::Duration::from_millis(100))
-                } else if now != 0 && now == seen {
-                    match link.try_reader() {
-                        Some(mut rd) => rd.recv_within(tick),
-                        None => {
-                            std::thread::sleep(tick);
-                            Ok(None)
-                        }
-                    }
-                } else {
-                    seen = now;
-                    std::thread::sleep(tick);
-                    Ok(None)
-                };
-                match m {
-                    Ok(Some(Message::Cancel { seq })) => {
-                        if running.load(std::sync::atomic::Ordering::SeqCst) == seq {
-                            vmm::vm::PauseHandle::kick_thread(me);
-                        }
-                    }
-                    Ok(Some(m)) => {
-                        if tx.send(m).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-    }
-    // Set when this thread found the link closed: what the helper read before (it passes it
-    // on after letting go of the link) still comes first.
-    let mut ended = false;
-    let end = loop {
-        let m = match rx.try_recv() {
-            Ok(m) => m,
-            Err(mpsc::TryRecvError::Disconnected) => break HomeEnd::Lost,
-            Err(mpsc::TryRecvError::Empty) if ended => {
-                match rx.recv_timeout(std::time::Duration::from_millis(500)) {
-                    Ok(m) => m,
-                    Err(_) => break HomeEnd::Lost,
-                }
-            }
-            Err(mpsc::TryRecvError::Empty) => {
-                match reader
-                    .reader()
-                    .recv_within(std::time::Duration::from_millis(50))
-                {
-                    Ok(Some(m)) => m,
-                    Ok(None) => continue,
-                    Err(_) => {
-                        ended = true;
+    let helper_done = std::sync::atomic::AtomicBool::new(false);
+    let end = std::thread::scope(|scope| {
+        {
+            let (busy, done, running, link, deputy, writer, tx) = (
+                &busy,
+                &helper_done,
+                running.clone(),
+                reader.clone(),
+                &deputy,
+                writer.clone(),
+                tx.clone(),
+            );
+            scope.spawn(move || {
+                block_host_signals();
+                let tick = std::time::Duration::from_millis(2);
+                let mut seen = 0;
+                // The guest exited or the link is gone: calls still running are orphans.
+                let mut orphans = false;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    let now = busy.load(std::sync::atomic::Ordering::SeqCst);
+                    if orphans {
+                        running.cancel_all();
+                        std::thread::sleep(std::time::Duration::from_millis(20));
                         continue;
                     }
+                    let m = if now != 0 && now == seen {
+                        match link.try_reader() {
+                            Some(mut rd) => rd.recv_within(tick),
+                            None => {
+                                std::thread::sleep(tick);
+                                Ok(None)
+                            }
+                        }
+                    } else {
+                        seen = now;
+                        std::thread::sleep(tick);
+                        Ok(None)
+                    };
+                    match m {
+                        Ok(Some(Message::Cancel { seq })) => running.cancel(seq),
+                        Ok(Some(Message::DeputyRequest(r))) => {
+                            let (running, writer) = (running.clone(), writer.clone());
+                            scope.spawn(move || {
+                                block_host_signals();
+                                running.serve(&writer, deputy, r);
+                            });
+                        }
+                        Ok(Some(Message::Abort { reason })) => on_failed(reason),
+                        Ok(Some(Message::Usage { cpu_ns, mem_bytes })) => {
+                            on_usage(cpu_ns, mem_bytes)
+                        }
+                        Ok(Some(m)) => {
+                            orphans = matches!(m, Message::Exit { .. });
+                            if tx.send(m).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => orphans = true,
+                    }
                 }
+            });
+        }
+        // Set when this thread found the link closed: what the helper read before (it
+        // passes it on after letting go of the link) still comes first.
+        let mut ended = false;
+        let end = loop {
+            let m = match rx.try_recv() {
+                Ok(m) => m,
+                Err(mpsc::TryRecvError::Disconnected) => break Ok(HomeEnd::Lost),
+                Err(mpsc::TryRecvError::Empty) if ended => {
+                    match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                        Ok(m) => m,
+                        Err(_) => break Ok(HomeEnd::Lost),
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => {
+                    match reader
+                        .reader()
+                        .recv_within(std::time::Duration::from_millis(50))
+                    {
+                        Ok(Some(m)) => m,
+                        Ok(None) => continue,
+                        Err(_) => {
+                            ended = true;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match m {
+                Message::DeputyRequest(r) => {
+                    busy.store(r.seq, std::sync::atomic::Ordering::SeqCst);
+                    let ok = running.serve(&writer, &deputy, r);
+                    busy.store(0, std::sync::atomic::Ordering::SeqCst);
+                    if !ok {
+                        break Ok(HomeEnd::Lost);
+                    }
+                }
+                Message::Cancel { seq } => running.cancel(seq),
+                Message::Exit { status } => break Ok(HomeEnd::Exited(status)),
+                Message::MigrateOffer(o) => {
+                    // From here on a reader of its own reads everything; the migration
+                    // takes it.
+                    let (link, calls, tx) = (reader.clone(), running.clone(), tx.clone());
+                    std::thread::spawn(move || {
+                        block_host_signals();
+                        loop {
+                            let m = link
+                                .reader()
+                                .recv_within(std::time::Duration::from_millis(100));
+                            match m {
+                                Ok(Some(Message::Cancel { seq })) => calls.cancel(seq),
+                                Ok(Some(m)) => {
+                                    if tx.send(m).is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                    break Err(Box::new(o));
+                }
+                Message::Moved { node, addr, token } => {
+                    break Ok(HomeEnd::Moved { node, addr, token })
+                }
+                Message::Abort { reason } => on_failed(reason),
+                Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
+                _ => {}
             }
         };
-        match m {
-            Message::DeputyRequest(r) => {
-                running.store(r.seq, std::sync::atomic::Ordering::SeqCst);
-                let ok = serve_request(&writer, deputy, r);
-                running.store(0, std::sync::atomic::Ordering::SeqCst);
-                if !ok {
-                    break HomeEnd::Lost;
-                }
-            }
-            Message::Exit { status } => break HomeEnd::Exited(status),
-            Message::MigrateOffer(o) => {
-                // From here on the helper reads everything and the migration takes it.
-                helper_all.store(true, std::sync::atomic::Ordering::SeqCst);
-                break HomeEnd::Coming(o, Arc::new(Mutex::new(rx)), running.clone());
-            }
-            Message::Moved { node, addr, token } => break HomeEnd::Moved { node, addr, token },
-            Message::Abort { reason } => on_failed(reason),
-            Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
-            _ => {}
-        }
-    };
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    if !matches!(end, HomeEnd::Coming(..)) {
         helper_done.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    end
+        // Calls still running end (a guest that exited or moved waits for none of them).
+        while running.cancel_all() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        end
+    });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Coming home: the rest arrives through the reader started for it.
+    end.unwrap_or_else(|o| HomeEnd::Coming(*o, Arc::new(Mutex::new(rx)), running))
 }
 
 #[cfg(test)]

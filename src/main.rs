@@ -641,21 +641,25 @@ fn serve_remote(
             *r = w;
         }
     };
+    // (The reports are taken on another thread: they reach only what may be shared.)
+    let (updates, remote_cpu_ns) = (&reg.updates, &reg.remote_cpu_ns);
     let on_failed = |reason: String| {
         eprintln!("mosvm: moving the process on failed: {reason}; it keeps running where it was");
-        send_update(&reg.updates, &control::Update::MigrationFailed { reason });
+        send_update(updates, &control::Update::MigrationFailed { reason });
     };
     // CPU time on the current host, as last reported; earlier hosts' is in `reg.remote_cpu_ns`.
-    let here = std::cell::Cell::new(0u64);
+    let here = std::sync::atomic::AtomicU64::new(0);
     let on_usage = |cpu_ns: u64, mem_bytes: u64| {
-        here.set(cpu_ns);
-        let before = reg.remote_cpu_ns.load(std::sync::atomic::Ordering::SeqCst);
+        here.store(cpu_ns, std::sync::atomic::Ordering::SeqCst);
+        let before = remote_cpu_ns.load(std::sync::atomic::Ordering::SeqCst);
         let cpu_s = (before + cpu_ns) as f64 / 1e9;
-        send_update(&reg.updates, &control::Update::Remote { cpu_s, mem_bytes });
+        send_update(updates, &control::Update::Remote { cpu_s, mem_bytes });
     };
     let host_done = || {
-        reg.remote_cpu_ns
-            .fetch_add(here.replace(0), std::sync::atomic::Ordering::SeqCst);
+        reg.remote_cpu_ns.fetch_add(
+            here.swap(0, std::sync::atomic::Ordering::SeqCst),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     };
     let end = loop {
         set_remote(Some(link.clone()));
@@ -712,9 +716,7 @@ fn serve_remote(
     let received = migration::receive(&mut conn, Some(offer), &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
-                running.store(r.seq, std::sync::atomic::Ordering::SeqCst);
-                let ok = link::serve_request(&writer, &mut **deputy, r);
-                running.store(0, std::sync::atomic::Ordering::SeqCst);
+                let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r);
                 anyhow::ensure!(ok, "the link closed");
             }
             migrate::Message::Exit { status } => {

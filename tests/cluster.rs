@@ -260,6 +260,41 @@ fn a_process_travels_home_a_b_home_and_matches_native() {
 }
 
 #[test]
+fn a_threaded_process_travels_home_a_b_home_and_matches_native() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
+    let home = &nodes[0];
+    // Four workers under a mutex and condition variable, a napping thread, one blocked on a
+    // pipe and one on standard input (still blocked there, at home, when the process exits):
+    // every thread moves, the blocked home calls are interrupted and issued again from the
+    // next node, and calls of different threads wait at home side by side.
+    for (variant, stops) in [
+        ("dynamic", &["a", "b", "home"][..]),
+        ("musl-static", &["b"][..]),
+    ] {
+        Case::image(variant, "mtticker")
+            .args(["400", "1500000", "16"])
+            .stdin("")
+            .stdin_by_hand()
+            .socket(&home.sock)
+            .timeout(Duration::from_secs(240))
+            .check_while(|run| {
+                let pid = run.pid();
+                // Standard input stays open (never closed by this test): the reader of it is
+                // still blocked when the process exits.
+                std::mem::forget(run.take_stdin());
+                wait_registered(&home.sock, pid);
+                std::thread::sleep(Duration::from_millis(500));
+                tour(home, pid, stops, &mut |_| {
+                    std::thread::sleep(Duration::from_millis(300));
+                });
+            });
+    }
+}
+
+#[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

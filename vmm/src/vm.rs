@@ -231,18 +231,20 @@ pub struct VmmState {
     pml4: u64,
     /// Frames below `used` that hold nothing (unmapped pages, retired page tables).
     free_frames: Vec<u64>,
-    /// The robust futex list head (set_robust_list).
-    robust_list: u64,
     vmas: Vec<(u64, crate::mm::Vma)>,
     brk_start: u64,
     brk: u64,
     pid: i64,
     sig_actions: Vec<Vec<u8>>,
-    sig_mask: u64,
-    /// Pending signals' `siginfo_t`s, oldest first.
+    /// Signals pending for the process: their `siginfo_t`s, oldest first.
     sig_queue: Vec<Vec<u8>>,
-    altstack: crate::sigframe::AltStack,
-    sig_trap: [u64; 3],
+    /// The thread whose vCPU is the VM's first (the process's first thread but after an
+    /// execve by another): its own state.
+    thread: thread::ThreadMig,
+    /// The other threads, each with its vCPU's state.
+    threads: Vec<thread::ThreadMig>,
+    /// TSS and exception stack tops of vCPUs that exited threads left for new ones.
+    spare_tss: Vec<(u64, u64)>,
     /// ITIMER_REAL, _VIRTUAL, _PROF: (interval, value) in µs.
     itimers: Vec<[u64; 2]>,
     /// POSIX timers and what was left of them.
@@ -506,6 +508,8 @@ impl Vm {
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         GUEST_TID.store(tid as i32, Ordering::SeqCst);
+        // The first thread's state is in: this host thread runs it.
+        self.cur.host = tid as i32;
         let out = loop {
             let r = if self.th.mt.is_some() {
                 self.run_threads()
@@ -617,10 +621,12 @@ impl Vm {
     /// Capture a paused guest: its vCPU and VMM state (guest memory is read separately,
     /// through [`Vm::memory_view`]). The deputy is handed back for the guest's next home.
     pub fn capture(&mut self) -> Result<MigState> {
-        anyhow::ensure!(
-            self.th.mt.is_none(),
-            "the process has several threads and stays at home (threads do not migrate yet)"
-        );
+        let (threads, spare_tss) = if self.th.mt.is_some() {
+            self.others_mig()
+                .map_err(|e| anyhow::anyhow!("the process stays here: {e}"))?
+        } else {
+            (Vec::new(), Vec::new())
+        };
         anyhow::ensure!(
             !self.space.holds_shared(),
             "the process holds a shared mapping and stays at home (paper section 4.2)"
@@ -643,16 +649,15 @@ impl Vm {
             used: self.space.mem.used(),
             pml4: self.space.mem.cr3(),
             free_frames: self.space.mem.free_list(),
-            robust_list: self.robust_list,
             vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
             brk_start: self.space.brk_start,
             brk: self.space.brk,
             pid: self.pid,
             sig_actions: self.sig.actions.iter().map(|a| a.to_vec()).collect(),
-            sig_mask: self.sig.mask,
             sig_queue: self.sig.queue.iter().map(|b| b.to_vec()).collect(),
-            altstack: self.sig.alt,
-            sig_trap: self.sig.trap,
+            thread: self.current_mig(),
+            threads,
+            spare_tss,
             itimers: signal::itimers_now(),
             posix_timers: self.timers_now(),
             rlimits: self.rlimits.to_vec(),
@@ -676,6 +681,7 @@ impl Vm {
     /// Give up the VM (after it has moved away) and keep its deputy. The interval timers
     /// went with the guest: they stop here.
     pub fn into_deputy(mut self) -> Box<dyn Deputy> {
+        self.end_threads();
         signal::set_itimers(&[[0, 0]; 3]);
         self.drop_host_timers();
         self.deputy
@@ -717,8 +723,14 @@ impl Vm {
             vm,
             mut mem,
         } = p;
-        let v = st.vmm;
+        let mut v = st.vmm;
         anyhow::ensure!(mem.size() >= v.mem, "guest memory smaller than the guest's");
+        let (first, threads, spare) = (
+            std::mem::take(&mut v.thread),
+            std::mem::take(&mut v.threads),
+            std::mem::take(&mut v.spare_tss),
+        );
+        let posix_timers = std::mem::take(&mut v.posix_timers);
         mem.restore_layout(v.used, v.pml4, v.free_frames)
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
         let mut space = AddressSpace::new(mem);
@@ -730,7 +742,7 @@ impl Vm {
                 dst.copy_from_slice(src);
             }
         }
-        sig.mask = v.sig_mask;
+        sig.mask = v.thread.mask();
         for b in &v.sig_queue {
             if let Ok(info) = <[u8; 128]>::try_from(b.as_slice()) {
                 let s = i32::from_le_bytes(info[..4].try_into().expect("4"));
@@ -740,8 +752,6 @@ impl Vm {
                 }
             }
         }
-        sig.alt = v.altstack;
-        sig.trap = v.sig_trap;
         signal::set_itimers(&v.itimers);
         sig.mirror_all();
         let host = cpu::host()?;
@@ -760,7 +770,7 @@ impl Vm {
         comm[..n].copy_from_slice(&v.comm[..n]);
         let [exits, local, home, page_faults] = v.counters;
         let shown: String;
-        Ok(Vm {
+        let mut vm = Vm {
             vcpu: thread::VcpuSlot(Some(vcpu)),
             tid: v.pid,
             th: Default::default(),
@@ -791,13 +801,13 @@ impl Vm {
             warned: Default::default(),
             last_fault: None,
             home_wait: None,
-            robust_list: v.robust_list,
+            robust_list: 0,
             clear_child_tid: 0,
             forked: false,
             vfork_done: None,
             vfork_shared: false,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
-            timers: timers::recreate(v.posix_timers, v.pid),
+            timers: Vec::new(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
@@ -809,7 +819,10 @@ impl Vm {
                 page_faults,
                 ..Default::default()
             },
-        })
+        };
+        vm.restore_threads(first, threads, spare)?;
+        vm.timers = timers::recreate(posix_timers, &|t| vm.host_of(t));
+        Ok(vm)
     }
 
     /// A guest exception: demand paging resumes the guest (None); anything else ends it as
@@ -900,7 +913,7 @@ impl Vm {
         if rip >= guest::KERNEL_BASE {
             // Inside the stub (about to exit or return): come back shortly.
             let p = self.pause.clone();
-            let tid = (self.th.mt.is_some()).then_some(self.tid as i32);
+            let tid = (self.th.mt.is_some()).then_some(self.cur.host);
             std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 match tid {

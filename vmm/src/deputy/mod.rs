@@ -59,7 +59,7 @@ impl Reply {
 }
 
 /// Anything that executes forwarded syscalls.
-pub trait Deputy {
+pub trait Deputy: Send {
     /// Execute one request.
     fn call(&mut self, req: Request) -> Reply;
 
@@ -131,6 +131,9 @@ pub enum Begun {
     Done(Reply),
     /// The host call still to make.
     Pending(Box<Pending>),
+    /// The reply is made elsewhere (at home, for a deputy across the link): wait for it,
+    /// without the deputy.
+    Waiting(Box<dyn FnOnce() -> Reply + Send>),
 }
 
 /// A host call prepared by a deputy, owning its buffers: it needs nothing of the deputy.
@@ -819,6 +822,7 @@ impl Deputy for HostDeputy {
                 let ret = p.run();
                 self.finish(*p, ret)
             }
+            Begun::Waiting(wait) => wait(),
         }
     }
 

@@ -307,6 +307,7 @@ impl Vm {
         // SAFETY: gettid and pthread_self have no preconditions.
         let (tid, me) = unsafe { (libc::syscall(libc::SYS_gettid), libc::pthread_self()) };
         GUEST_TID.store(tid as i32, Ordering::SeqCst);
+        self.cur.host = tid as i32;
         self.pause.inner.thread.store(me, Ordering::SeqCst);
         self.pause.clear();
         self.pid = self

@@ -14,7 +14,7 @@
 //! that has more than one does not migrate (yet).
 
 use super::pause::{self, KICK_SIGNAL};
-use super::{last_errno, Outcome, Step, Vm, EAGAIN, EFAULT, EINVAL, ENOSYS};
+use super::{last_errno, Outcome, Step, Vm, EAGAIN, EFAULT, EINTR, EINVAL, ENOSYS};
 use crate::deputy::{Begun, Deputy, Reply, Request};
 use crate::mm::AddressSpace;
 use crate::sigframe::AltStack;
@@ -109,6 +109,9 @@ pub(super) struct Threads {
     /// The first thread took an execve caller's place after it had exited: it handles that
     /// call before it runs.
     pub(super) resume_syscall: bool,
+    /// A priority-inheritance futex op was made: the host kernel knows the guest's tids as
+    /// its own threads', so the process stays at home.
+    pub(super) pi: bool,
 }
 
 impl Default for Threads {
@@ -126,6 +129,7 @@ impl Default for Threads {
             delegated: None,
             fork_snapshot: None,
             resume_syscall: false,
+            pi: false,
         }
     }
 }
@@ -143,6 +147,9 @@ pub(super) struct Current {
     /// The thread's vCPU's TSS and exception stack top.
     pub(super) tss: u64,
     pub(super) exc_top: u64,
+    /// The kernel tid of the host thread running the thread (its guest tid at home until
+    /// the process first moves; kicks go to it).
+    pub(super) host: i32,
 }
 
 impl Default for Current {
@@ -154,6 +161,7 @@ impl Default for Current {
             cr3_loaded: 0,
             tss: guest::TSS_VA,
             exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
+            host: 0,
         }
     }
 }
@@ -177,6 +185,8 @@ pub(super) struct ThreadState {
     zap: bool,
     /// Its vCPU may be running guest code (it is not blocked in an [`Op`]).
     in_guest: bool,
+    /// Its vCPU's state, taken when it stopped for a migration (see [`Vm::stop_threads`]).
+    snap: Option<crate::snapshot::VcpuState>,
 }
 
 /// A blocking step of a thread's system call, run without the process lock.
@@ -236,6 +246,10 @@ enum Served {
 /// How long a thread waiting for a signal sleeps between looks.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
+/// How long the main thread waits for the others to stop for a migration before it gives
+/// the migration up (a thread in a host call that no signal interrupts).
+const STOP_LIMIT: Duration = Duration::from_secs(3);
+
 /// The process lock and what the threads share besides the [`Vm`].
 pub(super) struct Shared {
     vm: AtomicPtr<Vm>,
@@ -251,6 +265,8 @@ struct Book {
     /// The process has ended (the outcome, or the error that ended it): nobody touches the
     /// Vm through `vm` again.
     ended: Option<std::result::Result<Outcome, String>>,
+    /// A migration is attempted: the threads stop outside guest code (see [`stop_others`]).
+    stop: bool,
 }
 
 /// How a thread's run ended.
@@ -315,6 +331,7 @@ impl Deputy for LockedDeputy<'_> {
         let ended = || Reply::err(libc::EINTR as i64);
         match self.0.with(|vm, _| vm.deputy.begin(req)) {
             Some(Begun::Done(r)) => r,
+            Some(Begun::Waiting(wait)) => wait(),
             Some(Begun::Pending(mut p)) => {
                 let ret = p.run();
                 self.0
@@ -454,11 +471,12 @@ impl Vm {
     /// Put thread `tid`'s state (and its vCPU, from its host thread) in. False when the
     /// thread was told to end (it is then gone).
     fn swap_in(&mut self, tid: i64, vcpu: &mut Option<VcpuFd>) -> bool {
-        pause::kicked(tid as i32);
         let Some(i) = self.th.others.iter().position(|t| t.tid == tid) else {
             return false;
         };
         let mut t = self.th.others.swap_remove(i);
+        pause::kicked(t.cur.host);
+        t.snap = None;
         if t.zap {
             return false;
         }
@@ -513,7 +531,7 @@ impl Vm {
         }
         if fresh {
             for t in &self.th.others {
-                pause::want(t.tid as i32);
+                pause::want(t.cur.host);
             }
         }
         // Retired tables are freed once no running vCPU can still walk them.
@@ -582,25 +600,9 @@ impl Vm {
             .mt
             .get_or_insert_with(|| Shared::new(self.pause.clone()))
             .clone();
-        // The new host thread reports its tid, then waits for its state to be in place.
-        let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel::<i64>(1);
-        let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<bool>(1);
-        let v = SendVcpu(vcpu);
-        let spawned = std::thread::Builder::new()
-            .name("mosvm-thread".into())
-            .spawn(move || {
-                let v = v;
-                let tid = gettid();
-                let _ = tid_tx.send(tid);
-                if go_rx.recv() != Ok(true) {
-                    return;
-                }
-                thread_main(sh, tid, v.0);
-            });
-        if spawned.is_err() {
+        let Some((tid, go)) = spawn_thread(sh, None, vcpu) else {
             return Err(EAGAIN);
-        }
-        let tid = tid_rx.recv().map_err(|_| EAGAIN)?;
+        };
         // The new thread's own state: the creator's mask, no alternate stack (clone(2)), no
         // pending signals.
         self.th.others.push(ThreadState {
@@ -615,6 +617,7 @@ impl Vm {
                 cr3_loaded: self.cur.cr3_loaded,
                 tss,
                 exc_top,
+                host: tid as i32,
                 ..Default::default()
             },
             // Its vCPU runs guest code before it first comes in.
@@ -627,7 +630,7 @@ impl Vm {
         if f & CLONE_CHILD_SETTID != 0 {
             let _ = self.write_guest(c.child_tid, &(tid as i32).to_le_bytes());
         }
-        let _ = go_tx.send(true);
+        let _ = go.send(true);
         Ok(Step::Ret(tid))
     }
 
@@ -793,6 +796,29 @@ impl Vm {
         } else {
             0
         };
+        if matches!(
+            cmd,
+            FUTEX_LOCK_PI
+                | FUTEX_LOCK_PI2
+                | FUTEX_UNLOCK_PI
+                | FUTEX_TRYLOCK_PI
+                | FUTEX_WAIT_REQUEUE_PI
+                | FUTEX_CMP_REQUEUE_PI
+        ) {
+            // The host's priority inheritance knows owners by host tid: right only while
+            // every thread's guest tid is its host thread's (the process never moved).
+            if !self.tids_are_hosts() {
+                if self.warned.insert(0x7000_0006) {
+                    eprintln!(
+                        "mosvm: {}: priority-inheritance futexes after a migration are not \
+                         supported",
+                        self.program.display()
+                    );
+                }
+                return Err(ENOSYS);
+            }
+            self.th.pi = true;
+        }
         let host = |addr: u64, val: u64, t: u64| {
             // SAFETY: host addresses of mapped guest words; `t` is the guest's count (val2)
             // for the requeue and wake-op operations, never a pointer here.
@@ -804,7 +830,13 @@ impl Vm {
             }
         };
         match cmd {
-            FUTEX_WAKE | FUTEX_WAKE_BITSET | FUTEX_REQUEUE | FUTEX_CMP_REQUEUE | FUTEX_WAKE_OP
+            FUTEX_WAKE_OP => {
+                // The host kernel writes the second word: dirty for a migration's copy.
+                let r = host(addr, a[2], a[3]);
+                self.space.mem.mark_dirty_va(a[4]);
+                r
+            }
+            FUTEX_WAKE | FUTEX_WAKE_BITSET | FUTEX_REQUEUE | FUTEX_CMP_REQUEUE
             | FUTEX_CMP_REQUEUE_PI => host(addr, a[2], a[3]),
             FUTEX_UNLOCK_PI | FUTEX_TRYLOCK_PI => host(addr, a[2], 0),
             FUTEX_WAIT
@@ -862,7 +894,7 @@ impl Vm {
             return true;
         }
         super::signal::enqueue(&mut t.tpending, &mut t.tqueue, info);
-        pause::want(tid as i32);
+        pause::want(t.cur.host);
         true
     }
 
@@ -874,7 +906,7 @@ impl Vm {
         }
         for t in &self.th.others {
             if p & (!t.mask | t.cur.sigwait_set) != 0 {
-                pause::want(t.tid as i32);
+                pause::want(t.cur.host);
             }
         }
     }
@@ -903,7 +935,7 @@ impl Vm {
     pub(super) fn zap_threads(&mut self) {
         for t in &mut self.th.others {
             t.zap = true;
-            pause::want(t.tid as i32);
+            pause::want(t.cur.host);
         }
     }
 
@@ -939,7 +971,7 @@ impl Vm {
             what,
             result: None,
         });
-        pause::want(self.pid as i32);
+        pause::want(pause::GUEST_TID.load(Ordering::SeqCst));
         if let Some(sh) = &self.th.mt {
             sh.cv.notify_all();
         }
@@ -988,6 +1020,7 @@ impl Vm {
             return Served::Child;
         }
         self.exchange(&mut t);
+        let host = t.cur.host;
         self.th.others.push(t);
         let r = r.map(|s| match s {
             Step::Ret(v) => v,
@@ -996,7 +1029,7 @@ impl Vm {
         if let Some(d) = self.th.delegated.as_mut() {
             d.result = Some(r);
         }
-        pause::want(tid as i32);
+        pause::want(host);
         Served::Nothing
     }
 
@@ -1071,11 +1104,16 @@ impl Vm {
         if main_alive {
             self.swap_out(&mut vcpu, true);
         }
+        // Threads stopped for a migration that did not happen run on.
+        for t in &mut self.th.others {
+            t.snap = None;
+        }
         let p: *mut Vm = self;
         sh.vm.store(p, Ordering::SeqCst);
         {
             let mut b = sh.book();
             b.open = true;
+            b.stop = false;
             sh.cv.notify_all();
         }
         let end = if main_alive {
@@ -1141,10 +1179,258 @@ impl Vm {
     }
 }
 
-/// A thread other than the main one: runs until it or the process ends.
-fn thread_main(sh: Arc<Shared>, tid: i64, vcpu: VcpuFd) {
+/// One thread of a process as it travels (in the VMM state): its own signal state, futex
+/// bookkeeping and TSS, and for all but the current one its vCPU's state.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub struct ThreadMig {
+    tid: i64,
+    mask: u64,
+    saved_mask: Option<u64>,
+    alt: AltStack,
+    trap: [u64; 3],
+    /// Signals sent to it alone (`siginfo_t`s, oldest first).
+    queue: Vec<Vec<u8>>,
+    clear_child_tid: u64,
+    robust_list: u64,
+    tss: u64,
+    exc_top: u64,
+    vcpu: Option<crate::snapshot::VcpuState>,
+}
+
+impl ThreadMig {
+    /// The thread's signal mask (guest signal n is bit n-1).
+    pub(super) fn mask(&self) -> u64 {
+        self.mask
+    }
+}
+
+/// The pending bits and queue of travelled `siginfo_t`s.
+fn queue_in(q: &[Vec<u8>]) -> (u64, VecDeque<[u8; 128]>) {
+    let mut pending = 0u64;
+    let mut queue = VecDeque::new();
+    for b in q {
+        if let Ok(info) = <[u8; 128]>::try_from(b.as_slice()) {
+            let s = i32::from_le_bytes(info[..4].try_into().expect("4"));
+            if (1..=64).contains(&s) {
+                pending |= 1 << (s - 1);
+                queue.push_back(info);
+            }
+        }
+    }
+    (pending, queue)
+}
+
+impl Vm {
+    /// Whether every thread's guest tid is its host thread's.
+    fn tids_are_hosts(&self) -> bool {
+        self.tid as i32 == self.cur.host
+            && self.th.others.iter().all(|t| t.tid as i32 == t.cur.host)
+    }
+
+    /// The host tid of the thread running guest thread `tid` of this process.
+    pub(super) fn host_of(&self, tid: i64) -> Option<i32> {
+        if tid == self.tid {
+            return Some(self.cur.host);
+        }
+        self.th
+            .others
+            .iter()
+            .find(|t| t.tid == tid && !t.zap)
+            .map(|t| t.cur.host)
+    }
+
+    /// The current thread as it travels (its vCPU apart).
+    pub(super) fn current_mig(&self) -> ThreadMig {
+        ThreadMig {
+            tid: self.tid,
+            mask: self.sig.mask,
+            saved_mask: self.sig.saved_mask,
+            alt: self.sig.alt,
+            trap: self.sig.trap,
+            queue: self.sig.tqueue.iter().map(|b| b.to_vec()).collect(),
+            clear_child_tid: self.clear_child_tid,
+            robust_list: self.robust_list,
+            tss: self.cur.tss,
+            exc_top: self.cur.exc_top,
+            vcpu: None,
+        }
+    }
+
+    /// The other threads as they travel, with the vCPU states they stopped with (see
+    /// [`stop_others`]), and the TSS and stack tops of the spare vCPUs. An error says why
+    /// the process cannot move with its threads now.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn others_mig(&mut self) -> Result<(Vec<ThreadMig>, Vec<(u64, u64)>)> {
+        anyhow::ensure!(
+            !self.th.main_exited,
+            "its first thread has exited while others run"
+        );
+        anyhow::ensure!(
+            !self.th.pi,
+            "it uses priority-inheritance futexes, which the host kernel keeps"
+        );
+        anyhow::ensure!(
+            self.th.delegated.is_none() && self.th.others.iter().all(|t| !t.zap),
+            "one of its threads is forking or executing a program"
+        );
+        let mut out = Vec::with_capacity(self.th.others.len());
+        for t in &mut self.th.others {
+            let Some(snap) = t.snap.take() else {
+                anyhow::bail!("its thread {} did not stop for the move", t.tid);
+            };
+            out.push(ThreadMig {
+                tid: t.tid,
+                mask: t.mask,
+                saved_mask: t.saved_mask,
+                alt: t.alt,
+                trap: t.trap,
+                queue: t.tqueue.iter().map(|b| b.to_vec()).collect(),
+                clear_child_tid: t.clear_child_tid,
+                robust_list: t.robust_list,
+                tss: t.cur.tss,
+                exc_top: t.cur.exc_top,
+                vcpu: Some(snap),
+            });
+        }
+        let spare = self.th.spare_vcpus.iter().map(|v| (v.1, v.2)).collect();
+        Ok((out, spare))
+    }
+
+    /// After a move: the current (first) thread's own state from `main`; a vCPU and a host
+    /// thread for each of `others`, which start once the process runs; vCPUs for the spare
+    /// TSSes. All load the newest page-table root.
+    pub(super) fn restore_threads(
+        &mut self,
+        main: ThreadMig,
+        others: Vec<ThreadMig>,
+        spare: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        self.tid = main.tid;
+        self.sig.mask = main.mask;
+        self.sig.saved_mask = main.saved_mask;
+        self.sig.alt = main.alt;
+        self.sig.trap = main.trap;
+        (self.sig.tpending, self.sig.tqueue) = queue_in(&main.queue);
+        self.clear_child_tid = main.clear_child_tid;
+        self.robust_list = main.robust_list;
+        if main.tss != 0 {
+            self.cur.tss = main.tss;
+            self.cur.exc_top = main.exc_top;
+        }
+        self.cur.host = gettid() as i32;
+        if others.is_empty() {
+            return Ok(());
+        }
+        let r = self.restore_others(others, spare);
+        if r.is_err() {
+            // Threads already started end with the VM.
+            self.end_threads();
+        }
+        r
+    }
+
+    fn restore_others(&mut self, others: Vec<ThreadMig>, spare: Vec<(u64, u64)>) -> Result<()> {
+        let cr3 = self.space.mem.cr3();
+        let host = crate::cpu::host()?;
+        self.space.mem.hold_retired(true);
+        let mut s = self.vcpu.get_sregs()?;
+        s.cr3 = cr3;
+        self.vcpu.set_sregs(&s)?;
+        self.cur.cr3_loaded = cr3;
+        let sh = Shared::new(self.pause.clone());
+        self.th.mt = Some(sh.clone());
+        let new_vcpu = |vm: &mut Vm| {
+            let id = vm.th.next_vcpu;
+            vm.th.next_vcpu += 1;
+            crate::cpu::create_vcpu_id(host, &vm._vm, &vm.space.mem, id, 0, 0)
+        };
+        for (tss, top) in spare {
+            let v = new_vcpu(self)?;
+            self.th.spare_vcpus.push((v, tss, top));
+        }
+        for t in others {
+            let mut v = new_vcpu(self)?;
+            let st = t
+                .vcpu
+                .ok_or_else(|| anyhow::anyhow!("thread {} came without its vCPU", t.tid))?;
+            crate::snapshot::restore(&mut v, &st)?;
+            let mut s = v.get_sregs()?;
+            s.cr3 = cr3;
+            v.set_sregs(&s)?;
+            let (hosted, go) = spawn_thread(sh.clone(), Some(t.tid), v)
+                .ok_or_else(|| anyhow::anyhow!("cannot start a host thread"))?;
+            let (tpending, tqueue) = queue_in(&t.queue);
+            self.th.others.push(ThreadState {
+                tid: t.tid,
+                mask: t.mask,
+                saved_mask: t.saved_mask,
+                alt: t.alt,
+                trap: t.trap,
+                tpending,
+                tqueue,
+                clear_child_tid: t.clear_child_tid,
+                robust_list: t.robust_list,
+                cur: Current {
+                    cr3_loaded: cr3,
+                    tss: t.tss,
+                    exc_top: t.exc_top,
+                    host: hosted as i32,
+                    ..Default::default()
+                },
+                in_guest: true,
+                ..Default::default()
+            });
+            let _ = go.send(true);
+        }
+        Ok(())
+    }
+
+    /// The process left this host (or its VM is given up): the other threads, stopped for
+    /// the move, end here.
+    pub(super) fn end_threads(&mut self) {
+        if let Some(sh) = self.th.mt.take() {
+            let mut b = sh.book();
+            b.open = false;
+            if b.ended.is_none() {
+                b.ended = Some(Err("the process moved to another node".to_string()));
+            }
+            sh.cv.notify_all();
+        }
+    }
+}
+
+/// Start a host thread for guest thread `tid` (None: a new thread, whose tid is its host
+/// thread's) with its vCPU. It reports its host tid, returned here with the sender that lets
+/// it go once its state is in place (false: it ends at once). None if no thread could start.
+fn spawn_thread(
+    sh: Arc<Shared>,
+    tid: Option<i64>,
+    vcpu: VcpuFd,
+) -> Option<(i64, std::sync::mpsc::SyncSender<bool>)> {
+    let (tid_tx, tid_rx) = std::sync::mpsc::sync_channel::<i64>(1);
+    let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<bool>(1);
+    let v = SendVcpu(vcpu);
+    std::thread::Builder::new()
+        .name("mosvm-thread".into())
+        .spawn(move || {
+            let v = v;
+            let host = gettid();
+            let _ = tid_tx.send(host);
+            if go_rx.recv() != Ok(true) {
+                return;
+            }
+            thread_main(sh, tid.unwrap_or(host), host as i32, v.0);
+        })
+        .ok()?;
+    let host = tid_rx.recv().ok()?;
+    Some((host, go_tx))
+}
+
+/// A thread other than the main one (guest tid `tid`, run by host thread `host`): runs until
+/// it or the process ends.
+fn thread_main(sh: Arc<Shared>, tid: i64, host: i32, vcpu: VcpuFd) {
     pause::unblock_guest_signals();
-    pause::register_thread(tid as i32, true);
+    pause::register_thread(host, true);
     let mut vcpu = Some(vcpu);
     if let Some(v) = vcpu.as_mut() {
         let ie = &mut v.get_kvm_run().immediate_exit as *mut u8;
@@ -1152,13 +1438,74 @@ fn thread_main(sh: Arc<Shared>, tid: i64, vcpu: VcpuFd) {
     }
     let end = thread_loop(&sh, tid, &mut vcpu, false, None);
     pause::set_own_immediate_exit(std::ptr::null_mut());
-    pause::register_thread(tid as i32, false);
-    pause::kicked(tid as i32);
+    pause::register_thread(host, false);
+    pause::kicked(host);
     if matches!(end, End::Process) {
         // The main thread returns the outcome.
         sh.cv.notify_all();
     }
     drop(vcpu);
+}
+
+/// On the main thread, asked to pause: have every other thread stop outside guest code with
+/// its vCPU's state taken ([`park`]), waiting up to [`STOP_LIMIT`]. Those that did not stop
+/// leave no state, and the capture fails.
+fn stop_others(sh: &Shared, own: i64) {
+    let t0 = Instant::now();
+    loop {
+        let all = sh.with(|vm, book| {
+            book.stop = true;
+            if vm.th.delegated.is_some() {
+                // A fork or execve of another thread waits for this one: no migration now.
+                return true;
+            }
+            let mut all = true;
+            for t in &vm.th.others {
+                if t.tid != own && t.snap.is_none() && !t.zap {
+                    pause::want(t.cur.host);
+                    all = false;
+                }
+            }
+            all
+        });
+        if all != Some(false) || t0.elapsed() > STOP_LIMIT || !sh.pause.requested() {
+            return;
+        }
+        let b = sh.book();
+        let _ = sh.cv.wait_timeout(b, Duration::from_millis(10));
+    }
+}
+
+/// A thread other than the main one stops for a migration: its vCPU's state is taken while
+/// its state is in, then it waits until the main thread runs the threads again (None: go on)
+/// or the process ends here (it moved away, or ended).
+fn park(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>) -> Option<End> {
+    let parked = sh.with(|vm, book| {
+        if !book.stop {
+            // The pause was given up meanwhile.
+            return true;
+        }
+        if !vm.swap_in(tid, vcpu) {
+            return false;
+        }
+        let snap = crate::snapshot::capture(&mut vm.vcpu).ok();
+        vm.swap_out(vcpu, false);
+        if let Some(t) = vm.th.others.last_mut() {
+            t.snap = snap;
+        }
+        true
+    });
+    match parked {
+        None => return Some(End::Process),
+        Some(false) => return Some(End::Thread),
+        Some(true) => {}
+    }
+    sh.cv.notify_all();
+    let mut b = sh.book();
+    while b.stop && b.ended.is_none() {
+        b = sh.cv.wait(b).unwrap_or_else(|e| e.into_inner());
+    }
+    b.ended.is_some().then_some(End::Process)
 }
 
 /// What a thread does after its state went out.
@@ -1178,6 +1525,7 @@ fn thread_loop(
 ) -> End {
     loop {
         if main && sh.pause.requested() {
+            stop_others(sh, tid);
             let back = sh.with(|vm, book| {
                 book.open = false;
                 vm.swap_in(tid, vcpu)
@@ -1186,6 +1534,12 @@ fn thread_loop(
                 Some(true) => End::Pause,
                 _ => End::Process,
             };
+        }
+        if !main && sh.book().stop {
+            if let Some(end) = park(sh, tid, vcpu) {
+                return end;
+            }
+            continue;
         }
         let ev = match (first.take(), vcpu.as_mut()) {
             (Some(ev), _) => ev,
@@ -1217,10 +1571,10 @@ fn thread_loop(
                 let end = |vm: &mut Vm, book: &mut Book, r| {
                     book.ended = Some(r);
                     for t in &vm.th.others {
-                        pause::kick_tid(t.tid as i32);
+                        pause::kick_tid(t.cur.host);
                     }
                     let main_tid = pause::GUEST_TID.load(Ordering::SeqCst);
-                    if main_tid > 0 && main_tid as i64 != vm.tid {
+                    if main_tid > 0 && main_tid != vm.cur.host {
                         pause::kick_tid(main_tid);
                     }
                     Flow::End(End::Process)
@@ -1259,7 +1613,11 @@ fn thread_loop(
                 None => return End::Process,
                 Some(Flow::Run) => break,
                 Some(Flow::Block(op)) => {
-                    let ret = op.run(sh);
+                    // A home call or futex wait that has not started when the threads are
+                    // to stop is interrupted before it starts (and issued again after the
+                    // move); a wait is bounded and looks at the pause itself.
+                    let stopping = !matches!(op, Op::Wait { .. }) && sh.book().stop;
+                    let ret = if stopping { -EINTR } else { op.run(sh) };
                     next = Err((op, ret));
                 }
                 Some(Flow::End(End::Single)) => {

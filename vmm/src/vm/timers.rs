@@ -3,9 +3,7 @@
 //! the guest like any other (`si_timerid` translated to the guest's id). They travel with the
 //! guest: captured as what is left of them and re-created on the destination.
 
-use super::pause::GUEST_TID;
 use super::{Step, Vm, EFAULT, EINVAL};
-use std::sync::atomic::Ordering;
 
 /// One guest timer.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -33,10 +31,9 @@ fn errno() -> i64 {
 }
 
 /// The host `struct sigevent` for a guest one: signals go to this process (or, for
-/// SIGEV_THREAD_ID, to the host thread running the guest's thread it names: the first one's
-/// is `GUEST_TID`, another's has the guest thread's tid; `is_thread` says which tids are the
-/// guest's).
-fn host_sigevent(guest: &[u8], pid: i64, is_thread: &dyn Fn(i64) -> bool) -> Result<[u8; 64], i64> {
+/// SIGEV_THREAD_ID, to the host thread running the guest's thread it names; `host_of` gives
+/// it for the guest's tids, None for others).
+fn host_sigevent(guest: &[u8], host_of: &dyn Fn(i64) -> Option<i32>) -> Result<[u8; 64], i64> {
     let mut ev = [0u8; 64];
     ev.copy_from_slice(&guest[..64]);
     let signo = i32::from_le_bytes(ev[8..12].try_into().expect("4"));
@@ -49,13 +46,7 @@ fn host_sigevent(guest: &[u8], pid: i64, is_thread: &dyn Fn(i64) -> bool) -> Res
             }
             if notify == SIGEV_THREAD_ID {
                 let tid = i32::from_le_bytes(ev[16..20].try_into().expect("4"));
-                let host = if tid as i64 == pid {
-                    GUEST_TID.load(Ordering::SeqCst)
-                } else if is_thread(tid as i64) {
-                    tid
-                } else {
-                    return Err(EINVAL);
-                };
+                let host = host_of(tid as i64).ok_or(EINVAL)?;
                 ev[16..20].copy_from_slice(&host.to_le_bytes());
             }
         }
@@ -110,7 +101,7 @@ impl Vm {
                     ev[8..12].copy_from_slice(&libc::SIGALRM.to_le_bytes());
                     ev
                 };
-                let ev = host_sigevent(&guest_ev, self.pid, &|t| self.has_thread(t))?;
+                let ev = host_sigevent(&guest_ev, &|t| self.host_of(t))?;
                 // Check the output before creating anything.
                 self.write_guest(a[2], &[0u8; 4])?;
                 let host_id = host_create(clock, &ev)?;
@@ -249,11 +240,14 @@ impl Vm {
 }
 
 /// Re-create carried timers on this host (armed with what was left of them).
-pub(super) fn recreate(timers: Vec<PosixTimer>, pid: i64) -> Vec<PosixTimer> {
+pub(super) fn recreate(
+    timers: Vec<PosixTimer>,
+    host_of: &dyn Fn(i64) -> Option<i32>,
+) -> Vec<PosixTimer> {
     timers
         .into_iter()
         .filter_map(|mut t| {
-            let ev = host_sigevent(&t.sigevent, pid, &|_| false).ok()?;
+            let ev = host_sigevent(&t.sigevent, host_of).ok()?;
             t.host_id = host_create(t.clock, &ev).ok()?;
             let [iv, val] = t.left;
             let (i, v) = (ns_to_timespec(iv), ns_to_timespec(val));
