@@ -123,6 +123,7 @@ fn spawn(sock: &Path, prog: &Path, args: &[String], dir: &Path) -> Child {
         .arg(prog)
         .args(args)
         .current_dir(dir)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -247,5 +248,32 @@ fn main() {
         "loopback TCP round trip {:.1} us: remote - home = {:.2} round trips",
         rtt / 1e3,
         (remote - home) / rtt
+    );
+
+    // A threaded process (four workers, a napping thread, one blocked on a pipe, one on
+    // stdin: seven threads) moved while it works: every thread stops and travels.
+    let raw = median3(raw_tcp);
+    let args: Vec<String> = ["200", "1500000", "64"].map(String::from).to_vec();
+    let mut run = spawn(&sock, &image("glibc-static", "mtticker"), &args, dir.path());
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    to_b(&sock, run.id());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(run.wait().unwrap().success(), "{err}");
+    let r = report_of(&err);
+    let f = |k: &str| r[k].as_f64().unwrap();
+    let bps = f("bytes") / (f("total_ns") / 1e9);
+    println!(
+        "\nthreaded process (7 threads, 64 MiB, all working): total {:.1} ms, downtime {:.2} ms, {} rounds, {:.0} MB/s = {:.2} x raw loopback TCP ({:.0} MB/s)",
+        f("total_ns") / 1e6,
+        f("downtime_ns") / 1e6,
+        r["rounds"],
+        bps / 1e6,
+        bps / raw,
+        raw / 1e6
     );
 }
