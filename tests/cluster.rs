@@ -295,6 +295,39 @@ fn a_threaded_process_travels_home_a_b_home_and_matches_native() {
 }
 
 #[test]
+fn threaded_processes_that_must_stay_home_keep_running_there() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // The first thread has exited while a worker runs; a thread has waited on a
+    // priority-inheritance mutex (the host kernel knows its owner by tid). Each refusal names
+    // its reason, and the process finishes at home as natively.
+    for (mode, why) in [
+        ("leader-exit", "first thread has exited"),
+        ("pi", "priority-inheritance futexes"),
+    ] {
+        Case::image("glibc-static", "stayhome")
+            .args([mode, "150"])
+            .socket(home)
+            .ignore_stderr()
+            .check_while(|run| {
+                let pid = run.pid();
+                wait_registered(home, pid);
+                std::thread::sleep(Duration::from_millis(400));
+                for _ in 0..2 {
+                    let m = client(home, &["migrate", &pid.to_string(), "b", "--wait"]);
+                    let err = String::from_utf8_lossy(&m.stderr);
+                    assert!(!m.status.success(), "{mode}: {err}");
+                    assert!(
+                        err.contains(why) && err.contains("still runs on home"),
+                        "{mode}: {err}"
+                    );
+                }
+            });
+    }
+}
+
+#[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

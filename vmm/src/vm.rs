@@ -497,7 +497,11 @@ impl Vm {
     pub fn run_or_pause(&mut self) -> Result<Option<Outcome>> {
         let t = Instant::now();
         install_kick_handler();
-        let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        // (No vCPU when the first thread has exited while others run.)
+        let ie = match self.vcpu.0.as_mut() {
+            Some(v) => &mut v.get_kvm_run().immediate_exit as *mut u8,
+            None => std::ptr::null_mut(),
+        };
         IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
         let p = self.pause.inner.clone();
         // SAFETY: pthread_self has no preconditions.

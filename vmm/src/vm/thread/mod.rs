@@ -668,9 +668,14 @@ impl Vm {
                     Some(Served::Exec) => break End::Revived,
                     Some(Served::Nothing) => {}
                 }
-                let b = sh.book();
+                let mut b = sh.book();
                 if b.ended.is_some() {
                     break End::Process;
+                }
+                if sh.pause.requested() {
+                    // A migration is attempted: the capture says why it cannot be made.
+                    b.open = false;
+                    break End::Pause;
                 }
                 let _ = sh.cv.wait_timeout(b, WAIT_SLICE);
             }
