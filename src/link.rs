@@ -347,6 +347,14 @@ impl Remote {
                 continue;
             }
             last_look = std::time::Instant::now();
+            if vmm::vm::process_ending() {
+                // Another thread ended the process: this call's answer is not wanted.
+                let _ = link.send(&Message::Cancel { seq });
+                return Reply {
+                    ret: -EINTR,
+                    outs: vec![],
+                };
+            }
             // Ask home to interrupt the call, and ask again now and then: a request to
             // interrupt that lands just before the call blocks is lost.
             let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);

@@ -581,6 +581,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             p.info.pinned.as_deref().unwrap_or_default()
                         ),
                     },
+                    (Some(p), Ok(_)) if p.info.state == "migrating" => Reply::Error {
+                        message: format!(
+                            "process {pid} is already moving (one move at a time); it runs on {}",
+                            p.info.node
+                        ),
+                    },
                     (Some(p), Ok(_)) => {
                         p.info.state = "migrating".into();
                         let _ = p.commands.send(Command::Migrate { to: to.clone() });

@@ -328,6 +328,29 @@ fn threaded_processes_that_must_stay_home_keep_running_there() {
 }
 
 #[test]
+fn a_thread_ends_the_process_away_while_the_first_waits_in_a_home_call() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // On b the first thread's read waits at home for input that never comes; the worker's
+    // exit(42) must end the process there at once, and `mosvm run` at home with it.
+    Case::image("glibc-static", "exitaway")
+        .args(["120"])
+        .expect_status(Some(42))
+        .stdin("")
+        .stdin_by_hand()
+        .socket(home)
+        .timeout(Duration::from_secs(120))
+        .check_while(|run| {
+            let pid = run.pid();
+            // Standard input stays open (never closed by this test).
+            std::mem::forget(run.take_stdin());
+            wait_registered(home, pid);
+            tour(&nodes[0], pid, &["b"], &mut |_| {});
+        });
+}
+
+#[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

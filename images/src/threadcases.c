@@ -4,7 +4,8 @@
 // (they must fault, never land in memory mapped afterwards); a sigwait thread taking five
 // signals, each sent once it took the one before; signals a worker sends to the process, handled by the first
 // thread; sem_post from a signal handler waking a single-threaded sem_wait; 300 threads alive
-// at once with the C library's default 8 MiB stacks (more than the default --mem, untouched).
+// at once with the C library's default 8 MiB stacks (more than the default --mem, untouched);
+// pthread_sigqueue (rt_tgsigqueueinfo) to another thread of the process and to itself.
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <semaphore.h>
@@ -86,6 +87,23 @@ static void *wait_all(void *a) {
 
 static sem_t sem;
 static void post(int s) { sem_post(&sem); }
+static volatile int queued, qtid;
+static void take_value(int s, siginfo_t *si, void *u) { queued += si->si_value.sival_int; }
+static void *wait_queued(void *a) {
+    qtid = syscall(SYS_gettid);
+    while (!queued) usleep(1000);
+    return 0;
+}
+/* What pthread_sigqueue does (musl has none): rt_tgsigqueueinfo with SI_QUEUE. */
+static long queue_to(int tid, int sig, int value) {
+    siginfo_t si = {0};
+    si.si_signo = sig;
+    si.si_code = SI_QUEUE;
+    si.si_pid = getpid();
+    si.si_uid = getuid();
+    si.si_value.sival_int = value;
+    return syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, sig, &si);
+}
 
 int main(void) {
     setvbuf(stdout, 0, _IONBF, 0);
@@ -157,5 +175,17 @@ int main(void) {
     alarm(1);
     while (sem_wait(&sem) != 0) ;
     printf("sem_wait woken by sem_post in a handler\n");
+
+    struct sigaction qa = {0};
+    qa.sa_sigaction = take_value;
+    qa.sa_flags = SA_SIGINFO;
+    sigaction(SIGRTMIN, &qa, 0);
+    pthread_create(&w, 0, wait_queued, 0);
+    while (!qtid) usleep(1000);
+    long to_other = queue_to(qtid, SIGRTMIN, 7);
+    pthread_join(w, 0);
+    long to_self = queue_to(syscall(SYS_gettid), SIGRTMIN, 7);
+    printf("rt_tgsigqueueinfo: to another thread %ld, to itself %ld, values %d\n", to_other,
+           to_self, (int)queued);
     return 0;
 }

@@ -4,7 +4,7 @@
 //! terminal, its children, its interval timers): each is recorded with its `siginfo_t` and
 //! handed to the guest at its next exit (`vm/signal.rs`).
 
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// Host signals received and not yet taken by the VMM (bit `sig - 1`).
@@ -16,6 +16,20 @@ pub(super) static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_
 
 /// The thread running the guest (its kernel tid), 0 while none does.
 pub(super) static GUEST_TID: AtomicI32 = AtomicI32::new(0);
+/// The process has ended while some of its threads may still wait (set once, never cleared).
+static ENDING: AtomicBool = AtomicBool::new(false);
+
+/// The guest process has ended: threads still waiting for something outside (a home call
+/// across the link) give up, so that the outcome can be reported.
+pub(super) fn set_ending() {
+    ENDING.store(true, Ordering::SeqCst);
+}
+
+/// Whether the guest process has ended (see [`set_ending`]): a call still waiting for home
+/// returns at once.
+pub fn process_ending() -> bool {
+    ENDING.load(Ordering::SeqCst)
+}
 /// The host threads running the other threads of a multi-threaded guest (kernel tids; 0:
 /// a free slot). Lock-free, so a host fork never leaves one held in the child.
 static THREAD_TIDS: [AtomicI32; 1024] = [const { AtomicI32::new(0) }; 1024];

@@ -432,20 +432,27 @@ impl Vm {
     /// rt_sigqueueinfo(2), rt_tgsigqueueinfo(2) to this process: a signal with the caller's
     /// `siginfo_t` (to others the deputy sends it: see `forward`).
     pub(super) fn sigqueue(&mut self, nr: i64, a: [u64; 6]) -> Result<Step, i64> {
-        let (sig, uinfo) = if nr == libc::SYS_rt_tgsigqueueinfo {
-            if a[1] as i32 as i64 != self.pid {
+        // rt_tgsigqueueinfo names one thread of this process (rt_sigqueueinfo the process).
+        let (sig, uinfo, tid) = if nr == libc::SYS_rt_tgsigqueueinfo {
+            let tid = a[1] as i32 as i64;
+            if !self.has_thread(tid) {
                 return Err(super::ESRCH);
             }
-            (a[2] as i32, a[3])
+            (a[2] as i32, a[3], Some(tid))
         } else {
-            (a[1] as i32, a[2])
+            (a[1] as i32, a[2], None)
         };
         let mut info = self.read_guest::<128>(uinfo)?;
         if !(1..=64).contains(&sig) {
             return Err(EINVAL);
         }
         info[..4].copy_from_slice(&sig.to_le_bytes());
-        self.sig.post(info);
+        match tid {
+            Some(t) => {
+                self.post_to_thread(t, info);
+            }
+            None => self.sig.post(info),
+        }
         Ok(Step::Ret(0))
     }
 

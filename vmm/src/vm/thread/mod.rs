@@ -817,6 +817,7 @@ fn thread_loop(
                 let block = vm.th.block.take();
                 let end = |vm: &mut Vm, book: &mut Book, r| {
                     book.ended = Some(r);
+                    pause::set_ending();
                     for t in &vm.th.others {
                         pause::kick_tid(t.cur.host);
                     }
