@@ -504,8 +504,14 @@ impl Vm {
                     return Ok(Some(out));
                 }
                 let pm = self.pause.inner.throttle.load(Ordering::SeqCst);
-                if pm > 0 && !self.pause.requested() && self.th.mt.is_none() {
-                    std::thread::sleep(THROTTLE_PERIOD * pm / 1000);
+                if pm > 0 && !self.pause.requested() {
+                    let share = THROTTLE_PERIOD * pm / 1000;
+                    if self.th.mt.is_none() {
+                        std::thread::sleep(share);
+                    } else {
+                        // A thread sits its share out without the process lock.
+                        self.th.block = Some(thread::Op::Sleep(share));
+                    }
                 }
                 return Ok(None);
             }

@@ -668,6 +668,10 @@ impl PauseHandle {
                 while me.inner.throttle.load(Ordering::SeqCst) > 0 {
                     std::thread::sleep(THROTTLE_PERIOD);
                     me.kick();
+                    // The other threads of a multi-threaded guest too.
+                    for t in slots(&THREAD_TIDS) {
+                        kick_tid(t);
+                    }
                 }
             });
         }

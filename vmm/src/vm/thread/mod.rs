@@ -613,6 +613,8 @@ impl Vm {
             // Interrupted by a kick (-EINTR): restarted unless a handler runs.
             Op::Futex { .. } => self.complete(nr, a, Step::Ret(ret)),
             Op::Wait { .. } => self.syscall(),
+            // Not a call: the thread runs on.
+            Op::Sleep(_) => Ok(None),
         }
     }
 

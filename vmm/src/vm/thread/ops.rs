@@ -31,6 +31,8 @@ pub(in crate::vm) enum Op {
     /// Wait until kicked (or `until`, or a slice), then handle the call again: sleeps and
     /// waits for signals, which look again at what they wait for.
     Wait { until: Option<Instant> },
+    /// Sit out this long outside guest code (a throttled share of a slice), then run on.
+    Sleep(std::time::Duration),
 }
 
 /// The address space of a thread's home call, under the process lock.
@@ -104,6 +106,15 @@ impl Op {
                 };
                 // SAFETY: ppoll with no descriptors and a valid timeout: a sleep that a kick
                 // interrupts.
+                unsafe { libc::ppoll(std::ptr::null_mut(), 0, &ts, std::ptr::null()) };
+                0
+            }
+            Op::Sleep(d) => {
+                let ts = libc::timespec {
+                    tv_sec: d.as_secs() as i64,
+                    tv_nsec: d.subsec_nanos() as i64,
+                };
+                // SAFETY: as for `Wait`: a sleep a kick interrupts.
                 unsafe { libc::ppoll(std::ptr::null_mut(), 0, &ts, std::ptr::null()) };
                 0
             }
