@@ -130,6 +130,16 @@ fn spawn(sock: &Path, prog: &Path, args: &[String], dir: &Path) -> Child {
         .unwrap()
 }
 
+/// Let a moved process run to its end (its output read through `out`): its migration report.
+fn finish(mut run: Child, mut out: BufReader<std::process::ChildStdout>) -> serde_json::Value {
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(run.wait().unwrap().success(), "{err}");
+    report_of(&err)
+}
+
 fn report_of(stderr: &str) -> serde_json::Value {
     let line = stderr
         .lines()
@@ -183,12 +193,7 @@ fn main() {
         assert_eq!(line.trim(), "ready");
         std::thread::sleep(Duration::from_millis(if rate > 0 { 500 } else { 100 }));
         to_b(&sock, run.id());
-        let mut rest = String::new();
-        out.read_to_string(&mut rest).unwrap();
-        let mut err = String::new();
-        run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        assert!(run.wait().unwrap().success(), "{err}");
-        let r = report_of(&err);
+        let r = finish(run, out);
         let f = |k: &str| r[k].as_f64().unwrap();
         let touched = f("first_pages") * 4096.0;
         let bps = f("bytes") / (f("total_ns") / 1e9);
@@ -259,12 +264,7 @@ fn main() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     to_b(&sock, run.id());
-    let mut rest = String::new();
-    out.read_to_string(&mut rest).unwrap();
-    let mut err = String::new();
-    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(run.wait().unwrap().success(), "{err}");
-    let r = report_of(&err);
+    let r = finish(run, out);
     let f = |k: &str| r[k].as_f64().unwrap();
     let bps = f("bytes") / (f("total_ns") / 1e9);
     println!(
