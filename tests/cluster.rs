@@ -351,6 +351,32 @@ fn a_thread_ends_the_process_away_while_the_first_waits_in_a_home_call() {
 }
 
 #[test]
+fn a_sleep_moved_again_and_again_still_ends() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // Each move stops a relative sleep; it must go on toward its original end (through
+    // restart_syscall), not start over: moved back and forth without pause, a 3 s sleep used to
+    // never end. The bound below only catches that (it is 20 times the sleep).
+    Case::new("/bin/sleep")
+        .args(["3"])
+        .socket(home)
+        .timeout(Duration::from_secs(60))
+        .check_while(|run| {
+            let pid = run.pid();
+            wait_registered(home, pid);
+            let (mut to_b, mut moved) = (true, 0);
+            while let Some(p) = proc_info(home, pid) {
+                moved = moved.max(p["migrations"].as_u64().unwrap_or(0));
+                let _ = migrate(home, pid, if to_b { "b" } else { "home" });
+                to_b = !to_b;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert!(moved >= 2, "the sleep was moved {moved} times only");
+        });
+}
+
+#[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

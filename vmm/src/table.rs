@@ -96,7 +96,6 @@ pub struct Entry {
 const ENOSYS: i64 = 38;
 const EPERM: i64 = 1;
 const EINVAL: i64 = 22;
-const EINTR: i64 = 4;
 const ENOSPC: i64 = 28;
 const EOPNOTSUPP: i64 = 95;
 
@@ -138,6 +137,7 @@ table! {
     SYS_getrlimit => Local, SYS_setrlimit => Local, SYS_getrandom => Local,
     SYS_clock_gettime => Local, SYS_clock_getres => Local, SYS_gettimeofday => Local,
     SYS_time => Local, SYS_nanosleep => Local, SYS_clock_nanosleep => Local,
+    SYS_restart_syscall => Local,
     SYS_sched_yield => Local, SYS_uname => Local, SYS_exit => Local, SYS_exit_group => Local,
     SYS_rt_sigaction => Local, SYS_rt_sigprocmask => Local, SYS_sigaltstack => Local,
     SYS_rt_sigreturn => Local, SYS_rt_sigpending => Local, SYS_futex => Local, SYS_kill => Local, SYS_tgkill => Local,
@@ -364,7 +364,7 @@ table! {
     // What Linux itself answers here: a micro-VM has no NUMA nodes (a kernel built without
     // NUMA answers ENOSYS), no secret memory (off unless booted with it), no protection keys
     // (pkey_alloc ENOSPC), no LDT, no shadow stacks, no LSM attributes; calls long gone from
-    // Linux answer ENOSYS; restart_syscall with nothing to restart is EINTR.
+    // Linux answer ENOSYS.
     SYS_mbind => Refused(ENOSYS), SYS_set_mempolicy => Refused(ENOSYS),
     SYS_get_mempolicy => Refused(ENOSYS), SYS_migrate_pages => Refused(ENOSYS),
     SYS_move_pages => Refused(ENOSYS), SYS_set_mempolicy_home_node => Refused(ENOSYS),
@@ -384,7 +384,7 @@ table! {
     SYS_epoll_ctl_old => Refused(ENOSYS), SYS_epoll_wait_old => Refused(ENOSYS),
     SYS_uselib => Refused(ENOSYS), SYS__sysctl => Refused(ENOSYS),
     SYS_lookup_dcookie => Refused(ENOSYS), SYS_sysfs => Refused(ENOSYS),
-    SYS_remap_file_pages => Refused(ENOSYS), SYS_restart_syscall => Refused(EINTR),
+    SYS_remap_file_pages => Refused(ENOSYS),
 
     // Refused as Linux refuses an unprivileged process (EPERM): they would act on the host
     // the VMM runs on or on other processes, not on the guest: tracing, the kernel log and

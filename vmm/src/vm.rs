@@ -218,6 +218,10 @@ pub struct Vm {
 /// no program ever sees): the call was held back or cancelled because the guest is moving.
 pub const ERESTART: i64 = 512;
 
+/// A call's answer meaning "continue it through restart_syscall(2)" (Linux's internal
+/// ERESTART_RESTARTBLOCK): a relative sleep stopped for a move resumes toward its original end.
+pub(super) const ERESTART_BLOCK: i64 = 516;
+
 /// Length of the `syscall` instruction (0f 05).
 const SYSCALL_INSN_LEN: u64 = 2;
 
@@ -703,6 +707,9 @@ impl Vm {
     /// Finish system call `nr(a)` with what its handler made of it.
     fn complete(&mut self, nr: u64, a: [u64; 6], step: Step) -> Result<Option<Outcome>> {
         if !matches!(step, Step::Block(_)) {
+            if !matches!(step, Step::Ret(v) if v == -ERESTART_BLOCK) {
+                self.cur.restart = None;
+            }
             self.cur.redo_until = None;
             self.cur.redo_mask = None;
             self.cur.sigwait_set = 0;
@@ -725,14 +732,22 @@ impl Vm {
                 // issues it again wherever it resumes (as Linux restarts a syscall). A call a
                 // signal interrupted is restarted unless a handler runs that asks otherwise
                 // (SA_RESTART, signal(7)).
+                let block = v == -ERESTART_BLOCK;
                 let restart = v == -ERESTART
-                    || (v == -EINTR && self.interrupted(nr, &a).is_none_or(|again| again));
+                    || block
+                    || (v == -EINTR
+                        && nr != libc::SYS_restart_syscall as u64
+                        && self.interrupted(nr, &a).is_none_or(|again| again));
                 let quick = !restart
                     && self.sig.all_pending() & !self.sig.mask == 0
                     && !host_signals_pending();
                 let regs = &mut self.vcpu.sync_regs_mut().regs;
                 if restart {
-                    regs.rax = nr;
+                    regs.rax = if block {
+                        libc::SYS_restart_syscall as u64
+                    } else {
+                        nr
+                    };
                     regs.rcx = regs.rcx.wrapping_sub(SYSCALL_INSN_LEN);
                 } else {
                     regs.rax = v as u64;
@@ -1110,6 +1125,7 @@ impl Vm {
             }
             libc::SYS_nanosleep => self.sleep(libc::CLOCK_MONOTONIC, 0, a[0], a[1]),
             libc::SYS_clock_nanosleep => self.sleep(a[0] as i32, a[1] as i32, a[2], a[3]),
+            libc::SYS_restart_syscall => self.restart_syscall(),
             libc::SYS_sched_yield => ok(0),
             libc::SYS_pause => self.pause_call(),
             libc::SYS_execve | libc::SYS_execveat => self.execve(nr as i64, a),

@@ -38,6 +38,26 @@ pub(super) fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
     b
 }
 
+/// A relative sleep a move stopped (Linux's restart block for nanosleep): its end on the
+/// guest's `clock` (ns; the guest's clocks travel with it) and where its remainder goes.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct SleepRestart {
+    clock: i32,
+    end_ns: i64,
+    rem: u64,
+}
+
+/// This host's `clock`, ns.
+fn host_now(c: i32) -> i128 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to fill in.
+    unsafe { libc::clock_gettime(c, &mut t) };
+    t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+}
+
 impl Vm {
     pub(super) fn sleep(
         &mut self,
@@ -62,20 +82,41 @@ impl Vm {
         // A relative sleep ends at a fixed time (as Linux's timer does): being interrupted
         // or stopped on the way does not add to it.
         let relative = flags & libc::TIMER_ABSTIME == 0;
-        let now = |c: i32| {
-            let mut t = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `t` is a valid timespec to fill in.
-            unsafe { libc::clock_gettime(c, &mut t) };
-            t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
-        };
         if relative {
-            let end = now(clock) + ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+            let end = host_now(clock) + ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
             ts.tv_sec = (end / 1_000_000_000) as i64;
             ts.tv_nsec = (end % 1_000_000_000) as i64;
         }
+        self.sleep_until(clock, flags, ts, relative.then_some(rem))
+    }
+
+    /// restart_syscall(2): go on with the sleep a move stopped (see [`SleepRestart`]); EINTR
+    /// when there is none.
+    pub(super) fn restart_syscall(&mut self) -> Result<Step, i64> {
+        // (Kept until the call ends: a thread's sleep is handled again after each wait.)
+        let Some(r) = self.cur.restart else {
+            return Err(EINTR);
+        };
+        let end = r.end_ns as i128 - self.clock_offset(r.clock) as i128;
+        let ts = libc::timespec {
+            tv_sec: (end / 1_000_000_000) as i64,
+            tv_nsec: (end % 1_000_000_000) as i64,
+        };
+        self.sleep_until(r.clock, 0, ts, Some(r.rem))
+    }
+
+    /// Sleep until `ts` on this host's `clock` (a relative sleep's end, with `rem` its
+    /// remainder's address, or an absolute one).
+    fn sleep_until(
+        &mut self,
+        clock: i32,
+        flags: i32,
+        ts: libc::timespec,
+        rem: Option<u64>,
+    ) -> Result<Step, i64> {
+        let relative = rem.is_some();
+        let rem = rem.unwrap_or(0);
+        let now = host_now;
         let mut left = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -94,6 +135,11 @@ impl Vm {
             };
             if done {
                 return Ok(Step::Ret(0));
+            }
+            if relative && self.pause.requested() && !self.signal_ready() {
+                // (A relative sleep's end is `until`, fixed when it started.)
+                let left = until.saturating_duration_since(Instant::now()).as_nanos() as i128;
+                return Err(self.stop_sleep(clock, now(clock) + left, rem));
             }
             if self.signal_ready() || self.pause.requested() {
                 if rem != 0 && relative {
@@ -119,6 +165,10 @@ impl Vm {
             }
             // A signal that reaches a handler (or ends the guest) interrupts the sleep; one
             // the guest ignores or blocks does not (nanosleep(2)).
+            if relative && self.pause.requested() && !self.signal_ready() {
+                let end = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+                return Err(self.stop_sleep(clock, end, rem));
+            }
             if self.signal_ready() || self.pause.requested() {
                 if rem != 0 && relative {
                     let end = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
@@ -130,6 +180,14 @@ impl Vm {
                 return Err(EINTR);
             }
         }
+    }
+
+    /// A relative sleep stops for a move: it goes on through restart_syscall(2) toward the
+    /// same end (`end`, ns on this host's `clock`), as Linux resumes one after a stop.
+    fn stop_sleep(&mut self, clock: i32, end: i128, rem: u64) -> i64 {
+        let end_ns = (end + self.clock_offset(clock) as i128) as i64;
+        self.cur.restart = Some(SleepRestart { clock, end_ns, rem });
+        super::ERESTART_BLOCK
     }
 
     /// The guest's wall-clock time: its home node's.

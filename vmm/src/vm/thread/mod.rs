@@ -138,6 +138,8 @@ pub(super) struct Current {
     /// The kernel tid of the host thread running the thread (its guest tid at home until
     /// the process first moves; kicks go to it).
     pub(super) host: i32,
+    /// A relative sleep a move stopped, which restart_syscall(2) goes on with.
+    pub(super) restart: Option<super::time::SleepRestart>,
 }
 
 impl Default for Current {
@@ -150,6 +152,7 @@ impl Default for Current {
             tss: guest::TSS_VA,
             exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
             host: 0,
+            restart: None,
         }
     }
 }

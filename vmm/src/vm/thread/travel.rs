@@ -25,6 +25,8 @@ pub struct ThreadMig {
     robust_list: u64,
     tss: u64,
     exc_top: u64,
+    /// A relative sleep stopped for the move (see restart_syscall(2)).
+    restart: Option<super::super::time::SleepRestart>,
     vcpu: Option<crate::snapshot::VcpuState>,
 }
 
@@ -83,6 +85,7 @@ impl Vm {
             robust_list: self.robust_list,
             tss: self.cur.tss,
             exc_top: self.cur.exc_top,
+            restart: self.cur.restart,
             vcpu: None,
         }
     }
@@ -120,6 +123,7 @@ impl Vm {
                 robust_list: t.robust_list,
                 tss: t.cur.tss,
                 exc_top: t.cur.exc_top,
+                restart: t.cur.restart,
                 vcpu: Some(snap),
             });
         }
@@ -148,6 +152,7 @@ impl Vm {
             self.cur.tss = main.tss;
             self.cur.exc_top = main.exc_top;
         }
+        self.cur.restart = main.restart;
         self.cur.host = gettid() as i32;
         if others.is_empty() {
             return Ok(());
@@ -210,6 +215,7 @@ impl Vm {
                     tss: t.tss,
                     exc_top: t.exc_top,
                     host: hosted as i32,
+                    restart: t.restart,
                     ..Default::default()
                 },
                 in_guest: true,
