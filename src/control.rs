@@ -50,6 +50,13 @@ pub enum Request {
     /// node `to` start a guest host for it, and answer where that host waits
     /// ([`Reply::Endpoint`]). The two processes then connect directly.
     Link { pid: u32, to: String },
+    /// Administer the node (`mosvm ctl VERB [VALUE]`): stay, nostay, lstay, nolstay, block,
+    /// noblock, expel, bring, speed, status.
+    Ctl {
+        verb: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<f64>,
+    },
 }
 
 /// A process as `mosvm ps` shows it.
@@ -78,6 +85,9 @@ pub struct ProcInfo {
     /// Why the last requested migration failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why it last moved: manual, load, memory, cost, expel or bring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_by: Option<String>,
 }
 
 /// A node as `mosvm nodes` shows it.
@@ -87,14 +97,20 @@ pub struct NodeInfo {
     pub name: String,
     /// Peer address.
     pub addr: String,
-    /// Processors.
-    pub cpus: u32,
-    /// Load (runnable processes per CPU).
+    /// CPU capacity in CPUs (its cgroup quota, or its online CPUs).
+    pub cpus: f64,
+    /// Relative CPU speed (1.0 = the reference CPU).
+    pub speed: f64,
+    /// Load: runnable threads per unit of capacity (CPUs x speed), smoothed.
     pub load: f64,
     /// Free memory, bytes.
     pub free_mem: u64,
-    /// Seconds since this information was fresh (0 for this node; None: never heard from).
+    /// Memory available to processes, bytes.
+    pub total_mem: u64,
+    /// Age of this information, seconds (0 for this node; None: never heard from).
     pub age_s: Option<f64>,
+    /// Membership (SWIM) lists it alive.
+    pub up: bool,
 }
 
 /// The node's answer.
@@ -111,6 +127,8 @@ pub enum Reply {
     Nodes { nodes: Vec<NodeInfo> },
     /// Refused, with a one-line reason.
     Error { message: String },
+    /// `mosvm ctl status`.
+    Status { status: Box<crate::admin::Status> },
     /// For [`Request::Link`]: a guest host waits at `addr` for a connection bearing `token`
     /// (hex), and proves itself with the cluster certificate `cert` (hex DER).
     Endpoint {
@@ -192,6 +210,8 @@ pub enum Update {
     Pinned { reason: Option<String> },
     /// The process exec'd another program.
     Program { program: String },
+    /// System calls so far: sent home, and served where the process runs.
+    Calls { home: u64, local: u64 },
 }
 
 /// Send one request and read one reply.

@@ -2,7 +2,12 @@
 //! (`vmm` for the micro-VM and the deputy, `balancer` for the simulator, `migrate` for the
 //! cluster).
 
+mod admin;
+mod balance;
+mod capacity;
+mod client;
 mod control;
+mod gossip;
 mod guesthost;
 mod link;
 mod migration;
@@ -35,49 +40,25 @@ enum Cmd {
     /// The per-node host service.
     Node(NodeArgs),
     /// Processes whose home is this node, wherever they run.
-    Ps(ListArgs),
+    Ps(client::ListArgs),
     /// Never migrate process PID.
-    Lock(PidArgs),
+    Lock(client::PidArgs),
     /// Let process PID migrate again.
-    Unlock(PidArgs),
+    Unlock(client::PidArgs),
     /// This node's view of the cluster.
-    Nodes(ListArgs),
+    Nodes(client::ListArgs),
     /// Move process PID to NODE (a peer's name or address), or back home.
-    Migrate(MigrateArgs),
+    Migrate(client::MigrateArgs),
     /// Live view of this node's cluster and processes.
-    Mon(MonArgs),
+    Mon(client::MonArgs),
+    /// Administer this node: stay, nostay, lstay, nolstay, block, noblock, expel, bring,
+    /// speed N, status.
+    Ctl(client::CtlArgs),
     /// Create the cluster key (copy the directory to every node).
     Keygen(KeygenArgs),
     /// Run a guest that arrived from another node (started by `mosvm node`).
     #[command(hide = true)]
     GuestHost,
-}
-
-#[derive(clap::Args)]
-struct MigrateArgs {
-    /// Home pid, as `mosvm ps` shows it.
-    pid: u32,
-    /// Destination node: a peer's name or address.
-    node: String,
-    /// The node's control socket.
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// Return only once the move is done (exit 1 if it fails, with the reason).
-    #[arg(long)]
-    wait: bool,
-}
-
-#[derive(clap::Args)]
-struct MonArgs {
-    /// Seconds between refreshes.
-    #[arg(long, default_value_t = 1.0)]
-    interval: f64,
-    /// Stop after this many refreshes.
-    #[arg(long)]
-    count: Option<u32>,
-    /// The node's control socket.
-    #[arg(long)]
-    socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -113,25 +94,21 @@ struct NodeArgs {
     /// Directory with the cluster key (from `mosvm keygen`); required to serve peers.
     #[arg(long)]
     key_dir: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-struct ListArgs {
-    /// Print JSON.
+    /// Automatic migration: mosix (default), opportunity-cost, or off (manual moves only).
     #[arg(long)]
-    json: bool,
-    /// The node's control socket.
+    policy: Option<String>,
+    /// Seconds between gossip messages and balancing decisions (default 1).
     #[arg(long)]
-    socket: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
-struct PidArgs {
-    /// Home pid, as `mosvm ps` shows it.
-    pid: u32,
-    /// The node's control socket.
+    step: Option<f64>,
+    /// Relative CPU speed, 1.0 = the reference CPU (default: measured at start).
     #[arg(long)]
-    socket: Option<PathBuf>,
+    speed: Option<f64>,
+    /// Give the node a cgroup of its own with this CPU capacity, in CPUs (e.g. 0.5; needs root).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Give the node a cgroup of its own with this memory limit (512M, 2G; needs root).
+    #[arg(long)]
+    memory: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -336,7 +313,15 @@ struct Registration {
     remote_cpu_ns: std::sync::atomic::AtomicU64,
 }
 
-type Current = std::sync::Arc<std::sync::Mutex<(vmm::memory::MemView, vmm::vm::PauseHandle)>>;
+/// What the registration thread reads of the guest running here: its memory, its pause
+/// handle and its system-call counts.
+type Current = std::sync::Arc<
+    std::sync::Mutex<(
+        vmm::memory::MemView,
+        vmm::vm::PauseHandle,
+        std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+    )>,
+>;
 
 type RemoteSlot = std::sync::Arc<std::sync::Mutex<Option<wire::Wire>>>;
 
@@ -402,8 +387,11 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         program: vm.program().display().to_string(),
         locked: vm.locked(),
     };
-    let current: Current =
-        std::sync::Arc::new(std::sync::Mutex::new((vm.memory_view(), vm.pause_handle())));
+    let current: Current = std::sync::Arc::new(std::sync::Mutex::new((
+        vm.memory_view(),
+        vm.pause_handle(),
+        vm.call_counts(),
+    )));
     let now = current.clone();
     let lock = vm.lock_flag();
     let prog = vm.program().display().to_string();
@@ -462,7 +450,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                             send_update(&upd, &control::Update::MigrationFailed { reason });
                             continue;
                         }
-                        let Ok((view, pause)) = now.lock().map(|c| c.clone()) else {
+                        let Ok((view, pause, _)) = now.lock().map(|c| c.clone()) else {
                             busy.store(false, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         };
@@ -534,6 +522,14 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
             }
             if let Ok(c) = now.lock() {
                 send_update(&upd, &control::Update::Memory { bytes: c.0.used() });
+                let n = |i: usize| c.2[i].load(std::sync::atomic::Ordering::Relaxed);
+                send_update(
+                    &upd,
+                    &control::Update::Calls {
+                        home: n(0),
+                        local: n(1),
+                    },
+                );
                 let why = c.0.pinned().map(str::to_string);
                 if why != pinned {
                     send_update(
@@ -747,218 +743,9 @@ fn serve_remote(
         },
     );
     if let Ok(mut c) = reg.current.lock() {
-        *c = (vm.memory_view(), vm.pause_handle());
+        *c = (vm.memory_view(), vm.pause_handle(), vm.call_counts());
     }
     Ok(Ok(vm))
-}
-
-fn client(socket: Option<&Path>, req: control::Request) -> Result<control::Reply, ExitCode> {
-    match control::call(&control::socket_path(socket), &req) {
-        Ok(control::Reply::Error { message }) => {
-            eprintln!("mosvm: {message}");
-            Err(ExitCode::from(1))
-        }
-        Ok(r) => Ok(r),
-        Err(e) => {
-            eprintln!("mosvm: {e:#}");
-            Err(ExitCode::from(1))
-        }
-    }
-}
-
-/// A reply of the expected kind, or the exit code after a one-line error.
-fn expect<T>(
-    r: Result<control::Reply, ExitCode>,
-    pick: impl FnOnce(control::Reply) -> Option<T>,
-) -> Result<T, ExitCode> {
-    let r = r?;
-    let shown = format!("{r:?}");
-    pick(r).ok_or_else(|| {
-        eprintln!("mosvm: unexpected answer from the node: {shown}");
-        ExitCode::from(1)
-    })
-}
-
-fn get_procs(socket: Option<&Path>) -> Result<Vec<control::ProcInfo>, ExitCode> {
-    expect(client(socket, control::Request::Ps), |r| match r {
-        control::Reply::Procs { procs } => Some(procs),
-        _ => None,
-    })
-}
-
-/// `mosvm migrate`: ask the home node to move the process; with `--wait`, follow `ps` until
-/// the move is done or has failed.
-fn migrate_cmd(a: MigrateArgs) -> ExitCode {
-    let sock = a.socket.as_deref();
-    let req = control::Request::Migrate {
-        pid: a.pid,
-        to: a.node.clone(),
-    };
-    if let Err(code) = client(sock, req) {
-        return code;
-    }
-    if !a.wait {
-        return ExitCode::SUCCESS;
-    }
-    let home = match get_nodes(sock) {
-        Ok(n) => n.first().map(|n| n.name.clone()).unwrap_or_default(),
-        Err(code) => return code,
-    };
-    let target = if a.node == "home" { home } else { a.node };
-    let t = std::time::Instant::now();
-    loop {
-        let procs = match get_procs(sock) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        let own = |p: &&control::ProcInfo| p.pid == a.pid && !p.state.starts_with("guest of");
-        let Some(p) = procs.iter().find(own) else {
-            eprintln!(
-                "mosvm migrate: process {} ended before the move was done",
-                a.pid
-            );
-            return ExitCode::from(1);
-        };
-        if p.state != "migrating" {
-            if p.node == target {
-                return ExitCode::SUCCESS;
-            }
-            let why = p.last_error.as_deref().unwrap_or("no reason given");
-            eprintln!(
-                "mosvm migrate: moving process {} to {target} failed: {why}; it still runs on {}",
-                a.pid, p.node
-            );
-            return ExitCode::from(1);
-        }
-        if t.elapsed() > std::time::Duration::from_secs(600) {
-            eprintln!(
-                "mosvm migrate: process {} is still moving after 10 minutes",
-                a.pid
-            );
-            return ExitCode::from(1);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-fn get_nodes(socket: Option<&Path>) -> Result<Vec<control::NodeInfo>, ExitCode> {
-    expect(client(socket, control::Request::Nodes), |r| match r {
-        control::Reply::Nodes { nodes } => Some(nodes),
-        _ => None,
-    })
-}
-
-fn procs_table(procs: &[control::ProcInfo]) -> String {
-    let mut out = format!(
-        "{:>8} {:<10} {:<14} {:>8} {:>9} {:>4} {:<4} PROGRAM\n",
-        "PID", "NODE", "STATE", "CPU(s)", "MEM(MiB)", "MIGR", "LOCK"
-    );
-    for p in procs {
-        out += &format!(
-            "{:>8} {:<10} {:<14} {:>8.2} {:>9.1} {:>4} {:<4} {}\n",
-            p.pid,
-            p.node,
-            p.state,
-            p.cpu_s,
-            p.mem_bytes as f64 / (1 << 20) as f64,
-            p.migrations,
-            match (p.locked, &p.pinned) {
-                (true, _) => "yes",
-                (false, Some(_)) => "home",
-                (false, None) => "no",
-            },
-            p.program
-        );
-    }
-    out
-}
-
-fn nodes_table(nodes: &[control::NodeInfo]) -> String {
-    let mut out = format!(
-        "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}\n",
-        "NODE", "ADDRESS", "CPUS", "LOAD", "FREE(MiB)", "AGE(s)"
-    );
-    for n in nodes {
-        out += &match n.age_s {
-            Some(age) => format!(
-                "{:<12} {:<22} {:>4} {:>6.2} {:>10} {:>8.1}\n",
-                n.name,
-                n.addr,
-                n.cpus,
-                n.load,
-                n.free_mem >> 20,
-                age
-            ),
-            None => format!(
-                "{:<12} {:<22} {:>4} {:>6} {:>10} {:>8}\n",
-                if n.name.is_empty() { "?" } else { &n.name },
-                n.addr,
-                "-",
-                "-",
-                "-",
-                "never"
-            ),
-        };
-    }
-    out
-}
-
-fn ps(a: ListArgs) -> ExitCode {
-    match get_procs(a.socket.as_deref()) {
-        Ok(p) if a.json => println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default()),
-        Ok(p) => print!("{}", procs_table(&p)),
-        Err(code) => return code,
-    }
-    ExitCode::SUCCESS
-}
-
-fn nodes(a: ListArgs) -> ExitCode {
-    match get_nodes(a.socket.as_deref()) {
-        Ok(n) if a.json => println!("{}", serde_json::to_string_pretty(&n).unwrap_or_default()),
-        Ok(n) => print!("{}", nodes_table(&n)),
-        Err(code) => return code,
-    }
-    ExitCode::SUCCESS
-}
-
-/// `mosvm mon`: the node's view of the cluster and its processes, refreshed in place.
-fn mon(a: MonArgs) -> ExitCode {
-    let mut shown = 0;
-    loop {
-        let (n, p) = match (
-            get_nodes(a.socket.as_deref()),
-            get_procs(a.socket.as_deref()),
-        ) {
-            (Ok(n), Ok(p)) => (n, p),
-            (Err(code), _) | (_, Err(code)) => return code,
-        };
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
-        if tty {
-            // Clear the screen and go home, then draw.
-            print!("\x1b[2J\x1b[H");
-        }
-        print!("{}\n{}", nodes_table(&n), procs_table(&p));
-        shown += 1;
-        if a.count.is_some_and(|c| shown >= c) {
-            return ExitCode::SUCCESS;
-        }
-        if !tty {
-            println!();
-        }
-        std::thread::sleep(std::time::Duration::from_secs_f64(a.interval.max(0.1)));
-    }
-}
-
-fn lock(a: PidArgs, locked: bool) -> ExitCode {
-    let req = if locked {
-        control::Request::Lock { pid: a.pid }
-    } else {
-        control::Request::Unlock { pid: a.pid }
-    };
-    match client(a.socket.as_deref(), req) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(code) => code,
-    }
 }
 
 fn node_main(a: NodeArgs) -> ExitCode {
@@ -998,6 +785,21 @@ fn node_main(a: NodeArgs) -> ExitCode {
     if a.key_dir.is_some() {
         cfg.key_dir = a.key_dir;
     }
+    if a.policy.is_some() {
+        cfg.policy = a.policy;
+    }
+    if a.step.is_some() {
+        cfg.step = a.step;
+    }
+    if a.speed.is_some() {
+        cfg.speed = a.speed;
+    }
+    if a.cpus.is_some() {
+        cfg.cpus = a.cpus;
+    }
+    if a.memory.is_some() {
+        cfg.memory = a.memory;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSVM_LOG")
@@ -1020,11 +822,11 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Node(a) => node_main(a),
-        Cmd::Ps(a) => ps(a),
-        Cmd::Lock(a) => lock(a, true),
-        Cmd::Unlock(a) => lock(a, false),
-        Cmd::Nodes(a) => nodes(a),
-        Cmd::Migrate(a) => migrate_cmd(a),
+        Cmd::Ps(a) => client::ps(a),
+        Cmd::Lock(a) => client::lock(a, true),
+        Cmd::Unlock(a) => client::lock(a, false),
+        Cmd::Nodes(a) => client::nodes(a),
+        Cmd::Migrate(a) => client::migrate_cmd(a),
         Cmd::Keygen(a) => match migrate::tls::keygen_with(&a.dir, a.force) {
             Ok(()) => {
                 println!("cluster key written to {}", a.dir.display());
@@ -1036,7 +838,8 @@ fn main() -> ExitCode {
             }
         },
         Cmd::GuestHost => guesthost::main(),
-        Cmd::Mon(a) => mon(a),
+        Cmd::Mon(a) => client::mon(a),
+        Cmd::Ctl(a) => client::ctl(a),
         Cmd::Sim(a) => match balancer::sim::cli::run(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -33,6 +33,16 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// State directory.
     pub state_dir: Option<PathBuf>,
+    /// Automatic migration policy: `mosix` (default), `opportunity-cost` or `off`.
+    pub policy: Option<String>,
+    /// Gossip and decision step, seconds (default 1).
+    pub step: Option<f64>,
+    /// Relative CPU speed (default: calibrated at start).
+    pub speed: Option<f64>,
+    /// CPU capacity to give the node's own cgroup, in CPUs (e.g. 0.5).
+    pub cpus: Option<f64>,
+    /// Memory limit to give the node's own cgroup (`512M`, `2G`).
+    pub memory: Option<String>,
 }
 
 impl Config {
@@ -44,30 +54,61 @@ impl Config {
     }
 }
 
-struct Proc {
-    info: ProcInfo,
-    commands: mpsc::UnboundedSender<Command>,
+/// A process whose home is this node (its `mosvm run` registered here).
+pub(crate) struct Proc {
+    pub(crate) info: ProcInfo,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
     /// CPU seconds used on other nodes (reported by `mosvm run`).
-    remote_cpu_s: f64,
+    pub(crate) remote_cpu_s: f64,
+    /// When it registered.
+    pub(crate) since: std::time::Instant,
+    /// Why the move under way was ordered (manual, load, memory, expel, bring).
+    pub(crate) moving_for: Option<String>,
+    /// Moves that failed so far.
+    pub(crate) failures: u32,
+    /// System calls so far: (sent home, served locally).
+    pub(crate) calls: (u64, u64),
+    /// Programs it exec'd so far.
+    pub(crate) execs: u32,
 }
 
-struct State {
-    name: String,
-    listen: Option<SocketAddr>,
-    peers: Vec<(Option<String>, SocketAddr)>,
-    procs: HashMap<u32, Proc>,
-    tls: Option<migrate::ClusterTls>,
+/// A guest this node hosts for another node.
+pub(crate) struct Hosted {
+    /// Its home pid.
+    pub(crate) pid: u32,
+    /// Its home node's name.
+    pub(crate) home: String,
+    /// Program path.
+    pub(crate) program: String,
+    /// When its guest host started.
+    pub(crate) since: std::time::Instant,
+}
+
+pub(crate) struct State {
+    pub(crate) name: String,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) peers: Vec<(Option<String>, SocketAddr)>,
+    pub(crate) procs: HashMap<u32, Proc>,
+    pub(crate) tls: Option<migrate::ClusterTls>,
     socket: PathBuf,
-    /// Guests hosted here for other nodes, by guest-host pid: their home pid and node, program.
-    hosted: HashMap<u32, (u32, String, String)>,
+    /// Guests hosted here for other nodes, by guest-host pid.
+    pub(crate) hosted: HashMap<u32, Hosted>,
     /// The cluster key's directory, for guest hosts.
     key_dir: Option<PathBuf>,
-    /// What each peer last said of itself (processors, load, free memory), and when.
-    heard: HashMap<SocketAddr, ((u32, f64, u64), std::time::Instant)>,
+    /// Every node heard of (configured, or met through gossip), by id.
+    pub(crate) directory: HashMap<balancer::NodeId, crate::gossip::Contact>,
+    /// What the administrator set (`mosvm ctl`).
+    pub(crate) admin: crate::balance::Admin,
+    /// What the balancer last published.
+    pub(crate) view: crate::balance::View,
+    /// The node's cgroup, which registered processes join.
+    pub(crate) cgroup: crate::capacity::Cgroup,
+    /// Events for the balancer (none when it does not run).
+    pub(crate) balancer: Option<mpsc::UnboundedSender<crate::balance::Event>>,
 }
 
 /// Resident memory of a process, bytes (from /proc).
-fn rss_bytes(pid: u32) -> u64 {
+pub(crate) fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -98,12 +139,18 @@ fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
     if let Some((_, a)) = st.peers.iter().find(|(n, _)| n.as_deref() == Some(to)) {
         return Ok(*a);
     }
+    if let Some(c) = st.directory.values().find(|c| c.name == to) {
+        return Ok(c.addr);
+    }
     to.parse().map_err(|_| {
-        let known: Vec<String> = st
+        let mut known: Vec<String> = st
             .peers
             .iter()
             .map(|(n, a)| n.clone().unwrap_or_else(|| a.to_string()))
+            .chain(st.directory.values().map(|c| c.name.clone()))
             .collect();
+        known.sort();
+        known.dedup();
         format!("unknown node '{to}' (known: {})", known.join(", "))
     })
 }
@@ -206,7 +253,18 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
                 Ok(other) => anyhow::bail!("{peer}: expected Host, got {:?}", other.kind()),
                 Err(e) => anyhow::bail!("{peer}: reading the host request: {e}"),
             };
-            let answer = match start_guest_host(&shared, pid, &home, &program) {
+            let blocked = {
+                let st = shared.lock().expect("state lock");
+                st.admin.block && home != st.name
+            };
+            let started = if blocked {
+                Err(anyhow::anyhow!(
+                    "node blocks arriving guests (mosvm ctl noblock)"
+                ))
+            } else {
+                start_guest_host(&shared, pid, &home, &program)
+            };
+            let answer = match started {
                 Ok((port, token)) => {
                     tracing::info!(
                         peer,
@@ -230,9 +288,9 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
         }
         migrate::Purpose::Control => {
             // A peer asking how this node is doing.
-            let info = self_info(&shared.lock().expect("state lock"));
+            let info = nodes_view(&shared.lock().expect("state lock")).remove(0);
             let load = migrate::Message::Load {
-                cpus: info.cpus,
+                cpus: info.cpus.ceil() as u32,
                 load: info.load,
                 free_mem: info.free_mem,
             };
@@ -243,24 +301,6 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Ask the peer at `addr` how it is doing (processors, load, free memory), within a second.
-async fn probe(tls: &migrate::ClusterTls, addr: SocketAddr, me: &str) -> Result<(u32, f64, u64)> {
-    let ask = async {
-        let mut s = connect_peer(tls, addr, me, migrate::Purpose::Control).await?;
-        match read_frame(&mut s).await? {
-            migrate::Message::Load {
-                cpus,
-                load,
-                free_mem,
-            } => Ok((cpus, load, free_mem)),
-            other => anyhow::bail!("{addr} answered {:?}", other.kind()),
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(1), ask)
-        .await
-        .map_err(|_| anyhow::anyhow!("{addr} did not answer within a second"))?
 }
 
 /// Start a guest host for process `pid` of node `home`: a `mosvm guest-host` process whose
@@ -300,11 +340,15 @@ fn start_guest_host(
         .spawn()
         .context("spawning the guest host")?;
     let host_pid = child.id().unwrap_or(0);
-    shared
-        .lock()
-        .expect("state lock")
-        .hosted
-        .insert(host_pid, (pid, home.to_string(), program.to_string()));
+    shared.lock().expect("state lock").hosted.insert(
+        host_pid,
+        Hosted {
+            pid,
+            home: home.to_string(),
+            program: program.to_string(),
+            since: std::time::Instant::now(),
+        },
+    );
     let shared = shared.clone();
     tokio::spawn(async move {
         let r = child.wait().await;
@@ -314,7 +358,7 @@ fn start_guest_host(
     Ok((port, token))
 }
 
-type Shared = Arc<Mutex<State>>;
+pub(crate) type Shared = Arc<Mutex<State>>;
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -323,7 +367,7 @@ fn host_name() -> String {
 }
 
 /// CPU seconds of a process, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -339,39 +383,38 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-fn self_info(st: &State) -> NodeInfo {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0);
-    let free_mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<u64>().ok())
-                })
-        })
-        .unwrap_or(0)
-        * 1024;
-    NodeInfo {
-        name: st.name.clone(),
-        addr: st.listen.map(|a| a.to_string()).unwrap_or_default(),
-        cpus,
-        load: load / cpus as f64,
-        free_mem,
-        age_s: Some(0.0),
+/// The nodes as this node knows them: itself first, then the others by name, with what
+/// each last gossiped about itself.
+pub(crate) fn nodes_view(st: &State) -> Vec<NodeInfo> {
+    let info = |name: &str, addr: String, e: Option<&balancer::LoadEntry>, up: bool| NodeInfo {
+        name: name.to_string(),
+        addr,
+        cpus: e.map_or(0.0, |e| f64::from(e.cpus)),
+        speed: e.map_or(0.0, |e| f64::from(e.speed)),
+        load: e.map_or(0.0, |e| f64::from(e.load)),
+        free_mem: e.map_or(0, |e| u64::from(e.free_mem_mb) << 20),
+        total_mem: e.map_or(0, |e| u64::from(e.total_mem_mb) << 20),
+        age_s: e.map(|e| f64::from(e.age_ms) / 1000.0),
+        up,
+    };
+    let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
+    let mut v = vec![info(&st.name, addr, st.view.own.as_ref(), true)];
+    let mut others: Vec<NodeInfo> = st
+        .view
+        .known
+        .values()
+        .map(|k| info(&k.name, k.addr.clone(), k.entry.as_ref(), k.up))
+        .collect();
+    // Configured peers not heard from yet.
+    for (n, a) in &st.peers {
+        let a = a.to_string();
+        if !others.iter().any(|o| o.addr == a) {
+            others.push(info(n.as_deref().unwrap_or_default(), a, None, false));
+        }
     }
+    others.sort_by(|x, y| x.name.cmp(&y.name).then(x.addr.cmp(&y.addr)));
+    v.extend(others);
+    v
 }
 
 async fn reply(stream: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> Result<()> {
@@ -415,6 +458,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     locked,
                     last_error: None,
                     pinned: None,
+                    moved_by: None,
                 };
                 st.procs.insert(
                     pid,
@@ -422,8 +466,17 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                         info,
                         commands: tx,
                         remote_cpu_s: 0.0,
+                        since: std::time::Instant::now(),
+                        moving_for: None,
+                        failures: 0,
+                        calls: (0, 0),
+                        execs: 0,
                     },
                 );
+                // Its CPU and memory count against this node's own capacity.
+                if let Err(e) = st.cgroup.adopt(&pid.to_string()) {
+                    tracing::warn!(pid, "cannot move the process into the node's cgroup: {e:#}");
+                }
                 node
             };
             tracing::info!(pid, program, locked, "process registered");
@@ -437,7 +490,10 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             match serde_json::from_str::<Update>(&l) {
                                 Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
                                 Ok(Update::Pinned { reason }) => p.info.pinned = reason,
-                                Ok(Update::Program { program }) => p.info.program = program,
+                                Ok(Update::Program { program }) => {
+                                    p.info.program = program;
+                                    p.execs += 1;
+                                }
                                 Ok(Update::Remote { cpu_s, mem_bytes }) => {
                                     p.remote_cpu_s = cpu_s;
                                     p.info.mem_bytes = mem_bytes;
@@ -448,12 +504,17 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                                     p.info.state = "running".into();
                                     p.info.migrations += 1;
                                     p.info.last_error = None;
+                                    p.info.moved_by =
+                                        Some(p.moving_for.take().unwrap_or_else(|| "manual".into()));
                                 }
                                 Ok(Update::MigrationFailed { reason }) => {
                                     tracing::warn!(pid, reason, "migration failed");
                                     p.info.state = "running".into();
                                     p.info.last_error = Some(reason);
+                                    p.moving_for = None;
+                                    p.failures += 1;
                                 }
+                                Ok(Update::Calls { home, local }) => p.calls = (home, local),
                                 Err(_) => {}
                             }
                         }
@@ -493,18 +554,19 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 let mut hosted: Vec<(u32, ProcInfo)> = st
                     .hosted
                     .iter()
-                    .map(|(host_pid, (pid, home, program))| {
+                    .map(|(host_pid, h)| {
                         let info = ProcInfo {
-                            pid: *pid,
-                            program: program.clone(),
+                            pid: h.pid,
+                            program: h.program.clone(),
                             node: st.name.clone(),
-                            state: format!("guest of {home}"),
+                            state: format!("guest of {}", h.home),
                             cpu_s: 0.0,
                             mem_bytes: rss_bytes(*host_pid),
                             migrations: 0,
                             locked: false,
                             last_error: None,
                             pinned: None,
+                            moved_by: None,
                         };
                         (*host_pid, info)
                     })
@@ -546,53 +608,9 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Migrate { pid, to } => {
-            let r = {
-                let mut st = shared.lock().expect("state lock");
-                let node = st.name.clone();
-                let resolved = if to == "home" || to == node {
-                    Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
-                } else {
-                    resolve(&st, &to)
-                };
-                let has_tls = st.tls.is_some();
-                match (st.procs.get_mut(&pid), resolved) {
-                    (None, _) => Reply::Error {
-                        message: format!("no process with home pid {pid} on node {node}"),
-                    },
-                    (_, Err(message)) => Reply::Error { message },
-                    _ if !has_tls => Reply::Error {
-                        message: format!(
-                            "node {node} has no cluster key (start it with --key-dir)"
-                        ),
-                    },
-                    (Some(p), Ok(_))
-                        if p.info.node == to || (to == "home" && p.info.node == node) =>
-                    {
-                        Reply::Error {
-                            message: format!("process {pid} already runs on {}", p.info.node),
-                        }
-                    }
-                    (Some(p), Ok(_)) if p.info.locked => Reply::Error {
-                        message: format!("process {pid} is locked to node {}", p.info.node),
-                    },
-                    (Some(p), Ok(_)) if p.info.pinned.is_some() => Reply::Error {
-                        message: format!(
-                            "process {pid} stays at home: {}",
-                            p.info.pinned.as_deref().unwrap_or_default()
-                        ),
-                    },
-                    (Some(p), Ok(_)) if p.info.state == "migrating" => Reply::Error {
-                        message: format!(
-                            "process {pid} is already moving (one move at a time); it runs on {}",
-                            p.info.node
-                        ),
-                    },
-                    (Some(p), Ok(_)) => {
-                        p.info.state = "migrating".into();
-                        let _ = p.commands.send(Command::Migrate { to: to.clone() });
-                        Reply::Ok
-                    }
-                }
+            let r = match order_move(&mut shared.lock().expect("state lock"), pid, &to, "manual") {
+                Ok(()) => Reply::Ok,
+                Err(message) => Reply::Error { message },
             };
             reply(&mut write, &r).await
         }
@@ -606,56 +624,61 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Nodes => {
-            // Ask the peers not heard from in the last second, all at once.
-            let (tls, me, stale) = {
-                let st = shared.lock().expect("state lock");
-                let stale: Vec<SocketAddr> = st
-                    .peers
-                    .iter()
-                    .map(|(_, a)| *a)
-                    .filter(|a| {
-                        st.heard
-                            .get(a)
-                            .is_none_or(|(_, t)| t.elapsed() > std::time::Duration::from_secs(1))
-                    })
-                    .collect();
-                (st.tls.clone(), st.name.clone(), stale)
-            };
-            if let Some(tls) = tls {
-                let asks = stale.into_iter().map(|a| {
-                    let (tls, me) = (tls.clone(), me.clone());
-                    tokio::spawn(async move { (a, probe(&tls, a, &me).await) })
-                });
-                let answers: Vec<_> = futures_join(asks.collect()).await;
-                let mut st = shared.lock().expect("state lock");
-                for (a, r) in answers {
-                    match r {
-                        Ok(info) => {
-                            st.heard.insert(a, (info, std::time::Instant::now()));
-                        }
-                        Err(e) => tracing::debug!(peer = %a, "no answer: {e:#}"),
-                    }
-                }
-            }
-            let nodes = {
-                let st = shared.lock().expect("state lock");
-                let mut v = vec![self_info(&st)];
-                for (n, p) in &st.peers {
-                    let heard = st.heard.get(p);
-                    v.push(NodeInfo {
-                        name: n.clone().unwrap_or_default(),
-                        addr: p.to_string(),
-                        cpus: heard.map_or(0, |h| h.0 .0),
-                        load: heard.map_or(0.0, |h| h.0 .1),
-                        free_mem: heard.map_or(0, |h| h.0 .2),
-                        age_s: heard.map(|h| h.1.elapsed().as_secs_f64()),
-                    });
-                }
-                v
-            };
+            let nodes = nodes_view(&shared.lock().expect("state lock"));
             reply(&mut write, &Reply::Nodes { nodes }).await
         }
+        Request::Ctl { verb, value } => {
+            let r = crate::admin::ctl(&shared, &verb, value).await;
+            reply(&mut write, &r).await
+        }
     }
+}
+
+/// Order process `pid` (whose home is this node) to move to node `to` (a name or address,
+/// `home` or this node's name to come home), for reason `why` (manual, load, memory, expel,
+/// bring). Refused with a one-line reason when the process is unknown, already there, locked,
+/// must stay home (a shared mapping, paper §4.2) or already moving.
+pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<(), String> {
+    let node = st.name.clone();
+    let resolved = if to == "home" || to == node {
+        Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
+    } else {
+        resolve(st, to)
+    };
+    let has_tls = st.tls.is_some();
+    let Some(p) = st.procs.get_mut(&pid) else {
+        return Err(format!("no process with home pid {pid} on node {node}"));
+    };
+    resolved?;
+    if !has_tls {
+        return Err(format!(
+            "node {node} has no cluster key (start it with --key-dir)"
+        ));
+    }
+    if p.info.node == to || ((to == "home" || to == node) && p.info.node == node) {
+        return Err(format!("process {pid} already runs on {}", p.info.node));
+    }
+    if p.info.locked {
+        return Err(format!("process {pid} is locked to node {}", p.info.node));
+    }
+    if let Some(why) = &p.info.pinned {
+        return Err(format!("process {pid} stays at home: {why}"));
+    }
+    if p.info.state == "migrating" {
+        return Err(format!(
+            "process {pid} is already moving (one move at a time); it runs on {}",
+            p.info.node
+        ));
+    }
+    p.info.state = "migrating".into();
+    p.moving_for = Some(why.to_string());
+    let to = if to == node {
+        "home".to_string()
+    } else {
+        to.to_string()
+    };
+    let _ = p.commands.send(Command::Migrate { to });
+    Ok(())
 }
 
 /// Have node `to` start a guest host for process `pid` (whose home is here, or which is
@@ -668,8 +691,8 @@ async fn link(shared: &Shared, pid: u32, to: &str) -> Result<Reply> {
             None => st
                 .hosted
                 .values()
-                .find(|h| h.0 == pid)
-                .map(|h| (h.1.clone(), h.2.clone())),
+                .find(|h| h.pid == pid)
+                .map(|h| (h.home.clone(), h.program.clone())),
         };
         (st.tls.clone(), resolve(&st, to), st.name.clone(), who)
     };
@@ -695,17 +718,6 @@ async fn link(shared: &Shared, pid: u32, to: &str) -> Result<Reply> {
         migrate::Message::Refuse { reason } => anyhow::bail!("{to} refused: {reason}"),
         other => anyhow::bail!("{to} answered {:?}", other.kind()),
     }
-}
-
-/// Wait for all the tasks; a task that panicked is left out.
-async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        if let Ok(v) = t.await {
-            out.push(v);
-        }
-    }
-    out
 }
 
 /// Bind the control socket, replacing a stale one but never a live node's.
@@ -736,6 +748,34 @@ pub fn run(cfg: Config) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("mosvm-{name}")));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let policy = match cfg.policy.as_deref().unwrap_or("mosix") {
+        "mosix" => balancer::PolicyKind::Mosix,
+        "opportunity-cost" => balancer::PolicyKind::OpportunityCost,
+        "off" => balancer::PolicyKind::None,
+        other => anyhow::bail!("--policy {other}: use mosix, opportunity-cost or off"),
+    };
+    let step = cfg.step.unwrap_or(1.0);
+    anyhow::ensure!(
+        step.is_finite() && (0.05..=3600.0).contains(&step),
+        "--step {step}: use seconds between 0.05 and 3600"
+    );
+    if let Some(v) = cfg.speed {
+        anyhow::ensure!(
+            v.is_finite() && v > 0.0,
+            "--speed {v}: must be a positive number"
+        );
+    }
+    let memory = match &cfg.memory {
+        Some(m) => Some(vmm::vm::parse_size(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?),
+        None => None,
+    };
+    // The node's scope: its own cgroup when asked for one, else the one it was started in.
+    let cgroup = if cfg.cpus.is_some() || memory.is_some() {
+        crate::capacity::Cgroup::create(&name, cfg.cpus, memory)
+            .context("giving the node its own cgroup (--cpus/--memory need root and cgroups)")?
+    } else {
+        crate::capacity::Cgroup::current()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -766,12 +806,47 @@ pub fn run(cfg: Config) -> Result<()> {
             listen: cfg.listen,
             peers,
             procs: HashMap::new(),
-                        tls,
+            tls,
             socket: socket.clone(),
             hosted: HashMap::new(),
             key_dir: cfg.key_dir.clone(),
-            heard: HashMap::new(),
+            directory: HashMap::new(),
+            admin: Default::default(),
+            view: Default::default(),
+            cgroup: cgroup.clone(),
+            balancer: None,
         }));
+        // Gossip, membership and automatic migration: over UDP on the listen address, with
+        // a MAC key derived from the cluster key.
+        if let (Some(addr), Some(dir)) = (cfg.listen, &cfg.key_dir) {
+            let key_file = dir.join(migrate::tls::KEY_FILE);
+            let key = std::fs::read(&key_file)
+                .with_context(|| format!("reading {}", key_file.display()))?;
+            let key = crate::gossip::derive_key(&key);
+            let udp = Arc::new(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .with_context(|| format!("listening for datagrams on {addr}"))?,
+            );
+            let (dtx, drx) = mpsc::unbounded_channel();
+            let (etx, erx) = mpsc::unbounded_channel();
+            shared.lock().expect("state lock").balancer = Some(etx.clone());
+            tokio::spawn(crate::balance::receive(udp.clone(), key, shared.clone(), dtx));
+            let settings = crate::balance::Settings {
+                me: crate::gossip::Contact {
+                    id: crate::gossip::node_id(&name),
+                    name: name.clone(),
+                    addr,
+                },
+                step: std::time::Duration::from_secs_f64(step),
+                policy,
+                speed: cfg.speed,
+                cgroup,
+                key,
+                seeds: shared.lock().expect("state lock").peers.clone(),
+            };
+            tokio::spawn(crate::balance::run(shared.clone(), udp, settings, etx, erx, drx));
+        }
         if let Some(pl) = peer_listener {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -793,8 +868,10 @@ pub fn run(cfg: Config) -> Result<()> {
 
         tracing::info!(node = name, socket = %socket.display(), state_dir = %state_dir.display(), "mosvm node up");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let (stopped_tx, mut stopped) = mpsc::unbounded_channel::<()>();
+        let mut stopping = false;
         loop {
-            tokio::select! {
+            let signalled = tokio::select! {
                 conn = listener.accept() => {
                     let (stream, _) = conn?;
                     let shared = shared.clone();
@@ -803,9 +880,24 @@ pub fn run(cfg: Config) -> Result<()> {
                             tracing::warn!("control client: {e:#}");
                         }
                     });
+                    false
                 }
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => true,
+                _ = term.recv() => true,
+                _ = stopped.recv() => break,
+            };
+            if signalled && stopping {
+                tracing::warn!("stopping now: guests still here are lost");
+                break;
+            }
+            if signalled {
+                // Send the guests away (the control socket keeps serving their moves), then stop.
+                stopping = true;
+                let (shared, tx) = (shared.clone(), stopped_tx.clone());
+                tokio::spawn(async move {
+                    crate::admin::shut_down(&shared).await;
+                    let _ = tx.send(());
+                });
             }
         }
         let _ = std::fs::remove_file(&socket);

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Normalised load of `runnable` processes on `cpus` CPUs of relative speed `speed`.
-pub fn normalised(runnable: f64, cpus: u32, speed: f64) -> f64 {
-    runnable.max(0.0) / (f64::from(cpus.max(1)) * speed.max(1e-3))
+pub fn normalised(runnable: f64, cpus: f64, speed: f64) -> f64 {
+    runnable.max(0.0) / (cpus.max(0.01) * speed.max(1e-3))
 }
 
 /// Rise-fast/fall-slow exponential smoothing of a load signal (damps oscillation: a node that
@@ -83,8 +83,8 @@ mod tests {
 
     #[test]
     fn normalisation_by_cpus_and_speed() {
-        assert_eq!(normalised(4.0, 2, 2.0), 1.0);
-        assert_eq!(normalised(3.0, 0, 1.0), 3.0);
+        assert_eq!(normalised(4.0, 2.0, 2.0), 1.0);
+        assert_eq!(normalised(1.0, 0.5, 1.0), 2.0);
     }
 
     #[test]

@@ -91,8 +91,8 @@ impl Default for Params {
 pub struct Config {
     /// This node's id.
     pub id: NodeId,
-    /// Number of CPUs.
-    pub cpus: u32,
+    /// CPU capacity in CPUs (a cgroup quota may make it fractional).
+    pub cpus: f64,
     /// Relative CPU speed (from [`crate::load::calibration_work`] or the operator).
     pub speed: f64,
     /// Memory available to processes, MiB.
@@ -117,10 +117,14 @@ pub struct SwimSettings {
 
 impl Config {
     /// A node with default parameters and the MOSIX policy, membership reported by the caller.
-    pub fn new(id: NodeId, cpus: u32, speed: f64, mem_mb: u64) -> Config {
+    pub fn new(id: NodeId, cpus: f64, speed: f64, mem_mb: u64) -> Config {
         Config {
             id,
-            cpus: cpus.max(1),
+            cpus: if cpus.is_finite() && cpus > 0.01 {
+                cpus
+            } else {
+                0.01
+            },
             speed: if speed.is_finite() && speed > 0.0 {
                 speed
             } else {
@@ -450,6 +454,19 @@ impl Node {
         &self.cfg
     }
 
+    /// Change what this node offers (CPU capacity in CPUs, relative speed, memory MiB): the
+    /// operator set a new speed (`mosvm ctl speed`), or the node's cgroup limits changed.
+    /// Values that make no sense are ignored.
+    pub fn set_capacity(&mut self, cpus: f64, speed: f64, mem_mb: u64) {
+        if cpus.is_finite() && cpus > 0.0 {
+            self.cfg.cpus = cpus.max(0.01);
+        }
+        if speed.is_finite() && speed > 0.0 {
+            self.cfg.speed = speed;
+        }
+        self.cfg.mem_mb = mem_mb;
+    }
+
     /// The information window.
     pub fn window(&self) -> &Window {
         &self.window
@@ -526,7 +543,7 @@ impl Node {
         LoadEntry {
             node: self.cfg.id,
             load: self.smoother.value as f32,
-            cpus: self.cfg.cpus.min(u32::from(u16::MAX)) as u16,
+            cpus: self.cfg.cpus as f32,
             speed: self.cfg.speed as f32,
             free_mem_mb: self.free_mem_mb().min(u64::from(u32::MAX)) as u32,
             total_mem_mb: self.cfg.mem_mb.min(u64::from(u32::MAX)) as u32,

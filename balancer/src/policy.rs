@@ -111,7 +111,7 @@ pub fn decide(node: &Node, now: Time) -> Option<Decision> {
 pub fn balance(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
     let n = node.runnable_after_leaving().max(1.0);
-    let cpus = f64::from(node.cfg.cpus);
+    let cpus = node.cfg.cpus;
     let base_here = rate_with(n, cpus, node.cfg.speed);
     // Nothing to gain if every process already has a full CPU of the fastest kind we know.
     let mut best: Option<(f64, Decision)> = None;
@@ -199,13 +199,13 @@ pub fn opportunity_cost(beta: f64, cpu_util: f64, mem_util: f64) -> f64 {
 pub fn opportunity_cost_choice(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
     let beta = (2.0 * (node.peers.len() as f64 + 1.0)).clamp(4.0, 1024.0);
-    let cap = f64::from(node.cfg.cpus) * node.cfg.speed;
+    let cap = node.cfg.cpus * node.cfg.speed;
     let n = node.runnable_after_leaving().max(1.0);
     let total = (node.cfg.mem_mb as f64).max(1.0);
     let used = node.used_mem_after_leaving() as f64;
     let full = p.oc_full_load.max(1e-3);
     let cost_here = opportunity_cost(beta, n / cap / full, used / total);
-    let base_here = rate_with(n, f64::from(node.cfg.cpus), node.cfg.speed);
+    let base_here = rate_with(n, node.cfg.cpus, node.cfg.speed);
     let mut best: Option<(f64, Decision)> = None;
     for t in candidates(node, now) {
         let tcap = t.capacity();

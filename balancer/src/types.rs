@@ -49,7 +49,7 @@ impl Time {
 
 /// One node's advertised state, as carried in gossip windows.
 ///
-/// Fixed-size on the wire (bincode legacy encoding: 26 bytes). `age_ms` is maintained hop by
+/// Fixed-size on the wire (bincode legacy encoding: 28 bytes). `age_ms` is maintained hop by
 /// hop (each holder adds the time it held the entry), so nodes need no synchronised clocks.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoadEntry {
@@ -57,8 +57,9 @@ pub struct LoadEntry {
     pub node: NodeId,
     /// Smoothed load: runnable processes per unit of capacity (CPUs × relative speed).
     pub load: f32,
-    /// Number of CPUs.
-    pub cpus: u16,
+    /// CPU capacity in CPUs: the online CPUs, or the node's cgroup CPU quota (which may be
+    /// fractional, 0.5 for half a CPU).
+    pub cpus: f32,
     /// Relative CPU speed (1.0 = reference machine).
     pub speed: f32,
     /// Free memory, MiB.
@@ -72,7 +73,7 @@ pub struct LoadEntry {
 impl LoadEntry {
     /// Capacity: CPUs × relative speed.
     pub fn capacity(&self) -> f64 {
-        f64::from(self.cpus).max(1.0) * f64::from(self.speed).max(1e-3)
+        f64::from(self.cpus).max(0.01) * f64::from(self.speed).max(1e-3)
     }
 
     /// Estimated number of runnable processes (load × capacity).
@@ -84,8 +85,8 @@ impl LoadEntry {
 /// Size in bytes of a gossip message carrying `entries` entries (bincode legacy encoding of
 /// the sender id and the entry vector), as the simulator accounts it.
 pub fn gossip_message_bytes(entries: usize) -> usize {
-    // sender u32 + vec length u64 + entries × 26.
-    4 + 8 + entries * 26
+    // sender u32 + vec length u64 + entries × 28.
+    4 + 8 + entries * 28
 }
 
 #[cfg(test)]
@@ -97,7 +98,7 @@ mod tests {
         let e = LoadEntry {
             node: 7,
             load: 1.5,
-            cpus: 4,
+            cpus: 4.0,
             speed: 1.25,
             free_mem_mb: 1000,
             total_mem_mb: 4096,

@@ -137,7 +137,7 @@ mod tests {
         LoadEntry {
             node,
             load,
-            cpus: 1,
+            cpus: 1.0,
             speed: 1.0,
             free_mem_mb: 100,
             total_mem_mb: 100,

@@ -19,7 +19,7 @@ fn entry(node: u32, load: f32, cpus: u16, speed: f32, free: u32) -> LoadEntry {
     LoadEntry {
         node,
         load,
-        cpus,
+        cpus: f32::from(cpus),
         speed,
         free_mem_mb: free,
         total_mem_mb: 8192,
@@ -36,7 +36,7 @@ fn proc_info(pid: u64, home: u32, mem: u32, age: f64, work: f64) -> ProcessInfo 
 }
 
 fn node(id: u32, cpus: u32, policy: PolicyKind) -> Node {
-    let mut cfg = Config::new(id, cpus, 1.0, 8192);
+    let mut cfg = Config::new(id, f64::from(cpus), 1.0, 8192);
     cfg.policy = policy;
     cfg.params.max_requests_per_step = 1;
     let mut n = Node::new(cfg);
@@ -353,7 +353,7 @@ fn refused_target_is_left_alone_for_a_while() {
 #[test]
 fn memory_ushering_moves_to_a_node_with_room_even_if_busier() {
     // Node 0: 4 CPUs, lightly loaded (1 process per CPU) but memory full.
-    let mut cfg = Config::new(0, 4, 1.0, 4096);
+    let mut cfg = Config::new(0, 4.0, 1.0, 4096);
     cfg.params.max_requests_per_step = 1;
     let mut n = Node::new(cfg);
     let mut r = rng();

@@ -52,7 +52,7 @@ fn to_input(op: &Op) -> Input {
             entries: vec![LoadEntry {
                 node: n,
                 load: l,
-                cpus: c,
+                cpus: f32::from(c),
                 speed: 1.0,
                 free_mem_mb: f,
                 total_mem_mb: 16_000,
@@ -97,7 +97,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let me = 0u32;
-        let mut cfg = Config::new(me, 2, 1.0, 8192);
+        let mut cfg = Config::new(me, 2.0, 1.0, 8192);
         cfg.policy = if oc { PolicyKind::OpportunityCost } else { PolicyKind::Mosix };
         cfg.params.min_age_secs = 0.0;
         let mut n = Node::new(cfg);

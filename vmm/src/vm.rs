@@ -210,6 +210,8 @@ pub struct Vm {
     realtime_offset_ns: i64,
     pause: PauseHandle,
     lock: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// System calls so far, readable from other threads: [sent home, served locally].
+    calls: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
     /// Counters.
     pub stats: Stats,
 }
@@ -372,6 +374,7 @@ impl Vm {
             realtime_offset_ns: 0,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(opts_lock)),
+            calls: Default::default(),
             stats: Stats {
                 create_us,
                 load_us,
@@ -662,10 +665,12 @@ impl Vm {
         let (step, where_) = match entry.map(|e| e.class) {
             Some(Class::Local) => {
                 self.stats.local += 1;
+                self.calls[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 (self.local(nr, a), "local")
             }
             Some(Class::Home(spec)) => {
                 self.stats.home += 1;
+                self.calls[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 (self.forward(nr, a, spec), "home")
             }
             Some(Class::Refused(e)) => {
@@ -1501,6 +1506,12 @@ impl Vm {
     /// The shared lock flag, for the thread that applies the node's `lock`/`unlock`.
     pub fn lock_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         self.lock.clone()
+    }
+
+    /// The process's system-call counts, [sent home, served locally], kept current while it
+    /// runs (for the node's per-process statistics, paper §4.3).
+    pub fn call_counts(&self) -> std::sync::Arc<[std::sync::atomic::AtomicU64; 2]> {
+        self.calls.clone()
     }
 
     /// The program's path.

@@ -781,7 +781,7 @@ impl<'a> Sim<'a> {
             return;
         };
         let spec = self.sc.nodes[h as usize];
-        let mut cfg = Config::new(h, spec.cpus, spec.speed, spec.mem_mb);
+        let mut cfg = Config::new(h, f64::from(spec.cpus), spec.speed, spec.mem_mb);
         cfg.policy = kind;
         cfg.params = self.cfg.params.clone();
         if self.cfg.swim {

@@ -290,6 +290,7 @@ impl Vm {
             realtime_offset_ns: v.realtime_offset_ns,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(v.lock)),
+            calls: std::sync::Arc::new([home.into(), local.into()]),
             stats: Stats {
                 exits,
                 local,

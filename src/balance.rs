@@ -1,0 +1,859 @@
+//! Automatic resource sharing in the node (paper §2): the node service drives the very
+//! `balancer::Node` core the simulator drives. This is its thin async shell: it feeds the
+//! core real inputs (authenticated datagrams from the other nodes, this node's measured load
+//! and free memory, the processes running here and their statistics, the outcome of the moves
+//! it ordered) with a monotonic clock and an OS-seeded random generator, and carries out the
+//! core's actions (datagrams sent, processes moved through the existing migration path).
+//!
+//! Which processes run here: those whose home is this node and that are not away, and the
+//! guests this node hosts. A move of a process whose home is here is ordered like
+//! `mosvm migrate`; a hosted guest's move is asked of its home node ([`Body::Move`]), which
+//! orders it, so that the home node stays the one place that knows where its processes are.
+
+use crate::capacity::Cgroup;
+use crate::gossip::{self, Body, Contact, Envelope, Opener, Reject, Sealer};
+use crate::node::{Shared, State};
+use balancer::{Action, Input, LoadEntry, MigrationReason, NodeId, Pid, PolicyKind, Time};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// How long a hosted guest's move may take before the core is told it failed.
+const MOVE_DEADLINE: Duration = Duration::from_secs(60);
+/// Load samples per step.
+const SAMPLES_PER_STEP: u32 = 5;
+
+/// What an administrator set on this node (`mosvm ctl`, openMosix's mosctl).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Admin {
+    /// No process running here leaves automatically (`stay`).
+    pub stay: bool,
+    /// No process whose home is here leaves automatically; guests may move on (`lstay`).
+    pub lstay: bool,
+    /// No guest arrives, automatically or by hand; a node's own processes still come home
+    /// (`block`).
+    pub block: bool,
+}
+
+/// Counters kept for `mosvm ctl status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Datagrams sent, by kind.
+    pub sent: BTreeMap<String, u64>,
+    /// Datagrams accepted, by kind.
+    pub received: BTreeMap<String, u64>,
+    /// Datagrams dropped, by reason (bad_mac, replay, stale, malformed, no_address).
+    pub rejected: BTreeMap<String, u64>,
+    /// Moves ordered by this node's balancer: "reason outcome" -> count.
+    pub migrations: BTreeMap<String, u64>,
+}
+
+/// One node as this node knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Known {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub addr: String,
+    /// What it last said of itself (CPU capacity, speed, load, memory), if anything.
+    pub entry: Option<LoadEntry>,
+    /// SWIM lists it as alive.
+    pub up: bool,
+}
+
+/// What the balancer shell last published for the node's clients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct View {
+    /// This node's own entry (load, capacity, speed, free memory).
+    pub own: Option<LoadEntry>,
+    /// Runnable threads measured in the last step (mean of the samples).
+    pub runnable: f64,
+    /// The other nodes, by id.
+    pub known: BTreeMap<NodeId, Known>,
+    /// Policy name.
+    pub policy: String,
+    /// How the node's capacity is bounded ("cgroup v1 ..." or "machine").
+    pub scope: String,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// A request from the node's clients to the balancer.
+#[derive(Debug)]
+pub enum Event {
+    /// A SWIM timer fired.
+    SwimTimer(balancer::membership::SwimTimer),
+    /// Set the relative speed (`mosvm ctl speed`).
+    Speed(f64),
+    /// Leave the cluster (SWIM announces it) before the node stops.
+    Leave(tokio::sync::oneshot::Sender<()>),
+    /// Send a datagram to a node.
+    Send {
+        /// The node.
+        to: NodeId,
+        /// What.
+        body: Body,
+    },
+}
+
+/// Settings of the balancer shell.
+pub struct Settings {
+    /// This node.
+    pub me: Contact,
+    /// Gossip step.
+    pub step: Duration,
+    /// Automatic policy.
+    pub policy: PolicyKind,
+    /// Speed set by the operator (else calibrated).
+    pub speed: Option<f64>,
+    /// The node's cgroup.
+    pub cgroup: Cgroup,
+    /// Datagram MAC key.
+    pub key: [u8; 32],
+    /// Configured peers: (name if given, address).
+    pub seeds: Vec<(Option<String>, SocketAddr)>,
+}
+
+/// Microseconds since `t0`, as the core's time.
+fn now_core(t0: Instant) -> Time {
+    Time(t0.elapsed().as_micros().min(u128::from(u64::MAX)) as u64)
+}
+
+/// Wall-clock ms since the Unix epoch (datagram freshness).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn reason_name(r: MigrationReason) -> &'static str {
+    match r {
+        MigrationReason::Balance => "load",
+        MigrationReason::Usher => "memory",
+        MigrationReason::OpportunityCost => "cost",
+        MigrationReason::Manual => "manual",
+    }
+}
+
+fn body_kind(b: &Body) -> &'static str {
+    match b {
+        Body::Hello { .. } => "hello",
+        Body::Gossip { .. } => "gossip",
+        Body::Swim(_) => "swim",
+        Body::Request { .. } => "request",
+        Body::Reply { .. } => "reply",
+        Body::Move { .. } => "move",
+    }
+}
+
+/// A process the core was told runs here.
+struct Resident {
+    /// Lock state last fed to the core.
+    locked: bool,
+    /// System calls (home, local) at the last report.
+    calls: (u64, u64),
+    /// Execs at the last report.
+    execs: u32,
+}
+
+/// A move this node ordered and has not seen through.
+struct Inflight {
+    to: NodeId,
+    since: Instant,
+    reason: MigrationReason,
+    /// The process's failed moves when this one was ordered.
+    failures: u32,
+}
+
+/// The shell's state.
+struct Shell {
+    core: balancer::Node,
+    me: Contact,
+    shared: Shared,
+    udp: Arc<UdpSocket>,
+    sealer: Sealer,
+    rng: rand::rngs::StdRng,
+    t0: Instant,
+    cgroup: Cgroup,
+    speed: f64,
+    seeds: Vec<(Option<String>, SocketAddr)>,
+    /// Nodes SWIM was asked to join through.
+    joined: HashSet<NodeId>,
+    residents: HashMap<Pid, Resident>,
+    /// Moves this node ordered and not yet seen through: pid -> (target, since, reason).
+    inflight: HashMap<Pid, Inflight>,
+    events: mpsc::UnboundedSender<Event>,
+    samples: (f64, u32),
+}
+
+/// Run the balancer shell until the node stops. `rx` carries verified datagrams and
+/// [`Event`]s.
+pub async fn run(
+    shared: Shared,
+    udp: Arc<UdpSocket>,
+    s: Settings,
+    events: mpsc::UnboundedSender<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut datagrams: mpsc::UnboundedReceiver<Envelope>,
+) {
+    let speed = s.speed.unwrap_or_else(crate::capacity::calibrate);
+    let cpus = s.cgroup.cpus();
+    let (mem_total, _) = s.cgroup.memory();
+    let mut cfg = balancer::Config::new(s.me.id, cpus, speed, mem_total >> 20);
+    cfg.policy = s.policy;
+    cfg.params.step = Time(s.step.as_micros() as u64);
+    cfg.swim = Some(balancer::node::SwimSettings {
+        cluster_size: (s.seeds.len() as u32 + 1).max(3),
+        seed: rand::rng().random(),
+    });
+    let scope = match (&s.cgroup.cpu, &s.cgroup.memory) {
+        (None, None) => "machine".to_string(),
+        (c, m) => format!(
+            "cgroup{}{}",
+            c.as_ref()
+                .map(|(p, _)| format!(" cpu {}", p.display()))
+                .unwrap_or_default(),
+            m.as_ref()
+                .map(|(p, _)| format!(" memory {}", p.display()))
+                .unwrap_or_default()
+        ),
+    };
+    tracing::info!(
+        node = s.me.name,
+        cpus,
+        speed,
+        mem_mb = mem_total >> 20,
+        policy = ?s.policy,
+        scope,
+        "balancer up"
+    );
+    {
+        let mut st = shared.lock().expect("state lock");
+        st.view.policy = format!("{:?}", s.policy).to_lowercase();
+        st.view.scope = scope;
+    }
+    let mut sh = Shell {
+        core: balancer::Node::new(cfg),
+        sealer: Sealer::new(s.key, s.me.clone(), rand::rng().random()),
+        me: s.me,
+        shared,
+        udp,
+        rng: rand::rngs::StdRng::from_os_rng(),
+        t0: Instant::now(),
+        cgroup: s.cgroup,
+        speed,
+        seeds: s.seeds,
+        joined: HashSet::new(),
+        residents: HashMap::new(),
+        inflight: HashMap::new(),
+        events,
+        samples: (0.0, 0),
+    };
+    // Named peers are known already: join SWIM through them.
+    let named: Vec<Contact> = sh
+        .seeds
+        .iter()
+        .filter_map(|(n, a)| {
+            n.as_ref().map(|n| Contact {
+                id: gossip::node_id(n),
+                name: n.clone(),
+                addr: *a,
+            })
+        })
+        .collect();
+    for c in named {
+        sh.learn(c).await;
+    }
+    sh.hello_unknown().await;
+    let mut step = tokio::time::interval(sh.step() / SAMPLES_PER_STEP);
+    step.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u32;
+    loop {
+        tokio::select! {
+            _ = step.tick() => {
+                let r = f64::from(sh.cgroup.runnable());
+                sh.samples.0 += r;
+                sh.samples.1 += 1;
+                n += 1;
+                if n.is_multiple_of(SAMPLES_PER_STEP) {
+                    sh.tick().await;
+                }
+            }
+            Some(env) = datagrams.recv() => sh.datagram(env).await,
+            ev = rx.recv() => match ev {
+                Some(Event::SwimTimer(t)) => {
+                    let acts = sh.core.handle(Input::SwimTimer(t), now_core(sh.t0), &mut sh.rng);
+                    sh.act(acts).await;
+                }
+                Some(Event::Speed(v)) => {
+                    sh.speed = v;
+                    let (total, _) = sh.cgroup.memory();
+                    sh.core.set_capacity(sh.cgroup.cpus(), v, total >> 20);
+                    sh.publish();
+                }
+                Some(Event::Send { to, body }) => sh.send(to, body).await,
+                Some(Event::Leave(done)) => {
+                    let acts = sh.core.leave();
+                    sh.act(acts).await;
+                    let _ = done.send(());
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+impl Shell {
+    fn step(&self) -> Duration {
+        Duration::from_micros(self.core.config().params.step.0)
+    }
+
+    fn count(map: &mut BTreeMap<String, u64>, k: &str) {
+        *map.entry(k.to_string()).or_default() += 1;
+    }
+
+    /// Send `body` to `to`'s address.
+    async fn send_to(&mut self, addr: SocketAddr, body: Body) {
+        let kind = body_kind(&body);
+        let d = self.sealer.seal(body, unix_ms());
+        if self.udp.send_to(&d, addr).await.is_ok() {
+            let mut st = self.shared.lock().expect("state lock");
+            Self::count(&mut st.view.counters.sent, kind);
+        }
+    }
+
+    async fn send(&mut self, to: NodeId, body: Body) {
+        let addr = self
+            .shared
+            .lock()
+            .expect("state lock")
+            .directory
+            .get(&to)
+            .map(|c| c.addr);
+        match addr {
+            Some(a) => self.send_to(a, body).await,
+            None => {
+                let mut st = self.shared.lock().expect("state lock");
+                Self::count(&mut st.view.counters.rejected, "no_address");
+            }
+        }
+    }
+
+    /// Remember where a node is; join SWIM through it the first time.
+    async fn learn(&mut self, c: Contact) {
+        if c.id == self.me.id {
+            return;
+        }
+        {
+            let mut st = self.shared.lock().expect("state lock");
+            match st.directory.get(&c.id) {
+                Some(old) if old.name != c.name => {
+                    tracing::warn!(
+                        a = old.name,
+                        b = c.name,
+                        "two node names share an id; ignoring the second"
+                    );
+                    return;
+                }
+                _ => {
+                    st.directory.insert(c.id, c.clone());
+                }
+            }
+        }
+        if self.joined.insert(c.id) {
+            let acts = self.core.start(Some(c.id));
+            self.act(acts).await;
+        }
+    }
+
+    /// Ask configured addresses whose node we do not know yet who they are.
+    async fn hello_unknown(&mut self) {
+        let known: HashSet<SocketAddr> = {
+            let st = self.shared.lock().expect("state lock");
+            st.directory.values().map(|c| c.addr).collect()
+        };
+        let unknown: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .map(|(_, a)| *a)
+            .filter(|a| !known.contains(a) && *a != self.me.addr)
+            .collect();
+        for a in unknown {
+            self.send_to(a, Body::Hello { answer: true }).await;
+        }
+    }
+
+    async fn datagram(&mut self, env: Envelope) {
+        {
+            let mut st = self.shared.lock().expect("state lock");
+            Self::count(&mut st.view.counters.received, body_kind(&env.body));
+        }
+        let from = env.from.id;
+        self.learn(env.from.clone()).await;
+        let now = now_core(self.t0);
+        let input = match env.body {
+            Body::Hello { answer } => {
+                if answer {
+                    self.send_to(env.from.addr, Body::Hello { answer: false })
+                        .await;
+                }
+                return;
+            }
+            Body::Gossip { entries, book } => {
+                for c in book {
+                    if c.id == gossip::node_id(&c.name) {
+                        self.learn(c).await;
+                    }
+                }
+                // The sender's own entry must be about the sender.
+                if entries.first().is_some_and(|e| e.node != from) {
+                    return;
+                }
+                Input::Gossip { from, entries }
+            }
+            Body::Swim(data) => Input::Swim { from, data },
+            Body::Request {
+                pid,
+                mem_mb,
+                from_load,
+                reason,
+            } => {
+                let block = self.shared.lock().expect("state lock").admin.block;
+                if block {
+                    self.send(
+                        from,
+                        Body::Reply {
+                            pid,
+                            accepted: false,
+                        },
+                    )
+                    .await;
+                    return;
+                }
+                Input::MigrationRequest {
+                    from,
+                    pid,
+                    mem_mb,
+                    from_load,
+                    reason,
+                }
+            }
+            Body::Reply { pid, accepted } => Input::MigrationReply {
+                from,
+                pid,
+                accepted,
+            },
+            Body::Move { pid, to, reason } => {
+                let (home, hp) = gossip::split_pid(pid);
+                if home == self.me.id {
+                    let r = {
+                        let mut st = self.shared.lock().expect("state lock");
+                        match st.procs.get(&hp) {
+                            Some(p) if p.info.node == env.from.name => {
+                                crate::node::order_move(&mut st, hp, &to, &reason)
+                            }
+                            _ => Err(format!("process {hp} does not run on {}", env.from.name)),
+                        }
+                    };
+                    match r {
+                        Ok(()) => tracing::info!(
+                            pid = hp,
+                            from = env.from.name,
+                            to,
+                            reason,
+                            "moving a process at its host's request"
+                        ),
+                        Err(e) => tracing::info!(pid = hp, to, "not moving: {e}"),
+                    }
+                }
+                return;
+            }
+        };
+        let acts = self.core.handle(input, now, &mut self.rng);
+        self.act(acts).await;
+    }
+
+    async fn act(&mut self, acts: Vec<Action>) {
+        let mut todo: std::collections::VecDeque<Action> = acts.into();
+        while let Some(a) = todo.pop_front() {
+            match a {
+                Action::SendGossip { to, entries } => {
+                    let book = self.book(&entries);
+                    self.send(to, Body::Gossip { entries, book }).await;
+                }
+                Action::SendSwim { to, data } => self.send(to, Body::Swim(data)).await,
+                Action::SendMigrationRequest {
+                    to,
+                    pid,
+                    mem_mb,
+                    from_load,
+                    reason,
+                } => {
+                    self.send(
+                        to,
+                        Body::Request {
+                            pid,
+                            mem_mb,
+                            from_load,
+                            reason,
+                        },
+                    )
+                    .await
+                }
+                Action::SendMigrationReply { to, pid, accepted } => {
+                    self.send(to, Body::Reply { pid, accepted }).await
+                }
+                Action::Migrate { pid, to, reason } => {
+                    let more = self.migrate(pid, to, reason).await;
+                    todo.extend(more);
+                }
+                Action::ScheduleSwim { after, timer } => {
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_micros(after.0)).await;
+                        let _ = tx.send(Event::SwimTimer(timer));
+                    });
+                }
+                Action::MemberUp { node } => {
+                    let name = self.name_of(node);
+                    tracing::info!(node = name, "node up");
+                }
+                Action::MemberDown { node } => {
+                    let name = self.name_of(node);
+                    tracing::info!(node = name, "node down");
+                }
+            }
+        }
+    }
+
+    fn name_of(&self, node: NodeId) -> String {
+        let st = self.shared.lock().expect("state lock");
+        st.directory
+            .get(&node)
+            .map_or_else(|| format!("#{node:08x}"), |c| c.name.clone())
+    }
+
+    /// Contacts to send with a gossip message: this node, the nodes its entries are about,
+    /// then others at random, at most [`gossip::MAX_BOOK`].
+    fn book(&mut self, entries: &[LoadEntry]) -> Vec<Contact> {
+        let st = self.shared.lock().expect("state lock");
+        let mut out = vec![self.me.clone()];
+        for e in entries {
+            if let Some(c) = st.directory.get(&e.node) {
+                if out.len() < gossip::MAX_BOOK && !out.iter().any(|o| o.id == c.id) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        let rest: Vec<&Contact> = st
+            .directory
+            .values()
+            .filter(|c| !out.iter().any(|o| o.id == c.id))
+            .collect();
+        let room = gossip::MAX_BOOK.saturating_sub(out.len());
+        if rest.len() <= room {
+            out.extend(rest.into_iter().cloned());
+        } else {
+            for _ in 0..room {
+                let c = rest[self.rng.random_range(0..rest.len())];
+                if !out.iter().any(|o| o.id == c.id) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Carry out the core's decision to move `pid` to `to`; returns the core's actions if
+    /// the move could not even be ordered.
+    async fn migrate(&mut self, pid: Pid, to: NodeId, reason: MigrationReason) -> Vec<Action> {
+        let (home, hp) = gossip::split_pid(pid);
+        let why = reason_name(reason);
+        let target = self.name_of(to);
+        let load_here = self.core.load_now();
+        let load_there = self
+            .core
+            .window()
+            .get(to)
+            .map_or(f32::NAN, |h| h.entry.load);
+        let outcome = if home == self.me.id {
+            let mut st = self.shared.lock().expect("state lock");
+            crate::node::order_move(&mut st, hp, &target, why)
+        } else {
+            let home_name = self.name_of(home);
+            let to_name = if to == home {
+                home_name.clone()
+            } else {
+                target.clone()
+            };
+            self.send(
+                home,
+                Body::Move {
+                    pid,
+                    to: to_name,
+                    reason: why.into(),
+                },
+            )
+            .await;
+            Ok(())
+        };
+        let program = {
+            let st = self.shared.lock().expect("state lock");
+            crate::admin::program_of(&st, home == self.me.id, hp)
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(
+                    pid = hp,
+                    program,
+                    to = target,
+                    reason = why,
+                    load_here = format!("{load_here:.2}"),
+                    load_there = format!("{load_there:.2}"),
+                    "automatic migration"
+                );
+                let failures = self.failures_of(pid);
+                self.inflight.insert(
+                    pid,
+                    Inflight {
+                        to,
+                        since: Instant::now(),
+                        reason,
+                        failures,
+                    },
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::info!(
+                    pid = hp,
+                    to = target,
+                    reason = why,
+                    "automatic migration refused: {e}"
+                );
+                self.outcome(pid, to, reason, false)
+            }
+        }
+    }
+
+    fn failures_of(&self, pid: Pid) -> u32 {
+        let (home, hp) = gossip::split_pid(pid);
+        if home != self.me.id {
+            return 0;
+        }
+        let st = self.shared.lock().expect("state lock");
+        st.procs.get(&hp).map_or(0, |p| p.failures)
+    }
+
+    /// Count a move's outcome and tell the core; returns the core's actions.
+    fn outcome(&mut self, pid: Pid, to: NodeId, reason: MigrationReason, ok: bool) -> Vec<Action> {
+        {
+            let mut st = self.shared.lock().expect("state lock");
+            let k = format!(
+                "{} {}",
+                reason_name(reason),
+                if ok { "done" } else { "failed" }
+            );
+            Self::count(&mut st.view.counters.migrations, &k);
+        }
+        let input = if ok {
+            Input::MigrationDone { pid, to }
+        } else {
+            Input::MigrationFailed { pid, to }
+        };
+        self.core.handle(input, now_core(self.t0), &mut self.rng)
+    }
+
+    /// Bring the core's view of the processes running here up to date.
+    async fn reconcile(&mut self) {
+        let now = now_core(self.t0);
+        let present = {
+            let st = self.shared.lock().expect("state lock");
+            crate::admin::running_here(&st, self.me.id)
+        };
+        let ids: HashSet<Pid> = present.iter().map(|p| p.pid).collect();
+        // Gone from here: moved away (by us or by hand), or ended.
+        let gone: Vec<Pid> = self
+            .residents
+            .keys()
+            .filter(|p| !ids.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.residents.remove(&pid);
+            match self.inflight.remove(&pid) {
+                Some(m) => {
+                    let acts = self.outcome(pid, m.to, m.reason, true);
+                    self.act(acts).await;
+                }
+                None => {
+                    let acts = self
+                        .core
+                        .handle(Input::ProcessEnded { pid }, now, &mut self.rng);
+                    self.act(acts).await;
+                }
+            }
+        }
+        let admin = self.shared.lock().expect("state lock").admin.clone();
+        for p in present {
+            let locked = p.locked || admin.stay || (admin.lstay && p.own);
+            if !self.residents.contains_key(&p.pid) {
+                let mut info = balancer::ProcessInfo::new(p.pid, p.home, p.mem_mb);
+                info.age_ms = p.age.as_millis() as u64;
+                info.locked = locked;
+                info.cpu_work = p.cpu_s * self.speed;
+                let acts = self
+                    .core
+                    .handle(Input::ProcessStarted(info), now, &mut self.rng);
+                self.act(acts).await;
+                self.residents.insert(
+                    p.pid,
+                    Resident {
+                        locked,
+                        calls: p.calls,
+                        execs: p.execs,
+                    },
+                );
+                continue;
+            }
+            let Some(r) = self.residents.get_mut(&p.pid) else {
+                continue;
+            };
+            let relock = r.locked != locked;
+            r.locked = locked;
+            let (home_syscalls, local_syscalls) = (
+                p.calls.0.saturating_sub(r.calls.0),
+                p.calls.1.saturating_sub(r.calls.1),
+            );
+            r.calls = p.calls;
+            let mut inputs = Vec::new();
+            if r.execs != p.execs {
+                r.execs = p.execs;
+                inputs.push(Input::ProcessExec { pid: p.pid });
+            }
+            inputs.push(Input::ProcessStats {
+                pid: p.pid,
+                cpu_work: p.cpu_s * self.speed,
+                home_syscalls,
+                local_syscalls,
+            });
+            if relock {
+                inputs.push(Input::SetLock { pid: p.pid, locked });
+            }
+            // A move this node ordered that came back here failed.
+            let failed = self
+                .inflight
+                .get(&p.pid)
+                .is_some_and(|m| p.failures > m.failures || m.since.elapsed() > MOVE_DEADLINE);
+            if failed {
+                if let Some(m) = self.inflight.remove(&p.pid) {
+                    let acts = self.outcome(p.pid, m.to, m.reason, false);
+                    self.act(acts).await;
+                }
+            }
+            for i in inputs {
+                let acts = self.core.handle(i, now, &mut self.rng);
+                self.act(acts).await;
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        self.reconcile().await;
+        let now = now_core(self.t0);
+        let runnable = if self.samples.1 > 0 {
+            self.samples.0 / f64::from(self.samples.1)
+        } else {
+            0.0
+        };
+        self.samples = (0.0, 0);
+        let (total, used) = self.cgroup.memory();
+        self.core
+            .set_capacity(self.cgroup.cpus(), self.speed, total >> 20);
+        let sample = Input::LoadSample {
+            runnable: runnable.round() as u32,
+            used_mem_mb: used >> 20,
+        };
+        let acts = self.core.handle(sample, now, &mut self.rng);
+        self.act(acts).await;
+        let acts = self.core.handle(Input::Tick, now, &mut self.rng);
+        self.act(acts).await;
+        self.hello_unknown().await;
+        {
+            let mut st = self.shared.lock().expect("state lock");
+            st.view.runnable = runnable;
+        }
+        self.publish();
+    }
+
+    /// Copy what the clients show into the shared state.
+    fn publish(&mut self) {
+        let now = now_core(self.t0);
+        let mut st = self.shared.lock().expect("state lock");
+        let State {
+            view, directory, ..
+        } = &mut *st;
+        view.own = Some(self.core.own_entry());
+        let up: HashSet<NodeId> = self.core.peers().iter().copied().collect();
+        view.known = directory
+            .values()
+            .map(|c| {
+                let entry = self.core.window().get(c.id).map(|h| h.aged(now));
+                (
+                    c.id,
+                    Known {
+                        name: c.name.clone(),
+                        addr: c.addr.to_string(),
+                        entry,
+                        up: up.contains(&c.id),
+                    },
+                )
+            })
+            .collect();
+    }
+}
+
+/// Receive datagrams on `udp`, check them and pass the good ones on; count the bad.
+pub async fn receive(
+    udp: Arc<UdpSocket>,
+    key: [u8; 32],
+    shared: Shared,
+    out: mpsc::UnboundedSender<Envelope>,
+) {
+    let mut opener = Opener::new(key);
+    let mut buf = vec![0u8; gossip::MAX_DATAGRAM + 1];
+    let mut warned: HashSet<(SocketAddr, &'static str)> = HashSet::new();
+    loop {
+        let (n, from) = match udp.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("udp: {e}");
+                continue;
+            }
+        };
+        match opener.open(&buf[..n], unix_ms()) {
+            Ok(env) => {
+                if out.send(env).is_err() {
+                    return;
+                }
+            }
+            Err(r) => {
+                let name = r.as_str();
+                {
+                    let mut st = shared.lock().expect("state lock");
+                    Shell::count(&mut st.view.counters.rejected, name);
+                }
+                if r == Reject::BadMac && warned.insert((from, name)) {
+                    tracing::warn!(%from, "dropped a datagram without the cluster key's MAC");
+                } else {
+                    tracing::debug!(%from, reason = name, "dropped a datagram");
+                }
+            }
+        }
+    }
+}
