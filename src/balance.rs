@@ -25,6 +25,8 @@ use tokio::sync::mpsc;
 
 /// How long a hosted guest's move may take before the core is told it failed.
 const MOVE_DEADLINE: Duration = Duration::from_secs(60);
+/// How often configured peers that are not members are announced to again.
+const REANNOUNCE: Duration = Duration::from_secs(2);
 /// Load samples per step.
 const SAMPLES_PER_STEP: u32 = 5;
 
@@ -189,6 +191,8 @@ struct Shell {
     inflight: HashMap<Pid, Inflight>,
     events: mpsc::UnboundedSender<Event>,
     samples: (f64, u32),
+    /// When configured peers were last announced to.
+    announced: Instant,
 }
 
 /// Run the balancer shell until the node stops. `rx` carries verified datagrams and
@@ -253,6 +257,7 @@ pub async fn run(
         inflight: HashMap::new(),
         events,
         samples: (0.0, 0),
+        announced: Instant::now(),
     };
     // Named peers are known already: join SWIM through them.
     let named: Vec<Contact> = sh
@@ -368,6 +373,30 @@ impl Shell {
         if self.joined.insert(c.id) {
             let acts = self.core.start(Some(c.id));
             self.act(acts).await;
+        }
+    }
+
+    /// Announce this node again to the configured peers SWIM does not list (they may have
+    /// started after us, or the first announcement was lost), every [`REANNOUNCE`].
+    async fn reannounce(&mut self) {
+        if self.announced.elapsed() < REANNOUNCE {
+            return;
+        }
+        self.announced = Instant::now();
+        let seeds: Vec<NodeId> = {
+            let st = self.shared.lock().expect("state lock");
+            let addrs: HashSet<SocketAddr> = self.seeds.iter().map(|(_, a)| *a).collect();
+            st.directory
+                .values()
+                .filter(|c| addrs.contains(&c.addr))
+                .map(|c| c.id)
+                .collect()
+        };
+        for id in seeds {
+            if !self.core.peers().contains(&id) {
+                let acts = self.core.start(Some(id));
+                self.act(acts).await;
+            }
         }
     }
 
@@ -784,6 +813,7 @@ impl Shell {
         let acts = self.core.handle(Input::Tick, now, &mut self.rng);
         self.act(acts).await;
         self.hello_unknown().await;
+        self.reannounce().await;
         {
             let mut st = self.shared.lock().expect("state lock");
             st.view.runnable = runnable;

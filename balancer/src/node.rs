@@ -707,10 +707,13 @@ impl Node {
             Input::MigrationDone { pid, .. } => {
                 self.procs.remove(&pid);
             }
-            Input::MigrationFailed { pid, .. } => {
+            Input::MigrationFailed { pid, to } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.migrating = false;
                 }
+                // The process stays here; that target is avoided for a while.
+                self.refused
+                    .insert(to, now.plus(self.cfg.params.refuse_backoff));
             }
             Input::NodeJoined { node } => self.add_peer(node),
             Input::NodeLeft { node } => self.remove_peer(node),

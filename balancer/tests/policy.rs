@@ -497,3 +497,46 @@ fn a_node_that_left_is_forgotten_and_never_written_to() {
         }
     }
 }
+
+#[test]
+fn a_failed_move_leaves_the_process_here_and_the_target_is_avoided_for_a_while() {
+    let mut n = overloaded(PolicyKind::Mosix);
+    let mut r = rng();
+    let acts = n.handle(Input::Tick, secs(100.0), &mut r);
+    assert_eq!(requests(&acts), vec![(4, 5, MigrationReason::Balance)]);
+    let reply = Input::MigrationReply {
+        from: 5,
+        pid: 4,
+        accepted: true,
+    };
+    assert!(matches!(
+        n.handle(reply, secs(100.01), &mut r)[..],
+        [Action::Migrate { pid: 4, to: 5, .. }]
+    ));
+    n.handle(
+        Input::MigrationFailed { pid: 4, to: 5 },
+        secs(101.0),
+        &mut r,
+    );
+    assert!(n.processes().any(|p| p.info.pid == 4 && p.movable()));
+    // Within the back-off nothing goes to node 5 again; after it, node 5 is asked again.
+    let backoff = n.config().params.refuse_backoff.as_secs_f64();
+    let acts = n.handle(Input::Tick, secs(102.0), &mut r);
+    assert!(
+        requests(&acts).iter().all(|&(_, to, _)| to != 5),
+        "{acts:?}"
+    );
+    n.handle(
+        Input::Gossip {
+            from: 5,
+            entries: vec![entry(5, 0.0, 2, 1.0, 8000)],
+        },
+        secs(101.0 + backoff + 0.5),
+        &mut r,
+    );
+    let acts = n.handle(Input::Tick, secs(101.0 + backoff + 1.0), &mut r);
+    assert!(
+        requests(&acts).iter().any(|&(_, to, _)| to == 5),
+        "{acts:?}"
+    );
+}

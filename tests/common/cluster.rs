@@ -61,6 +61,8 @@ pub struct NodeSpec {
     peers: Vec<String>,
     key_dir: Option<PathBuf>,
     netns: Option<String>,
+    policy: String,
+    extra: Vec<String>,
 }
 
 impl NodeSpec {
@@ -72,7 +74,23 @@ impl NodeSpec {
             peers: Vec::new(),
             key_dir: None,
             netns: None,
+            // Manual moves only unless a test asks for automatic ones: a move the balancer
+            // makes by itself would race the moves a test makes by hand.
+            policy: "off".into(),
+            extra: Vec::new(),
         }
+    }
+
+    /// `--policy P` (the default here is `off`).
+    pub fn policy(mut self, p: &str) -> Self {
+        self.policy = p.to_string();
+        self
+    }
+
+    /// Any further flag of `mosvm node`.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.to_string());
+        self
     }
 
     /// The control socket the node will serve.
@@ -129,6 +147,7 @@ impl NodeSpec {
         if let Some(k) = &self.key_dir {
             cmd.arg("--key-dir").arg(k);
         }
+        cmd.args(["--policy", &self.policy]).args(&self.extra);
         let log_file =
             std::fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let child = cmd

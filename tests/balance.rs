@@ -1,0 +1,374 @@
+//! The cluster balancing itself (paper §2): nodes of different CPU capacity (cgroup quotas)
+//! gossip over authenticated UDP, and CPU-bound jobs started on one node spread with no
+//! manual command; the administrator's `mosvm ctl` verbs; membership as nodes join and die.
+//! Every job's output is compared with the same program run natively.
+//!
+//! The capacity tests give each node a cgroup of its own (`mosvm node --cpus`), which needs
+//! root and a cgroup CPU controller (v1 or v2); without them they say so and pass.
+
+#[macro_use]
+mod common;
+
+use common::cluster::{client, keygen, ps, wait_for, Node, NodeSpec};
+use common::{image, Case, Running};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Iterations of `compute` per job: about 3 s of CPU on this kind of machine.
+const WORK: &str = "1650000000";
+
+/// Whether nodes can be given cgroups of their own here.
+fn cgroups_usable(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let v1 = info.lines().any(|l| {
+        l.split(" - ")
+            .nth(1)
+            .is_some_and(|r| r.starts_with("cgroup ") && r.split(',').any(|o| o == "cpu"))
+    });
+    let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu"));
+    let ok = root && (v1 || v2);
+    if !ok {
+        eprintln!("{test}: skipped: needs root and a cgroup cpu controller");
+    }
+    ok
+}
+
+/// A unique prefix for node names (their cgroups are named after them).
+fn prefix(tag: &str) -> String {
+    format!("{tag}{}", std::process::id() % 100_000)
+}
+
+/// Nodes `names` on loopback with the given `--cpus` (None: no cgroup), each knowing every
+/// other by name, automatic migration on with a half-second step.
+fn capacity_cluster(dir: &Path, names: &[String], cpus: &[Option<f64>]) -> Vec<Node> {
+    let key = keygen(dir);
+    let addrs: Vec<String> = names
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", common::cluster::free_port()))
+        .collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut s = NodeSpec::new(dir, n)
+                .listen(&addrs[i])
+                .key_dir(&key)
+                .policy("mosix")
+                .arg("--step")
+                .arg("0.5");
+            if let Some(c) = cpus[i] {
+                s = s.arg("--cpus").arg(&c.to_string());
+            }
+            for (j, m) in names.iter().enumerate() {
+                if j != i {
+                    s = s.peer(m, &addrs[j]);
+                }
+            }
+            s.start()
+        })
+        .collect()
+}
+
+/// The native run of `compute WORK`: stdout.
+fn native_compute() -> Vec<u8> {
+    let out = Command::new(image("glibc-static", "compute"))
+        .arg(WORK)
+        .output()
+        .expect("run compute natively");
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// Start `n` compute jobs with node `sock` as their home.
+fn start_jobs(sock: &Path, n: usize, lock: bool) -> Vec<Running> {
+    (0..n)
+        .map(|_| {
+            let mut c = Case::image("glibc-static", "compute")
+                .arg(WORK)
+                .socket(sock)
+                .timeout(Duration::from_secs(240));
+            if lock {
+                c = c.mosvm_flag("--lock");
+            }
+            c.spawn_mosvm()
+        })
+        .collect()
+}
+
+/// Where each of the home node's processes has been seen running, polled until every job
+/// ended; then each job's output is checked against the native run.
+fn watch_and_finish(
+    home: &Node,
+    jobs: Vec<Running>,
+    mut each: impl FnMut(),
+) -> BTreeMap<u32, BTreeSet<String>> {
+    let expect = native_compute();
+    let pids: Vec<u32> = jobs.iter().map(|j| j.pid()).collect();
+    let mut seen: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let t = Instant::now();
+    loop {
+        let listed = ps(&home.sock);
+        for p in &listed {
+            let pid = p["pid"].as_u64().unwrap_or(0) as u32;
+            if pids.contains(&pid) {
+                seen.entry(pid)
+                    .or_default()
+                    .insert(p["node"].as_str().unwrap_or("?").to_string());
+            }
+        }
+        each();
+        if !listed
+            .iter()
+            .any(|p| pids.contains(&(p["pid"].as_u64().unwrap_or(0) as u32)))
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "jobs still running after 240 s: {listed:?}\n{}",
+            home.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for j in jobs {
+        let pid = j.pid();
+        let out = j.finish();
+        assert_eq!(out.shell_status(), 0, "job {pid}: {}", out.stderr_text());
+        assert_eq!(
+            out.stdout_text(),
+            String::from_utf8_lossy(&expect),
+            "job {pid} (seen on {:?}) differs from its native run",
+            seen.get(&pid)
+        );
+    }
+    seen
+}
+
+fn automatic_moves(n: &Node) -> usize {
+    n.log_text().matches("automatic migration ").count()
+}
+
+#[test]
+fn six_cpu_bound_jobs_spread_over_nodes_of_different_capacity() {
+    require_kvm!();
+    if !cgroups_usable("six_cpu_bound_jobs_spread") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = prefix("sp");
+    let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
+    let nodes = capacity_cluster(dir.path(), &names, &[Some(0.5), Some(0.5), Some(1.0)]);
+    // The nodes report their own capacities, not the machine's.
+    wait_for(
+        "every node to hear of the others",
+        Duration::from_secs(20),
+        || {
+            let out = client(&nodes[0].sock, &["nodes", "--json"]);
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v.len() == 3 && v.iter().all(|n| n["up"] == true && n["age_s"].is_number())
+        },
+    );
+    let out = client(&nodes[0].sock, &["nodes", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let cap: Vec<f64> = v.iter().map(|n| n["cpus"].as_f64().unwrap()).collect();
+    assert_eq!(cap, vec![0.5, 0.5, 1.0], "{v:?}");
+
+    let jobs = start_jobs(&nodes[0].sock, 6, false);
+    let seen = watch_and_finish(&nodes[0], jobs, || {});
+    let mut ran_on: BTreeMap<String, usize> = BTreeMap::new();
+    for nodes_seen in seen.values() {
+        for n in nodes_seen {
+            *ran_on.entry(n.clone()).or_default() += 1;
+        }
+    }
+    let logs: String = nodes.iter().map(|n| n.log_text()).collect();
+    for n in &names {
+        assert!(
+            ran_on.get(n).copied().unwrap_or(0) > 0,
+            "no job ran on {n}: {ran_on:?}\n{logs}"
+        );
+    }
+    let moves: usize = nodes.iter().map(automatic_moves).sum();
+    assert!(moves >= 2, "{moves} automatic moves\n{logs}");
+    assert!(
+        moves <= 6 * 3,
+        "{moves} automatic moves for 6 jobs: the balancer ping-pongs\n{logs}"
+    );
+}
+
+#[test]
+fn a_blocked_node_receives_nothing_expel_empties_a_node_and_locked_jobs_stay() {
+    require_kvm!();
+    if !cgroups_usable("a_blocked_node_receives_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = prefix("bl");
+    let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
+    let nodes = capacity_cluster(dir.path(), &names, &[Some(0.5), Some(1.0), Some(1.0)]);
+    assert!(client(&nodes[1].sock, &["ctl", "block"]).status.success());
+    let status = client(&nodes[1].sock, &["ctl", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(st["admin"]["block"], true);
+    // A blocked node refuses a manual move too.
+    let locked = start_jobs(&nodes[0].sock, 1, true);
+    let mut jobs = start_jobs(&nodes[0].sock, 3, false);
+    let lpid = locked[0].pid();
+    common::cluster::wait_registered(&nodes[0].sock, lpid);
+    // Wait until n3 hosts guests, then expel them: they go home or elsewhere, but never to
+    // the blocked n2, and every job still ends with its native output.
+    wait_for("n3 to receive work", Duration::from_secs(60), || {
+        ps(&nodes[2].sock).iter().any(|p| {
+            p["state"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("guest of"))
+        })
+    });
+    let expel = client(&nodes[2].sock, &["ctl", "expel"]);
+    assert!(
+        expel.status.success(),
+        "expel: {}\n{}",
+        String::from_utf8_lossy(&expel.stderr),
+        nodes[2].log_text()
+    );
+    assert!(
+        !ps(&nodes[2].sock).iter().any(|p| p["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("guest of"))),
+        "n3 still hosts guests after expel"
+    );
+    // n3 stays out of it from now on.
+    assert!(client(&nodes[2].sock, &["ctl", "block"]).status.success());
+    jobs.extend(locked);
+    let mut n2_hosted = false;
+    let seen = watch_and_finish(&nodes[0], jobs, || {
+        n2_hosted |= !ps(&nodes[1].sock).is_empty();
+    });
+    assert!(
+        !n2_hosted,
+        "the blocked node hosted a guest\n{}",
+        nodes[1].log_text()
+    );
+    assert_eq!(
+        seen[&lpid],
+        BTreeSet::from([names[0].clone()]),
+        "the locked job moved"
+    );
+}
+
+#[test]
+fn gossip_without_the_cluster_key_is_rejected_and_counted() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&ka).unwrap();
+    std::fs::create_dir_all(&kb).unwrap();
+    let (ka, kb) = (keygen(&ka), keygen(&kb));
+    let p = prefix("gk");
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let (pa, pb) = (
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+    );
+    let na = NodeSpec::new(dir.path(), &a)
+        .listen(&pa)
+        .key_dir(&ka)
+        .peer(&b, &pb)
+        .arg("--step")
+        .arg("0.2")
+        .start();
+    let nb = NodeSpec::new(dir.path(), &b)
+        .listen(&pb)
+        .key_dir(&kb)
+        .peer(&a, &pa)
+        .arg("--step")
+        .arg("0.2")
+        .start();
+    let status = |n: &Node| -> serde_json::Value {
+        serde_json::from_slice(&client(&n.sock, &["ctl", "status", "--json"]).stdout).unwrap()
+    };
+    // b keeps announcing itself to a (a configured peer SWIM does not list); a rejects every
+    // datagram. Junk is sent until a counts it (its UDP port opens after its control socket).
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    wait_for("a to reject b's datagrams", Duration::from_secs(15), || {
+        sock.send_to(b"hello there", &pa).unwrap();
+        let s = status(&na);
+        s["counters"]["rejected"]["bad_mac"].as_u64().unwrap_or(0) >= 3
+            && s["counters"]["rejected"]["malformed"].as_u64().unwrap_or(0) >= 1
+    });
+    let s = status(&na);
+    assert_eq!(s["nodes_up"], 0, "a lists b as a member: {s}");
+    assert!(
+        s["counters"]["received"]
+            .as_object()
+            .is_none_or(|m| m.is_empty()),
+        "{s}"
+    );
+    let out = client(&na.sock, &["nodes", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.iter().skip(1).all(|n| n["age_s"].is_null()), "{v:?}");
+    drop(nb);
+}
+
+#[test]
+fn a_node_joining_by_one_address_learns_the_cluster_and_a_dead_node_drops_out() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let p = prefix("jn");
+    let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
+    let addrs: Vec<String> = names
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", common::cluster::free_port()))
+        .collect();
+    let start = |i: usize, peers: &[usize]| {
+        let mut s = NodeSpec::new(dir.path(), &names[i])
+            .listen(&addrs[i])
+            .key_dir(&key)
+            .arg("--step")
+            .arg("0.2");
+        for &j in peers {
+            // By address only: the name arrives with the answer.
+            s = s.arg("--peer").arg(&addrs[j]);
+        }
+        s.start()
+    };
+    let n1 = start(0, &[]);
+    let n2 = start(1, &[0]);
+    let mut n3 = start(2, &[1]);
+    let up = |n: &Node| -> BTreeSet<String> {
+        let out = client(&n.sock, &["nodes", "--json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.iter()
+            .skip(1)
+            .filter(|n| n["up"] == true && n["age_s"].is_number())
+            .map(|n| n["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // n1 was told of nobody, n3 only of n2's address: gossip introduces everyone.
+    wait_for(
+        "n1 and n3 to know each other",
+        Duration::from_secs(30),
+        || up(&n1).contains(&names[2]) && up(&n3).contains(&names[0]),
+    );
+    // n3 dies without a word: the others drop it within SWIM's timeout.
+    let _ = n3.child.kill();
+    let _ = n3.child.wait();
+    let t = Instant::now();
+    wait_for(
+        "n1 and n2 to drop the dead node",
+        Duration::from_secs(60),
+        || !up(&n1).contains(&names[2]) && !up(&n2).contains(&names[2]),
+    );
+    eprintln!("dropped after {:?}", t.elapsed());
+    // Nothing hangs: the clients still answer at once.
+    let t = Instant::now();
+    assert!(client(&n1.sock, &["nodes"]).status.success());
+    assert!(client(&n2.sock, &["ctl", "status"]).status.success());
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
