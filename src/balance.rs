@@ -13,10 +13,13 @@
 use crate::capacity::Cgroup;
 use crate::gossip::{self, Body, Contact, Envelope, Opener, Reject, Sealer};
 use crate::node::{Shared, State};
+use balancer::trace::{Call, Header, Record};
 use balancer::{Action, Input, LoadEntry, MigrationReason, NodeId, Pid, PolicyKind, Time};
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +122,8 @@ pub struct Settings {
     pub key: [u8; 32],
     /// Configured peers: (name if given, address).
     pub seeds: Vec<(Option<String>, SocketAddr)>,
+    /// Record every call on the core here (`--balancer-trace`), for `mosvm sim --replay`.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// Microseconds since `t0`, as the core's time.
@@ -179,7 +184,8 @@ struct Shell {
     shared: Shared,
     udp: Arc<UdpSocket>,
     sealer: Sealer,
-    rng: rand::rngs::StdRng,
+    rng: ChaCha8Rng,
+    trace: Option<std::io::BufWriter<std::fs::File>>,
     t0: Instant,
     cgroup: Cgroup,
     speed: f64,
@@ -241,13 +247,33 @@ pub async fn run(
         st.view.policy = format!("{:?}", s.policy).to_lowercase();
         st.view.scope = scope;
     }
+    let seed: u64 = rand::rng().random();
+    let trace = match &s.trace {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => {
+                let mut w = std::io::BufWriter::new(f);
+                let header = Header {
+                    config: cfg.clone(),
+                    seed,
+                };
+                let _ = writeln!(w, "{}", serde_json::to_string(&header).unwrap_or_default());
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!("cannot write the balancer trace {}: {e}", path.display());
+                None
+            }
+        },
+        None => None,
+    };
     let mut sh = Shell {
         core: balancer::Node::new(cfg),
+        trace,
         sealer: Sealer::new(s.key, s.me.clone(), rand::rng().random()),
         me: s.me,
         shared,
         udp,
-        rng: rand::rngs::StdRng::from_os_rng(),
+        rng: ChaCha8Rng::seed_from_u64(seed),
         t0: Instant::now(),
         cgroup: s.cgroup,
         speed,
@@ -292,18 +318,19 @@ pub async fn run(
             Some(env) = datagrams.recv() => sh.datagram(env).await,
             ev = rx.recv() => match ev {
                 Some(Event::SwimTimer(t)) => {
-                    let acts = sh.core.handle(Input::SwimTimer(t), now_core(sh.t0), &mut sh.rng);
+                    let acts = sh.call(Call::Handle(Input::SwimTimer(t)));
                     sh.act(acts).await;
                 }
                 Some(Event::Speed(v)) => {
                     sh.speed = v;
                     let (total, _) = sh.cgroup.memory();
-                    sh.core.set_capacity(sh.cgroup.cpus(), v, total >> 20);
+                    let cpus = sh.cgroup.cpus();
+                    sh.call(Call::SetCapacity { cpus, speed: v, mem_mb: total >> 20 });
                     sh.publish();
                 }
                 Some(Event::Send { to, body }) => sh.send(to, body).await,
                 Some(Event::Leave(done)) => {
-                    let acts = sh.core.leave();
+                    let acts = sh.call(Call::Leave);
                     sh.act(acts).await;
                     let _ = done.send(());
                 }
@@ -314,6 +341,18 @@ pub async fn run(
 }
 
 impl Shell {
+    /// Make one call on the core now, recording it when tracing.
+    fn call(&mut self, call: Call) -> Vec<Action> {
+        let at = now_core(self.t0);
+        let actions = balancer::trace::apply(&mut self.core, &call, at, &mut self.rng);
+        if let Some(w) = self.trace.as_mut() {
+            let r = Record { at, call, actions };
+            let _ = writeln!(w, "{}", serde_json::to_string(&r).unwrap_or_default());
+            return r.actions;
+        }
+        actions
+    }
+
     fn step(&self) -> Duration {
         Duration::from_micros(self.core.config().params.step.0)
     }
@@ -371,7 +410,7 @@ impl Shell {
             }
         }
         if self.joined.insert(c.id) {
-            let acts = self.core.start(Some(c.id));
+            let acts = self.call(Call::Start { known: Some(c.id) });
             self.act(acts).await;
         }
     }
@@ -394,7 +433,7 @@ impl Shell {
         };
         for id in seeds {
             if !self.core.peers().contains(&id) {
-                let acts = self.core.start(Some(id));
+                let acts = self.call(Call::Start { known: Some(id) });
                 self.act(acts).await;
             }
         }
@@ -424,7 +463,6 @@ impl Shell {
         }
         let from = env.from.id;
         self.learn(env.from.clone()).await;
-        let now = now_core(self.t0);
         let input = match env.body {
             Body::Hello { answer } => {
                 if answer {
@@ -503,7 +541,7 @@ impl Shell {
                 return;
             }
         };
-        let acts = self.core.handle(input, now, &mut self.rng);
+        let acts = self.call(Call::Handle(input));
         self.act(acts).await;
     }
 
@@ -695,12 +733,11 @@ impl Shell {
         } else {
             Input::MigrationFailed { pid, to }
         };
-        self.core.handle(input, now_core(self.t0), &mut self.rng)
+        self.call(Call::Handle(input))
     }
 
     /// Bring the core's view of the processes running here up to date.
     async fn reconcile(&mut self) {
-        let now = now_core(self.t0);
         let present = {
             let st = self.shared.lock().expect("state lock");
             crate::admin::running_here(&st, self.me.id)
@@ -721,9 +758,7 @@ impl Shell {
                     self.act(acts).await;
                 }
                 None => {
-                    let acts = self
-                        .core
-                        .handle(Input::ProcessEnded { pid }, now, &mut self.rng);
+                    let acts = self.call(Call::Handle(Input::ProcessEnded { pid }));
                     self.act(acts).await;
                 }
             }
@@ -736,9 +771,7 @@ impl Shell {
                 info.age_ms = p.age.as_millis() as u64;
                 info.locked = locked;
                 info.cpu_work = p.cpu_s * self.speed;
-                let acts = self
-                    .core
-                    .handle(Input::ProcessStarted(info), now, &mut self.rng);
+                let acts = self.call(Call::Handle(Input::ProcessStarted(info)));
                 self.act(acts).await;
                 self.residents.insert(
                     p.pid,
@@ -786,7 +819,7 @@ impl Shell {
                 }
             }
             for i in inputs {
-                let acts = self.core.handle(i, now, &mut self.rng);
+                let acts = self.call(Call::Handle(i));
                 self.act(acts).await;
             }
         }
@@ -794,7 +827,6 @@ impl Shell {
 
     async fn tick(&mut self) {
         self.reconcile().await;
-        let now = now_core(self.t0);
         let runnable = if self.samples.1 > 0 {
             self.samples.0 / f64::from(self.samples.1)
         } else {
@@ -802,18 +834,25 @@ impl Shell {
         };
         self.samples = (0.0, 0);
         let (total, used) = self.cgroup.memory();
-        self.core
-            .set_capacity(self.cgroup.cpus(), self.speed, total >> 20);
+        let (cpus, speed) = (self.cgroup.cpus(), self.speed);
+        self.call(Call::SetCapacity {
+            cpus,
+            speed,
+            mem_mb: total >> 20,
+        });
         let sample = Input::LoadSample {
             runnable: runnable.round() as u32,
             used_mem_mb: used >> 20,
         };
-        let acts = self.core.handle(sample, now, &mut self.rng);
+        let acts = self.call(Call::Handle(sample));
         self.act(acts).await;
-        let acts = self.core.handle(Input::Tick, now, &mut self.rng);
+        let acts = self.call(Call::Handle(Input::Tick));
         self.act(acts).await;
         self.hello_unknown().await;
         self.reannounce().await;
+        if let Some(w) = self.trace.as_mut() {
+            let _ = w.flush();
+        }
         {
             let mut st = self.shared.lock().expect("state lock");
             st.view.runnable = runnable;

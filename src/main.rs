@@ -109,6 +109,9 @@ struct NodeArgs {
     /// Give the node a cgroup of its own with this memory limit (512M, 2G; needs root).
     #[arg(long)]
     memory: Option<String>,
+    /// Record the balancer's inputs and decisions to FILE (replay with `mosvm sim --replay`).
+    #[arg(long)]
+    balancer_trace: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -799,6 +802,9 @@ fn node_main(a: NodeArgs) -> ExitCode {
     }
     if a.memory.is_some() {
         cfg.memory = a.memory;
+    }
+    if a.balancer_trace.is_some() {
+        cfg.balancer_trace = a.balancer_trace;
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

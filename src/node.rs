@@ -43,6 +43,8 @@ pub struct Config {
     pub cpus: Option<f64>,
     /// Memory limit to give the node's own cgroup (`512M`, `2G`).
     pub memory: Option<String>,
+    /// Record the balancer's inputs and decisions to this file (replay: `mosvm sim --replay`).
+    pub balancer_trace: Option<PathBuf>,
 }
 
 impl Config {
@@ -844,6 +846,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 cgroup,
                 key,
                 seeds: shared.lock().expect("state lock").peers.clone(),
+                trace: cfg.balancer_trace.clone(),
             };
             tokio::spawn(crate::balance::run(shared.clone(), udp, settings, etx, erx, drx));
         }

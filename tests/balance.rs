@@ -55,12 +55,15 @@ fn capacity_cluster(dir: &Path, names: &[String], cpus: &[Option<f64>]) -> Vec<N
         .iter()
         .enumerate()
         .map(|(i, n)| {
+            let trace = dir.join(format!("{n}.trace"));
             let mut s = NodeSpec::new(dir, n)
                 .listen(&addrs[i])
                 .key_dir(&key)
                 .policy("mosix")
                 .arg("--step")
-                .arg("0.5");
+                .arg("0.5")
+                .arg("--balancer-trace")
+                .arg(trace.to_str().unwrap());
             if let Some(c) = cpus[i] {
                 s = s.arg("--cpus").arg(&c.to_string());
             }
@@ -195,6 +198,23 @@ fn six_cpu_bound_jobs_spread_over_nodes_of_different_capacity() {
     }
     let moves: usize = nodes.iter().map(automatic_moves).sum();
     assert!(moves >= 2, "{moves} automatic moves\n{logs}");
+    // What the busy node's balancer did is a pure function of what it was fed: replayed
+    // through the core by the simulator, every decision comes out the same.
+    let trace = dir.path().join(format!("{}.trace", names[0]));
+    let out = Command::new(common::mosvm_bin())
+        .args(["sim", "--json", "--replay"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "replay: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["decisions"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["mismatches"].as_array().unwrap().len(), 0, "{r}");
     assert!(
         moves <= 6 * 3,
         "{moves} automatic moves for 6 jobs: the balancer ping-pongs\n{logs}"

@@ -17,12 +17,14 @@
 //! - [`node`]: the per-node state machine ([`Node::handle`]).
 //! - [`membership`]: SWIM membership and failure detection (the `foca` crate) in sans-IO form.
 //! - [`sim`]: the discrete-event simulator behind `mosvm sim` ([`sim::cli`]).
+//! - [`trace`]: a node service's balancer run recorded, and replayed through the core.
 
 pub mod load;
 pub mod membership;
 pub mod node;
 pub mod policy;
 pub mod sim;
+pub mod trace;
 pub mod types;
 pub mod window;
 

@@ -106,6 +106,10 @@ pub struct SimArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Instead of simulating, replay a trace a node recorded (`mosvm node --balancer-trace`)
+    /// through the core, and report whether every decision comes out the same (exit 1 if not).
+    #[arg(long)]
+    pub replay: Option<std::path::PathBuf>,
     /// Also run the sweeps and write SVG plots into DIR.
     #[arg(long, value_name = "DIR")]
     pub plots: Option<PathBuf>,
@@ -320,6 +324,30 @@ pub fn compare(
 
 /// Run the simulator with `args`, printing a table (or JSON) to stdout.
 pub fn run(args: &SimArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.replay {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (header, records) = crate::trace::read(&text)?;
+        let r = crate::trace::replay(&header, &records);
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            println!(
+                "replayed {} calls of node {:08x}: {} migration decisions, {} mismatches",
+                r.calls,
+                header.config.id,
+                r.decisions,
+                r.mismatches.len()
+            );
+        }
+        ensure!(
+            r.mismatches.is_empty(),
+            "the core decided differently at {} call(s), first at line {}",
+            r.mismatches.len(),
+            r.mismatches[0] + 2
+        );
+        return Ok(());
+    }
     args.validate()?;
     let duration = args.duration();
     let mut results = Vec::new();
