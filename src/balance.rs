@@ -124,6 +124,8 @@ pub struct Settings {
     pub seeds: Vec<(Option<String>, SocketAddr)>,
     /// Record every call on the core here (`--balancer-trace`), for `mosvm sim --replay`.
     pub trace: Option<std::path::PathBuf>,
+    /// Free-memory fraction below which memory ushering starts (else the core's default).
+    pub usher_free: Option<f64>,
 }
 
 /// Microseconds since `t0`, as the core's time.
@@ -217,6 +219,9 @@ pub async fn run(
     let mut cfg = balancer::Config::new(s.me.id, cpus, speed, mem_total >> 20);
     cfg.policy = s.policy;
     cfg.params.step = Time(s.step.as_micros() as u64);
+    if let Some(f) = s.usher_free {
+        cfg.params.usher_free_frac = f;
+    }
     cfg.swim = Some(balancer::node::SwimSettings {
         cluster_size: (s.seeds.len() as u32 + 1).max(3),
         seed: rand::rng().random(),
@@ -803,6 +808,7 @@ impl Shell {
                 cpu_work: p.cpu_s * self.speed,
                 home_syscalls,
                 local_syscalls,
+                mem_mb: Some(p.mem_mb),
             });
             if relock {
                 inputs.push(Input::SetLock { pid: p.pid, locked });

@@ -112,6 +112,9 @@ struct NodeArgs {
     /// Record the balancer's inputs and decisions to FILE (replay with `mosvm sim --replay`).
     #[arg(long)]
     balancer_trace: Option<PathBuf>,
+    /// Move processes away when free memory falls below this fraction of the node's (default 0.05).
+    #[arg(long)]
+    usher_free: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -805,6 +808,9 @@ fn node_main(a: NodeArgs) -> ExitCode {
     }
     if a.balancer_trace.is_some() {
         cfg.balancer_trace = a.balancer_trace;
+    }
+    if a.usher_free.is_some() {
+        cfg.usher_free = a.usher_free;
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

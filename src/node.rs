@@ -45,6 +45,9 @@ pub struct Config {
     pub memory: Option<String>,
     /// Record the balancer's inputs and decisions to this file (replay: `mosvm sim --replay`).
     pub balancer_trace: Option<PathBuf>,
+    /// Memory ushering starts when free memory falls below this fraction of the node's
+    /// memory (default 0.05).
+    pub usher_free: Option<f64>,
 }
 
 impl Config {
@@ -761,6 +764,12 @@ pub fn run(cfg: Config) -> Result<()> {
         step.is_finite() && (0.05..=3600.0).contains(&step),
         "--step {step}: use seconds between 0.05 and 3600"
     );
+    if let Some(v) = cfg.usher_free {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&v),
+            "--usher-free {v}: use a fraction of memory between 0 and 1"
+        );
+    }
     if let Some(v) = cfg.speed {
         anyhow::ensure!(
             v.is_finite() && v > 0.0,
@@ -847,6 +856,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 key,
                 seeds: shared.lock().expect("state lock").peers.clone(),
                 trace: cfg.balancer_trace.clone(),
+                usher_free: cfg.usher_free,
             };
             tokio::spawn(crate::balance::run(shared.clone(), udp, settings, etx, erx, drx));
         }

@@ -392,3 +392,59 @@ fn a_node_joining_by_one_address_learns_the_cluster_and_a_dead_node_drops_out() 
     assert!(client(&n2.sock, &["ctl", "status"]).status.success());
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn memory_ushering_moves_a_process_off_a_node_short_of_memory() {
+    require_kvm!();
+    if !cgroups_usable("memory_ushering") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let p = prefix("us");
+    let (a, b) = (format!("{p}a"), format!("{p}b"));
+    let (pa, pb) = (
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+    );
+    // a has 512 MiB and ushers below 30 % free; b has the machine's memory. Both idle CPUs:
+    // only memory can make the process move.
+    let na = NodeSpec::new(dir.path(), &a)
+        .listen(&pa)
+        .key_dir(&key)
+        .peer(&b, &pb)
+        .policy("mosix")
+        .args(&["--step", "0.5", "--memory", "512M", "--usher-free", "0.3"])
+        .start();
+    let _nb = NodeSpec::new(dir.path(), &b)
+        .listen(&pb)
+        .key_dir(&key)
+        .peer(&a, &pa)
+        .policy("mosix")
+        .args(&["--step", "0.5"])
+        .start();
+    let args = ["400", "0", "8"];
+    let native = Command::new(image("glibc-static", "hog"))
+        .args(args)
+        .output()
+        .unwrap();
+    let job = Case::image("glibc-static", "hog")
+        .args(args)
+        .mosvm_flag("--mem")
+        .mosvm_flag("1G")
+        .socket(&na.sock)
+        .timeout(Duration::from_secs(120))
+        .spawn_mosvm();
+    let pid = job.pid();
+    wait_for(
+        "the process to be moved for memory",
+        Duration::from_secs(60),
+        || {
+            common::cluster::proc_info(&na.sock, pid)
+                .is_some_and(|p| p["node"] == b.as_str() && p["moved_by"] == "memory")
+        },
+    );
+    let out = job.finish();
+    assert_eq!(out.shell_status(), 0, "{}", out.stderr_text());
+    assert_eq!(out.stdout_text(), String::from_utf8_lossy(&native.stdout));
+}

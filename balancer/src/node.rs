@@ -239,6 +239,9 @@ pub enum Input {
         home_syscalls: u64,
         /// System calls served locally since the last report.
         local_syscalls: u64,
+        /// Memory in use now, MiB, when measured (None: unchanged).
+        #[serde(default)]
+        mem_mb: Option<u32>,
     },
     /// The process called execve: its statistics are cleared.
     ProcessExec {
@@ -393,6 +396,8 @@ pub struct Resident {
     pub updated: Time,
     /// A migration request is outstanding: (target, deadline).
     pub pending: Option<(NodeId, Time)>,
+    /// Why the outstanding request was made (the move it leads to is for that reason).
+    pub pending_reason: MigrationReason,
     /// A migration is in progress.
     pub migrating: bool,
 }
@@ -596,6 +601,7 @@ impl Node {
                         info,
                         updated: now,
                         pending: None,
+                        pending_reason: MigrationReason::Balance,
                         migrating: false,
                     },
                 );
@@ -608,6 +614,7 @@ impl Node {
                 cpu_work,
                 home_syscalls,
                 local_syscalls,
+                mem_mb,
             } => {
                 let half = self.cfg.params.stats_half_life_secs;
                 if let Some(p) = self.procs.get_mut(&pid) {
@@ -620,6 +627,9 @@ impl Node {
                     p.info.age_ms += now.since(p.updated).0 / 1000;
                     p.updated = now;
                     p.info.cpu_work = cpu_work.max(0.0);
+                    if let Some(m) = mem_mb {
+                        p.info.mem_mb = m;
+                    }
                     p.info.home_syscalls = p.info.home_syscalls * decay + home_syscalls as f64;
                     p.info.local_syscalls = p.info.local_syscalls * decay + local_syscalls as f64;
                 }
@@ -686,17 +696,13 @@ impl Node {
                             p.pending = None;
                             if accepted && !p.migrating && !p.info.locked && !p.info.confined {
                                 p.migrating = true;
-                                go = Some(target);
+                                go = Some((target, p.pending_reason));
                             }
                         }
                     }
                 }
                 match go {
-                    Some(to) => out.push(Action::Migrate {
-                        pid,
-                        to,
-                        reason: self.reason_for_auto(),
-                    }),
+                    Some((to, reason)) => out.push(Action::Migrate { pid, to, reason }),
                     None if !accepted => {
                         self.refused
                             .insert(from, now.plus(self.cfg.params.refuse_backoff));
@@ -731,16 +737,6 @@ impl Node {
             }
         }
         out
-    }
-
-    fn reason_for_auto(&self) -> MigrationReason {
-        if self.under_memory_pressure() {
-            MigrationReason::Usher
-        } else if self.cfg.policy == PolicyKind::OpportunityCost {
-            MigrationReason::OpportunityCost
-        } else {
-            MigrationReason::Balance
-        }
     }
 
     /// True when free memory (counting processes already leaving as gone) is below the
@@ -860,6 +856,7 @@ impl Node {
             let from_load = self.load_now() as f32;
             if let Some(r) = self.procs.get_mut(&d.pid) {
                 r.pending = Some((d.to, now.plus(ttl)));
+                r.pending_reason = d.reason;
             }
             // Account the promised work locally so the next decision sees it.
             if let Some(h) = self.window.get_mut(d.to) {

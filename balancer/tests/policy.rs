@@ -202,6 +202,7 @@ fn process_whose_syscalls_go_home_stays_near_home() {
             cpu_work: 60.0,
             home_syscalls: 900,
             local_syscalls: 100,
+            mem_mb: None,
         },
         secs(100.0),
         &mut r,
@@ -220,6 +221,7 @@ fn exec_clears_statistics() {
             cpu_work: 60.0,
             home_syscalls: 900,
             local_syscalls: 100,
+            mem_mb: None,
         },
         secs(100.0),
         &mut r,
@@ -248,6 +250,7 @@ fn statistics_decay_with_half_life() {
             cpu_work: 1.0,
             home_syscalls: 1000,
             local_syscalls: 0,
+            mem_mb: None,
         },
         secs(100.0),
         &mut r,
@@ -258,6 +261,7 @@ fn statistics_decay_with_half_life() {
             cpu_work: 2.0,
             home_syscalls: 0,
             local_syscalls: 500,
+            mem_mb: None,
         },
         secs(100.0 + half),
         &mut r,
@@ -390,6 +394,27 @@ fn memory_ushering_moves_to_a_node_with_room_even_if_busier() {
     assert_eq!(reqs.len(), 1, "{acts:?}");
     assert_eq!(reqs[0].1, 1);
     assert_eq!(reqs[0].2, MigrationReason::Usher);
+    // Once accepted, the move is for memory too, though the process already counts as
+    // leaving (the node no longer looks short of memory).
+    let acts = n.handle(
+        Input::MigrationReply {
+            from: 1,
+            pid: reqs[0].0,
+            accepted: true,
+        },
+        now,
+        &mut r,
+    );
+    assert!(
+        matches!(
+            acts[..],
+            [Action::Migrate {
+                reason: MigrationReason::Usher,
+                ..
+            }]
+        ),
+        "{acts:?}"
+    );
 }
 
 #[test]

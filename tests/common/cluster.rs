@@ -93,6 +93,12 @@ impl NodeSpec {
         self
     }
 
+    /// Further flags of `mosvm node`.
+    pub fn args(mut self, a: &[&str]) -> Self {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+
     /// The control socket the node will serve.
     pub fn sock(&self) -> PathBuf {
         self.dir.join(format!("{}.sock", self.name))

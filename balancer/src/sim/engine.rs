@@ -609,6 +609,7 @@ impl<'a> Sim<'a> {
                             cpu_work: (job.work - remaining).max(0.0),
                             home_syscalls: (calls * job.home_fraction) as u64,
                             local_syscalls: (calls * (1.0 - job.home_fraction)) as u64,
+                            mem_mb: None,
                         },
                     );
                 }
