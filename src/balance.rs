@@ -10,7 +10,7 @@
 //! `mosvm migrate`; a hosted guest's move is asked of its home node ([`Body::Move`]), which
 //! orders it, so that the home node stays the one place that knows where its processes are.
 
-use crate::capacity::Cgroup;
+use crate::capacity::{Cgroup, Count};
 use crate::gossip::{self, Body, Contact, Envelope, Opener, Reject, Sealer};
 use crate::node::{Shared, State};
 use balancer::trace::{Call, Header, Record};
@@ -199,6 +199,9 @@ struct Shell {
     inflight: HashMap<Pid, Inflight>,
     events: mpsc::UnboundedSender<Event>,
     samples: (f64, u32),
+    /// The most recent sub-step sample (reacts at once to processes that left).
+    last_sample: f64,
+    sampler: crate::capacity::Sampler,
     /// When configured peers were last announced to.
     announced: Instant,
 }
@@ -219,6 +222,8 @@ pub async fn run(
     let mut cfg = balancer::Config::new(s.me.id, cpus, speed, mem_total >> 20);
     cfg.policy = s.policy;
     cfg.params.step = Time(s.step.as_micros() as u64);
+    // A move shows in the load of both ends only a step or two later.
+    cfg.params.min_stay_secs = (4.0 * s.step.as_secs_f64()).max(1.0);
     if let Some(f) = s.usher_free {
         cfg.params.usher_free_frac = f;
     }
@@ -288,6 +293,8 @@ pub async fn run(
         inflight: HashMap::new(),
         events,
         samples: (0.0, 0),
+        last_sample: 0.0,
+        sampler: Default::default(),
         announced: Instant::now(),
     };
     // Named peers are known already: join SWIM through them.
@@ -312,9 +319,11 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = step.tick() => {
-                let r = f64::from(sh.cgroup.runnable());
+                let guests = sh.guests();
+                let r = sh.sampler.sample(&sh.cgroup, &guests);
                 sh.samples.0 += r;
                 sh.samples.1 += 1;
+                sh.last_sample = r;
                 n += 1;
                 if n.is_multiple_of(SAMPLES_PER_STEP) {
                     sh.tick().await;
@@ -356,6 +365,31 @@ impl Shell {
             return r.actions;
         }
         actions
+    }
+
+    /// How the node's guest processes count in its load ([`crate::capacity::Sampler`]):
+    /// its own processes running here and the guests it hosts are runnable work, those
+    /// being moved (by order of this node or of their home) count as one thread each.
+    fn guests(&self) -> HashMap<u32, Count> {
+        let st = self.shared.lock().expect("state lock");
+        let mut v = HashMap::new();
+        for p in st.procs.values() {
+            if p.info.state == "migrating" {
+                v.insert(p.info.pid, Count::Moving);
+            } else if p.info.node == st.name {
+                v.insert(p.info.pid, Count::Runnable);
+            }
+        }
+        for (host_pid, h) in &st.hosted {
+            let pid = gossip::cluster_pid(gossip::node_id(&h.home), h.pid);
+            let how = if self.inflight.contains_key(&pid) {
+                Count::Moving
+            } else {
+                Count::Runnable
+            };
+            v.insert(*host_pid, how);
+        }
+        v
     }
 
     fn step(&self) -> Duration {
@@ -833,8 +867,10 @@ impl Shell {
 
     async fn tick(&mut self) {
         self.reconcile().await;
+        // The step's mean, but no more than its last part shows: a process that has just
+        // left no longer counts.
         let runnable = if self.samples.1 > 0 {
-            self.samples.0 / f64::from(self.samples.1)
+            (self.samples.0 / f64::from(self.samples.1)).min(self.last_sample)
         } else {
             0.0
         };
@@ -847,7 +883,7 @@ impl Shell {
             mem_mb: total >> 20,
         });
         let sample = Input::LoadSample {
-            runnable: runnable.round() as u32,
+            runnable,
             used_mem_mb: used >> 20,
         };
         let acts = self.call(Call::Handle(sample));

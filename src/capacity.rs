@@ -257,27 +257,126 @@ impl Cgroup {
         (total_host, total_host.saturating_sub(mem.1))
     }
 
-    /// Threads runnable now (state R) in this node's scope, not counting the calling thread.
-    pub fn runnable(&self) -> u32 {
-        let Some((dir, v)) = &self.cpu else {
-            let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-            let n = stat
-                .lines()
-                .find_map(|l| l.strip_prefix("procs_running")?.trim().parse::<u32>().ok())
-                .unwrap_or(1);
-            return n.saturating_sub(1);
+    /// The threads of this cgroup with their process ids (None: no cgroup, the machine is
+    /// the scope).
+    fn threads(&self) -> Option<Vec<(u32, String)>> {
+        let (dir, _) = self.cpu.as_ref()?;
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let mut out = Vec::new();
+        for pid in procs.lines() {
+            let Ok(p) = pid.parse::<u32>() else { continue };
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                out.push((p, t.file_name().to_string_lossy().into_owned()));
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Measures a node's run-queue length as an average over time, from the scheduler's own
+/// accounting (`/proc/TID/schedstat`: time on a CPU, and time waiting for one; sched(7)).
+///
+/// The processes the node runs for its guests count their threads' time on a CPU *plus*
+/// their time waiting for one: a vCPU that always wants the CPU counts 1, even in a cgroup its
+/// CPU quota holds back. A process being moved counts as one such thread (its pre-copy
+/// threads work for the move, not for the process). Everything else in the cgroup (the node
+/// service, the deputies of processes that run elsewhere, other programs) counts the CPU time
+/// it used: light work that wakes often would otherwise look runnable all the time in a
+/// throttled cgroup, as it waits there for the next quota period after each wake-up.
+/// Without a cgroup, the machine's `/proc/schedstat` gives the same sums over all CPUs (or,
+/// without scheduler statistics, `procs_running`).
+#[derive(Debug, Default)]
+pub struct Sampler {
+    /// Per thread (or per CPU without a cgroup): nanoseconds counted at the last sample.
+    prev: std::collections::HashMap<String, u64>,
+    at: Option<std::time::Instant>,
+}
+
+/// How the threads of one process count (see [`Sampler`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// A guest running here: time on a CPU and waiting for one.
+    Runnable,
+    /// A process being moved: one thread runnable all the time.
+    Moving,
+}
+
+impl Sampler {
+    /// Mean number of runnable threads since the previous call (0 on the first). `guests`
+    /// says how the node's guest processes count; other processes count their CPU time.
+    pub fn sample(&mut self, cg: &Cgroup, guests: &std::collections::HashMap<u32, Count>) -> f64 {
+        let now = std::time::Instant::now();
+        let interval_ns = self
+            .at
+            .map_or(0, |t| now.duration_since(t).as_nanos() as u64);
+        let mut next = std::collections::HashMap::new();
+        let mut busy_ns = 0u64;
+        let totals: Vec<(String, u64)> = match cg.threads() {
+            Some(tids) => {
+                let mut seen = std::collections::HashSet::new();
+                let mut v = Vec::with_capacity(tids.len());
+                for (pid, t) in tids {
+                    let how = guests.get(&pid).copied();
+                    if how == Some(Count::Moving) {
+                        if seen.insert(pid) {
+                            busy_ns += interval_ns;
+                        }
+                        continue;
+                    }
+                    let Ok(st) = std::fs::read_to_string(format!("/proc/{t}/schedstat")) else {
+                        continue;
+                    };
+                    let mut f = st.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+                    let (run, wait) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+                    // Keyed by how it counts, so a process that changes class starts afresh.
+                    let (key, total) = match how {
+                        Some(_) => (format!("{t}+"), run + wait),
+                        None => (t, run),
+                    };
+                    v.push((key, total));
+                }
+                v
+            }
+            None => {
+                let cpus: Vec<(String, u64)> = std::fs::read_to_string("/proc/schedstat")
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("cpu"))
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+                        Some((f[0].to_string(), n(7)? + n(8)?))
+                    })
+                    .collect();
+                if cpus.is_empty() {
+                    // No scheduler statistics (CONFIG_SCHEDSTATS off): the instantaneous
+                    // count of runnable tasks, less the one reading it.
+                    self.at = Some(now);
+                    return procs_running().saturating_sub(1) as f64;
+                }
+                cpus
+            }
         };
-        let list = match v {
-            Version::V1 => "tasks",
-            Version::V2 => "cgroup.threads",
-        };
-        // SAFETY: gettid has no preconditions.
-        let me = unsafe { libc::gettid() }.to_string();
-        std::fs::read_to_string(dir.join(list))
-            .unwrap_or_default()
-            .lines()
-            .filter(|tid| *tid != me && thread_running(tid))
-            .count() as u32
+        for (k, total) in totals {
+            // A thread new to the count (just started, a process that just joined the
+            // cgroup or changed class) counts at most the whole interval.
+            let d = match self.prev.get(&k) {
+                Some(&p) => total.saturating_sub(p),
+                None => total.min(interval_ns),
+            };
+            busy_ns += d;
+            next.insert(k, total);
+        }
+        self.prev = next;
+        self.at = Some(now);
+        if interval_ns == 0 {
+            0.0
+        } else {
+            busy_ns as f64 / interval_ns as f64
+        }
     }
 }
 
@@ -299,15 +398,13 @@ fn quota_at(dir: &Path, v: Version) -> Option<f64> {
     (q > 0.0 && p > 0.0).then(|| q / p)
 }
 
-/// Whether thread `tid` is in state R (running or runnable).
-fn thread_running(tid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{tid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().next().map(|st| st == "R"))
-        })
-        .unwrap_or(false)
+/// `procs_running` of `/proc/stat`: tasks runnable on the whole machine now.
+fn procs_running() -> u32 {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("procs_running")?.trim().parse::<u32>().ok())
+        .unwrap_or(1)
 }
 
 /// (MemTotal, MemAvailable), bytes.
@@ -390,35 +487,42 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_thread_is_seen_running_and_a_sleeping_one_not() {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let s = stop.clone();
-        let busy = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let mut x = 0u64;
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                x = std::hint::black_box(x.wrapping_add(1));
-            }
-        });
-        let (tx2, rx2) = std::sync::mpsc::channel();
-        let sleeper = std::thread::spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            tx2.send(unsafe { libc::gettid() }).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        });
-        let (busy_tid, sleeping_tid) = (
-            rx.recv().unwrap().to_string(),
-            rx2.recv().unwrap().to_string(),
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let seen = (0..20).filter(|_| thread_running(&busy_tid)).count();
-        let slept = (0..20).filter(|_| thread_running(&sleeping_tid)).count();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        busy.join().unwrap();
-        sleeper.join().unwrap();
-        assert!(seen > 0, "the spinning thread was never R");
-        assert_eq!(slept, 0, "the sleeping thread was R");
+    fn a_spinning_guest_counts_one_a_sleeping_one_nothing_and_a_moving_one_one() {
+        let mut spin = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        // A cgroup directory whose process list is one of these.
+        let d = tempfile::tempdir().unwrap();
+        let cg = Cgroup {
+            cpu: Some((d.path().to_path_buf(), Version::V1)),
+            memory: None,
+        };
+        let measure = |pid: u32, how: Option<Count>| {
+            std::fs::write(d.path().join("cgroup.procs"), format!("{pid}\n")).unwrap();
+            let guests = how.map(|h| (pid, h)).into_iter().collect();
+            let mut s = Sampler::default();
+            s.sample(&cg, &guests);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            s.sample(&cg, &guests)
+        };
+        let spinning = measure(spin.id(), Some(Count::Runnable));
+        let sleeping = measure(sleep.id(), Some(Count::Runnable));
+        let moving = measure(sleep.id(), Some(Count::Moving));
+        let other = measure(spin.id(), None);
+        let _ = spin.kill();
+        let _ = sleep.kill();
+        let _ = (spin.wait(), sleep.wait());
+        // Running or waiting for a CPU, the spinning process is runnable all the time, however
+        // busy the machine is.
+        assert!((0.8..1.2).contains(&spinning), "spinning: {spinning}");
+        assert!(sleeping < 0.05, "sleeping: {sleeping}");
+        assert!((0.9..1.1).contains(&moving), "moving: {moving}");
+        // Work that is not a guest's counts the CPU it got: up to one CPU.
+        assert!(other > 0.1 && other < 1.2, "other: {other}");
     }
 }

@@ -16,22 +16,25 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
-/// Node settings: flags override the TOML file.
+/// Node settings: flags override the TOML file, whose keys are named as the flags
+/// (`key-dir`, `peer`, ...; the older `key_dir`, `state_dir` and `peers` are accepted too).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     /// Node name (default: the host name).
     pub name: Option<String>,
     /// Address peers reach this node on.
     pub listen: Option<SocketAddr>,
     /// Known peers: `ADDR` or `NAME=ADDR`.
-    #[serde(default)]
+    #[serde(default, rename = "peer", alias = "peers")]
     pub peers: Vec<String>,
     /// Directory holding the cluster key (`mosvm keygen`); without it no peer is served.
+    #[serde(alias = "key_dir")]
     pub key_dir: Option<PathBuf>,
     /// Control socket path.
     pub socket: Option<PathBuf>,
     /// State directory.
+    #[serde(alias = "state_dir")]
     pub state_dir: Option<PathBuf>,
     /// Automatic migration policy: `mosix` (default), `opportunity-cost` or `off`.
     pub policy: Option<String>,
@@ -48,6 +51,8 @@ pub struct Config {
     /// Memory ushering starts when free memory falls below this fraction of the node's
     /// memory (default 0.05).
     pub usher_free: Option<f64>,
+    /// Serve Prometheus metrics on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -412,6 +417,9 @@ pub(crate) fn nodes_view(st: &State) -> Vec<NodeInfo> {
         .collect();
     // Configured peers not heard from yet.
     for (n, a) in &st.peers {
+        if Some(*a) == st.listen {
+            continue;
+        }
         let a = a.to_string();
         if !others.iter().any(|o| o.addr == a) {
             others.push(info(n.as_deref().unwrap_or_default(), a, None, false));
@@ -932,6 +940,11 @@ mod tests {
         assert_eq!(c.name.as_deref(), Some("a"));
         assert_eq!(c.peers.len(), 1);
         assert!(toml::from_str::<Config>("nmae = \"typo\"").is_err());
+        // The packaged example uses the flags' names for every key.
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/node.toml");
+        let c = Config::load(&shipped).unwrap();
+        assert_eq!(c.key_dir.as_deref(), Some(Path::new("/etc/mosvm")));
+        assert_eq!((c.peers.len(), c.usher_free), (1, Some(0.05)));
         let (n, a) = parse_peer(&c.peers[0]).unwrap();
         assert_eq!((n.as_deref(), a.port()), (Some("b"), 7420));
         assert!(parse_peer("b=nowhere").is_err());

@@ -36,6 +36,9 @@ pub struct Params {
     pub cost_factor: f64,
     /// Processes younger than this (seconds of age) are not moved automatically.
     pub min_age_secs: f64,
+    /// A process that arrived less than this many seconds ago is not moved on automatically
+    /// (a real move takes time to show in the load of both ends).
+    pub min_stay_secs: f64,
     /// Memory ushering starts when free memory falls below this fraction of total.
     pub usher_free_frac: f64,
     /// How long a target holds a promise, and a source waits for a reply.
@@ -73,6 +76,7 @@ impl Default for Params {
             min_rate_gain: 0.3,
             cost_factor: 2.0,
             min_age_secs: 1.0,
+            min_stay_secs: 0.0,
             usher_free_frac: 0.05,
             promise_ttl: Time::from_secs_f64(5.0),
             refuse_backoff: Time::from_secs_f64(5.0),
@@ -210,8 +214,8 @@ pub enum Input {
     /// A local measurement: runnable processes (run-queue length) and memory in use, MiB
     /// (may exceed total when overcommitted).
     LoadSample {
-        /// Run-queue length.
-        runnable: u32,
+        /// Run-queue length: runnable threads, averaged over the sampling interval.
+        runnable: f64,
         /// Memory in use, MiB.
         used_mem_mb: u64,
     },
@@ -400,6 +404,8 @@ pub struct Resident {
     pub pending_reason: MigrationReason,
     /// A migration is in progress.
     pub migrating: bool,
+    /// Local time it started or arrived here.
+    pub arrived: Time,
 }
 
 impl Resident {
@@ -588,7 +594,11 @@ impl Node {
                 used_mem_mb,
             } => {
                 self.sampled = true;
-                self.runnable = f64::from(runnable);
+                self.runnable = if runnable.is_finite() {
+                    runnable.max(0.0)
+                } else {
+                    0.0
+                };
                 self.used_mem_mb = used_mem_mb;
                 self.smoother.sample(self.load_now());
             }
@@ -602,6 +612,7 @@ impl Node {
                         updated: now,
                         pending: None,
                         pending_reason: MigrationReason::Balance,
+                        arrived: now,
                         migrating: false,
                     },
                 );

@@ -79,9 +79,10 @@ fn candidates<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a LoadEnt
 
 fn movable<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a Resident> + 'a {
     let min_age = node.cfg.params.min_age_secs;
-    node.procs
-        .values()
-        .filter(move |r| r.movable() && r.age_secs(now) >= min_age)
+    let min_stay = node.cfg.params.min_stay_secs;
+    node.procs.values().filter(move |r| {
+        r.movable() && r.age_secs(now) >= min_age && now.since(r.arrived).as_secs_f64() >= min_stay
+    })
 }
 
 /// The policy's choice for this step, if any.

@@ -167,7 +167,7 @@ mod tests {
         calls.push((
             Time(4000),
             Call::Handle(Input::LoadSample {
-                runnable: 4,
+                runnable: 4.0,
                 used_mem_mb: 40,
             }),
         ));
@@ -199,7 +199,7 @@ mod tests {
         let mut other = rs.clone();
         for rec in other.iter_mut() {
             if let Call::Handle(Input::LoadSample { runnable, .. }) = &mut rec.call {
-                *runnable = 0;
+                *runnable = 0.0;
             }
         }
         assert!(!replay(&h, &other).mismatches.is_empty());

@@ -72,7 +72,7 @@ fn overloaded(policy: PolicyKind) -> Node {
     }
     n.handle(
         Input::LoadSample {
-            runnable: 4,
+            runnable: 4.0,
             used_mem_mb: 256,
         },
         now,
@@ -150,7 +150,7 @@ fn young_processes_do_not_move() {
     }
     n.handle(
         Input::LoadSample {
-            runnable: 4,
+            runnable: 4.0,
             used_mem_mb: 256,
         },
         now,
@@ -282,7 +282,7 @@ fn target_refuses_once_promised_enough_work() {
     let mut r = rng();
     t.handle(
         Input::LoadSample {
-            runnable: 0,
+            runnable: 0.0,
             used_mem_mb: 0,
         },
         secs(1.0),
@@ -374,7 +374,7 @@ fn memory_ushering_moves_to_a_node_with_room_even_if_busier() {
     }
     n.handle(
         Input::LoadSample {
-            runnable: 4,
+            runnable: 4.0,
             used_mem_mb: 4100,
         },
         now,
@@ -443,7 +443,7 @@ fn balanced_cluster_stays_put() {
     }
     n.handle(
         Input::LoadSample {
-            runnable: 2,
+            runnable: 2.0,
             used_mem_mb: 128,
         },
         now,

@@ -44,7 +44,7 @@ fn to_input(op: &Op) -> Input {
     match *op {
         Op::Tick => Input::Tick,
         Op::Sample(r, m) => Input::LoadSample {
-            runnable: r,
+            runnable: f64::from(r),
             used_mem_mb: m,
         },
         Op::Gossip(n, l, c, f) => Input::Gossip {

@@ -618,7 +618,7 @@ impl<'a> Sim<'a> {
         self.feed(
             h,
             Input::LoadSample {
-                runnable: n,
+                runnable: f64::from(n),
                 used_mem_mb: used,
             },
         );
