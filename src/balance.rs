@@ -405,6 +405,7 @@ impl Shell {
         let kind = body_kind(&body);
         let d = self.sealer.seal(body, unix_ms());
         if self.udp.send_to(&d, addr).await.is_ok() {
+            metrics::counter!("mosvm_datagrams_sent_total", "kind" => kind).increment(1);
             let mut st = self.shared.lock().expect("state lock");
             Self::count(&mut st.view.counters.sent, kind);
         }
@@ -497,8 +498,10 @@ impl Shell {
 
     async fn datagram(&mut self, env: Envelope) {
         {
+            let kind = body_kind(&env.body);
+            metrics::counter!("mosvm_datagrams_received_total", "kind" => kind).increment(1);
             let mut st = self.shared.lock().expect("state lock");
-            Self::count(&mut st.view.counters.received, body_kind(&env.body));
+            Self::count(&mut st.view.counters.received, kind);
         }
         let from = env.from.id;
         self.learn(env.from.clone()).await;
@@ -898,7 +901,14 @@ impl Shell {
         {
             let mut st = self.shared.lock().expect("state lock");
             st.view.runnable = runnable;
+            metrics::gauge!("mosvm_guests_hosted").set(st.hosted.len() as f64);
         }
+        let own = self.core.own_entry();
+        metrics::gauge!("mosvm_runnable").set(runnable);
+        metrics::gauge!("mosvm_load").set(f64::from(own.load));
+        metrics::gauge!("mosvm_capacity_cpus").set(f64::from(own.cpus));
+        metrics::gauge!("mosvm_speed").set(f64::from(own.speed));
+        metrics::gauge!("mosvm_free_memory_bytes").set((u64::from(own.free_mem_mb) << 20) as f64);
         self.publish();
     }
 
@@ -955,6 +965,7 @@ pub async fn receive(
             }
             Err(r) => {
                 let name = r.as_str();
+                metrics::counter!("mosvm_datagrams_rejected_total", "reason" => name).increment(1);
                 {
                     let mut st = shared.lock().expect("state lock");
                     Shell::count(&mut st.view.counters.rejected, name);

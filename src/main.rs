@@ -115,6 +115,9 @@ struct NodeArgs {
     /// Move processes away when free memory falls below this fraction of the node's (default 0.05).
     #[arg(long)]
     usher_free: Option<f64>,
+    /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9420).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -811,6 +814,9 @@ fn node_main(a: NodeArgs) -> ExitCode {
     }
     if a.usher_free.is_some() {
         cfg.usher_free = a.usher_free;
+    }
+    if a.metrics.is_some() {
+        cfg.metrics = a.metrics;
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

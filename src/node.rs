@@ -517,14 +517,16 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                                     p.info.state = "running".into();
                                     p.info.migrations += 1;
                                     p.info.last_error = None;
-                                    p.info.moved_by =
-                                        Some(p.moving_for.take().unwrap_or_else(|| "manual".into()));
+                                    let why = p.moving_for.take().unwrap_or_else(|| "manual".into());
+                                    metrics::counter!("mosvm_migrations_total", "reason" => why.clone(), "outcome" => "done").increment(1);
+                                    p.info.moved_by = Some(why);
                                 }
                                 Ok(Update::MigrationFailed { reason }) => {
                                     tracing::warn!(pid, reason, "migration failed");
                                     p.info.state = "running".into();
                                     p.info.last_error = Some(reason);
-                                    p.moving_for = None;
+                                    let why = p.moving_for.take().unwrap_or_else(|| "manual".into());
+                                    metrics::counter!("mosvm_migrations_total", "reason" => why, "outcome" => "failed").increment(1);
                                     p.failures += 1;
                                 }
                                 Ok(Update::Calls { home, local }) => p.calls = (home, local),
@@ -801,6 +803,12 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = bind_socket(&socket)?;
+        if let Some(addr) = cfg.metrics {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .with_context(|| format!("serving metrics on {addr}"))?;
+        }
         let peers = cfg.peers.iter().map(|p| parse_peer(p)).collect::<Result<Vec<_>>>()?;
         let tls = match &cfg.key_dir {
             Some(d) => Some(
