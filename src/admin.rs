@@ -191,17 +191,28 @@ pub async fn ctl(shared: &Shared, verb: &str, value: Option<f64>) -> Reply {
 
 /// Where to send a guest of home `home` away from here: the least loaded node that has the
 /// memory, else its home.
-fn expel_target(st: &State, home: &str, mem_mb: u32, tries: u32) -> String {
+/// `sent` counts the guests already sent to each node in this round, so that they spread.
+fn expel_target(
+    st: &State,
+    home: &str,
+    mem_mb: u32,
+    tries: u32,
+    sent: &std::collections::HashMap<String, u32>,
+) -> String {
     if tries > 0 {
         return home.to_string();
     }
+    let load = |k: &crate::balance::Known, e: &LoadEntry| {
+        let extra = f64::from(sent.get(&k.name).copied().unwrap_or(0)) / e.capacity();
+        f64::from(e.load) + extra
+    };
     st.view
         .known
         .values()
         .filter(|k| k.up)
         .filter_map(|k| k.entry.map(|e| (k, e)))
         .filter(|(_, e)| e.free_mem_mb > mem_mb)
-        .min_by(|a, b| a.1.load.total_cmp(&b.1.load))
+        .min_by(|a, b| load(a.0, &a.1).total_cmp(&load(b.0, &b.1)))
         .map_or_else(|| home.to_string(), |(k, _)| k.name.clone())
 }
 
@@ -210,6 +221,7 @@ fn expel_target(st: &State, home: &str, mem_mb: u32, tries: u32) -> String {
 pub async fn expel(shared: &Shared, limit: Duration) -> Result<usize, String> {
     let start = Instant::now();
     let mut asked: std::collections::HashMap<u32, (Instant, u32)> = Default::default();
+    let mut sent: std::collections::HashMap<String, u32> = Default::default();
     loop {
         let (guests, tx) = {
             let st = shared.lock().expect("state lock");
@@ -243,7 +255,8 @@ pub async fn expel(shared: &Shared, limit: Duration) -> Result<usize, String> {
             if e.0.elapsed() < Duration::from_secs(5) {
                 continue;
             }
-            let to = expel_target(&shared.lock().expect("state lock"), &home, mem, e.1);
+            let to = expel_target(&shared.lock().expect("state lock"), &home, mem, e.1, &sent);
+            *sent.entry(to.clone()).or_default() += 1;
             *e = (Instant::now(), e.1 + 1);
             tracing::info!(pid, home, to, "expelling a guest");
             let body = Body::Move {

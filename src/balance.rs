@@ -444,6 +444,16 @@ impl Shell {
                     );
                     return;
                 }
+                Some(old) if old.addr != c.addr => {
+                    // Two nodes under one name (or a node that moved): the latest wins.
+                    tracing::warn!(
+                        node = c.name,
+                        was = %old.addr,
+                        now = %c.addr,
+                        "a node name answers from another address"
+                    );
+                    st.directory.insert(c.id, c.clone());
+                }
                 _ => {
                     st.directory.insert(c.id, c.clone());
                 }

@@ -22,7 +22,7 @@ pub(crate) struct MigrateArgs {
 #[derive(clap::Args)]
 pub(crate) struct MonArgs {
     /// Seconds between refreshes.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     interval: f64,
     /// Stop after this many refreshes.
     #[arg(long)]
@@ -272,6 +272,7 @@ pub(crate) struct CtlArgs {
     /// stay, nostay, lstay, nolstay, block, noblock, expel, bring, speed, status.
     verb: String,
     /// The value for `speed`.
+    #[arg(allow_negative_numbers = true)]
     value: Option<f64>,
     /// Print `status` as JSON.
     #[arg(long)]

@@ -98,13 +98,13 @@ struct NodeArgs {
     #[arg(long)]
     policy: Option<String>,
     /// Seconds between gossip messages and balancing decisions (default 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     step: Option<f64>,
     /// Relative CPU speed, 1.0 = the reference CPU (default: measured at start).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     speed: Option<f64>,
     /// Give the node a cgroup of its own with this CPU capacity, in CPUs (e.g. 0.5; needs root).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     cpus: Option<f64>,
     /// Give the node a cgroup of its own with this memory limit (512M, 2G; needs root).
     #[arg(long)]
@@ -113,7 +113,7 @@ struct NodeArgs {
     #[arg(long)]
     balancer_trace: Option<PathBuf>,
     /// Move processes away when free memory falls below this fraction of the node's (default 0.05).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     usher_free: Option<f64>,
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9420).
     #[arg(long)]
@@ -497,9 +497,9 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                                     }
                                 }
                                 Err(e) => {
+                                    // The node and `mosvm migrate` report it; the
+                                    // program's own stderr stays as it is natively.
                                     busy.store(false, std::sync::atomic::Ordering::SeqCst);
-                                    eprintln!(
-                                        "mosvm: migration to {to} failed: {e:#}; the process keeps running here");
                                     send_update(
                                         &upd,
                                         &control::Update::MigrationFailed {
@@ -593,10 +593,6 @@ fn run_guest(
         reg.busy.store(false, std::sync::atomic::Ordering::SeqCst);
         let switched = migration::switch_vm(&mut job.link, &mut vm, &job.pending, &mut job.report);
         if let Err(e) = switched {
-            eprintln!(
-                "mosvm: migration to {} failed: {e:#}; the process keeps running here",
-                job.to
-            );
             send_update(
                 &reg.updates,
                 &control::Update::MigrationFailed {

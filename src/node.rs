@@ -337,8 +337,8 @@ fn start_guest_host(
     let l = std::net::TcpListener::bind((ip, 0)).context("binding the guest host's port")?;
     let port = l.local_addr()?.port();
     let token = migrate::tls::new_token()?;
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut child = tokio::process::Command::new(own_exe()?)
+        .arg0("mosvm")
         .arg("guest-host")
         .env("MOSVM_SOCKET", socket)
         .env("MOSVM_KEY_DIR", key_dir)
@@ -369,6 +369,24 @@ fn start_guest_host(
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
+
+/// This node's own executable, opened when the node starts.
+static OWN_EXE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// A path that executes the very binary this node runs, even after it was replaced on disk
+/// (an upgrade): the descriptor opened at start, through `/proc/self/fd` (the child resolves
+/// it before its exec closes it).
+fn own_exe() -> Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let f = match OWN_EXE.get() {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open("/proc/self/exe").context("opening /proc/self/exe")?;
+            OWN_EXE.get_or_init(|| f)
+        }
+    };
+    Ok(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
+}
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -774,6 +792,12 @@ pub fn run(cfg: Config) -> Result<()> {
         step.is_finite() && (0.05..=3600.0).contains(&step),
         "--step {step}: use seconds between 0.05 and 3600"
     );
+    if let Some(c) = cfg.cpus {
+        anyhow::ensure!(
+            c.is_finite() && c > 0.0,
+            "--cpus {c}: must be a positive number"
+        );
+    }
     if let Some(v) = cfg.usher_free {
         anyhow::ensure!(
             (0.0..1.0).contains(&v),
@@ -787,7 +811,14 @@ pub fn run(cfg: Config) -> Result<()> {
         );
     }
     let memory = match &cfg.memory {
-        Some(m) => Some(vmm::vm::parse_size(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?),
+        Some(m) => {
+            let b = vmm::vm::parse_size(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+            anyhow::ensure!(
+                b >= 64 << 20,
+                "--memory {m}: too small for the node and its processes (at least 64M)"
+            );
+            Some(b)
+        }
         None => None,
     };
     // The node's scope: its own cgroup when asked for one, else the one it was started in.
@@ -797,6 +828,7 @@ pub fn run(cfg: Config) -> Result<()> {
     } else {
         crate::capacity::Cgroup::current()
     };
+    own_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
