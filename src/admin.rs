@@ -7,12 +7,13 @@
 //! every guest away and wait), `bring` (bring this node's processes home and wait), `speed N`
 //! (set the relative CPU speed), `status`. Stopping the node (SIGTERM) blocks and expels first.
 
-use crate::balance::{Admin, Counters, Event};
+use crate::balance::Event;
 use crate::control::Reply;
 use crate::gossip::{self, Body};
 use crate::node::{Shared, State};
 use balancer::{LoadEntry, NodeId, Pid};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// How long `expel` and `bring` wait for the processes to leave or arrive.
@@ -202,7 +203,7 @@ fn expel_target(
     if tries > 0 {
         return home.to_string();
     }
-    let load = |k: &crate::balance::Known, e: &LoadEntry| {
+    let load = |k: &Known, e: &LoadEntry| {
         let extra = f64::from(sent.get(&k.name).copied().unwrap_or(0)) / e.capacity();
         f64::from(e.load) + extra
     };
@@ -286,7 +287,7 @@ pub async fn bring(shared: &Shared, limit: Duration) -> Result<(), String> {
             .map(|p| p.info.pid)
             .collect();
         for pid in away {
-            if let Err(e) = crate::node::order_move(&mut st, pid, "home", "bring") {
+            if let Err(e) = order_move(&mut st, pid, "home", "bring") {
                 tracing::info!(pid, "not brought home: {e}");
             }
         }
@@ -328,4 +329,145 @@ pub async fn shut_down(shared: &Shared) {
             let _ = tokio::time::timeout(Duration::from_secs(2), wait).await;
         }
     }
+}
+
+/// What an administrator set on this node (`mosvm ctl`, openMosix's mosctl).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Admin {
+    /// No process running here leaves automatically (`stay`).
+    pub stay: bool,
+    /// No process whose home is here leaves automatically; guests may move on (`lstay`).
+    pub lstay: bool,
+    /// No guest arrives, automatically or by hand; a node's own processes still come home
+    /// (`block`).
+    pub block: bool,
+}
+
+/// Counters kept for `mosvm ctl status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Datagrams sent, by kind.
+    pub sent: BTreeMap<String, u64>,
+    /// Datagrams accepted, by kind.
+    pub received: BTreeMap<String, u64>,
+    /// Datagrams dropped, by reason (bad_mac, replay, stale, malformed, no_address).
+    pub rejected: BTreeMap<String, u64>,
+    /// Moves ordered by this node's balancer: "reason outcome" -> count.
+    pub migrations: BTreeMap<String, u64>,
+}
+
+/// One node as this node knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Known {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub addr: String,
+    /// What it last said of itself (CPU capacity, speed, load, memory), if anything.
+    pub entry: Option<LoadEntry>,
+    /// SWIM lists it as alive.
+    pub up: bool,
+}
+
+/// What the balancer shell last published for the node's clients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct View {
+    /// This node's own entry (load, capacity, speed, free memory).
+    pub own: Option<LoadEntry>,
+    /// Runnable threads measured in the last step (mean of the samples).
+    pub runnable: f64,
+    /// The other nodes, by id.
+    pub known: BTreeMap<NodeId, Known>,
+    /// Policy name.
+    pub policy: String,
+    /// How the node's capacity is bounded ("cgroup v1 ..." or "machine").
+    pub scope: String,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// The nodes as this node knows them: itself first, then the others by name, with what
+/// each last gossiped about itself.
+pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
+    let info = |name: &str, addr: String, e: Option<&balancer::LoadEntry>, up: bool| {
+        crate::control::NodeInfo {
+            name: name.to_string(),
+            addr,
+            cpus: e.map_or(0.0, |e| f64::from(e.cpus)),
+            speed: e.map_or(0.0, |e| f64::from(e.speed)),
+            load: e.map_or(0.0, |e| f64::from(e.load)),
+            free_mem: e.map_or(0, |e| u64::from(e.free_mem_mb) << 20),
+            total_mem: e.map_or(0, |e| u64::from(e.total_mem_mb) << 20),
+            age_s: e.map(|e| f64::from(e.age_ms) / 1000.0),
+            up,
+        }
+    };
+    let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
+    let mut v = vec![info(&st.name, addr, st.view.own.as_ref(), true)];
+    let mut others: Vec<crate::control::NodeInfo> = st
+        .view
+        .known
+        .values()
+        .map(|k| info(&k.name, k.addr.clone(), k.entry.as_ref(), k.up))
+        .collect();
+    // Configured peers not heard from yet.
+    for (n, a) in &st.peers {
+        if Some(*a) == st.listen {
+            continue;
+        }
+        let a = a.to_string();
+        if !others.iter().any(|o| o.addr == a) {
+            others.push(info(n.as_deref().unwrap_or_default(), a, None, false));
+        }
+    }
+    others.sort_by(|x, y| x.name.cmp(&y.name).then(x.addr.cmp(&y.addr)));
+    v.extend(others);
+    v
+}
+
+/// Order process `pid` (whose home is this node) to move to node `to` (a name or address,
+/// `home` or this node's name to come home), for reason `why` (manual, load, memory, expel,
+/// bring). Refused with a one-line reason when the process is unknown, already there, locked,
+/// must stay home (a shared mapping, paper §4.2) or already moving.
+pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<(), String> {
+    let node = st.name.clone();
+    let resolved = if to == "home" || to == node {
+        Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
+    } else {
+        crate::node::resolve(st, to)
+    };
+    let has_tls = st.tls.is_some();
+    let Some(p) = st.procs.get_mut(&pid) else {
+        return Err(format!("no process with home pid {pid} on node {node}"));
+    };
+    resolved?;
+    if !has_tls {
+        return Err(format!(
+            "node {node} has no cluster key (start it with --key-dir)"
+        ));
+    }
+    if p.info.node == to || ((to == "home" || to == node) && p.info.node == node) {
+        return Err(format!("process {pid} already runs on {}", p.info.node));
+    }
+    if p.info.locked {
+        return Err(format!("process {pid} is locked to node {}", p.info.node));
+    }
+    if let Some(why) = &p.info.pinned {
+        return Err(format!("process {pid} stays at home: {why}"));
+    }
+    if p.info.state == "migrating" {
+        return Err(format!(
+            "process {pid} is already moving (one move at a time); it runs on {}",
+            p.info.node
+        ));
+    }
+    p.info.state = "migrating".into();
+    p.moving_for = Some(why.to_string());
+    let to = if to == node {
+        "home".to_string()
+    } else {
+        to.to_string()
+    };
+    let _ = p.commands.send(crate::control::Command::Migrate { to });
+    Ok(())
 }

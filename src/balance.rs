@@ -10,14 +10,14 @@
 //! `mosvm migrate`; a hosted guest's move is asked of its home node ([`Body::Move`]), which
 //! orders it, so that the home node stays the one place that knows where its processes are.
 
+use crate::admin::Known;
 use crate::capacity::{Cgroup, Count};
-use crate::gossip::{self, Body, Contact, Envelope, Opener, Reject, Sealer};
+use crate::gossip::{self, Body, Contact, Envelope, Sealer};
 use crate::node::{Shared, State};
 use balancer::trace::{Call, Header, Record};
 use balancer::{Action, Input, LoadEntry, MigrationReason, NodeId, Pid, PolicyKind, Time};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -32,61 +32,6 @@ const MOVE_DEADLINE: Duration = Duration::from_secs(60);
 const REANNOUNCE: Duration = Duration::from_secs(2);
 /// Load samples per step.
 const SAMPLES_PER_STEP: u32 = 5;
-
-/// What an administrator set on this node (`mosvm ctl`, openMosix's mosctl).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Admin {
-    /// No process running here leaves automatically (`stay`).
-    pub stay: bool,
-    /// No process whose home is here leaves automatically; guests may move on (`lstay`).
-    pub lstay: bool,
-    /// No guest arrives, automatically or by hand; a node's own processes still come home
-    /// (`block`).
-    pub block: bool,
-}
-
-/// Counters kept for `mosvm ctl status` and the metrics.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Datagrams sent, by kind.
-    pub sent: BTreeMap<String, u64>,
-    /// Datagrams accepted, by kind.
-    pub received: BTreeMap<String, u64>,
-    /// Datagrams dropped, by reason (bad_mac, replay, stale, malformed, no_address).
-    pub rejected: BTreeMap<String, u64>,
-    /// Moves ordered by this node's balancer: "reason outcome" -> count.
-    pub migrations: BTreeMap<String, u64>,
-}
-
-/// One node as this node knows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Known {
-    /// Name.
-    pub name: String,
-    /// Address.
-    pub addr: String,
-    /// What it last said of itself (CPU capacity, speed, load, memory), if anything.
-    pub entry: Option<LoadEntry>,
-    /// SWIM lists it as alive.
-    pub up: bool,
-}
-
-/// What the balancer shell last published for the node's clients.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct View {
-    /// This node's own entry (load, capacity, speed, free memory).
-    pub own: Option<LoadEntry>,
-    /// Runnable threads measured in the last step (mean of the samples).
-    pub runnable: f64,
-    /// The other nodes, by id.
-    pub known: BTreeMap<NodeId, Known>,
-    /// Policy name.
-    pub policy: String,
-    /// How the node's capacity is bounded ("cgroup v1 ..." or "machine").
-    pub scope: String,
-    /// Counters.
-    pub counters: Counters,
-}
 
 /// A request from the node's clients to the balancer.
 #[derive(Debug)]
@@ -134,7 +79,7 @@ fn now_core(t0: Instant) -> Time {
 }
 
 /// Wall-clock ms since the Unix epoch (datagram freshness).
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -574,7 +519,7 @@ impl Shell {
                         let mut st = self.shared.lock().expect("state lock");
                         match st.procs.get(&hp) {
                             Some(p) if p.info.node == env.from.name => {
-                                crate::node::order_move(&mut st, hp, &to, &reason)
+                                crate::admin::order_move(&mut st, hp, &to, &reason)
                             }
                             _ => Err(format!("process {hp} does not run on {}", env.from.name)),
                         }
@@ -702,7 +647,7 @@ impl Shell {
             .map_or(f32::NAN, |h| h.entry.load);
         let outcome = if home == self.me.id {
             let mut st = self.shared.lock().expect("state lock");
-            crate::node::order_move(&mut st, hp, &target, why)
+            crate::admin::order_move(&mut st, hp, &target, why)
         } else {
             let home_name = self.name_of(home);
             let to_name = if to == home {
@@ -946,46 +891,5 @@ impl Shell {
                 )
             })
             .collect();
-    }
-}
-
-/// Receive datagrams on `udp`, check them and pass the good ones on; count the bad.
-pub async fn receive(
-    udp: Arc<UdpSocket>,
-    key: [u8; 32],
-    shared: Shared,
-    out: mpsc::UnboundedSender<Envelope>,
-) {
-    let mut opener = Opener::new(key);
-    let mut buf = vec![0u8; gossip::MAX_DATAGRAM + 1];
-    let mut warned: HashSet<(SocketAddr, &'static str)> = HashSet::new();
-    loop {
-        let (n, from) = match udp.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!("udp: {e}");
-                continue;
-            }
-        };
-        match opener.open(&buf[..n], unix_ms()) {
-            Ok(env) => {
-                if out.send(env).is_err() {
-                    return;
-                }
-            }
-            Err(r) => {
-                let name = r.as_str();
-                metrics::counter!("mosvm_datagrams_rejected_total", "reason" => name).increment(1);
-                {
-                    let mut st = shared.lock().expect("state lock");
-                    Shell::count(&mut st.view.counters.rejected, name);
-                }
-                if r == Reject::BadMac && warned.insert((from, name)) {
-                    tracing::warn!(%from, "dropped a datagram without the cluster key's MAC");
-                } else {
-                    tracing::debug!(%from, reason = name, "dropped a datagram");
-                }
-            }
-        }
     }
 }

@@ -5,7 +5,7 @@
 //! `mosvm guest-host` on a fresh port with a one-time token and says where; the moving process
 //! then connects there itself), or asks how it is doing (`Load`).
 
-use crate::control::{Command, NodeInfo, ProcInfo, Reply, Request, Update};
+use crate::control::{Command, ProcInfo, Reply, Request, Update};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -100,17 +100,17 @@ pub(crate) struct State {
     pub(crate) peers: Vec<(Option<String>, SocketAddr)>,
     pub(crate) procs: HashMap<u32, Proc>,
     pub(crate) tls: Option<migrate::ClusterTls>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Guests hosted here for other nodes, by guest-host pid.
     pub(crate) hosted: HashMap<u32, Hosted>,
     /// The cluster key's directory, for guest hosts.
-    key_dir: Option<PathBuf>,
+    pub(crate) key_dir: Option<PathBuf>,
     /// Every node heard of (configured, or met through gossip), by id.
     pub(crate) directory: HashMap<balancer::NodeId, crate::gossip::Contact>,
     /// What the administrator set (`mosvm ctl`).
-    pub(crate) admin: crate::balance::Admin,
+    pub(crate) admin: crate::admin::Admin,
     /// What the balancer last published.
-    pub(crate) view: crate::balance::View,
+    pub(crate) view: crate::admin::View,
     /// The node's cgroup, which registered processes join.
     pub(crate) cgroup: crate::capacity::Cgroup,
     /// Events for the balancer (none when it does not run).
@@ -145,7 +145,7 @@ pub fn parse_peer(s: &str) -> Result<(Option<String>, SocketAddr)> {
 }
 
 /// Resolve a node named by `mosvm migrate`: a configured peer's name, or an address.
-fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
+pub(crate) fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
     if let Some((_, a)) = st.peers.iter().find(|(n, _)| n.as_deref() == Some(to)) {
         return Ok(*a);
     }
@@ -272,7 +272,7 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
                     "node blocks arriving guests (mosvm ctl noblock)"
                 ))
             } else {
-                start_guest_host(&shared, pid, &home, &program)
+                crate::hosting::start_guest_host(&shared, pid, &home, &program)
             };
             let answer = match started {
                 Ok((port, token)) => {
@@ -298,7 +298,7 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
         }
         migrate::Purpose::Control => {
             // A peer asking how this node is doing.
-            let info = nodes_view(&shared.lock().expect("state lock")).remove(0);
+            let info = crate::admin::nodes_view(&shared.lock().expect("state lock")).remove(0);
             let load = migrate::Message::Load {
                 cpus: info.cpus.ceil() as u32,
                 load: info.load,
@@ -313,80 +313,7 @@ async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Result<()> {
     }
 }
 
-/// Start a guest host for process `pid` of node `home`: a `mosvm guest-host` process whose
-/// stdin is a fresh listening socket on this node's address, serving only connections whose
-/// Hello bears a fresh token. Returns the port and the token; `ps` lists the guest while the
-/// process lives.
-fn start_guest_host(
-    shared: &Shared,
-    pid: u32,
-    home: &str,
-    program: &str,
-) -> Result<(u16, [u8; 32])> {
-    let (listen, key_dir, socket, name) = {
-        let st = shared.lock().expect("state lock");
-        (
-            st.listen,
-            st.key_dir.clone(),
-            st.socket.clone(),
-            st.name.clone(),
-        )
-    };
-    let key_dir = key_dir.context("this node has no cluster key")?;
-    let ip = listen.map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into());
-    let l = std::net::TcpListener::bind((ip, 0)).context("binding the guest host's port")?;
-    let port = l.local_addr()?.port();
-    let token = migrate::tls::new_token()?;
-    let mut child = tokio::process::Command::new(own_exe()?)
-        .arg0("mosvm")
-        .arg("guest-host")
-        .env("MOSVM_SOCKET", socket)
-        .env("MOSVM_KEY_DIR", key_dir)
-        .env("MOSVM_NODE", name)
-        .env("MOSVM_TOKEN", crate::control::hex(&token))
-        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawning the guest host")?;
-    let host_pid = child.id().unwrap_or(0);
-    shared.lock().expect("state lock").hosted.insert(
-        host_pid,
-        Hosted {
-            pid,
-            home: home.to_string(),
-            program: program.to_string(),
-            since: std::time::Instant::now(),
-        },
-    );
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let r = child.wait().await;
-        tracing::info!(host_pid, ?r, "guest host ended");
-        shared.lock().expect("state lock").hosted.remove(&host_pid);
-    });
-    Ok((port, token))
-}
-
 pub(crate) type Shared = Arc<Mutex<State>>;
-
-/// This node's own executable, opened when the node starts.
-static OWN_EXE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-
-/// A path that executes the very binary this node runs, even after it was replaced on disk
-/// (an upgrade): the descriptor opened at start, through `/proc/self/fd` (the child resolves
-/// it before its exec closes it).
-fn own_exe() -> Result<PathBuf> {
-    use std::os::fd::AsRawFd;
-    let f = match OWN_EXE.get() {
-        Some(f) => f,
-        None => {
-            let f = std::fs::File::open("/proc/self/exe").context("opening /proc/self/exe")?;
-            OWN_EXE.get_or_init(|| f)
-        }
-    };
-    Ok(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
-}
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -409,43 +336,6 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks / hz
-}
-
-/// The nodes as this node knows them: itself first, then the others by name, with what
-/// each last gossiped about itself.
-pub(crate) fn nodes_view(st: &State) -> Vec<NodeInfo> {
-    let info = |name: &str, addr: String, e: Option<&balancer::LoadEntry>, up: bool| NodeInfo {
-        name: name.to_string(),
-        addr,
-        cpus: e.map_or(0.0, |e| f64::from(e.cpus)),
-        speed: e.map_or(0.0, |e| f64::from(e.speed)),
-        load: e.map_or(0.0, |e| f64::from(e.load)),
-        free_mem: e.map_or(0, |e| u64::from(e.free_mem_mb) << 20),
-        total_mem: e.map_or(0, |e| u64::from(e.total_mem_mb) << 20),
-        age_s: e.map(|e| f64::from(e.age_ms) / 1000.0),
-        up,
-    };
-    let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
-    let mut v = vec![info(&st.name, addr, st.view.own.as_ref(), true)];
-    let mut others: Vec<NodeInfo> = st
-        .view
-        .known
-        .values()
-        .map(|k| info(&k.name, k.addr.clone(), k.entry.as_ref(), k.up))
-        .collect();
-    // Configured peers not heard from yet.
-    for (n, a) in &st.peers {
-        if Some(*a) == st.listen {
-            continue;
-        }
-        let a = a.to_string();
-        if !others.iter().any(|o| o.addr == a) {
-            others.push(info(n.as_deref().unwrap_or_default(), a, None, false));
-        }
-    }
-    others.sort_by(|x, y| x.name.cmp(&y.name).then(x.addr.cmp(&y.addr)));
-    v.extend(others);
-    v
 }
 
 async fn reply(stream: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> Result<()> {
@@ -641,7 +531,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Migrate { pid, to } => {
-            let r = match order_move(&mut shared.lock().expect("state lock"), pid, &to, "manual") {
+            let r = match crate::admin::order_move(
+                &mut shared.lock().expect("state lock"),
+                pid,
+                &to,
+                "manual",
+            ) {
                 Ok(()) => Reply::Ok,
                 Err(message) => Reply::Error { message },
             };
@@ -657,7 +552,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
         Request::Nodes => {
-            let nodes = nodes_view(&shared.lock().expect("state lock"));
+            let nodes = crate::admin::nodes_view(&shared.lock().expect("state lock"));
             reply(&mut write, &Reply::Nodes { nodes }).await
         }
         Request::Ctl { verb, value } => {
@@ -665,53 +560,6 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             reply(&mut write, &r).await
         }
     }
-}
-
-/// Order process `pid` (whose home is this node) to move to node `to` (a name or address,
-/// `home` or this node's name to come home), for reason `why` (manual, load, memory, expel,
-/// bring). Refused with a one-line reason when the process is unknown, already there, locked,
-/// must stay home (a shared mapping, paper §4.2) or already moving.
-pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<(), String> {
-    let node = st.name.clone();
-    let resolved = if to == "home" || to == node {
-        Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
-    } else {
-        resolve(st, to)
-    };
-    let has_tls = st.tls.is_some();
-    let Some(p) = st.procs.get_mut(&pid) else {
-        return Err(format!("no process with home pid {pid} on node {node}"));
-    };
-    resolved?;
-    if !has_tls {
-        return Err(format!(
-            "node {node} has no cluster key (start it with --key-dir)"
-        ));
-    }
-    if p.info.node == to || ((to == "home" || to == node) && p.info.node == node) {
-        return Err(format!("process {pid} already runs on {}", p.info.node));
-    }
-    if p.info.locked {
-        return Err(format!("process {pid} is locked to node {}", p.info.node));
-    }
-    if let Some(why) = &p.info.pinned {
-        return Err(format!("process {pid} stays at home: {why}"));
-    }
-    if p.info.state == "migrating" {
-        return Err(format!(
-            "process {pid} is already moving (one move at a time); it runs on {}",
-            p.info.node
-        ));
-    }
-    p.info.state = "migrating".into();
-    p.moving_for = Some(why.to_string());
-    let to = if to == node {
-        "home".to_string()
-    } else {
-        to.to_string()
-    };
-    let _ = p.commands.send(Command::Migrate { to });
-    Ok(())
 }
 
 /// Have node `to` start a guest host for process `pid` (whose home is here, or which is
@@ -828,7 +676,7 @@ pub fn run(cfg: Config) -> Result<()> {
     } else {
         crate::capacity::Cgroup::current()
     };
-    own_exe()?;
+    crate::hosting::own_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -890,7 +738,7 @@ pub fn run(cfg: Config) -> Result<()> {
             let (dtx, drx) = mpsc::unbounded_channel();
             let (etx, erx) = mpsc::unbounded_channel();
             shared.lock().expect("state lock").balancer = Some(etx.clone());
-            tokio::spawn(crate::balance::receive(udp.clone(), key, shared.clone(), dtx));
+            tokio::spawn(crate::datagrams::receive(udp.clone(), key, shared.clone(), dtx));
             let settings = crate::balance::Settings {
                 me: crate::gossip::Contact {
                     id: crate::gossip::node_id(&name),
@@ -982,9 +830,9 @@ mod tests {
         assert!(toml::from_str::<Config>("nmae = \"typo\"").is_err());
         // The packaged example uses the flags' names for every key.
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/node.toml");
-        let c = Config::load(&shipped).unwrap();
-        assert_eq!(c.key_dir.as_deref(), Some(Path::new("/etc/mosvm")));
-        assert_eq!((c.peers.len(), c.usher_free), (1, Some(0.05)));
+        let p = Config::load(&shipped).unwrap();
+        assert_eq!(p.key_dir.as_deref(), Some(Path::new("/etc/mosvm")));
+        assert_eq!((p.peers.len(), p.usher_free), (1, Some(0.05)));
         let (n, a) = parse_peer(&c.peers[0]).unwrap();
         assert_eq!((n.as_deref(), a.port()), (Some("b"), 7420));
         assert!(parse_peer("b=nowhere").is_err());
