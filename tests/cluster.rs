@@ -440,8 +440,8 @@ fn the_destination_dying_mid_migration_leaves_the_process_at_home() {
     assert_eq!(proc_info(&home, pid), None, "the process ended at home");
 }
 
-/// `mosvm nodes` asks the peers how they are doing: a live peer shows its processors and a
-/// fresh age; a peer that is down stays "never heard from".
+/// `mosvm nodes` shows what the peers gossip of themselves: a live peer shows its CPU
+/// capacity and a fresh age; a peer that is down stays "never heard from".
 #[test]
 fn nodes_shows_what_live_peers_say_of_themselves() {
     let dir = tempfile::tempdir().unwrap();
@@ -456,20 +456,29 @@ fn nodes_shows_what_live_peers_say_of_themselves() {
         .key_dir(&key)
         .start();
     let home = home.peer("b", &b_addr).peer("gone", &down).start();
-    let out = client(&home.sock, &["nodes", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    // What b says of itself arrives by gossip within a few steps.
+    let nodes = || -> Vec<serde_json::Value> {
+        let out = client(&home.sock, &["nodes", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    wait_for("b's gossip", Duration::from_secs(20), || {
+        nodes()
+            .iter()
+            .any(|x| x["name"] == "b" && x["age_s"].is_number())
+    });
+    let v = nodes();
     let by = |n: &str| v.iter().find(|x| x["name"] == n).cloned().unwrap();
     let (pb, pg) = (by("b"), by("gone"));
-    assert!(pb["cpus"].as_u64().unwrap() >= 1, "{pb}");
+    assert!(pb["cpus"].as_f64().unwrap() >= 0.5, "{pb}");
     assert!(pb["free_mem"].as_u64().unwrap() > 0, "{pb}");
     assert!(pb["age_s"].as_f64().unwrap() < 5.0, "{pb}");
     assert!(pg["age_s"].is_null(), "{pg}");
-    assert_eq!(pg["cpus"], 0);
+    assert_eq!(pg["cpus"].as_f64(), Some(0.0), "{pg}");
     drop(b);
 }
 
