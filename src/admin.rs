@@ -403,7 +403,19 @@ pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
         }
     };
     let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
-    let mut v = vec![info(&st.name, addr, st.view.own.as_ref(), true)];
+    // Without a balancer (no --listen/--key-dir) the node still knows what it has.
+    let (total, used) = st.cgroup.memory();
+    let alone = LoadEntry {
+        node: 0,
+        load: 0.0,
+        cpus: st.cgroup.cpus() as f32,
+        speed: 1.0,
+        free_mem_mb: (total.saturating_sub(used) >> 20) as u32,
+        total_mem_mb: (total >> 20) as u32,
+        age_ms: 0,
+    };
+    let own = st.view.own.unwrap_or(alone);
+    let mut v = vec![info(&st.name, addr, Some(&own), true)];
     let mut others: Vec<crate::control::NodeInfo> = st
         .view
         .known
