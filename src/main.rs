@@ -783,39 +783,23 @@ fn node_main(a: NodeArgs) -> ExitCode {
         eprintln!("mosvm node: {e:#}");
         return ExitCode::from(2);
     }
-    if a.socket.is_some() {
-        cfg.socket = a.socket;
+    // A flag given on the command line wins over the config file.
+    macro_rules! flags_win {
+        ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f; } )* };
     }
-    if a.state_dir.is_some() {
-        cfg.state_dir = a.state_dir;
-    }
-    if a.key_dir.is_some() {
-        cfg.key_dir = a.key_dir;
-    }
-    if a.policy.is_some() {
-        cfg.policy = a.policy;
-    }
-    if a.step.is_some() {
-        cfg.step = a.step;
-    }
-    if a.speed.is_some() {
-        cfg.speed = a.speed;
-    }
-    if a.cpus.is_some() {
-        cfg.cpus = a.cpus;
-    }
-    if a.memory.is_some() {
-        cfg.memory = a.memory;
-    }
-    if a.balancer_trace.is_some() {
-        cfg.balancer_trace = a.balancer_trace;
-    }
-    if a.usher_free.is_some() {
-        cfg.usher_free = a.usher_free;
-    }
-    if a.metrics.is_some() {
-        cfg.metrics = a.metrics;
-    }
+    flags_win!(
+        socket,
+        state_dir,
+        key_dir,
+        policy,
+        step,
+        speed,
+        cpus,
+        memory,
+        balancer_trace,
+        usher_free,
+        metrics
+    );
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSVM_LOG")
