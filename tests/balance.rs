@@ -43,6 +43,38 @@ fn prefix(tag: &str) -> String {
     format!("{tag}{}", std::process::id() % 100_000)
 }
 
+/// A node `name` on `addr` with automatic migration on, a half-second step, a balancer trace
+/// in `dir`, `--cpus` when given, and `peers` (`(Some(name), addr)` by name, `(None, addr)`
+/// by address only).
+fn capacity_node(
+    dir: &Path,
+    key: &Path,
+    name: &str,
+    addr: &str,
+    cpus: Option<f64>,
+    peers: &[(Option<&str>, &str)],
+) -> Node {
+    let trace = dir.join(format!("{name}.trace"));
+    let mut s = NodeSpec::new(dir, name)
+        .listen(addr)
+        .key_dir(key)
+        .policy("mosix")
+        .arg("--step")
+        .arg("0.5")
+        .arg("--balancer-trace")
+        .arg(trace.to_str().unwrap());
+    if let Some(c) = cpus {
+        s = s.arg("--cpus").arg(&c.to_string());
+    }
+    for &(n, a) in peers {
+        s = match n {
+            Some(n) => s.peer(n, a),
+            None => s.arg("--peer").arg(a),
+        };
+    }
+    s.start()
+}
+
 /// Nodes `names` on loopback with the given `--cpus` (None: no cgroup), each knowing every
 /// other by name, automatic migration on with a half-second step.
 fn capacity_cluster(dir: &Path, names: &[String], cpus: &[Option<f64>]) -> Vec<Node> {
@@ -51,48 +83,33 @@ fn capacity_cluster(dir: &Path, names: &[String], cpus: &[Option<f64>]) -> Vec<N
         .iter()
         .map(|_| format!("127.0.0.1:{}", common::cluster::free_port()))
         .collect();
-    names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let trace = dir.join(format!("{n}.trace"));
-            let mut s = NodeSpec::new(dir, n)
-                .listen(&addrs[i])
-                .key_dir(&key)
-                .policy("mosix")
-                .arg("--step")
-                .arg("0.5")
-                .arg("--balancer-trace")
-                .arg(trace.to_str().unwrap());
-            if let Some(c) = cpus[i] {
-                s = s.arg("--cpus").arg(&c.to_string());
-            }
-            for (j, m) in names.iter().enumerate() {
-                if j != i {
-                    s = s.peer(m, &addrs[j]);
-                }
-            }
-            s.start()
+    (0..names.len())
+        .map(|i| {
+            let peers: Vec<(Option<&str>, &str)> = (0..names.len())
+                .filter(|&j| j != i)
+                .map(|j| (Some(names[j].as_str()), addrs[j].as_str()))
+                .collect();
+            capacity_node(dir, &key, &names[i], &addrs[i], cpus[i], &peers)
         })
         .collect()
 }
 
-/// The native run of `compute WORK`: stdout.
-fn native_compute() -> Vec<u8> {
+/// The native run of `compute work`: stdout.
+fn native_compute(work: &str) -> Vec<u8> {
     let out = Command::new(image("glibc-static", "compute"))
-        .arg(WORK)
+        .arg(work)
         .output()
         .expect("run compute natively");
     assert!(out.status.success());
     out.stdout
 }
 
-/// Start `n` compute jobs with node `sock` as their home.
-fn start_jobs(sock: &Path, n: usize, lock: bool) -> Vec<Running> {
+/// Start `n` jobs of `compute work` with node `sock` as their home.
+fn start_jobs(sock: &Path, n: usize, work: &str, lock: bool) -> Vec<Running> {
     (0..n)
         .map(|_| {
             let mut c = Case::image("glibc-static", "compute")
-                .arg(WORK)
+                .arg(work)
                 .socket(sock)
                 .timeout(Duration::from_secs(240));
             if lock {
@@ -104,13 +121,14 @@ fn start_jobs(sock: &Path, n: usize, lock: bool) -> Vec<Running> {
 }
 
 /// Where each of the home node's processes has been seen running, polled until every job
-/// ended; then each job's output is checked against the native run.
+/// ended (`each` sees every listing of the home's processes); then each job's output is
+/// checked against the native run of `compute work`.
 fn watch_and_finish(
     home: &Node,
     jobs: Vec<Running>,
-    mut each: impl FnMut(),
+    work: &str,
+    mut each: impl FnMut(&[serde_json::Value]),
 ) -> BTreeMap<u32, BTreeSet<String>> {
-    let expect = native_compute();
     let pids: Vec<u32> = jobs.iter().map(|j| j.pid()).collect();
     let mut seen: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let t = Instant::now();
@@ -124,7 +142,7 @@ fn watch_and_finish(
                     .insert(p["node"].as_str().unwrap_or("?").to_string());
             }
         }
-        each();
+        each(&listed);
         if !listed
             .iter()
             .any(|p| pids.contains(&(p["pid"].as_u64().unwrap_or(0) as u32)))
@@ -138,6 +156,8 @@ fn watch_and_finish(
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // The native run comes last: it would take a CPU from the jobs.
+    let expect = native_compute(work);
     for j in jobs {
         let pid = j.pid();
         let out = j.finish();
@@ -181,8 +201,8 @@ fn six_cpu_bound_jobs_spread_over_nodes_of_different_capacity() {
     let cap: Vec<f64> = v.iter().map(|n| n["cpus"].as_f64().unwrap()).collect();
     assert_eq!(cap, vec![0.5, 0.5, 1.0], "{v:?}");
 
-    let jobs = start_jobs(&nodes[0].sock, 6, false);
-    let seen = watch_and_finish(&nodes[0], jobs, || {});
+    let jobs = start_jobs(&nodes[0].sock, 6, WORK, false);
+    let seen = watch_and_finish(&nodes[0], jobs, WORK, |_| {});
     let mut ran_on: BTreeMap<String, usize> = BTreeMap::new();
     for nodes_seen in seen.values() {
         for n in nodes_seen {
@@ -236,8 +256,8 @@ fn a_blocked_node_receives_nothing_expel_empties_a_node_and_locked_jobs_stay() {
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(st["admin"]["block"], true);
     // A blocked node refuses a manual move too.
-    let locked = start_jobs(&nodes[0].sock, 1, true);
-    let mut jobs = start_jobs(&nodes[0].sock, 3, false);
+    let locked = start_jobs(&nodes[0].sock, 1, WORK, true);
+    let mut jobs = start_jobs(&nodes[0].sock, 3, WORK, false);
     let lpid = locked[0].pid();
     common::cluster::wait_registered(&nodes[0].sock, lpid);
     // Wait until n3 hosts guests, then expel them: they go home or elsewhere, but never to
@@ -266,7 +286,7 @@ fn a_blocked_node_receives_nothing_expel_empties_a_node_and_locked_jobs_stay() {
     assert!(client(&nodes[2].sock, &["ctl", "block"]).status.success());
     jobs.extend(locked);
     let mut n2_hosted = false;
-    let seen = watch_and_finish(&nodes[0], jobs, || {
+    let seen = watch_and_finish(&nodes[0], jobs, WORK, |_| {
         n2_hosted |= !ps(&nodes[1].sock).is_empty();
     });
     assert!(
@@ -290,6 +310,99 @@ fn a_blocked_node_receives_nothing_expel_empties_a_node_and_locked_jobs_stay() {
     }
 }
 
+/// The text of `http://addr/metrics`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the sample named exactly `name` (with its labels) in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Twice the usual job: long enough for a node to join mid-run and then be stopped.
+const LONG_WORK: &str = "3300000000";
+
+#[test]
+fn a_node_joining_a_busy_cluster_receives_work_and_stopping_it_sends_the_work_on() {
+    require_kvm!();
+    if !cgroups_usable("a_node_joining_a_busy_cluster") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let p = prefix("lj");
+    let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
+    let addrs: Vec<String> = names
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", common::cluster::free_port()))
+        .collect();
+    let node = |i: usize, cpus: f64, peers: &[(Option<&str>, &str)]| {
+        capacity_node(dir.path(), &key, &names[i], &addrs[i], Some(cpus), peers)
+    };
+    let n1 = node(0, 0.5, &[(Some(&names[1]), &addrs[1])]);
+    let n2 = node(1, 0.5, &[(Some(&names[0]), &addrs[0])]);
+    let jobs = start_jobs(&n1.sock, 4, LONG_WORK, false);
+    // The two small nodes share the work for a while before the big one appears, knowing
+    // nothing but n1's address.
+    std::thread::sleep(Duration::from_secs(4));
+    let joined = Instant::now();
+    let mut n3 = Some(node(2, 1.0, &[(None, &addrs[0])]));
+    let mut stop: Option<(Duration, usize, String)> = None;
+    let seen = watch_and_finish(&n1, jobs, LONG_WORK, |listed| {
+        let Some(n) = n3.as_mut() else {
+            return;
+        };
+        let here = listed
+            .iter()
+            .filter(|p| p["node"] == names[2].as_str())
+            .count();
+        if here == 0 {
+            return;
+        }
+        // The newcomer has work: stop it as systemd would. It sends its guests on and exits.
+        let received = joined.elapsed();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(n.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = n.child.try_wait().unwrap() {
+                assert!(st.success(), "n3 exited with {st}\n{}", n.log_text());
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(45),
+                "n3 still running 45 s after SIGTERM\n{}",
+                n.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "n3 received work {received:?} after joining; stopped in {:?}",
+            t.elapsed()
+        );
+        stop = Some((received, here, n.log_text()));
+        n3 = None;
+    });
+    let logs = format!("{}{}", n1.log_text(), n2.log_text());
+    let Some((_, hosted, n3_log)) = stop else {
+        panic!("the node that joined late never received work: {seen:?}\n{logs}");
+    };
+    // Every job it hosted left it before it exited (the outputs were checked above), and it
+    // said where they went.
+    assert!(
+        n3_log.contains("expelling a guest") && n3_log.contains("every guest left"),
+        "n3 hosted {hosted} jobs and did not send them on\n{n3_log}"
+    );
+}
+
 #[test]
 fn gossip_without_the_cluster_key_is_rejected_and_counted() {
     require_kvm!();
@@ -304,12 +417,12 @@ fn gossip_without_the_cluster_key_is_rejected_and_counted() {
         format!("127.0.0.1:{}", common::cluster::free_port()),
         format!("127.0.0.1:{}", common::cluster::free_port()),
     );
+    let metrics = format!("127.0.0.1:{}", common::cluster::free_port());
     let na = NodeSpec::new(dir.path(), &a)
         .listen(&pa)
         .key_dir(&ka)
         .peer(&b, &pb)
-        .arg("--step")
-        .arg("0.2")
+        .args(&["--step", "0.2", "--metrics", &metrics])
         .start();
     let nb = NodeSpec::new(dir.path(), &b)
         .listen(&pb)
@@ -332,6 +445,14 @@ fn gossip_without_the_cluster_key_is_rejected_and_counted() {
     });
     let s = status(&na);
     assert_eq!(s["nodes_up"], 0, "a lists b as a member: {s}");
+    // The Prometheus endpoint counts the same rejections.
+    let scrape = scrape(&metrics);
+    let bad_mac = metric(
+        &scrape,
+        "mosvm_datagrams_rejected_total{reason=\"bad_mac\"}",
+    );
+    assert!(bad_mac.is_some_and(|v| v >= 3.0), "{scrape}");
+    assert!(metric(&scrape, "mosvm_capacity_cpus").is_some(), "{scrape}");
     assert!(
         s["counters"]["received"]
             .as_object()
