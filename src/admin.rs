@@ -70,6 +70,8 @@ pub struct Present {
     pub failures: u32,
     /// Programs it exec'd so far (its statistics start over with each, paper §4.3).
     pub execs: u32,
+    /// It came here by migration (a guest, or one of ours back home).
+    pub migrated_in: bool,
 }
 
 /// The processes running on this node now.
@@ -90,6 +92,7 @@ pub fn running_here(st: &State, me: NodeId) -> Vec<Present> {
             locked: p.info.locked || p.info.pinned.is_some(),
             failures: p.failures,
             execs: p.execs,
+            migrated_in: p.info.migrations > 0,
         });
     }
     for (host_pid, h) in &st.hosted {
@@ -104,6 +107,7 @@ pub fn running_here(st: &State, me: NodeId) -> Vec<Present> {
             locked: false,
             failures: 0,
             execs: 0,
+            migrated_in: true,
         });
     }
     v

@@ -102,6 +102,7 @@ fn body_kind(b: &Body) -> &'static str {
         Body::Request { .. } => "request",
         Body::Reply { .. } => "reply",
         Body::Move { .. } => "move",
+        Body::MoveFailed { .. } => "move_failed",
     }
 }
 
@@ -532,7 +533,26 @@ impl Shell {
                             reason,
                             "moving a process at its host's request"
                         ),
-                        Err(e) => tracing::info!(pid = hp, to, "not moving: {e}"),
+                        Err(error) => {
+                            tracing::info!(pid = hp, to, "not moving: {error}");
+                            self.send(env.from.id, Body::MoveFailed { pid, error })
+                                .await;
+                        }
+                    }
+                }
+                return;
+            }
+            Body::MoveFailed { pid, error } => {
+                // Only the process's home speaks for it.
+                if gossip::split_pid(pid).0 == env.from.id {
+                    if let Some(m) = self.inflight.remove(&pid) {
+                        tracing::info!(
+                            pid = gossip::split_pid(pid).1,
+                            to = self.name_of(m.to),
+                            "automatic migration failed at home: {error}"
+                        );
+                        let acts = self.outcome(pid, m.to, m.reason, false);
+                        self.act(acts).await;
                     }
                 }
                 return;
@@ -768,6 +788,7 @@ impl Shell {
                 info.age_ms = p.age.as_millis() as u64;
                 info.locked = locked;
                 info.cpu_work = p.cpu_s * self.speed;
+                info.migrated_in = p.migrated_in;
                 let acts = self.call(Call::Handle(Input::ProcessStarted(info)));
                 self.act(acts).await;
                 self.residents.insert(

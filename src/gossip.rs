@@ -109,6 +109,14 @@ pub enum Body {
         /// Why ("load", "memory", "expel").
         reason: String,
     },
+    /// To the node that hosts a process, from the process's home node: the move it asked for
+    /// with [`Body::Move`] was refused or failed; the process still runs on the host.
+    MoveFailed {
+        /// Process.
+        pid: Pid,
+        /// What went wrong, one line.
+        error: String,
+    },
 }
 
 /// A checked datagram.

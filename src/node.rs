@@ -407,6 +407,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     line = lines.next_line() => match line {
                         Ok(Some(l)) => {
                             let mut st = shared.lock().expect("state lock");
+                            let st = &mut *st;
                             let Some(p) = st.procs.get_mut(&pid) else { continue };
                             match serde_json::from_str::<Update>(&l) {
                                 Ok(Update::Memory { bytes }) => p.info.mem_bytes = bytes,
@@ -434,6 +435,19 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                                     p.info.state = "running".into();
                                     p.info.last_error = Some(reason);
                                     let why = p.moving_for.take().unwrap_or_else(|| "manual".into());
+                                    // A move its host's balancer asked for: tell the host.
+                                    if why != "manual" && p.info.node != st.name {
+                                        if let Some(tx) = &st.balancer {
+                                            let home = crate::gossip::node_id(&st.name);
+                                            let _ = tx.send(crate::balance::Event::Send {
+                                                to: crate::gossip::node_id(&p.info.node),
+                                                body: crate::gossip::Body::MoveFailed {
+                                                    pid: crate::gossip::cluster_pid(home, pid),
+                                                    error: p.info.last_error.clone().unwrap_or_default(),
+                                                },
+                                            });
+                                        }
+                                    }
                                     metrics::counter!("mosvm_migrations_total", "reason" => why, "outcome" => "failed").increment(1);
                                     p.failures += 1;
                                 }

@@ -177,6 +177,9 @@ pub struct ProcessInfo {
     pub home_syscalls: f64,
     /// Decayed count of system calls served where the process runs.
     pub local_syscalls: f64,
+    /// It came here by migration (false: it started here). Only an arrival by migration
+    /// holds it for [`Params::min_stay_secs`].
+    pub migrated_in: bool,
 }
 
 impl ProcessInfo {
@@ -192,6 +195,7 @@ impl ProcessInfo {
             confined: false,
             home_syscalls: 0.0,
             local_syscalls: 0.0,
+            migrated_in: false,
         }
     }
 
@@ -404,8 +408,8 @@ pub struct Resident {
     pub pending_reason: MigrationReason,
     /// A migration is in progress.
     pub migrating: bool,
-    /// Local time it started or arrived here.
-    pub arrived: Time,
+    /// Local time it arrived here by migration (`None`: it started here).
+    pub arrived: Option<Time>,
 }
 
 impl Resident {
@@ -605,6 +609,7 @@ impl Node {
             Input::Gossip { entries, .. } => self.window.merge(self.cfg.id, &entries, now),
             Input::ProcessStarted(info) => {
                 self.promises.remove(&info.pid);
+                let arrived = info.migrated_in.then_some(now);
                 self.procs.insert(
                     info.pid,
                     Resident {
@@ -612,14 +617,12 @@ impl Node {
                         updated: now,
                         pending: None,
                         pending_reason: MigrationReason::Balance,
-                        arrived: now,
+                        arrived,
                         migrating: false,
                     },
                 );
             }
-            Input::ProcessEnded { pid } => {
-                self.procs.remove(&pid);
-            }
+            Input::ProcessEnded { pid } => self.departed(pid),
             Input::ProcessStats {
                 pid,
                 cpu_work,
@@ -721,9 +724,7 @@ impl Node {
                     None => {}
                 }
             }
-            Input::MigrationDone { pid, .. } => {
-                self.procs.remove(&pid);
-            }
+            Input::MigrationDone { pid, .. } => self.departed(pid),
             Input::MigrationFailed { pid, to } => {
                 if let Some(p) = self.procs.get_mut(&pid) {
                     p.migrating = false;
@@ -748,6 +749,22 @@ impl Node {
             }
         }
         out
+    }
+
+    /// A process that ran here ended or left. It stops counting at once: the load drops by
+    /// one process now instead of at the smoother's slow fall. The smoother damps noise in
+    /// the samples; a departure is a known fact, and a target still checks its own load and
+    /// promises before it accepts work ([`Node::would_accept`]), so a node that just emptied
+    /// does not draw a herd.
+    fn departed(&mut self, pid: Pid) {
+        if self.procs.remove(&pid).is_none() {
+            return;
+        }
+        if self.sampled {
+            self.runnable = (self.runnable - 1.0).max(0.0);
+        }
+        let one = normalised(1.0, self.cfg.cpus, self.cfg.speed);
+        self.smoother.value = (self.smoother.value - one).max(0.0);
     }
 
     /// True when free memory (counting processes already leaving as gone) is below the

@@ -81,7 +81,10 @@ fn movable<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a Resident> 
     let min_age = node.cfg.params.min_age_secs;
     let min_stay = node.cfg.params.min_stay_secs;
     node.procs.values().filter(move |r| {
-        r.movable() && r.age_secs(now) >= min_age && now.since(r.arrived).as_secs_f64() >= min_stay
+        r.movable()
+            && r.age_secs(now) >= min_age
+            && r.arrived
+                .is_none_or(|a| now.since(a).as_secs_f64() >= min_stay)
     })
 }
 

@@ -565,3 +565,70 @@ fn a_failed_move_leaves_the_process_here_and_the_target_is_avoided_for_a_while()
         "{acts:?}"
     );
 }
+
+#[test]
+fn a_process_that_ends_or_leaves_stops_counting_in_the_advertised_load_at_once() {
+    let mut n = overloaded(PolicyKind::None);
+    let mut r = rng();
+    let before = n.own_entry().load;
+    n.handle(Input::ProcessEnded { pid: 1 }, secs(100.1), &mut r);
+    let after_end = n.own_entry().load;
+    assert!(
+        (before - after_end - 1.0).abs() < 1e-6,
+        "{before} -> {after_end}"
+    );
+    n.handle(Input::MigrationDone { pid: 2, to: 5 }, secs(100.2), &mut r);
+    let after_move = n.own_entry().load;
+    assert!(
+        (after_end - after_move - 1.0).abs() < 1e-6,
+        "{after_end} -> {after_move}"
+    );
+    // An unknown pid changes nothing; the load never goes below zero.
+    n.handle(Input::ProcessEnded { pid: 99 }, secs(100.3), &mut r);
+    assert_eq!(n.own_entry().load, after_move);
+    for pid in 3..=4 {
+        n.handle(Input::ProcessEnded { pid }, secs(100.4), &mut r);
+    }
+    n.handle(Input::ProcessEnded { pid: 3 }, secs(100.5), &mut r);
+    assert!(n.own_entry().load >= 0.0);
+    assert!(n.load_now() >= 0.0);
+}
+
+#[test]
+fn only_a_process_that_arrived_by_migration_waits_the_minimum_stay() {
+    for migrated_in in [false, true] {
+        let mut n = node(0, 1, PolicyKind::Mosix);
+        let mut cfg = n.config().clone();
+        cfg.params.min_stay_secs = 10.0;
+        n = Node::new(cfg);
+        let mut r = rng();
+        n.handle(Input::NodeJoined { node: 5 }, secs(0.0), &mut r);
+        for pid in 1..=4 {
+            let mut info = proc_info(pid, 0, 64, 5.0, 5.0);
+            info.migrated_in = migrated_in;
+            n.handle(Input::ProcessStarted(info), secs(100.0), &mut r);
+        }
+        n.handle(
+            Input::LoadSample {
+                runnable: 4.0,
+                used_mem_mb: 256,
+            },
+            secs(100.0),
+            &mut r,
+        );
+        n.handle(
+            Input::Gossip {
+                from: 5,
+                entries: vec![entry(5, 0.0, 2, 1.0, 8000)],
+            },
+            secs(100.0),
+            &mut r,
+        );
+        let acts = n.handle(Input::Tick, secs(101.0), &mut r);
+        assert_eq!(
+            requests(&acts).is_empty(),
+            migrated_in,
+            "migrated_in {migrated_in}: {acts:?}"
+        );
+    }
+}

@@ -524,7 +524,8 @@ impl<'a> Sim<'a> {
             }
         }
         self.place(pid, dest, remaining);
-        let info = self.info(pid, remaining);
+        let mut info = self.info(pid, remaining);
+        info.migrated_in = true;
         self.feed(dest, Input::ProcessStarted(info));
     }
 
