@@ -150,6 +150,15 @@ pub async fn ctl(shared: &Shared, verb: &str, value: Option<f64>) -> Reply {
         tracing::info!(verb, "node setting changed");
         Reply::Ok
     };
+    const VERBS: [&str; 10] = [
+        "stay", "nostay", "lstay", "nolstay", "block", "noblock", "expel", "bring", "speed",
+        "status",
+    ];
+    if value.is_some() && verb != "speed" && VERBS.contains(&verb) {
+        return Reply::Error {
+            message: format!("'{verb}' takes no value"),
+        };
+    }
     match verb {
         "stay" => set(&|a| a.stay = true),
         "nostay" => set(&|a| a.stay = false),
@@ -161,7 +170,7 @@ pub async fn ctl(shared: &Shared, verb: &str, value: Option<f64>) -> Reply {
             status: Box::new(status(&shared.lock().expect("state lock"))),
         },
         "speed" => match value {
-            Some(v) if v.is_finite() && v > 0.0 && v <= 1000.0 => {
+            Some(v) if v.is_finite() && (0.01..=1000.0).contains(&v) => {
                 let tx = shared.lock().expect("state lock").balancer.clone();
                 match tx {
                     Some(tx) if tx.send(Event::Speed(v)).is_ok() => Reply::Ok,
@@ -172,7 +181,8 @@ pub async fn ctl(shared: &Shared, verb: &str, value: Option<f64>) -> Reply {
                 }
             }
             _ => Reply::Error {
-                message: "speed needs a positive number (1.0 = the reference CPU)".into(),
+                message: "speed needs a number from 0.01 to 1000 (1.0 = the reference CPU)"
+                    .into(),
             },
         },
         "expel" => match expel(shared, WAIT).await {

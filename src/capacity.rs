@@ -28,6 +28,9 @@ pub struct Cgroup {
     pub cpu: Option<(PathBuf, Version)>,
     /// Directory with the memory controller's files.
     pub memory: Option<(PathBuf, Version)>,
+    /// Cgroups [`Cgroup::create`] made, each with the `cgroup.procs` file of the cgroup
+    /// this process was in before: [`Cgroup::remove_created`] goes back there and removes them.
+    pub created: Vec<(PathBuf, PathBuf)>,
 }
 
 /// cgroup hierarchy version.
@@ -98,6 +101,25 @@ fn v2_has(v2: &Path, controller: &str) -> bool {
 }
 
 impl Cgroup {
+    /// When the node stops: move this process back where it was and remove the cgroups
+    /// [`Cgroup::create`] made. One that still holds processes (a home process that outlives
+    /// its node) stays, and is named in the returned errors.
+    pub fn remove_created(&self) -> Vec<String> {
+        let me = std::process::id().to_string();
+        let mut errors = Vec::new();
+        for (_, origin) in &self.created {
+            if let Err(e) = write(origin, &me) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        for (dir, _) in &self.created {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                errors.push(format!("removing cgroup {}: {e}", dir.display()));
+            }
+        }
+        errors
+    }
+
     /// The cgroup this process runs in. Controllers at the hierarchy's root count as none
     /// (the whole machine).
     pub fn current() -> Cgroup {
@@ -117,6 +139,7 @@ impl Cgroup {
         Cgroup {
             cpu: pick(cpu, "cpu"),
             memory: pick(mem, "memory"),
+            created: Vec::new(),
         }
     }
 
@@ -153,6 +176,12 @@ impl Cgroup {
             }
             let dir = parent.join(&leaf);
             mkdir(&dir)?;
+            let origin = root.join(
+                path_of("self", "")
+                    .unwrap_or_default()
+                    .trim_start_matches('/'),
+            );
+            cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             if want.contains(&"cpu") {
                 cg.cpu = Some((dir.clone(), Version::V2));
             }
@@ -162,14 +191,18 @@ impl Cgroup {
         }
         if let (Some(_), Some(m)) = (cpus, cpu1) {
             let base = path_of("self", "cpu").unwrap_or_else(|| "/".into());
-            let dir = m.join(base.trim_start_matches('/')).join(&leaf);
+            let origin = m.join(base.trim_start_matches('/'));
+            let dir = origin.join(&leaf);
             mkdir(&dir)?;
+            cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             cg.cpu = Some((dir, Version::V1));
         }
         if let (Some(_), Some(m)) = (memory, mem1) {
             let base = path_of("self", "memory").unwrap_or_else(|| "/".into());
-            let dir = m.join(base.trim_start_matches('/')).join(&leaf);
+            let origin = m.join(base.trim_start_matches('/'));
+            let dir = origin.join(&leaf);
             mkdir(&dir)?;
+            cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             // Charges follow a process that moves in (v1 only; v2 never moves them).
             let _ = write(&dir.join("memory.move_charge_at_immigrate"), "3");
             cg.memory = Some((dir, Version::V1));
@@ -500,7 +533,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cg = Cgroup {
             cpu: Some((d.path().to_path_buf(), Version::V1)),
-            memory: None,
+            ..Cgroup::default()
         };
         let measure = |pid: u32, how: Option<Count>| {
             std::fs::write(d.path().join("cgroup.procs"), format!("{pid}\n")).unwrap();

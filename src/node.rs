@@ -824,6 +824,10 @@ pub fn run(cfg: Config) -> Result<()> {
             }
         }
         let _ = std::fs::remove_file(&socket);
+        let cgroup = shared.lock().expect("state lock").cgroup.clone();
+        for e in cgroup.remove_created() {
+            tracing::info!("cgroup left behind: {e}");
+        }
         tracing::info!(node = name, "mosvm node down");
         Ok(())
     })

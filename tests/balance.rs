@@ -490,7 +490,7 @@ fn a_node_joining_by_one_address_learns_the_cluster_and_a_dead_node_drops_out() 
     };
     let n1 = start(0, &[]);
     let n2 = start(1, &[0]);
-    let mut n3 = start(2, &[1]);
+    let n3 = start(2, &[1]);
     let up = |n: &Node| -> BTreeSet<String> {
         let out = client(&n.sock, &["nodes", "--json"]);
         let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -507,8 +507,7 @@ fn a_node_joining_by_one_address_learns_the_cluster_and_a_dead_node_drops_out() 
         || up(&n1).contains(&names[2]) && up(&n3).contains(&names[0]),
     );
     // n3 dies without a word: the others drop it within SWIM's timeout.
-    let _ = n3.child.kill();
-    let _ = n3.child.wait();
+    n3.crash();
     let t = Instant::now();
     wait_for(
         "n1 and n2 to drop the dead node",
@@ -577,4 +576,60 @@ fn memory_ushering_moves_a_process_off_a_node_short_of_memory() {
     let out = job.finish();
     assert_eq!(out.shell_status(), 0, "{}", out.stderr_text());
     assert_eq!(out.stdout_text(), String::from_utf8_lossy(&native.stdout));
+}
+
+#[test]
+fn a_move_a_host_asks_for_that_the_home_refuses_is_reported_back_at_once() {
+    require_kvm!();
+    if !cgroups_usable("a_move_a_host_asks_for") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = prefix("mf");
+    let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
+    // n1 (the home) has the machine; n2 is small, n3 big and idle.
+    let nodes = capacity_cluster(dir.path(), &names, &[None, Some(0.5), Some(1.0)]);
+    let jobs = start_jobs(&nodes[0].sock, 2, WORK, false);
+    let pids: Vec<u32> = jobs.iter().map(|j| j.pid()).collect();
+    // Both go to n2 by hand and are locked there: n2's balancer wants to move one on, and
+    // the home refuses because it is locked.
+    for &pid in &pids {
+        common::cluster::wait_registered(&nodes[0].sock, pid);
+        let m = common::cluster::migrate(&nodes[0].sock, pid, &names[1]);
+        assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    }
+    for &pid in &pids {
+        wait_for("the manual move to n2", Duration::from_secs(20), || {
+            common::cluster::proc_info(&nodes[0].sock, pid)
+                .is_some_and(|p| p["node"] == names[1].as_str() && p["state"] == "running")
+        });
+        let l = client(&nodes[0].sock, &["lock", &pid.to_string()]);
+        assert!(l.status.success(), "{}", String::from_utf8_lossy(&l.stderr));
+    }
+    let locked = Instant::now();
+    wait_for(
+        "n2 to hear that its move was refused",
+        Duration::from_secs(20),
+        || {
+            nodes[1]
+                .log_text()
+                .contains("automatic migration failed at home")
+        },
+    );
+    eprintln!(
+        "refusal known at the host {:?} after the lock",
+        locked.elapsed()
+    );
+    assert!(
+        nodes[0].log_text().contains("not moving: process"),
+        "{}",
+        nodes[0].log_text()
+    );
+    let seen = watch_and_finish(&nodes[0], jobs, WORK, |_| {});
+    for pid in pids {
+        assert!(
+            !seen.get(&pid).is_some_and(|s| s.contains(&names[2])),
+            "locked job {pid} moved to n3: {seen:?}"
+        );
+    }
 }

@@ -198,7 +198,7 @@ fn losing_the_host_ends_the_home_process_cleanly() {
     // Kill node b and the guest it hosts, as a machine failure would.
     let b = nodes.pop().unwrap();
     let hosted = guest_hosts_of(b.child.id());
-    drop(b);
+    b.crash();
     for g in hosted {
         // SAFETY: killing a process this test's node started.
         unsafe { libc::kill(g as i32, libc::SIGKILL) };
@@ -426,7 +426,7 @@ fn the_destination_dying_mid_migration_leaves_the_process_at_home() {
             });
             let b = nodes.pop().unwrap();
             let hosted = guest_hosts_of(b.child.id());
-            drop(b);
+            b.crash();
             for g in hosted {
                 // SAFETY: killing a process this test's node started.
                 unsafe { libc::kill(g as i32, libc::SIGKILL) };
