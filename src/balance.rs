@@ -147,6 +147,8 @@ struct Shell {
     samples: (f64, u32),
     /// The most recent sub-step sample (reacts at once to processes that left).
     last_sample: f64,
+    /// A process arrived or left since the last tick: the step's mean is out of date.
+    changed: bool,
     sampler: crate::capacity::Sampler,
     /// When configured peers were last announced to.
     announced: Instant,
@@ -240,6 +242,7 @@ pub async fn run(
         events,
         samples: (0.0, 0),
         last_sample: 0.0,
+        changed: false,
         sampler: Default::default(),
         announced: Instant::now(),
     };
@@ -485,7 +488,7 @@ impl Shell {
             Body::Request {
                 pid,
                 mem_mb,
-                from_load,
+                from_rate,
                 reason,
             } => {
                 let block = self.shared.lock().expect("state lock").admin.block;
@@ -504,7 +507,7 @@ impl Shell {
                     from,
                     pid,
                     mem_mb,
-                    from_load,
+                    from_rate,
                     reason,
                 }
             }
@@ -575,7 +578,7 @@ impl Shell {
                     to,
                     pid,
                     mem_mb,
-                    from_load,
+                    from_rate,
                     reason,
                 } => {
                     self.send(
@@ -583,7 +586,7 @@ impl Shell {
                         Body::Request {
                             pid,
                             mem_mb,
-                            from_load,
+                            from_rate,
                             reason,
                         },
                     )
@@ -768,6 +771,7 @@ impl Shell {
             .copied()
             .collect();
         for pid in gone {
+            self.changed = true;
             self.residents.remove(&pid);
             match self.inflight.remove(&pid) {
                 Some(m) => {
@@ -784,6 +788,7 @@ impl Shell {
         for p in present {
             let locked = p.locked || admin.stay || (admin.lstay && p.own);
             if !self.residents.contains_key(&p.pid) {
+                self.changed = true;
                 let mut info = balancer::ProcessInfo::new(p.pid, p.home, p.mem_mb);
                 info.age_ms = p.age.as_millis() as u64;
                 info.locked = locked;
@@ -846,9 +851,12 @@ impl Shell {
 
     async fn tick(&mut self) {
         self.reconcile().await;
-        // The step's mean, but no more than its last part shows: a process that has just
-        // left no longer counts.
-        let runnable = if self.samples.1 > 0 {
+        // The step's mean, but no more than its last part shows. When a process arrived or
+        // left during the step, only the last part shows what runs now (an arrival counted in
+        // the mean only for the part of the step it was here would let a herd in).
+        let runnable = if self.samples.1 > 0 && std::mem::take(&mut self.changed) {
+            self.last_sample
+        } else if self.samples.1 > 0 {
             (self.samples.0 / f64::from(self.samples.1)).min(self.last_sample)
         } else {
             0.0

@@ -87,8 +87,8 @@ pub enum Body {
         pid: Pid,
         /// Its memory, MiB.
         mem_mb: u32,
-        /// The sender's load.
-        from_load: f32,
+        /// The CPU rate the process gets at the sender now, reference CPUs.
+        from_rate: f32,
         /// Why.
         reason: MigrationReason,
     },

@@ -278,8 +278,9 @@ pub enum Input {
         pid: Pid,
         /// Its memory, MiB.
         mem_mb: u32,
-        /// The requester's normalised load.
-        from_load: f32,
+        /// The CPU rate the process gets at the requester now, in reference CPUs (1.0: a whole
+        /// CPU of speed 1.0), counting the processes already leaving there as gone.
+        from_rate: f32,
         /// Why.
         reason: MigrationReason,
     },
@@ -345,8 +346,9 @@ pub enum Action {
         pid: Pid,
         /// Its memory, MiB.
         mem_mb: u32,
-        /// Our normalised load.
-        from_load: f32,
+        /// The CPU rate the process gets here now, in reference CPUs (see
+        /// [`Input::MigrationRequest`]).
+        from_rate: f32,
         /// Why.
         reason: MigrationReason,
     },
@@ -681,12 +683,12 @@ impl Node {
                 from,
                 pid,
                 mem_mb,
-                from_load,
+                from_rate,
                 reason,
             } => {
                 // A request claiming to come from ourselves is malformed: ignore it.
                 if from != self.cfg.id {
-                    let accepted = self.would_accept(mem_mb, from_load, reason);
+                    let accepted = self.would_accept(mem_mb, from_rate, reason);
                     if accepted {
                         self.promises
                             .insert(pid, (mem_mb, now.plus(self.cfg.params.promise_ttl)));
@@ -774,11 +776,14 @@ impl Node {
         (total - self.used_mem_after_leaving() as f64) < total * self.cfg.params.usher_free_frac
     }
 
-    /// Whether we would take a process of `mem_mb` from a node whose load is `from_load`.
-    /// Memory must fit (after earlier promises); for load balancing, our load with every
-    /// promised process and this one must stay below the requester's: this is what stops a
-    /// herd of nodes from all sending work to a node that just became idle.
-    pub fn would_accept(&self, mem_mb: u32, from_load: f32, reason: MigrationReason) -> bool {
+    /// Whether we would take a process of `mem_mb` that runs at `from_rate` reference CPUs
+    /// where it is. Memory must fit (after earlier promises); for load balancing, the process
+    /// must still run clearly faster here (by [`Params::min_rate_gain`], the requester's own
+    /// rule) counting what runs here now, every process promised, and it. The requester
+    /// decided on gossip that may be seconds old; this check on fresh numbers is what stops a
+    /// herd of nodes from all sending work to a node that just became idle, and a move that
+    /// would only swap the imbalance.
+    pub fn would_accept(&self, mem_mb: u32, from_rate: f32, reason: MigrationReason) -> bool {
         if reason == MigrationReason::Manual {
             return true;
         }
@@ -790,12 +795,12 @@ impl Node {
         if reason == MigrationReason::Usher || !self.cfg.params.refuse_when_busy {
             return true;
         }
-        let after = normalised(
+        let here = policy::rate_with(
             self.runnable() + self.promises.len() as f64 + 1.0,
             self.cfg.cpus,
             self.cfg.speed,
         );
-        after < f64::from(from_load)
+        here > f64::from(from_rate) * (1.0 + self.cfg.params.min_rate_gain)
     }
 
     /// Replace the peer list by one shared with other nodes (a static configuration, or the
@@ -881,7 +886,11 @@ impl Node {
                 break;
             };
             let ttl = self.cfg.params.promise_ttl;
-            let from_load = self.load_now() as f32;
+            let from_rate = policy::rate_with(
+                self.runnable_after_leaving().max(1.0),
+                self.cfg.cpus,
+                self.cfg.speed,
+            ) as f32;
             if let Some(r) = self.procs.get_mut(&d.pid) {
                 r.pending = Some((d.to, now.plus(ttl)));
                 r.pending_reason = d.reason;
@@ -896,7 +905,7 @@ impl Node {
                 to: d.to,
                 pid: d.pid,
                 mem_mb: d.mem_mb,
-                from_load,
+                from_rate,
                 reason: d.reason,
             });
         }

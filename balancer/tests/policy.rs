@@ -277,7 +277,7 @@ fn statistics_decay_with_half_life() {
 
 #[test]
 fn target_refuses_once_promised_enough_work() {
-    // Node 5: 1 CPU, idle. Requests from a node at load 2.5.
+    // Node 5: 1 CPU, idle. Requests for processes that get 0.3 CPU at the requester.
     let mut t = node(5, 1, PolicyKind::Mosix);
     let mut r = rng();
     t.handle(
@@ -294,7 +294,7 @@ fn target_refuses_once_promised_enough_work() {
                 from: 0,
                 pid,
                 mem_mb: 64,
-                from_load: 2.5,
+                from_rate: 0.3,
                 reason: MigrationReason::Balance,
             },
             secs(1.0),
@@ -309,8 +309,8 @@ fn target_refuses_once_promised_enough_work() {
             other => panic!("unexpected {other:?}"),
         })
         .collect();
-    // After accepting k processes its load would be k+1 per CPU: it takes two (loads 1, 2 <
-    // 2.5) and refuses the rest.
+    // With k processes promised, one more would get 1/(k+1) CPU here: it takes one while that
+    // beats 0.3 CPU by 30 % (1 and 1/2 do, 1/3 does not) and refuses the rest.
     assert_eq!(answers, vec![true, true, false, false]);
     // The promises lapse after their time to live.
     let later = secs(1.0).plus(t.config().params.promise_ttl).plus(Time(1));
@@ -320,7 +320,7 @@ fn target_refuses_once_promised_enough_work() {
             from: 0,
             pid: 9,
             mem_mb: 64,
-            from_load: 2.5,
+            from_rate: 0.3,
             reason: MigrationReason::Balance,
         },
         later,
@@ -486,7 +486,7 @@ fn inputs_and_actions_roundtrip_on_the_wire() {
             from: 1,
             pid: 7,
             mem_mb: 64,
-            from_load: 1.5,
+            from_rate: 1.5,
             reason: MigrationReason::Usher,
         },
     ];

@@ -77,7 +77,7 @@ fn to_input(op: &Op) -> Input {
             from: n,
             pid: p,
             mem_mb: m,
-            from_load: l,
+            from_rate: l,
             reason: MigrationReason::Balance,
         },
         Op::Manual(p, n) => Input::ManualMigrate { pid: p, to: n },

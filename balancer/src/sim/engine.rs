@@ -435,7 +435,7 @@ impl<'a> Sim<'a> {
                     to,
                     pid,
                     mem_mb,
-                    from_load,
+                    from_rate,
                     reason,
                 } => {
                     self.control_msgs += 1;
@@ -443,7 +443,7 @@ impl<'a> Sim<'a> {
                         from: h,
                         pid,
                         mem_mb,
-                        from_load,
+                        from_rate,
                         reason,
                     };
                     self.send(to, input);
