@@ -26,7 +26,7 @@ pub const STOP_WAIT: Duration = Duration::from_secs(30);
 pub struct Status {
     /// Node name.
     pub name: String,
-    /// Automatic policy (mosix, opportunitycost, none).
+    /// Automatic policy, as `--policy` names it (mosix, opportunity-cost, off).
     pub policy: String,
     /// What bounds the node's capacity: its cgroup, or the machine.
     pub scope: String,
@@ -103,7 +103,7 @@ pub fn running_here(st: &State, me: NodeId) -> Vec<Present> {
             mem_mb: (crate::node::rss_bytes(*host_pid) >> 20) as u32,
             age: h.since.elapsed(),
             cpu_s: crate::node::cpu_seconds(*host_pid),
-            calls: (0, 0),
+            calls: h.calls,
             locked: false,
             failures: 0,
             execs: 0,

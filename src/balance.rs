@@ -202,7 +202,12 @@ pub async fn run(
     );
     {
         let mut st = shared.lock().expect("state lock");
-        st.view.policy = format!("{:?}", s.policy).to_lowercase();
+        st.view.policy = match s.policy {
+            PolicyKind::Mosix => "mosix",
+            PolicyKind::OpportunityCost => "opportunity-cost",
+            PolicyKind::None => "off",
+        }
+        .into();
         st.view.scope = scope;
     }
     let seed: u64 = rand::rng().random();

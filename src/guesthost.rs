@@ -277,10 +277,13 @@ pub fn main() -> ExitCode {
     if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
     }
-    // Tell home now and then what the guest uses here (for `ps` at home).
+    // Tell home now and then what the guest uses here (for `ps` at home), and this node its
+    // system calls so far (a line of JSON on stdout, for the node's balancer).
     {
-        let (hl, view) = (home_link.clone(), vm.memory_view());
+        let (hl, view, calls) = (home_link.clone(), vm.memory_view(), vm.call_counts());
         std::thread::spawn(move || {
+            use std::io::Write as _;
+            use std::sync::atomic::Ordering::Relaxed;
             crate::link::block_host_signals();
             loop {
                 std::thread::sleep(Duration::from_secs(1));
@@ -290,6 +293,14 @@ pub fn main() -> ExitCode {
                 };
                 if !hl.tell(&usage) {
                     return;
+                }
+                let line = crate::control::Update::Calls {
+                    home: calls[0].load(Relaxed),
+                    local: calls[1].load(Relaxed),
+                };
+                if let Ok(l) = serde_json::to_string(&line) {
+                    // The node may be gone: then nobody reads, and that is fine.
+                    let _ = writeln!(std::io::stdout(), "{l}");
                 }
             }
         });

@@ -55,7 +55,7 @@ pub(crate) fn start_guest_host(
         .env("MOSVM_NODE", name)
         .env("MOSVM_TOKEN", crate::control::hex(&token))
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("spawning the guest host")?;
@@ -67,8 +67,25 @@ pub(crate) fn start_guest_host(
             home: home.to_string(),
             program: program.to_string(),
             since: std::time::Instant::now(),
+            calls: (0, 0),
         },
     );
+    // The guest host reports its system calls once a second (a JSON line).
+    if let Some(out) = child.stdout.take() {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(crate::control::Update::Calls { home, local }) = serde_json::from_str(&l)
+                {
+                    if let Some(h) = shared.lock().expect("state lock").hosted.get_mut(&host_pid) {
+                        h.calls = (home, local);
+                    }
+                }
+            }
+        });
+    }
     let shared = shared.clone();
     tokio::spawn(async move {
         let r = child.wait().await;

@@ -92,6 +92,8 @@ pub(crate) struct Hosted {
     pub(crate) program: String,
     /// When its guest host started.
     pub(crate) since: std::time::Instant,
+    /// Its system calls so far: sent home, served here (reported by the guest host).
+    pub(crate) calls: (u64, u64),
 }
 
 pub(crate) struct State {

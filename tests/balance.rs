@@ -43,9 +43,9 @@ fn prefix(tag: &str) -> String {
     format!("{tag}{}", std::process::id() % 100_000)
 }
 
-/// A node `name` on `addr` with automatic migration on, a half-second step, a balancer trace
-/// in `dir`, `--cpus` when given, and `peers` (`(Some(name), addr)` by name, `(None, addr)`
-/// by address only).
+/// A node `name` on `addr` with automatic migration on (the MOSIX policy unless `policy`
+/// names another), a half-second step, a balancer trace in `dir`, `--cpus` when given, and
+/// `peers` (`(Some(name), addr)` by name, `(None, addr)` by address only).
 fn capacity_node(
     dir: &Path,
     key: &Path,
@@ -54,11 +54,23 @@ fn capacity_node(
     cpus: Option<f64>,
     peers: &[(Option<&str>, &str)],
 ) -> Node {
+    capacity_node_with(dir, key, name, addr, cpus, peers, "mosix")
+}
+
+fn capacity_node_with(
+    dir: &Path,
+    key: &Path,
+    name: &str,
+    addr: &str,
+    cpus: Option<f64>,
+    peers: &[(Option<&str>, &str)],
+    policy: &str,
+) -> Node {
     let trace = dir.join(format!("{name}.trace"));
     let mut s = NodeSpec::new(dir, name)
         .listen(addr)
         .key_dir(key)
-        .policy("mosix")
+        .policy(policy)
         .arg("--step")
         .arg("0.5")
         .arg("--balancer-trace")
@@ -632,4 +644,44 @@ fn a_move_a_host_asks_for_that_the_home_refuses_is_reported_back_at_once() {
             "locked job {pid} moved to n3: {seen:?}"
         );
     }
+}
+
+#[test]
+fn the_opportunity_cost_policy_spreads_jobs_too() {
+    require_kvm!();
+    if !cgroups_usable("the_opportunity_cost_policy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let p = prefix("oc");
+    let names = [format!("{p}a"), format!("{p}b")];
+    let addrs = [
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+        format!("127.0.0.1:{}", common::cluster::free_port()),
+    ];
+    let nodes: Vec<Node> = [(0, 1, 0.5), (1, 0, 1.0)]
+        .iter()
+        .map(|&(i, j, cpus)| {
+            capacity_node_with(
+                dir.path(),
+                &key,
+                &names[i],
+                &addrs[i],
+                Some(cpus),
+                &[(Some(&names[j]), &addrs[j])],
+                "opportunity-cost",
+            )
+        })
+        .collect();
+    let jobs = start_jobs(&nodes[0].sock, 3, WORK, false);
+    let seen = watch_and_finish(&nodes[0], jobs, WORK, |_| {});
+    let logs: String = nodes.iter().map(|n| n.log_text()).collect();
+    assert!(
+        seen.values().any(|s| s.contains(&names[1])),
+        "no job moved to the idle node: {seen:?}\n{logs}"
+    );
+    let status = client(&nodes[0].sock, &["ctl", "status", "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(st["policy"], "opportunity-cost", "{st}");
 }
