@@ -30,6 +30,9 @@ use tokio::sync::mpsc;
 const MOVE_DEADLINE: Duration = Duration::from_secs(60);
 /// How often configured peers that are not members are announced to again.
 const REANNOUNCE: Duration = Duration::from_secs(2);
+/// A node SWIM declared down this long ago is forgotten (`mosvm nodes` stops listing it),
+/// unless it is a configured peer.
+const FORGET: Duration = Duration::from_secs(60);
 /// Load samples per step.
 const SAMPLES_PER_STEP: u32 = 5;
 
@@ -152,6 +155,8 @@ struct Shell {
     sampler: crate::capacity::Sampler,
     /// When configured peers were last announced to.
     announced: Instant,
+    /// Nodes SWIM declared down, and when.
+    down_since: HashMap<NodeId, Instant>,
 }
 
 /// Run the balancer shell until the node stops. `rx` carries verified datagrams and
@@ -250,6 +255,7 @@ pub async fn run(
         changed: false,
         sampler: Default::default(),
         announced: Instant::now(),
+        down_since: HashMap::new(),
     };
     // Named peers are known already: join SWIM through them.
     let named: Vec<Contact> = sh
@@ -389,6 +395,23 @@ impl Shell {
         }
         {
             let mut st = self.shared.lock().expect("state lock");
+            // A peer configured under another name at this address: the operator's name is
+            // wrong (it would stay listed as down forever). Say so once and drop it.
+            for (name, addr) in &self.seeds {
+                if let Some(name) = name.as_deref() {
+                    if *addr == c.addr && name != c.name {
+                        let wrong = gossip::node_id(name);
+                        if st.directory.remove(&wrong).is_some() {
+                            tracing::warn!(
+                                configured = name,
+                                addr = %addr,
+                                node = c.name,
+                                "the peer configured under this name calls itself otherwise"
+                            );
+                        }
+                    }
+                }
+            }
             match st.directory.get(&c.id) {
                 Some(old) if old.name != c.name => {
                     tracing::warn!(
@@ -427,8 +450,25 @@ impl Shell {
         }
         self.announced = Instant::now();
         let seeds: Vec<NodeId> = {
-            let st = self.shared.lock().expect("state lock");
+            let mut st = self.shared.lock().expect("state lock");
             let addrs: HashSet<SocketAddr> = self.seeds.iter().map(|(_, a)| *a).collect();
+            // Forget nodes long down that nobody configured.
+            let gone: Vec<NodeId> = self
+                .down_since
+                .iter()
+                .filter(|(_, t)| t.elapsed() > FORGET)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.down_since.remove(&id);
+                if st
+                    .directory
+                    .get(&id)
+                    .is_some_and(|c| !addrs.contains(&c.addr))
+                {
+                    st.directory.remove(&id);
+                }
+            }
             st.directory
                 .values()
                 .filter(|c| addrs.contains(&c.addr))
@@ -612,10 +652,12 @@ impl Shell {
                     });
                 }
                 Action::MemberUp { node } => {
+                    self.down_since.remove(&node);
                     let name = self.name_of(node);
                     tracing::info!(node = name, "node up");
                 }
                 Action::MemberDown { node } => {
+                    self.down_since.insert(node, Instant::now());
                     let name = self.name_of(node);
                     tracing::info!(node = name, "node down");
                 }
@@ -635,8 +677,10 @@ impl Shell {
     fn book(&mut self, entries: &[LoadEntry]) -> Vec<Contact> {
         let st = self.shared.lock().expect("state lock");
         let mut out = vec![self.me.clone()];
+        // Only members SWIM holds up: a dead node's address must not circulate for ever.
+        let up: HashSet<NodeId> = self.core.peers().iter().copied().collect();
         for e in entries {
-            if let Some(c) = st.directory.get(&e.node) {
+            if let Some(c) = st.directory.get(&e.node).filter(|c| up.contains(&c.id)) {
                 if out.len() < gossip::MAX_BOOK && !out.iter().any(|o| o.id == c.id) {
                     out.push(c.clone());
                 }
@@ -645,7 +689,7 @@ impl Shell {
         let rest: Vec<&Contact> = st
             .directory
             .values()
-            .filter(|c| !out.iter().any(|o| o.id == c.id))
+            .filter(|c| up.contains(&c.id) && !out.iter().any(|o| o.id == c.id))
             .collect();
         let room = gossip::MAX_BOOK.saturating_sub(out.len());
         if rest.len() <= room {

@@ -142,6 +142,12 @@ fn watch_and_finish(
     mut each: impl FnMut(&[serde_json::Value]),
 ) -> BTreeMap<u32, BTreeSet<String>> {
     let pids: Vec<u32> = jobs.iter().map(|j| j.pid()).collect();
+    // Each job has registered (it may have ended already: the home's log says so).
+    wait_for("every job to register", Duration::from_secs(30), || {
+        let log = home.log_text();
+        pids.iter()
+            .all(|p| log.contains(&format!("process registered pid={p} ")))
+    });
     let mut seen: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let t = Instant::now();
     loop {
