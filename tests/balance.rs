@@ -38,6 +38,12 @@ fn cgroups_usable(test: &str) -> bool {
     ok
 }
 
+/// For a test that gives nodes cgroups: a scratch directory and a unique node-name prefix
+/// starting with `tag`, or `None` (the test says why and passes) without root and cgroups.
+fn capacity_test(test: &str, tag: &str) -> Option<(tempfile::TempDir, String)> {
+    cgroups_usable(test).then(|| (tempfile::tempdir().unwrap(), prefix(tag)))
+}
+
 /// A unique prefix for node names (their cgroups are named after them).
 fn prefix(tag: &str) -> String {
     format!("{tag}{}", std::process::id() % 100_000)
@@ -197,11 +203,9 @@ fn automatic_moves(n: &Node) -> usize {
 #[test]
 fn six_cpu_bound_jobs_spread_over_nodes_of_different_capacity() {
     require_kvm!();
-    if !cgroups_usable("six_cpu_bound_jobs_spread") {
+    let Some((dir, p)) = capacity_test("six_cpu_bound_jobs_spread", "sp") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let p = prefix("sp");
+    };
     let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
     let nodes = capacity_cluster(dir.path(), &names, &[Some(0.5), Some(0.5), Some(1.0)]);
     // The nodes report their own capacities, not the machine's.
@@ -262,11 +266,9 @@ fn six_cpu_bound_jobs_spread_over_nodes_of_different_capacity() {
 #[test]
 fn a_blocked_node_receives_nothing_expel_empties_a_node_and_locked_jobs_stay() {
     require_kvm!();
-    if !cgroups_usable("a_blocked_node_receives_nothing") {
+    let Some((dir, p)) = capacity_test("a_blocked_node_receives_nothing", "bl") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let p = prefix("bl");
+    };
     let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
     let nodes = capacity_cluster(dir.path(), &names, &[Some(0.5), Some(1.0), Some(1.0)]);
     assert!(client(&nodes[1].sock, &["ctl", "block"]).status.success());
@@ -351,12 +353,10 @@ const LONG_WORK: &str = "3300000000";
 #[test]
 fn a_node_joining_a_busy_cluster_receives_work_and_stopping_it_sends_the_work_on() {
     require_kvm!();
-    if !cgroups_usable("a_node_joining_a_busy_cluster") {
+    let Some((dir, p)) = capacity_test("a_node_joining_a_busy_cluster", "lj") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let key = keygen(dir.path());
-    let p = prefix("lj");
     let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
     let addrs: Vec<String> = names
         .iter()
@@ -543,12 +543,10 @@ fn a_node_joining_by_one_address_learns_the_cluster_and_a_dead_node_drops_out() 
 #[test]
 fn memory_ushering_moves_a_process_off_a_node_short_of_memory() {
     require_kvm!();
-    if !cgroups_usable("memory_ushering") {
+    let Some((dir, p)) = capacity_test("memory_ushering", "us") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let key = keygen(dir.path());
-    let p = prefix("us");
     let (a, b) = (format!("{p}a"), format!("{p}b"));
     let (pa, pb) = (
         format!("127.0.0.1:{}", common::cluster::free_port()),
@@ -599,11 +597,9 @@ fn memory_ushering_moves_a_process_off_a_node_short_of_memory() {
 #[test]
 fn a_move_a_host_asks_for_that_the_home_refuses_is_reported_back_at_once() {
     require_kvm!();
-    if !cgroups_usable("a_move_a_host_asks_for") {
+    let Some((dir, p)) = capacity_test("a_move_a_host_asks_for", "mf") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let p = prefix("mf");
+    };
     let names: Vec<String> = (1..=3).map(|i| format!("{p}n{i}")).collect();
     // n1 (the home) has the machine; n2 is small, n3 big and idle.
     let nodes = capacity_cluster(dir.path(), &names, &[None, Some(0.5), Some(1.0)]);
@@ -655,12 +651,10 @@ fn a_move_a_host_asks_for_that_the_home_refuses_is_reported_back_at_once() {
 #[test]
 fn the_opportunity_cost_policy_spreads_jobs_too() {
     require_kvm!();
-    if !cgroups_usable("the_opportunity_cost_policy") {
+    let Some((dir, p)) = capacity_test("the_opportunity_cost_policy", "oc") else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    };
     let key = keygen(dir.path());
-    let p = prefix("oc");
     let names = [format!("{p}a"), format!("{p}b")];
     let addrs = [
         format!("127.0.0.1:{}", common::cluster::free_port()),
