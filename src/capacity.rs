@@ -181,6 +181,7 @@ impl Cgroup {
                     .unwrap_or_default()
                     .trim_start_matches('/'),
             );
+            claim(&dir, name)?;
             cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             if want.contains(&"cpu") {
                 cg.cpu = Some((dir.clone(), Version::V2));
@@ -194,6 +195,7 @@ impl Cgroup {
             let origin = m.join(base.trim_start_matches('/'));
             let dir = origin.join(&leaf);
             mkdir(&dir)?;
+            claim(&dir, name)?;
             cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             cg.cpu = Some((dir, Version::V1));
         }
@@ -202,6 +204,7 @@ impl Cgroup {
             let origin = m.join(base.trim_start_matches('/'));
             let dir = origin.join(&leaf);
             mkdir(&dir)?;
+            claim(&dir, name)?;
             cg.created.push((dir.clone(), origin.join("cgroup.procs")));
             // Charges follow a process that moves in (v1 only; v2 never moves them).
             let _ = write(&dir.join("memory.move_charge_at_immigrate"), "3");
@@ -462,6 +465,26 @@ fn read_u64(p: &Path) -> Option<u64> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
+/// A node's cgroup that holds a running `mosvm node` belongs to a live node of the same name:
+/// taking it over would change that node's limits. (Other processes, such as the programs
+/// of a node that was killed, do not stop a restart.)
+fn claim(dir: &Path, name: &str) -> Result<()> {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let me = std::process::id().to_string();
+    let node = procs.split_whitespace().find(|pid| {
+        *pid != me
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"node".as_slice()))
+    });
+    if let Some(pid) = node {
+        anyhow::bail!(
+            "a node named {name} already runs here (pid {pid}, cgroup {})",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn mkdir(p: &Path) -> Result<()> {
     match std::fs::create_dir(p) {
         Ok(()) => Ok(()),
@@ -479,17 +502,31 @@ fn write(p: &Path, v: &str) -> Result<()> {
 pub const REFERENCE_SECS: f64 = 0.004;
 
 /// This CPU's relative speed: the best of five timed runs of the calibration loop.
+/// Timed in this thread's CPU time, not wall time: several nodes calibrating at once on one
+/// machine (or a CFS quota throttling the node) would otherwise each measure a slower CPU.
 pub fn calibrate() -> f64 {
     let best = (0..5u64)
         .map(|i| {
-            let t = std::time::Instant::now();
+            let t = thread_cpu_secs();
             std::hint::black_box(balancer::load::calibration_work(std::hint::black_box(
                 i + 1,
             )));
-            t.elapsed().as_secs_f64()
+            thread_cpu_secs() - t
         })
+        .filter(|d| *d > 0.0)
         .fold(f64::INFINITY, f64::min);
     balancer::load::speed_from_calibration(REFERENCE_SECS, best)
+}
+
+/// CPU time this thread has used, seconds (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`).
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 #[cfg(test)]

@@ -229,6 +229,14 @@ pub(crate) fn nodes(a: ListArgs) -> ExitCode {
 
 /// `mosvm mon`: the node's view of the cluster and its processes, refreshed in place.
 pub(crate) fn mon(a: MonArgs) -> ExitCode {
+    use std::io::Write as _;
+    if !(a.interval.is_finite() && (0.1..=86_400.0).contains(&a.interval)) {
+        eprintln!(
+            "mosvm: --interval {}: must be from 0.1 to 86400 seconds",
+            a.interval
+        );
+        return ExitCode::from(2);
+    }
     let mut shown = 0;
     loop {
         let (n, p) = match (
@@ -239,19 +247,30 @@ pub(crate) fn mon(a: MonArgs) -> ExitCode {
             (Err(code), _) | (_, Err(code)) => return code,
         };
         let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let mut frame = String::new();
         if tty {
             // Clear the screen and go home, then draw.
-            print!("\x1b[2J\x1b[H");
+            frame += "\x1b[2J\x1b[H";
         }
-        print!("{}\n{}", nodes_table(&n), procs_table(&p));
+        frame += &format!("{}\n{}", nodes_table(&n), procs_table(&p));
+        if !tty {
+            frame += "\n";
+        }
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(frame.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            // The reader went away (`mosvm mon | head`): that ends the watch.
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
         shown += 1;
         if a.count.is_some_and(|c| shown >= c) {
             return ExitCode::SUCCESS;
         }
-        if !tty {
-            println!();
-        }
-        std::thread::sleep(std::time::Duration::from_secs_f64(a.interval.max(0.1)));
+        std::thread::sleep(std::time::Duration::from_secs_f64(a.interval));
     }
 }
 

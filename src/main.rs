@@ -646,8 +646,8 @@ fn serve_remote(
     };
     // (The reports are taken on another thread: they reach only what may be shared.)
     let (updates, remote_cpu_ns) = (&reg.updates, &reg.remote_cpu_ns);
+    // The node logs it and `mosvm migrate` reports it; the program's stderr stays its own.
     let on_failed = |reason: String| {
-        eprintln!("mosvm: moving the process on failed: {reason}; it keeps running where it was");
         send_update(updates, &control::Update::MigrationFailed { reason });
     };
     // CPU time on the current host, as last reported; earlier hosts' is in `reg.remote_cpu_ns`.
