@@ -22,6 +22,7 @@
 pub mod load;
 pub mod membership;
 pub mod node;
+pub mod params;
 pub mod policy;
 pub mod sim;
 pub mod trace;
