@@ -349,6 +349,49 @@ impl Resident {
     }
 }
 
+/// A random cyclic walk over the peer list: a random start and a random stride coprime with
+/// the list's length visit every index once per cycle; each cycle draws both anew. It keeps the
+/// randomness of the paper's "a randomly chosen node" (§3.1) while bounding how long a peer
+/// goes without a message (as SWIM's round-robin probe order does), in O(1) memory per node.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PeerWalk {
+    pos: usize,
+    stride: usize,
+    left: usize,
+    len: usize,
+}
+
+impl PeerWalk {
+    /// The next index in `0..n`.
+    fn next(&mut self, n: usize, rng: &mut impl Rng) -> usize {
+        if self.left == 0 || self.len != n {
+            self.len = n;
+            self.left = n;
+            self.pos = rng.random_range(0..n);
+            self.stride = 1;
+            if n > 2 {
+                for _ in 0..32 {
+                    let s = rng.random_range(1..n);
+                    if gcd(s, n) == 1 {
+                        self.stride = s;
+                        break;
+                    }
+                }
+            }
+        }
+        self.left -= 1;
+        self.pos = (self.pos + self.stride) % n;
+        self.pos
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 /// One node's balancer state.
 #[derive(Debug)]
 pub struct Node {
@@ -364,6 +407,10 @@ pub struct Node {
     pub(crate) promises: BTreeMap<Pid, (u32, Time)>,
     /// Targets that refused us recently: node -> until.
     pub(crate) refused: BTreeMap<NodeId, Time>,
+    /// Where the gossip target walk stands.
+    pub(crate) walk: PeerWalk,
+    /// Targets left to a more starved node: node -> since when.
+    pub(crate) deferring: BTreeMap<NodeId, Time>,
     pub(crate) swim: Option<Membership>,
 }
 
@@ -384,6 +431,8 @@ impl Node {
             peers: Arc::new(Vec::new()),
             promises: BTreeMap::new(),
             refused: BTreeMap::new(),
+            deferring: BTreeMap::new(),
+            walk: PeerWalk::default(),
             swim,
             cfg,
         }
@@ -765,19 +814,51 @@ impl Node {
         }
     }
 
-    fn random_peer(&self, rng: &mut impl Rng) -> Option<NodeId> {
+    /// The next gossip target: the peers in a random cyclic order ([`PeerWalk`]), so that
+    /// each hears from this node once every `peers` steps instead of after a run of bad luck.
+    fn random_peer(&mut self, rng: &mut impl Rng) -> Option<NodeId> {
         let n = self.peers.len();
         if n == 0 || (n == 1 && self.peers[0] == self.cfg.id) {
             return None;
         }
-        // A shared list may include this node: redraw (bounded) until another node comes up.
-        for _ in 0..64 {
-            let to = self.peers[rng.random_range(0..n)];
+        // A shared list may include this node: step past it.
+        for _ in 0..2 {
+            let to = self.peers[self.walk.next(n, rng)];
             if to != self.cfg.id {
                 return Some(to);
             }
         }
         self.peers.iter().copied().find(|&p| p != self.cfg.id)
+    }
+
+    /// Which targets this node leaves to a more starved node this step
+    /// ([`Params::defer_steps`](crate::Params::defer_steps)): a target is deferred from the
+    /// step a rival for it appears until the rival is gone.
+    fn update_deferrals(&mut self, now: Time) {
+        if self.cfg.params.defer_steps == 0 || self.cfg.policy != PolicyKind::Mosix {
+            self.deferring.clear();
+            return;
+        }
+        // Targets that would make this node's processes clearly faster, each with a more
+        // starved node it would also help.
+        let helpful: BTreeMap<NodeId, Option<NodeId>> = policy::candidates(self, now)
+            .filter(|t| policy::helps(self, t))
+            .map(|t| (t.node, policy::starved_rival(self, t, now)))
+            .collect();
+        let rivals: std::collections::BTreeSet<NodeId> =
+            helpful.values().flatten().copied().collect();
+        // Enough targets for every rival and this node: nobody needs to wait.
+        if rivals.len() < helpful.len() {
+            self.deferring.clear();
+            return;
+        }
+        self.deferring
+            .retain(|n, _| helpful.get(n).is_some_and(|r| r.is_some()));
+        for (n, rival) in helpful {
+            if rival.is_some() {
+                self.deferring.entry(n).or_insert(now);
+            }
+        }
     }
 
     fn tick(&mut self, now: Time, rng: &mut impl Rng, out: &mut Vec<Action>) {
@@ -803,6 +884,7 @@ impl Node {
             entries.extend(self.window.freshest(now, self.cfg.params.window));
             out.push(Action::SendGossip { to, entries });
         }
+        self.update_deferrals(now);
         // Policy: a few requests per step at most; each sees the earlier ones.
         for _ in 0..self.cfg.params.max_requests_per_step {
             let Some(d) = policy::decide(self, now) else {

@@ -46,6 +46,11 @@ pub struct Params {
     /// requester, counting work already promised (the anti-herding rule). Off only to measure
     /// the herd it prevents.
     pub refuse_when_busy: bool,
+    /// A node leaves a target to a more starved node (whose processes run slower than its own
+    /// and whom the target would also help) for this many steps before it sends there
+    /// itself: the newly idle node then receives the work that gains most from it, not
+    /// whichever sender heard of it first. 0 turns the rule off.
+    pub defer_steps: u32,
     /// At most this many migration requests per step (each to the best target given the
     /// earlier ones; targets refuse once promised enough work).
     pub max_requests_per_step: usize,
@@ -75,6 +80,7 @@ impl Default for Params {
             io_penalty: 4.0,
             stats_half_life_secs: 30.0,
             refuse_when_busy: true,
+            defer_steps: 2,
             max_requests_per_step: 4,
             oc_full_load: 2.0,
             oc_margin: 0.1,

@@ -65,7 +65,10 @@ pub fn expected_remaining_work(r: &Resident, now: Time, rate_here: f64) -> f64 {
     }
 }
 
-fn candidates<'a>(node: &'a Node, now: Time) -> impl Iterator<Item = &'a LoadEntry> + 'a {
+pub(crate) fn candidates<'a>(
+    node: &'a Node,
+    now: Time,
+) -> impl Iterator<Item = &'a LoadEntry> + 'a {
     let max_ms = node.cfg.params.expire.0 / 1000;
     node.window
         .iter()
@@ -121,7 +124,7 @@ pub fn balance(node: &Node, now: Time) -> Option<Decision> {
     let mut best: Option<(f64, Decision)> = None;
     for t in candidates(node, now) {
         let base_there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
-        if base_there <= base_here * (1.0 + p.min_rate_gain) {
+        if base_there <= base_here * (1.0 + p.min_rate_gain) || deferred(node, t.node, now) {
             continue;
         }
         let room = f64::from(t.free_mem_mb) - f64::from(t.total_mem_mb) * p.usher_free_frac;
@@ -151,6 +154,58 @@ pub fn balance(node: &Node, now: Time) -> Option<Decision> {
         }
     }
     best.map(|(_, d)| d)
+}
+
+/// True when one more process on `t` would run clearly (`min_rate_gain`) faster than
+/// `node`'s processes do once its outstanding moves are done (the first test of [`balance`]).
+pub fn helps(node: &Node, t: &LoadEntry) -> bool {
+    let base_here = rate_with(
+        node.runnable_after_leaving().max(1.0),
+        node.cfg.cpus,
+        node.cfg.speed,
+    );
+    let base_there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+    base_there > base_here * (1.0 + node.cfg.params.min_rate_gain)
+}
+
+/// True while `node` leaves target `to` to a more starved node ([`starved_rival`]), for at
+/// most `defer_steps` steps.
+fn deferred(node: &Node, to: NodeId, now: Time) -> bool {
+    let p = &node.cfg.params;
+    let limit = Time(p.step.0.saturating_mul(u64::from(p.defer_steps)));
+    node.deferring
+        .get(&to)
+        .is_some_and(|since| now.since(*since) < limit)
+}
+
+/// How much slower a rival's processes must run than ours for [`starved_rival`] to count it:
+/// a margin above the noise of gossiped loads, so two nodes never defer to each other.
+pub const RIVAL_MARGIN: f64 = 0.1;
+
+/// Another node that target `t` would help more than it helps `node`: its processes run
+/// clearly ([`RIVAL_MARGIN`]) slower than `node`'s would once its outstanding moves are done, and one more process on
+/// `t` would run clearly (`min_rate_gain`) faster than they do. Only entries younger than two
+/// steps count. MOSIX's pairwise rule lets whichever sender hears of an idle node first fill
+/// it; when a slower node also knows of it, waiting for that node finishes the jobs sooner.
+pub fn starved_rival(node: &Node, t: &LoadEntry, now: Time) -> Option<NodeId> {
+    let p = &node.cfg.params;
+    let here = rate_with(
+        node.runnable_after_leaving().max(1.0),
+        node.cfg.cpus,
+        node.cfg.speed,
+    );
+    let there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+    let fresh = 2 * p.step.0 / 1000;
+    node.window
+        .iter()
+        .filter(|h| h.entry.node != node.cfg.id && h.entry.node != t.node)
+        .filter(|h| h.age_ms(now) <= fresh)
+        .map(|h| &h.entry)
+        .find(|r| {
+            let rate = rate_with(r.runnable().max(1.0), f64::from(r.cpus), f64::from(r.speed));
+            rate * (1.0 + RIVAL_MARGIN) < here && there > rate * (1.0 + p.min_rate_gain)
+        })
+        .map(|r| r.node)
 }
 
 /// Memory ushering: free memory is below the threshold, so move a process to a node with room

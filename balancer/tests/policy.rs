@@ -632,3 +632,85 @@ fn only_a_process_that_arrived_by_migration_waits_the_minimum_stay() {
         );
     }
 }
+
+#[test]
+fn gossip_reaches_every_peer_once_per_cycle_in_changing_orders() {
+    let mut n = node(3, 2, PolicyKind::None);
+    let mut r = rng();
+    let mut orders = std::collections::BTreeSet::new();
+    for cycle in 0..10 {
+        let mut order = Vec::new();
+        for i in 0..7 {
+            let acts = n.handle(Input::Tick, secs(f64::from(cycle * 7 + i)), &mut r);
+            for a in acts {
+                if let Action::SendGossip { to, .. } = a {
+                    order.push(to);
+                }
+            }
+        }
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            vec![0, 1, 2, 4, 5, 6, 7],
+            "cycle {cycle}: {order:?}"
+        );
+        orders.insert(order);
+    }
+    assert!(orders.len() > 1, "the same order every cycle: {orders:?}");
+}
+
+/// Node 0 (1 CPU) runs two CPU-bound processes; node 5 (1 CPU) is idle; node 6, when
+/// `rival`, runs four processes on 1 CPU. Returns the steps (1 s each, from 101 s) at which
+/// node 0 asks node 5 to take a process, over five steps.
+fn requests_to_idle_node(rival: bool) -> Vec<u32> {
+    let mut n = node(0, 1, PolicyKind::Mosix);
+    let mut r = rng();
+    for pid in 1..=2 {
+        n.handle(
+            Input::ProcessStarted(proc_info(pid, 0, 64, 60.0, 30.0)),
+            secs(100.0),
+            &mut r,
+        );
+    }
+    let mut steps = Vec::new();
+    for step in 1..=5 {
+        let now = secs(100.0 + f64::from(step));
+        n.handle(
+            Input::LoadSample {
+                runnable: 2.0,
+                used_mem_mb: 128,
+            },
+            now,
+            &mut r,
+        );
+        let mut entries = vec![entry(5, 0.0, 1, 1.0, 8000)];
+        if rival {
+            entries.push(entry(6, 4.0, 1, 1.0, 8000));
+        }
+        n.handle(Input::Gossip { from: 5, entries }, now, &mut r);
+        let acts = n.handle(Input::Tick, now, &mut r);
+        if requests(&acts).iter().any(|&(_, to, _)| to == 5) {
+            steps.push(step);
+            n.handle(
+                Input::MigrationReply {
+                    from: 5,
+                    pid: requests(&acts)[0].0,
+                    accepted: false,
+                },
+                now,
+                &mut r,
+            );
+        }
+    }
+    steps
+}
+
+#[test]
+fn an_idle_node_is_left_to_a_more_starved_node_for_two_steps() {
+    // Alone, node 0 sends at once (and, refused, backs off).
+    assert_eq!(requests_to_idle_node(false), vec![1]);
+    // Node 6's processes run at a quarter CPU, node 0's at a half: node 0 waits two steps for
+    // node 6 to fill node 5, then sends itself.
+    assert_eq!(requests_to_idle_node(true), vec![3]);
+}

@@ -94,6 +94,10 @@ pub struct SimArgs {
     /// At most this many migration requests per node per step.
     #[arg(long, default_value_t = 4)]
     pub max_requests: usize,
+    /// Steps a node leaves an idle target to a more starved node before sending there
+    /// itself (0: off).
+    #[arg(long, default_value_t = 2)]
+    pub defer_steps: u32,
     /// Membership: SWIM (foca) in every node, or an oracle.
     #[arg(long, value_enum, default_value_t = SwimMode::Auto)]
     pub swim: SwimMode,
@@ -249,6 +253,7 @@ impl SimArgs {
             cost_factor: self.cost_factor,
             min_age_secs: self.min_age,
             max_requests_per_step: self.max_requests,
+            defer_steps: self.defer_steps,
             ..Params::default()
         };
         let swim = match self.swim {
