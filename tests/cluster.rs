@@ -378,6 +378,41 @@ fn a_sleep_moved_again_and_again_still_ends() {
 }
 
 #[test]
+fn timed_waits_moved_again_and_again_still_end_when_their_timeouts_do() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // poll, ppoll, select, pselect6, epoll_wait, epoll_pwait2, semtimedop, FUTEX_WAIT and
+    // sigtimedwait with 1 s timeouts, moved back and forth all along: each move stops the
+    // call, which must go on toward its original end, not start over (it used to: a call
+    // moved every 0.2 s never ended; the bound catches that). Output, including what select
+    // wrote back, as natively; one thread, and the calls in a second thread.
+    for (variant, args) in [
+        ("glibc-static", &["1000"][..]),
+        ("musl-static", &["1000", "thread"][..]),
+    ] {
+        let started = Instant::now();
+        Case::image(variant, "timedwaits")
+            .args(args)
+            .socket(home)
+            .timeout(Duration::from_secs(90))
+            .check_while(|run| {
+                let pid = run.pid();
+                wait_registered(home, pid);
+                let (mut to_b, mut moved) = (true, 0);
+                while let Some(p) = proc_info(home, pid) {
+                    moved = moved.max(p["migrations"].as_u64().unwrap_or(0));
+                    let _ = migrate(home, pid, if to_b { "b" } else { "home" });
+                    to_b = !to_b;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                assert!(moved >= 4, "{variant}: moved {moved} times only");
+            });
+        eprintln!("{variant} {args:?}: {:?}", started.elapsed());
+    }
+}
+
+#[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());

@@ -44,6 +44,8 @@ struct MsgDest {
 /// demand-paged pages brought in before they are used.
 pub struct Guest<'a> {
     space: Access<'a>,
+    /// Bytes that read in place of the guest's at an address (a timeout's time left).
+    overlay: Option<(u64, [u8; 16])>,
 }
 
 /// How a [`Guest`] reaches the address space.
@@ -67,13 +69,22 @@ impl<'a> Guest<'a> {
     pub fn new(space: &'a mut AddressSpace) -> Self {
         Guest {
             space: Access::Borrowed(space),
+            overlay: None,
         }
+    }
+
+    /// Read `bytes` in place of the guest's 16 bytes at `va` (a timed call's time left,
+    /// vm/timed.rs); the guest's memory is not written.
+    pub fn overlay(mut self, overlay: Option<(u64, [u8; 16])>) -> Self {
+        self.overlay = overlay;
+        self
     }
 
     /// The guest's memory through a lock taken for each access.
     pub fn locked(space: &'a dyn SpaceLock) -> Self {
         Guest {
             space: Access::Locked(space),
+            overlay: None,
         }
     }
 
@@ -114,7 +125,18 @@ impl<'a> Guest<'a> {
     }
 
     fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Fault> {
-        self.access(va, buf.len(), false, |m| m.read(va, buf))
+        self.access(va, buf.len(), false, |m| m.read(va, buf))?;
+        if let Some((at, b)) = self.overlay {
+            // The overlay's bytes where they fall inside [va, va + len).
+            let end = va.saturating_add(buf.len() as u64);
+            for (k, byte) in b.iter().enumerate() {
+                let x = at.wrapping_add(k as u64);
+                if x >= va && x < end {
+                    buf[(x - va) as usize] = *byte;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn write(&mut self, va: u64, buf: &[u8]) -> Result<(), Fault> {

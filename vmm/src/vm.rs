@@ -23,6 +23,7 @@ mod signal;
 mod signalfd;
 mod thread;
 mod time;
+mod timed;
 mod timers;
 mod travel;
 
@@ -656,6 +657,7 @@ impl Vm {
         let r = &self.vcpu.sync_regs_mut().regs;
         let nr = r.rax;
         let a = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
+        let a = self.timed_start(nr, a);
         let t = if self.opts.trace {
             Some(Instant::now())
         } else {
@@ -725,9 +727,13 @@ impl Vm {
                 self.th.block = Some(op);
                 Ok(None)
             }
-            Step::Gone => Ok(None),
+            Step::Gone => {
+                self.timed_end(false);
+                Ok(None)
+            }
             Step::Exit(o) => Ok(Some(o)),
             Step::Resume(regs) => {
+                self.timed_end(false);
                 let how = self.resume_at(regs);
                 self.deliver_signals(how)
             }
@@ -743,6 +749,7 @@ impl Vm {
                     || (v == -EINTR
                         && nr != libc::SYS_restart_syscall as u64
                         && self.interrupted(nr, &a).is_none_or(|again| again));
+                self.timed_end(restart && !block);
                 let quick = !restart
                     && self.sig.all_pending() & !self.sig.mask == 0
                     && !host_signals_pending();
@@ -857,9 +864,10 @@ impl Vm {
                 base,
                 temp_mask,
                 old_mask,
+                overlay: self.cur.overlay,
             });
         }
-        let mut guest = crate::forward::Guest::new(&mut self.space);
+        let mut guest = crate::forward::Guest::new(&mut self.space).overlay(self.cur.overlay);
         let ret = crate::forward::home_call(&mut guest, &mut *self.deputy, nr, args, base);
         self.forward_done(nr, ret, temp_mask, old_mask)
     }

@@ -37,8 +37,17 @@ impl Vm {
                     } else {
                         0
                     };
-                    self.sleep(clock, flags, a[3], 0)?;
-                    return Err(ETIMEDOUT);
+                    return match self.sleep(clock, flags, a[3], 0) {
+                        // A move stops the wait: FUTEX_WAIT is issued again and goes on
+                        // toward the same end (vm/timed.rs), still ending in ETIMEDOUT.
+                        Err(e) if e == super::ERESTART_BLOCK => {
+                            self.cur.restart = None;
+                            Err(super::ERESTART)
+                        }
+                        Err(e) => Err(e),
+                        Ok(Step::Ret(_)) => Err(ETIMEDOUT),
+                        Ok(step) => Ok(step),
+                    };
                 }
                 // No other thread can wake it: only a signal's handler can (sem_post in a
                 // handler); without one it waits for ever, as natively.
@@ -112,7 +121,7 @@ impl Vm {
             tv_nsec: 0,
         };
         let timeout = if matches!(op, WAIT | WAIT_BITSET) && a[3] != 0 {
-            let b = self.read_guest::<16>(a[3])?;
+            let b = self.read_timeout(a[3])?;
             ts.tv_sec = i64::from_le_bytes(b[..8].try_into().expect("8"));
             ts.tv_nsec = i64::from_le_bytes(b[8..].try_into().expect("8"));
             if op == WAIT_BITSET && ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec) {

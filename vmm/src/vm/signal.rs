@@ -544,7 +544,7 @@ impl Vm {
         }
         let set = u64::from_le_bytes(self.read_guest::<8>(a[0])?) & !UNBLOCKABLE;
         let deadline = if a[2] != 0 {
-            let ts = self.read_guest::<16>(a[2])?;
+            let ts = self.read_timeout(a[2])?;
             let s = i64::from_le_bytes(ts[..8].try_into().expect("8"));
             let ns = i64::from_le_bytes(ts[8..].try_into().expect("8"));
             if s < 0 || !(0..1_000_000_000).contains(&ns) {

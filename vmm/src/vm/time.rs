@@ -66,7 +66,7 @@ impl Vm {
         req: u64,
         rem: u64,
     ) -> Result<Step, i64> {
-        let b = self.read_guest::<16>(req)?;
+        let b = self.read_timeout(req)?;
         let mut ts = libc::timespec {
             tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
             tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),

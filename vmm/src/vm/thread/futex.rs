@@ -184,7 +184,7 @@ impl Vm {
             | FUTEX_LOCK_PI2
             | FUTEX_WAIT_REQUEUE_PI => {
                 let timeout = if a[3] != 0 {
-                    let b = self.read_guest::<16>(a[3])?;
+                    let b = self.read_timeout(a[3])?;
                     let mut ts = libc::timespec {
                         tv_sec: i64::from_le_bytes(b[..8].try_into().expect("8")),
                         tv_nsec: i64::from_le_bytes(b[8..].try_into().expect("8")),

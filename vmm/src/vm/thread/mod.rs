@@ -140,6 +140,14 @@ pub(super) struct Current {
     pub(super) host: i32,
     /// A relative sleep a move stopped, which restart_syscall(2) goes on with.
     pub(super) restart: Option<super::time::SleepRestart>,
+    /// A timed call a move stopped, which goes on toward its end when issued again, and
+    /// the end of the running one (vm/timed.rs).
+    pub(super) timed: Option<super::timed::TimedRestart>,
+    pub(super) timed_now: Option<super::timed::TimedRestart>,
+    /// The running call's timeout structure as it reads (its address and the time left),
+    /// and a register timeout's time left (argument index, ms).
+    pub(super) overlay: Option<(u64, [u8; 16])>,
+    pub(super) timed_ms: Option<(usize, u64)>,
 }
 
 impl Default for Current {
@@ -153,6 +161,10 @@ impl Default for Current {
             exc_top: guest::EXC_STACK_VA + guest::EXC_STACK_SIZE,
             host: 0,
             restart: None,
+            timed: None,
+            timed_now: None,
+            overlay: None,
+            timed_ms: None,
         }
     }
 }

@@ -18,6 +18,8 @@ pub(in crate::vm) enum Op {
         base: &'static [A],
         temp_mask: Option<u64>,
         old_mask: u64,
+        /// The call's timeout as it reads (vm/timed.rs).
+        overlay: Option<(u64, [u8; 16])>,
     },
     /// A host futex(2) call on host addresses.
     Futex {
@@ -68,9 +70,15 @@ impl Op {
     /// Run the blocking part (no lock held): its result.
     pub(super) fn run(&self, sh: &Shared) -> i64 {
         match self {
-            Op::Home { nr, args, base, .. } => {
+            Op::Home {
+                nr,
+                args,
+                base,
+                overlay,
+                ..
+            } => {
                 let space = LockedSpace(sh);
-                let mut guest = crate::forward::Guest::locked(&space);
+                let mut guest = crate::forward::Guest::locked(&space).overlay(*overlay);
                 crate::forward::home_call(&mut guest, &mut LockedDeputy(sh), *nr, *args, base)
             }
             Op::Futex {

@@ -27,6 +27,8 @@ pub struct ThreadMig {
     exc_top: u64,
     /// A relative sleep stopped for the move (see restart_syscall(2)).
     restart: Option<super::super::time::SleepRestart>,
+    /// A timed call stopped for the move (vm/timed.rs).
+    timed: Option<super::super::timed::TimedRestart>,
     vcpu: Option<crate::snapshot::VcpuState>,
 }
 
@@ -86,6 +88,7 @@ impl Vm {
             tss: self.cur.tss,
             exc_top: self.cur.exc_top,
             restart: self.cur.restart,
+            timed: self.cur.timed,
             vcpu: None,
         }
     }
@@ -124,6 +127,7 @@ impl Vm {
                 tss: t.cur.tss,
                 exc_top: t.cur.exc_top,
                 restart: t.cur.restart,
+                timed: t.cur.timed,
                 vcpu: Some(snap),
             });
         }
@@ -153,6 +157,7 @@ impl Vm {
             self.cur.exc_top = main.exc_top;
         }
         self.cur.restart = main.restart;
+        self.cur.timed = main.timed;
         self.cur.host = gettid() as i32;
         if others.is_empty() {
             return Ok(());
@@ -216,6 +221,7 @@ impl Vm {
                     exc_top: t.exc_top,
                     host: hosted as i32,
                     restart: t.restart,
+                    timed: t.timed,
                     ..Default::default()
                 },
                 in_guest: true,
