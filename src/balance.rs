@@ -108,6 +108,7 @@ fn body_kind(b: &Body) -> &'static str {
         Body::Reply { .. } => "reply",
         Body::Move { .. } => "move",
         Body::MoveFailed { .. } => "move_failed",
+        Body::Stopped { .. } => "stopped",
     }
 }
 
@@ -148,6 +149,8 @@ struct Shell {
     residents: HashMap<Pid, Resident>,
     /// Moves this node ordered and not yet seen through: pid -> (target, since, reason).
     inflight: HashMap<Pid, Inflight>,
+    /// The last [`Body::Stopped`] generation taken, per hosted process.
+    stop_generations: HashMap<Pid, u64>,
     events: mpsc::UnboundedSender<Event>,
     samples: (f64, u32),
     /// The most recent sub-step sample (reacts at once to processes that left).
@@ -251,6 +254,7 @@ pub async fn run(
         joined: HashSet::new(),
         residents: HashMap::new(),
         inflight: HashMap::new(),
+        stop_generations: HashMap::new(),
         events,
         samples: (0.0, 0),
         last_sample: 0.0,
@@ -480,6 +484,14 @@ impl Shell {
                 }
                 return;
             }
+            Body::Stopped {
+                pid,
+                stopped,
+                generation,
+            } => {
+                self.stopped_at_home(env.from.id, pid, stopped, generation);
+                return;
+            }
             Body::MoveFailed { pid, error } => {
                 // Only the process's home speaks for it.
                 if gossip::split_pid(pid).0 == env.from.id {
@@ -498,6 +510,46 @@ impl Shell {
         };
         let acts = self.call(Call::Handle(input));
         self.act(acts).await;
+    }
+
+    /// A hosted process was stopped or continued at home ([`Body::Stopped`], from `from`):
+    /// stop or continue its guest host, as the kernel would the process (SIGSTOP, SIGCONT;
+    /// the guest host takes no SIGCONT from this node for the guest).
+    fn stopped_at_home(&mut self, from: NodeId, pid: Pid, stopped: bool, generation: u64) {
+        let (home, hp) = gossip::split_pid(pid);
+        if home != from {
+            return; // only the process's home speaks for it
+        }
+        let host_pid = {
+            let st = self.shared.lock().expect("state lock");
+            st.hosted
+                .iter()
+                .find(|(_, h)| h.pid == hp && gossip::node_id(&h.home) == home)
+                .map(|(k, _)| *k)
+        };
+        let Some(host_pid) = host_pid else {
+            self.stop_generations.remove(&pid);
+            return;
+        };
+        let last = self.stop_generations.entry(pid).or_insert(0);
+        if generation <= *last {
+            return;
+        }
+        *last = generation;
+        let sig = if stopped {
+            libc::SIGSTOP
+        } else {
+            libc::SIGCONT
+        };
+        tracing::info!(
+            pid = hp,
+            stopped,
+            "process {} at home: {} its guest",
+            if stopped { "stopped" } else { "continued" },
+            if stopped { "stopping" } else { "continuing" }
+        );
+        // SAFETY: signalling a child process of ours (its guest host) has no memory effects.
+        unsafe { libc::kill(host_pid as i32, sig) };
     }
 
     async fn act(&mut self, acts: Vec<Action>) {

@@ -117,6 +117,19 @@ pub enum Body {
         /// What went wrong, one line.
         error: String,
     },
+    /// To the node that hosts a process, from the process's home node: the process was
+    /// stopped at home (SIGSTOP, or a job-control stop signal at its default action: its
+    /// home `mosvm run` stopped) or continued. The host stops or continues the guest with it.
+    /// Sent again while it holds, so a lost datagram is made good; only a higher
+    /// `generation` than the last one taken counts.
+    Stopped {
+        /// Process.
+        pid: Pid,
+        /// Stopped (true) or running.
+        stopped: bool,
+        /// Counts the process's stops and continues at home, from 1.
+        generation: u64,
+    },
 }
 
 /// A checked datagram.

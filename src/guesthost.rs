@@ -129,6 +129,8 @@ fn die_with_parent() {
 pub fn main() -> ExitCode {
     die_with_parent();
     vmm::vm::install_signal_handlers();
+    // The node stops and continues this process when the guest is stopped at home.
+    vmm::vm::parent_sigcont_is_the_hosts();
     let setup = match setup() {
         Ok(s) => s,
         Err(e) => return fail(&format!("{e:#}")),

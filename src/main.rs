@@ -14,6 +14,7 @@ mod hosting;
 mod link;
 mod migration;
 mod node;
+mod stops;
 mod wire;
 
 use clap::{Parser, Subcommand};

@@ -404,8 +404,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             };
             tracing::info!(pid, program, locked, "process registered");
             reply(&mut write, &Reply::Registered { node: name }).await?;
+            let mut stops = crate::stops::StopWatch::new();
+            let mut look = tokio::time::interval(crate::stops::LOOK_EVERY);
+            look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
+                    _ = look.tick() => stops.look(&shared, pid),
                     line = lines.next_line() => match line {
                         Ok(Some(l)) => {
                             let mut st = shared.lock().expect("state lock");

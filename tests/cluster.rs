@@ -412,6 +412,101 @@ fn timed_waits_moved_again_and_again_still_end_when_their_timeouts_do() {
     }
 }
 
+/// The state letter of process `pid` (`R`, `S`, `T`...), from /proc/PID/stat.
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The guest hosts a node runs (its child processes).
+fn guest_hosts(node: &Node) -> Vec<u32> {
+    let mut v = Vec::new();
+    let pid = node.child.id();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            v.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    v
+}
+
+#[test]
+fn job_control_stops_a_process_away_as_at_home() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // stopcont works until told it has moved, stops itself with raise(SIGTSTP), is continued,
+    // then is stopped with SIGSTOP and continued from outside; a SIGCONT handler counts the
+    // continues. Away from home, each stop must stop its home process (where a shell sees
+    // it) and the guest host running it, and each continue must reach the guest exactly once.
+    let stopped = |pid: u32| {
+        wait_for("the process to stop", Duration::from_secs(20), || {
+            proc_state(pid) == Some('T')
+        })
+    };
+    let host_is = |want_stopped: bool| {
+        wait_for("the guest host to follow", Duration::from_secs(10), || {
+            let hs = guest_hosts(&nodes[1]);
+            !hs.is_empty()
+                && hs
+                    .iter()
+                    .all(|&h| (proc_state(h) == Some('T')) == want_stopped)
+        })
+    };
+    let signal = |pid: u32, sig: i32| {
+        // SAFETY: signalling a process of the test's.
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+    };
+    Case::image("glibc-static", "stopcont")
+        .socket(home)
+        .timeout(Duration::from_secs(90))
+        .check_each(|run, under_mosvm| {
+            let pid = run.pid();
+            if under_mosvm {
+                wait_registered(home, pid);
+                let out = migrate(home, pid, "b");
+                assert!(out.status.success(), "migrate: {out:?}");
+                wait_for("the move to b", Duration::from_secs(20), || {
+                    proc_info(home, pid).is_some_and(|p| p["node"] == "b")
+                });
+                assert!(!guest_hosts(&nodes[1]).is_empty(), "no guest host on b");
+            }
+            std::fs::write(run.dir().join("moved"), b"").unwrap();
+            stopped(pid);
+            if under_mosvm {
+                host_is(true);
+            }
+            signal(pid, libc::SIGCONT);
+            if under_mosvm {
+                host_is(false);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            signal(pid, libc::SIGSTOP);
+            stopped(pid);
+            if under_mosvm {
+                host_is(true);
+                let h = guest_hosts(&nodes[1])[0];
+                let ticks = |p: u32| {
+                    let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+                    let f: Vec<String> = s
+                        .rsplit_once(')')
+                        .unwrap()
+                        .1
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect();
+                    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+                };
+                let before = ticks(h);
+                std::thread::sleep(Duration::from_millis(500));
+                assert_eq!(ticks(h), before, "the stopped guest host still ran");
+            }
+            signal(pid, libc::SIGCONT);
+            std::fs::write(run.dir().join("done"), b"").unwrap();
+        });
+}
+
 #[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();

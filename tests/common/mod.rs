@@ -594,6 +594,36 @@ impl Case {
         (native, guest)
     }
 
+    /// Like [`Case::check_while`], with `during` called on each run in turn, the native one
+    /// first (`under_mosvm` false), for what must be done to both alike (signals from
+    /// outside, files the program waits for).
+    pub fn check_each(&self, during: impl Fn(&mut Running, bool)) -> (Run, Run) {
+        let mut native = self
+            .spawn(false)
+            .unwrap_or_else(|e| panic!("cannot start {} natively: {e}", self.describe()));
+        during(&mut native, false);
+        let native = native.finish();
+        let mut running = self.spawn_mosvm();
+        let during = std::panic::AssertUnwindSafe(|| during(&mut running, true));
+        if let Err(e) = std::panic::catch_unwind(during) {
+            let guest = running.finish();
+            let why = e
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| e.downcast_ref::<&str>().copied())
+                .unwrap_or("(panic)");
+            panic!(
+                "{why}\nmosvm run of {} ended with status {}; its stderr:\n{}",
+                self.describe(),
+                guest.shell_status(),
+                guest.stderr_text()
+            );
+        }
+        let guest = running.finish();
+        self.assert_agree(&native, &guest);
+        (native, guest)
+    }
+
     /// Runs natively and under mosvm and asserts that stdout, stderr (unless ignored), the
     /// exit status and the files left behind are identical, and that the status is the
     /// expected one. Returns both runs for further checks.

@@ -145,6 +145,16 @@ pub(super) const FAULTS: [i32; 6] = [
     libc::SIGSYS,
 ];
 
+/// A guest host: SIGCONT from its parent (the node service, continuing it after a stop at
+/// the guest's home) is the host's business, not a signal for the guest.
+static PARENT_CONT_IS_OURS: AtomicBool = AtomicBool::new(false);
+
+/// In a guest host: take SIGCONT sent by the parent process as the host's own (the guest's
+/// SIGCONT comes from its home over the link).
+pub fn parent_sigcont_is_the_hosts() {
+    PARENT_CONT_IS_OURS.store(true, Ordering::Relaxed);
+}
+
 pub(super) extern "C" fn on_signal(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
@@ -177,6 +187,14 @@ pub(super) extern "C" fn on_signal(
         }
         if sig == libc::SIGPIPE && code == libc::SI_USER && own {
             return; // a write of the VMM's to a closed pipe: EPIPE says it
+        }
+        // SAFETY: getppid is async-signal-safe.
+        if sig == libc::SIGCONT
+            && code == libc::SI_USER
+            && PARENT_CONT_IS_OURS.load(Ordering::Relaxed)
+            && pid == unsafe { libc::getppid() }
+        {
+            return; // the node continuing a guest host it stopped: not the guest's signal
         }
     }
     if !info.is_null() {

@@ -757,6 +757,16 @@ impl Vm {
             let info = self.sig.dequeue(sig);
             if self.sig.handler(sig as usize) == 0 {
                 match default_action(sig) {
+                    Default::Stop if !self.deputy.is_local() => {
+                        // Away: the process stops at home, where its parent sees it; the
+                        // home node stops this guest host meanwhile. Back when continued.
+                        let _ = self.call_deputy(
+                            crate::deputy::STOP_AT_HOME as i64,
+                            [sig as u64, 0, 0, 0, 0, 0],
+                            vec![],
+                        );
+                        continue;
+                    }
                     Default::Stop => {
                         // The whole VMM stops, as the process would, until SIGCONT: the host
                         // takes this stop signal's default action too (`pause::mirror`), so
