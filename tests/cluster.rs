@@ -507,6 +507,63 @@ fn job_control_stops_a_process_away_as_at_home() {
         });
 }
 
+/// How many threads of process `pid` are named `comm`.
+fn threads_named(pid: u32, comm: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim_end() == comm)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn threads_started_away_from_home_run_there_and_travel_home() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    // latethreads starts four threads once it has moved to b: they start there (they used to
+    // bring the process home first), each with a thread id its home holds for it (a
+    // placeholder thread of the home `mosvm run`, four of them while they live), distinct and
+    // reachable by tgkill; then the process moves home with them and finishes as natively.
+    for variant in ["glibc-static", "musl-static"] {
+        Case::image(variant, "latethreads")
+            .socket(home)
+            .timeout(Duration::from_secs(120))
+            .check_each(|run, under_mosvm| {
+                let pid = run.pid();
+                if under_mosvm {
+                    wait_registered(home, pid);
+                    let out = migrate(home, pid, "b");
+                    assert!(out.status.success(), "migrate: {out:?}");
+                    wait_for("the move to b", Duration::from_secs(20), || {
+                        proc_info(home, pid).is_some_and(|p| p["node"] == "b")
+                    });
+                }
+                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                if under_mosvm {
+                    wait_for(
+                        "four thread ids held at home",
+                        Duration::from_secs(20),
+                        || threads_named(pid, "mosvm-tid") == 4,
+                    );
+                    let p = proc_info(home, pid).unwrap();
+                    assert_eq!(p["node"], "b", "the threads brought it home: {p}");
+                    let out = migrate(home, pid, "home");
+                    assert!(out.status.success(), "migrate home: {out:?}");
+                    wait_for("the move home", Duration::from_secs(20), || {
+                        proc_info(home, pid).is_some_and(|p| p["node"] == "home")
+                    });
+                }
+                std::fs::write(run.dir().join("done"), b"").unwrap();
+            });
+    }
+}
+
 #[test]
 fn a_peer_speaking_another_protocol_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,9 @@
 //! touching syscall code. The argument shapes come from the shared table (`table::spec`).
 
 pub mod marshal;
+pub mod pseudo;
+
+pub use pseudo::{RELEASE_TID, RESERVE_TID, STOP_AT_HOME};
 
 use crate::table;
 
@@ -55,50 +58,6 @@ impl Reply {
             ret: -errno,
             outs: vec![],
         }
-    }
-}
-
-/// Not a Linux call (numbers this high are none): a guest away from home takes a job-control
-/// stop, `args[0]` the signal (SIGSTOP, or SIGTSTP, SIGTTIN, SIGTTOU at their default action).
-/// Its home process stops with that signal, so that its parent sees the stop as natively
-/// (wait(2) with WUNTRACED, a shell's job table), and the home node stops the guest's host
-/// meanwhile; the call returns once the home process is continued. EINVAL for another
-/// signal.
-pub const STOP_AT_HOME: u64 = 0x10_0000;
-
-/// [`STOP_AT_HOME`], run at home.
-fn stop_at_home(sig: i32) -> Reply {
-    if !matches!(
-        sig,
-        libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-    ) {
-        return Reply::err(libc::EINVAL as i64);
-    }
-    // SAFETY: signal(2), sigset and mask calls on local values; tgkill to this very thread.
-    unsafe {
-        // The guest takes the signal's default action, so does its home process (as
-        // `vm::pause::mirror` has it while the guest is at home). SIGSTOP's cannot change.
-        if sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old);
-        // Sent to this thread with the signal unblocked, it is taken on the way out of the
-        // call: the process stops there until continued.
-        libc::syscall(
-            libc::SYS_tgkill,
-            libc::getpid(),
-            libc::syscall(libc::SYS_gettid),
-            sig,
-        );
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
-    Reply {
-        ret: 0,
-        outs: vec![],
     }
 }
 
@@ -209,6 +168,8 @@ pub const NR_OPEN: u64 = 1 << 20;
 /// The deputy running in this process, against this host.
 pub struct HostDeputy {
     fds: Vec<Option<GuestFd>>,
+    /// Thread ids reserved here for threads a guest started away from home.
+    tids: pseudo::Placeholders,
     /// The guest's RLIMIT_NOFILE soft limit: guest descriptors are below it (the VMM's own
     /// descriptors do not count).
     nofile: u64,
@@ -317,6 +278,7 @@ impl HostDeputy {
         // SAFETY: getrlimit fills in the rlimit it is given.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         let mut d = HostDeputy {
+            tids: Default::default(),
             fds: vec![None; 3],
             fd_dirs: Vec::new(),
             nofile: lim.rlim_cur.min(NR_OPEN),
@@ -813,9 +775,11 @@ impl Deputy for HostDeputy {
     fn forked(&mut self) {
         // The parent removes them; the child's copies of their descriptors stay usable.
         self.fd_dirs.clear();
+        self.tids.clear(false);
     }
 
     fn exec(&mut self, exe: &std::path::Path) {
+        self.tids.clear(true);
         let doomed: Vec<u64> = self
             .fds
             .iter()
@@ -871,8 +835,8 @@ impl Deputy for HostDeputy {
     }
 
     fn begin(&mut self, req: Request) -> Begun {
-        if req.nr == STOP_AT_HOME {
-            return Begun::Done(stop_at_home(req.args[0] as i32));
+        if let Some(r) = pseudo::call(&mut self.tids, &req) {
+            return Begun::Done(r);
         }
         if let Some(ret) = self.fd_call(&req).or_else(|| self.open_fd_dir(&req)) {
             return Begun::Done(Reply { ret, outs: vec![] });

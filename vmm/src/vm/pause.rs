@@ -544,6 +544,20 @@ pub(super) fn restore_mask(old: &libc::sigset_t) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
 }
 
+/// Take the guest's signals on this thread too (what [`block_guest_signals`] blocks): a
+/// thread at home standing for a guest thread away takes the signals sent to it.
+pub fn take_guest_signals_here() {
+    // SAFETY: building a signal set and changing this thread's mask touch only local state.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL && !FAULTS.contains(&s)) {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Block every signal taken for the guest in the calling thread, so that they reach the
 /// thread running the guest (where they interrupt KVM_RUN or a blocking call).
 pub fn block_guest_signals() {

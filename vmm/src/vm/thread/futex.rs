@@ -43,6 +43,14 @@ impl Vm {
                 unsafe { libc::syscall(libc::SYS_futex, h, FUTEX_WAKE, 1, 0, 0, 0) };
             }
         }
+        if self.tid != i64::from(self.cur.host) && self.tid != self.pid {
+            // A thread started away from home: its id was held at home for it.
+            let _ = self.call_deputy(
+                crate::deputy::RELEASE_TID as i64,
+                [self.tid as u64, 0, 0, 0, 0, 0],
+                vec![],
+            );
+        }
         self.th.thread_exited = true;
     }
 

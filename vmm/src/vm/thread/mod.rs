@@ -429,17 +429,6 @@ impl Vm {
             }
             return Err(EINVAL);
         }
-        if !self.deputy.is_local() {
-            if self.warned.insert(0x7000_0005) {
-                eprintln!(
-                    "mosvm: {}: a new thread while away from home waits for the process to \
-                     come home",
-                    self.program.display()
-                );
-            }
-            self.wait_for_home("threads")?;
-        }
-        self.home_wait = None;
         if self.th.others.len() + 1 >= MAX_THREADS {
             return Err(EAGAIN);
         }
@@ -454,9 +443,26 @@ impl Vm {
             .mt
             .get_or_insert_with(|| Shared::new(self.pause.clone()))
             .clone();
-        let Some((tid, go)) = spawn_thread(sh, None, vcpu) else {
+        // Away from home the new thread's id is one its home holds for it (a thread id is the
+        // home kernel's to give out); at home it is its host thread's.
+        let reserved = if self.deputy.is_local() {
+            None
+        } else {
+            let r = self.call_deputy(crate::deputy::RESERVE_TID as i64, [0; 6], vec![]);
+            if r.ret <= 0 {
+                self.th.spare_vcpus.push((vcpu, tss, exc_top));
+                return Err(EAGAIN);
+            }
+            Some(r.ret)
+        };
+        let Some((host, go)) = spawn_thread(sh, reserved, vcpu) else {
+            if let Some(t) = reserved {
+                let r = [t as u64, 0, 0, 0, 0, 0];
+                let _ = self.call_deputy(crate::deputy::RELEASE_TID as i64, r, vec![]);
+            }
             return Err(EAGAIN);
         };
+        let tid = reserved.unwrap_or(host);
         // The new thread's own state: the creator's mask, no alternate stack (clone(2)), no
         // pending signals.
         self.th.others.push(ThreadState {
@@ -471,7 +477,7 @@ impl Vm {
                 cr3_loaded: self.cur.cr3_loaded,
                 tss,
                 exc_top,
-                host: tid as i32,
+                host: host as i32,
                 ..Default::default()
             },
             // Its vCPU runs guest code before it first comes in.
