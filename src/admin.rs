@@ -170,7 +170,7 @@ pub async fn ctl(shared: &Shared, verb: &str, value: Option<f64>) -> Reply {
             status: Box::new(status(&shared.lock().expect("state lock"))),
         },
         "speed" => match value {
-            Some(v) if v.is_finite() && (0.01..=1000.0).contains(&v) => {
+            Some(v) if v.is_finite() && crate::node::SPEEDS.contains(&v) => {
                 let tx = shared.lock().expect("state lock").balancer.clone();
                 match tx {
                     Some(tx) if tx.send(Event::Speed(v)).is_ok() => Reply::Ok,

@@ -639,9 +639,27 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Relative CPU speeds a node may be given (`--speed`, `mosvm ctl speed`).
+pub(crate) const SPEEDS: std::ops::RangeInclusive<f64> = 0.01..=1000.0;
+
+/// A node name: 1 to 64 letters, digits, `.`, `_` and `-` (it names the node's cgroup and
+/// state directory, and is how peers and `mosvm migrate` call it).
+fn check_name(name: &str) -> Result<()> {
+    anyhow::ensure!(
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')),
+        "--name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-'"
+    );
+    Ok(())
+}
+
 /// Run the node service until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> Result<()> {
     let name = cfg.name.clone().unwrap_or_else(host_name);
+    check_name(&name)?;
     let socket = crate::control::socket_path(cfg.socket.as_deref());
     let state_dir = cfg
         .state_dir
@@ -665,6 +683,11 @@ pub fn run(cfg: Config) -> Result<()> {
             c.is_finite() && c > 0.0,
             "--cpus {c}: must be a positive number"
         );
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        anyhow::ensure!(
+            c <= online as f64,
+            "--cpus {c}: this machine has {online} CPUs"
+        );
     }
     if let Some(v) = cfg.usher_free {
         anyhow::ensure!(
@@ -674,8 +697,8 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if let Some(v) = cfg.speed {
         anyhow::ensure!(
-            v.is_finite() && v > 0.0,
-            "--speed {v}: must be a positive number"
+            v.is_finite() && SPEEDS.contains(&v),
+            "--speed {v}: use a relative speed between 0.01 and 1000"
         );
     }
     let memory = match &cfg.memory {
