@@ -212,12 +212,7 @@ pub async fn run(
     );
     {
         let mut st = shared.lock().expect("state lock");
-        st.view.policy = match s.policy {
-            PolicyKind::Mosix => "mosix",
-            PolicyKind::OpportunityCost => "opportunity-cost",
-            PolicyKind::None => "off",
-        }
-        .into();
+        st.view.policy = s.policy.flag_name().into();
         st.view.scope = scope;
     }
     let seed: u64 = rand::rng().random();

@@ -667,11 +667,9 @@ pub fn run(cfg: Config) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("mosvm-{name}")));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-    let policy = match cfg.policy.as_deref().unwrap_or("mosix") {
-        "mosix" => balancer::PolicyKind::Mosix,
-        "opportunity-cost" => balancer::PolicyKind::OpportunityCost,
-        "off" => balancer::PolicyKind::None,
-        other => anyhow::bail!("--policy {other}: use mosix, opportunity-cost or off"),
+    let name_of = cfg.policy.as_deref().unwrap_or("mosix");
+    let Some(policy) = balancer::PolicyKind::from_flag_name(name_of) else {
+        anyhow::bail!("--policy {name_of}: use mosix, opportunity-cost or off");
     };
     let step = cfg.step.unwrap_or(1.0);
     anyhow::ensure!(

@@ -20,6 +20,29 @@ pub enum PolicyKind {
     OpportunityCost,
 }
 
+impl PolicyKind {
+    /// Every policy, in the order `mosvm node --policy` lists them.
+    pub const ALL: [PolicyKind; 3] = [
+        PolicyKind::Mosix,
+        PolicyKind::OpportunityCost,
+        PolicyKind::None,
+    ];
+
+    /// The name `mosvm node --policy` and `mosvm ctl status` give it.
+    pub fn flag_name(self) -> &'static str {
+        match self {
+            PolicyKind::Mosix => "mosix",
+            PolicyKind::OpportunityCost => "opportunity-cost",
+            PolicyKind::None => "off",
+        }
+    }
+
+    /// The policy of a [`PolicyKind::flag_name`].
+    pub fn from_flag_name(name: &str) -> Option<PolicyKind> {
+        PolicyKind::ALL.into_iter().find(|p| p.flag_name() == name)
+    }
+}
+
 /// A move chosen by the policy.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
