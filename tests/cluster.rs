@@ -459,6 +459,7 @@ fn job_control_stops_a_process_away_as_at_home() {
         assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
     };
     Case::image("glibc-static", "stopcont")
+        .own_process_group()
         .socket(home)
         .timeout(Duration::from_secs(90))
         .check_each(|run, under_mosvm| {

@@ -263,6 +263,7 @@ pub struct Case {
     compare_stderr: bool,
     expect_status: Option<i32>,
     netns: Option<String>,
+    own_group: bool,
 }
 
 impl Case {
@@ -291,7 +292,16 @@ impl Case {
             compare_stderr: true,
             expect_status: Some(0),
             netns: None,
+            own_group: false,
         }
+    }
+
+    /// Start each run in a process group of its own, whose parent (the test) is outside it:
+    /// a group that is not orphaned, so that SIGTSTP, SIGTTIN and SIGTTOU stop its processes
+    /// (the kernel discards them in an orphaned group, as the test harness's may be).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
     }
 
     /// A case running a built guest program.
@@ -510,7 +520,11 @@ impl Case {
     fn spawn(&self, under_mosvm: bool) -> std::io::Result<Running> {
         let dir = self.prepare_dir();
         let started = Instant::now();
-        let mut child = self.command(under_mosvm, dir.path()).spawn()?;
+        let mut cmd = self.command(under_mosvm, dir.path());
+        if self.own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let mut child = cmd.spawn()?;
         let writer = (!(under_mosvm && self.stdin_by_hand)).then(|| {
             let mut input = child.stdin.take();
             let stdin = self.stdin.clone();
