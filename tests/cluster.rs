@@ -288,7 +288,13 @@ fn a_threaded_process_travels_home_a_b_home_and_matches_native() {
                 std::mem::forget(run.take_stdin());
                 wait_registered(&home.sock, pid);
                 std::thread::sleep(Duration::from_millis(500));
-                tour(home, pid, stops, &mut |_| {
+                tour(home, pid, stops, &mut |hop| {
+                    if stops[hop] != "home" {
+                        // Away, home holds the thread ids of the threads that left with
+                        // their host threads (no other process gets them meanwhile).
+                        let held = threads_named(pid, "mosvm-tid");
+                        assert!(held >= 4, "{variant}: {held} thread ids held at home");
+                    }
                     std::thread::sleep(Duration::from_millis(300));
                 });
             });

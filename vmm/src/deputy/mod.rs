@@ -168,8 +168,6 @@ pub const NR_OPEN: u64 = 1 << 20;
 /// The deputy running in this process, against this host.
 pub struct HostDeputy {
     fds: Vec<Option<GuestFd>>,
-    /// Thread ids reserved here for threads a guest started away from home.
-    tids: pseudo::Placeholders,
     /// The guest's RLIMIT_NOFILE soft limit: guest descriptors are below it (the VMM's own
     /// descriptors do not count).
     nofile: u64,
@@ -278,7 +276,6 @@ impl HostDeputy {
         // SAFETY: getrlimit fills in the rlimit it is given.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
         let mut d = HostDeputy {
-            tids: Default::default(),
             fds: vec![None; 3],
             fd_dirs: Vec::new(),
             nofile: lim.rlim_cur.min(NR_OPEN),
@@ -775,11 +772,11 @@ impl Deputy for HostDeputy {
     fn forked(&mut self) {
         // The parent removes them; the child's copies of their descriptors stay usable.
         self.fd_dirs.clear();
-        self.tids.clear(false);
+        pseudo::clear_held(false);
     }
 
     fn exec(&mut self, exe: &std::path::Path) {
-        self.tids.clear(true);
+        pseudo::clear_held(true);
         let doomed: Vec<u64> = self
             .fds
             .iter()
@@ -835,7 +832,7 @@ impl Deputy for HostDeputy {
     }
 
     fn begin(&mut self, req: Request) -> Begun {
-        if let Some(r) = pseudo::call(&mut self.tids, &req) {
+        if let Some(r) = pseudo::call(&req) {
             return Begun::Done(r);
         }
         if let Some(ret) = self.fd_call(&req).or_else(|| self.open_fd_dir(&req)) {

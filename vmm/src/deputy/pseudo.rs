@@ -4,7 +4,7 @@
 
 use super::{Reply, Request};
 use std::collections::BTreeMap;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 
 /// Not a Linux call (numbers this high are none): a guest away from home takes a job-control
 /// stop, `args[0]` the signal (SIGSTOP, or SIGTSTP, SIGTTIN, SIGTTOU at their default action).
@@ -60,68 +60,75 @@ pub const RESERVE_TID: u64 = STOP_AT_HOME + 1;
 /// [`RESERVE_TID`] has exited: end its placeholder. 0, or -ESRCH for an id not reserved here.
 pub const RELEASE_TID: u64 = STOP_AT_HOME + 2;
 
-/// Placeholder threads holding reserved thread ids, by id.
-#[derive(Default)]
-pub struct Placeholders {
-    held: BTreeMap<i64, mpsc::SyncSender<()>>,
+/// Threads of this (home) process holding thread ids for guest threads that run elsewhere,
+/// by id: how to end each. One guest per home process, so one registry per process.
+static HELD: Mutex<BTreeMap<i64, mpsc::SyncSender<()>>> = Mutex::new(BTreeMap::new());
+
+fn held() -> std::sync::MutexGuard<'static, BTreeMap<i64, mpsc::SyncSender<()>>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Placeholders {
-    fn reserve(&mut self) -> i64 {
-        let (tid_tx, tid_rx) = mpsc::sync_channel::<i64>(1);
-        let (end_tx, end_rx) = mpsc::sync_channel::<()>(1);
-        let spawned = std::thread::Builder::new()
-            .name("mosvm-tid".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                crate::vm::take_guest_signals_here();
-                // SAFETY: gettid(2) has no arguments and no memory effects.
-                let _ = tid_tx.send(unsafe { libc::syscall(libc::SYS_gettid) });
-                // Held until released (or the sender is dropped: the deputy is gone).
-                let _ = end_rx.recv();
-            });
-        if spawned.is_err() {
-            return -(libc::EAGAIN as i64);
-        }
-        match tid_rx.recv() {
-            Ok(tid) => {
-                self.held.insert(tid, end_tx);
-                tid
-            }
-            Err(_) => -(libc::EAGAIN as i64),
-        }
-    }
+/// The calling thread, whose kernel thread id is the guest thread id `tid`, holds that id for
+/// the guest thread, which runs elsewhere: it takes the guest's signals (they reach the guest
+/// as process-directed ones) and waits until [`RELEASE_TID`] (or an execve) ends it.
+pub fn hold_here(tid: i64) {
+    let (end_tx, end_rx) = mpsc::sync_channel::<()>(1);
+    held().insert(tid, end_tx);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"mosvm-tid".as_ptr()) };
+    crate::vm::take_guest_signals_here();
+    let _ = end_rx.recv();
+}
 
-    fn release(&mut self, tid: i64) -> i64 {
-        match self.held.remove(&tid) {
-            Some(end) => {
-                let _ = end.send(());
-                0
-            }
-            None => -(libc::ESRCH as i64),
-        }
+fn reserve() -> i64 {
+    let (tid_tx, tid_rx) = mpsc::sync_channel::<i64>(1);
+    let spawned = std::thread::Builder::new()
+        .name("mosvm-tid".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            // SAFETY: gettid(2) has no arguments and no memory effects.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+            let (end_tx, end_rx) = mpsc::sync_channel::<()>(1);
+            // Registered before the id is handed out: a release finds it.
+            held().insert(tid, end_tx);
+            crate::vm::take_guest_signals_here();
+            let _ = tid_tx.send(tid);
+            let _ = end_rx.recv();
+        });
+    if spawned.is_err() {
+        return -(libc::EAGAIN as i64);
     }
+    tid_rx.recv().unwrap_or(-(libc::EAGAIN as i64))
+}
 
-    /// Forget every placeholder: after a host fork the child has none of the threads (the
-    /// parent keeps them), after an execve the guest has none of the threads they stood for.
-    pub fn clear(&mut self, end_them: bool) {
-        if end_them {
-            for (_, end) in std::mem::take(&mut self.held) {
-                let _ = end.send(());
-            }
-        } else {
-            // The senders are copies of the parent's: dropping them ends nothing there.
-            self.held.clear();
+fn release(tid: i64) -> i64 {
+    match held().remove(&tid) {
+        Some(end) => {
+            let _ = end.send(());
+            0
+        }
+        None => -(libc::ESRCH as i64),
+    }
+}
+
+/// Forget every held id: after a host fork the child has none of the threads (`end_them`
+/// false: the parent keeps them), after an execve the guest has none of the threads they
+/// stood for (`end_them` true).
+pub fn clear_held(end_them: bool) {
+    let all = std::mem::take(&mut *held());
+    if end_them {
+        for end in all.values() {
+            let _ = end.send(());
         }
     }
 }
 
 /// Run `req` when it is one of these calls.
-pub(super) fn call(tids: &mut Placeholders, req: &Request) -> Option<Reply> {
+pub(super) fn call(req: &Request) -> Option<Reply> {
     let ret = match req.nr {
         STOP_AT_HOME => return Some(stop_at_home(req.args[0] as i32)),
-        RESERVE_TID => tids.reserve(),
-        RELEASE_TID => tids.release(req.args[0] as i64),
+        RESERVE_TID => reserve(),
+        RELEASE_TID => release(req.args[0] as i64),
         _ => return None,
     };
     Some(Reply { ret, outs: vec![] })

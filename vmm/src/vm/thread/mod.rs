@@ -245,6 +245,8 @@ struct Book {
     ended: Option<std::result::Result<Outcome, String>>,
     /// A migration is attempted: the threads stop outside guest code (see [`stop_others`]).
     stop: bool,
+    /// The process moved to another node (with `ended`).
+    moved: bool,
 }
 
 /// How a thread's run ended.

@@ -240,6 +240,7 @@ impl Vm {
             b.open = false;
             if b.ended.is_none() {
                 b.ended = Some(Err("the process moved to another node".to_string()));
+                b.moved = true;
             }
             sh.cv.notify_all();
         }
@@ -279,7 +280,9 @@ pub(super) fn stop_others(sh: &Shared, own: i64) {
 /// its state is in, then it waits until the main thread runs the threads again (None: go on)
 /// or the process ends here (it moved away, or ended).
 pub(super) fn park(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>) -> Option<End> {
+    let mut at_home = false;
     let parked = sh.with(|vm, book| {
+        at_home = vm.deputy.is_local();
         if !book.stop {
             // The pause was given up meanwhile.
             return true;
@@ -303,6 +306,15 @@ pub(super) fn park(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>) -> Option<E
     let mut b = sh.book();
     while b.stop && b.ended.is_none() {
         b = sh.cv.wait(b).unwrap_or_else(|e| e.into_inner());
+    }
+    if b.moved && at_home && tid == gettid() {
+        // The thread moved away from home, and this host thread's id is the guest thread's:
+        // keep holding it for the guest thread (no other process gets it; signals sent to
+        // it reach the guest), until the guest thread exits or the process does.
+        drop(b);
+        *vcpu = None;
+        crate::deputy::pseudo::hold_here(tid);
+        return Some(End::Process);
     }
     b.ended.is_some().then_some(End::Process)
 }
