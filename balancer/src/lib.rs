@@ -15,6 +15,7 @@
 //! - [`load`]: load normalisation and rise-fast/fall-slow smoothing; CPU speed calibration.
 //! - [`policy`]: the pairwise MOSIX policy, memory ushering and the opportunity-cost policy.
 //! - [`node`]: the per-node state machine ([`Node::handle`]).
+//! - [`walk`]: the random cyclic order of a node's gossip targets.
 //! - [`membership`]: SWIM membership and failure detection (the `foca` crate) in sans-IO form.
 //! - [`sim`]: the discrete-event simulator behind `mosvm sim` ([`sim::cli`]).
 //! - [`trace`]: a node service's balancer run recorded, and replayed through the core.
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod sim;
 pub mod trace;
 pub mod types;
+pub mod walk;
 pub mod window;
 
 pub use node::{Action, Config, Input, MigrationReason, Node, Params, ProcessInfo};
