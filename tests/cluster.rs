@@ -357,6 +357,20 @@ fn a_thread_ends_the_process_away_while_the_first_waits_in_a_home_call() {
         });
 }
 
+/// Move process `pid` (homed at the node behind `home`) to b and back, every 0.2 s, until it
+/// ends; returns how many moves it made.
+fn back_and_forth(home: &std::path::Path, pid: u32) -> u64 {
+    wait_registered(home, pid);
+    let (mut to_b, mut moved) = (true, 0);
+    while let Some(p) = proc_info(home, pid) {
+        moved = moved.max(p["migrations"].as_u64().unwrap_or(0));
+        let _ = migrate(home, pid, if to_b { "b" } else { "home" });
+        to_b = !to_b;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    moved
+}
+
 #[test]
 fn a_sleep_moved_again_and_again_still_ends() {
     require_kvm!();
@@ -370,15 +384,7 @@ fn a_sleep_moved_again_and_again_still_ends() {
         .socket(home)
         .timeout(Duration::from_secs(60))
         .check_while(|run| {
-            let pid = run.pid();
-            wait_registered(home, pid);
-            let (mut to_b, mut moved) = (true, 0);
-            while let Some(p) = proc_info(home, pid) {
-                moved = moved.max(p["migrations"].as_u64().unwrap_or(0));
-                let _ = migrate(home, pid, if to_b { "b" } else { "home" });
-                to_b = !to_b;
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            let moved = back_and_forth(home, run.pid());
             assert!(moved >= 2, "the sleep was moved {moved} times only");
         });
 }
@@ -403,15 +409,7 @@ fn timed_waits_moved_again_and_again_still_end_when_their_timeouts_do() {
             .socket(home)
             .timeout(Duration::from_secs(90))
             .check_while(|run| {
-                let pid = run.pid();
-                wait_registered(home, pid);
-                let (mut to_b, mut moved) = (true, 0);
-                while let Some(p) = proc_info(home, pid) {
-                    moved = moved.max(p["migrations"].as_u64().unwrap_or(0));
-                    let _ = migrate(home, pid, if to_b { "b" } else { "home" });
-                    to_b = !to_b;
-                    std::thread::sleep(Duration::from_millis(200));
-                }
+                let moved = back_and_forth(home, run.pid());
                 assert!(moved >= 4, "{variant}: moved {moved} times only");
             });
         eprintln!("{variant} {args:?}: {:?}", started.elapsed());

@@ -588,24 +588,29 @@ impl Case {
         let mut running = self.spawn_mosvm();
         let during = std::panic::AssertUnwindSafe(|| during(&mut running));
         if let Err(e) = std::panic::catch_unwind(during) {
-            // Say how the program under mosvm ended, with what it printed on stderr.
-            let guest = running.finish();
-            let why = e
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| e.downcast_ref::<&str>().copied())
-                .unwrap_or("(panic)");
-            panic!(
-                "{why}\nmosvm run of {} ended with status {}; its stderr:\n{}",
-                self.describe(),
-                guest.shell_status(),
-                guest.stderr_text()
-            );
+            self.failed_during(running, e);
         }
         let guest = running.finish();
         let native = native.finish();
         self.assert_agree(&native, &guest);
         (native, guest)
+    }
+
+    /// A test's actions on the `mosvm run` side failed (`e`, their panic): say how the
+    /// program under mosvm ended, with what it printed on stderr.
+    fn failed_during(&self, running: Running, e: Box<dyn std::any::Any + Send>) -> ! {
+        let guest = running.finish();
+        let why = e
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| e.downcast_ref::<&str>().copied())
+            .unwrap_or("(panic)");
+        panic!(
+            "{why}\nmosvm run of {} ended with status {}; its stderr:\n{}",
+            self.describe(),
+            guest.shell_status(),
+            guest.stderr_text()
+        );
     }
 
     /// Like [`Case::check_while`], with `during` called on each run in turn, the native one
@@ -620,18 +625,7 @@ impl Case {
         let mut running = self.spawn_mosvm();
         let during = std::panic::AssertUnwindSafe(|| during(&mut running, true));
         if let Err(e) = std::panic::catch_unwind(during) {
-            let guest = running.finish();
-            let why = e
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| e.downcast_ref::<&str>().copied())
-                .unwrap_or("(panic)");
-            panic!(
-                "{why}\nmosvm run of {} ended with status {}; its stderr:\n{}",
-                self.describe(),
-                guest.shell_status(),
-                guest.stderr_text()
-            );
+            self.failed_during(running, e);
         }
         let guest = running.finish();
         self.assert_agree(&native, &guest);

@@ -547,6 +547,12 @@ pub(super) fn restore_mask(old: &libc::sigset_t) {
 /// Take the guest's signals on this thread too (what [`block_guest_signals`] blocks): a
 /// thread at home standing for a guest thread away takes the signals sent to it.
 pub fn take_guest_signals_here() {
+    guest_signals_mask(libc::SIG_UNBLOCK);
+}
+
+/// Block or unblock (`how`) in the calling thread the signals taken for the guest, kicks and
+/// the VMM's own faults aside.
+fn guest_signals_mask(how: libc::c_int) {
     // SAFETY: building a signal set and changing this thread's mask touch only local state.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -554,22 +560,14 @@ pub fn take_guest_signals_here() {
         for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL && !FAULTS.contains(&s)) {
             libc::sigaddset(&mut set, s);
         }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 
 /// Block every signal taken for the guest in the calling thread, so that they reach the
 /// thread running the guest (where they interrupt KVM_RUN or a blocking call).
 pub fn block_guest_signals() {
-    // SAFETY: building a signal set and changing this thread's mask touch only local state.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in (1..=64).filter(|&s| caught(s) && s != KICK_SIGNAL && !FAULTS.contains(&s)) {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    guest_signals_mask(libc::SIG_BLOCK);
 }
 
 /// End `mosvm run` the way the guest ended: killed by `sig` (without a core file: the VMM's
