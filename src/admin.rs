@@ -487,6 +487,13 @@ pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Resul
             p.info.node
         ));
     }
+    if crate::stops::is_stopped(pid) {
+        // Its home side cannot take part in a move until it is continued.
+        return Err(format!(
+            "process {pid} is stopped (continue it with SIGCONT first); it stays on {}",
+            p.info.node
+        ));
+    }
     p.info.state = "migrating".into();
     p.moving_for = Some(why.to_string());
     let to = if to == node {

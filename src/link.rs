@@ -441,6 +441,7 @@ impl Running {
     /// the link is gone.
     pub fn serve(&self, writer: &Wire, deputy: &Mutex<&mut dyn Deputy>, r: DeputyRequest) -> bool {
         let seq = r.seq;
+        let stop = r.nr == vmm::deputy::STOP_AT_HOME;
         let lock = || deputy.lock().unwrap_or_else(|p| p.into_inner());
         let begun = lock().begin(from_wire(r));
         let reply = match begun {
@@ -455,8 +456,10 @@ impl Running {
             }
             vmm::deputy::Begun::Waiting(wait) => wait(),
         };
-        if reply.ret == -EINTR {
-            // A signal interrupted the call here: it reaches the guest before the reply does.
+        if reply.ret == -EINTR || stop {
+            // A signal interrupted the call here (or continued the process a stop call stopped,
+            // SIGCONT): it reaches the guest before the reply does, as natively the handler
+            // runs before the interrupted call returns.
             forward_signals(writer);
         }
         let msg = Message::DeputyReply(DeputyReply {

@@ -462,54 +462,66 @@ fn job_control_stops_a_process_away_as_at_home() {
         // SAFETY: signalling a process of the test's.
         assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
     };
-    Case::image("glibc-static", "stopcont")
-        .own_process_group()
-        .socket(home)
-        .timeout(Duration::from_secs(90))
-        .check_each(|run, under_mosvm| {
-            let pid = run.pid();
-            if under_mosvm {
-                wait_registered(home, pid);
-                let out = migrate(home, pid, "b");
-                assert!(out.status.success(), "migrate: {out:?}");
-                wait_for("the move to b", Duration::from_secs(20), || {
-                    proc_info(home, pid).is_some_and(|p| p["node"] == "b")
-                });
-                assert!(!guest_hosts(&nodes[1]).is_empty(), "no guest host on b");
-            }
-            std::fs::write(run.dir().join("moved"), b"").unwrap();
-            stopped(pid);
-            if under_mosvm {
-                host_is(true);
-            }
-            signal(pid, libc::SIGCONT);
-            if under_mosvm {
-                host_is(false);
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            signal(pid, libc::SIGSTOP);
-            stopped(pid);
-            if under_mosvm {
-                host_is(true);
-                let h = guest_hosts(&nodes[1])[0];
-                let ticks = |p: u32| {
-                    let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
-                    let f: Vec<String> = s
-                        .rsplit_once(')')
-                        .unwrap()
-                        .1
-                        .split_whitespace()
-                        .map(str::to_owned)
-                        .collect();
-                    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-                };
-                let before = ticks(h);
-                std::thread::sleep(Duration::from_millis(500));
-                assert_eq!(ticks(h), before, "the stopped guest host still ran");
-            }
-            signal(pid, libc::SIGCONT);
-            std::fs::write(run.dir().join("done"), b"").unwrap();
-        });
+    // At home first (the stop signal at its default action stops `mosvm run` itself; it
+    // used to spin in its own handler), then away.
+    for away in [false, true] {
+        Case::image("glibc-static", "stopcont")
+            .own_process_group()
+            .socket(home)
+            .timeout(Duration::from_secs(90))
+            .check_each(|run, under_mosvm| {
+                let pid = run.pid();
+                let away = away && under_mosvm;
+                if away {
+                    wait_registered(home, pid);
+                    let out = migrate(home, pid, "b");
+                    assert!(out.status.success(), "migrate: {out:?}");
+                    wait_for("the move to b", Duration::from_secs(20), || {
+                        proc_info(home, pid).is_some_and(|p| p["node"] == "b")
+                    });
+                    assert!(!guest_hosts(&nodes[1]).is_empty(), "no guest host on b");
+                }
+                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                stopped(pid);
+                if away {
+                    host_is(true);
+                }
+                signal(pid, libc::SIGCONT);
+                if away {
+                    host_is(false);
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                signal(pid, libc::SIGSTOP);
+                stopped(pid);
+                if away {
+                    host_is(true);
+                    let h = guest_hosts(&nodes[1])[0];
+                    let ticks = |p: u32| {
+                        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+                        let f: Vec<String> = s
+                            .rsplit_once(')')
+                            .unwrap()
+                            .1
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect();
+                        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+                    };
+                    let before = ticks(h);
+                    std::thread::sleep(Duration::from_millis(500));
+                    assert_eq!(ticks(h), before, "the stopped guest host still ran");
+                }
+                if under_mosvm {
+                    // A stopped process cannot move (its home side cannot take part): the
+                    // move is refused at once, and the process stays where it is.
+                    let out = migrate(home, pid, if away { "home" } else { "b" });
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(!out.status.success() && err.contains("stopped"), "{err}");
+                }
+                signal(pid, libc::SIGCONT);
+                std::fs::write(run.dir().join("done"), b"").unwrap();
+            });
+    }
 }
 
 /// How many threads of process `pid` are named `comm`.

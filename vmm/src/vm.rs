@@ -385,6 +385,9 @@ impl Vm {
         };
         *vm.program_cell.lock().expect("new") = vm.program.display().to_string();
         vm.sig.inherit();
+        // The host follows the guest's actions from the start (a stop signal at its default
+        // stops `mosvm run` itself): not only after a fork or a move.
+        vm.sig.mirror_all();
         vm.show_comm();
         vm.pid = vm
             .deputy

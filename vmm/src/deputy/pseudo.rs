@@ -33,6 +33,9 @@ fn stop_at_home(sig: i32) -> Reply {
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, sig);
+        // SIGCONT too: whatever the guest's action for it, it is taken on this thread as
+        // the process goes on, before this call returns (and is forwarded before the reply).
+        libc::sigaddset(&mut set, libc::SIGCONT);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old);
         // Sent to this thread with the signal unblocked, it is taken on the way out of the
         // call: the process stops there until continued.

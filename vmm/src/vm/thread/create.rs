@@ -40,17 +40,6 @@ impl Vm {
         if self.th.others.len() + 1 >= MAX_THREADS {
             return Err(EAGAIN);
         }
-        if self.th.mt.is_none() {
-            self.load_new_root().map_err(|_| EINVAL)?;
-            self.cur.cr3_loaded = self.space.mem.cr3();
-            self.space.mem.hold_retired(true);
-        }
-        let (vcpu, tss, exc_top) = self.thread_vcpu(&c)?;
-        let sh = self
-            .th
-            .mt
-            .get_or_insert_with(|| Shared::new(self.pause.clone()))
-            .clone();
         // Away from home the new thread's id is one its home holds for it (a thread id is the
         // home kernel's to give out); at home it is its host thread's.
         let reserved = if self.deputy.is_local() {
@@ -58,16 +47,45 @@ impl Vm {
         } else {
             let r = self.call_deputy(crate::deputy::RESERVE_TID as i64, [0; 6], vec![]);
             if r.ret <= 0 {
-                self.th.spare_vcpus.push((vcpu, tss, exc_top));
-                return Err(EAGAIN);
+                // Interrupted by a move (or a signal): clone is issued again where the
+                // process resumes, as Linux restarts it.
+                let moving = r.ret == -EINTR || r.ret == -crate::vm::ERESTART;
+                return Err(if moving || self.pause.requested() {
+                    crate::vm::ERESTART
+                } else {
+                    EAGAIN
+                });
             }
             Some(r.ret)
         };
-        let Some((host, go)) = spawn_thread(sh, reserved, vcpu) else {
+        let release = |vm: &mut Vm| {
             if let Some(t) = reserved {
                 let r = [t as u64, 0, 0, 0, 0, 0];
-                let _ = self.call_deputy(crate::deputy::RELEASE_TID as i64, r, vec![]);
+                let _ = vm.call_deputy(crate::deputy::RELEASE_TID as i64, r, vec![]);
             }
+        };
+        if self.th.mt.is_none() {
+            if self.load_new_root().is_err() {
+                release(self);
+                return Err(EINVAL);
+            }
+            self.cur.cr3_loaded = self.space.mem.cr3();
+            self.space.mem.hold_retired(true);
+        }
+        let (vcpu, tss, exc_top) = match self.thread_vcpu(&c) {
+            Ok(v) => v,
+            Err(e) => {
+                release(self);
+                return Err(e);
+            }
+        };
+        let sh = self
+            .th
+            .mt
+            .get_or_insert_with(|| Shared::new(self.pause.clone()))
+            .clone();
+        let Some((host, go)) = spawn_thread(sh, reserved, vcpu) else {
+            release(self);
             return Err(EAGAIN);
         };
         let tid = reserved.unwrap_or(host);
