@@ -40,8 +40,9 @@ pub type ServerStream = StreamOwned<ServerConnection, TcpStream>;
 /// Errors of key handling and of TLS connections.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{}: {source}", .path.display())]
-    Io { path: PathBuf, source: io::Error },
+    /// (The I/O error is part of the message, not a separate cause: said once.)
+    #[error("{}: {error}", .path.display())]
+    Io { path: PathBuf, error: io::Error },
     #[error("{} already exists; refusing to overwrite the cluster key", .0.display())]
     KeyExists(PathBuf),
     #[error("{} is accessible by others (mode {mode:o}); it must be 0600", .path.display())]
@@ -59,9 +60,9 @@ pub enum TlsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io {
+    move |error| TlsError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
