@@ -140,13 +140,9 @@ pub fn decide(node: &Node, now: Time) -> Option<Decision> {
 /// cost of the move by `cost_factor`.
 pub fn balance(node: &Node, now: Time) -> Option<Decision> {
     let p = &node.cfg.params;
-    let n = node.runnable_after_leaving().max(1.0);
-    let cpus = node.cfg.cpus;
-    let base_here = rate_with(n, cpus, node.cfg.speed);
-    // Nothing to gain if every process already has a full CPU of the fastest kind we know.
     let mut best: Option<(f64, Decision)> = None;
     for t in candidates(node, now) {
-        let base_there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+        let (base_here, base_there) = base_rates(node, t);
         if base_there <= base_here * (1.0 + p.min_rate_gain) || deferred(node, t.node, now) {
             continue;
         }
@@ -182,13 +178,20 @@ pub fn balance(node: &Node, now: Time) -> Option<Decision> {
 /// True when one more process on `t` would run clearly (`min_rate_gain`) faster than
 /// `node`'s processes do once its outstanding moves are done (the first test of [`balance`]).
 pub fn helps(node: &Node, t: &LoadEntry) -> bool {
-    let base_here = rate_with(
+    let (here, there) = base_rates(node, t);
+    there > here * (1.0 + node.cfg.params.min_rate_gain)
+}
+
+/// The CPU rate a process gets on `node` once its outstanding moves are done, and the rate
+/// one more process would get on `t` (before the home-calls factor).
+fn base_rates(node: &Node, t: &LoadEntry) -> (f64, f64) {
+    let here = rate_with(
         node.runnable_after_leaving().max(1.0),
         node.cfg.cpus,
         node.cfg.speed,
     );
-    let base_there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
-    base_there > base_here * (1.0 + node.cfg.params.min_rate_gain)
+    let there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+    (here, there)
 }
 
 /// True while `node` leaves target `to` to a more starved node ([`starved_rival`]), for at
@@ -206,18 +209,13 @@ fn deferred(node: &Node, to: NodeId, now: Time) -> bool {
 pub const RIVAL_MARGIN: f64 = 0.1;
 
 /// Another node that target `t` would help more than it helps `node`: its processes run
-/// clearly ([`RIVAL_MARGIN`]) slower than `node`'s would once its outstanding moves are done, and one more process on
-/// `t` would run clearly (`min_rate_gain`) faster than they do. Only entries younger than two
+/// clearly ([`RIVAL_MARGIN`]) slower than `node`'s would once its outstanding moves are done,
+/// and one more process on `t` would run clearly (`min_rate_gain`) faster than they do. Only entries younger than two
 /// steps count. MOSIX's pairwise rule lets whichever sender hears of an idle node first fill
 /// it; when a slower node also knows of it, waiting for that node finishes the jobs sooner.
 pub fn starved_rival(node: &Node, t: &LoadEntry, now: Time) -> Option<NodeId> {
     let p = &node.cfg.params;
-    let here = rate_with(
-        node.runnable_after_leaving().max(1.0),
-        node.cfg.cpus,
-        node.cfg.speed,
-    );
-    let there = rate_with(t.runnable() + 1.0, f64::from(t.cpus), f64::from(t.speed));
+    let (here, there) = base_rates(node, t);
     let fresh = 2 * p.step.0 / 1000;
     node.window
         .iter()

@@ -74,29 +74,27 @@ fn held() -> std::sync::MutexGuard<'static, BTreeMap<i64, mpsc::SyncSender<()>>>
 /// The calling thread, whose kernel thread id is the guest thread id `tid`, holds that id for
 /// the guest thread, which runs elsewhere: it takes the guest's signals (they reach the guest
 /// as process-directed ones) and waits until [`RELEASE_TID`] (or an execve) ends it.
-pub fn hold_here(tid: i64) {
+/// `registered` runs once a release would find it.
+pub fn hold_here(tid: i64, registered: impl FnOnce()) {
     let (end_tx, end_rx) = mpsc::sync_channel::<()>(1);
     held().insert(tid, end_tx);
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"mosvm-tid".as_ptr()) };
     crate::vm::take_guest_signals_here();
+    registered();
     let _ = end_rx.recv();
 }
 
 fn reserve() -> i64 {
     let (tid_tx, tid_rx) = mpsc::sync_channel::<i64>(1);
     let spawned = std::thread::Builder::new()
-        .name("mosvm-tid".into())
         .stack_size(64 * 1024)
         .spawn(move || {
             // SAFETY: gettid(2) has no arguments and no memory effects.
             let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-            let (end_tx, end_rx) = mpsc::sync_channel::<()>(1);
-            // Registered before the id is handed out: a release finds it.
-            held().insert(tid, end_tx);
-            crate::vm::take_guest_signals_here();
-            let _ = tid_tx.send(tid);
-            let _ = end_rx.recv();
+            hold_here(tid, || {
+                let _ = tid_tx.send(tid);
+            });
         });
     if spawned.is_err() {
         return -(libc::EAGAIN as i64);

@@ -188,11 +188,14 @@ pub(super) extern "C" fn on_signal(
         if sig == libc::SIGPIPE && code == libc::SI_USER && own {
             return; // a write of the VMM's to a closed pipe: EPIPE says it
         }
-        // SAFETY: getppid is async-signal-safe.
+        let from_parent = || {
+            // SAFETY: getppid(2) is async-signal-safe and has no memory effects.
+            pid == unsafe { libc::getppid() }
+        };
         if sig == libc::SIGCONT
             && code == libc::SI_USER
             && PARENT_CONT_IS_OURS.load(Ordering::Relaxed)
-            && pid == unsafe { libc::getppid() }
+            && from_parent()
         {
             return; // the node continuing a guest host it stopped: not the guest's signal
         }

@@ -69,25 +69,22 @@ impl Vm {
     }
 
     /// A call starts (or is handled again): note the end of its timeout, and when it is the
-    /// call a move stopped, give it the time left. Returns the arguments its handler sees.
-    pub(super) fn timed_start(&mut self, nr: u64, a: [u64; 6]) -> [u64; 6] {
+    /// call a move stopped (or the same call handled again after a wait), give it the time
+    /// left. Returns the arguments its handler sees.
+    pub(super) fn timed_start(&mut self, nr: u64, mut a: [u64; 6]) -> [u64; 6] {
         let Some(t) = timeout_of(nr, &a) else {
             return a;
         };
         let same = |r: &TimedRestart| r.nr == nr && r.args == a;
-        if self.cur.timed_now.as_ref().is_some_and(same) {
-            // Handled again after a wait (a thread's signal wait): nothing new.
-            return self.timed_args(t, a);
-        }
         let now = self.guest_mono_ns();
-        let end = match self.cur.timed.take().filter(same) {
+        let known = self.cur.timed.take().filter(same);
+        let end = match known.or(self.cur.timed_now.filter(same)) {
             Some(r) => r.end_ns,
             None => match self.timeout_ns(t, &a) {
                 Some(ns) => now.saturating_add(ns),
                 // Not a valid timeout: the handler says so.
                 None => {
-                    self.cur.timed_now = None;
-                    self.cur.overlay = None;
+                    self.timed_end(false);
                     return a;
                 }
             },
@@ -99,25 +96,13 @@ impl Vm {
         });
         let left = (end - now).max(0);
         self.cur.overlay = match t {
-            Timeout::Ms(_) => None,
+            Timeout::Ms(i) => {
+                a[i] = (left as u64).div_ceil(1_000_000).min(i32::MAX as u64);
+                None
+            }
             Timeout::Timespec(i) => Some((a[i], timespec(left, 1))),
             Timeout::Timeval(i) => Some((a[i], timespec(left, 1000))),
         };
-        if let Timeout::Ms(i) = t {
-            self.cur.timed_ms = Some((i, (left as u64).div_ceil(1_000_000).min(i32::MAX as u64)));
-        } else {
-            self.cur.timed_ms = None;
-        }
-        self.timed_args(t, a)
-    }
-
-    /// The arguments with a register timeout replaced by the time left.
-    fn timed_args(&self, t: Timeout, mut a: [u64; 6]) -> [u64; 6] {
-        if let (Timeout::Ms(i), Some((j, ms))) = (t, self.cur.timed_ms) {
-            if i == j {
-                a[i] = ms;
-            }
-        }
         a
     }
 
@@ -148,7 +133,6 @@ impl Vm {
         let now = self.cur.timed_now.take();
         self.cur.timed = if restarted { now } else { None };
         self.cur.overlay = None;
-        self.cur.timed_ms = None;
     }
 
     /// A call's 16-byte timeout structure at `va`: the time left when the call is one a move

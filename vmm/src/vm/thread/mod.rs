@@ -146,10 +146,8 @@ pub(super) struct Current {
     /// the end of the running one (vm/timed.rs).
     pub(super) timed: Option<super::timed::TimedRestart>,
     pub(super) timed_now: Option<super::timed::TimedRestart>,
-    /// The running call's timeout structure as it reads (its address and the time left),
-    /// and a register timeout's time left (argument index, ms).
+    /// The running call's timeout structure as it reads (its address and the time left).
     pub(super) overlay: Option<(u64, [u8; 16])>,
-    pub(super) timed_ms: Option<(usize, u64)>,
 }
 
 impl Default for Current {
@@ -166,7 +164,6 @@ impl Default for Current {
             timed: None,
             timed_now: None,
             overlay: None,
-            timed_ms: None,
         }
     }
 }

@@ -313,7 +313,7 @@ pub(super) fn park(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>) -> Option<E
         // it reach the guest), until the guest thread exits or the process does.
         drop(b);
         *vcpu = None;
-        crate::deputy::pseudo::hold_here(tid);
+        crate::deputy::pseudo::hold_here(tid, || {});
         return Some(End::Process);
     }
     b.ended.is_some().then_some(End::Process)
