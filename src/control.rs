@@ -35,6 +35,24 @@ pub enum Request {
         program: String,
         /// Never migrate.
         locked: bool,
+        /// The node it already runs on, when that is not this one (a child forked away from
+        /// home).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        away_on: Option<String>,
+    },
+    /// A guest host announcing a guest it runs for another node without the node having
+    /// started it (the child of a guest that forked here, in a host fork of the parent's guest
+    /// host); the connection then carries its [`Update::Calls`], and the node forgets the
+    /// guest when it closes.
+    Hosting {
+        /// The guest's pid at its home.
+        pid: u32,
+        /// Its home node's name.
+        home: String,
+        /// Program path.
+        program: String,
+        /// The guest host's own pid.
+        host_pid: u32,
     },
     /// Every process whose home is this node, plus guests hosted here.
     Ps,

@@ -37,12 +37,17 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// How this guest host proves itself, and which Hellos it takes.
+struct Identity {
+    tls: migrate::ClusterTls,
+    ours: ServerIdentity,
+}
+
 /// What the node handed this guest host.
 struct Setup {
     listener: TcpListener,
     token: [u8; 32],
-    tls: migrate::ClusterTls,
-    ours: ServerIdentity,
+    id: Arc<Identity>,
 }
 
 fn setup() -> anyhow::Result<Setup> {
@@ -64,20 +69,25 @@ fn setup() -> anyhow::Result<Setup> {
     Ok(Setup {
         listener,
         token,
-        tls,
-        ours,
+        id: Arc::new(Identity { tls, ours }),
     })
 }
 
-/// Accept the first connection whose Hello is for `purpose` with our token, until `limit`;
-/// others are refused and logged.
-fn accept(s: &Setup, purpose: Purpose, limit: Duration) -> anyhow::Result<(Wire, String)> {
+/// Accept on `listener` the first connection whose Hello is for `purpose` with `token`,
+/// until `limit`; others are refused and logged.
+fn accept(
+    listener: &TcpListener,
+    token: &[u8; 32],
+    id: &Identity,
+    purpose: Purpose,
+    limit: Duration,
+) -> anyhow::Result<(Wire, String)> {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         anyhow::ensure!(!left.is_zero(), "nobody connected within {limit:?}");
         let mut p = libc::pollfd {
-            fd: s.listener.as_raw_fd(),
+            fd: listener.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -85,21 +95,49 @@ fn accept(s: &Setup, purpose: Purpose, limit: Duration) -> anyhow::Result<(Wire,
         if unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) } <= 0 {
             continue;
         }
-        let (sock, peer) = s.listener.accept()?;
+        let (sock, peer) = listener.accept()?;
         let check = |p: Purpose, t: Option<&[u8; 32]>| {
             if p != purpose {
                 return Err(format!("this guest host expects {purpose:?}, not {p:?}"));
             }
             match t {
-                Some(t) if migrate::tls::tokens_equal(t, &s.token) => Ok(()),
+                Some(t) if migrate::tls::tokens_equal(t, token) => Ok(()),
                 _ => Err("wrong or missing token".into()),
             }
         };
-        match wire::accept(sock, s.tls.endpoint_config(), &s.ours, check) {
+        match wire::accept(sock, id.tls.endpoint_config(), &id.ours, check) {
             Ok((w, hello)) => return Ok((w, hello.node_name)),
             Err(e) => eprintln!("mosvm guest-host: refused {peer}: {e:#}"),
         }
     }
+}
+
+/// Accept home's deputy channel on `listener` (another thread), and attach it to
+/// `home_link`; the guest is destroyed if home does not connect in time.
+fn await_home(
+    listener: TcpListener,
+    token: [u8; 32],
+    id: Arc<Identity>,
+    home_link: HomeLink,
+    pause: vmm::vm::PauseHandle,
+) {
+    std::thread::spawn(move || {
+        crate::link::block_host_signals();
+        match accept(
+            &listener,
+            &token,
+            &id,
+            Purpose::Deputy,
+            crate::link::ATTACH_LIMIT,
+        ) {
+            Ok((w, _)) => home_link.attach(w),
+            Err(e) => {
+                eprintln!("mosvm guest-host: home never connected: {e:#}");
+                pause.deliver(libc::SIGKILL);
+            }
+        }
+        // No one else may connect: the listening socket closes here.
+    });
 }
 
 /// CPU time this process has used, ns.
@@ -125,17 +163,275 @@ fn die_with_parent() {
     }
 }
 
+/// Who the guest is, as the moves this host starts describe it.
+#[derive(Clone)]
+struct GuestInfo {
+    pid: u32,
+    home: String,
+    program: String,
+    mem_bytes: u64,
+    /// This node's name.
+    me: String,
+}
+
+/// A guest's plumbing on this host: its link home and what the link's reader acts on.
+struct Plumbing {
+    home_link: HomeLink,
+    /// Moves whose pre-copy is done.
+    jobs: mpsc::Receiver<Job>,
+    /// Set while a move this host started is under way.
+    moving: Arc<AtomicBool>,
+    handle: Arc<OnceLock<vmm::vm::PauseHandle>>,
+    view_slot: Arc<OnceLock<vmm::memory::MemView>>,
+}
+
+impl Plumbing {
+    /// The plumbing for guest `g` over `home_link`, and the deputy its VM calls home through.
+    fn new(g: &GuestInfo, home_link: HomeLink) -> (Plumbing, RemoteDeputy) {
+        let handle: Arc<OnceLock<vmm::vm::PauseHandle>> = Arc::new(OnceLock::new());
+        let view_slot: Arc<OnceLock<vmm::memory::MemView>> = Arc::new(OnceLock::new());
+        let (mig_tx, mig_rx) = mpsc::channel();
+        let inbox = Arc::new(Mutex::new(mig_rx));
+        let (job_tx, jobs) = mpsc::channel::<Job>();
+        let (h1, h2, h3, h4) = (
+            handle.clone(),
+            handle.clone(),
+            handle.clone(),
+            handle.clone(),
+        );
+        let (v3, hl3, in3) = (view_slot.clone(), home_link.clone(), inbox.clone());
+        let g = g.clone();
+        let moving = Arc::new(AtomicBool::new(false));
+        let (mv1, mv2) = (moving.clone(), moving.clone());
+        let router = Router {
+            on_signal: Box::new(move |sig| {
+                if let Some(h) = h1.get() {
+                    h.deliver(sig);
+                }
+            }),
+            // The deputy is gone: nobody can serve this guest any more. Destroy it.
+            on_lost: Box::new(move || {
+                if let Some(h) = h2.get() {
+                    h.deliver(libc::SIGKILL);
+                }
+            }),
+            on_command: Box::new(move |m| {
+                let (Some(pause), Some(view)) = (h3.get(), v3.get()) else {
+                    return;
+                };
+                let (pause, view, home_link, inbox) =
+                    (pause.clone(), view.clone(), hl3.clone(), in3.clone());
+                let (tx, g) = (job_tx.clone(), g.clone());
+                if mv1.swap(true, Ordering::SeqCst) {
+                    // One move at a time.
+                    let reason = "a move is already under way".to_string();
+                    home_link.tell(&Message::Abort { reason });
+                    return;
+                }
+                let mv = mv1.clone();
+                std::thread::spawn(move || {
+                    crate::link::block_host_signals();
+                    let mut report = Report::default();
+                    let guest = migration::Guest {
+                        pid: g.pid,
+                        home: &g.home,
+                        program: &g.program,
+                        mem_bytes: g.mem_bytes,
+                    };
+                    let started = match m {
+                        Message::MigrateBack => home_link
+                            .get()
+                            .ok_or_else(|| anyhow::anyhow!("no link home"))
+                            .and_then(|writer| {
+                                let mut conn = Routed { writer, inbox };
+                                let pending = migration::precopy(
+                                    &mut conn,
+                                    &view,
+                                    &pause,
+                                    &guest,
+                                    &mut report,
+                                )?;
+                                Ok(Job {
+                                    conn: Box::new(conn),
+                                    onward: None,
+                                    pending,
+                                    report,
+                                })
+                            }),
+                        Message::MigrateTo { node } => {
+                            let sock = crate::control::socket_path(None);
+                            crate::control::endpoint(&sock, g.pid, &node).and_then(|ep| {
+                                let hello = migrate::Hello::new(
+                                    g.me.as_str(),
+                                    Purpose::Migrate,
+                                    migration::host_features(),
+                                    Some(ep.token),
+                                );
+                                let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
+                                let pending =
+                                    migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
+                                Ok(Job {
+                                    conn: Box::new(l),
+                                    onward: Some((node, ep)),
+                                    pending,
+                                    report,
+                                })
+                            })
+                        }
+                        _ => return,
+                    };
+                    match started {
+                        Ok(job) => {
+                            if tx.send(job).is_ok() {
+                                pause.request();
+                            }
+                        }
+                        Err(e) => {
+                            mv.store(false, Ordering::SeqCst);
+                            let reason = format!("{e:#}");
+                            home_link.tell(&Message::Abort { reason });
+                        }
+                    }
+                });
+            }),
+            migration: mig_tx,
+            must_move: Box::new(move || mv2.load(Ordering::SeqCst)),
+            pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),
+        };
+        let deputy = RemoteDeputy::start(home_link.clone(), router);
+        let p = Plumbing {
+            home_link,
+            jobs,
+            moving,
+            handle,
+            view_slot,
+        };
+        (p, deputy)
+    }
+
+    /// The guest's VM is up: its commands and signals can reach it.
+    fn attach(&self, vm: &vmm::vm::Vm) {
+        let _ = self.handle.set(vm.pause_handle());
+        let _ = self.view_slot.set(vm.memory_view());
+    }
+
+    /// Tell home now and then what the guest uses here (for `ps` at home), and this node its
+    /// system calls so far (a line of JSON on `node`, for the node's balancer).
+    fn report_usage(&self, vm: &vmm::vm::Vm, mut node: impl std::io::Write + Send + 'static) {
+        let (hl, view, calls) = (self.home_link.clone(), vm.memory_view(), vm.call_counts());
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            crate::link::block_host_signals();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let usage = Message::Usage {
+                    cpu_ns: own_cpu_ns(),
+                    mem_bytes: view.used(),
+                };
+                if !hl.tell(&usage) {
+                    return;
+                }
+                let line = crate::control::Update::Calls {
+                    home: calls[0].load(Relaxed),
+                    local: calls[1].load(Relaxed),
+                };
+                if let Ok(l) = serde_json::to_string(&line) {
+                    // The node may be gone: then nobody reads, and that is fine.
+                    let _ = writeln!(node, "{l}");
+                }
+            }
+        });
+    }
+}
+
+/// In the host fork of a guest that forked away from home: the child's plumbing. Its link
+/// home is its own deputy's (forked at home, [`vmm::deputy::FORK_AWAY`]), which connects to
+/// the socket the parent bound for it; this node learns of it over a connection of its own
+/// (it did not start this process), which also ends the guest if the node goes.
+fn forked_child(
+    vm: &mut vmm::vm::Vm,
+    parent: &Plumbing,
+    g: &GuestInfo,
+    id: &Arc<Identity>,
+) -> anyhow::Result<(Plumbing, GuestInfo)> {
+    use anyhow::Context;
+    use std::io::BufRead;
+    if let Some(w) = parent.home_link.get() {
+        // SAFETY: this process's copy of the parent's link home, which nothing here uses
+        // (the objects owning it are the parent's, never dropped here).
+        unsafe { libc::close(w.raw_fd()) };
+    }
+    let (listener, token) = crate::link::FORKED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .context("the child's socket for home is missing")?;
+    let g = GuestInfo {
+        pid: vm.pid() as u32,
+        ..g.clone()
+    };
+    let home_link = HomeLink::default();
+    let (p, deputy) = Plumbing::new(&g, home_link.clone());
+    // The parent's deputy reads the parent's link with threads this process does not have.
+    std::mem::forget(vm.replace_deputy(Box::new(deputy)));
+    p.attach(vm);
+    let sock = crate::control::socket_path(None);
+    let node = std::os::unix::net::UnixStream::connect(&sock)
+        .with_context(|| format!("cannot reach this node at {}", sock.display()))?;
+    let req = crate::control::Request::Hosting {
+        pid: g.pid,
+        home: g.home.clone(),
+        program: vm.program().display().to_string(),
+        host_pid: std::process::id(),
+    };
+    let mut line = serde_json::to_string(&req)?;
+    line.push('\n');
+    std::io::Write::write_all(&mut &node, line.as_bytes())?;
+    let mut r = std::io::BufReader::new(node.try_clone()?);
+    let mut answer = String::new();
+    r.read_line(&mut answer)?;
+    anyhow::ensure!(
+        matches!(serde_json::from_str(&answer), Ok(crate::control::Reply::Ok)),
+        "this node refused the guest: {}",
+        answer.trim()
+    );
+    let pause = vm.pause_handle();
+    {
+        // The node is gone: so is the guest (as for a guest host the node started).
+        let pause = pause.clone();
+        std::thread::spawn(move || {
+            crate::link::block_host_signals();
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut r, &mut rest);
+            pause.deliver(libc::SIGKILL);
+        });
+    }
+    p.report_usage(vm, node);
+    await_home(listener, token, id.clone(), home_link, pause);
+    Ok((p, g))
+}
+
 /// Receive, restore and run the guest; report its exit home.
 pub fn main() -> ExitCode {
     die_with_parent();
     vmm::vm::install_signal_handlers();
     // The node stops and continues this process when the guest is stopped at home.
     vmm::vm::parent_sigcont_is_the_hosts();
+    // This host's children are the guest's children's VMMs.
+    vmm::vm::host_children_are_the_hosts();
     let setup = match setup() {
         Ok(s) => s,
         Err(e) => return fail(&format!("{e:#}")),
     };
-    let (mut mig, source) = match accept(&setup, Purpose::Migrate, SOURCE_LIMIT) {
+    let id = setup.id.clone();
+    let accepted = accept(
+        &setup.listener,
+        &setup.token,
+        &id,
+        Purpose::Migrate,
+        SOURCE_LIMIT,
+    );
+    let (mut mig, source) = match accepted {
         Ok(x) => x,
         Err(e) => return fail(&format!("waiting for the guest: {e:#}")),
     };
@@ -154,116 +450,14 @@ pub fn main() -> ExitCode {
     } else {
         HomeLink::default()
     };
-    let handle: Arc<OnceLock<vmm::vm::PauseHandle>> = Arc::new(OnceLock::new());
-    let view_slot: Arc<OnceLock<vmm::memory::MemView>> = Arc::new(OnceLock::new());
-    let (mig_tx, mig_rx) = mpsc::channel();
-    let inbox = Arc::new(Mutex::new(mig_rx));
-    let (job_tx, jobs) = mpsc::channel::<Job>();
-    let (h1, h2, h3, h4) = (
-        handle.clone(),
-        handle.clone(),
-        handle.clone(),
-        handle.clone(),
-    );
-    let (v3, hl3, in3) = (view_slot.clone(), home_link.clone(), inbox.clone());
-    let (pid, home, mem_bytes) = (offer.pid, offer.home_node.clone(), offer.mem_bytes);
-    let program = offer.program.clone();
-    let me = setup.ours.node_name.clone();
-    // Set while a move this host started is under way.
-    let moving = Arc::new(AtomicBool::new(false));
-    let (mv1, mv2, mv3) = (moving.clone(), moving.clone(), moving.clone());
-    let router = Router {
-        on_signal: Box::new(move |sig| {
-            if let Some(h) = h1.get() {
-                h.deliver(sig);
-            }
-        }),
-        // The deputy is gone: nobody can serve this guest any more. Destroy it.
-        on_lost: Box::new(move || {
-            if let Some(h) = h2.get() {
-                h.deliver(libc::SIGKILL);
-            }
-        }),
-        on_command: Box::new(move |m| {
-            let (Some(pause), Some(view)) = (h3.get(), v3.get()) else {
-                return;
-            };
-            let (pause, view, home_link, inbox) =
-                (pause.clone(), view.clone(), hl3.clone(), in3.clone());
-            let (tx, home, me) = (job_tx.clone(), home.clone(), me.clone());
-            let program = program.clone();
-            if mv1.swap(true, Ordering::SeqCst) {
-                // One move at a time.
-                let reason = "a move is already under way".to_string();
-                home_link.tell(&Message::Abort { reason });
-                return;
-            }
-            let mv = mv1.clone();
-            std::thread::spawn(move || {
-                crate::link::block_host_signals();
-                let mut report = Report::default();
-                let guest = migration::Guest {
-                    pid,
-                    home: &home,
-                    program: &program,
-                    mem_bytes,
-                };
-                let started = match m {
-                    Message::MigrateBack => home_link
-                        .get()
-                        .ok_or_else(|| anyhow::anyhow!("no link home"))
-                        .and_then(|writer| {
-                            let mut conn = Routed { writer, inbox };
-                            let pending =
-                                migration::precopy(&mut conn, &view, &pause, &guest, &mut report)?;
-                            Ok(Job {
-                                conn: Box::new(conn),
-                                onward: None,
-                                pending,
-                                report,
-                            })
-                        }),
-                    Message::MigrateTo { node } => {
-                        let sock = crate::control::socket_path(None);
-                        crate::control::endpoint(&sock, pid, &node).and_then(|ep| {
-                            let hello = migrate::Hello::new(
-                                me.as_str(),
-                                Purpose::Migrate,
-                                migration::host_features(),
-                                Some(ep.token),
-                            );
-                            let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
-                            let pending =
-                                migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
-                            Ok(Job {
-                                conn: Box::new(l),
-                                onward: Some((node, ep)),
-                                pending,
-                                report,
-                            })
-                        })
-                    }
-                    _ => return,
-                };
-                match started {
-                    Ok(job) => {
-                        if tx.send(job).is_ok() {
-                            pause.request();
-                        }
-                    }
-                    Err(e) => {
-                        mv.store(false, Ordering::SeqCst);
-                        let reason = format!("{e:#}");
-                        home_link.tell(&Message::Abort { reason });
-                    }
-                }
-            });
-        }),
-        migration: mig_tx,
-        must_move: Box::new(move || mv2.load(Ordering::SeqCst)),
-        pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),
+    let mut g = GuestInfo {
+        pid: offer.pid,
+        home: offer.home_node.clone(),
+        program: offer.program.clone(),
+        mem_bytes: offer.mem_bytes,
+        me: id.ours.node_name.clone(),
     };
-    let deputy = RemoteDeputy::start(home_link.clone(), router);
+    let (mut plumbing, deputy) = Plumbing::new(&g, home_link.clone());
     let mut vm = match vmm::vm::Vm::restore_prepared(prepared, state, Box::new(deputy)) {
         Ok(vm) => vm,
         Err(e) => {
@@ -274,55 +468,18 @@ pub fn main() -> ExitCode {
             return fail(&reason);
         }
     };
-    let _ = handle.set(vm.pause_handle());
-    let _ = view_slot.set(vm.memory_view());
+    plumbing.attach(&vm);
     if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
     }
-    // Tell home now and then what the guest uses here (for `ps` at home), and this node its
-    // system calls so far (a line of JSON on stdout, for the node's balancer).
-    {
-        let (hl, view, calls) = (home_link.clone(), vm.memory_view(), vm.call_counts());
-        std::thread::spawn(move || {
-            use std::io::Write as _;
-            use std::sync::atomic::Ordering::Relaxed;
-            crate::link::block_host_signals();
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-                let usage = Message::Usage {
-                    cpu_ns: own_cpu_ns(),
-                    mem_bytes: view.used(),
-                };
-                if !hl.tell(&usage) {
-                    return;
-                }
-                let line = crate::control::Update::Calls {
-                    home: calls[0].load(Relaxed),
-                    local: calls[1].load(Relaxed),
-                };
-                if let Ok(l) = serde_json::to_string(&line) {
-                    // The node may be gone: then nobody reads, and that is fine.
-                    let _ = writeln!(std::io::stdout(), "{l}");
-                }
-            }
-        });
-    }
+    plumbing.report_usage(&vm, std::io::stdout());
     if !from_home {
         // The source is done with us; home connects its deputy channel.
         drop(mig);
-        let (hl, pause) = (home_link.clone(), vm.pause_handle());
-        std::thread::spawn(move || {
-            crate::link::block_host_signals();
-            match accept(&setup, Purpose::Deputy, crate::link::ATTACH_LIMIT) {
-                Ok((w, _)) => hl.attach(w),
-                Err(e) => {
-                    eprintln!("mosvm guest-host: home never connected: {e:#}");
-                    pause.deliver(libc::SIGKILL);
-                }
-            }
-            // No one else may connect: the listening socket closes here.
-            drop(setup);
-        });
+        let Setup {
+            listener, token, ..
+        } = setup;
+        await_home(listener, token, id.clone(), home_link, vm.pause_handle());
     } else {
         // Everything came over the one connection: stop listening.
         drop(setup);
@@ -330,20 +487,34 @@ pub fn main() -> ExitCode {
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
-                home_link.tell_last(&Message::Exit {
+                plumbing.home_link.tell_last(&Message::Exit {
                     status: out.to_wire(),
                 });
                 return ExitCode::SUCCESS;
             }
             Err(e) => {
                 eprintln!("mosvm guest-host: {e:#}");
-                home_link.tell_last(&Message::Exit { status: 70 });
+                plumbing.home_link.tell_last(&Message::Exit { status: 70 });
                 return ExitCode::SUCCESS;
             }
             Ok(None) => {}
         }
+        if vm.take_forked() {
+            match forked_child(&mut vm, &plumbing, &g, &id) {
+                Ok((p, child)) => {
+                    // The parent's plumbing belongs to threads this process does not have.
+                    std::mem::forget(std::mem::replace(&mut plumbing, p));
+                    g = child;
+                    continue;
+                }
+                Err(e) => {
+                    // Its deputy at home finds no one to serve and ends as a lost process.
+                    return fail(&format!("the guest's forked child: {e:#}"));
+                }
+            }
+        }
         let pause = vm.pause_handle();
-        let Ok(mut job) = jobs.recv_timeout(Duration::from_secs(5)) else {
+        let Ok(mut job) = plumbing.jobs.recv_timeout(Duration::from_secs(5)) else {
             pause.clear();
             continue;
         };
@@ -351,7 +522,7 @@ pub fn main() -> ExitCode {
         match (switched, job.onward.take()) {
             // Home has its guest back; this host is done.
             (Ok(()), None) => {
-                if let Some(w) = home_link.get() {
+                if let Some(w) = plumbing.home_link.get() {
                     w.close(Duration::from_secs(2));
                 }
                 return ExitCode::SUCCESS;
@@ -359,7 +530,7 @@ pub fn main() -> ExitCode {
             // The guest runs on another node now: home connects there; this host is done.
             (Ok(()), Some((node, ep))) => {
                 drop(vm);
-                home_link.tell_last(&Message::Moved {
+                plumbing.home_link.tell_last(&Message::Moved {
                     node,
                     addr: ep.addr.to_string(),
                     token: ep.token,
@@ -367,9 +538,9 @@ pub fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             (Err(e), _) => {
-                mv3.store(false, Ordering::SeqCst);
+                plumbing.moving.store(false, Ordering::SeqCst);
                 let reason = format!("{e:#}");
-                home_link.tell(&Message::Abort { reason });
+                plumbing.home_link.tell(&Message::Abort { reason });
                 pause.clear();
             }
         }

@@ -247,7 +247,70 @@ fn eio() -> Reply {
     }
 }
 
+/// Where the child of the guest's latest fork away from home waits for its deputy: the
+/// listening socket and the token home was given ([`vmm::deputy::FORK_AWAY`]). The child's
+/// copy of the guest host takes it after the host fork; the parent's is dropped at its next
+/// fork.
+pub static FORKED: Mutex<Option<(std::net::TcpListener, [u8; 32])>> = Mutex::new(None);
+
+/// What a guest that forks away from home tells its home process: where the child's guest
+/// host waits, and the token it expects.
+pub struct ForkAway {
+    pub addr: std::net::SocketAddr,
+    pub token: [u8; 32],
+}
+
+impl ForkAway {
+    /// From a [`vmm::deputy::FORK_AWAY`] request's slots; None when malformed.
+    fn from_slots(slots: &[WireSlot]) -> Option<ForkAway> {
+        let [WireSlot::In(addr), WireSlot::In(token)] = slots else {
+            return None;
+        };
+        Some(ForkAway {
+            addr: std::str::from_utf8(addr).ok()?.parse().ok()?,
+            token: token.as_slice().try_into().ok()?,
+        })
+    }
+}
+
+/// What home does in the child of a fork away from home: it is that child's deputy from
+/// here on (it never returns: the process ends as the guest child does).
+pub type OnFork<'a> = &'a (dyn Fn(&mut dyn Deputy, ForkAway) -> std::convert::Infallible + Sync);
+
+fn errno_of(e: &std::io::Error) -> i64 {
+    e.raw_os_error().unwrap_or(libc::EIO) as i64
+}
+
 impl Deputy for RemoteDeputy {
+    /// Bind the child's listening socket on the address home reached this host at, then have
+    /// home fork.
+    fn fork_away(&mut self) -> Option<Result<i64, i64>> {
+        let ip = self.0.home.get()?.local_addr()?.ip();
+        // The previous fork's socket is the child's business.
+        drop(FORKED.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let l = match std::net::TcpListener::bind((ip, 0)) {
+            Ok(l) => l,
+            Err(e) => return Some(Err(errno_of(&e))),
+        };
+        let (addr, token) = match (l.local_addr(), migrate::tls::new_token()) {
+            (Ok(a), Ok(t)) => (a, t),
+            _ => return Some(Err(libc::EAGAIN as i64)),
+        };
+        let r = self.0.call(Request {
+            nr: vmm::deputy::FORK_AWAY,
+            args: [0; 6],
+            slots: vec![
+                Slot::In(addr.to_string().into_bytes()),
+                Slot::In(token.to_vec()),
+            ],
+        });
+        if r.ret < 0 {
+            return Some(Err(-r.ret));
+        }
+        *FORKED.lock().unwrap_or_else(|p| p.into_inner()) = Some((l, token));
+        Some(Ok(r.ret))
+    }
+
     fn request_home(&mut self) -> bool {
         (self.0.router.on_command)(Message::MigrateBack);
         true
@@ -439,11 +502,25 @@ impl Running {
 
     /// Serve request `r` on this thread (registered for cancels while it runs); false when
     /// the link is gone.
-    pub fn serve(&self, writer: &Wire, deputy: &Mutex<&mut dyn Deputy>, r: DeputyRequest) -> bool {
+    pub fn serve(
+        &self,
+        writer: &Wire,
+        deputy: &Mutex<&mut dyn Deputy>,
+        r: DeputyRequest,
+        on_fork: OnFork,
+    ) -> bool {
         let seq = r.seq;
         let stop = r.nr == vmm::deputy::STOP_AT_HOME;
         let lock = || deputy.lock().unwrap_or_else(|p| p.into_inner());
-        let begun = lock().begin(from_wire(r));
+        let begun = if r.nr == vmm::deputy::FORK_AWAY {
+            let ret = match ForkAway::from_slots(&r.slots) {
+                Some(f) => fork_deputy(&mut **lock(), f, on_fork),
+                None => -(libc::EINVAL as i64),
+            };
+            vmm::deputy::Begun::Done(Reply { ret, outs: vec![] })
+        } else {
+            lock().begin(from_wire(r))
+        };
         let reply = match begun {
             vmm::deputy::Begun::Done(r) => r,
             vmm::deputy::Begun::Pending(mut p) => {
@@ -471,6 +548,40 @@ impl Running {
     }
 }
 
+/// [`vmm::deputy::FORK_AWAY`] at home: fork this process; the child becomes the new
+/// process's deputy (`on_fork`, which never returns). The child's pid, or -errno. The caller
+/// holds the deputy's lock, which the child's copy of this thread then holds too.
+fn fork_deputy(deputy: &mut dyn Deputy, f: ForkAway, on_fork: OnFork) -> i64 {
+    // SAFETY: filling signal sets and changing this thread's mask touch only local state.
+    let old = unsafe {
+        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+            (std::mem::zeroed(), std::mem::zeroed());
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    };
+    // SAFETY: fork(2) in a process whose other threads hold no lock the child needs: the
+    // child uses only this thread's copy of the deputy (whose lock the caller holds), opens
+    // its own connections and starts its own threads.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // Signals the parent received and has not passed on are the parent guest's.
+        let _ = vmm::vm::take_host_signals();
+        // SAFETY: `old` is the mask pthread_sigmask filled in above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        // This thread is the child's only one: it takes the guest's signals.
+        vmm::vm::take_guest_signals_here();
+        on_fork(deputy, f);
+    }
+    // SAFETY: as above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if pid < 0 {
+        -errno_of(&std::io::Error::last_os_error())
+    } else {
+        pid as i64
+    }
+}
+
 /// Home side: serve the remote guest's deputy calls until it exits, comes home, or the link
 /// is lost or moves on. This thread reads the link and serves the calls; while one of them
 /// runs a while (it may block), a helper reads the link meanwhile: a cancel interrupts the
@@ -484,6 +595,7 @@ pub fn serve_home(
     deputy: &mut dyn Deputy,
     on_failed: &(dyn Fn(String) + Sync),
     on_usage: &(dyn Fn(u64, u64) + Sync),
+    on_fork: OnFork,
 ) -> HomeEnd {
     let reader = writer.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -547,7 +659,7 @@ pub fn serve_home(
                             let (running, writer) = (running.clone(), writer.clone());
                             scope.spawn(move || {
                                 block_host_signals();
-                                running.serve(&writer, deputy, r);
+                                running.serve(&writer, deputy, r, on_fork);
                             });
                         }
                         Ok(Some(Message::Abort { reason })) => on_failed(reason),
@@ -596,7 +708,7 @@ pub fn serve_home(
             match m {
                 Message::DeputyRequest(r) => {
                     busy.store(r.seq, std::sync::atomic::Ordering::SeqCst);
-                    let ok = running.serve(&writer, &deputy, r);
+                    let ok = running.serve(&writer, &deputy, r, on_fork);
                     busy.store(0, std::sync::atomic::Ordering::SeqCst);
                     if !ok {
                         break Ok(HomeEnd::Lost);
@@ -680,7 +792,10 @@ mod tests {
         };
         let home = std::thread::spawn(move || {
             let mut d = vmm::deputy::HostDeputy::with_stdio([0, pw, 2]);
-            match serve_home(home_end, &mut d, &|_| {}, &|_, _| {}) {
+            let no_fork = |_: &mut dyn Deputy, _| -> std::convert::Infallible {
+                panic!("nothing forks in this test")
+            };
+            match serve_home(home_end, &mut d, &|_| {}, &|_, _| {}, &no_fork) {
                 HomeEnd::Exited(s) => Some(s),
                 _ => None,
             }
@@ -713,6 +828,16 @@ mod tests {
             slots: vec![],
         });
         assert_eq!(bad.ret, -(libc::EBADF as i64));
+        // A fork away from home that does not say where the child waits: EINVAL, and home
+        // does not fork.
+        let fork = rd.call(Request {
+            nr: vmm::deputy::FORK_AWAY,
+            args: [0; 6],
+            slots: vec![Slot::In(b"not an address".to_vec()), Slot::In(vec![0; 32])],
+        });
+        assert_eq!(fork.ret, -(libc::EINVAL as i64));
+        // Over a link that is no TCP connection, the guest's deputy cannot fork away.
+        assert!(rd.fork_away().is_none());
         guest_end.send(&Message::Exit { status: 3 }).unwrap();
         assert_eq!(home.join().unwrap(), Some(3));
         // SAFETY: closing our own pipe descriptors.

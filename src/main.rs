@@ -8,6 +8,7 @@ mod capacity;
 mod client;
 mod control;
 mod datagrams;
+mod forkaway;
 mod gossip;
 mod guesthost;
 mod hosting;
@@ -277,7 +278,7 @@ fn run(a: RunArgs) -> ExitCode {
     };
     // The guest's limits are taken; the VMM's own descriptors get room beyond them.
     vmm::deputy::raise_own_nofile();
-    let reg = register(a.socket.as_deref(), &vm);
+    let reg = register(a.socket.as_deref(), Announce::of(&vm));
     match run_guest(vm, reg, a.socket.as_deref()) {
         Ok((status, vm)) => {
             if let Some(vm) = vm.filter(|vm| vm.wants_stats()) {
@@ -323,17 +324,69 @@ struct Registration {
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// CPU time the guest used on hosts it has left, ns.
     remote_cpu_ns: std::sync::atomic::AtomicU64,
+    /// The node's control socket.
+    socket: PathBuf,
+    /// The descriptors of the connection to the node (a forked child closes its copies).
+    fds: [std::os::fd::RawFd; 2],
+    /// The program's path as it changes (execve).
+    program: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Registration {
+    /// In the child of a host fork: the parent's registration is not the child's. Its
+    /// connection's copies close (the node sees the parent end when it does); nothing else
+    /// of it is touched (its threads are not in this process).
+    fn abandon(self) {
+        for fd in self.fds {
+            // SAFETY: the child's copies of the registration's descriptors, which nothing in
+            // the child uses (the registration is forgotten, never dropped).
+            unsafe { libc::close(fd) };
+        }
+        std::mem::forget(self);
+    }
+}
+
+/// What a process tells its node as it registers.
+struct Announce {
+    program: String,
+    locked: bool,
+    /// The guest's lock flag (the node's lock and unlock set it).
+    lock: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The program's path as it changes (execve).
+    program_cell: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The guest running here, if it is here.
+    current: Option<CurrentVm>,
+    /// The node it runs on, if it is not here.
+    away_on: Option<String>,
+}
+
+impl Announce {
+    fn of(vm: &vmm::vm::Vm) -> Announce {
+        Announce {
+            program: vm.program().display().to_string(),
+            locked: vm.locked(),
+            lock: vm.lock_flag(),
+            program_cell: vm.program_cell(),
+            current: Some(current_of(vm)),
+            away_on: None,
+        }
+    }
+}
+
+fn current_of(vm: &vmm::vm::Vm) -> CurrentVm {
+    (vm.memory_view(), vm.pause_handle(), vm.call_counts())
 }
 
 /// What the registration thread reads of the guest running here: its memory, its pause
 /// handle and its system-call counts.
-type Current = std::sync::Arc<
-    std::sync::Mutex<(
-        vmm::memory::MemView,
-        vmm::vm::PauseHandle,
-        std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
-    )>,
->;
+type CurrentVm = (
+    vmm::memory::MemView,
+    vmm::vm::PauseHandle,
+    std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+);
+
+/// The guest running here, while it is here.
+type Current = std::sync::Arc<std::sync::Mutex<Option<CurrentVm>>>;
 
 type RemoteSlot = std::sync::Arc<std::sync::Mutex<Option<wire::Wire>>>;
 
@@ -390,24 +443,23 @@ fn start_migration(
 /// keeps the registration (the node sees the process end when it closes), reports guest
 /// memory, and applies the node's commands: lock/unlock, and migrate (pre-copy runs on that
 /// thread; the switch-over is handed to the vCPU thread through `jobs`).
-fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
+fn register(socket: Option<&Path>, a: Announce) -> Option<Registration> {
     use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
     let path = control::socket_path(socket);
     let stream = std::os::unix::net::UnixStream::connect(&path).ok()?;
     let req = control::Request::Register {
         pid: std::process::id(),
-        program: vm.program().display().to_string(),
-        locked: vm.locked(),
+        program: a.program.clone(),
+        locked: a.locked,
+        away_on: a.away_on,
     };
-    let current: Current = std::sync::Arc::new(std::sync::Mutex::new((
-        vm.memory_view(),
-        vm.pause_handle(),
-        vm.call_counts(),
-    )));
+    let current: Current = std::sync::Arc::new(std::sync::Mutex::new(a.current));
     let now = current.clone();
-    let lock = vm.lock_flag();
-    let prog = vm.program().display().to_string();
+    let lock = a.lock;
+    let prog = a.program;
     let mut w = stream.try_clone().ok()?;
+    let fds = [stream.as_raw_fd(), w.as_raw_fd()];
     let mut line = serde_json::to_string(&req).ok()?;
     line.push('\n');
     w.write_all(line.as_bytes()).ok()?;
@@ -426,7 +478,9 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
     let busy_r = busy.clone();
     let (remote_r, home_r) = (remote.clone(), home.clone());
     let upd = updates.clone();
-    let program = vm.program_cell();
+    let program = a.program_cell;
+    let program_r = program.clone();
+    let socket_path = path.clone();
     // What the node was told: the program may change (execve) before this thread starts.
     let mut shown = prog.clone();
     std::thread::spawn(move || {
@@ -462,7 +516,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                             send_update(&upd, &control::Update::MigrationFailed { reason });
                             continue;
                         }
-                        let Ok((view, pause, _)) = now.lock().map(|c| c.clone()) else {
+                        let Some((view, pause, _)) = now.lock().ok().and_then(|c| c.clone()) else {
                             busy.store(false, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         };
@@ -532,7 +586,7 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
                 );
                 shown = prog;
             }
-            if let Ok(c) = now.lock() {
+            if let Some(c) = now.lock().ok().as_ref().and_then(|c| c.as_ref()) {
                 send_update(&upd, &control::Update::Memory { bytes: c.0.used() });
                 let n = |i: usize| c.2[i].load(std::sync::atomic::Ordering::Relaxed);
                 send_update(
@@ -563,6 +617,9 @@ fn register(socket: Option<&Path>, vm: &vmm::vm::Vm) -> Option<Registration> {
         current,
         busy: busy_r,
         remote_cpu_ns: Default::default(),
+        socket: socket_path,
+        fds,
+        program: program_r,
     })
 }
 
@@ -580,8 +637,10 @@ fn run_guest(
         if vm.take_forked() {
             // This is a forked child: the parent's registration threads did not come along
             // (leave their remains alone); the child registers as a process of its own.
-            std::mem::forget(reg.take());
-            reg = register(socket, &vm);
+            if let Some(r) = reg.take() {
+                r.abandon();
+            }
+            reg = register(socket, Announce::of(&vm));
             continue;
         }
         let pause = vm.pause_handle();
@@ -665,9 +724,28 @@ fn serve_remote(
             std::sync::atomic::Ordering::SeqCst,
         );
     };
+    // Where the guest runs now and the link to it: a child forked there is told the first,
+    // and closes its copy of the second.
+    let now = std::sync::Mutex::new((host.clone(), link.raw_fd()));
+    let (socket, home, reg_fds, program) = (&reg.socket, &reg.home, reg.fds, &reg.program);
+    let on_fork = |d: &mut dyn vmm::deputy::Deputy, f: link::ForkAway| {
+        let (host, link_fd) = now.lock().map(|n| n.clone()).unwrap_or_default();
+        let parent = forkaway::Parent {
+            socket: socket.clone(),
+            home: home.clone(),
+            host,
+            cert: cert.to_vec(),
+            program: program.lock().map(|p| p.clone()).unwrap_or_default(),
+            fds: vec![link_fd, reg_fds[0], reg_fds[1]],
+        };
+        forkaway::become_childs_deputy(d, f, &parent)
+    };
     let end = loop {
         set_remote(Some(link.clone()));
-        let end = link::serve_home(link.clone(), &mut **deputy, &on_failed, &on_usage);
+        if let Ok(mut n) = now.lock() {
+            *n = (host.clone(), link.raw_fd());
+        }
+        let end = link::serve_home(link.clone(), &mut **deputy, &on_failed, &on_usage, &on_fork);
         host_done();
         match end {
             // The guest moved on: connect its deputy channel to the new host.
@@ -720,7 +798,7 @@ fn serve_remote(
     let received = migration::receive(&mut conn, Some(offer), &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
-                let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r);
+                let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r, &on_fork);
                 anyhow::ensure!(ok, "the link closed");
             }
             migrate::Message::Exit { status } => {
@@ -751,7 +829,7 @@ fn serve_remote(
         },
     );
     if let Ok(mut c) = reg.current.lock() {
-        *c = (vm.memory_view(), vm.pause_handle(), vm.call_counts());
+        *c = Some(current_of(&vm));
     }
     Ok(Ok(vm))
 }

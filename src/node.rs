@@ -361,10 +361,40 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
         }
     };
     match req {
+        Request::Hosting {
+            pid,
+            home,
+            program,
+            host_pid,
+        } => {
+            shared.lock().expect("state lock").hosted.insert(
+                host_pid,
+                Hosted {
+                    pid,
+                    home,
+                    program,
+                    since: std::time::Instant::now(),
+                    calls: (0, 0),
+                },
+            );
+            tracing::info!(pid, host_pid, "hosting a guest forked here");
+            reply(&mut write, &Reply::Ok).await?;
+            while let Ok(Some(l)) = lines.next_line().await {
+                if let Ok(Update::Calls { home, local }) = serde_json::from_str(&l) {
+                    if let Some(h) = shared.lock().expect("state lock").hosted.get_mut(&host_pid) {
+                        h.calls = (home, local);
+                    }
+                }
+            }
+            shared.lock().expect("state lock").hosted.remove(&host_pid);
+            tracing::info!(pid, host_pid, "guest host ended");
+            Ok(())
+        }
         Request::Register {
             pid,
             program,
             locked,
+            away_on,
         } => {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let name = {
@@ -373,7 +403,7 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 let info = ProcInfo {
                     pid,
                     program: program.clone(),
-                    node: node.clone(),
+                    node: away_on.unwrap_or_else(|| node.clone()),
                     state: "running".into(),
                     cpu_s: 0.0,
                     mem_bytes: 0,

@@ -394,6 +394,24 @@ impl Wire {
         }
     }
 
+    /// The socket's descriptor. A forked child that never uses this end closes its copy of
+    /// it by number (closing says nothing to the peer; the parent's end stays as it is).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &*self.0 {
+            Inner::Local { sock, .. } => sock.as_raw_fd(),
+            Inner::Tls { sock, .. } => sock.as_raw_fd(),
+        }
+    }
+
+    /// This end's TCP address (None for a local pair).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &*self.0 {
+            Inner::Local { .. } => None,
+            Inner::Tls { sock, .. } => sock.local_addr().ok(),
+        }
+    }
+
     /// Close both directions: a thread blocked in [`Wire::recv`] returns.
     pub fn shutdown(&self) {
         let _ = match &*self.0 {

@@ -9,7 +9,7 @@
 pub mod marshal;
 pub mod pseudo;
 
-pub use pseudo::{RELEASE_TID, RESERVE_TID, STOP_AT_HOME};
+pub use pseudo::{FORK_AWAY, RELEASE_TID, RESERVE_TID, STOP_AT_HOME};
 
 use crate::table;
 
@@ -106,6 +106,22 @@ pub trait Deputy: Send {
     /// This deputy is the child's copy after a host fork(2): what it owns with the parent
     /// (temporary directories) stays the parent's.
     fn forked(&mut self) {}
+
+    /// Away from home, the guest forks: have home fork the child's deputy
+    /// ([`FORK_AWAY`]) and get ready for it to connect to this host's copy of the guest after
+    /// the host fork. `Some(Ok(pid))`: the child's pid; `Some(Err(errno))`: the fork failed
+    /// at home; `None`: this deputy cannot (at home, where the VMM and the deputy fork
+    /// together).
+    fn fork_away(&mut self) -> Option<Result<i64, i64>> {
+        None
+    }
+
+    /// Hand over everything this deputy holds to a new box, leaving an empty deputy behind
+    /// (the child of a fork at home takes the deputy its parent's link served, which it
+    /// borrows). None when this deputy cannot be taken.
+    fn take(&mut self) -> Option<Box<dyn Deputy>> {
+        None
+    }
 
     /// Away from home: ask for the guest to be brought home (a call that can only run there,
     /// such as making a writable shared mapping, waits for it). False when nothing can bring
@@ -773,6 +789,16 @@ impl Deputy for HostDeputy {
         // The parent removes them; the child's copies of their descriptors stay usable.
         self.fd_dirs.clear();
         pseudo::clear_held(false);
+    }
+
+    fn take(&mut self) -> Option<Box<dyn Deputy>> {
+        let empty = HostDeputy {
+            fds: vec![None; 3],
+            fd_dirs: Vec::new(),
+            nofile: self.nofile,
+            exe: None,
+        };
+        Some(Box::new(std::mem::replace(self, empty)))
     }
 
     fn exec(&mut self, exe: &std::path::Path) {

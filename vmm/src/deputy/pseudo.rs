@@ -63,6 +63,16 @@ pub const RESERVE_TID: u64 = STOP_AT_HOME + 1;
 /// [`RESERVE_TID`] has exited: end its placeholder. 0, or -ESRCH for an id not reserved here.
 pub const RELEASE_TID: u64 = STOP_AT_HOME + 2;
 
+/// Not a Linux call: a guest away from home forks (fork, vfork, clone without CLONE_THREAD).
+/// Its home process forks too: the child's deputy, with the parent's descriptors, cwd,
+/// credentials, process group and terminal, whose host pid is the child's pid. The child's
+/// deputy then connects to the child's guest host, which waits at the address in the first
+/// slot (`In`, UTF-8 `ip:port`) for a connection bearing the token in the second (`In`, 32
+/// bytes). Returns the child's pid, or -errno (fork(2)'s EAGAIN, ENOMEM; EINVAL for a malformed
+/// request). Served by the home process's link to the guest (`mosvm run`), not by
+/// [`super::HostDeputy`], whose process this forks.
+pub const FORK_AWAY: u64 = STOP_AT_HOME + 3;
+
 /// Threads of this (home) process holding thread ids for guest threads that run elsewhere,
 /// by id: how to end each. One guest per home process, so one registry per process.
 static HELD: Mutex<BTreeMap<i64, mpsc::SyncSender<()>>> = Mutex::new(BTreeMap::new());

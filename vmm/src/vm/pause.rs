@@ -155,6 +155,18 @@ pub fn parent_sigcont_is_the_hosts() {
     PARENT_CONT_IS_OURS.store(true, Ordering::Relaxed);
 }
 
+/// A guest host: its host children are the VMMs of the guest's children forked away from
+/// home, whose SIGCHLD the guest gets from home (where their deputies are its deputy's
+/// children), not from here.
+static CHILDREN_ARE_OURS: AtomicBool = AtomicBool::new(false);
+
+/// In a guest host: SIGCHLD from the host's own children is not the guest's. It is ignored on
+/// the host (the kernel reaps them), whatever the guest's SIGCHLD action.
+pub fn host_children_are_the_hosts() {
+    CHILDREN_ARE_OURS.store(true, Ordering::SeqCst);
+    mirror_sigchld(true, 0);
+}
+
 pub(super) extern "C" fn on_signal(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
@@ -357,7 +369,11 @@ pub fn install_signal_handlers() {
         start_watchdog();
     }
     for sig in (1..=64).filter(|&s| caught(s)) {
-        set_handler(sig);
+        if sig == libc::SIGCHLD && CHILDREN_ARE_OURS.load(Ordering::SeqCst) {
+            mirror_sigchld(true, 0);
+        } else {
+            set_handler(sig);
+        }
     }
     unblock_guest_signals();
 }
@@ -510,6 +526,7 @@ fn set_handler_raw(sig: i32) {
 /// Mirror the guest's SIGCHLD action on the host, where its children are: ignored (children
 /// are reaped at once), SA_NOCLDWAIT, SA_NOCLDSTOP; otherwise taken for the guest.
 pub(super) fn mirror_sigchld(ignored: bool, flags: u64) {
+    let ignored = ignored || CHILDREN_ARE_OURS.load(Ordering::SeqCst);
     // SAFETY: a zeroed sigaction with SIG_IGN or the guest-signal handler and an empty mask is
     // a valid argument.
     unsafe {

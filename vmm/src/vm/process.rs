@@ -151,21 +151,25 @@ impl Vm {
             }
             return Err(ENOSYS);
         }
-        if !self.deputy.is_local() {
-            // Away from home the child's deputy must still be forked at home: not yet.
-            if self.warned.insert(0x7000_0003) {
-                eprintln!(
-                    "mosvm: {}: fork while away from home waits for the process to come home",
-                    self.program.display()
-                );
-            }
-            self.wait_for_home("fork")?;
-        }
-        self.home_wait = None;
         if self.th.mt.is_some() && self.tid != self.pid && self.th.fork_snapshot.is_none() {
             // The child's only thread runs on the host's first thread (see vm/thread.rs).
             return self.delegate_fork(c);
         }
+        // Away from home the child's deputy is forked at home first, and its pid is the
+        // child's (this host's fork below is only the child's VMM).
+        let away_pid = if self.deputy.is_local() {
+            None
+        } else {
+            match self.deputy.fork_away() {
+                Some(Ok(pid)) => Some(pid),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    self.wait_for_home("fork")?;
+                    None
+                }
+            }
+        };
+        self.home_wait = None;
         // The parent's state as the child starts from it, taken before the host fork.
         let mut st = match self.th.fork_snapshot.take() {
             Some(st) => st,
@@ -203,6 +207,11 @@ impl Vm {
             super::pause::restore_mask(&old_mask);
         }
         if pid < 0 {
+            if let Some(child) = away_pid {
+                // The child's deputy at home has no guest to serve: end it, and reap it.
+                self.call_deputy(libc::SYS_kill, [child as u64, 9, 0, 0, 0, 0], vec![]);
+                self.call_deputy(libc::SYS_wait4, [child as u64, 0, 0, 0, 0, 0], vec![]);
+            }
             if let Some(p) = vfork_pipe {
                 // SAFETY: both descriptors are ours.
                 unsafe {
@@ -213,6 +222,8 @@ impl Vm {
             return Err(super::last_errno());
         }
         if pid > 0 {
+            // The guest's pid of the child: its deputy's at home when away.
+            let pid = away_pid.map(|p| p as i32).unwrap_or(pid);
             if f & CLONE_PIDFD != 0 {
                 // A pidfd of the child, in the guest's table (close-on-exec, as Linux's).
                 let fd =
@@ -257,7 +268,7 @@ impl Vm {
             unsafe { libc::close(p[0]) };
             self.vfork_done = Some(p[1]);
         }
-        let became = self.become_child(st, layout, &c);
+        let became = self.become_child(st, layout, &c, away_pid);
         // The plumbing is up: the signals sent to the child meanwhile come in now.
         super::install_signal_handlers();
         self.sig.mirror_all();
@@ -280,6 +291,7 @@ impl Vm {
         st: crate::snapshot::VcpuState,
         layout: crate::memory::Layout,
         c: &CloneArgs,
+        away_pid: Option<i64>,
     ) -> anyhow::Result<Step> {
         // Host signal plumbing: a watchdog thread of its own (started once the VM is up).
         IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
@@ -310,14 +322,20 @@ impl Vm {
         self.cur.host = tid as i32;
         self.pause.inner.thread.store(me, Ordering::SeqCst);
         self.pause.clear();
-        self.pid = self
-            .deputy
-            .call(crate::deputy::Request {
-                nr: libc::SYS_getpid as u64,
-                args: [0; 6],
-                slots: vec![],
-            })
-            .ret;
+        self.pid = match away_pid {
+            // (The parent's link home is not this process's: the embedding program gives
+            // the child its own before the guest runs on.)
+            Some(pid) => pid,
+            None => {
+                self.deputy
+                    .call(crate::deputy::Request {
+                        nr: libc::SYS_getpid as u64,
+                        args: [0; 6],
+                        slots: vec![],
+                    })
+                    .ret
+            }
+        };
         self.deputy.forked();
         // Locks other threads of the parent held at the fork stay held in the child's copy:
         // a cell they share gets a new one.
@@ -368,9 +386,23 @@ impl Vm {
     }
 
     /// The child of a fork has run: the embedding program re-registers it (its node knows the
-    /// parent only). True once per fork.
+    /// parent only), and away from home gives it its own link home ([`Vm::replace_deputy`]).
+    /// True once per fork.
     pub fn take_forked(&mut self) -> bool {
         std::mem::take(&mut self.forked)
+    }
+
+    /// Put `deputy` in place of the guest's deputy; returns the one it replaces.
+    pub fn replace_deputy(
+        &mut self,
+        deputy: Box<dyn crate::deputy::Deputy>,
+    ) -> Box<dyn crate::deputy::Deputy> {
+        std::mem::replace(&mut self.deputy, deputy)
+    }
+
+    /// The guest's pid (its home process's).
+    pub fn pid(&self) -> i64 {
+        self.pid
     }
 
     /// A vfork child execs or exits: its parent goes on, with the pages the child wrote

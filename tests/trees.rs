@@ -1,0 +1,69 @@
+//! Process trees across the cluster: a process away from home forks there. Each child runs on
+//! its parent's node from its first instruction (in a host fork of the parent's guest host),
+//! with its own deputy forked at home, moves on its own, and ends as natively; what the tree
+//! prints, its exit status and the files it writes must equal a native run.
+
+#[macro_use]
+mod common;
+
+use common::cluster::{keygen, loopback_cluster, proc_info, ps, tour, wait_for};
+use common::Case;
+use std::path::Path;
+use std::time::Duration;
+
+/// The processes node `sock` lists whose program is `program` and whose pid is not `but`.
+fn others(sock: &Path, program: &str, but: u32) -> Vec<serde_json::Value> {
+    ps(sock)
+        .into_iter()
+        .filter(|p| p["program"].as_str().is_some_and(|s| s.ends_with(program)))
+        .filter(|p| p["pid"].as_u64() != Some(but as u64))
+        .collect()
+}
+
+#[test]
+fn children_forked_away_from_home_run_there_and_move_on_their_own() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
+    let (home, b) = (&nodes[0], &nodes[2]);
+    // forkaway forks three children once it runs on b: they start on b (home lists them there
+    // and b hosts them), then one moves to a and one home while they run; each ends in its
+    // own way (exit status, its own SIGTERM, the parent's SIGKILL), and the parent's waits,
+    // a vfork + exec and a grandchild go as natively.
+    for variant in ["glibc-static", "musl-static", "dynamic"] {
+        Case::image(variant, "forkaway")
+            .socket(&home.sock)
+            .timeout(Duration::from_secs(180))
+            .check_each(|run, under_mosvm| {
+                let pid = run.pid();
+                if under_mosvm {
+                    common::cluster::wait_registered(&home.sock, pid);
+                    tour(home, pid, &["b"], &mut |_| {});
+                }
+                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                wait_for("three children to start", Duration::from_secs(60), || {
+                    (0..3).all(|i| run.dir().join(format!("child{i}.ready")).exists())
+                });
+                if under_mosvm {
+                    let kids = others(&home.sock, "forkaway", pid);
+                    assert_eq!(kids.len(), 3, "home lists the children: {kids:?}");
+                    for k in &kids {
+                        assert_eq!(k["node"], "b", "a child started away from b: {k}");
+                        assert_eq!(k["migrations"], 0, "{k}");
+                    }
+                    let hosted = others(&b.sock, "forkaway", 0);
+                    assert_eq!(hosted.len(), 4, "b hosts parent and children: {hosted:?}");
+                    let kid = |i: usize| kids[i]["pid"].as_u64().unwrap() as u32;
+                    tour(home, kid(0), &["a"], &mut |_| {});
+                    tour(home, kid(1), &["home"], &mut |_| {});
+                    let p = proc_info(&home.sock, pid).unwrap();
+                    assert_eq!(p["node"], "b", "the parent stays where it was: {p}");
+                }
+                std::fs::write(run.dir().join("checked"), b"").unwrap();
+            });
+        if let Some(left) = others(&home.sock, "forkaway", 0).first() {
+            panic!("a process of the tree outlived it: {left}");
+        }
+    }
+}
