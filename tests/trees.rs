@@ -67,3 +67,37 @@ fn children_forked_away_from_home_run_there_and_move_on_their_own() {
         }
     }
 }
+
+#[test]
+fn a_shell_moved_away_runs_its_commands_from_there_as_natively() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let home = &nodes[0];
+    // Once the shell runs on b, its commands fork there; each exec checks the program at home
+    // (a missing or non-executable one fails there with Linux's errno, seen as 127 and 126,
+    // the child staying on b) and then completes at home without the shell's memory; at the
+    // end the shell execs itself away.
+    let script = "while [ ! -e moved ]; do :; done; \
+        for i in 1 2 3; do echo \"line $i\" | tr a-z A-Z; done; \
+        nosuchcommand 2>/dev/null; echo \"missing: $?\"; \
+        ./data.txt 2>/dev/null; echo \"not executable: $?\"; \
+        echo \"substituted: $(seq 1 100 | sort -rn | head -n 1)\"; \
+        (echo in a subshell; exit 3) & wait $!; echo \"background: $?\"; \
+        sh -c 'echo nested > nested.txt'; \
+        exec /bin/echo the shell exec\\'d itself";
+    Case::new("/bin/sh")
+        .args(["-c", script])
+        .file("data.txt", b"not a program\n")
+        .socket(&home.sock)
+        .timeout(Duration::from_secs(120))
+        .check_each(|run, under_mosvm| {
+            let pid = run.pid();
+            if under_mosvm {
+                common::cluster::wait_registered(&home.sock, pid);
+                tour(home, pid, &["b"], &mut |_| {});
+            }
+            std::fs::write(run.dir().join("moved"), b"").unwrap();
+        });
+}

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 mod exec;
+pub(crate) use exec::check_program;
 mod futex;
 mod mem;
 mod net;
@@ -200,6 +201,8 @@ pub struct Vm {
     /// That child runs on a copy of its parent's memory which natively it would share: the
     /// pages it writes go back through the pipe.
     vfork_shared: bool,
+    /// An execve made away from home that completes at home (see `exec.rs`).
+    exec_home: Option<exec::ExecHome>,
     /// POSIX timers (timer_create).
     timers: Vec<timers::PosixTimer>,
     /// `program` for other threads (the registration reports a new one after execve).
@@ -370,6 +373,7 @@ impl Vm {
             forked: false,
             vfork_done: None,
             vfork_shared: false,
+            exec_home: None,
             program_cell: Default::default(),
             timers: Vec::new(),
             mono_offset_ns: 0,
@@ -466,6 +470,15 @@ impl Vm {
         loop {
             if self.pause.requested() {
                 return Ok(None);
+            }
+            if self.exec_home.is_some() {
+                if let Some(step) = self.exec_arrived() {
+                    let nr = libc::SYS_execve as u64;
+                    if let Some(out) = self.complete(nr, [0; 6], step)? {
+                        return Ok(Some(out));
+                    }
+                }
+                continue;
             }
             self.load_new_root()?;
             self.pause.inner.in_guest.store(true, Ordering::SeqCst);

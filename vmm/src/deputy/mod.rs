@@ -9,7 +9,7 @@
 pub mod marshal;
 pub mod pseudo;
 
-pub use pseudo::{FORK_AWAY, RELEASE_TID, RESERVE_TID, STOP_AT_HOME};
+pub use pseudo::{EXEC_CHECK, FORK_AWAY, RELEASE_TID, RESERVE_TID, STOP_AT_HOME};
 
 use crate::table;
 
@@ -773,6 +773,29 @@ impl Default for HostDeputy {
     }
 }
 
+impl HostDeputy {
+    /// [`EXEC_CHECK`]: the program is looked up as the guest's execveat would, from the
+    /// guest's descriptor.
+    fn exec_check(&self, req: &Request) -> Reply {
+        let (dirfd, flags) = (req.args[0] as i32, req.args[1] as i32);
+        let [Slot::In(path)] = req.slots.as_slice() else {
+            return Reply::err(EINVAL);
+        };
+        let dir = if dirfd == libc::AT_FDCWD || path.first() == Some(&b'/') {
+            libc::AT_FDCWD
+        } else {
+            match self.host_fd(dirfd as u32 as u64) {
+                Ok(h) => h,
+                Err(e) => return Reply::err(e),
+            }
+        };
+        match crate::vm::check_program(dir, path, flags) {
+            Ok(()) => Reply::default(),
+            Err(e) => Reply::err(e),
+        }
+    }
+}
+
 impl Drop for HostDeputy {
     fn drop(&mut self) {
         for f in self.fds.drain(..).flatten() {
@@ -860,6 +883,9 @@ impl Deputy for HostDeputy {
     fn begin(&mut self, req: Request) -> Begun {
         if let Some(r) = pseudo::call(&req) {
             return Begun::Done(r);
+        }
+        if req.nr == EXEC_CHECK {
+            return Begun::Done(self.exec_check(&req));
         }
         if let Some(ret) = self.fd_call(&req).or_else(|| self.open_fd_dir(&req)) {
             return Begun::Done(Reply { ret, outs: vec![] });

@@ -73,6 +73,12 @@ pub const RELEASE_TID: u64 = STOP_AT_HOME + 2;
 /// [`super::HostDeputy`], whose process this forks.
 pub const FORK_AWAY: u64 = STOP_AT_HOME + 3;
 
+/// Not a Linux call: a guest away from home execs. Would execve(2) get past its checks for the
+/// program at the path in the only slot (`In`), relative to the guest's descriptor `args[0]`
+/// (or AT_FDCWD), with execveat's `args[1]` flags? 0, or the errno execve(2) gives (ENOENT,
+/// EACCES, ENOEXEC, ELOOP, ...), negated.
+pub const EXEC_CHECK: u64 = STOP_AT_HOME + 4;
+
 /// Threads of this (home) process holding thread ids for guest threads that run elsewhere,
 /// by id: how to end each. One guest per home process, so one registry per process.
 static HELD: Mutex<BTreeMap<i64, mpsc::SyncSender<()>>> = Mutex::new(BTreeMap::new());

@@ -1,8 +1,10 @@
 //! execve(2) and execveat(2): the same process (pid, deputy, descriptors without
 //! close-on-exec ones, signal mask and pending signals, interval timers) with a new program
 //! in a new address space; handlers reset, statistics reset (paper §4.3). `#!` scripts run
-//! their interpreter as binfmt_script does. Exec runs at home: a process away is brought home
-//! first (the program and its interpreter are files of the home node).
+//! their interpreter as binfmt_script does. Exec runs at home (the program and its interpreter
+//! are files of the home node): a process away has home check the program first (what cannot
+//! run fails there with Linux's errno, the process staying where it is), then drops its old
+//! program and moves home with next to no memory, where the exec completes ([`ExecHome`]).
 
 use super::{signal, Step, Vm, EFAULT, EINVAL};
 use crate::loader::{self, parse_shebang, AuxFacts, LoadError};
@@ -33,6 +35,65 @@ fn load_errno(e: &LoadError) -> i64 {
         LoadError::TooBig(..) => super::ENOMEM,
         _ => ENOEXEC,
     }
+}
+
+/// An execve past its point of no return, to complete at home: a process away drops its old
+/// program where it runs and moves home (with next to no memory) to load the new one there.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct ExecHome {
+    /// execveat's `dirfd` (the guest's descriptor, or AT_FDCWD).
+    dirfd: i32,
+    path: Vec<u8>,
+    argv: Vec<Vec<u8>>,
+    envp: Vec<Vec<u8>>,
+    flags: i32,
+}
+
+/// What [`crate::deputy::EXEC_CHECK`] finds at home of the program at `path` (relative to host
+/// descriptor `dir`): Ok when execve(2) would get past its checks, else its errno.
+pub(crate) fn check_program(dir: i32, path: &[u8], flags: i32) -> Result<(), i64> {
+    if path.is_empty() && flags & libc::AT_EMPTY_PATH == 0 {
+        return Err(ENOENT);
+    }
+    let mut argv = vec![Vec::new()];
+    let mut filename = path.to_vec();
+    open_program(dir, path, flags, &mut argv, &mut filename).map(drop)
+}
+
+/// Open the program execve(2) runs for `path` (relative to host descriptor `dir`): a `#!`
+/// script's interpreter in its place (its name then in `filename`, and its arguments before
+/// `argv`'s), checked as Linux checks it. Linux's errno otherwise.
+fn open_program(
+    dir: i32,
+    path: &[u8],
+    flags: i32,
+    argv: &mut Vec<Vec<u8>>,
+    filename: &mut Vec<u8>,
+) -> Result<(ExecFile, PathBuf), i64> {
+    let mut file = open_exec(dir, path, flags)?;
+    // `#!` scripts: the interpreter runs with the script's name as an argument.
+    for depth in 0.. {
+        let mut head = [0u8; BINPRM_BUF_SIZE];
+        // SAFETY: `head` is a writable local buffer of its length; `file` is open.
+        let n = unsafe { libc::pread(file.0, head.as_mut_ptr().cast(), head.len(), 0) };
+        let head = &head[..n.max(0) as usize];
+        let Some((interp, arg)) = parse_shebang(head) else {
+            break;
+        };
+        if depth >= MAX_SCRIPT_DEPTH {
+            return Err(ELOOP);
+        }
+        let mut new = vec![interp.clone()];
+        new.extend(arg);
+        new.push(filename.clone());
+        new.extend(std::mem::take(argv).into_iter().skip(1));
+        *argv = new;
+        file = open_exec(libc::AT_FDCWD, &interp, 0)?;
+        *filename = interp;
+    }
+    let exe = PathBuf::from(format!("/proc/self/fd/{}", file.0));
+    loader::check(&exe).map_err(|e| load_errno(&e))?;
+    Ok((file, exe))
 }
 
 impl Vm {
@@ -115,12 +176,109 @@ impl Vm {
             path = self.program.as_os_str().as_encoded_bytes().to_vec();
         }
         let mut total = 0;
-        let mut argv = self.read_strings(argv_va, &mut total)?;
+        let argv = self.read_strings(argv_va, &mut total)?;
         let envp = self.read_strings(envp_va, &mut total)?;
+        let e = ExecHome {
+            dirfd,
+            path,
+            argv,
+            envp,
+            flags,
+        };
         if !self.deputy.is_local() {
+            if self.th.others.is_empty() && self.th.mt.is_none() {
+                return self.exec_away(e);
+            }
+            // Threads end at the exec, which their states must reach home for first.
             self.wait_for_home("execve")?;
         }
         self.home_wait = None;
+        self.exec_with(e)
+    }
+
+    /// execve of a process away from home: home checks the program; then the old program
+    /// goes here (its memory is not worth a move) and the process waits to be home, where
+    /// [`Vm::exec_arrived`] completes the call.
+    fn exec_away(&mut self, e: ExecHome) -> Result<Step, i64> {
+        let r = self.call_deputy(
+            crate::deputy::EXEC_CHECK as i64,
+            [e.dirfd as u64, e.flags as u64, 0, 0, 0, 0],
+            vec![crate::deputy::Slot::In(e.path.clone())],
+        );
+        if r.ret < 0 {
+            return Err(-r.ret);
+        }
+        if !self.deputy.request_home() {
+            return Err(super::ENODEV);
+        }
+        if self.opts.trace {
+            eprintln!("[mosvm] execve needs home: moving the process home without its old program");
+        }
+        // The point of no return.
+        self.drop_program();
+        self.exec_home = Some(e);
+        self.home_wait = Some(std::time::Instant::now());
+        Ok(Step::Gone)
+    }
+
+    /// An execve's point of no return: a vfork parent goes on (with what this child wrote),
+    /// and the old program's memory goes.
+    fn drop_program(&mut self) {
+        self.release_vfork_parent();
+        let old: Vec<(u64, u64)> = self.space.vmas().map(|(s, v)| (s, v.end)).collect();
+        for (s, end) in old {
+            let _ = self.space.munmap(s, end - s);
+        }
+    }
+
+    /// Before the guest runs: an execve that left its old program away from home completes
+    /// once the process is home (`Some` step to complete), and waits for that meanwhile
+    /// (`None`; asking again now and then). A process that cannot get home within
+    /// `HOME_WAIT` is killed (its old program is gone).
+    pub(super) fn exec_arrived(&mut self) -> Option<Step> {
+        const HOME_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+        const ASK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+        if self.deputy.is_local() {
+            let e = self.exec_home.take()?;
+            self.home_wait = None;
+            return Some(self.exec_with(e).unwrap_or_else(|errno| {
+                // The program changed at home since it was checked: Linux's fate for an exec
+                // failing past its point of no return.
+                eprintln!(
+                    "mosvm: {}: execve failed at home after its point of no return (errno {errno})",
+                    self.program.display()
+                );
+                Step::Exit(super::Outcome::Signaled(libc::SIGSEGV))
+            }));
+        }
+        let waited = self
+            .home_wait
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        if waited > HOME_WAIT {
+            eprintln!(
+                "mosvm: {}: execve is completed at home only, and the process could not get home",
+                self.program.display()
+            );
+            return Some(Step::Exit(super::Outcome::Signaled(libc::SIGKILL)));
+        }
+        let tick = std::time::Duration::from_millis(5);
+        if (waited.as_millis() % ASK_EVERY.as_millis()) < tick.as_millis() && waited > tick {
+            self.deputy.request_home();
+        }
+        std::thread::sleep(tick);
+        None
+    }
+
+    /// execve at home, from its checked arguments.
+    fn exec_with(&mut self, e: ExecHome) -> Result<Step, i64> {
+        let ExecHome {
+            dirfd,
+            path,
+            mut argv,
+            envp,
+            flags,
+        } = e;
         // The file, as the user's own open of it at home would find it.
         let host_dir = if dirfd == libc::AT_FDCWD || path.first() == Some(&b'/') {
             libc::AT_FDCWD
@@ -132,7 +290,6 @@ impl Vm {
         if path.is_empty() && flags & libc::AT_EMPTY_PATH == 0 {
             return Err(ENOENT);
         }
-        let mut file = open_exec(host_dir, &path, flags)?;
         let mut filename = if path.is_empty() {
             format!("/dev/fd/{dirfd}").into_bytes()
         } else {
@@ -142,28 +299,7 @@ impl Vm {
             // Linux supplies an empty argv[0] (since 5.18).
             argv.push(Vec::new());
         }
-        // `#!` scripts: the interpreter runs with the script's name as an argument.
-        for depth in 0.. {
-            let mut head = [0u8; BINPRM_BUF_SIZE];
-            // SAFETY: `head` is a writable local buffer of its length; `file` is open.
-            let n = unsafe { libc::pread(file.0, head.as_mut_ptr().cast(), head.len(), 0) };
-            let head = &head[..n.max(0) as usize];
-            let Some((interp, arg)) = parse_shebang(head) else {
-                break;
-            };
-            if depth >= MAX_SCRIPT_DEPTH {
-                return Err(ELOOP);
-            }
-            let mut new = vec![interp.clone()];
-            new.extend(arg);
-            new.push(filename.clone());
-            new.extend(argv.into_iter().skip(1));
-            argv = new;
-            file = open_exec(libc::AT_FDCWD, &interp, 0)?;
-            filename = interp;
-        }
-        let exe = PathBuf::from(format!("/proc/self/fd/{}", file.0));
-        loader::check(&exe).map_err(|e| load_errno(&e))?;
+        let (file, exe) = open_program(host_dir, &path, flags, &mut argv, &mut filename)?;
         let real = std::fs::read_link(&exe).unwrap_or_else(|_| exe.clone());
 
         if !self.th.others.is_empty() {
@@ -175,13 +311,8 @@ impl Vm {
             self.zap_threads();
             return Ok(self.redo(None));
         }
-        // A vfork parent goes on now (with what this child wrote).
-        self.release_vfork_parent();
         // The point of no return: the old program goes.
-        let old: Vec<(u64, u64)> = self.space.vmas().map(|(s, v)| (s, v.end)).collect();
-        for (s, e) in old {
-            let _ = self.space.munmap(s, e - s);
-        }
+        self.drop_program();
         let mut random = [0u8; 16];
         super::getrandom(&mut random);
         let facts = AuxFacts {

@@ -43,6 +43,8 @@ pub struct VmmState {
     realtime_offset_ns: i64,
     counters: [u64; 4],
     signalfds: Vec<signalfd::SignalFd>,
+    /// An execve that completes at home.
+    exec_home: Option<exec::ExecHome>,
 }
 
 /// A VM and vCPU created ahead of a migrating guest's state (see [`Vm::prepare`]).
@@ -152,6 +154,7 @@ impl Vm {
                 self.stats.page_faults,
             ],
             signalfds: self.signalfds.clone(),
+            exec_home: self.exec_home.clone(),
         };
         Ok(MigState { vcpu, vmm })
     }
@@ -284,6 +287,7 @@ impl Vm {
             forked: false,
             vfork_done: None,
             vfork_shared: false,
+            exec_home: v.exec_home,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
             timers: Vec::new(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
