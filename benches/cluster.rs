@@ -148,6 +148,57 @@ fn report_of(stderr: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// `procbench MODE N go`'s time per operation, ns: natively, under mosvm at home, and under
+/// mosvm moved to node b before it starts (its children are forked there).
+fn tree_op(sock: &Path, dir: &Path, mode: &str, n: u32) -> [f64; 3] {
+    let prog = image("glibc-static", "procbench");
+    let args: Vec<String> = vec![mode.into(), n.to_string(), "go".into()];
+    let ns_of = |out: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix("ns_per_op "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("procbench {mode}: no time in {out:?}"))
+    };
+    let go = dir.join("go");
+    std::fs::write(&go, b"").unwrap();
+    let native = Command::new(&prog)
+        .args(&args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(native.status.success(), "native procbench {mode}");
+    let home = Command::new(mosvm_bin())
+        .args(["run", "--socket"])
+        .arg(sock)
+        .arg(&prog)
+        .args(&args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(home.status.success(), "procbench {mode} at home");
+    std::fs::remove_file(&go).unwrap();
+    let mut run = spawn(sock, &prog, &args, dir);
+    common::cluster::wait_registered(sock, run.id());
+    to_b(sock, run.id());
+    common::cluster::wait_for("the move to b", Duration::from_secs(30), || {
+        common::cluster::proc_info(sock, run.id()).is_some_and(|p| p["node"] == "b")
+    });
+    std::fs::write(&go, b"").unwrap();
+    let mut away = String::new();
+    run.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut away)
+        .unwrap();
+    assert!(run.wait().unwrap().success(), "procbench {mode} away");
+    std::fs::remove_file(&go).unwrap();
+    [
+        ns_of(&String::from_utf8_lossy(&native.stdout)),
+        ns_of(&String::from_utf8_lossy(&home.stdout)),
+        ns_of(&away),
+    ]
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
@@ -254,6 +305,27 @@ fn main() {
         rtt / 1e3,
         (remote - home) / rtt
     );
+
+    // Process trees away from home: a process moved to b forks there (its children's deputies
+    // are forked at home), and a child that execs goes home without its memory.
+    println!(
+        "\nprocess trees (per operation; natively, under mosvm at home, under mosvm moved to b):"
+    );
+    for (mode, what, n) in [
+        ("fork", "fork + exit + wait", 100),
+        ("spawn", "vfork + exec /bin/true + wait", 40),
+    ] {
+        let [native, home, away] = tree_op(&sock, dir.path(), mode, n);
+        println!(
+            "  {what}: native {:.0} us, at home {:.0} us ({:.1} x native), away {:.0} us ({:.1} x native, {:.2} x at home)",
+            native / 1e3,
+            home / 1e3,
+            home / native,
+            away / 1e3,
+            away / native,
+            away / home
+        );
+    }
 
     // A threaded process (four workers, a napping thread, one blocked on a pipe, one on
     // stdin: seven threads) moved while it works: every thread stops and travels.

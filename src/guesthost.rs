@@ -361,6 +361,13 @@ fn forked_child(
         // (the objects owning it are the parent's, never dropped here).
         unsafe { libc::close(w.raw_fd()) };
     }
+    // The parent's stdout carries its reports to the node; this process reports over a
+    // connection of its own (below).
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto descriptor 1, which nothing in this process writes through but
+        // the parent's report thread (not in this process).
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+    }
     let (listener, token) = crate::link::FORKED
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -532,7 +532,11 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                             pid: h.pid,
                             program: h.program.clone(),
                             node: st.name.clone(),
-                            state: format!("guest of {}", h.home),
+                            state: if crate::stops::is_stopped(*host_pid) {
+                                format!("guest of {}, stopped", h.home)
+                            } else {
+                                format!("guest of {}", h.home)
+                            },
                             cpu_s: 0.0,
                             mem_bytes: rss_bytes(*host_pid),
                             migrations: 0,

@@ -510,6 +510,9 @@ fn job_control_stops_a_process_away_as_at_home() {
                     let before = ticks(h);
                     std::thread::sleep(Duration::from_millis(500));
                     assert_eq!(ticks(h), before, "the stopped guest host still ran");
+                    // b lists the guest as stopped too.
+                    let hosted = proc_info(&nodes[1].sock, pid).expect("b lists the guest");
+                    assert_eq!(hosted["state"], "guest of home, stopped", "{hosted}");
                 }
                 if under_mosvm {
                     // A stopped process cannot move (its home side cannot take part): the
