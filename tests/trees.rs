@@ -1,13 +1,15 @@
 //! Process trees across the cluster: a process away from home forks there. Each child runs on
 //! its parent's node from its first instruction (in a host fork of the parent's guest host),
-//! with its own deputy forked at home, moves on its own, and ends as natively; what the tree
-//! prints, its exit status and the files it writes must equal a native run.
+//! with its own deputy forked at home, moves on its own, and ends as natively; a child that
+//! execs goes home for it without its memory; children of a shell at home move to different
+//! nodes. What the tree prints, its exit status and the files it writes must equal a native
+//! run.
 
 #[macro_use]
 mod common;
 
-use common::cluster::{keygen, loopback_cluster, proc_info, ps, tour, wait_for};
-use common::Case;
+use common::cluster::{keygen, loopback_cluster, proc_info, ps, tour, wait_for, wait_registered};
+use common::{image, Case};
 use std::path::Path;
 use std::time::Duration;
 
@@ -38,7 +40,7 @@ fn children_forked_away_from_home_run_there_and_move_on_their_own() {
             .check_each(|run, under_mosvm| {
                 let pid = run.pid();
                 if under_mosvm {
-                    common::cluster::wait_registered(&home.sock, pid);
+                    wait_registered(&home.sock, pid);
                     tour(home, pid, &["b"], &mut |_| {});
                 }
                 std::fs::write(run.dir().join("moved"), b"").unwrap();
@@ -95,9 +97,73 @@ fn a_shell_moved_away_runs_its_commands_from_there_as_natively() {
         .check_each(|run, under_mosvm| {
             let pid = run.pid();
             if under_mosvm {
-                common::cluster::wait_registered(&home.sock, pid);
+                wait_registered(&home.sock, pid);
                 tour(home, pid, &["b"], &mut |_| {});
             }
             std::fs::write(run.dir().join("moved"), b"").unwrap();
+        });
+}
+
+#[test]
+fn children_of_a_shell_move_to_different_nodes_and_the_pipeline_matches_native() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "a", "b"], &[&key, &key, &key]);
+    let ticker = image("glibc-static", "ticker");
+    let script = format!(
+        // Each ticker runs for seconds: long enough to be seen under its own name (a child's
+        // registration reports its program about once a second) and then moved.
+        "{t} 200 3000000 8 | tr 0-9 a-j > first.txt; {t} 150 3000000 8 | sha256sum",
+        t = ticker.display()
+    );
+    let find = |program: &str, skip: &[u32]| -> Option<u32> {
+        common::cluster::ps(&nodes[0].sock)
+            .into_iter()
+            .filter(|p| p["program"].as_str().is_some_and(|s| s.ends_with(program)))
+            .filter(|p| p["node"] == "home")
+            .filter_map(|p| p["pid"].as_u64().map(|x| x as u32))
+            .find(|pid| !skip.contains(pid))
+    };
+    Case::new("/bin/sh")
+        .args(["-c", &script])
+        .socket(&nodes[0].sock)
+        .timeout(Duration::from_secs(180))
+        .check_while(|run| {
+            let shell = run.pid();
+            wait_registered(&nodes[0].sock, shell);
+            // The first ticker (a child of the shell) goes to a.
+            let mut first = 0;
+            wait_for(
+                "the first ticker to register",
+                Duration::from_secs(20),
+                || {
+                    first = find("ticker", &[]).unwrap_or(0);
+                    first != 0
+                },
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            tour(&nodes[0], first, &["a"], &mut |_| {});
+            // The second pipeline's ticker goes to b once it has started.
+            let mut second = 0;
+            wait_for(
+                "the second ticker to register",
+                Duration::from_secs(120),
+                || {
+                    second = find("ticker", &[first])
+                        .filter(|p| {
+                            common::cluster::proc_info(&nodes[0].sock, *p)
+                                .is_some_and(|i| i["node"] == "home")
+                        })
+                        .unwrap_or(0);
+                    second != 0
+                },
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            tour(&nodes[0], second, &["b"], &mut |_| {});
+            assert!(
+                common::cluster::proc_info(&nodes[0].sock, shell).is_some(),
+                "the shell is listed beside its children"
+            );
         });
 }
