@@ -510,7 +510,6 @@ impl Running {
         on_fork: OnFork,
     ) -> bool {
         let seq = r.seq;
-        let stop = r.nr == vmm::deputy::STOP_AT_HOME;
         let lock = || deputy.lock().unwrap_or_else(|p| p.into_inner());
         let begun = if r.nr == vmm::deputy::FORK_AWAY {
             let ret = match ForkAway::from_slots(&r.slots) {
@@ -533,12 +532,11 @@ impl Running {
             }
             vmm::deputy::Begun::Waiting(wait) => wait(),
         };
-        if reply.ret == -EINTR || stop {
-            // A signal interrupted the call here (or continued the process a stop call stopped,
-            // SIGCONT): it reaches the guest before the reply does, as natively the handler
-            // runs before the interrupted call returns.
-            forward_signals(writer);
-        }
+        // Signals the home process has received reach the guest before this reply does, as
+        // natively a handler runs before the call returns: one that interrupted the call
+        // here, the SIGCONT that continued a stopped process (whose calls waited meanwhile,
+        // and may answer what the continuer did next).
+        forward_signals(writer);
         let msg = Message::DeputyReply(DeputyReply {
             seq,
             ret: reply.ret,

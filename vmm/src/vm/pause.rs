@@ -248,6 +248,9 @@ fn record(sig: i32) {
 
 /// Take the host signals received so far: (number, its `siginfo_t`), lowest first.
 pub fn take_host_signals() -> Vec<(i32, [u8; 128])> {
+    if HOST_PENDING.load(Ordering::SeqCst) == 0 {
+        return Vec::new();
+    }
     let bits = HOST_PENDING.swap(0, Ordering::SeqCst);
     (1..=64)
         .filter(|s| bits & 1 << (s - 1) != 0)
