@@ -167,3 +167,40 @@ fn children_of_a_shell_move_to_different_nodes_and_the_pipeline_matches_native()
             );
         });
 }
+
+#[test]
+fn a_threaded_process_away_takes_signals_and_forks_there() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let home = &nodes[0];
+    // threadsig has a second thread when it moves to b; then signals sent to its home pid
+    // reach its handler there (home's placeholder of the moved thread takes them, which used
+    // to crash the home process), and it forks there.
+    for variant in ["glibc-static", "musl-static"] {
+        Case::image(variant, "threadsig")
+            .socket(&home.sock)
+            .timeout(Duration::from_secs(120))
+            .check_each(|run, under_mosvm| {
+                let pid = run.pid();
+                let ready = run.dir().join("ready");
+                wait_for("the handler and thread", Duration::from_secs(20), || {
+                    ready.exists()
+                });
+                if under_mosvm {
+                    wait_registered(&home.sock, pid);
+                    tour(home, pid, &["b"], &mut |_| {});
+                }
+                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                for n in 1..=3 {
+                    // SAFETY: signalling a process of the test's.
+                    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR1) }, 0);
+                    let ack = run.dir().join(format!("ack{n}"));
+                    wait_for("the handler to run", Duration::from_secs(20), || {
+                        ack.exists()
+                    });
+                }
+            });
+    }
+}

@@ -312,6 +312,9 @@ pub(super) fn park(sh: &Shared, tid: i64, vcpu: &mut Option<VcpuFd>) -> Option<E
         // keep holding it for the guest thread (no other process gets it; signals sent to
         // it reach the guest), until the guest thread exits or the process does.
         drop(b);
+        // The kick handler must not reach the vCPU's mapping once it is gone (this thread
+        // takes the guest's signals while it holds the id).
+        pause::set_own_immediate_exit(std::ptr::null_mut());
         *vcpu = None;
         crate::deputy::pseudo::hold_here(tid, || {});
         return Some(End::Process);
