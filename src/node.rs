@@ -347,6 +347,17 @@ async fn reply(stream: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> Resu
     Ok(())
 }
 
+/// Runs its closure on the node's state when dropped: what a client's connection registered
+/// is forgotten however the connection's task ends.
+struct Forget<F: FnMut(&mut State)>(Shared, F);
+
+impl<F: FnMut(&mut State)> Drop for Forget<F> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (self.1)(&mut st);
+    }
+}
+
 async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -378,6 +389,10 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 },
             );
             tracing::info!(pid, host_pid, "hosting a guest forked here");
+            let _forget = Forget(shared.clone(), move |st: &mut State| {
+                st.hosted.remove(&host_pid);
+                tracing::info!(pid, host_pid, "guest host ended");
+            });
             reply(&mut write, &Reply::Ok).await?;
             while let Ok(Some(l)) = lines.next_line().await {
                 if let Ok(Update::Calls { home, local }) = serde_json::from_str(&l) {
@@ -386,8 +401,6 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     }
                 }
             }
-            shared.lock().expect("state lock").hosted.remove(&host_pid);
-            tracing::info!(pid, host_pid, "guest host ended");
             Ok(())
         }
         Request::Register {
@@ -433,6 +446,12 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                 node
             };
             tracing::info!(pid, program, locked, "process registered");
+            // However this connection ends (a process that died before the answer reached it
+            // included), the node forgets the process.
+            let _forget = Forget(shared.clone(), move |st: &mut State| {
+                st.procs.remove(&pid);
+                tracing::info!(pid, "process ended");
+            });
             reply(&mut write, &Reply::Registered { node: name }).await?;
             let mut stops = crate::stops::StopWatch::new();
             let mut look = tokio::time::interval(crate::stops::LOOK_EVERY);
@@ -505,8 +524,6 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                     },
                 }
             }
-            shared.lock().expect("state lock").procs.remove(&pid);
-            tracing::info!(pid, "process ended");
             Ok(())
         }
         Request::Ps => {

@@ -103,6 +103,37 @@ fn unknown_pid_and_second_node_are_refused() {
 }
 
 #[test]
+fn a_process_gone_before_its_registration_is_answered_is_forgotten() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeSpec::new(dir.path(), "epsilon").start();
+    // Processes that register and are gone at once, before the node answers (a child
+    // killed right after its fork): each goes from `ps`, and so do guests announced so.
+    for (i, line) in [
+        r#"{"op":"register","pid":3999001,"program":"/bin/a","locked":false}"#,
+        r#"{"op":"register","pid":3999002,"program":"/bin/b","locked":false,"away_on":"x"}"#,
+        r#"{"op":"hosting","pid":3999003,"home":"x","program":"/bin/c","host_pid":3999004}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        for _ in 0..20 {
+            let mut s = std::os::unix::net::UnixStream::connect(&node.sock).unwrap();
+            s.write_all(format!("{line}\n").as_bytes()).unwrap();
+            drop(s);
+        }
+        let pid = 3999001 + i as u32;
+        wait("the node to forget them", || {
+            proc_info(&node.sock, pid).is_none()
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let all = client(&node.sock, &["ps", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&all.stdout).unwrap();
+    assert!(v.is_empty(), "left in ps: {v:?}");
+}
+
+#[test]
 fn stale_socket_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let spec = NodeSpec::new(dir.path(), "delta");
