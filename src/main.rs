@@ -795,6 +795,8 @@ fn serve_remote(
         writer: writer.clone(),
         inbox,
     };
+    // The guest may exit on its host before the move is through: its status is the process's.
+    let mut exited = None;
     let received = migration::receive(&mut conn, Some(offer), &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
@@ -802,6 +804,7 @@ fn serve_remote(
                 anyhow::ensure!(ok, "the link closed");
             }
             migrate::Message::Exit { status } => {
+                exited = Some(status);
                 anyhow::bail!("the guest exited ({status}) while coming home")
             }
             _ => {}
@@ -811,6 +814,7 @@ fn serve_remote(
     clear();
     let (prepared, state, _) = match received {
         Ok(x) => x,
+        Err(_) if exited.is_some() => return Ok(Err(exited.unwrap_or_default())),
         Err(e) => {
             eprintln!("mosvm: bringing the process home failed: {e:#}");
             return Ok(Err(link::LOST_HOST_STATUS as i32));
