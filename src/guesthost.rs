@@ -403,16 +403,15 @@ fn forked_child(
         answer.trim()
     );
     let pause = vm.pause_handle();
-    {
-        // The node is gone: so is the guest (as for a guest host the node started).
-        let pause = pause.clone();
-        std::thread::spawn(move || {
-            crate::link::block_host_signals();
-            let mut rest = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut r, &mut rest);
-            pause.deliver(libc::SIGKILL);
-        });
-    }
+    // The node is gone: so is this process, as a guest host the node started dies with it
+    // (its home sees the link lost, not the guest killed).
+    std::thread::spawn(move || {
+        crate::link::block_host_signals();
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut r, &mut rest);
+        // SAFETY: kill(2) of this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    });
     p.report_usage(vm, node);
     await_home(listener, token, id.clone(), home_link, pause);
     Ok((p, g))
