@@ -379,6 +379,7 @@ fn forked_child(
     };
     let home_link = HomeLink::default();
     let (p, deputy) = Plumbing::new(&g, home_link.clone());
+    say_home(&home_link);
     // The parent's deputy reads the parent's link with threads this process does not have.
     std::mem::forget(vm.replace_deputy(Box::new(deputy)));
     p.attach(vm);
@@ -415,6 +416,27 @@ fn forked_child(
     p.report_usage(vm, node);
     await_home(listener, token, id.clone(), home_link, pause);
     Ok((p, g))
+}
+
+/// The guest's link home as its VMM's messages take it (it changes in a forked child).
+static SAY_HOME: Mutex<Option<HomeLink>> = Mutex::new(None);
+
+/// The VMM's messages to the user go to the guest's home, whose stderr is the user's; here
+/// (this node's log) only when home cannot be told.
+fn say_home(link: &HomeLink) {
+    *SAY_HOME.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
+    vmm::say_to(|line| {
+        let link = SAY_HOME.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let said = link.is_some_and(|l| {
+            let m = Message::Say {
+                line: line.to_string(),
+            };
+            l.tell(&m)
+        });
+        if !said {
+            eprintln!("{line}");
+        }
+    });
 }
 
 /// Receive, restore and run the guest; report its exit home.
@@ -464,6 +486,7 @@ pub fn main() -> ExitCode {
         me: id.ours.node_name.clone(),
     };
     let (mut plumbing, deputy) = Plumbing::new(&g, home_link.clone());
+    say_home(&home_link);
     let mut vm = match vmm::vm::Vm::restore_prepared(prepared, state, Box::new(deputy)) {
         Ok(vm) => vm,
         Err(e) => {

@@ -664,6 +664,7 @@ pub fn serve_home(
                         Ok(Some(Message::Usage { cpu_ns, mem_bytes })) => {
                             on_usage(cpu_ns, mem_bytes)
                         }
+                        Ok(Some(Message::Say { line })) => eprintln!("{line}"),
                         Ok(Some(m)) => {
                             orphans = matches!(m, Message::Exit { .. });
                             if tx.send(m).is_err() {
@@ -743,6 +744,8 @@ pub fn serve_home(
                 }
                 Message::Abort { reason } => on_failed(reason),
                 Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
+                // The guest's VMM speaks to its user, whose stderr is this process's.
+                Message::Say { line } => eprintln!("{line}"),
                 _ => {}
             }
         };

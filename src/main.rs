@@ -803,6 +803,7 @@ fn serve_remote(
                 let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r, &on_fork);
                 anyhow::ensure!(ok, "the link closed");
             }
+            migrate::Message::Say { line } => eprintln!("{line}"),
             migrate::Message::Exit { status } => {
                 exited = Some(status);
                 anyhow::bail!("the guest exited ({status}) while coming home")

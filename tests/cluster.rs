@@ -787,6 +787,34 @@ fn timers_and_handlers_travel_with_the_process() {
     }
 }
 
+/// A process away dies of a fault: its user sees mosvm's line about it on the stderr of its
+/// `mosvm run`, as at home (not in the log of the node it ran on), and its status is the
+/// native one.
+#[test]
+fn a_fault_away_from_home_is_reported_on_the_users_stderr() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let home = &nodes[0].sock;
+    let (_, guest) = Case::image("glibc-static", "segfault")
+        .args(["moved"])
+        .socket(home)
+        .ignore_stderr()
+        .expect_status(Some(139))
+        .check_each(|run, under_mosvm| {
+            if under_mosvm {
+                let pid = run.pid();
+                wait_registered(home, pid);
+                tour(&nodes[0], pid, &["b"], &mut |_| {});
+            }
+            std::fs::write(run.dir().join("moved"), b"").unwrap();
+        });
+    let err = guest.stderr_text();
+    assert!(
+        err.contains("killed by SIGSEGV") && err.contains("segfault"),
+        "mosvm run's stderr: {err:?}"
+    );
+}
+
 /// A signal sent to the process at home while it runs on b reaches its handler there, with
 /// the sender's `si_code`; the same as when it is sent to the native program.
 #[test]

@@ -28,7 +28,7 @@ use crate::pages::PageBatch;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MOSV";
 /// The protocol version this build speaks. Bump it on any change to a message's layout.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
 /// Largest payload accepted or produced (64 MiB).
@@ -108,6 +108,7 @@ pub enum Kind {
     Hosting = 23,
     Usage = 24,
     Load = 25,
+    Say = 26,
 }
 
 impl Kind {
@@ -140,6 +141,7 @@ impl Kind {
             23 => Hosting,
             24 => Usage,
             25 => Load,
+            26 => Say,
             _ => return None,
         })
     }
@@ -315,6 +317,11 @@ pub enum Message {
         cpu_ns: u64,
         mem_bytes: u64,
     },
+    /// The guest's host passes home a message of its VMM's to the user (one line: a fault
+    /// that killed the guest, a call it does not support), for home's stderr.
+    Say {
+        line: String,
+    },
     /// A node's answer to a [`crate::Purpose::Control`] connection: its processors, its load
     /// (runnable processes per processor) and its free memory in bytes.
     Load {
@@ -353,6 +360,7 @@ impl Message {
             Message::Hosting { .. } => Kind::Hosting,
             Message::Usage { .. } => Kind::Usage,
             Message::Load { .. } => Kind::Load,
+            Message::Say { .. } => Kind::Say,
         }
     }
 }
@@ -387,6 +395,7 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         } => put(buf, k, (pid, home_node, program)),
         Message::Hosting { port, token } => put(buf, k, (port, token)),
         Message::Usage { cpu_ns, mem_bytes } => put(buf, k, (cpu_ns, mem_bytes)),
+        Message::Say { line } => put(buf, k, line),
         Message::Load {
             cpus,
             load,
@@ -503,6 +512,9 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
             let (cpu_ns, mem_bytes) = get(k, payload)?;
             Message::Usage { cpu_ns, mem_bytes }
         }
+        Kind::Say => Message::Say {
+            line: get(k, payload)?,
+        },
         Kind::Load => {
             let (cpus, load, free_mem) = get(k, payload)?;
             Message::Load {
@@ -947,6 +959,9 @@ mod tests {
                 cpu_ns: 5_000_000_000,
                 mem_bytes: 1 << 30,
             },
+            Message::Say {
+                line: "mosvm: prog killed by SIGSEGV".into(),
+            },
             Message::Load {
                 cpus: 2,
                 load: 0.75,
@@ -999,7 +1014,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 25);
+        assert_eq!(seen.len(), 26);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }

@@ -514,7 +514,7 @@ impl Vm {
             Event::Sigbus => {
                 // The host could not supply a page: a file page past the end of its file
                 // (Linux's SIGBUS for such an access).
-                eprintln!(
+                crate::say!(
                     "mosvm: {} killed by SIGBUS: access past the end of a mapped file",
                     self.program.display()
                 );
@@ -545,7 +545,7 @@ impl Vm {
         };
         self.stats.exits += 1;
         let regs = self.vcpu.get_regs().ok();
-        eprintln!(
+        crate::say!(
             "mosvm: {}: {msg} at rip {:#x}",
             self.program.display(),
             regs.map(|r| r.rip).unwrap_or(0)
@@ -587,7 +587,7 @@ impl Vm {
             {
                 // The access was allowed but no guest memory is left for the page: what a
                 // memory cgroup's OOM killer does to a process over its limit.
-                eprintln!(
+                crate::say!(
                     "mosvm: {} killed: out of guest memory (--mem {})",
                     self.program.display(),
                     self.opts.mem_label
@@ -635,7 +635,7 @@ impl Vm {
             _ => format!("exception {v}"),
         };
         let name = signal_name(sig);
-        eprintln!(
+        crate::say!(
             "mosvm: {} killed by {name}: {what}, rip {rip:#x}",
             self.program.display()
         );
@@ -695,7 +695,7 @@ impl Vm {
             Some(Class::Refused(e)) => {
                 if let Some(note) = table::unsupported_note(nr as u32) {
                     if self.warned.insert(nr) {
-                        eprintln!("mosvm: {}: {note}", self.program.display());
+                        crate::say!("mosvm: {}: {note}", self.program.display());
                     }
                 }
                 (Step::Ret(-e), "refused")
@@ -1270,7 +1270,7 @@ impl Vm {
             libc::SYS_rt_sigreturn => match self.sigreturn() {
                 Ok(step) => Ok(step),
                 Err(e) => {
-                    eprintln!("mosvm: rt_sigreturn: {e:#}");
+                    crate::say!("mosvm: rt_sigreturn: {e:#}");
                     Ok(Step::Exit(Outcome::Signaled(libc::SIGSEGV)))
                 }
             },

@@ -244,7 +244,7 @@ impl Vm {
             return Some(self.exec_with(e).unwrap_or_else(|errno| {
                 // The program changed at home since it was checked: Linux's fate for an exec
                 // failing past its point of no return.
-                eprintln!(
+                crate::say!(
                     "mosvm: {}: execve failed at home after its point of no return (errno {errno})",
                     self.program.display()
                 );
@@ -256,7 +256,7 @@ impl Vm {
             .get_or_insert_with(std::time::Instant::now)
             .elapsed();
         if waited > HOME_WAIT {
-            eprintln!(
+            crate::say!(
                 "mosvm: {}: execve is completed at home only, and the process could not get home",
                 self.program.display()
             );
@@ -333,7 +333,7 @@ impl Vm {
         let started = match started {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("mosvm: execve of {}: {e}", real.display());
+                crate::say!("mosvm: execve of {}: {e}", real.display());
                 return Ok(Step::Exit(super::Outcome::Signaled(libc::SIGSEGV)));
             }
         };

@@ -329,7 +329,7 @@ impl Vm {
             }
             Some(t) if t.elapsed() > HOME_WAIT => {
                 self.home_wait = None;
-                eprintln!(
+                crate::say!(
                     "mosvm: {}: {what} is made at home only, and the process could not get home",
                     self.program.display()
                 );

@@ -144,7 +144,7 @@ impl Vm {
                         }
                     )
                 };
-                eprintln!(
+                crate::say!(
                     "mosvm: {}: clone with {what} is not supported yet",
                     self.program.display()
                 );
@@ -277,7 +277,7 @@ impl Vm {
         match became {
             Ok(step) => Ok(step),
             Err(e) => {
-                eprintln!("mosvm: {}: fork: {e:#}", self.program.display());
+                crate::say!("mosvm: {}: fork: {e:#}", self.program.display());
                 // SAFETY: ending the child process at once; nothing of the parent's is used.
                 unsafe { libc::_exit(127) }
             }

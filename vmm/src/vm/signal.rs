@@ -781,7 +781,7 @@ impl Vm {
                 }
             }
             if let Err(why) = self.setup_frame(sig, info, how)? {
-                eprintln!(
+                crate::say!(
                     "mosvm: {} killed by SIGSEGV: cannot deliver {}: {why}",
                     self.program.display(),
                     signal_name(sig)
@@ -942,7 +942,7 @@ impl Vm {
     }
 
     fn bad_frame(&mut self) -> Step {
-        eprintln!(
+        crate::say!(
             "mosvm: {} killed by SIGSEGV: rt_sigreturn with a bad frame",
             self.program.display()
         );
@@ -965,7 +965,7 @@ impl Vm {
         }
         self.sig.trap = trap;
         if let Err(why) = self.setup_frame(sig, info_fault(sig, code, addr), how)? {
-            eprintln!(
+            crate::say!(
                 "mosvm: {} killed by SIGSEGV: cannot deliver {}: {why}",
                 self.program.display(),
                 signal_name(sig)

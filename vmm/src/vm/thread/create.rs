@@ -28,7 +28,7 @@ impl Vm {
             | CLONE_CHILD_SETTID;
         if f & !known != 0 || f & (CLONE_FS | CLONE_FILES) != CLONE_FS | CLONE_FILES {
             if self.warned.insert(0x7000_0004) {
-                eprintln!(
+                crate::say!(
                     "mosvm: {}: threads with flags {:#x} (their own descriptor table or \
                      filesystem context) are not supported",
                     self.program.display(),

@@ -74,7 +74,7 @@ impl Vm {
                 return match self.take_place(t, st) {
                     Ok(()) => Served::Exec,
                     Err(e) => {
-                        eprintln!("mosvm: {}: execve: {e:#}", self.program.display());
+                        crate::say!("mosvm: {}: execve: {e:#}", self.program.display());
                         Served::Nothing
                     }
                 };

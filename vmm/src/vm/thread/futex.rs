@@ -156,7 +156,7 @@ impl Vm {
             // every thread's guest tid is its host thread's (the process never moved).
             if !self.tids_are_hosts() {
                 if self.warned.insert(0x7000_0006) {
-                    eprintln!(
+                    crate::say!(
                         "mosvm: {}: priority-inheritance futexes after a migration are not \
                          supported",
                         self.program.display()
