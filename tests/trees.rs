@@ -8,8 +8,9 @@
 #[macro_use]
 mod common;
 
+use common::cluster::Node;
 use common::cluster::{keygen, loopback_cluster, proc_info, ps, tour, wait_for, wait_registered};
-use common::{image, Case};
+use common::{image, Case, Running};
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,6 +21,16 @@ fn others(sock: &Path, program: &str, but: u32) -> Vec<serde_json::Value> {
         .filter(|p| p["program"].as_str().is_some_and(|s| s.ends_with(program)))
         .filter(|p| p["pid"].as_u64() != Some(but as u64))
         .collect()
+}
+
+/// Under mosvm, moves the run's process from `home` to `node`; then, in either run, tells the
+/// program it has moved (the file `moved`).
+fn moved_to(home: &Node, node: &str, run: &Running, under_mosvm: bool) {
+    if under_mosvm {
+        wait_registered(&home.sock, run.pid());
+        tour(home, run.pid(), &[node], &mut |_| {});
+    }
+    std::fs::write(run.dir().join("moved"), b"").unwrap();
 }
 
 #[test]
@@ -39,11 +50,7 @@ fn children_forked_away_from_home_run_there_and_move_on_their_own() {
             .timeout(Duration::from_secs(180))
             .check_each(|run, under_mosvm| {
                 let pid = run.pid();
-                if under_mosvm {
-                    wait_registered(&home.sock, pid);
-                    tour(home, pid, &["b"], &mut |_| {});
-                }
-                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                moved_to(home, "b", run, under_mosvm);
                 wait_for("three children to start", Duration::from_secs(60), || {
                     (0..3).all(|i| run.dir().join(format!("child{i}.ready")).exists())
                 });
@@ -95,12 +102,7 @@ fn a_shell_moved_away_runs_its_commands_from_there_as_natively() {
         .socket(&home.sock)
         .timeout(Duration::from_secs(120))
         .check_each(|run, under_mosvm| {
-            let pid = run.pid();
-            if under_mosvm {
-                wait_registered(&home.sock, pid);
-                tour(home, pid, &["b"], &mut |_| {});
-            }
-            std::fs::write(run.dir().join("moved"), b"").unwrap();
+            moved_to(home, "b", run, under_mosvm);
         });
 }
 
@@ -188,11 +190,7 @@ fn a_threaded_process_away_takes_signals_and_forks_there() {
                 wait_for("the handler and thread", Duration::from_secs(20), || {
                     ready.exists()
                 });
-                if under_mosvm {
-                    wait_registered(&home.sock, pid);
-                    tour(home, pid, &["b"], &mut |_| {});
-                }
-                std::fs::write(run.dir().join("moved"), b"").unwrap();
+                moved_to(home, "b", run, under_mosvm);
                 for n in 1..=3 {
                     // SAFETY: signalling a process of the test's.
                     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR1) }, 0);
