@@ -203,6 +203,84 @@ impl Plumbing {
         let g = g.clone();
         let moving = Arc::new(AtomicBool::new(false));
         let (mv1, mv2) = (moving.clone(), moving.clone());
+        // Start a move (one at a time): home's command, or the guest's own need to be home
+        // (`quiet`: a move already under way is no failure to tell home of).
+        let start = Arc::new(move |m: Message, quiet: bool| {
+            let (Some(pause), Some(view)) = (h3.get(), v3.get()) else {
+                return;
+            };
+            let (pause, view, home_link, inbox) =
+                (pause.clone(), view.clone(), hl3.clone(), in3.clone());
+            let (tx, g) = (job_tx.clone(), g.clone());
+            if mv1.swap(true, Ordering::SeqCst) {
+                if !quiet {
+                    // Refused, not aborted: the move under way may be the one home receives.
+                    let reason = "a move is already under way".to_string();
+                    home_link.tell(&Message::MigrateRefuse { reason });
+                }
+                return;
+            }
+            let mv = mv1.clone();
+            std::thread::spawn(move || {
+                crate::link::block_host_signals();
+                let mut report = Report::default();
+                let guest = migration::Guest {
+                    pid: g.pid,
+                    home: &g.home,
+                    program: &g.program,
+                    mem_bytes: g.mem_bytes,
+                };
+                let started = match m {
+                    Message::MigrateBack => home_link
+                        .get()
+                        .ok_or_else(|| anyhow::anyhow!("no link home"))
+                        .and_then(|writer| {
+                            let mut conn = Routed { writer, inbox };
+                            let pending =
+                                migration::precopy(&mut conn, &view, &pause, &guest, &mut report)?;
+                            Ok(Job {
+                                conn: Box::new(conn),
+                                onward: None,
+                                pending,
+                                report,
+                            })
+                        }),
+                    Message::MigrateTo { node } => {
+                        let sock = crate::control::socket_path(None);
+                        crate::control::endpoint(&sock, g.pid, &node).and_then(|ep| {
+                            let hello = migrate::Hello::new(
+                                g.me.as_str(),
+                                Purpose::Migrate,
+                                migration::host_features(),
+                                Some(ep.token),
+                            );
+                            let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
+                            let pending =
+                                migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
+                            Ok(Job {
+                                conn: Box::new(l),
+                                onward: Some((node, ep)),
+                                pending,
+                                report,
+                            })
+                        })
+                    }
+                    _ => return,
+                };
+                match started {
+                    Ok(job) => {
+                        if tx.send(job).is_ok() {
+                            pause.request();
+                        }
+                    }
+                    Err(e) => {
+                        mv.store(false, Ordering::SeqCst);
+                        let reason = format!("{e:#}");
+                        home_link.tell(&Message::Abort { reason });
+                    }
+                }
+            });
+        });
         let router = Router {
             on_signal: Box::new(move |sig| {
                 if let Some(h) = h1.get() {
@@ -215,85 +293,11 @@ impl Plumbing {
                     h.deliver(libc::SIGKILL);
                 }
             }),
-            on_command: Box::new(move |m| {
-                let (Some(pause), Some(view)) = (h3.get(), v3.get()) else {
-                    return;
-                };
-                let (pause, view, home_link, inbox) =
-                    (pause.clone(), view.clone(), hl3.clone(), in3.clone());
-                let (tx, g) = (job_tx.clone(), g.clone());
-                if mv1.swap(true, Ordering::SeqCst) {
-                    // One move at a time.
-                    let reason = "a move is already under way".to_string();
-                    home_link.tell(&Message::Abort { reason });
-                    return;
-                }
-                let mv = mv1.clone();
-                std::thread::spawn(move || {
-                    crate::link::block_host_signals();
-                    let mut report = Report::default();
-                    let guest = migration::Guest {
-                        pid: g.pid,
-                        home: &g.home,
-                        program: &g.program,
-                        mem_bytes: g.mem_bytes,
-                    };
-                    let started = match m {
-                        Message::MigrateBack => home_link
-                            .get()
-                            .ok_or_else(|| anyhow::anyhow!("no link home"))
-                            .and_then(|writer| {
-                                let mut conn = Routed { writer, inbox };
-                                let pending = migration::precopy(
-                                    &mut conn,
-                                    &view,
-                                    &pause,
-                                    &guest,
-                                    &mut report,
-                                )?;
-                                Ok(Job {
-                                    conn: Box::new(conn),
-                                    onward: None,
-                                    pending,
-                                    report,
-                                })
-                            }),
-                        Message::MigrateTo { node } => {
-                            let sock = crate::control::socket_path(None);
-                            crate::control::endpoint(&sock, g.pid, &node).and_then(|ep| {
-                                let hello = migrate::Hello::new(
-                                    g.me.as_str(),
-                                    Purpose::Migrate,
-                                    migration::host_features(),
-                                    Some(ep.token),
-                                );
-                                let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
-                                let pending =
-                                    migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
-                                Ok(Job {
-                                    conn: Box::new(l),
-                                    onward: Some((node, ep)),
-                                    pending,
-                                    report,
-                                })
-                            })
-                        }
-                        _ => return,
-                    };
-                    match started {
-                        Ok(job) => {
-                            if tx.send(job).is_ok() {
-                                pause.request();
-                            }
-                        }
-                        Err(e) => {
-                            mv.store(false, Ordering::SeqCst);
-                            let reason = format!("{e:#}");
-                            home_link.tell(&Message::Abort { reason });
-                        }
-                    }
-                });
+            on_command: Box::new({
+                let start = start.clone();
+                move |m| start(m, false)
             }),
+            on_want_home: Box::new(move || start(Message::MigrateBack, true)),
             migration: mig_tx,
             must_move: Box::new(move || mv2.load(Ordering::SeqCst)),
             pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),

@@ -77,6 +77,9 @@ pub struct Router {
     pub on_lost: Box<dyn Fn() + Send + Sync>,
     /// `MigrateTo` / `MigrateBack`: home asks this host to move the guest.
     pub on_command: Box<dyn Fn(Message) + Send + Sync>,
+    /// The guest itself needs to be home (a call made there only): move it home, unless a
+    /// move is under way already (then nothing is said: the guest asks again where it lands).
+    pub on_want_home: Box<dyn Fn() + Send + Sync>,
     /// Answers a migration from this host over the home link waits for.
     pub migration: mpsc::Sender<Message>,
     /// Whether the guest is moving: a deputy call still waiting for home is then cancelled,
@@ -312,7 +315,7 @@ impl Deputy for RemoteDeputy {
     }
 
     fn request_home(&mut self) -> bool {
-        (self.0.router.on_command)(Message::MigrateBack);
+        (self.0.router.on_want_home)();
         true
     }
 
@@ -742,7 +745,8 @@ pub fn serve_home(
                 Message::Moved { node, addr, token } => {
                     break Ok(HomeEnd::Moved { node, addr, token })
                 }
-                Message::Abort { reason } => on_failed(reason),
+                // A move that failed, or one refused because another is under way.
+                Message::Abort { reason } | Message::MigrateRefuse { reason } => on_failed(reason),
                 Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
                 // The guest's VMM speaks to its user, whose stderr is this process's.
                 Message::Say { line } => eprintln!("{line}"),
@@ -806,6 +810,7 @@ mod tests {
             on_signal: Box::new(|_| {}),
             on_lost: Box::new(|| {}),
             on_command: Box::new(|_| {}),
+            on_want_home: Box::new(|| {}),
             migration: mtx,
             must_move: Box::new(|| false),
             pausing: Box::new(|| false),

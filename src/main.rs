@@ -825,7 +825,8 @@ fn serve_remote(
         deputy,
         Box::new(vmm::deputy::HostDeputy::with_stdio([-1, -1, -1])),
     );
-    let vm = vmm::vm::Vm::restore_prepared(prepared, state, deputy)?;
+    let mut vm = vmm::vm::Vm::restore_prepared(prepared, state, deputy)?;
+    vm.share_program_cell(reg.program.clone());
     migration::Conn::send(&mut conn, &migrate::Message::Resumed)?;
     send_update(
         &reg.updates,

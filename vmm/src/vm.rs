@@ -1549,6 +1549,15 @@ impl Vm {
         self.program_cell.clone()
     }
 
+    /// Keep the program's path in `cell` from now on (a process that came home keeps the cell
+    /// its home's registration watches).
+    pub fn share_program_cell(&mut self, cell: std::sync::Arc<std::sync::Mutex<String>>) {
+        if let Ok(mut p) = cell.lock() {
+            *p = self.program.display().to_string();
+        }
+        self.program_cell = cell;
+    }
+
     /// Whether `--stats` was given.
     pub fn wants_stats(&self) -> bool {
         self.opts.stats

@@ -251,6 +251,8 @@ impl Vm {
                 Step::Exit(super::Outcome::Signaled(libc::SIGSEGV))
             }));
         }
+        // Just arrived (from a move that was under way when the exec came): ask at once.
+        let arrived = self.home_wait.is_none();
         let waited = self
             .home_wait
             .get_or_insert_with(std::time::Instant::now)
@@ -263,7 +265,8 @@ impl Vm {
             return Some(Step::Exit(super::Outcome::Signaled(libc::SIGKILL)));
         }
         let tick = std::time::Duration::from_millis(5);
-        if (waited.as_millis() % ASK_EVERY.as_millis()) < tick.as_millis() && waited > tick {
+        let periodic = waited.as_millis() % ASK_EVERY.as_millis() < tick.as_millis();
+        if arrived || (periodic && waited > tick) {
             self.deputy.request_home();
         }
         std::thread::sleep(tick);
