@@ -202,3 +202,40 @@ fn a_threaded_process_away_takes_signals_and_forks_there() {
             });
     }
 }
+
+/// An exec away from home that comes while a move home is under way (the user's `migrate`,
+/// or the exec's own request first): the process must not be lost between the two (the
+/// refusal of the second used to abort the first, and the process ended with 112). The race
+/// is swept: the move is ordered at several offsets around the exec.
+#[test]
+fn an_exec_away_during_a_move_home_completes_at_home() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let home = &nodes[0];
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    for offset in [-20i64, -10, 0, 10, 20] {
+        let at = now_ms() + 3000;
+        Case::image("glibc-static", "execat")
+            .args([at.to_string()])
+            .socket(&home.sock)
+            .expect_status(Some(33))
+            .timeout(Duration::from_secs(60))
+            .check_while(|run| {
+                wait_registered(&home.sock, run.pid());
+                tour(home, run.pid(), &["b"], &mut |_| {});
+                let wait = at + offset - now_ms();
+                if wait > 0 {
+                    std::thread::sleep(Duration::from_millis(wait as u64));
+                }
+                // (Refused when the exec's own move home came first: that is fine.)
+                let _ = common::cluster::migrate(&home.sock, run.pid(), "home");
+            });
+    }
+}
