@@ -553,14 +553,7 @@ impl Running {
 /// process's deputy (`on_fork`, which never returns). The child's pid, or -errno. The caller
 /// holds the deputy's lock, which the child's copy of this thread then holds too.
 fn fork_deputy(deputy: &mut dyn Deputy, f: ForkAway, on_fork: OnFork) -> i64 {
-    // SAFETY: filling signal sets and changing this thread's mask touch only local state.
-    let old = unsafe {
-        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
-            (std::mem::zeroed(), std::mem::zeroed());
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        old
-    };
+    let old = vmm::vm::block_all_signals();
     // SAFETY: fork(2) in a process whose other threads hold no lock the child needs: the
     // child uses only this thread's copy of the deputy (whose lock the caller holds), opens
     // its own connections and starts its own threads.
@@ -568,14 +561,12 @@ fn fork_deputy(deputy: &mut dyn Deputy, f: ForkAway, on_fork: OnFork) -> i64 {
     if pid == 0 {
         // Signals the parent received and has not passed on are the parent guest's.
         let _ = vmm::vm::take_host_signals();
-        // SAFETY: `old` is the mask pthread_sigmask filled in above.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        vmm::vm::restore_mask(&old);
         // This thread is the child's only one: it takes the guest's signals.
         vmm::vm::take_guest_signals_here();
         on_fork(deputy, f);
     }
-    // SAFETY: as above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    vmm::vm::restore_mask(&old);
     if pid < 0 {
         -errno_of(&std::io::Error::last_os_error())
     } else {

@@ -35,9 +35,10 @@ use signal::{Resume, Signals};
 
 use mem::last_errno;
 pub use pause::{
-    block_guest_signals, caught, die_by, host_children_are_the_hosts, host_signals_pending,
-    install_kick_handler, install_signal_handlers, parent_sigcont_is_the_hosts, process_ending,
-    take_guest_signals_here, take_host_signals, PauseHandle,
+    block_all_signals, block_guest_signals, caught, die_by, host_children_are_the_hosts,
+    host_signals_pending, install_kick_handler, install_signal_handlers,
+    parent_sigcont_is_the_hosts, process_ending, restore_mask, take_guest_signals_here,
+    take_host_signals, PauseHandle,
 };
 use pause::{GUEST_TID, IMMEDIATE_EXIT, THROTTLE_PERIOD};
 use std::time::Instant;

@@ -550,7 +550,7 @@ pub(super) fn mirror_sigchld(ignored: bool, flags: u64) {
 
 /// Block every signal this thread may block; returns the mask to give back to
 /// [`restore_mask`].
-pub(super) fn block_all_signals() -> libc::sigset_t {
+pub fn block_all_signals() -> libc::sigset_t {
     // SAFETY: filling signal sets and changing this thread's mask touch only local state.
     unsafe {
         let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
@@ -562,7 +562,7 @@ pub(super) fn block_all_signals() -> libc::sigset_t {
 }
 
 /// Give this thread back the mask [`block_all_signals`] returned.
-pub(super) fn restore_mask(old: &libc::sigset_t) {
+pub fn restore_mask(old: &libc::sigset_t) {
     // SAFETY: `old` is a signal set pthread_sigmask filled in.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
 }
