@@ -61,7 +61,7 @@ pub(crate) fn become_childs_deputy(
 /// it comes home): its status.
 fn serve_child(mut deputy: Box<dyn Deputy>, f: ForkAway, parent: &Parent) -> anyhow::Result<i32> {
     use anyhow::Context;
-    let announce = crate::Announce {
+    let announce = crate::registration::Announce {
         program: parent.program.clone(),
         locked: false,
         lock: Default::default(),
@@ -69,8 +69,8 @@ fn serve_child(mut deputy: Box<dyn Deputy>, f: ForkAway, parent: &Parent) -> any
         current: None,
         away_on: Some(parent.host.clone()),
     };
-    let reg =
-        crate::register(Some(&parent.socket), announce).context("the home node does not answer")?;
+    let reg = crate::registration::register(Some(&parent.socket), announce)
+        .context("the home node does not answer")?;
     let hello = migrate::Hello::new(
         parent.home.as_str(),
         migrate::Purpose::Deputy,
