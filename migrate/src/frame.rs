@@ -28,7 +28,7 @@ use crate::pages::PageBatch;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MOSV";
 /// The protocol version this build speaks. Bump it on any change to a message's layout.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
 /// Largest payload accepted or produced (64 MiB).

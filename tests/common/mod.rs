@@ -264,6 +264,7 @@ pub struct Case {
     expect_status: Option<i32>,
     netns: Option<String>,
     own_group: bool,
+    launcher: Option<String>,
 }
 
 impl Case {
@@ -293,6 +294,7 @@ impl Case {
             expect_status: Some(0),
             netns: None,
             own_group: false,
+            launcher: None,
         }
     }
 
@@ -301,6 +303,16 @@ impl Case {
     /// (the kernel discards them in an orphaned group, as the test harness's may be).
     pub fn own_process_group(mut self) -> Self {
         self.own_group = true;
+        self
+    }
+
+    /// Start the program from a bash command line: `line` with `CMD` where the program and
+    /// its arguments go (natively, or `mosvm run ...` with them), so that both runs inherit
+    /// the same limits, redirections and descriptors, e.g. `ulimit -s unlimited; exec CMD` or
+    /// `exec CMD <(sort a) 7<b <&-`.
+    pub fn launched_by(mut self, line: &str) -> Self {
+        assert!(line.contains("CMD"), "a launcher line names CMD");
+        self.launcher = Some(line.to_string());
         self
     }
 
@@ -428,6 +440,9 @@ impl Case {
             let flags: Vec<String> = self.mosvm_flags.iter().map(|f| os(f)).collect();
             let _ = write!(s, " (mosvm flags: {})", flags.join(" "));
         }
+        if let Some(line) = &self.launcher {
+            s = line.replace("CMD", &s);
+        }
         s
     }
 
@@ -480,8 +495,17 @@ impl Case {
         } else {
             Command::new(&self.program)
         };
-        cmd.args(&self.args)
-            .env_clear()
+        cmd.args(&self.args);
+        if let Some(line) = &self.launcher {
+            let inner = cmd;
+            cmd = Command::new("bash");
+            cmd.arg("-c")
+                .arg(line.replace("CMD", "\"$@\""))
+                .arg("bash")
+                .arg(inner.get_program())
+                .args(inner.get_args());
+        }
+        cmd.env_clear()
             .envs(&self.env)
             .current_dir(cwd)
             .stdin(Stdio::piped())

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod mm;
 pub mod sigframe;
 pub mod snapshot;
+pub mod startup;
 pub mod table;
 pub mod vm;
 pub mod window;

@@ -286,6 +286,8 @@ pub fn load(
     mem_label: &str,
 ) -> Result<Started, LoadError> {
     let bytes = read_file(path).map_err(|e| LoadError::Io(path.into(), e))?;
+    // The layout follows RLIMIT_STACK as it is at exec (`space.stack_rlimit`).
+    space.mmap_base = crate::mm::mmap_base(space.stack_rlimit);
     // Validate the header before touching guest memory.
     let is_dyn = parse(path, &bytes)?.header.e_type == header::ET_DYN;
     let main = map_image(
@@ -305,15 +307,12 @@ pub fn load(
         None => (main.entry, 0),
     };
     let too_big = || LoadError::TooBig(mem_label.into(), "the stack".into());
+    // The stack area starts at most 8 MiB long and grows down on faults up to RLIMIT_STACK.
+    let stack = STACK_SIZE
+        .min(crate::memory::page_down(space.stack_rlimit))
+        .max(crate::mm::STACK_EAGER);
     space
-        .mmap(
-            STACK_TOP - STACK_SIZE,
-            STACK_SIZE,
-            3,
-            true,
-            false,
-            VmaKind::Stack,
-        )
+        .mmap(STACK_TOP - stack, stack, 3, true, false, VmaKind::Stack)
         .map_err(|_| too_big())?;
     let (rsp, layout) =
         build_stack(space, argv, envp, execfn, facts, &main, interp_base).ok_or_else(too_big)?;

@@ -32,12 +32,27 @@ pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
 /// `--mem`; smaller ones are mapped at once (a fault costs a VM exit).
 pub const EAGER_MAX: u64 = 1 << 20;
 
-/// Size of the stack mapping.
+/// Size of the stack mapping at exec when RLIMIT_STACK allows it (Linux's default limit); the
+/// area grows down on faults beneath it up to RLIMIT_STACK ([`AddressSpace::fault_in`]).
 pub const STACK_SIZE: u64 = 8 << 20;
+/// Linux's `stack_guard_gap` (256 pages): a stack never grows closer than this to the area
+/// below it.
+pub const STACK_GUARD_GAP: u64 = 256 * PAGE;
 /// Bytes at the top of the stack mapped up front.
 pub const STACK_EAGER: u64 = 128 << 10;
-/// Top-down placement starts here (below the stack and its guard gap).
+/// Top-down placement starts here (below the stack and its guard gap) under the default
+/// RLIMIT_STACK; see [`mmap_base`].
 pub const MMAP_BASE: u64 = 0x7fff_f7ff_f000;
+
+/// Where top-down placement starts for a program started with RLIMIT_STACK `stack_rlimit`
+/// (bytes): below the stack's room, at least 128 MiB and at most 5/6 of the address space
+/// (Linux's `mmap_base()`, arch/x86/mm/mmap.c, without randomisation; an unlimited stack takes
+/// the most room instead of Linux's bottom-up legacy layout).
+pub fn mmap_base(stack_rlimit: u64) -> u64 {
+    let gap = page_up(stack_rlimit.min(USER_END).saturating_add(STACK_GUARD_GAP))
+        .clamp(128 << 20, USER_END / 6 * 5);
+    page_down(STACK_TOP - gap)
+}
 /// Base for position-independent executables (Linux's ELF_ET_DYN_BASE without randomisation).
 pub const PIE_BASE: u64 = 0x5555_5555_4000;
 /// Highest user address + 1.
@@ -152,6 +167,10 @@ pub struct AddressSpace {
     pub brk_start: u64,
     /// Current program break.
     pub brk: u64,
+    /// Where top-down placement starts (fixed at exec: [`mmap_base`]).
+    pub mmap_base: u64,
+    /// The guest's RLIMIT_STACK soft limit (bytes): how far the stack may grow.
+    pub stack_rlimit: u64,
 }
 
 impl AddressSpace {
@@ -162,6 +181,8 @@ impl AddressSpace {
             vmas: BTreeMap::new(),
             brk_start: 0,
             brk: 0,
+            mmap_base: MMAP_BASE,
+            stack_rlimit: STACK_SIZE,
         }
     }
 
@@ -291,10 +312,10 @@ impl AddressSpace {
         (at.checked_add(len)? <= hi).then_some(at)
     }
 
-    /// Find a free range of `len` bytes, top-down below `MMAP_BASE`.
+    /// Find a free range of `len` bytes, top-down below `mmap_base`.
     pub fn find_free(&self, len: u64) -> Option<u64> {
-        let mut top = MMAP_BASE;
-        for (s, v) in self.vmas.range(..MMAP_BASE).rev() {
+        let mut top = self.mmap_base;
+        for (s, v) in self.vmas.range(..self.mmap_base).rev() {
             if v.end <= top && top - v.end >= len {
                 return Some(top - len);
             }
@@ -592,10 +613,43 @@ impl AddressSpace {
         while at < end {
             match self.vma_at(at) {
                 Some((_, v)) if v.prot != 0 && (!write || v.prot & 2 != 0) => at = v.end,
+                // The kernel's own accesses grow the stack as the guest's do.
+                None => match self.stack_growth(at) {
+                    Some(stack) => at = stack,
+                    None => break,
+                },
                 _ => break,
             }
         }
         at.min(end) - va
+    }
+
+    /// The start of the stack area that may grow down to cover `addr`, which no area covers
+    /// (Linux's `expand_stack` checks, mm/mmap.c): the next area above is the stack, it would
+    /// then span at most RLIMIT_STACK, and the guard gap stays free above the accessible area
+    /// below.
+    fn stack_growth(&self, addr: u64) -> Option<u64> {
+        let page = page_down(addr);
+        let (&start, v) = self.vmas.range(addr..).next()?;
+        if v.kind != VmaKind::Stack || v.end - page > self.stack_rlimit || page < mmap_min() {
+            return None;
+        }
+        if let Some((_, below)) = self.vmas.range(..addr).next_back() {
+            if below.prot != 0 && page - below.end < STACK_GUARD_GAP {
+                return None;
+            }
+        }
+        Some(start)
+    }
+
+    /// Grow the stack area down to cover `addr` if it may ([`AddressSpace::stack_growth`]).
+    fn grow_stack(&mut self, addr: u64) -> bool {
+        let Some(start) = self.stack_growth(addr) else {
+            return false;
+        };
+        let v = self.vmas.remove(&start).expect("the stack area");
+        self.vmas.insert(page_down(addr), v);
+        true
     }
 
     /// The VMA containing `addr`.
@@ -791,7 +845,7 @@ impl AddressSpace {
         let old_end = page_up(self.brk);
         let new_end = page_up(want);
         if new_end > old_end {
-            if self.overlaps(old_end, new_end) || new_end > MMAP_BASE {
+            if self.overlaps(old_end, new_end) || new_end > self.mmap_base {
                 return self.brk;
             }
             if self.populate(old_end, new_end, 3).is_err() {
@@ -835,6 +889,9 @@ impl AddressSpace {
     /// false is Linux's SIGSEGV (no VMA, or one whose protection forbids the access).
     pub fn fault_in(&mut self, addr: u64, write: bool) -> bool {
         let page = page_down(addr);
+        if self.vma_at(addr).is_none() && !self.grow_stack(addr) {
+            return false;
+        }
         let Some((start, v)) = self.vma_at(addr) else {
             return false;
         };
@@ -981,6 +1038,40 @@ mod tests {
         assert!(a.mem.is_mapped(base));
         // Outside any VMA: not a demand fault.
         assert!(!a.fault_in(base - PAGE, false));
+    }
+
+    #[test]
+    fn stack_grows_down_to_its_limit_and_the_guard_gap() {
+        let mut a = space();
+        a.stack_rlimit = 64 << 20;
+        let base = STACK_TOP - STACK_SIZE;
+        a.mmap(base, STACK_SIZE, 3, true, false, VmaKind::Stack)
+            .unwrap();
+        // A system call's access below the stack counts as the stack's, as the kernel's does.
+        assert_eq!(a.accessible(base - 3 * PAGE, PAGE, true), PAGE);
+        assert!(a.fault_in(base - 3 * PAGE + 8, true));
+        assert_eq!(
+            a.vma_at(base - 3 * PAGE).map(|(s, _)| s),
+            Some(base - 3 * PAGE)
+        );
+        assert!(a.mem.is_mapped(base - 3 * PAGE));
+        // Past RLIMIT_STACK: SIGSEGV.
+        assert!(!a.fault_in(STACK_TOP - (64 << 20) - PAGE, true));
+        assert!(a.fault_in(STACK_TOP - (64 << 20), true));
+        // Never within the guard gap of an area below.
+        let below = STACK_TOP - (100 << 20);
+        a.stack_rlimit = 200 << 20;
+        a.mmap(below, PAGE, 3, true, false, VmaKind::Anon).unwrap();
+        assert!(!a.fault_in(below + PAGE + STACK_GUARD_GAP - PAGE, true));
+        assert!(a.fault_in(below + PAGE + STACK_GUARD_GAP, true));
+        assert_eq!(a.accessible(below + PAGE + 8, 8, false), 0);
+    }
+
+    #[test]
+    fn mmap_base_follows_the_stack_limit() {
+        assert_eq!(mmap_base(8 << 20), MMAP_BASE);
+        assert_eq!(mmap_base(512 << 20), STACK_TOP - (513 << 20));
+        assert_eq!(mmap_base(u64::MAX), page_down(STACK_TOP - USER_END / 6 * 5));
     }
 
     #[test]

@@ -302,7 +302,19 @@ impl Vm {
         let create_us = t0.elapsed().as_micros() as u64;
 
         let t1 = Instant::now();
+        let mut rlimits = [[u64::MAX; 2]; 16];
+        for (r, lim) in rlimits.iter_mut().enumerate() {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `l` is a valid rlimit to fill in.
+            if unsafe { libc::getrlimit(r as _, &mut l) } == 0 {
+                *lim = [l.rlim_cur, l.rlim_max];
+            }
+        }
         let mut space = AddressSpace::new(mem);
+        space.stack_rlimit = rlimits[libc::RLIMIT_STACK as usize][0];
         let mut random = [0u8; 16];
         getrandom(&mut random);
         let facts = AuxFacts {
@@ -326,18 +338,6 @@ impl Vm {
         let vcpu = cpu::create_vcpu(host, &vm, &space.mem, started.rip, started.rsp)?;
         let create_us = create_us + t2.elapsed().as_micros() as u64;
 
-        let mut rlimits = [[u64::MAX; 2]; 16];
-        for (r, lim) in rlimits.iter_mut().enumerate() {
-            let mut l = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: `l` is a valid rlimit to fill in.
-            if unsafe { libc::getrlimit(r as _, &mut l) } == 0 {
-                *lim = [l.rlim_cur, l.rlim_max];
-            }
-        }
-        rlimits[libc::RLIMIT_STACK as usize][0] = crate::mm::STACK_SIZE;
         let mut comm = [0u8; 16];
         let base = program
             .file_name()
@@ -1505,6 +1505,10 @@ impl Vm {
                 set_host_rlimit(r, [cur, max])?;
             }
             self.rlimits[r] = [cur, max];
+            if r == libc::RLIMIT_STACK as usize {
+                // How far the stack may grow from now on (its area's placement stays).
+                self.space.stack_rlimit = cur;
+            }
         }
         if old != 0 {
             let mut b = [0u8; 16];

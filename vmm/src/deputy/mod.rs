@@ -239,8 +239,16 @@ pub fn raise_own_nofile() {
 impl HostDeputy {
     /// A deputy whose guest descriptors 0, 1, 2 are this process's stdin, stdout, stderr.
     /// (They are duplicated, so a guest closing its stderr cannot silence the VMM's messages.)
+    /// Those that were closed when this process started stay closed for the guest
+    /// ([`crate::startup`]).
     pub fn new() -> Self {
-        Self::with_stdio([0, 1, 2])
+        Self::with_stdio([0, 1, 2].map(|fd| {
+            if crate::startup::std_fd_was_closed(fd) {
+                -1
+            } else {
+                fd
+            }
+        }))
     }
 
     /// Take into the guest's table, under the same numbers, the descriptors above 2 this

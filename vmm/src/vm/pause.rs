@@ -349,8 +349,13 @@ pub fn install_signal_handlers() {
                 )
             };
             let h = old[0] as libc::sighandler_t;
-            // (Rust itself ignores SIGPIPE before main: that one is not inherited.)
-            if h == libc::SIG_IGN && sig != libc::SIGPIPE {
+            // (Rust itself ignores SIGPIPE before main: what came before is recorded.)
+            let ignored = if sig == libc::SIGPIPE {
+                crate::startup::sigpipe_was_ignored()
+            } else {
+                h == libc::SIG_IGN
+            };
+            if ignored {
                 ign |= 1 << (sig - 1);
             }
         }

@@ -19,6 +19,8 @@ pub struct VmmState {
     vmas: Vec<(u64, crate::mm::Vma)>,
     brk_start: u64,
     brk: u64,
+    /// Where top-down placement starts (fixed at exec by RLIMIT_STACK).
+    mmap_base: u64,
     pid: i64,
     sig_actions: Vec<Vec<u8>>,
     /// Signals pending for the process: their `siginfo_t`s, oldest first.
@@ -132,6 +134,7 @@ impl Vm {
             vmas: self.space.vmas().map(|(s, v)| (s, v.clone())).collect(),
             brk_start: self.space.brk_start,
             brk: self.space.brk,
+            mmap_base: self.space.mmap_base,
             pid: self.pid,
             sig_actions: self.sig.actions.iter().map(|a| a.to_vec()).collect(),
             sig_queue: self.sig.queue.iter().map(|b| b.to_vec()).collect(),
@@ -216,6 +219,10 @@ impl Vm {
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
         let mut space = AddressSpace::new(mem);
         space.restore(v.vmas, v.brk_start, v.brk);
+        space.mmap_base = v.mmap_base;
+        if let Some(stack) = v.rlimits.get(libc::RLIMIT_STACK as usize) {
+            space.stack_rlimit = stack[0];
+        }
         crate::snapshot::restore(&mut vcpu, &st.vcpu)?;
         let mut sig = Signals::new();
         for (dst, src) in sig.actions.iter_mut().zip(&v.sig_actions) {
