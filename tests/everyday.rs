@@ -37,6 +37,16 @@ fn touch_h_sets_a_links_own_time() {
         .check();
 }
 
+/// SIGPIPE ignored by the shell stays ignored: `yes` then sees EPIPE and says so.
+#[test]
+fn an_ignored_sigpipe_stays_ignored() {
+    require_kvm!();
+    Case::new("yes")
+        .launched_by("set -o pipefail; trap '' PIPE; CMD | head -n 2")
+        .expect_status(Some(1))
+        .check();
+}
+
 /// Descriptors the shell opened above 2 are the program's, under the same numbers, with
 /// their offsets: bash process substitution (`/dev/fd/63`), `7<file` read after the shell
 /// consumed its first line, `5>file` written by the program.
@@ -165,4 +175,39 @@ fn dd_with_direct_io() {
         ])
         .file("in.bin", data)
         .check();
+}
+
+/// The program sees the RAM of a machine of `--mem` bytes: sysinfo(2) (glibc's
+/// `_PHYS_PAGES`, `_AVPHYS_PAGES`) and `/proc/meminfo` (`free`) report that much, and no more
+/// free than that.
+#[test]
+fn memory_figures_follow_mem() {
+    require_kvm!();
+    for (flag, bytes) in [("256M", 256u64 << 20), ("1G", 1 << 30)] {
+        let run = Case::new("sh")
+            .args([
+                "-c",
+                "getconf _PHYS_PAGES; getconf _AVPHYS_PAGES; getconf PAGESIZE; \
+                 free -b | awk '/Mem:/{print $2; print $4}'",
+            ])
+            .mosvm_flag("--mem")
+            .mosvm_flag(flag)
+            .run_mosvm();
+        assert_eq!(run.shell_status(), 0, "{}", run.stderr_text());
+        let v: Vec<u64> = run
+            .stdout_text()
+            .lines()
+            .map(|l| l.trim().parse().expect("a number"))
+            .collect();
+        let [phys, avail, page, total, free] = v[..] else {
+            panic!("unexpected output: {}", run.stdout_text());
+        };
+        assert_eq!(phys * page, bytes, "sysinfo totalram under --mem {flag}");
+        assert_eq!(total, bytes, "MemTotal under --mem {flag}");
+        assert!(
+            avail * page <= bytes && avail > 0,
+            "{avail} pages free of {bytes}"
+        );
+        assert!(free <= bytes && free > 0, "MemFree {free} of {bytes}");
+    }
 }

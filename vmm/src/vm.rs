@@ -1304,10 +1304,27 @@ impl Vm {
                 }
                 ok(0)
             }
-            libc::SYS_sysinfo => self.host_struct(a[0], 112, |p| {
-                // SAFETY: `p` points at a buffer of sizeof(struct sysinfo) bytes.
-                unsafe { libc::sysinfo(p as *mut libc::sysinfo) as i64 }
-            }),
+            libc::SYS_sysinfo => {
+                // The host's figures, with the RAM of a machine of `--mem` bytes.
+                let (total, free) = self.guest_ram();
+                self.host_struct(a[0], 112, |p| {
+                    // SAFETY: `p` points at a buffer of sizeof(struct sysinfo) bytes, which
+                    // sysinfo fills in and the rest reads and writes.
+                    unsafe {
+                        let s = p as *mut libc::sysinfo;
+                        if libc::sysinfo(s) != 0 {
+                            return -1;
+                        }
+                        let unit = u64::from((*s).mem_unit.max(1));
+                        let total = total / unit;
+                        (*s).totalram = total;
+                        (*s).freeram = (*s).freeram.min(free / unit);
+                        (*s).sharedram = (*s).sharedram.min(total);
+                        (*s).bufferram = 0;
+                        0
+                    }
+                })
+            }
             libc::SYS_getrusage
                 if ![
                     libc::RUSAGE_SELF,

@@ -24,12 +24,17 @@ pub(super) enum ProcFile {
     Stat,
     Statm,
     Limits,
+    /// `/proc/meminfo`: the host's, with the memory figures of a machine of `--mem` bytes.
+    Meminfo,
 }
 
 /// The file `path` names if it is one of the guest's own `/proc` files the VMM writes (opened
 /// for reading; a write to `comm` goes to the home process's own file).
 pub(super) fn own_file(path: &[u8], pid: i64) -> Option<ProcFile> {
     let p = path.strip_suffix(b"\0").unwrap_or(path);
+    if p == b"/proc/meminfo" {
+        return Some(ProcFile::Meminfo);
+    }
     let rest = p.strip_prefix(b"/proc/")?;
     let (who, mut file) = rest.split_at(rest.iter().position(|&c| c == b'/')?);
     file = &file[1..];
@@ -98,7 +103,12 @@ impl Vm {
 
     /// A file of the home process's own /proc, read at home.
     fn home_proc_file(&mut self, name: &str) -> String {
-        let path = format!("/proc/self/{name}\0").into_bytes();
+        self.home_file(&format!("/proc/self/{name}"))
+    }
+
+    /// A file read at home.
+    fn home_file(&mut self, path: &str) -> String {
+        let path = format!("{path}\0").into_bytes();
         let (fd, _) = self.home(
             libc::SYS_openat,
             [libc::AT_FDCWD as u64, 1, libc::O_RDONLY as u64, 0, 0, 0],
@@ -132,6 +142,14 @@ impl Vm {
     fn vm_sizes(&self) -> (u64, u64) {
         let size: u64 = self.space.vmas().map(|(s, v)| v.end - s).sum();
         (size, self.space.mem.frames_used() * crate::memory::PAGE)
+    }
+
+    /// (total, free) guest memory in bytes, as a machine with `--mem` bytes of RAM would report
+    /// them (sysinfo(2), /proc/meminfo): free is what the guest has not used yet.
+    pub(super) fn guest_ram(&self) -> (u64, u64) {
+        let total = self.opts.mem;
+        let used = self.space.mem.frames_used() * crate::memory::PAGE;
+        (total, total.saturating_sub(used))
     }
 
     /// The text of a guest /proc file.
@@ -206,6 +224,44 @@ impl Vm {
                         v(cur),
                         v(max)
                     ));
+                }
+                out.into_bytes()
+            }
+            ProcFile::Meminfo => {
+                let (total, free) = self.guest_ram();
+                let mut out = String::new();
+                for line in self.home_file("/proc/meminfo").lines() {
+                    let (key, rest) = line.split_once(':').unwrap_or((line, ""));
+                    let host_kb = rest.trim().trim_end_matches(" kB").parse::<u64>().ok();
+                    let kb = match (key, host_kb) {
+                        (_, None) => None,
+                        ("MemTotal", _) => Some(total / 1024),
+                        ("MemFree" | "MemAvailable", Some(v)) => Some(v.min(free / 1024)),
+                        // The guest's files are cached by the home kernel, not in its memory.
+                        (
+                            "Buffers" | "Cached" | "SReclaimable" | "Active(file)"
+                            | "Inactive(file)",
+                            _,
+                        ) => Some(0),
+                        (k, Some(v))
+                            if !k.starts_with("Swap")
+                                && !k.starts_with("Vmalloc")
+                                && !k.starts_with("Commit")
+                                && !k.starts_with("Huge")
+                                && !k.starts_with("DirectMap")
+                                && k != "Hugetlb" =>
+                        {
+                            Some(v.min(total / 1024))
+                        }
+                        (_, v) => v,
+                    };
+                    match kb {
+                        Some(v) => {
+                            let width = rest.len().saturating_sub(3).max(1);
+                            out.push_str(&format!("{key}:{v:>width$} kB\n"));
+                        }
+                        None => out.push_str(&format!("{line}\n")),
+                    }
                 }
                 out.into_bytes()
             }
@@ -345,6 +401,7 @@ mod tests {
         assert_eq!(own_file(b"/proc/43/status", 42), None);
         assert_eq!(own_file(b"/proc/self/mounts", 42), None);
         assert_eq!(own_file(b"/proc/cpuinfo", 42), None);
+        assert_eq!(own_file(b"/proc/meminfo", 42), Some(ProcFile::Meminfo));
         assert_eq!(own_file(b"proc/self/comm", 42), None);
     }
 }
