@@ -8,6 +8,21 @@ use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use tokio::io::AsyncWriteExt;
 
+/// How long each step of talking to a peer may take (connecting, the TLS handshake, the
+/// Hello/Welcome exchange, each request and its answer) before the peer counts as unreachable.
+pub(crate) const STEP_LIMIT: std::time::Duration = crate::wire::HANDSHAKE_LIMIT;
+
+/// `f`, or an error naming `what` if it takes longer than [`STEP_LIMIT`].
+pub(crate) async fn within<T>(
+    what: impl std::fmt::Display,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(STEP_LIMIT, f).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("{what}: no answer within {} s", STEP_LIMIT.as_secs()),
+    }
+}
+
 /// Read one `migrate` frame from an async stream.
 pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
@@ -31,31 +46,50 @@ pub(crate) async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Open an authenticated link to a peer for `purpose`.
+/// Open an authenticated link to a peer for `purpose`: connect, TLS with the cluster key,
+/// Hello/Welcome, each within [`STEP_LIMIT`]. `expect`: the name the peer was asked for by
+/// (None when it was given by address); a peer whose Welcome names another node is refused,
+/// so that a move to "n2" never lands on whichever node answers at n2's listed address.
 pub(crate) async fn connect_peer(
     tls: &migrate::ClusterTls,
     addr: SocketAddr,
     me: &str,
     purpose: migrate::Purpose,
+    expect: Option<&str>,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))?
-    .with_context(|| format!("connecting to {addr}"))?;
+    let tcp = within(format!("connecting to {addr}"), async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))
+    })
+    .await?;
     tcp.set_nodelay(true)?;
     let connector = tokio_rustls::TlsConnector::from(tls.client_config());
     let name = rustls_pki_types::ServerName::try_from(migrate::tls::CLUSTER_NAME)?;
-    let mut s = connector
-        .connect(name, tcp)
-        .await
-        .with_context(|| format!("TLS with {addr}"))?;
+    let mut s = within(format!("TLS with {addr}"), async {
+        connector
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with {addr}"))
+    })
+    .await?;
     let hello = migrate::Hello::new(me, purpose, crate::migration::host_features(), None);
-    write_frame(&mut s, &migrate::Message::Hello(hello)).await?;
-    match read_frame(&mut s).await? {
-        migrate::Message::Welcome(_) => Ok(s),
+    let answer = within(format!("the handshake with {addr}"), async {
+        write_frame(&mut s, &migrate::Message::Hello(hello)).await?;
+        Ok(read_frame(&mut s).await?)
+    })
+    .await?;
+    match answer {
+        migrate::Message::Welcome(w) => match expect {
+            Some(want) if w.node_name != want => {
+                tracing::warn!(%addr, want, says = w.node_name, "refused a peer under another node's name");
+                anyhow::bail!(
+                    "the node at {addr} is '{}', not '{want}' (check the --peer list); refused",
+                    w.node_name
+                )
+            }
+            _ => Ok(s),
+        },
         migrate::Message::Refuse { reason } => anyhow::bail!("{addr} refused: {reason}"),
         other => anyhow::bail!("{addr} answered {:?}", other.kind()),
     }
@@ -84,7 +118,13 @@ pub(crate) async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Re
             return Ok(());
         }
     };
-    let first = read_frame(&mut s).await;
+    let first = match tokio::time::timeout(STEP_LIMIT, read_frame(&mut s)).await {
+        Ok(f) => f,
+        Err(_) => {
+            tracing::warn!(peer, "no Hello within {} s", STEP_LIMIT.as_secs());
+            return Ok(());
+        }
+    };
     let ours = migrate::handshake::ServerIdentity {
         node_name: name,
         host_cpu: crate::migration::host_features(),
@@ -97,7 +137,11 @@ pub(crate) async fn serve_peer(tcp: tokio::net::TcpStream, shared: Shared) -> Re
     };
     match hello.purpose {
         migrate::Purpose::Migrate => {
-            let (pid, home, program) = match read_frame(&mut s).await {
+            let request = within(format!("{peer}: the host request"), async {
+                Ok(read_frame(&mut s).await)
+            })
+            .await?;
+            let (pid, home, program) = match request {
                 Ok(migrate::Message::Host {
                     pid,
                     home_node,
@@ -174,14 +218,19 @@ pub(crate) async fn link(shared: &Shared, pid: u32, to: &str) -> Result<Reply> {
     let tls = tls.context("this node has no cluster key")?;
     let addr = addr.map_err(|m| anyhow::anyhow!(m))?;
     let (home, program) = who.with_context(|| format!("no process {pid} on node {me}"))?;
-    let mut peer = connect_peer(&tls, addr, &me, migrate::Purpose::Migrate).await?;
+    let by_name = to.parse::<SocketAddr>().is_err().then_some(to);
+    let mut peer = connect_peer(&tls, addr, &me, migrate::Purpose::Migrate, by_name).await?;
     let host = migrate::Message::Host {
         pid,
         home_node: home,
         program,
     };
-    write_frame(&mut peer, &host).await?;
-    match read_frame(&mut peer).await? {
+    let answer = within(format!("{to}: starting a guest host"), async {
+        write_frame(&mut peer, &host).await?;
+        Ok(read_frame(&mut peer).await?)
+    })
+    .await?;
+    match answer {
         migrate::Message::Hosting { port, token } => {
             tracing::info!(pid, to, port, "guest host ready");
             Ok(Reply::Endpoint {

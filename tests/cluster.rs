@@ -190,6 +190,70 @@ fn refusals_leave_the_process_running_where_it_was() {
     );
 }
 
+/// A peer that accepts connections and never answers, and a node listed under another
+/// node's name: each move fails within the step limit with a one-line reason, nothing else
+/// waits for it, and the process runs on at home and ends as natively.
+#[test]
+fn a_silent_peer_and_a_peer_under_another_name_are_refused() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let b_addr = format!("127.0.0.1:{}", free_port());
+    let b = NodeSpec::new(dir.path(), "b")
+        .listen(&b_addr)
+        .key_dir(&key)
+        .start();
+    // Accepts TCP connections and holds them without a byte.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let home = NodeSpec::new(dir.path(), "home")
+        .listen(&format!("127.0.0.1:{}", free_port()))
+        .key_dir(&key)
+        .peer("b", &b_addr)
+        .peer("n2", &b_addr)
+        .peer("silent", &silent_addr)
+        .start();
+    let sock = home.sock.clone();
+    // Runs until the test creates `stop` in its directory.
+    Case::new("sh")
+        .args(["-c", "while [ ! -e stop ]; do sleep 0.1; done; echo done"])
+        .socket(&sock)
+        .timeout(Duration::from_secs(120))
+        .check_each(|run, under_mosvm| {
+            let stop = run.dir().join("stop");
+            if !under_mosvm {
+                std::fs::write(stop, "").unwrap();
+                return;
+            }
+            let pid = run.pid();
+            wait_registered(&sock, pid);
+            let t = std::time::Instant::now();
+            let m = client(&sock, &["migrate", &pid.to_string(), "silent", "--wait"]);
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(!m.status.success(), "{err}");
+            assert!(
+                err.contains("no answer within") && err.contains("still runs on home"),
+                "{err}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+            let m = client(&sock, &["migrate", &pid.to_string(), "n2", "--wait"]);
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(!m.status.success(), "{err}");
+            assert!(err.contains("is 'b', not 'n2'"), "{err}");
+            let p = proc_info(&sock, pid).expect("still listed");
+            assert_eq!(p["node"], "home", "{p}");
+            assert!(home.log_text().contains("under another node's name"));
+            std::fs::write(stop, "").unwrap();
+        });
+    drop(b);
+}
+
 #[test]
 fn losing_the_host_ends_the_home_process_cleanly() {
     require_kvm!();
