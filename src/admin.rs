@@ -455,7 +455,7 @@ pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
 /// `home` or this node's name to come home), for reason `why` (manual, load, memory, expel,
 /// bring). Refused with a one-line reason when the process is unknown, already there, locked,
 /// must stay home (a shared mapping, paper §4.2) or already moving.
-pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<(), String> {
+pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<u64, String> {
     let node = st.name.clone();
     let resolved = if to == "home" || to == node {
         Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
@@ -494,13 +494,19 @@ pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Resul
             p.info.node
         ));
     }
+    st.moves_ordered += 1;
+    let id = st.moves_ordered;
+    let Some(p) = st.procs.get_mut(&pid) else {
+        return Err(format!("no process with home pid {pid} on node {node}"));
+    };
     p.info.state = "migrating".into();
     p.moving_for = Some(why.to_string());
+    p.moving = Some(id);
     let to = if to == node {
         "home".to_string()
     } else {
         to.to_string()
     };
-    let _ = p.commands.send(crate::control::Command::Migrate { to });
-    Ok(())
+    let _ = p.commands.send(crate::control::Command::Migrate { to, id });
+    Ok(id)
 }

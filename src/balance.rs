@@ -463,7 +463,7 @@ impl Shell {
                         }
                     };
                     match r {
-                        Ok(()) => tracing::info!(
+                        Ok(_) => tracing::info!(
                             pid = hp,
                             from = env.from.name,
                             to,
@@ -623,7 +623,7 @@ impl Shell {
             .map_or(f32::NAN, |h| h.entry.load);
         let outcome = if home == self.me.id {
             let mut st = self.shared.lock().expect("state lock");
-            crate::admin::order_move(&mut st, hp, &target, why)
+            crate::admin::order_move(&mut st, hp, &target, why).map(|_| ())
         } else {
             let home_name = self.name_of(home);
             let to_name = if to == home {

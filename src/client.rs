@@ -88,58 +88,35 @@ pub(crate) fn get_procs(socket: Option<&Path>) -> Result<Vec<control::ProcInfo>,
     })
 }
 
-/// `mosvm migrate`: ask the home node to move the process; with `--wait`, follow `ps` until
-/// the move is done or has failed.
+/// `mosvm migrate`: ask the home node to move the process; with `--wait`, wait for this
+/// request's outcome (the node answers when the move is done or has failed).
 pub(crate) fn migrate_cmd(a: MigrateArgs) -> ExitCode {
     let sock = a.socket.as_deref();
     let req = control::Request::Migrate {
         pid: a.pid,
         to: a.node.clone(),
+        wait: a.wait,
     };
-    if let Err(code) = client(sock, req) {
-        return code;
-    }
-    if !a.wait {
-        return ExitCode::SUCCESS;
-    }
-    let home = match get_nodes(sock) {
-        Ok(n) => n.first().map(|n| n.name.clone()).unwrap_or_default(),
-        Err(code) => return code,
-    };
-    let target = if a.node == "home" { home } else { a.node };
-    let t = std::time::Instant::now();
-    loop {
-        let procs = match get_procs(sock) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        let own = |p: &&control::ProcInfo| p.pid == a.pid && !p.state.starts_with("guest of");
-        let Some(p) = procs.iter().find(own) else {
+    // With --wait the node answers when this request's move is over, and with its outcome
+    // (never another request's).
+    match expect(client(sock, req), |r| match r {
+        control::Reply::Ok => Some(None),
+        control::Reply::Moved { node } => Some(Some(node)),
+        _ => None,
+    }) {
+        Ok(Some(node))
+            if node != a.node
+                && a.node != "home"
+                && a.node.parse::<std::net::SocketAddr>().is_err() =>
+        {
             eprintln!(
-                "mosvm migrate: process {} ended before the move was done",
-                a.pid
+                "mosvm migrate: process {} moved to {node}, not {}",
+                a.pid, a.node
             );
-            return ExitCode::from(1);
-        };
-        if p.state != "migrating" {
-            if p.node == target {
-                return ExitCode::SUCCESS;
-            }
-            let why = p.last_error.as_deref().unwrap_or("no reason given");
-            eprintln!(
-                "mosvm migrate: moving process {} to {target} failed: {why}; it still runs on {}",
-                a.pid, p.node
-            );
-            return ExitCode::from(1);
+            ExitCode::from(1)
         }
-        if t.elapsed() > std::time::Duration::from_secs(600) {
-            eprintln!(
-                "mosvm migrate: process {} is still moving after 10 minutes",
-                a.pid
-            );
-            return ExitCode::from(1);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        Ok(_) => ExitCode::SUCCESS,
+        Err(code) => code,
     }
 }
 

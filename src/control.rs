@@ -62,8 +62,14 @@ pub enum Request {
     Unlock { pid: u32 },
     /// This node's view of the cluster.
     Nodes,
-    /// Move process `pid` to node `to` (a peer's name or address).
-    Migrate { pid: u32, to: String },
+    /// Move process `pid` to node `to` (a peer's name or address). With `wait`, the answer
+    /// comes when this move is over: [`Reply::Moved`] or the reason it failed.
+    Migrate {
+        pid: u32,
+        to: String,
+        #[serde(default)]
+        wait: bool,
+    },
     /// From the process migrating `pid` (its `mosvm run`, or the guest host running it): have
     /// node `to` start a guest host for it, and answer where that host waits
     /// ([`Reply::Endpoint`]). The two processes then connect directly.
@@ -147,6 +153,8 @@ pub enum Reply {
     Error { message: String },
     /// `mosvm ctl status`.
     Status { status: Box<crate::admin::Status> },
+    /// For [`Request::Migrate`] with `wait`: the move is done; the process runs on `node`.
+    Moved { node: String },
     /// For [`Request::Link`]: a guest host waits at `addr` for a connection bearing `token`
     /// (hex), and proves itself with the cluster certificate `cert` (hex DER).
     Endpoint {
@@ -208,8 +216,13 @@ pub fn endpoint(socket: &Path, pid: u32, to: &str) -> anyhow::Result<Endpoint> {
 pub enum Command {
     /// Lock or unlock the process.
     SetLocked { locked: bool },
-    /// Migrate the process to node `to`.
-    Migrate { to: String },
+    /// Migrate the process to node `to`; `id` names this request in the outcome
+    /// ([`Update::Moved`], [`Update::MigrationFailed`]).
+    Migrate {
+        to: String,
+        #[serde(default)]
+        id: u64,
+    },
 }
 
 /// A status update from a registered `mosvm run` to its node.
@@ -218,10 +231,19 @@ pub enum Command {
 pub enum Update {
     /// Guest memory in use.
     Memory { bytes: u64 },
-    /// The process now runs on `node`.
-    Moved { node: String },
-    /// A requested migration failed; the process still runs where it was.
-    MigrationFailed { reason: String },
+    /// The process now runs on `node`: the end of move `id` (None: a move no request of the
+    /// node's asked for, such as its host's balancer's).
+    Moved {
+        node: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    /// Move `id` failed, or was refused; the process still runs where it was.
+    MigrationFailed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
     /// CPU time the process has used on other nodes so far (seconds), and its memory there.
     Remote { cpu_s: f64, mem_bytes: u64 },
     /// Whether (and why) the process must stay at home now.

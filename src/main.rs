@@ -338,6 +338,7 @@ fn run_guest(
                 &reg.updates,
                 &control::Update::MigrationFailed {
                     reason: format!("{e:#}"),
+                    id: None,
                 },
             );
             pause.clear();
@@ -356,6 +357,7 @@ fn run_guest(
             &reg.updates,
             &control::Update::Moved {
                 node: job.to.clone(),
+                id: None,
             },
         );
         let mut deputy = vm.into_deputy();
@@ -387,7 +389,10 @@ fn serve_remote(
     let (updates, remote_cpu_ns) = (&reg.updates, &reg.remote_cpu_ns);
     // The node logs it and `mosvm migrate` reports it; the program's stderr stays its own.
     let on_failed = |reason: String| {
-        send_update(updates, &control::Update::MigrationFailed { reason });
+        send_update(
+            updates,
+            &control::Update::MigrationFailed { reason, id: None },
+        );
     };
     // CPU time on the current host, as last reported; earlier hosts' is in `reg.remote_cpu_ns`.
     let here = std::sync::atomic::AtomicU64::new(0);
@@ -442,7 +447,13 @@ fn serve_remote(
                     .and_then(|a| wire::connect(a, cert, hello));
                 match next {
                     Ok(w) => {
-                        send_update(&reg.updates, &control::Update::Moved { node: node.clone() });
+                        send_update(
+                            &reg.updates,
+                            &control::Update::Moved {
+                                node: node.clone(),
+                                id: None,
+                            },
+                        );
                         link = w;
                         host = node;
                     }
@@ -511,6 +522,7 @@ fn serve_remote(
         &reg.updates,
         &control::Update::Moved {
             node: reg.home.clone(),
+            id: None,
         },
     );
     if let Ok(mut c) = reg.current.lock() {

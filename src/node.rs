@@ -74,6 +74,11 @@ pub(crate) struct Proc {
     pub(crate) since: std::time::Instant,
     /// Why the move under way was ordered (manual, load, memory, expel, bring).
     pub(crate) moving_for: Option<String>,
+    /// The request whose move is under way (its id).
+    pub(crate) moving: Option<u64>,
+    /// Who waits for the outcome of which request: the node it then runs on, or why it
+    /// failed (`mosvm migrate --wait`).
+    pub(crate) waiters: Vec<(u64, tokio::sync::oneshot::Sender<Result<String, String>>)>,
     /// Moves that failed so far.
     pub(crate) failures: u32,
     /// System calls so far: (sent home, served locally).
@@ -101,6 +106,8 @@ pub(crate) struct State {
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) peers: Vec<(Option<String>, SocketAddr)>,
     pub(crate) procs: HashMap<u32, Proc>,
+    /// Moves ordered so far (each request's id is the count at its order, from 1).
+    pub(crate) moves_ordered: u64,
     pub(crate) tls: Option<migrate::ClusterTls>,
     pub(crate) socket: PathBuf,
     /// Guests hosted here for other nodes, by guest-host pid.
@@ -168,6 +175,14 @@ pub(crate) fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
+
+/// Tell whoever waits for request `id` of process `p` how it ended.
+fn answer(p: &mut Proc, id: u64, outcome: Result<String, String>) {
+    if let Some(i) = p.waiters.iter().position(|(w, _)| *w == id) {
+        let (_, tx) = p.waiters.swap_remove(i);
+        let _ = tx.send(outcome);
+    }
+}
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -286,6 +301,8 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                         remote_cpu_s: 0.0,
                         since: std::time::Instant::now(),
                         moving_for: None,
+                        moving: None,
+                        waiters: Vec::new(),
                         failures: 0,
                         calls: (0, 0),
                         execs: 0,
@@ -327,18 +344,41 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
                                     p.remote_cpu_s = cpu_s;
                                     p.info.mem_bytes = mem_bytes;
                                 }
-                                Ok(Update::Moved { node }) => {
+                                Ok(Update::Moved { node, id }) => {
                                     tracing::info!(pid, node, "process migrated");
-                                    p.info.node = node;
-                                    p.info.state = "running".into();
+                                    p.info.node = node.clone();
                                     p.info.migrations += 1;
                                     p.info.last_error = None;
-                                    let why = p.moving_for.take().unwrap_or_else(|| "manual".into());
+                                    let why = if id.is_none() || id == p.moving {
+                                        p.info.state = "running".into();
+                                        p.moving = None;
+                                        p.moving_for.take()
+                                    } else {
+                                        None
+                                    }
+                                    .unwrap_or_else(|| "manual".into());
                                     metrics::counter!("mosvm_migrations_total", "reason" => why.clone(), "outcome" => "done").increment(1);
                                     p.info.moved_by = Some(why);
+                                    if let Some(id) = id {
+                                        answer(p, id, Ok(node));
+                                    }
                                 }
-                                Ok(Update::MigrationFailed { reason }) => {
+                                Ok(Update::MigrationFailed { reason, id })
+                                    if id.is_some() && id != p.moving =>
+                                {
+                                    // A request refused while another move is under way:
+                                    // its outcome alone.
+                                    tracing::info!(pid, reason, "move request refused");
+                                    let why = format!("{reason}; it runs on {}", p.info.node);
+                                    answer(p, id.unwrap_or_default(), Err(why));
+                                }
+                                Ok(Update::MigrationFailed { reason, id }) => {
                                     tracing::warn!(pid, reason, "migration failed");
+                                    p.moving = None;
+                                    if let Some(id) = id {
+                                        let why = format!("{reason}; it still runs on {}", p.info.node);
+                                        answer(p, id, Err(why));
+                                    }
                                     p.info.state = "running".into();
                                     p.info.last_error = Some(reason);
                                     let why = p.moving_for.take().unwrap_or_else(|| "manual".into());
@@ -453,15 +493,34 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             };
             reply(&mut write, &r).await
         }
-        Request::Migrate { pid, to } => {
-            let r = match crate::admin::order_move(
-                &mut shared.lock().expect("state lock"),
-                pid,
-                &to,
-                "manual",
-            ) {
-                Ok(()) => Reply::Ok,
+        Request::Migrate { pid, to, wait } => {
+            let waiting = {
+                let mut st = shared.lock().expect("state lock");
+                match crate::admin::order_move(&mut st, pid, &to, "manual") {
+                    Ok(id) if wait => {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        if let Some(p) = st.procs.get_mut(&pid) {
+                            p.waiters.push((id, tx));
+                        }
+                        Ok(Some(rx))
+                    }
+                    Ok(_) => Ok(None),
+                    Err(message) => Err(message),
+                }
+            };
+            let r = match waiting {
                 Err(message) => Reply::Error { message },
+                Ok(None) => Reply::Ok,
+                // This request's own outcome; the process's end drops the sender.
+                Ok(Some(rx)) => match rx.await {
+                    Ok(Ok(node)) => Reply::Moved { node },
+                    Ok(Err(why)) => Reply::Error {
+                        message: format!("moving process {pid} to {to} failed: {why}"),
+                    },
+                    Err(_) => Reply::Error {
+                        message: format!("process {pid} ended before the move was done"),
+                    },
+                },
             };
             reply(&mut write, &r).await
         }
@@ -618,6 +677,7 @@ pub fn run(cfg: Config) -> Result<()> {
             listen: cfg.listen,
             peers,
             procs: HashMap::new(),
+            moves_ordered: 0,
             tls,
             socket: socket.clone(),
             hosted: HashMap::new(),

@@ -43,6 +43,7 @@ impl Registration {
     /// connection's copies close (the node sees the parent end when it does); nothing else
     /// of it is touched (its threads are not in this process).
     pub(crate) fn abandon(self) {
+        MOVE_UNDER_WAY.store(0, std::sync::atomic::Ordering::SeqCst);
         for fd in self.fds {
             // SAFETY: the child's copies of the registration's descriptors, which nothing in
             // the child uses (the registration is forgotten, never dropped).
@@ -96,12 +97,32 @@ pub(crate) type Current = std::sync::Arc<std::sync::Mutex<Option<CurrentVm>>>;
 
 pub(crate) type RemoteSlot = std::sync::Arc<std::sync::Mutex<Option<wire::Wire>>>;
 
+/// The node's request whose move is under way (its id, never 0), until its outcome is sent;
+/// 0 when none is.
+static MOVE_UNDER_WAY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A move the node asked for (request `id`) is under way from now on.
+fn move_accepted(id: u64) {
+    MOVE_UNDER_WAY.store(id, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Tell the node `u`. The outcome of a move (`Moved`, `MigrationFailed`) without an id is that
+/// of the request under way, if any: it carries that request's id, so that the node answers
+/// the one who asked (and no other).
 pub(crate) fn send_update(
     w: &std::sync::Mutex<std::os::unix::net::UnixStream>,
     u: &control::Update,
 ) {
     use std::io::Write;
-    let mut line = serde_json::to_string(u).unwrap_or_default();
+    let mut u = u.clone();
+    if let control::Update::Moved { id, .. } | control::Update::MigrationFailed { id, .. } = &mut u
+    {
+        if id.is_none() {
+            *id = Some(MOVE_UNDER_WAY.swap(0, std::sync::atomic::Ordering::SeqCst))
+                .filter(|&i| i != 0);
+        }
+    }
+    let mut line = serde_json::to_string(&u).unwrap_or_default();
     line.push('\n');
     if let Ok(mut w) = w.lock() {
         let _ = w.write_all(line.as_bytes());
@@ -206,9 +227,10 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
                     Ok(control::Command::SetLocked { locked }) => {
                         lock.store(locked, std::sync::atomic::Ordering::SeqCst);
                     }
-                    Ok(control::Command::Migrate { to })
+                    Ok(control::Command::Migrate { to, id })
                         if remote.lock().map(|r| r.is_some()).unwrap_or(false) =>
                     {
+                        move_accepted(id);
                         // The guest runs elsewhere: ask its host to move it (home = back here).
                         let msg = if to == "home" || to == home {
                             migrate::Message::MigrateBack
@@ -219,24 +241,35 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
                             let _ = w.send(&msg);
                         }
                     }
-                    Ok(control::Command::Migrate { to }) => {
+                    Ok(control::Command::Migrate { to, id }) => {
+                        // A refusal is this request's outcome alone: the move under way, if
+                        // any, goes on.
+                        let refuse = |reason: String| {
+                            send_update(
+                                &upd,
+                                &control::Update::MigrationFailed {
+                                    reason,
+                                    id: Some(id),
+                                },
+                            )
+                        };
                         if busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                            let reason = "a migration is already under way".to_string();
-                            send_update(&upd, &control::Update::MigrationFailed { reason });
+                            refuse("a migration is already under way".to_string());
                             continue;
                         }
                         let Some((view, pause, _)) = now.lock().ok().and_then(|c| c.clone()) else {
                             busy.store(false, std::sync::atomic::Ordering::SeqCst);
+                            refuse("the process is not ready to move yet".to_string());
                             continue;
                         };
                         if let Some(why) = view.pinned() {
                             // The node had not heard yet: refuse here, without a word on the
                             // program's own stderr.
                             busy.store(false, std::sync::atomic::Ordering::SeqCst);
-                            let reason = format!("the process stays at home: {why}");
-                            send_update(&upd, &control::Update::MigrationFailed { reason });
+                            refuse(format!("the process stays at home: {why}"));
                             continue;
                         }
+                        move_accepted(id);
                         let busy = busy.clone();
                         let program = prog.clone();
                         let (view, pause, home, path, tx, upd) = (
@@ -270,6 +303,7 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
                                         &upd,
                                         &control::Update::MigrationFailed {
                                             reason: format!("{e:#}"),
+                                            id: None,
                                         },
                                     );
                                 }

@@ -190,6 +190,50 @@ fn refusals_leave_the_process_running_where_it_was() {
     );
 }
 
+/// Two `mosvm migrate --wait` for one process, 0.2 s apart: each learns its own request's
+/// outcome. The first move happens and its command says so; the second is refused and its
+/// command says why.
+#[test]
+fn two_waiting_migrate_commands_each_get_their_own_outcome() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b", "c"], &[&key, &key, &key]);
+    let home = nodes[0].sock.clone();
+    ticker("glibc-static", ["400", "3000000", "256"], &nodes[0])
+        .ignore_stderr()
+        .check_while(|run| {
+            let pid = run.pid();
+            wait_registered(&home, pid);
+            wait_for("the working set", Duration::from_secs(30), || {
+                proc_info(&home, pid)
+                    .is_some_and(|p| p["mem_bytes"].as_u64().unwrap_or(0) > 200 << 20)
+            });
+            let (h, p) = (home.clone(), pid.to_string());
+            let first = std::thread::spawn(move || client(&h, &["migrate", &p, "b", "--wait"]));
+            std::thread::sleep(Duration::from_millis(200));
+            let second = client(&home, &["migrate", &pid.to_string(), "c", "--wait"]);
+            let first = first.join().unwrap();
+            let (e1, e2) = (
+                String::from_utf8_lossy(&first.stderr),
+                String::from_utf8_lossy(&second.stderr),
+            );
+            assert!(first.status.success(), "the first move: {e1}");
+            assert!(!second.status.success(), "the second move: {e2}");
+            assert!(e2.contains("already moving"), "{e2}");
+            let p = proc_info(&home, pid).expect("listed");
+            assert_eq!(p["node"], "b", "{p}");
+            assert_eq!(p["state"], "running", "{p}");
+            // And home again, for the rest of its run.
+            let back = client(&home, &["migrate", &pid.to_string(), "home", "--wait"]);
+            assert!(
+                back.status.success(),
+                "{}",
+                String::from_utf8_lossy(&back.stderr)
+            );
+        });
+}
+
 /// A peer that accepts connections and never answers, and a node listed under another
 /// node's name: each move fails within the step limit with a one-line reason, nothing else
 /// waits for it, and the process runs on at home and ends as natively.
