@@ -69,10 +69,13 @@ enum Cmd {
     GuestHost,
 }
 
+/// Where `mosvm keygen` writes the cluster key and `mosvm node` looks for it by default.
+const DEFAULT_KEY_DIR: &str = "/etc/mosvm";
+
 #[derive(clap::Args)]
 struct KeygenArgs {
     /// Directory to write cluster.crt and cluster.key into.
-    #[arg(long, default_value = "/etc/mosvm")]
+    #[arg(long, default_value = DEFAULT_KEY_DIR)]
     dir: PathBuf,
     /// Replace an existing key.
     #[arg(long)]
@@ -87,10 +90,10 @@ struct NodeArgs {
     /// Node name (default: the host name).
     #[arg(long)]
     name: Option<String>,
-    /// Address for peers, e.g. 10.0.0.1:7420.
-    #[arg(long)]
+    /// Address for peers, e.g. 10.0.0.1:7420 or node1.example:7420.
+    #[arg(long, value_parser = node::host_addr)]
     listen: Option<std::net::SocketAddr>,
-    /// A peer: ADDR or NAME=ADDR (repeatable).
+    /// A peer: ADDR or NAME=ADDR, ADDR being IP:PORT or HOST:PORT (repeatable).
     #[arg(long)]
     peer: Vec<String>,
     /// Control socket (default: MOSVM_SOCKET, else $XDG_RUNTIME_DIR/mosvm.sock or /run/mosvm/mosvm.sock).
@@ -99,7 +102,8 @@ struct NodeArgs {
     /// State directory.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Directory with the cluster key (from `mosvm keygen`); required to serve peers.
+    /// Directory with the cluster key (from `mosvm keygen`); required to serve peers (default:
+    /// /etc/mosvm, where `mosvm keygen` writes it, when it holds a key).
     #[arg(long)]
     key_dir: Option<PathBuf>,
     /// Automatic migration: mosix (default), opportunity-cost, or off (manual moves only).
@@ -126,6 +130,26 @@ struct NodeArgs {
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9420).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+}
+
+/// The least `--mem` a program can run in: the VM's own tables, a small program, its stack
+/// and the C library's first heap.
+const MIN_MEM: u64 = 4 << 20;
+
+impl RunArgs {
+    /// Say so (one line) if `mem` bytes are below [`MIN_MEM`].
+    fn mem_too_small(&self, mem: u64) -> bool {
+        if mem >= MIN_MEM {
+            return false;
+        }
+        eprintln!(
+            "mosvm: --mem {}: too small, at least {}M (the VM's own tables, the program, its \
+             stack and heap)",
+            self.mem,
+            MIN_MEM >> 20
+        );
+        true
+    }
 }
 
 #[derive(clap::Args)]
@@ -226,6 +250,25 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if a.mem_too_small(mem) {
+        return ExitCode::from(2);
+    }
+    // A node named by --socket or MOSVM_SOCKET must be there: a mistyped path never turns
+    // into a run without a node. (Without either, no node at the default path is fine.)
+    let named = a
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("MOSVM_SOCKET").map(PathBuf::from));
+    if let Some(path) = named {
+        if let Err(e) = std::os::unix::net::UnixStream::connect(&path) {
+            eprintln!(
+                "mosvm: no mosvm node at {} ({e}); start one there, or leave out --socket and \
+                 MOSVM_SOCKET to run without a node",
+                path.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
     let mut command = a.command.into_iter();
     let Some(prog_arg) = command.next() else {
         eprintln!("mosvm: no program given");
@@ -576,6 +619,12 @@ fn node_main(a: NodeArgs) -> ExitCode {
         usher_free,
         metrics
     );
+    if cfg.key_dir.is_none() {
+        let default = Path::new(DEFAULT_KEY_DIR);
+        if default.join(migrate::tls::CERT_FILE).exists() {
+            cfg.key_dir = Some(default.to_path_buf());
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOSVM_LOG")

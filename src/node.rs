@@ -141,16 +141,61 @@ pub(crate) fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-/// Parse `ADDR` or `NAME=ADDR`.
+/// Parse `ADDR` or `NAME=ADDR`; ADDR is `IP:PORT` or `HOST:PORT` (resolved now, IPv4 first).
 pub fn parse_peer(s: &str) -> Result<(Option<String>, SocketAddr)> {
     let (name, addr) = match s.split_once('=') {
         Some((n, a)) => (Some(n.trim().to_string()), a.trim()),
         None => (None, s.trim()),
     };
-    let addr = addr
-        .parse()
-        .with_context(|| format!("peer '{s}': not an address (use ADDR or NAME=ADDR)"))?;
+    let addr =
+        host_addr(addr).map_err(|e| anyhow::anyhow!("peer '{s}': {e} (use ADDR or NAME=ADDR)"))?;
     Ok((name, addr))
+}
+
+/// `IP:PORT`, or `HOST:PORT` resolved (its first IPv4 address, else its first address).
+pub fn host_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    let all: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not HOST:PORT or IP:PORT ({e})"))?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' has no address"))
+}
+
+/// What a node made at start and removes again if it does not come up: its state directory
+/// (when it made it) and its control socket.
+struct StartGuard {
+    made: Vec<PathBuf>,
+    up: bool,
+}
+
+impl StartGuard {
+    /// The node is up: what it made stays.
+    fn came_up(&mut self) {
+        self.up = true;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if self.up {
+            return;
+        }
+        for p in &self.made {
+            let _ = if p.is_dir() {
+                std::fs::remove_dir(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+        }
+    }
 }
 
 /// Resolve a node named by `mosvm migrate`: a configured peer's name, or an address.
@@ -588,6 +633,13 @@ pub fn run(cfg: Config) -> Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("mosvm-{name}")));
+    let mut guard = StartGuard {
+        made: Vec::new(),
+        up: false,
+    };
+    if !state_dir.exists() {
+        guard.made.push(state_dir.clone());
+    }
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let name_of = cfg.policy.as_deref().unwrap_or("mosix");
@@ -647,6 +699,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = bind_socket(&socket)?;
+        guard.made.push(socket.clone());
         if let Some(addr) = cfg.metrics {
             metrics_exporter_prometheus::PrometheusBuilder::new()
                 .with_http_listener(addr)
@@ -740,6 +793,7 @@ pub fn run(cfg: Config) -> Result<()> {
             });
         }
 
+        guard.came_up();
         tracing::info!(node = name, socket = %socket.display(), state_dir = %state_dir.display(), "mosvm node up");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let (stopped_tx, mut stopped) = mpsc::unbounded_channel::<()>();

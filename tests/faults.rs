@@ -445,6 +445,37 @@ fn too_little_guest_memory() {
     assert_clean_failure("--mem 1M with a 64 MiB program", &run);
 }
 
+/// Sizes no program can run in, or the layout cannot hold, are refused before anything runs
+/// with one line naming the problem: the program never starts (no output of its own).
+#[test]
+fn guest_memory_sizes_out_of_range_are_refused() {
+    require_kvm!();
+    for (size, says) in [
+        ("1M", "too small"),
+        ("0", "too small"),
+        ("3M", "too small"),
+        ("600G", "at most"),
+        ("200T", "at most"),
+        ("900T", "at most"),
+        ("99999999999T", "too large"),
+        ("abc", "bad size"),
+    ] {
+        let run = Case::image("glibc-static", "hello")
+            .mosvm_flag("--mem")
+            .mosvm_flag(size)
+            .expect_status(None)
+            .run_mosvm();
+        let what = format!("--mem {size}");
+        assert_clean_failure(&what, &run);
+        assert!(run.stdout.is_empty(), "{what}: the program ran");
+        assert!(
+            run.stderr_text().contains(says),
+            "{what}: {}",
+            run.stderr_text()
+        );
+    }
+}
+
 #[test]
 fn enough_guest_memory() {
     require_kvm!();

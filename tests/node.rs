@@ -63,15 +63,33 @@ fn run_without_a_node_is_standalone_and_clients_fail_cleanly() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("none.sock");
+    // No node named and none at the default path: the program runs standalone.
     let out = Command::new(mosvm_bin())
         .arg("run")
-        .arg("--socket")
-        .arg(&sock)
         .arg(image("musl-static", "hello"))
+        .env_remove("MOSVM_SOCKET")
+        .env("XDG_RUNTIME_DIR", dir.path())
         .output()
         .unwrap();
     assert!(out.status.success());
     assert!(!out.stdout.is_empty());
+    // A node named by --socket or MOSVM_SOCKET that is not there (a mistyped path): one line,
+    // exit 1, and the program does not run.
+    for by_env in [false, true] {
+        let mut cmd = Command::new(mosvm_bin());
+        cmd.arg("run");
+        if by_env {
+            cmd.env("MOSVM_SOCKET", &sock);
+        } else {
+            cmd.arg("--socket").arg(&sock);
+        }
+        let out = cmd.arg(image("musl-static", "hello")).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(out.stdout.is_empty(), "the program ran");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("no mosvm node at"), "{err}");
+    }
     for args in [&["ps"][..], &["nodes"], &["lock", "1"]] {
         let o = client(&sock, args);
         assert!(!o.status.success(), "{args:?} succeeded without a node");
@@ -90,13 +108,20 @@ fn unknown_pid_and_second_node_are_refused() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr)
         .contains("no process with home pid 4000000 on node beta"));
+    let gamma_state = dir.path().join("gamma.state");
     let second = Command::new(mosvm_bin())
         .args(["node", "--name", "gamma", "--socket"])
         .arg(&sock)
+        .arg("--state-dir")
+        .arg(&gamma_state)
         .output()
         .unwrap();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already serving"));
+    assert!(
+        !gamma_state.exists(),
+        "a node that did not start left its state directory"
+    );
     let nodes = client(&sock, &["nodes", "--json"]);
     let v: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
     assert_eq!(v[0]["name"], "beta");
@@ -201,4 +226,48 @@ fn mon_shows_the_node_and_its_processes() {
     drop(run); // kills it
     let none = client(&dir.path().join("none.sock"), &["mon", "--count", "1"]);
     assert!(!none.status.success());
+}
+
+/// A node that fails to start (here: --listen without a cluster key, after its socket is
+/// bound) removes the socket and the state directory it made; the live node's stay.
+#[test]
+fn a_node_that_fails_to_start_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, state) = (dir.path().join("n.sock"), dir.path().join("n.state"));
+    let out = Command::new(mosvm_bin())
+        .args(["node", "--name", "n", "--listen", "127.0.0.1:9", "--socket"])
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("needs the cluster key"), "{err}");
+    assert!(!sock.exists(), "socket left behind");
+    assert!(!state.exists(), "state directory left behind");
+}
+
+/// `--listen` and `--peer` take host names as well as addresses.
+#[test]
+fn host_names_are_accepted_for_listen_and_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::cluster::keygen(dir.path());
+    let (p1, p2) = (common::cluster::free_port(), common::cluster::free_port());
+    let node = NodeSpec::new(dir.path(), "h")
+        .listen(&format!("localhost:{p1}"))
+        .peer("other", &format!("localhost:{p2}"))
+        .key_dir(&key)
+        .start();
+    let nodes = client(&node.sock, &["nodes", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
+    assert_eq!(v[1]["name"], "other", "{v:?}");
+    assert_eq!(v[1]["addr"], format!("127.0.0.1:{p2}"), "{v:?}");
+    let bad = Command::new(mosvm_bin())
+        .args(["node", "--peer", "x=no-such-host.invalid:1", "--socket"])
+        .arg(dir.path().join("y.sock"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
 }
