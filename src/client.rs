@@ -133,6 +133,8 @@ pub(crate) fn procs_table(procs: &[control::ProcInfo]) -> String {
         "PID", "NODE", "STATE", "CPU(s)", "MEM(MiB)", "MIGR", "WHY", "LOCK"
     );
     for p in procs {
+        // A guest hosted here for another node: its moves and lock are its home's to know.
+        let hosted = p.state.starts_with("guest of");
         out += &format!(
             "{:>8} {:<10} {:<14} {:>8.2} {:>9.1} {:>4} {:<7} {:<4} {}\n",
             p.pid,
@@ -140,12 +142,17 @@ pub(crate) fn procs_table(procs: &[control::ProcInfo]) -> String {
             p.state,
             p.cpu_s,
             p.mem_bytes as f64 / (1 << 20) as f64,
-            p.migrations,
+            if hosted {
+                "-".to_string()
+            } else {
+                p.migrations.to_string()
+            },
             p.moved_by.as_deref().unwrap_or("-"),
-            match (p.locked, &p.pinned) {
-                (true, _) => "yes",
-                (false, Some(_)) => "home",
-                (false, None) => "no",
+            match (hosted, p.locked, &p.pinned) {
+                (true, _, _) => "-",
+                (false, true, _) => "yes",
+                (false, false, Some(_)) => "home",
+                (false, false, None) => "no",
             },
             p.program
         );
@@ -215,21 +222,41 @@ pub(crate) fn mon(a: MonArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let mut shown = 0;
-    loop {
-        let (n, p) = match (
-            get_nodes(a.socket.as_deref()),
-            get_procs(a.socket.as_deref()),
-        ) {
-            (Ok(n), Ok(p)) => (n, p),
-            (Err(code), _) | (_, Err(code)) => return code,
+    let sock = control::socket_path(a.socket.as_deref());
+    // Both views, or why the node could not give them.
+    let fetch = || -> anyhow::Result<(Vec<control::NodeInfo>, Vec<control::ProcInfo>)> {
+        let n = match control::call(&sock, &control::Request::Nodes)? {
+            control::Reply::Nodes { nodes } => nodes,
+            other => anyhow::bail!("unexpected answer from the node: {other:?}"),
         };
+        let p = match control::call(&sock, &control::Request::Ps)? {
+            control::Reply::Procs { procs } => procs,
+            other => anyhow::bail!("unexpected answer from the node: {other:?}"),
+        };
+        Ok((n, p))
+    };
+    loop {
         let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
         let mut frame = String::new();
         if tty {
             // Clear the screen and go home, then draw.
             frame += "\x1b[2J\x1b[H";
         }
-        frame += &format!("{}\n{}", nodes_table(&n), procs_table(&p));
+        match fetch() {
+            Ok((n, p)) => frame += &format!("{}\n{}", nodes_table(&n), procs_table(&p)),
+            // No node to watch at all: one line, as for any client.
+            Err(e) if shown == 0 => {
+                eprintln!("mosvm: {e:#}");
+                return ExitCode::from(1);
+            }
+            // The node went away (restarted, stopped): say so and look again.
+            Err(e) => {
+                frame += &format!(
+                    "the node is gone ({e:#}); looking again every {} s\n",
+                    a.interval
+                )
+            }
+        }
         if !tty {
             frame += "\n";
         }

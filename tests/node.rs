@@ -224,8 +224,31 @@ fn mon_shows_the_node_and_its_processes() {
     );
     assert_eq!(text.matches(&pid.to_string()).count(), 2, "{text}");
     drop(run); // kills it
+               // No node at all: one line, once.
     let none = client(&dir.path().join("none.sock"), &["mon", "--count", "1"]);
     assert!(!none.status.success());
+    assert_eq!(String::from_utf8_lossy(&none.stderr).lines().count(), 1);
+    // The node goes away while watched: mon says so and keeps looking.
+    let watch = Command::new(mosvm_bin())
+        .args(["mon", "--count", "30", "--interval", "0.1", "--socket"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    node.crash();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("omega") && text.contains("the node is gone"),
+        "{text}"
+    );
 }
 
 /// A node that fails to start (here: --listen without a cluster key, after its socket is
