@@ -233,6 +233,22 @@ fn find_program(p: &OsString) -> Result<PathBuf, String> {
     Err(format!("{}: command not found", path.display()))
 }
 
+/// Whether the caller may execute `path` (execute permission for its effective ids, and a
+/// regular file), as execve(2) checks: the error otherwise.
+fn may_execute(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: faccessat reads the NUL-terminated path it is given.
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+    }
+    Ok(())
+}
+
 fn run(a: RunArgs) -> ExitCode {
     let mem = match vmm::vm::parse_size(&a.mem) {
         Ok(m) if m > vmm::vm::MAX_MEM => {
@@ -281,6 +297,15 @@ fn run(a: RunArgs) -> ExitCode {
             return ExitCode::from(127);
         }
     };
+    // execve(2) wants execute permission (EACCES), for the caller's effective ids.
+    if let Err(e) = may_execute(&program) {
+        let why = match e.raw_os_error() {
+            Some(libc::EACCES) => "Permission denied".to_string(),
+            _ => e.to_string(),
+        };
+        eprintln!("mosvm: {}: {why}", program.display());
+        return ExitCode::from(126);
+    }
     let mut argv = vec![prog_arg.into_vec()];
     argv.extend(command.map(OsStringExt::into_vec));
     // A `#!` script runs its interpreter, as execve(2) does (binfmt_script).

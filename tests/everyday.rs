@@ -114,6 +114,18 @@ fn the_stack_grows_to_its_limit() {
             .expect_status(Some(139))
             .ignore_stderr()
             .check();
+        // A limit lowered at run time holds.
+        case()
+            .args(["4", "2"])
+            .expect_status(Some(139))
+            .ignore_stderr()
+            .check();
+        // A mapping below the stack stops it: the recursion dies and the file is untouched.
+        case()
+            .args(["6", "-", "below"])
+            .expect_status(Some(139))
+            .ignore_stderr()
+            .check();
     }
     // The limit at the exec inside the guest lays out the new program.
     let prog = common::image(VARIANTS[0], "stackgrow");

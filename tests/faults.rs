@@ -433,6 +433,35 @@ fn directory_as_program() {
     assert_clean_failure("a directory", &run);
 }
 
+/// A program without execute permission is refused as execve(2) refuses it: EACCES, 126,
+/// and nothing runs (a script as well as an ELF).
+#[test]
+fn a_program_without_execute_permission_is_refused() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("s.sh");
+    std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+    let elf = dir.path().join("hello");
+    std::fs::copy(common::image("glibc-static", "hello"), &elf).unwrap();
+    for p in [&script, &elf] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let native = Command::new(p).output();
+        assert_eq!(
+            native.map_err(|e| e.raw_os_error()).err(),
+            Some(Some(libc::EACCES)),
+            "natively"
+        );
+        let run = Case::new(p).expect_status(Some(126)).run_mosvm();
+        assert_clean_failure("a file without execute permission", &run);
+        assert!(run.stdout.is_empty(), "it ran");
+        assert!(
+            run.stderr_text().contains("Permission denied"),
+            "{}",
+            run.stderr_text()
+        );
+    }
+}
+
 #[test]
 fn too_little_guest_memory() {
     require_kvm!();

@@ -1,10 +1,13 @@
-/* The main thread's stack grows to RLIMIT_STACK: prints the limit it started with, raises the
- * soft limit to ARG2 MiB when given ("max": to the hard limit), then recurses ARG1 MiB deep
- * and prints the depth reached. Past the limit the recursion dies of SIGSEGV, as natively. */
+/* The main thread's stack grows to RLIMIT_STACK: prints the limit it started with, sets the
+ * soft limit to ARG2 MiB when given ("max": to the hard limit, "-": unchanged), then recurses
+ * ARG1 MiB deep and prints the depth reached. Past the limit the recursion dies of SIGSEGV, as
+ * natively. With ARG3 "below", a file is first mapped shared 4 MiB below the stack pointer:
+ * a deeper recursion stops at it (SIGSEGV) and never writes into the file. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -38,9 +41,19 @@ int main(int argc, char **argv) {
     getrlimit(RLIMIT_STACK, &r);
     show("soft", r.rlim_cur);
     show("hard", r.rlim_max);
-    if (argc > 2) {
+    if (argc > 2 && strcmp(argv[2], "-") != 0) {
         r.rlim_cur = strcmp(argv[2], "max") == 0 ? r.rlim_max : (rlim_t)atoi(argv[2]) << 20;
         printf("setrlimit: %d\n", setrlimit(RLIMIT_STACK, &r));
+    }
+    if (argc > 3 && strcmp(argv[3], "below") == 0) {
+        char *want = (char *)(((unsigned long)&r - (4 << 20)) & ~0xfffUL);
+        int fd = open("below.bin", O_RDWR | O_CREAT | O_TRUNC, 0644);
+        char buf[65536];
+        memset(buf, 'F', sizeof buf);
+        if (fd < 0 || write(fd, buf, sizeof buf) != sizeof buf)
+            return 2;
+        char *m = mmap(want, sizeof buf, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0);
+        printf("mapped below the stack: %s\n", m == want ? "yes" : "no");
     }
     fflush(stdout);
     printf("depth %d\n", depth(mib * 1024));

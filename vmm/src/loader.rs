@@ -3,7 +3,7 @@
 //! `binfmt_elf` lays them out (without address randomisation).
 
 use crate::memory::{page_down, page_up, PAGE};
-use crate::mm::{AddressSpace, VmaKind, PIE_BASE, STACK_SIZE, STACK_TOP};
+use crate::mm::{AddressSpace, VmaKind, PIE_BASE, STACK_TOP};
 use goblin::elf::{header, program_header, Elf};
 use std::path::{Path, PathBuf};
 
@@ -307,15 +307,15 @@ pub fn load(
         None => (main.entry, 0),
     };
     let too_big = || LoadError::TooBig(mem_label.into(), "the stack".into());
-    // The stack area starts at most 8 MiB long and grows down on faults up to RLIMIT_STACK.
-    let stack = STACK_SIZE
-        .min(crate::memory::page_down(space.stack_rlimit))
-        .max(crate::mm::STACK_EAGER);
+    // As Linux's (setup_arg_pages): the area holds the arguments and 128 KiB below them, and
+    // grows down on faults up to RLIMIT_STACK.
+    let stack = crate::mm::STACK_EAGER;
     space
         .mmap(STACK_TOP - stack, stack, 3, true, false, VmaKind::Stack)
         .map_err(|_| too_big())?;
     let (rsp, layout) =
         build_stack(space, argv, envp, execfn, facts, &main, interp_base).ok_or_else(too_big)?;
+    space.reserve_stack(rsp.saturating_sub(crate::mm::STACK_EAGER));
     Ok(Started {
         rip,
         rsp,

@@ -32,8 +32,8 @@ pub const STACK_TOP: u64 = 0x7fff_ffff_f000;
 /// `--mem`; smaller ones are mapped at once (a fault costs a VM exit).
 pub const EAGER_MAX: u64 = 1 << 20;
 
-/// Size of the stack mapping at exec when RLIMIT_STACK allows it (Linux's default limit); the
-/// area grows down on faults beneath it up to RLIMIT_STACK ([`AddressSpace::fault_in`]).
+/// Linux's default RLIMIT_STACK (the stack area grows down on faults beneath it up to the
+/// limit: [`AddressSpace::fault_in`]).
 pub const STACK_SIZE: u64 = 8 << 20;
 /// Linux's `stack_guard_gap` (256 pages): a stack never grows closer than this to the area
 /// below it.
@@ -640,6 +640,14 @@ impl AddressSpace {
             }
         }
         Some(start)
+    }
+
+    /// Extend the stack area down to `addr` without bringing in pages, if it may (the room
+    /// below the arguments at exec).
+    pub fn reserve_stack(&mut self, addr: u64) {
+        if self.vma_at(addr).is_none() {
+            self.grow_stack(addr);
+        }
     }
 
     /// Grow the stack area down to cover `addr` if it may ([`AddressSpace::stack_growth`]).
