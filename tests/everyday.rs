@@ -127,6 +127,15 @@ fn the_stack_grows_to_its_limit() {
             .ignore_stderr()
             .check();
     }
+    // Raising a hard limit takes CAP_SYS_RESOURCE, not just euid 0 (EPERM without it).
+    Case::new("bash")
+        .args([
+            "-c",
+            "ulimit -s 100000; ulimit -s; ulimit -S -s 2048; ulimit -s; ulimit -H -s 8192",
+        ])
+        .launched_by("ulimit -s 4096; exec CMD")
+        .expect_status(None)
+        .check();
     // The limit at the exec inside the guest lays out the new program.
     let prog = common::image(VARIANTS[0], "stackgrow");
     Case::new("sh")
@@ -222,4 +231,37 @@ fn memory_figures_follow_mem() {
         );
         assert!(free <= bytes && free > 0, "MemFree {free} of {bytes}");
     }
+}
+
+/// CPU affinity asked of the process, of its thread by tid and of its parent, and
+/// pthread_getattr_np in a thread (glibc asks the kernel by tid), as natively.
+#[test]
+fn affinity_of_threads_and_other_processes() {
+    require_kvm!();
+    for variant in VARIANTS {
+        Case::image(variant, "affinity").check();
+    }
+}
+
+/// Capabilities are the home process's: keeping them across a change of user ids
+/// (PR_SET_KEEPCAPS, capset), the bounding set, securebits and the ambient set read as
+/// natively, so `setpriv` can drop to another user.
+#[test]
+fn capabilities_and_dropping_privileges() {
+    require_kvm!();
+    Case::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "id",
+        ])
+        .expect_status(None)
+        .check();
+    Case::new("setpriv")
+        .arg("--dump")
+        .expect_status(None)
+        .check();
 }

@@ -413,7 +413,7 @@ table! {
     SYS_mount_setattr => Refused(EPERM), SYS_pidfd_getfd => Refused(EPERM),
     SYS_process_vm_readv => Refused(EPERM), SYS_process_vm_writev => Refused(EPERM),
     SYS_kcmp => Refused(EPERM), SYS_process_madvise => Refused(EPERM),
-    SYS_process_mrelease => Refused(EPERM), SYS_capset => Refused(EPERM),
+    SYS_process_mrelease => Refused(EPERM), SYS_capset => Home(&[SIn(8), SIn(24)]),
     SYS_userfaultfd => Refused(EPERM), SYS_name_to_handle_at => Refused(EOPNOTSUPP),
     SYS_open_by_handle_at => Refused(EPERM), SYS_seccomp => Refused(EINVAL),
     SYS_landlock_create_ruleset => Refused(EOPNOTSUPP),
@@ -427,6 +427,11 @@ pub fn also_home(nr: u64) -> Option<&'static [A]> {
     match nr as i64 {
         libc::SYS_kill | libc::SYS_tkill => Some(&[V, V]),
         libc::SYS_tgkill => Some(&[V, V, V]),
+        // Another process's CPU affinity (pid, length, mask out).
+        libc::SYS_sched_getaffinity => Some(&[V, V, Out(1)]),
+        // The capability options of prctl(2) (integer arguments only): the home process's
+        // capabilities are the program's.
+        libc::SYS_prctl => Some(&[V, V, V, V, V]),
         _ => None,
     }
 }

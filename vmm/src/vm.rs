@@ -138,7 +138,6 @@ enum Step {
 struct Prctl {
     pdeathsig: i32,
     dumpable: bool,
-    keepcaps: bool,
     no_new_privs: bool,
     timerslack_ns: u64,
     child_subreaper: bool,
@@ -149,7 +148,6 @@ impl Default for Prctl {
         Prctl {
             pdeathsig: 0,
             dumpable: true,
-            keepcaps: false,
             no_new_privs: false,
             timerslack_ns: 50_000,
             child_subreaper: false,
@@ -260,6 +258,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Whether this process holds CAP_SYS_RESOURCE in its effective set (what raising a hard
+/// limit takes, setrlimit(2)): root without it may not.
+fn has_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    // struct __user_cap_header_struct (version 3, this process) and two data structs.
+    let mut head = [0x2008_0522u32, 0];
+    let mut data = [0u32; 6];
+    // SAFETY: capget fills the two 12-byte data structs version 3 asks for.
+    let r = unsafe { libc::syscall(libc::SYS_capget, head.as_mut_ptr(), data.as_mut_ptr()) };
+    r == 0 && data[0] & (1 << CAP_SYS_RESOURCE) != 0
+}
+
 fn host_ids() -> [u64; 4] {
     // SAFETY: these calls cannot fail and touch no memory.
     unsafe {
@@ -294,8 +304,19 @@ impl Vm {
     ) -> std::result::Result<Vm, SetupError> {
         let t0 = Instant::now();
         let host = cpu::host()?;
-        let mut mem = GuestMem::new(opts.mem)
-            .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
+        if opts.mem < 64 * crate::memory::PAGE {
+            return Err(
+                LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()).into(),
+            );
+        }
+        // The host may refuse the reservation (RLIMIT_DATA or RLIMIT_AS below --mem, or no
+        // address space left): that is the host's answer, not a size too small.
+        let mut mem = GuestMem::new(opts.mem).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#} for --mem {} (RLIMIT_DATA and RLIMIT_AS must allow it)",
+                opts.mem_label
+            )
+        })?;
         cpu::install_stub(&mut mem)
             .map_err(|_| LoadError::TooBig(opts.mem_label.clone(), "the VM's own tables".into()))?;
         let vm = cpu::create_vm(host, &mut mem)?;
@@ -1282,10 +1303,22 @@ impl Vm {
                 if (a[0] as i32) < 0 {
                     return Err(EINVAL);
                 }
-                if a[0] as i32 != 0 && a[0] as i32 as i64 != self.pid {
-                    return Err(ESRCH);
-                }
                 let n = (a[1] as usize).min(1024);
+                let pid = a[0] as i32 as i64;
+                if pid != 0 && pid != self.pid && !self.has_thread(pid) {
+                    // Another process's: its home knows it (pids are home's).
+                    let r = self.call_deputy(
+                        libc::SYS_sched_getaffinity,
+                        [pid as u64, n as u64, 0, 0, 0, 0],
+                        vec![crate::deputy::Slot::Out(n)],
+                    );
+                    if r.ret < 0 {
+                        return Err(-r.ret);
+                    }
+                    let b = r.outs.into_iter().next().unwrap_or_default();
+                    self.write_guest(a[2], &b[..(r.ret as usize).min(b.len())])?;
+                    return ok(r.ret);
+                }
                 let mut b = vec![0u8; n];
                 // SAFETY: `b` has `n` bytes for the kernel to fill.
                 let r = unsafe { libc::syscall(libc::SYS_sched_getaffinity, 0, n, b.as_mut_ptr()) };
@@ -1382,11 +1415,6 @@ impl Vm {
                 p.dumpable = flag(a[1])?;
                 ok(0)
             }
-            libc::PR_GET_KEEPCAPS => ok(p.keepcaps as i64),
-            libc::PR_SET_KEEPCAPS => {
-                p.keepcaps = flag(a[1])?;
-                ok(0)
-            }
             libc::PR_GET_NO_NEW_PRIVS if a[1..5] == [0; 4] => ok(p.no_new_privs as i64),
             libc::PR_SET_NO_NEW_PRIVS if a[1] == 1 && a[2..5] == [0; 3] => {
                 p.no_new_privs = true;
@@ -1410,12 +1438,21 @@ impl Vm {
                 ok(0)
             }
             libc::PR_GET_SECCOMP | libc::PR_GET_THP_DISABLE => ok(0),
-            // The bounding set is the host's: every capability up to CAP_LAST_CAP.
-            libc::PR_CAPBSET_READ => {
-                if a[1] > 40 {
-                    return Err(EINVAL);
+            // Capabilities are the home process's, as capget(2) and capset(2) are: the
+            // bounding set, securebits and the ambient set are asked of (or changed) there.
+            libc::PR_CAPBSET_READ
+            | libc::PR_CAPBSET_DROP
+            | libc::PR_GET_KEEPCAPS
+            | libc::PR_SET_KEEPCAPS
+            | libc::PR_GET_SECUREBITS
+            | libc::PR_SET_SECUREBITS
+            | libc::PR_CAP_AMBIENT => {
+                let r = self.call_deputy(libc::SYS_prctl, a, vec![]);
+                if r.ret < 0 {
+                    Err(-r.ret)
+                } else {
+                    ok(r.ret)
                 }
-                ok(1)
             }
             _ => match a[0] as i32 {
                 libc::PR_SET_NAME => {
@@ -1496,8 +1533,7 @@ impl Vm {
             }
             // setrlimit(2): raising a hard limit takes CAP_SYS_RESOURCE; RLIMIT_NOFILE stays
             // within fs.nr_open.
-            // SAFETY: geteuid cannot fail.
-            let privileged = unsafe { libc::geteuid() } == 0;
+            let privileged = has_sys_resource();
             if max > prev[1] && !privileged && !host_enforced(r) {
                 return Err(EPERM);
             }
