@@ -186,11 +186,28 @@ impl AddressSpace {
         }
     }
 
-    /// Rebuild the VMA map and program break of a migrated guest.
-    pub fn restore(&mut self, vmas: Vec<(u64, Vma)>, brk_start: u64, brk: u64) {
+    /// Rebuild the VMA map and program break of a migrated guest. The areas must be what an
+    /// address space can hold (page-aligned, in order, not overlapping, below `USER_END`, at
+    /// most `MAX_MAP_COUNT`); a state that breaks this is refused (`Err` naming why).
+    pub fn restore(&mut self, vmas: Vec<(u64, Vma)>, brk_start: u64, brk: u64) -> Result<(), String> {
+        if vmas.len() > MAX_MAP_COUNT {
+            return Err(format!("{} areas", vmas.len()));
+        }
+        let mut prev_end = 0;
+        for (start, v) in &vmas {
+            let aligned = start % PAGE == 0 && v.end % PAGE == 0;
+            if !aligned || *start < prev_end || v.end <= *start || v.end > USER_END {
+                return Err(format!("area {start:#x}-{:#x}", v.end));
+            }
+            prev_end = v.end;
+        }
+        if brk < brk_start || brk > USER_END {
+            return Err(format!("program break {brk:#x} from {brk_start:#x}"));
+        }
         self.vmas = vmas.into_iter().collect();
         self.brk_start = brk_start;
         self.brk = brk;
+        Ok(())
     }
 
     /// All VMAs, in address order.

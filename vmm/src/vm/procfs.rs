@@ -138,10 +138,12 @@ impl Vm {
         String::from_utf8_lossy(&self.comm[..n]).into_owned()
     }
 
-    /// (VmSize, VmRSS) in bytes: the address space the VMAs cover, the guest memory in use.
+    /// (VmSize, VmRSS) in bytes: the address space the VMAs cover, the guest memory in use
+    /// (which holds the VM's own tables too: never more than the areas, as on Linux).
     fn vm_sizes(&self) -> (u64, u64) {
         let size: u64 = self.space.vmas().map(|(s, v)| v.end - s).sum();
-        (size, self.space.mem.frames_used() * crate::memory::PAGE)
+        let used = self.space.mem.frames_used() * crate::memory::PAGE;
+        (size, used.min(size))
     }
 
     /// (total, free) guest memory in bytes, as a machine with `--mem` bytes of RAM would report

@@ -72,6 +72,32 @@ pub struct MigState {
     pub vmm: VmmState,
 }
 
+impl VmmState {
+    /// The guest's address space over `mem` (its memory, pages already in): the layout of
+    /// guest memory, the areas, the break, where placement starts and how far the stack may
+    /// grow. Checked, since it comes from another node: `Err` if it cannot be this guest's.
+    /// Takes the areas and the free frames out of the state.
+    pub fn address_space(&mut self, mut mem: GuestMem) -> Result<AddressSpace> {
+        anyhow::ensure!(mem.size() >= self.mem, "guest memory smaller than the guest's");
+        mem.restore_layout(self.used, self.pml4, std::mem::take(&mut self.free_frames))
+            .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
+        let mut space = AddressSpace::new(mem);
+        space
+            .restore(std::mem::take(&mut self.vmas), self.brk_start, self.brk)
+            .map_err(|e| anyhow::anyhow!("guest state holds an impossible {e}"))?;
+        anyhow::ensure!(
+            self.mmap_base % crate::memory::PAGE == 0 && self.mmap_base <= crate::mm::USER_END,
+            "guest state holds an impossible placement base {:#x}",
+            self.mmap_base
+        );
+        space.mmap_base = self.mmap_base;
+        if let Some(stack) = self.rlimits.get(libc::RLIMIT_STACK as usize) {
+            space.stack_rlimit = stack[0];
+        }
+        Ok(space)
+    }
+}
+
 impl MigState {
     /// Encode with bincode.
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -205,24 +231,16 @@ impl Vm {
         let Prepared {
             mut vcpu,
             vm,
-            mut mem,
+            mem,
         } = p;
         let mut v = st.vmm;
-        anyhow::ensure!(mem.size() >= v.mem, "guest memory smaller than the guest's");
         let (first, threads, spare) = (
             std::mem::take(&mut v.thread),
             std::mem::take(&mut v.threads),
             std::mem::take(&mut v.spare_tss),
         );
         let posix_timers = std::mem::take(&mut v.posix_timers);
-        mem.restore_layout(v.used, v.pml4, v.free_frames)
-            .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
-        let mut space = AddressSpace::new(mem);
-        space.restore(v.vmas, v.brk_start, v.brk);
-        space.mmap_base = v.mmap_base;
-        if let Some(stack) = v.rlimits.get(libc::RLIMIT_STACK as usize) {
-            space.stack_rlimit = stack[0];
-        }
+        let space = v.address_space(mem)?;
         crate::snapshot::restore(&mut vcpu, &st.vcpu)?;
         let mut sig = Signals::new();
         for (dst, src) in sig.actions.iter_mut().zip(&v.sig_actions) {
