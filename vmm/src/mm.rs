@@ -189,13 +189,18 @@ impl AddressSpace {
     /// Rebuild the VMA map and program break of a migrated guest. The areas must be what an
     /// address space can hold (page-aligned, in order, not overlapping, below `USER_END`, at
     /// most `MAX_MAP_COUNT`); a state that breaks this is refused (`Err` naming why).
-    pub fn restore(&mut self, vmas: Vec<(u64, Vma)>, brk_start: u64, brk: u64) -> Result<(), String> {
+    pub fn restore(
+        &mut self,
+        vmas: Vec<(u64, Vma)>,
+        brk_start: u64,
+        brk: u64,
+    ) -> Result<(), String> {
         if vmas.len() > MAX_MAP_COUNT {
             return Err(format!("{} areas", vmas.len()));
         }
         let mut prev_end = 0;
         for (start, v) in &vmas {
-            let aligned = start % PAGE == 0 && v.end % PAGE == 0;
+            let aligned = start.is_multiple_of(PAGE) && v.end.is_multiple_of(PAGE);
             if !aligned || *start < prev_end || v.end <= *start || v.end > USER_END {
                 return Err(format!("area {start:#x}-{:#x}", v.end));
             }

@@ -78,7 +78,10 @@ impl VmmState {
     /// grow. Checked, since it comes from another node: `Err` if it cannot be this guest's.
     /// Takes the areas and the free frames out of the state.
     pub fn address_space(&mut self, mut mem: GuestMem) -> Result<AddressSpace> {
-        anyhow::ensure!(mem.size() >= self.mem, "guest memory smaller than the guest's");
+        anyhow::ensure!(
+            mem.size() >= self.mem,
+            "guest memory smaller than the guest's"
+        );
         mem.restore_layout(self.used, self.pml4, std::mem::take(&mut self.free_frames))
             .map_err(|_| anyhow::anyhow!("guest state does not fit its own memory size"))?;
         let mut space = AddressSpace::new(mem);
@@ -86,7 +89,8 @@ impl VmmState {
             .restore(std::mem::take(&mut self.vmas), self.brk_start, self.brk)
             .map_err(|e| anyhow::anyhow!("guest state holds an impossible {e}"))?;
         anyhow::ensure!(
-            self.mmap_base % crate::memory::PAGE == 0 && self.mmap_base <= crate::mm::USER_END,
+            self.mmap_base.is_multiple_of(crate::memory::PAGE)
+                && self.mmap_base <= crate::mm::USER_END,
             "guest state holds an impossible placement base {:#x}",
             self.mmap_base
         );
@@ -228,11 +232,7 @@ impl Vm {
 
     /// Finish [`Vm::prepare`] with the guest's state.
     pub fn restore_prepared(p: Prepared, st: MigState, deputy: Box<dyn Deputy>) -> Result<Vm> {
-        let Prepared {
-            mut vcpu,
-            vm,
-            mem,
-        } = p;
+        let Prepared { mut vcpu, vm, mem } = p;
         let mut v = st.vmm;
         let (first, threads, spare) = (
             std::mem::take(&mut v.thread),
