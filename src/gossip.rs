@@ -172,8 +172,14 @@ impl Reject {
     }
 }
 
-fn codec() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// bincode, never claiming more than a datagram holds: a length prefix in a forged body
+/// cannot make the decoder allocate more than [`MAX_DATAGRAM`] bytes.
+fn codec() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_DATAGRAM>,
+> {
+    bincode::config::standard().with_limit::<MAX_DATAGRAM>()
 }
 
 /// Seals datagrams for one node.

@@ -102,6 +102,9 @@ impl VmmState {
     }
 }
 
+/// The most bytes a guest's vCPU and VMM state may take (far above any real one).
+const STATE_LIMIT: usize = 64 << 20;
+
 impl MigState {
     /// Encode with bincode.
     pub fn encode(&self) -> Result<Vec<u8>> {
@@ -111,7 +114,10 @@ impl MigState {
 
     /// Decode what [`MigState::encode`] produced.
     pub fn decode(bytes: &[u8]) -> Result<MigState> {
-        let (s, n) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        // No length inside may claim more than the bytes that came (a bound on allocation).
+        let limited = bincode::config::standard().with_limit::<{ STATE_LIMIT }>();
+        anyhow::ensure!(bytes.len() <= STATE_LIMIT, "guest state of {} bytes", bytes.len());
+        let (s, n) = bincode::serde::decode_from_slice(bytes, limited)
             .context("decoding guest state")?;
         anyhow::ensure!(n == bytes.len(), "trailing bytes after guest state");
         Ok(s)
