@@ -178,7 +178,7 @@ impl NodeSpec {
                 );
             }
             assert!(
-                t.elapsed() < NODE_START,
+                t.elapsed() < crate::common::scaled(NODE_START),
                 "node {} did not create {} within {NODE_START:?}:\n{}",
                 node.name,
                 node.sock.display(),
@@ -423,7 +423,9 @@ pub fn migrate(sock: &Path, pid: u32, to: &str) -> Output {
 }
 
 /// Polls `f` every 20 ms until it holds; fails the test after `limit`.
+/// The limit is scaled by how loaded the machine is ([`crate::common::scaled`]).
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let limit = crate::common::scaled(limit);
     let t = Instant::now();
     while !f() {
         assert!(

@@ -45,6 +45,44 @@ pub const VARIANTS: [&str; 3] = ["glibc-static", "musl-static", "dynamic"];
 /// catches hangs, it is not a performance check.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How much less CPU than it asks for this process gets now, as a factor ≥ 1 (at most 8): a
+/// busy loop of about 30 ms is timed in wall-clock and in thread CPU time, once per test
+/// process. On a quiet machine the two agree (1); with the cores shared by twice as many
+/// busy processes the wall clock runs about twice as far. Deadlines in tests are scaled by it
+/// ([`scaled`]), so a loaded machine gets more time, measured rather than guessed.
+pub fn slowness() -> f64 {
+    static S: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *S.get_or_init(|| {
+        let cpu = || {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime fills the timespec it is given.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        };
+        let (wall0, cpu0) = (Instant::now(), cpu());
+        let mut x = 1u64;
+        while cpu() - cpu0 < Duration::from_millis(30) {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        let ratio = wall0.elapsed().as_secs_f64() / (cpu() - cpu0).as_secs_f64();
+        let s = ratio.clamp(1.0, 8.0);
+        if s > 1.2 {
+            eprintln!("tests: this machine is loaded; deadlines scaled by {s:.1}");
+        }
+        s
+    })
+}
+
+/// `d` scaled by [`slowness`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(slowness())
+}
+
 /// Modification time given to every file a case creates before its runs, so that programs
 /// that record it (gzip, ls) see the same value in both runs.
 pub const FIXED_MTIME: u64 = 1_000_000_000;
@@ -568,8 +606,8 @@ impl Case {
             writer,
             out,
             err,
-            timeout: self.timeout,
-            deadline: started + self.timeout,
+            timeout: scaled(self.timeout),
+            deadline: started + scaled(self.timeout),
             what: format!(
                 "{} {}",
                 if under_mosvm { "mosvm run" } else { "native" },

@@ -116,9 +116,13 @@ impl MigState {
     pub fn decode(bytes: &[u8]) -> Result<MigState> {
         // No length inside may claim more than the bytes that came (a bound on allocation).
         let limited = bincode::config::standard().with_limit::<{ STATE_LIMIT }>();
-        anyhow::ensure!(bytes.len() <= STATE_LIMIT, "guest state of {} bytes", bytes.len());
-        let (s, n) = bincode::serde::decode_from_slice(bytes, limited)
-            .context("decoding guest state")?;
+        anyhow::ensure!(
+            bytes.len() <= STATE_LIMIT,
+            "guest state of {} bytes",
+            bytes.len()
+        );
+        let (s, n) =
+            bincode::serde::decode_from_slice(bytes, limited).context("decoding guest state")?;
         anyhow::ensure!(n == bytes.len(), "trailing bytes after guest state");
         Ok(s)
     }
