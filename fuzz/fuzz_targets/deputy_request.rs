@@ -41,9 +41,9 @@ fuzz_target!(|data: &[u8]| {
             panic!("{} would reach outside its buffers: {e}", table::name(nr));
         }
         // Whatever the host answered, the reply is built without panicking.
-        let ret = data.get(used..used + 8).map_or(0, |b| {
-            i64::from_le_bytes(b.try_into().expect("8 bytes"))
-        });
+        let ret = data
+            .get(used..used + 8)
+            .map_or(0, |b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
         let _ = call.finish(ret, &mut FixedFds);
     }
 });
