@@ -54,6 +54,7 @@ pub fn free_port() -> u16 {
 
 /// One `mosvm node` to start: its name, and where its socket (`DIR/NAME.sock`), state
 /// (`DIR/NAME.state`) and log (`DIR/NAME.log`, the node's stderr) go.
+#[derive(Clone)]
 pub struct NodeSpec {
     name: String,
     dir: PathBuf,
@@ -130,6 +131,7 @@ impl NodeSpec {
 
     /// Starts the node and waits until its control socket exists.
     pub fn start(self) -> Node {
+        let spec = self.clone();
         let sock = self.sock();
         let log = self.dir.join(format!("{}.log", self.name));
         let mut cmd = match &self.netns {
@@ -167,6 +169,7 @@ impl NodeSpec {
             sock,
             log,
             child,
+            spec,
         };
         let t = Instant::now();
         while !node.sock.exists() {
@@ -196,9 +199,30 @@ pub struct Node {
     pub sock: PathBuf,
     pub log: PathBuf,
     pub child: Child,
+    spec: NodeSpec,
 }
 
 impl Node {
+    /// Stops the node as an operator would (SIGTERM: it expels its guests first, waited for
+    /// up to `limit`) and starts it again with the same settings (its log starts afresh).
+    pub fn restart(&mut self, limit: Duration) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            assert!(
+                t.elapsed() < limit,
+                "node {} still up {limit:?} after SIGTERM:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let fresh = self.spec.clone().start();
+        let old = std::mem::replace(self, fresh);
+        drop(old); // already exited: its Drop does nothing more
+    }
+
     /// Kills the node at once, as a machine failure would: its guests are not sent away.
     pub fn crash(mut self) {
         let _ = self.child.kill();
@@ -357,6 +381,11 @@ impl Hosts {
     /// its packets vanish (no reset, no close), as when a machine dies or is unplugged.
     pub fn cut(&self, i: usize) {
         ip(&["-n", &self.switch, "link", "set", &format!("p{i}"), "down"]);
+    }
+
+    /// Put host `i` back on the network after [`Hosts::cut`].
+    pub fn uncut(&self, i: usize) {
+        ip(&["-n", &self.switch, "link", "set", &format!("p{i}"), "up"]);
     }
 }
 
