@@ -342,6 +342,7 @@ fn run(a: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("mosvm: {e}");
             let code = match e {
+                vmm::vm::SetupError::Load(l) if l.not_found() => 127,
                 vmm::vm::SetupError::Load(_) => 126,
                 vmm::vm::SetupError::Host(_) => 1,
             };

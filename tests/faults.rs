@@ -405,13 +405,20 @@ fn missing_interpreter() {
         Some(std::io::ErrorKind::NotFound),
         "Linux should refuse a program whose interpreter is missing with ENOENT: {native:?}"
     );
-    let run = Case::new(&path).expect_status(None).run_mosvm();
+    let run = Case::new(&path).expect_status(Some(127)).run_mosvm();
     assert_clean_failure("a missing interpreter", &run);
     assert!(
         run.stderr_text().contains(&missing_path),
         "the error should name the missing interpreter {missing_path}, got: {}",
         run.stderr_text()
     );
+    // A `#!` script whose interpreter is missing: 127, as `env` and `nice` exit.
+    let script = dir.path().join("s.sh");
+    write_executable(&script, b"#!/nonexistent/interp\necho hi\n");
+    let native = Command::new("env").arg(&script).output().unwrap();
+    assert_eq!(native.status.code(), Some(127), "env: {native:?}");
+    let run = Case::new(&script).expect_status(Some(127)).run_mosvm();
+    assert_clean_failure("a script whose interpreter is missing", &run);
 }
 
 #[test]

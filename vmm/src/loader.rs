@@ -28,6 +28,18 @@ pub enum LoadError {
     TooBig(String, String),
 }
 
+impl LoadError {
+    /// Whether execve(2) would fail with ENOENT (the program or its interpreter is not
+    /// there): shells and launchers exit 127 for it, 126 for the rest.
+    pub fn not_found(&self) -> bool {
+        match self {
+            LoadError::MissingInterpreter(..) => true,
+            LoadError::Io(_, e) => e.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
 /// Facts for the auxiliary vector that come from the host.
 #[derive(Debug, Clone)]
 pub struct AuxFacts {
