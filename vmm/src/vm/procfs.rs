@@ -253,7 +253,8 @@ impl Vm {
                                 && !k.starts_with("DirectMap")
                                 && k != "Hugetlb" =>
                         {
-                            Some(v.min(total / 1024))
+                            // Other memory figures: within what the guest uses.
+                            Some(v.min(total.saturating_sub(free) / 1024))
                         }
                         (_, v) => v,
                     };
