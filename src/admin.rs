@@ -457,6 +457,10 @@ pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
 /// must stay home (a shared mapping, paper §4.2) or already moving.
 pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<u64, String> {
     let node = st.name.clone();
+    // A node given by address is the node known at that address, by its name: so `ps` names
+    // it, the name check holds, and "already runs there" is seen.
+    let named = crate::node::name_at(st, to);
+    let to = named.as_deref().unwrap_or(to);
     let resolved = if to == "home" || to == node {
         Ok(st.listen.unwrap_or(([0, 0, 0, 0], 0).into()))
     } else {

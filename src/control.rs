@@ -18,8 +18,15 @@ pub fn default_socket() -> PathBuf {
 /// The socket a client should use: the flag, else `MOSVM_SOCKET`, else the default.
 pub fn socket_path(flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("MOSVM_SOCKET").map(PathBuf::from))
+        .or_else(env_socket)
         .unwrap_or_else(default_socket)
+}
+
+/// `MOSVM_SOCKET`, unless unset or empty.
+pub fn env_socket() -> Option<PathBuf> {
+    std::env::var_os("MOSVM_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// A request to the node.

@@ -271,10 +271,7 @@ fn run(a: RunArgs) -> ExitCode {
     }
     // A node named by --socket or MOSVM_SOCKET must be there: a mistyped path never turns
     // into a run without a node. (Without either, no node at the default path is fine.)
-    let named = a
-        .socket
-        .clone()
-        .or_else(|| std::env::var_os("MOSVM_SOCKET").map(PathBuf::from));
+    let named = a.socket.clone().or_else(control::env_socket);
     if let Some(path) = named {
         if let Err(e) = std::os::unix::net::UnixStream::connect(&path) {
             eprintln!(

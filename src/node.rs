@@ -198,6 +198,28 @@ impl Drop for StartGuard {
     }
 }
 
+/// The name of the node at address `to` (`IP:PORT` or `HOST:PORT`), when one is known there:
+/// this node, a named peer, or one heard of by gossip. None for a name, or an unknown address.
+pub(crate) fn name_at(st: &State, to: &str) -> Option<String> {
+    if !to.contains(':') {
+        return None;
+    }
+    let addr = host_addr(to).ok()?;
+    if st.listen == Some(addr) {
+        return Some(st.name.clone());
+    }
+    st.peers
+        .iter()
+        .find(|(n, a)| n.is_some() && *a == addr)
+        .and_then(|(n, _)| n.clone())
+        .or_else(|| {
+            st.directory
+                .values()
+                .find(|c| c.addr == addr)
+                .map(|c| c.name.clone())
+        })
+}
+
 /// Resolve a node named by `mosvm migrate`: a configured peer's name, or an address.
 pub(crate) fn resolve(st: &State, to: &str) -> Result<SocketAddr, String> {
     if let Some((_, a)) = st.peers.iter().find(|(n, _)| n.as_deref() == Some(to)) {

@@ -293,6 +293,16 @@ fn a_silent_peer_and_a_peer_under_another_name_are_refused() {
             let p = proc_info(&sock, pid).expect("still listed");
             assert_eq!(p["node"], "home", "{p}");
             assert!(home.log_text().contains("under another node's name"));
+            // A node given by its address is the node known there, by name.
+            let m = client(&sock, &["migrate", &pid.to_string(), &b_addr, "--wait"]);
+            assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+            assert_eq!(proc_info(&sock, pid).expect("listed")["node"], "b");
+            let m = client(&sock, &["migrate", &pid.to_string(), &b_addr, "--wait"]);
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(
+                !m.status.success() && err.contains("already runs on b"),
+                "{err}"
+            );
             std::fs::write(stop, "").unwrap();
         });
     drop(b);

@@ -73,6 +73,19 @@ fn run_without_a_node_is_standalone_and_clients_fail_cleanly() {
         .unwrap();
     assert!(out.status.success());
     assert!(!out.stdout.is_empty());
+    // An empty MOSVM_SOCKET names no node.
+    let out = Command::new(mosvm_bin())
+        .arg("run")
+        .arg(image("musl-static", "hello"))
+        .env("MOSVM_SOCKET", "")
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A node named by --socket or MOSVM_SOCKET that is not there (a mistyped path): one line,
     // exit 1, and the program does not run.
     for by_env in [false, true] {
