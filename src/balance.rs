@@ -146,6 +146,8 @@ struct Shell {
     seeds: Vec<(Option<String>, SocketAddr)>,
     /// Nodes SWIM was asked to join through.
     joined: HashSet<NodeId>,
+    /// Configured peers found to call themselves otherwise (warned about once each).
+    misnamed: HashSet<(String, SocketAddr)>,
     residents: HashMap<Pid, Resident>,
     /// Moves this node ordered and not yet seen through: pid -> (target, since, reason).
     inflight: HashMap<Pid, Inflight>,
@@ -235,6 +237,7 @@ pub async fn run(
         None => None,
     };
     let mut sh = Shell {
+        misnamed: HashSet::new(),
         core: balancer::Node::new(cfg),
         trace,
         sealer: Sealer::new(s.key, s.me.clone(), rand::rng().random()),

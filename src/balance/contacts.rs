@@ -17,7 +17,8 @@ impl Shell {
                 if let Some(name) = name.as_deref() {
                     if *addr == c.addr && name != c.name {
                         let wrong = gossip::node_id(name);
-                        if st.directory.remove(&wrong).is_some() {
+                        let first = self.misnamed.insert((name.to_string(), *addr));
+                        if st.directory.remove(&wrong).is_some() && first {
                             tracing::warn!(
                                 configured = name,
                                 addr = %addr,
