@@ -23,21 +23,27 @@ extern "C" fn record() {
             found |= 1 << fd;
         }
     }
+    if disposition(libc::SIGPIPE) == Some(libc::SIG_IGN) {
+        found |= SIGPIPE_IGNORED;
+    }
+    FOUND.store(found, Ordering::SeqCst);
+}
+
+/// This process's handler for signal `sig` now (SIG_DFL, SIG_IGN or a function), through the
+/// raw call: the C library's wrapper refuses its own signals 32 and 33. None if it fails.
+pub(crate) fn disposition(sig: i32) -> Option<libc::sighandler_t> {
     let mut old = [0u64; 4];
-    // SAFETY: querying SIGPIPE's disposition into a 32-byte struct kernel_sigaction.
+    // SAFETY: querying a disposition into a 32-byte struct kernel_sigaction.
     let r = unsafe {
         libc::syscall(
             libc::SYS_rt_sigaction,
-            libc::SIGPIPE,
+            sig,
             std::ptr::null::<u64>(),
             old.as_mut_ptr(),
             8,
         )
     };
-    if r == 0 && old[0] as libc::sighandler_t == libc::SIG_IGN {
-        found |= SIGPIPE_IGNORED;
-    }
-    FOUND.store(found, Ordering::SeqCst);
+    (r == 0).then_some(old[0] as libc::sighandler_t)
 }
 
 /// Run [`record`] with the C library's constructors, before the runtime's set-up.

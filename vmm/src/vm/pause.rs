@@ -336,24 +336,11 @@ pub fn install_signal_handlers() {
         // exec, and so does the signal mask (signal(7), execve(2)).
         let mut ign = 0u64;
         for sig in (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP) {
-            // The raw call: the C library's wrapper refuses its own signals 32 and 33.
-            let mut old = [0u64; 4];
-            // SAFETY: querying a disposition into a 32-byte struct kernel_sigaction.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    std::ptr::null::<u64>(),
-                    old.as_mut_ptr(),
-                    8,
-                )
-            };
-            let h = old[0] as libc::sighandler_t;
             // (Rust itself ignores SIGPIPE before main: what came before is recorded.)
             let ignored = if sig == libc::SIGPIPE {
                 crate::startup::sigpipe_was_ignored()
             } else {
-                h == libc::SIG_IGN
+                crate::startup::disposition(sig) == Some(libc::SIG_IGN)
             };
             if ignored {
                 ign |= 1 << (sig - 1);
