@@ -47,20 +47,6 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         away_on: Option<String>,
     },
-    /// A guest host announcing a guest it runs for another node without the node having
-    /// started it (the child of a guest that forked here, in a host fork of the parent's guest
-    /// host); the connection then carries its [`Update::Calls`], and the node forgets the
-    /// guest when it closes.
-    Hosting {
-        /// The guest's pid at its home.
-        pid: u32,
-        /// Its home node's name.
-        home: String,
-        /// Program path.
-        program: String,
-        /// The guest host's own pid.
-        host_pid: u32,
-    },
     /// Every process whose home is this node, plus guests hosted here.
     Ps,
     /// Pin a process to where it is.
@@ -196,7 +182,7 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 impl Endpoint {
-    fn from_reply(addr: &str, token: &str, cert: &str) -> anyhow::Result<Endpoint> {
+    pub(crate) fn from_reply(addr: &str, token: &str, cert: &str) -> anyhow::Result<Endpoint> {
         let addr = addr
             .parse()
             .map_err(|e| anyhow::anyhow!("bad endpoint address {addr}: {e}"))?;

@@ -45,6 +45,8 @@ struct Identity {
 
 /// What the node handed this guest host.
 struct Setup {
+    /// Its channel to the node.
+    node: Arc<crate::hostchan::Channel>,
     listener: TcpListener,
     token: [u8; 32],
     id: Arc<Identity>,
@@ -66,7 +68,9 @@ fn setup() -> anyhow::Result<Setup> {
         node_name: var("MOSVM_NODE")?,
         host_cpu: migration::host_features(),
     };
+    let node = crate::hostchan::Channel::inherited()?;
     Ok(Setup {
+        node,
         listener,
         token,
         id: Arc::new(Identity { tls, ours }),
@@ -246,15 +250,16 @@ impl Plumbing {
                             })
                         }),
                     Message::MigrateTo { node } => {
-                        let sock = crate::control::socket_path(None);
-                        crate::control::endpoint(&sock, g.pid, &node).and_then(|ep| {
+                        // The node connects: a jailed guest host makes no socket of its own.
+                        let linked = crate::hostchan::node().and_then(|c| c.link(g.pid, &node));
+                        linked.and_then(|(ep, sock)| {
                             let hello = migrate::Hello::new(
                                 g.me.as_str(),
                                 Purpose::Migrate,
                                 migration::host_features(),
                                 Some(ep.token),
                             );
-                            let mut l = wire::connect(ep.addr, &ep.cert, hello)?;
+                            let mut l = wire::connect_over(sock, &ep.cert, hello)?;
                             let pending =
                                 migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
                             Ok(Job {
@@ -320,8 +325,8 @@ impl Plumbing {
     }
 
     /// Tell home now and then what the guest uses here (for `ps` at home), and this node its
-    /// system calls so far (a line of JSON on `node`, for the node's balancer).
-    fn report_usage(&self, vm: &vmm::vm::Vm, mut node: impl std::io::Write + Send + 'static) {
+    /// system calls so far (over `node`, for the node's balancer).
+    fn report_usage(&self, vm: &vmm::vm::Vm, node: Arc<crate::hostchan::Channel>) {
         let (hl, view, calls) = (self.home_link.clone(), vm.memory_view(), vm.call_counts());
         std::thread::spawn(move || {
             use std::sync::atomic::Ordering::Relaxed;
@@ -335,14 +340,12 @@ impl Plumbing {
                 if !hl.tell(&usage) {
                     return;
                 }
-                let line = crate::control::Update::Calls {
+                let ask = crate::hostchan::Ask::Calls {
                     home: calls[0].load(Relaxed),
                     local: calls[1].load(Relaxed),
                 };
-                if let Ok(l) = serde_json::to_string(&line) {
-                    // The node may be gone: then nobody reads, and that is fine.
-                    let _ = writeln!(node, "{l}");
-                }
+                // The node may be gone: then this process soon is too.
+                let _ = node.tell(&ask);
             }
         });
     }
@@ -350,8 +353,9 @@ impl Plumbing {
 
 /// In the host fork of a guest that forked away from home: the child's plumbing. Its link
 /// home is its own deputy's (forked at home, [`vmm::deputy::FORK_AWAY`]), which connects to
-/// the socket the parent bound for it; this node learns of it over a connection of its own
-/// (it did not start this process), which also ends the guest if the node goes.
+/// the socket the parent had the node bind for it; this node learns of it over a channel of
+/// its own (the node did not start this process), whose closing also ends the guest if the
+/// node goes.
 fn forked_child(
     vm: &mut vmm::vm::Vm,
     parent: &Plumbing,
@@ -359,18 +363,10 @@ fn forked_child(
     id: &Arc<Identity>,
 ) -> anyhow::Result<(Plumbing, GuestInfo)> {
     use anyhow::Context;
-    use std::io::BufRead;
     if let Some(w) = parent.home_link.get() {
         // SAFETY: this process's copy of the parent's link home, which nothing here uses
         // (the objects owning it are the parent's, never dropped here).
         unsafe { libc::close(w.raw_fd()) };
-    }
-    // The parent's stdout carries its reports to the node; this process reports over a
-    // connection of its own (below).
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2 onto descriptor 1, which nothing in this process writes through but
-        // the parent's report thread (not in this process).
-        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
     }
     let (listener, token) = crate::link::FORKED
         .lock()
@@ -387,36 +383,17 @@ fn forked_child(
     // The parent's deputy reads the parent's link with threads this process does not have.
     std::mem::forget(vm.replace_deputy(Box::new(deputy)));
     p.attach(vm);
-    let sock = crate::control::socket_path(None);
-    let node = std::os::unix::net::UnixStream::connect(&sock)
-        .with_context(|| format!("cannot reach this node at {}", sock.display()))?;
-    let req = crate::control::Request::Hosting {
-        pid: g.pid,
-        home: g.home.clone(),
-        program: vm.program().display().to_string(),
-        host_pid: std::process::id(),
-    };
-    let mut line = serde_json::to_string(&req)?;
-    line.push('\n');
-    std::io::Write::write_all(&mut &node, line.as_bytes())?;
-    let mut r = std::io::BufReader::new(node.try_clone()?);
-    let mut answer = String::new();
-    r.read_line(&mut answer)?;
-    anyhow::ensure!(
-        matches!(serde_json::from_str(&answer), Ok(crate::control::Reply::Ok)),
-        "this node refused the guest: {}",
-        answer.trim()
-    );
-    let pause = vm.pause_handle();
+    // The parent's channel becomes the parent's alone once this one has its own.
+    let program = vm.program().display().to_string();
+    let parents = crate::hostchan::node()?;
+    let node = parents
+        .hosting(g.pid, &g.home, &program)
+        .context("this node refused the guest")?;
+    parents.close_in_fork();
     // The node is gone: so is this process, as a guest host the node started dies with it
     // (its home sees the link lost, not the guest killed).
-    std::thread::spawn(move || {
-        crate::link::block_host_signals();
-        let mut rest = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut r, &mut rest);
-        // SAFETY: kill(2) of this very process.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-    });
+    node.die_with_node();
+    let pause = vm.pause_handle();
     p.report_usage(vm, node);
     await_home(listener, token, id.clone(), home_link, pause);
     Ok((p, g))
@@ -446,15 +423,24 @@ fn say_home(link: &HomeLink) {
 /// Receive, restore and run the guest; report its exit home.
 pub fn main() -> ExitCode {
     die_with_parent();
+    let setup = match setup() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("{e:#}")),
+    };
+    // /dev/kvm is opened before the jail closes every way to it; the jail comes before any
+    // other thread starts (each thread is jailed as it was when it started).
+    if let Err(e) = vmm::cpu::host() {
+        return fail(&format!("{e:#}"));
+    }
+    if let Err(e) = crate::jail::enter() {
+        return fail(&format!("cannot jail this guest host: {e:#}"));
+    }
     vmm::vm::install_signal_handlers();
     // The node stops and continues this process when the guest is stopped at home.
     vmm::vm::parent_sigcont_is_the_hosts();
     // This host's children are the guest's children's VMMs.
     vmm::vm::host_children_are_the_hosts();
-    let setup = match setup() {
-        Ok(s) => s,
-        Err(e) => return fail(&format!("{e:#}")),
-    };
+    setup.node.die_with_node();
     let id = setup.id.clone();
     let accepted = accept(
         &setup.listener,
@@ -505,7 +491,7 @@ pub fn main() -> ExitCode {
     if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
     }
-    plumbing.report_usage(&vm, std::io::stdout());
+    plumbing.report_usage(&vm, setup.node.clone());
     if !from_home {
         // The source is done with us; home connects its deputy channel.
         drop(mig);

@@ -3,6 +3,7 @@
 
 use crate::node::{Hosted, Shared};
 use anyhow::{Context, Result};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 /// This node's own executable, opened when the node starts.
@@ -12,7 +13,6 @@ static OWN_EXE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 /// (an upgrade): the descriptor opened at start, through `/proc/self/fd` (the child resolves
 /// it before its exec closes it).
 pub(crate) fn own_exe() -> Result<PathBuf> {
-    use std::os::fd::AsRawFd;
     let f = match OWN_EXE.get() {
         Some(f) => f,
         None => {
@@ -47,18 +47,34 @@ pub(crate) fn start_guest_host(
     let l = std::net::TcpListener::bind((ip, 0)).context("binding the guest host's port")?;
     let port = l.local_addr()?.port();
     let token = migrate::tls::new_token()?;
-    let mut child = tokio::process::Command::new(own_exe()?)
-        .arg0("mosvm")
+    // The guest host's channel to this node (hostchan.rs): the descriptor it inherits, at the
+    // same number (MOSVM_CHANNEL).
+    let (ours, theirs) = crate::hostchan::pair().context("creating the guest host's channel")?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(own_exe()?);
+    cmd.arg0("mosvm")
         .arg("guest-host")
         .env("MOSVM_SOCKET", socket)
         .env("MOSVM_KEY_DIR", key_dir)
         .env("MOSVM_NODE", name)
         .env("MOSVM_TOKEN", crate::control::hex(&token))
+        .env(crate::hostchan::CHANNEL_ENV, theirs_fd.to_string())
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawning the guest host")?;
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec the closure calls only fcntl, which is
+    // async-signal-safe, on a descriptor the child inherited.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Kept open across the exec.
+            if libc::fcntl(theirs_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawning the guest host")?;
+    drop(theirs);
     let host_pid = child.id().unwrap_or(0);
     shared.lock().expect("state lock").hosted.insert(
         host_pid,
@@ -70,22 +86,8 @@ pub(crate) fn start_guest_host(
             calls: (0, 0),
         },
     );
-    // The guest host reports its system calls once a second (a JSON line).
-    if let Some(out) = child.stdout.take() {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt as _;
-            let mut lines = tokio::io::BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                if let Ok(crate::control::Update::Calls { home, local }) = serde_json::from_str(&l)
-                {
-                    if let Some(h) = shared.lock().expect("state lock").hosted.get_mut(&host_pid) {
-                        h.calls = (home, local);
-                    }
-                }
-            }
-        });
-    }
+    let rt = tokio::runtime::Handle::current();
+    crate::hostchan::serve(shared.clone(), rt, ours, host_pid, false);
     let shared = shared.clone();
     tokio::spawn(async move {
         let r = child.wait().await;

@@ -291,9 +291,16 @@ impl Deputy for RemoteDeputy {
         let ip = self.0.home.get()?.local_addr()?.ip();
         // The previous fork's socket is the child's business.
         drop(FORKED.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let l = match std::net::TcpListener::bind((ip, 0)) {
+        // The node binds it: a jailed guest host makes no socket of its own (hostchan.rs).
+        let listened = crate::hostchan::node().and_then(|c| c.listen(ip));
+        let l = match listened {
             Ok(l) => l,
-            Err(e) => return Some(Err(errno_of(&e))),
+            Err(e) => {
+                vmm::say(&format!(
+                    "mosvm: fork: no socket for the child's deputy: {e:#}"
+                ));
+                return Some(Err(libc::EAGAIN as i64));
+            }
         };
         let (addr, token) = match (l.local_addr(), migrate::tls::new_token()) {
             (Ok(a), Ok(t)) => (a, t),

@@ -306,37 +306,6 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
         }
     };
     match req {
-        Request::Hosting {
-            pid,
-            home,
-            program,
-            host_pid,
-        } => {
-            shared.lock().expect("state lock").hosted.insert(
-                host_pid,
-                Hosted {
-                    pid,
-                    home,
-                    program,
-                    since: std::time::Instant::now(),
-                    calls: (0, 0),
-                },
-            );
-            tracing::info!(pid, host_pid, "hosting a guest forked here");
-            let _forget = Forget(shared.clone(), move |st: &mut State| {
-                st.hosted.remove(&host_pid);
-                tracing::info!(pid, host_pid, "guest host ended");
-            });
-            reply(&mut write, &Reply::Ok).await?;
-            while let Ok(Some(l)) = lines.next_line().await {
-                if let Ok(Update::Calls { home, local }) = serde_json::from_str(&l) {
-                    if let Some(h) = shared.lock().expect("state lock").hosted.get_mut(&host_pid) {
-                        h.calls = (home, local);
-                    }
-                }
-            }
-            Ok(())
-        }
         Request::Register {
             pid,
             program,

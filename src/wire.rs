@@ -509,9 +509,17 @@ pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// key (`cert`), then `hello` (with the endpoint's token), which it must welcome.
 pub fn connect(addr: SocketAddr, cert: &[u8], hello: Hello) -> anyhow::Result<Wire> {
     use anyhow::Context;
-    let cfg = migrate::tls::endpoint_client_config(cert.to_vec().into())?;
-    let mut sock = TcpStream::connect_timeout(&addr, HANDSHAKE_LIMIT)
+    let sock = TcpStream::connect_timeout(&addr, HANDSHAKE_LIMIT)
         .with_context(|| format!("connecting to {addr}"))?;
+    connect_over(sock, cert, hello)
+}
+
+/// [`connect`] over `sock`, a TCP connection already made to the endpoint (by the node, for
+/// a jailed guest host: hostchan.rs).
+pub fn connect_over(mut sock: TcpStream, cert: &[u8], hello: Hello) -> anyhow::Result<Wire> {
+    use anyhow::Context;
+    let addr = sock.peer_addr().context("the endpoint's connection")?;
+    let cfg = migrate::tls::endpoint_client_config(cert.to_vec().into())?;
     tune(&sock)?;
     let name = ServerName::try_from(migrate::tls::CLUSTER_NAME)?;
     let mut conn = rustls::Connection::Client(rustls::ClientConnection::new(cfg, name)?);

@@ -8,8 +8,8 @@
 mod common;
 
 use common::cluster::{
-    client, free_port, keygen, loopback_cluster, migrate, proc_info, tour, wait_for,
-    wait_registered, Node, NodeSpec,
+    client, free_port, guest_hosts_of, keygen, loopback_cluster, migrate, proc_info, tour,
+    wait_for, wait_registered, Node, NodeSpec,
 };
 use common::{image, Case, Running};
 use std::io::Write;
@@ -55,24 +55,6 @@ fn a_running_process_migrates_to_another_node_and_finishes_there() {
             proc_info(&nodes[1].sock, pid).is_none()
         });
     }
-}
-
-/// Guest-host processes spawned by the node with pid `node`.
-fn guest_hosts_of(node: u32) -> Vec<u32> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if status.contains(&format!("PPid:\t{node}\n"))
-            && cmd.windows(10).any(|w| w == b"guest-host")
-        {
-            v.push(pid);
-        }
-    }
-    v
 }
 
 /// Start a long ticker at home and move it to b; returns the running `mosvm run`.

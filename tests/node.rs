@@ -146,11 +146,10 @@ fn a_process_gone_before_its_registration_is_answered_is_forgotten() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeSpec::new(dir.path(), "epsilon").start();
     // Processes that register and are gone at once, before the node answers (a child
-    // killed right after its fork): each goes from `ps`, and so do guests announced so.
+    // killed right after its fork): each goes from `ps`.
     for (i, line) in [
         r#"{"op":"register","pid":3999001,"program":"/bin/a","locked":false}"#,
         r#"{"op":"register","pid":3999002,"program":"/bin/b","locked":false,"away_on":"x"}"#,
-        r#"{"op":"hosting","pid":3999003,"home":"x","program":"/bin/c","host_pid":3999004}"#,
     ]
     .iter()
     .enumerate()

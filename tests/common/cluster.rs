@@ -517,3 +517,21 @@ pub fn tour(home: &Node, pid: u32, stops: &[&str], between: &mut dyn FnMut(usize
         between(hop);
     }
 }
+
+/// Guest-host processes spawned by the node with pid `node`.
+pub fn guest_hosts_of(node: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if status.contains(&format!("PPid:\t{node}\n"))
+            && cmd.windows(10).any(|w| w == b"guest-host")
+        {
+            v.push(pid);
+        }
+    }
+    v
+}
