@@ -76,6 +76,28 @@ pub enum Request {
     },
 }
 
+/// What a guest host asks its node over its channel (hostchan.rs): one JSON datagram each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "ask", rename_all = "snake_case")]
+pub enum Ask {
+    /// System calls so far: sent home, and served here (no answer).
+    Calls { home: u64, local: u64 },
+    /// Have node `to` start a guest host for process `pid` (this guest host's guest) and
+    /// connect to it: a [`Reply::Endpoint`] and the connected TCP socket.
+    Link { pid: u32, to: String },
+    /// A TCP socket listening on `ip` (one of this node's addresses) at a port the kernel
+    /// picks: [`Reply::Ok`] and the socket.
+    Listen { ip: std::net::IpAddr },
+    /// A guest host forked from this one, running process `pid` of node `home`: its own
+    /// channel comes as the second descriptor, and the node forgets the guest when that
+    /// channel closes. [`Reply::Ok`].
+    Hosting {
+        pid: u32,
+        home: String,
+        program: String,
+    },
+}
+
 /// A process as `mosvm ps` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProcInfo {
@@ -281,6 +303,17 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         let bad = serde_json::from_str::<Request>(r#"{"op":"explode"}"#);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn asks_are_json_datagrams() {
+        let a = Ask::Link {
+            pid: 7,
+            to: "n2".into(),
+        };
+        let s = serde_json::to_string(&a).unwrap();
+        assert_eq!(s, r#"{"ask":"link","pid":7,"to":"n2"}"#);
+        assert_eq!(serde_json::from_str::<Ask>(&s).unwrap(), a);
     }
 
     #[test]

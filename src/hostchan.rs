@@ -14,13 +14,13 @@
 //! The node never writes on a channel. The guest host's reading end seeing end-of-file means
 //! the node is gone, and so is the guest ([`Channel::die_with_node`]).
 
+pub use crate::control::Ask;
 use crate::control::{Endpoint, Reply};
 use crate::node::Shared;
 use anyhow::{Context, Result};
 use nix::sys::socket::{
     self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
-use serde::{Deserialize, Serialize};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -36,28 +36,6 @@ const MAX_FDS: usize = 2;
 /// How long an ask may wait for its answer: a link goes through a peer, each of whose steps
 /// has [`crate::peers::STEP_LIMIT`], and then a TCP connect.
 pub const ASK_LIMIT: Duration = Duration::from_secs(45);
-
-/// What a guest host asks its node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "ask", rename_all = "snake_case")]
-pub enum Ask {
-    /// System calls so far: sent home, and served here (no answer).
-    Calls { home: u64, local: u64 },
-    /// Have node `to` start a guest host for process `pid` (this guest host's guest) and
-    /// connect to it: a [`Reply::Endpoint`] and the connected TCP socket.
-    Link { pid: u32, to: String },
-    /// A TCP socket listening on `ip` (one of this node's addresses) at a port the kernel
-    /// picks: [`Reply::Ok`] and the socket.
-    Listen { ip: IpAddr },
-    /// A guest host forked from this one, running process `pid` of node `home`: its own
-    /// channel comes as the second descriptor, and the node forgets the guest when that
-    /// channel closes. [`Reply::Ok`].
-    Hosting {
-        pid: u32,
-        home: String,
-        program: String,
-    },
-}
 
 /// A pair of connected `SOCK_SEQPACKET` Unix sockets, close-on-exec.
 pub fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -439,16 +417,5 @@ mod tests {
         let fds = [x.as_raw_fd(), y.as_raw_fd(), x.as_raw_fd()];
         send(a.as_fd(), b"{}", &fds).unwrap();
         assert!(recv(b.as_fd()).is_err());
-    }
-
-    #[test]
-    fn asks_are_json_datagrams() {
-        let a = Ask::Link {
-            pid: 7,
-            to: "n2".into(),
-        };
-        let s = serde_json::to_string(&a).unwrap();
-        assert_eq!(s, r#"{"ask":"link","pid":7,"to":"n2"}"#);
-        assert_eq!(serde_json::from_str::<Ask>(&s).unwrap(), a);
     }
 }

@@ -1,6 +1,7 @@
 //! The node's control socket: each line a local client or a registered `mosvm run` sends is
-//! decoded as the node decodes it (a request, a process's update) and as a client decodes the
-//! node's answers and commands; whatever decodes encodes again to the same value.
+//! decoded as the node decodes it (a request, a process's update, a guest host's ask on its
+//! channel) and as a client decodes the node's answers and commands; whatever decodes encodes
+//! again to the same value.
 //! Run: `cargo fuzz run control_json` in this directory.
 #![no_main]
 #![allow(dead_code)]
@@ -35,5 +36,6 @@ fuzz_target!(|data: &[u8]| {
         round_trip::<control::Update>(line);
         round_trip::<control::Command>(line);
         round_trip::<control::Reply>(line);
+        round_trip::<control::Ask>(line);
     }
 });
