@@ -423,6 +423,14 @@ fn say_home(link: &HomeLink) {
 /// Receive, restore and run the guest; report its exit home.
 pub fn main() -> ExitCode {
     die_with_parent();
+    // `ps` and the kernel's audit records name it (its exec path is /proc/self/fd/N).
+    // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"mosvm-guesthost".as_ptr()) };
+    // Nothing the node held open passes into the jail: only the listening socket (stdin),
+    // stdout (/dev/null), stderr (a pipe to the node's log) and the channel stay.
+    let mut keep = vec![0, 1, 2];
+    keep.extend(crate::hostchan::inherited_fd());
+    crate::jail::close_descriptors_but(&keep);
     let setup = match setup() {
         Ok(s) => s,
         Err(e) => return fail(&format!("{e:#}")),

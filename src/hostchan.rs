@@ -131,6 +131,14 @@ fn readable(fd: BorrowedFd, deadline: Instant) -> std::io::Result<()> {
     }
 }
 
+/// The descriptor [`CHANNEL_ENV`] names, if it names one above the standard three.
+pub fn inherited_fd() -> Option<RawFd> {
+    std::env::var(CHANNEL_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd > 2)
+}
+
 /// A guest host's end of its channel.
 pub struct Channel(OwnedFd);
 
@@ -149,11 +157,7 @@ impl Channel {
     /// The channel the node handed this guest host (the descriptor [`CHANNEL_ENV`] names);
     /// it becomes this process's ([`node`]).
     pub fn inherited() -> Result<Arc<Channel>> {
-        let fd: RawFd = std::env::var(CHANNEL_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|fd| *fd > 2)
-            .with_context(|| format!("{CHANNEL_ENV} names no descriptor"))?;
+        let fd = inherited_fd().with_context(|| format!("{CHANNEL_ENV} names no descriptor"))?;
         // SAFETY: F_GETFD only reads the descriptor's flags.
         anyhow::ensure!(
             unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,

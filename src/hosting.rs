@@ -61,6 +61,9 @@ pub(crate) fn start_guest_host(
         .env(crate::hostchan::CHANNEL_ENV, theirs_fd.to_string())
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
         .stdout(std::process::Stdio::null())
+        // Its messages reach this node's log through a pipe: a guest host that was taken over
+        // cannot rewrite or truncate the log itself.
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: between fork and exec the closure calls only fcntl, which is
     // async-signal-safe, on a descriptor the child inherited.
@@ -86,6 +89,9 @@ pub(crate) fn start_guest_host(
             calls: (0, 0),
         },
     );
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(relay_stderr(err, host_pid));
+    }
     let rt = tokio::runtime::Handle::current();
     crate::hostchan::serve(shared.clone(), rt, ours, host_pid, false);
     let shared = shared.clone();
@@ -95,4 +101,34 @@ pub(crate) fn start_guest_host(
         shared.lock().expect("state lock").hosted.remove(&host_pid);
     });
     Ok((port, token))
+}
+
+/// Longest line of a guest host's stderr this node logs as one, bytes.
+const MAX_LINE: usize = 4096;
+
+/// Copy guest host `host_pid`'s stderr to this node's, line by line, each line naming the
+/// guest host (a line longer than [`MAX_LINE`] is split).
+async fn relay_stderr(mut err: tokio::process::ChildStderr, host_pid: u32) {
+    use tokio::io::AsyncReadExt as _;
+    let emit = |line: &[u8]| eprintln!("[guest host {host_pid}] {}", String::from_utf8_lossy(line));
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; MAX_LINE];
+    loop {
+        let n = match err.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            emit(&pending[..i]);
+            pending.drain(..=i);
+        }
+        if pending.len() >= MAX_LINE {
+            emit(&pending);
+            pending.clear();
+        }
+    }
+    if !pending.is_empty() {
+        emit(&pending);
+    }
 }

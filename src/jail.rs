@@ -81,6 +81,23 @@ pub fn enter() -> Result<Jail> {
     Ok(Jail { empty_root, user })
 }
 
+/// Close every descriptor of this process but those in `keep` (close_range(2)): what the
+/// process that started it held open (a file, the node's log, a pipe) must not pass into the
+/// jail, where the empty root would not stop reads and writes through it.
+pub fn close_descriptors_but(keep: &[i32]) {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&f| u32::try_from(f).ok()).collect();
+    keep.sort_unstable();
+    let mut from = 0u32;
+    for k in keep.into_iter().chain([u32::MAX]) {
+        if k > from {
+            // SAFETY: closing descriptors nothing in this process uses (it has just started;
+            // what it uses is in `keep`).
+            unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0) };
+        }
+        from = k.saturating_add(1);
+    }
+}
+
 /// Step 1: a mount namespace whose root is an empty read-only tmpfs.
 fn empty_root(root: bool) -> Result<()> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -445,6 +462,16 @@ mod tests {
             let Ok(etc) = std::fs::File::open("/etc") else {
                 return 9;
             };
+            // One the starter held open: closed before the jail.
+            let Ok(held) = std::fs::File::open("/etc/hostname") else {
+                return 8;
+            };
+            close_descriptors_but(&[0, 1, 2, etc.as_raw_fd()]);
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            if unsafe { libc::fcntl(held.as_raw_fd(), libc::F_GETFD) } != -1 {
+                return 7;
+            }
+            std::mem::forget(held);
             if let Err(e) = enter() {
                 eprintln!("{e:#}");
                 return 10;

@@ -265,3 +265,26 @@ fn capabilities_and_dropping_privileges() {
         .expect_status(None)
         .check();
 }
+
+/// getrandom(2) into memory the program has not touched yet (pages are faulted in as
+/// copy_to_user does), into a buffer whose end is unmapped (what fits is copied), and into
+/// unmapped memory (EFAULT).
+#[test]
+fn getrandom_into_fresh_and_partly_mapped_memory() {
+    require_kvm!();
+    let script = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.getrandom.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+libc.getrandom.restype = ctypes.c_ssize_t
+print(len(os.urandom(1 << 20)))
+p = libc.mmap(None, 3 << 20, 3, 0x22, -1, 0)
+print(libc.getrandom(p, 3 << 20, 0))
+libc.munmap(ctypes.c_void_p(p + 8192), ctypes.c_size_t(4096))
+print(libc.getrandom(p + 4096, 8192, 0))
+print(libc.getrandom(p + 8192, 100, 0), ctypes.get_errno())
+"#;
+    Case::new("/usr/bin/python3").args(["-c", script]).check();
+}

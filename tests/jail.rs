@@ -79,6 +79,29 @@ fn a_guest_host_is_jailed_and_its_guest_runs_as_natively() {
                 let root = std::fs::read_dir(format!("/proc/{gh}/root")).unwrap();
                 assert_eq!(root.count(), 0, "guest host {gh}'s root is not empty");
             }
+            // It holds nothing of the host's but what it needs: no file the node had open
+            // (not even the node's log: its stderr is a pipe), only sockets, pipes, KVM's
+            // objects, /dev/kvm, /dev/null and guest memory.
+            for e in std::fs::read_dir(format!("/proc/{gh}/fd"))
+                .unwrap()
+                .flatten()
+            {
+                let to = std::fs::read_link(e.path()).unwrap_or_default();
+                let to = to.to_string_lossy();
+                let held = [
+                    "socket:",
+                    "pipe:",
+                    "anon_inode:",
+                    "/dev/kvm",
+                    "/dev/null",
+                    "/memfd:",
+                ];
+                assert!(
+                    held.iter().any(|h| to.starts_with(h)),
+                    "guest host {gh} holds descriptor {:?} -> {to}",
+                    e.file_name()
+                );
+            }
             // The guest goes on behind the jail.
             tour(&nodes[0], pid, &["home"], &mut |_| {});
         });

@@ -119,8 +119,6 @@ const ENOMEM: i64 = 12;
 const ESRCH: i64 = 3;
 const EBADF: i64 = 9;
 
-use crate::deputy::marshal::MAX_XFER;
-
 enum Step {
     Ret(i64),
     Exit(Outcome),
@@ -1124,12 +1122,25 @@ impl Vm {
                 if flags & !7 != 0 || flags & 6 == 6 {
                     return Err(EINVAL);
                 }
-                let n = a[1].min(MAX_XFER as u64) as usize;
-                self.space.mem.check_range(a[0], n).map_err(|_| EFAULT)?;
-                let mut b = vec![0u8; n];
-                getrandom(&mut b);
-                self.write_guest(a[0], &b)?;
-                ok(n as i64)
+                // Into as much of the buffer as the guest may write, pages not yet touched
+                // included (they are faulted in, as copy_to_user does); a fault part way ends
+                // the call with what was copied, and EFAULT only when nothing was.
+                let want = a[1].min(crate::deputy::marshal::MAX_RW_COUNT);
+                let n = self.space.accessible(a[0], want, true);
+                let mut b = vec![0u8; (n as usize).min(1 << 20)];
+                let mut done = 0u64;
+                while done < n {
+                    let k = (n - done).min(b.len() as u64) as usize;
+                    getrandom(&mut b[..k]);
+                    if self.write_guest(a[0] + done, &b[..k]).is_err() {
+                        break;
+                    }
+                    done += k as u64;
+                }
+                if done == 0 && want > 0 {
+                    return Err(EFAULT);
+                }
+                ok(done as i64)
             }
             libc::SYS_clock_gettime | libc::SYS_clock_getres => {
                 let mut ts = libc::timespec {
