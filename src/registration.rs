@@ -106,6 +106,10 @@ fn move_accepted(id: u64) {
     MOVE_UNDER_WAY.store(id, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// The node the process runs on as its node was last told (`Update::Moved`); None before
+/// any move (where it registered).
+static RUNS_ON: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 /// Tell the node `u`. The outcome of a move (`Moved`, `MigrationFailed`) without an id is that
 /// of the request under way, if any: it carries that request's id, so that the node answers
 /// the one who asked (and no other).
@@ -115,6 +119,9 @@ pub(crate) fn send_update(
 ) {
     use std::io::Write;
     let mut u = u.clone();
+    if let control::Update::Moved { node, .. } = &u {
+        *RUNS_ON.lock().unwrap_or_else(|p| p.into_inner()) = Some(node.clone());
+    }
     if let control::Update::Moved { id, .. } | control::Update::MigrationFailed { id, .. } = &mut u
     {
         if id.is_none() {
@@ -178,6 +185,7 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
     use std::os::fd::AsRawFd;
     let path = control::socket_path(socket);
     let stream = std::os::unix::net::UnixStream::connect(&path).ok()?;
+    *RUNS_ON.lock().unwrap_or_else(|p| p.into_inner()) = a.away_on.clone();
     let req = control::Request::Register {
         pid: std::process::id(),
         program: a.program.clone(),
@@ -222,7 +230,24 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
         loop {
             let mut l = String::new();
             match r.read_line(&mut l) {
-                Ok(0) => return,
+                Ok(0) => {
+                    // The node went away (stopped, or restarting): the process goes on, and
+                    // registers again once a node serves the socket.
+                    let program = program.lock().map(|p| p.clone()).unwrap_or_default();
+                    let locked = lock.load(std::sync::atomic::Ordering::SeqCst);
+                    let home = home.clone();
+                    let again = || reregister(&path, fds, &home, &program, locked);
+                    while !again() {
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                    let _ = r
+                        .get_ref()
+                        .set_read_timeout(Some(std::time::Duration::from_secs(1)));
+                    // What the node knew of the process before is told again.
+                    shown = program;
+                    pinned = None;
+                    continue;
+                }
                 Ok(_) => match serde_json::from_str(&l) {
                     Ok(control::Command::SetLocked { locked }) => {
                         lock.store(locked, std::sync::atomic::Ordering::SeqCst);
@@ -364,4 +389,56 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
         fds,
         program: program_r,
     })
+}
+
+/// Register process again with the node at `path` (a node that restarted), over a new
+/// connection put in place of the old one's descriptors `fds` (so the guest's descriptor
+/// numbers, and what a forked child closes, stay as they were). True once the node took it.
+fn reregister(
+    path: &Path,
+    fds: [std::os::fd::RawFd; 2],
+    home: &str,
+    program: &str,
+    locked: bool,
+) -> bool {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    for fd in fds {
+        // SAFETY: `fd` is one of the registration's own descriptors (its connection, closed
+        // by the node): dup2 replaces it with the new connection in one step.
+        if unsafe { libc::dup2(stream.as_raw_fd(), fd) } < 0 {
+            return false;
+        }
+    }
+    let away_on = RUNS_ON
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|n| n != home);
+    let req = control::Request::Register {
+        pid: std::process::id(),
+        program: program.to_string(),
+        locked,
+        away_on,
+    };
+    let Ok(mut line) = serde_json::to_string(&req) else {
+        return false;
+    };
+    line.push('\n');
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    if (&stream).write_all(line.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let mut r = std::io::BufReader::new(&stream);
+    if r.read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(
+        serde_json::from_str::<control::Reply>(&answer),
+        Ok(control::Reply::Registered { .. })
+    )
 }

@@ -1,0 +1,48 @@
+//! A node restarted under its running processes (an upgrade, a crash of the service alone):
+//! each `mosvm run` registers again with the node that comes back, wherever the process runs
+//! then, and can be moved as before; what it prints and writes equals its native run.
+
+#[macro_use]
+mod common;
+
+use common::cluster::{keygen, loopback_cluster, proc_info, tour, wait_for, wait_registered};
+use common::Case;
+use std::time::Duration;
+
+#[test]
+fn a_restarted_home_node_knows_its_processes_again() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let sock = nodes[0].sock.clone();
+    Case::image("glibc-static", "ticker")
+        .args(["400", "3000000", "4"])
+        .socket(&sock)
+        .check_while(|run| {
+            let pid = run.pid();
+            wait_registered(&sock, pid);
+            let shown_on = |node: &str| {
+                let node = node.to_string();
+                let sock = sock.clone();
+                move || proc_info(&sock, pid).is_some_and(|p| p["node"] == node.as_str())
+            };
+            // Restarted while the process runs at home: it is listed there again...
+            nodes[0].restart(Duration::from_secs(20));
+            wait_for(
+                "home to list it again",
+                Duration::from_secs(10),
+                shown_on("home"),
+            );
+            // ...and moves as before.
+            tour(&nodes[0], pid, &["b"], &mut |_| {});
+            // Restarted while it runs on b: listed on b, and brought home from there.
+            nodes[0].restart(Duration::from_secs(20));
+            wait_for(
+                "home to list it on b",
+                Duration::from_secs(10),
+                shown_on("b"),
+            );
+            tour(&nodes[0], pid, &["home"], &mut |_| {});
+        });
+}
