@@ -69,8 +69,10 @@ fn serve_child(mut deputy: Box<dyn Deputy>, f: ForkAway, parent: &Parent) -> any
         current: None,
         away_on: Some(parent.host.clone()),
     };
-    let reg = crate::registration::register(Some(&parent.socket), announce)
-        .context("the home node does not answer")?;
+    // A home node that does not answer now (restarting) is registered with once it does:
+    // the child runs meanwhile, as it would natively.
+    let reg = crate::registration::register(Some(&parent.socket), announce, Some(&parent.home))
+        .context("cannot register with the home node")?;
     let hello = migrate::Hello::new(
         parent.home.as_str(),
         migrate::Purpose::Deputy,

@@ -350,7 +350,7 @@ fn run(a: RunArgs) -> ExitCode {
     };
     // The guest's limits are taken; the VMM's own descriptors get room beyond them.
     vmm::deputy::raise_own_nofile();
-    let reg = register(a.socket.as_deref(), Announce::of(&vm));
+    let reg = register(a.socket.as_deref(), Announce::of(&vm), None);
     match run_guest(vm, reg, a.socket.as_deref()) {
         Ok((status, vm)) => {
             if let Some(vm) = vm.filter(|vm| vm.wants_stats()) {
@@ -383,11 +383,13 @@ fn run_guest(
         }
         if vm.take_forked() {
             // This is a forked child: the parent's registration threads did not come along
-            // (leave their remains alone); the child registers as a process of its own.
+            // (leave their remains alone); the child registers as a process of its own
+            // (once the node answers, if it is restarting just now).
+            let home = reg.as_ref().map(|r| r.home.clone());
             if let Some(r) = reg.take() {
                 r.abandon();
             }
-            reg = register(socket, Announce::of(&vm));
+            reg = register(socket, Announce::of(&vm), home.as_deref());
             continue;
         }
         let pause = vm.pause_handle();

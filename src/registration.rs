@@ -180,11 +180,26 @@ pub(crate) fn start_migration(
 /// keeps the registration (the node sees the process end when it closes), reports guest
 /// memory, and applies the node's commands: lock/unlock, and migrate (pre-copy runs on that
 /// thread; the switch-over is handed to the vCPU thread through `jobs`).
-pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registration> {
+///
+/// `later_as`: when no node answers now, register once one does, as a process of home node
+/// `later_as` (a child forked away from home while its node restarts); None: run standalone.
+pub(crate) fn register(
+    socket: Option<&Path>,
+    a: Announce,
+    later_as: Option<&str>,
+) -> Option<Registration> {
     use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
     let path = control::socket_path(socket);
-    let stream = std::os::unix::net::UnixStream::connect(&path).ok()?;
+    let (stream, later) = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => (s, None),
+        Err(_) => {
+            // A connection already closed: the registration thread registers again (here,
+            // for the first time) once a node serves the socket.
+            let (s, _closed) = std::os::unix::net::UnixStream::pair().ok()?;
+            (s, Some(later_as?.to_string()))
+        }
+    };
     *RUNS_ON.lock().unwrap_or_else(|p| p.into_inner()) = a.away_on.clone();
     let req = control::Request::Register {
         pid: std::process::id(),
@@ -198,15 +213,20 @@ pub(crate) fn register(socket: Option<&Path>, a: Announce) -> Option<Registratio
     let prog = a.program;
     let mut w = stream.try_clone().ok()?;
     let fds = [stream.as_raw_fd(), w.as_raw_fd()];
-    let mut line = serde_json::to_string(&req).ok()?;
-    line.push('\n');
-    w.write_all(line.as_bytes()).ok()?;
     let mut r = std::io::BufReader::new(stream);
-    let mut answer = String::new();
-    r.read_line(&mut answer).ok()?;
-    let home = match serde_json::from_str::<control::Reply>(&answer).ok()? {
-        control::Reply::Registered { node } => node,
-        _ => return None,
+    let home = match later {
+        Some(home) => home,
+        None => {
+            let mut line = serde_json::to_string(&req).ok()?;
+            line.push('\n');
+            w.write_all(line.as_bytes()).ok()?;
+            let mut answer = String::new();
+            r.read_line(&mut answer).ok()?;
+            match serde_json::from_str::<control::Reply>(&answer).ok()? {
+                control::Reply::Registered { node } => node,
+                _ => return None,
+            }
+        }
     };
     let updates = std::sync::Arc::new(std::sync::Mutex::new(w));
     let (tx, jobs) = std::sync::mpsc::channel();

@@ -46,3 +46,29 @@ fn a_restarted_home_node_knows_its_processes_again() {
             tour(&nodes[0], pid, &["home"], &mut |_| {});
         });
 }
+
+/// A process away from home forks while its home node is down: the child runs at once (its
+/// deputy registers with the node once it is back), as natively, where a fork needs no node.
+#[test]
+fn a_fork_away_from_home_while_the_home_node_is_down_runs() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let sock = nodes[0].sock.clone();
+    let script = "sleep 1.5; /bin/echo forked while home was down; echo status=$?; \
+                  for i in $(seq 1 30); do /bin/echo $i; sleep 0.1; done";
+    Case::new("/bin/sh")
+        .args(["-c", script])
+        .socket(&sock)
+        .check_while(|run| {
+            let pid = run.pid();
+            wait_registered(&sock, pid);
+            tour(&nodes[0], pid, &["b"], &mut |_| {});
+            // Down from before the `sleep` ends until well after the next fork.
+            nodes[0].restart_after(Duration::from_secs(3), Duration::from_secs(20));
+            wait_for("home to list it on b", Duration::from_secs(10), || {
+                proc_info(&sock, pid).is_some_and(|p| p["node"] == "b")
+            });
+        });
+}

@@ -206,6 +206,11 @@ impl Node {
     /// Stops the node as an operator would (SIGTERM: it expels its guests first, waited for
     /// up to `limit`) and starts it again with the same settings (its log starts afresh).
     pub fn restart(&mut self, limit: Duration) {
+        self.restart_after(Duration::ZERO, limit);
+    }
+
+    /// [`Node::restart`], the node staying down for `gap` before it starts again.
+    pub fn restart_after(&mut self, gap: Duration, limit: Duration) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
@@ -218,6 +223,7 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        std::thread::sleep(gap);
         let fresh = self.spec.clone().start();
         let old = std::mem::replace(self, fresh);
         drop(old); // already exited: its Drop does nothing more
