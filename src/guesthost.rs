@@ -514,6 +514,11 @@ pub fn main() -> ExitCode {
     loop {
         match vm.run_or_pause() {
             Ok(Some(out)) => {
+                // `--stats`: the run's line reaches the user's stderr at home, as it would
+                // had the process ended there.
+                if vm.wants_stats() {
+                    vmm::say(&vm.stats_json());
+                }
                 plumbing.home_link.tell_last(&Message::Exit {
                     status: out.to_wire(),
                 });
@@ -546,6 +551,11 @@ pub fn main() -> ExitCode {
             continue;
         };
         let switched = migration::switch_vm(&mut *job.conn, &mut vm, &job.pending, &mut job.report);
+        if switched.is_ok() && vm.wants_stats() {
+            // `--stats`: each move's report, as home prints those of moves it makes.
+            let json = serde_json::to_string(&job.report).unwrap_or_default();
+            vmm::say(&format!("mosvm-migration {json}"));
+        }
         match (switched, job.onward.take()) {
             // Home has its guest back; this host is done.
             (Ok(()), None) => {

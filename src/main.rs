@@ -588,6 +588,20 @@ fn serve_remote(
     let mut vm = vmm::vm::Vm::restore_prepared(prepared, state, deputy)?;
     vm.share_program_cell(reg.program.clone());
     migration::Conn::send(&mut conn, &migrate::Message::Resumed)?;
+    // What its last host still says (the `--stats` report of this move) until it lets go.
+    let inbox = conn.inbox.clone();
+    std::thread::spawn(move || {
+        link::block_host_signals();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let Ok(inbox) = inbox.lock() else { return };
+        while let Ok(m) =
+            inbox.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+        {
+            if let migrate::Message::Say { line } = m {
+                eprintln!("{line}");
+            }
+        }
+    });
     send_update(
         &reg.updates,
         &control::Update::Moved {
