@@ -137,6 +137,15 @@ fn signal_blocked_program(under_mosvm: bool, sig: i32) -> std::process::ExitStat
     } else {
         Command::new(&program)
     };
+    // The signal's action is its default in both runs, whatever this test inherited (a shell
+    // without job control starts background commands with SIGINT and SIGQUIT ignored).
+    // SAFETY: between fork and exec the closure calls only signal(2), async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::signal(sig, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     let mut child = cmd
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
