@@ -55,7 +55,13 @@ pub(crate) fn client(
     socket: Option<&Path>,
     req: control::Request,
 ) -> Result<control::Reply, ExitCode> {
-    match control::call(&control::socket_path(socket), &req) {
+    answered(control::call(&control::socket_path(socket), &req))
+}
+
+/// The node's reply, or the exit code after a one-line error (the node's, or why it could not
+/// be asked).
+fn answered(r: anyhow::Result<control::Reply>) -> Result<control::Reply, ExitCode> {
+    match r {
         Ok(control::Reply::Error { message }) => {
             eprintln!("mosvm: {message}");
             Err(ExitCode::from(1))
@@ -99,7 +105,20 @@ pub(crate) fn migrate_cmd(a: MigrateArgs) -> ExitCode {
     };
     // With --wait the node answers when this request's move is over, and with its outcome
     // (never another request's).
-    match expect(client(sock, req), |r| match r {
+    let answer = match control::call(&control::socket_path(sock), &req) {
+        Err(e) if a.wait && e.to_string() == control::NO_ANSWER => {
+            // A node stopped (or restarting) while the move was under way: whether it
+            // happened is not known here.
+            eprintln!(
+                "mosvm: the node stopped before the move of process {} was over; it may have \
+                 moved (`mosvm ps` tells, once the node is back)",
+                a.pid
+            );
+            return ExitCode::from(1);
+        }
+        r => answered(r),
+    };
+    match expect(answer, |r| match r {
         control::Reply::Ok => Some(None),
         control::Reply::Moved { node } => Some(Some(node)),
         _ => None,

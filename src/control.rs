@@ -269,6 +269,9 @@ pub enum Update {
     Calls { home: u64, local: u64 },
 }
 
+/// Why [`call`] failed when the node closed the connection before it answered (it stopped).
+pub const NO_ANSWER: &str = "the node closed the connection without answering";
+
 /// Send one request and read one reply.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket).map_err(|e| {
@@ -284,10 +287,7 @@ pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let mut r = BufReader::new(stream);
     let mut answer = String::new();
     r.read_line(&mut answer)?;
-    anyhow::ensure!(
-        !answer.is_empty(),
-        "the node closed the connection without answering"
-    );
+    anyhow::ensure!(!answer.is_empty(), NO_ANSWER);
     Ok(serde_json::from_str(&answer)?)
 }
 

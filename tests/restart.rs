@@ -5,7 +5,9 @@
 #[macro_use]
 mod common;
 
-use common::cluster::{keygen, loopback_cluster, proc_info, tour, wait_for, wait_registered};
+use common::cluster::{
+    client, keygen, loopback_cluster, proc_info, tour, wait_for, wait_registered,
+};
 use common::Case;
 use std::time::Duration;
 
@@ -69,6 +71,43 @@ fn a_fork_away_from_home_while_the_home_node_is_down_runs() {
             nodes[0].restart_after(Duration::from_secs(3), Duration::from_secs(20));
             wait_for("home to list it on b", Duration::from_secs(10), || {
                 proc_info(&sock, pid).is_some_and(|p| p["node"] == "b")
+            });
+        });
+}
+
+/// `mosvm migrate --wait` whose node stops before the move is over says so (the outcome is not
+/// known to it), and the process goes on where it was.
+#[test]
+fn a_waiting_migrate_whose_node_stops_says_so() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let sock = nodes[0].sock.clone();
+    let b = nodes[1].child.id() as i32;
+    Case::image("glibc-static", "ticker")
+        .args(["400", "3000000", "4"])
+        .socket(&sock)
+        .check_while(|run| {
+            let pid = run.pid();
+            wait_registered(&sock, pid);
+            // A destination that does not answer keeps the move under way for a while.
+            // SAFETY: kill(2) of a node this test started.
+            unsafe { libc::kill(b, libc::SIGSTOP) };
+            let s = sock.clone();
+            let waiting = std::thread::spawn(move || {
+                client(&s, &["migrate", &pid.to_string(), "b", "--wait"])
+            });
+            std::thread::sleep(Duration::from_millis(500));
+            nodes[0].restart(Duration::from_secs(20));
+            let m = waiting.join().unwrap();
+            // SAFETY: as above.
+            unsafe { libc::kill(b, libc::SIGCONT) };
+            let err = String::from_utf8_lossy(&m.stderr);
+            assert!(!m.status.success());
+            assert!(err.contains("stopped before the move"), "{err}");
+            wait_for("home to list it again", Duration::from_secs(10), || {
+                proc_info(&sock, pid).is_some_and(|p| p["node"] == "home")
             });
         });
 }
