@@ -10,10 +10,11 @@
 //!    empty, read-only tmpfs (pivot_root(2)); the host's tree is detached. Started as root it
 //!    unshares `CLONE_NEWNS`. Otherwise it tries a user namespace with it (user_namespaces(7)),
 //!    and goes on without when the host forbids both.
-//! 2. **A user of its own.** Started as root: no supplementary groups, user and group
-//!    [`JAIL_ID_BASE`] + its pid (so no two guest hosts, and no other process on the host,
-//!    share an identity), an empty capability bounding set, and with the change of user no
-//!    capabilities. Otherwise: its capabilities (those of a user namespace) are dropped. The
+//! 2. **A user of its own.** Started as root (and in the host's user namespace): no
+//!    supplementary groups, user and group [`JAIL_ID_BASE`] + its pid (so no two guest
+//!    hosts, and no other process on the host, share an identity), and an empty capability
+//!    bounding set. Where that fails it goes on as it is, and says so. In every case its
+//!    capabilities are dropped (in a user namespace of its own, those it has there). The
 //!    parent-death signal is armed again (a change of credentials clears it).
 //! 3. **System-call filters.** `PR_SET_NO_NEW_PRIVS` and seccomp filters (seccompiler)
 //!    allowing only what a guest host does: memory, threads and signals, time, I/O on the
@@ -57,19 +58,26 @@ pub fn enter() -> Result<Jail> {
     );
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let empty_root = match empty_root(root) {
-        Ok(()) => true,
+    let (empty_root, user_ns) = match empty_root(root) {
+        Ok(user_ns) => (true, user_ns),
         Err(e) => {
             eprintln!("mosvm guest-host: jailed without an empty root: {e:#}");
-            false
+            (false, false)
         }
     };
-    let user = if root {
-        Some(become_own_user().context("changing to a user of its own")?)
+    // In a user namespace of its own no other id is mapped: it stays who it is there.
+    let user = if root && !user_ns {
+        match become_own_user() {
+            Ok(id) => Some(id),
+            Err(e) => {
+                eprintln!("mosvm guest-host: jailed without a user of its own: {e:#}");
+                None
+            }
+        }
     } else {
-        drop_capabilities().context("dropping capabilities")?;
         None
     };
+    drop_capabilities().context("dropping capabilities")?;
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this process.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -98,8 +106,9 @@ pub fn close_descriptors_but(keep: &[i32]) {
     }
 }
 
-/// Step 1: a mount namespace whose root is an empty read-only tmpfs.
-fn empty_root(root: bool) -> Result<()> {
+/// Step 1: a mount namespace whose root is an empty read-only tmpfs. True when a user
+/// namespace had to come with it.
+fn empty_root(root: bool) -> Result<bool> {
     use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sched::{unshare, CloneFlags};
     let none: Option<&str> = None;
@@ -108,8 +117,14 @@ fn empty_root(root: bool) -> Result<()> {
     } else {
         Err(nix::errno::Errno::EPERM)
     };
-    own.or_else(|_| unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS))
-        .context("no mount namespace of its own")?;
+    let user_ns = match own {
+        Ok(()) => false,
+        Err(_) => {
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+                .context("no mount namespace of its own")?;
+            true
+        }
+    };
     // Nothing done here reaches the host's namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .context("making mounts private")?;
@@ -141,7 +156,7 @@ fn empty_root(root: bool) -> Result<()> {
         none,
     )
     .context("making the empty root read-only")?;
-    Ok(())
+    Ok(user_ns)
 }
 
 /// Step 2, started as root: user and group [`JAIL_ID_BASE`] + pid, no supplementary groups,
@@ -516,11 +531,11 @@ mod tests {
         // SAFETY: geteuid cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         let code = in_child(move || {
-            if empty_root(root).is_err() {
+            let Ok(user_ns) = empty_root(root) else {
                 // The host allows no mount namespace here (an unprivileged container):
                 // nothing to check.
                 return 0;
-            }
+            };
             // The host's files are out of reach by any path.
             if errno_of(std::fs::metadata("/etc/hostname")) != libc::ENOENT {
                 return 20;
@@ -532,7 +547,7 @@ mod tests {
             if errno_of(std::fs::write("/x", b"x")) != libc::EROFS {
                 return 22;
             }
-            if root {
+            if root && !user_ns {
                 let Ok(id) = become_own_user() else {
                     return 23;
                 };
