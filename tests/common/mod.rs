@@ -586,7 +586,19 @@ impl Case {
         if self.own_group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
-        let mut child = cmd.spawn()?;
+        // A program file this test process just wrote can be held open for writing a moment
+        // longer by a child another test thread is forking (until that child's exec closes
+        // it): exec then fails with ETXTBSY. Try again.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         let writer = (!(under_mosvm && self.stdin_by_hand)).then(|| {
             let mut input = child.stdin.take();
             let stdin = self.stdin.clone();
