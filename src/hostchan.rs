@@ -105,32 +105,6 @@ fn recv(sock: BorrowedFd) -> std::io::Result<Datagram> {
     Ok(Some((buf, fds)))
 }
 
-/// Wait until `fd` is readable, at most until `deadline`.
-fn readable(fd: BorrowedFd, deadline: Instant) -> std::io::Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::ErrorKind::TimedOut.into());
-        }
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `p` is one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 60_000) as i32) };
-        if r > 0 {
-            return Ok(());
-        }
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
 /// The descriptor [`CHANNEL_ENV`] names, if it names one above the standard three.
 pub fn inherited_fd() -> Option<RawFd> {
     std::env::var(CHANNEL_ENV)
@@ -199,8 +173,12 @@ impl Channel {
         all.extend(fds.iter().map(|f| f.as_raw_fd()));
         send(self.0.as_fd(), &serde_json::to_vec(ask)?, &all).context("asking the node")?;
         drop(theirs);
-        readable(mine.as_fd(), Instant::now() + ASK_LIMIT)
-            .with_context(|| format!("the node did not answer within {ASK_LIMIT:?}"))?;
+        crate::wire::wait(
+            mine.as_raw_fd(),
+            libc::POLLIN,
+            Some(Instant::now() + ASK_LIMIT),
+        )
+        .with_context(|| format!("the node did not answer within {ASK_LIMIT:?}"))?;
         let (bytes, mut got) =
             recv(mine.as_fd())?.context("the node closed the channel without answering")?;
         match serde_json::from_slice(&bytes).context("the node's answer")? {

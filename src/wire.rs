@@ -61,7 +61,7 @@ fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
 
 /// Wait until `fd` is readable (`POLLIN`) or writable (`POLLOUT`), or until `deadline` (a
 /// deadline already past still looks once).
-fn wait(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Result<()> {
+pub(crate) fn wait(fd: RawFd, events: libc::c_short, deadline: Option<Instant>) -> io::Result<()> {
     loop {
         let ms = match deadline {
             None => -1,

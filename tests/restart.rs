@@ -11,12 +11,19 @@ use common::cluster::{
 use common::Case;
 use std::time::Duration;
 
+/// Nodes home and b on loopback with one key, in a directory that lives as long as the first
+/// half of the pair.
+fn home_and_b() -> (tempfile::TempDir, Vec<common::cluster::Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    (dir, nodes)
+}
+
 #[test]
 fn a_restarted_home_node_knows_its_processes_again() {
     require_kvm!();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let (_dir, mut nodes) = home_and_b();
     let sock = nodes[0].sock.clone();
     Case::image("glibc-static", "ticker")
         .args(["400", "3000000", "4"])
@@ -54,9 +61,7 @@ fn a_restarted_home_node_knows_its_processes_again() {
 #[test]
 fn a_fork_away_from_home_while_the_home_node_is_down_runs() {
     require_kvm!();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let (_dir, mut nodes) = home_and_b();
     let sock = nodes[0].sock.clone();
     let script = "sleep 1.5; /bin/echo forked while home was down; echo status=$?; \
                   for i in $(seq 1 30); do /bin/echo $i; sleep 0.1; done";
@@ -80,9 +85,7 @@ fn a_fork_away_from_home_while_the_home_node_is_down_runs() {
 #[test]
 fn a_waiting_migrate_whose_node_stops_says_so() {
     require_kvm!();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let mut nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    let (_dir, mut nodes) = home_and_b();
     let sock = nodes[0].sock.clone();
     let b = nodes[1].child.id() as i32;
     Case::image("glibc-static", "ticker")
