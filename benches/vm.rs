@@ -151,7 +151,38 @@ fn main() {
         g * 1e3 - (c + l + r) / 1e3
     );
 
-    // 4. Memory-map operations: per operation, guest vs native.
+    // 4. Clock reads: clock_gettime(CLOCK_MONOTONIC) through libc (the vDSO) and as the
+    // system call, per call, guest vs native: the difference between a long and a short run.
+    let clocks = image("dynamic", "clocks");
+    println!("clock_gettime(CLOCK_MONOTONIC) per call (dynamic clocks spin / sysspin)");
+    for (mode, big, what, target) in [
+        ("spin", 20_000_000u64, "through the vDSO", " (target <= 5)"),
+        ("sysspin", 20_000, "as a system call", ""),
+    ] {
+        let run = |n: u64, guest: bool| {
+            let mut c = if guest {
+                let mut c = Command::new(mosvm());
+                c.arg("run").arg(&clocks);
+                c
+            } else {
+                Command::new(&clocks)
+            };
+            c.arg(mode).arg(n.to_string());
+            c
+        };
+        let small = big / 100;
+        let (nb, gb) = paired(5, &|| run(big, false), &|| run(big, true));
+        let (ns, gs) = paired(5, &|| run(small, false), &|| run(small, true));
+        let per = |long: f64, short: f64| (long - short) * 1e9 / (big - small) as f64;
+        let (n, g) = (per(nb, ns), per(gb, gs));
+        println!(
+            "  {what}: native {n:.1} ns, mosvm {g:.1} ns, ratio = {:.2}{target}",
+            g / n
+        );
+    }
+    println!();
+
+    // 5. Memory-map operations: per operation, guest vs native.
     let mb = image("glibc-static", "mapbench");
     let dir = tempfile::tempdir().expect("tempdir");
     println!("memory maps (glibc-static mapbench), per operation");
@@ -190,7 +221,7 @@ fn main() {
     }
     println!();
 
-    // 5. python3 -c pass.
+    // 6. python3 -c pass.
     let py = Path::new("/usr/bin/python3");
     if py.exists() {
         let (n, g) = paired(

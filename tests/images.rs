@@ -84,6 +84,10 @@ image_tests!(memory, |c| c.arg("128"));
 
 image_tests!(timesleep, |c| c);
 
+// Every clock id through libc (the vDSO) and through the system call, side by side.
+// (A child dying of SIGSEGV in the vDSO, as natively, draws mosvm's report on stderr.)
+image_tests!(clocks, |c| c.arg("check").ignore_stderr());
+
 image_tests!(stdin_filter, |c| c.stdin(filter_input()));
 
 image_tests!(syscall_loop, |c| c.arg("20000"));

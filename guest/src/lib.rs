@@ -42,6 +42,49 @@ pub const EXC_STACK_VA: u64 = KERNEL_BASE + 0x4000;
 pub const EXC_STACK_SIZE: u64 = 0x2000;
 /// Number of 4 KiB pages in the stub's area.
 pub const KERNEL_PAGES: u64 = 6;
+/// The time page's own supervisor mapping: it holds the page's frame for the VMM, whatever
+/// the program does with its user mapping (`[vvar]`, see [`vvar`]).
+pub const VVAR_KVA: u64 = KERNEL_BASE + 0x8000;
+
+/// The guest's vDSO: an ELF shared object built from `vdso/vdso.c` and `vdso/vdso.lds` at
+/// build time, mapped into every program right above its time page and announced with
+/// AT_SYSINFO_EHDR (vdso(7)). It exports `__vdso_clock_gettime`, `__vdso_gettimeofday`,
+/// `__vdso_time`, `__vdso_clock_getres` and `__vdso_getcpu` at version LINUX_2.6.
+pub static VDSO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vdso.so"));
+
+/// The time page (`[vvar]`) the vDSO reads, one page below the vDSO image: byte offsets of
+/// its little-endian fields (the C side is `struct vvar` in `vdso/vdso.c`). The VMM writes it
+/// as a seqcount: `SEQ` odd while a write is under way.
+pub mod vvar {
+    /// u32: the sequence count.
+    pub const SEQ: usize = 0;
+    /// u32: flags ([`VALID`]).
+    pub const FLAGS: usize = 4;
+    /// u64: the guest TSC the bases below are taken at.
+    pub const TSC_BASE: usize = 8;
+    /// u64: guest CLOCK_MONOTONIC at `TSC_BASE`, ns.
+    pub const MONO_NS: usize = 16;
+    /// u64: CLOCK_MONOTONIC ns per TSC tick, 32.32 fixed point.
+    pub const MONO_MULT: usize = 24;
+    /// u64: guest CLOCK_MONOTONIC_RAW at `TSC_BASE`, ns.
+    pub const RAW_NS: usize = 32;
+    /// u64: CLOCK_MONOTONIC_RAW ns per TSC tick, 32.32 fixed point.
+    pub const RAW_MULT: usize = 40;
+    /// i64: CLOCK_REALTIME minus CLOCK_MONOTONIC, ns.
+    pub const REALTIME_OFF: usize = 48;
+    /// i64: CLOCK_BOOTTIME minus CLOCK_MONOTONIC, ns.
+    pub const BOOTTIME_OFF: usize = 56;
+    /// i64: CLOCK_TAI minus CLOCK_REALTIME, ns.
+    pub const TAI_OFF: usize = 64;
+    /// u64: resolution of CLOCK_REALTIME_COARSE and CLOCK_MONOTONIC_COARSE, ns.
+    pub const COARSE_RES_NS: usize = 72;
+    /// u32: what getcpu(2) reports as the CPU.
+    pub const CPU: usize = 80;
+    /// u32: what getcpu(2) reports as the NUMA node.
+    pub const NODE: usize = 84;
+    /// `FLAGS` bit: the clock fields hold; clear, every call goes to the system call.
+    pub const VALID: u32 = 1;
+}
 
 /// Kernel code segment selector.
 pub const KERNEL_CS: u16 = 0x08;

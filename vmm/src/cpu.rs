@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_IA32_TSC: u32 = 0x10;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SFMASK: u32 = 0xc000_0084;
 const MSR_FS_BASE: u32 = 0xc000_0100;
@@ -64,7 +65,8 @@ pub fn create_vm(host: &Host, mem: &mut GuestMem) -> Result<Arc<VmFd>> {
     Ok(vm)
 }
 
-/// Write the GDT, IDT, TSS and stub pages and map them at their fixed guest addresses.
+/// Write the GDT, IDT, TSS and stub pages and map them, and the time page's frame, at their
+/// fixed guest addresses.
 pub fn install_stub(mem: &mut GuestMem) -> Result<()> {
     let nomem = || anyhow::anyhow!("guest memory too small for the stub");
     let mut gdt = [0u8; 4096];
@@ -95,7 +97,7 @@ pub fn install_stub(mem: &mut GuestMem) -> Result<()> {
         idt[v * 16..v * 16 + 8].copy_from_slice(&lo.to_le_bytes());
         idt[v * 16 + 8..v * 16 + 16].copy_from_slice(&hi.to_le_bytes());
     }
-    let pages: [(u64, Access, Option<[u8; 4096]>); 4] = [
+    let pages: [(u64, Access, Option<[u8; 4096]>); 5] = [
         (guest::GDT_VA, Access::Supervisor, Some(gdt)),
         (guest::IDT_VA, Access::Supervisor, Some(idt)),
         (guest::TSS_VA, Access::Supervisor, Some(guest::tss_page())),
@@ -104,6 +106,8 @@ pub fn install_stub(mem: &mut GuestMem) -> Result<()> {
             Access::UserReadOnly,
             Some(guest::stub_page()),
         ),
+        // The time page's frame (zero: invalid until the VMM first writes it).
+        (guest::VVAR_KVA, Access::Supervisor, None),
     ];
     for (va, access, content) in pages {
         let (gpa, _) = mem.map_page(va, access).map_err(|_| nomem())?;
@@ -302,4 +306,35 @@ pub fn create_vcpu_id(
 
     vcpu.set_sync_valid_reg(SyncReg::Register);
     Ok(vcpu)
+}
+
+/// The guest's clock as its vCPU's TSC gives it: KVM's TSC offset (the guest's TSC, read with
+/// KVM_GET_MSRS between two readings of the host's, minus theirs; an offset inside that
+/// window is taken as none, as on hosts where the guest reads the host's TSC) and its rate
+/// (KVM_GET_TSC_KHZ). None when the host TSC cannot carry time (not invariant) or KVM will
+/// not say: the guest's clock calls then all make their system call.
+pub fn guest_clock(vcpu: &VcpuFd) -> Option<crate::clock::GuestClock> {
+    use crate::clock::{host_tsc, tsc_usable, GuestClock};
+    if !tsc_usable() {
+        return None;
+    }
+    let khz = u64::from(vcpu.get_tsc_khz().ok()?);
+    let mut m = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    let h0 = host_tsc();
+    let n = vcpu.get_msrs(&mut m).ok()?;
+    let h1 = host_tsc();
+    if n != 1 || khz == 0 {
+        return None;
+    }
+    let guest = m.as_slice()[0].data;
+    let offset = if (h0..=h1).contains(&guest) {
+        0
+    } else {
+        guest.wrapping_sub(h0 + (h1 - h0) / 2)
+    };
+    Some(GuestClock::new(offset, khz))
 }

@@ -5,6 +5,7 @@
 //! run loop (`vm`).
 
 pub mod bench;
+pub mod clock;
 pub mod cpu;
 pub mod deputy;
 pub mod forward;

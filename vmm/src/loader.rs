@@ -318,6 +318,8 @@ pub fn load(
         }
         None => (main.entry, 0),
     };
+    // As Linux's (arch_setup_additional_pages): the vDSO comes after the interpreter.
+    let vdso = space.map_vdso(guest::VDSO);
     let too_big = || LoadError::TooBig(mem_label.into(), "the stack".into());
     // As Linux's (setup_arg_pages): the area holds the arguments and 128 KiB below them, and
     // grows down on faults up to RLIMIT_STACK.
@@ -325,8 +327,8 @@ pub fn load(
     space
         .mmap(STACK_TOP - stack, stack, 3, true, false, VmaKind::Stack)
         .map_err(|_| too_big())?;
-    let (rsp, layout) =
-        build_stack(space, argv, envp, execfn, facts, &main, interp_base).ok_or_else(too_big)?;
+    let (rsp, layout) = build_stack(space, argv, envp, execfn, facts, &main, (interp_base, vdso))
+        .ok_or_else(too_big)?;
     space.reserve_stack(rsp.saturating_sub(crate::mm::STACK_EAGER));
     Ok(Started {
         rip,
@@ -357,6 +359,7 @@ const AT_SECURE: u64 = 23;
 const AT_RANDOM: u64 = 25;
 const AT_HWCAP2: u64 = 26;
 const AT_EXECFN: u64 = 31;
+const AT_SYSINFO_EHDR: u64 = 33;
 const AT_MINSIGSTKSZ: u64 = 51;
 
 /// AT_MINSIGSTKSZ: the largest signal frame this CPU's state needs. The guest runs with the
@@ -369,8 +372,9 @@ fn minsigstksz() -> u64 {
     }
 }
 
-/// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`. Returns rsp and where the
-/// strings and the auxiliary vector are.
+/// Lay out strings, auxv, envp, argv and argc below `STACK_TOP`, with the interpreter's base
+/// and the vDSO's address for the auxiliary vector. Returns rsp and where the strings and the
+/// auxiliary vector are.
 fn build_stack(
     space: &mut AddressSpace,
     argv: &[Vec<u8>],
@@ -378,7 +382,7 @@ fn build_stack(
     execfn: &[u8],
     facts: &AuxFacts,
     main: &Mapped,
-    interp_base: u64,
+    (interp_base, vdso): (u64, Option<u64>),
 ) -> Option<(u64, StackLayout)> {
     let mut sp = STACK_TOP - 8;
     let mut push_bytes = |space: &mut AddressSpace, data: &[u8], nul: bool| -> Option<u64> {
@@ -413,7 +417,9 @@ fn build_stack(
     let random_at = push_bytes(space, &facts.random, false)?;
     sp &= !15;
 
-    let auxv: Vec<(u64, u64)> = vec![
+    // AT_SYSINFO_EHDR comes first, as Linux's ARCH_DLINFO puts it.
+    let mut auxv: Vec<(u64, u64)> = vdso.map(|at| (AT_SYSINFO_EHDR, at)).into_iter().collect();
+    auxv.extend([
         (AT_MINSIGSTKSZ, minsigstksz()),
         (AT_HWCAP, facts.hwcap),
         (AT_PAGESZ, PAGE),
@@ -434,7 +440,7 @@ fn build_stack(
         (AT_EXECFN, execfn_at),
         (AT_PLATFORM, platform_at),
         (AT_NULL, 0),
-    ];
+    ]);
     let auxv_len = auxv.len() as u64 * 16;
     let mut words: Vec<u64> = Vec::new();
     words.push(argv.len() as u64);
@@ -478,6 +484,72 @@ mod tests {
 
     fn space() -> AddressSpace {
         AddressSpace::new(GuestMem::new(256 << 20).unwrap())
+    }
+
+    /// The vDSO as glibc, musl and Go look at it: a shared object with no relocations and
+    /// no writable data, one read-and-execute segment, and the five calls at LINUX_2.6.
+    #[test]
+    fn the_vdso_is_a_self_contained_shared_object() {
+        let elf = Elf::parse(guest::VDSO).unwrap();
+        assert_eq!(elf.header.e_type, header::ET_DYN);
+        let loads: Vec<_> = elf
+            .program_headers
+            .iter()
+            .filter(|p| p.p_type == program_header::PT_LOAD)
+            .collect();
+        assert_eq!(loads.len(), 1);
+        assert_eq!(
+            loads[0].p_flags,
+            program_header::PF_R | program_header::PF_X
+        );
+        assert_eq!(loads[0].p_vaddr, 0);
+        assert!(elf.dynrelas.is_empty() && elf.dynrels.is_empty() && elf.pltrelocs.is_empty());
+        for sh in &elf.section_headers {
+            let name = elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("");
+            assert!(
+                !(name.starts_with(".data")
+                    || name.starts_with(".bss")
+                    || name.starts_with(".got"))
+                    || sh.sh_size == 0,
+                "writable section {name} of {} bytes",
+                sh.sh_size
+            );
+        }
+        let dynamic = elf.dynamic.as_ref().expect("PT_DYNAMIC");
+        assert_eq!(elf.soname, Some("linux-vdso.so.1"));
+        assert!(dynamic.info.hash.is_some() && dynamic.info.gnu_hash.is_some());
+        let names: Vec<&str> = elf
+            .dynsyms
+            .iter()
+            .filter(|s| s.st_value != 0)
+            .filter_map(|s| elf.dynstrtab.get_at(s.st_name))
+            .collect();
+        for want in [
+            "__vdso_clock_gettime",
+            "__vdso_gettimeofday",
+            "__vdso_time",
+            "__vdso_clock_getres",
+            "__vdso_getcpu",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+    }
+
+    #[test]
+    fn the_vdso_is_announced_first_in_the_auxiliary_vector() {
+        let mut s = space();
+        crate::cpu::install_stub(&mut s.mem).unwrap();
+        // (This test program itself: a dynamic executable.)
+        let me = std::env::current_exe().unwrap();
+        let started = load(&mut s, &me, &[b"t".to_vec()], &[], b"t", &facts(), "256M").unwrap();
+        let mut pair = [0u8; 16];
+        s.mem.read(started.layout.auxv.0, &mut pair).unwrap();
+        let key = u64::from_le_bytes(pair[..8].try_into().unwrap());
+        let at = u64::from_le_bytes(pair[8..].try_into().unwrap());
+        assert_eq!(key, AT_SYSINFO_EHDR);
+        let mut head = [0u8; 4];
+        s.mem.read(at, &mut head).unwrap();
+        assert_eq!(&head, b"\x7fELF");
     }
 
     #[test]

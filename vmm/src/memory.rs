@@ -797,14 +797,16 @@ impl GuestMem {
     }
 
     /// Unmap the pages of `[va, end)` (page aligned): their entries go, their frames are
-    /// zeroed and go back to the free list. O(mapped pages + tables looked at).
+    /// zeroed and go back to the free list (the time page's stays the VMM's: see
+    /// [`guest::VVAR_KVA`]). O(mapped pages + tables looked at).
     pub fn unmap(&mut self, va: u64, end: u64) -> Result<(), NoMem> {
         let mut cur = va;
+        let vvar = self.translate(guest::VVAR_KVA);
         while let Some(p) = self.next_mapped(cur, end) {
             let at = self.leaf(p, false)?.ok_or(NoMem)?;
             let frame = self.read_u64(at) & ADDR_MASK;
             self.set_entry(p, at, 0)?;
-            if frame < self.size {
+            if frame < self.size && Some(frame) != vvar {
                 self.release(frame);
             }
             cur = p + PAGE;

@@ -66,6 +66,7 @@ pub const MAX_MAP_COUNT: usize = 65530;
 pub mod errno {
     pub const EPERM: i64 = 1;
     pub const ENOMEM: i64 = 12;
+    pub const EACCES: i64 = 13;
     pub const EINVAL: i64 = 22;
     pub const EEXIST: i64 = 17;
     pub const EFAULT: i64 = 14;
@@ -156,6 +157,11 @@ pub enum VmaKind {
     Shared,
     /// A SysV shared memory segment (`shmat`).
     Shm,
+    /// The time page the vDSO reads (`[vvar]`): the frame behind it is the VMM's
+    /// ([`guest::VVAR_KVA`]); the guest may read it, not write, move or discard it.
+    Vvar,
+    /// The vDSO image (`[vdso]`).
+    Vdso,
 }
 
 /// The whole address space: VMAs plus the memory and page tables behind them.
@@ -316,6 +322,29 @@ impl AddressSpace {
             self.mem.protect(start, end, Access::Prot(prot))?;
         }
         Ok(())
+    }
+
+    /// Map the time page and the vDSO `image` above it (`[vvar]`, then `[vdso]`, as Linux
+    /// lays them out), top-down below `mmap_base`: the vDSO's address, for AT_SYSINFO_EHDR.
+    /// None when this memory has no time page (see [`guest::VVAR_KVA`]) or no room.
+    pub fn map_vdso(&mut self, image: &[u8]) -> Option<u64> {
+        let frame = self.mem.translate(guest::VVAR_KVA)?;
+        let pages = page_up(image.len() as u64);
+        let at = self.find_free(PAGE + pages)?;
+        self.insert(at + PAGE, pages, 5, VmaKind::Vdso).ok()?;
+        self.mem.write(at + PAGE, image).ok()?;
+        self.mem.map_at(at, frame, Access::Prot(1)).ok()?;
+        self.vmas.insert(at, Vma::new(at + PAGE, 1, VmaKind::Vvar));
+        Some(at + PAGE)
+    }
+
+    /// Whether an area of `kind` lies in `[start, end)`.
+    fn touches(&self, start: u64, end: u64, kind: VmaKind) -> bool {
+        self.vmas
+            .range(..end)
+            .rev()
+            .take_while(|(_, v)| v.end > start)
+            .any(|(_, v)| v.kind == kind)
     }
 
     /// Find a free range of `len` bytes in `[lo, hi)`, bottom-up (Linux's MAP_32BIT search,
@@ -518,6 +547,11 @@ impl AddressSpace {
             return Err(errno::EINVAL);
         }
         let end = addr.checked_add(page_up(len)).ok_or(errno::ENOMEM)?;
+        if prot & 6 != 0 && self.touches(addr, end, VmaKind::Vvar) {
+            // The time page may never be written or run (Linux: the mapping lacks
+            // VM_MAYWRITE and VM_MAYEXEC).
+            return Err(errno::EACCES);
+        }
         // Linux changes the areas up to the first hole, then answers ENOMEM.
         let mut cur = addr;
         for (s, v) in self.vmas.range(..end) {
@@ -705,6 +739,10 @@ impl AddressSpace {
         }
         let mut old_len = page_up(old_len);
         let new_len = page_up(new_len);
+        if self.touches(old, old.saturating_add(old_len.max(PAGE)), VmaKind::Vvar) {
+            // The time page stays where the vDSO finds it.
+            return Err(errno::EINVAL);
+        }
         if let Some(a) = fixed {
             // The new range may not overlap the old one (Linux: EINVAL).
             let (a_end, o_end) = (a.saturating_add(new_len), old.saturating_add(old_len));
@@ -906,7 +944,10 @@ impl AddressSpace {
 
     /// madvise(MADV_DONTNEED/MADV_FREE...): zero the range where mapped.
     pub fn discard(&mut self, addr: u64, len: u64) -> Result<(), i64> {
-        if addr & (PAGE - 1) != 0 {
+        if addr & (PAGE - 1) != 0
+            || self.touches(addr, addr.saturating_add(page_up(len)), VmaKind::Vvar)
+        {
+            // (Linux refuses to discard a VM_PFNMAP area such as the time page: EINVAL.)
             return Err(errno::EINVAL);
         }
         self.mem.zero(addr, page_up(len));
@@ -928,6 +969,12 @@ impl AddressSpace {
         let (start, end, prot, window) = (start, v.end, v.prot, v.window);
         if prot == 0 || write && prot & 2 == 0 {
             return false;
+        }
+        if v.kind == VmaKind::Vvar && !self.mem.is_mapped(page) {
+            return self
+                .mem
+                .translate(guest::VVAR_KVA)
+                .is_some_and(|f| self.mem.map_at(page, f, Access::Prot(prot)).is_ok());
         }
         if self.mem.is_mapped(page) {
             return self
@@ -995,6 +1042,45 @@ mod tests {
 
     fn space() -> AddressSpace {
         AddressSpace::new(GuestMem::new(64 << 20).unwrap())
+    }
+
+    #[test]
+    fn the_time_page_is_mapped_read_only_and_stays_the_vmms() {
+        let mut a = space();
+        assert_eq!(a.map_vdso(guest::VDSO), None, "no time page frame yet");
+        crate::cpu::install_stub(&mut a.mem).unwrap();
+        let frame = a.mem.translate(guest::VVAR_KVA).unwrap();
+        let vdso = a.map_vdso(guest::VDSO).unwrap();
+        let vvar = vdso - PAGE;
+        assert_eq!(a.vma_at(vvar).unwrap().1.kind, VmaKind::Vvar);
+        assert_eq!(a.vma_at(vdso).unwrap().1.kind, VmaKind::Vdso);
+        assert_eq!(a.vma_at(vdso).unwrap().1.prot, 5);
+        assert_eq!(a.mem.translate(vvar), Some(frame));
+        let mut head = [0u8; 4];
+        a.mem.read(vdso, &mut head).unwrap();
+        assert_eq!(&head, b"\x7fELF");
+        // Never writable, never moved, never discarded.
+        assert_eq!(a.mprotect(vvar, PAGE, 3), Err(errno::EACCES));
+        assert_eq!(
+            a.mremap(vvar, PAGE, 2 * PAGE, true, None),
+            Err(errno::EINVAL)
+        );
+        assert_eq!(a.discard(vvar, PAGE), Err(errno::EINVAL));
+        assert_eq!(a.mprotect(vvar, PAGE, 0), Ok(()));
+        assert!(!a.fault_in(vvar, false));
+        assert_eq!(a.mprotect(vvar, PAGE, 1), Ok(()));
+        assert!(a.fault_in(vvar, false));
+        assert_eq!(a.mem.translate(vvar), Some(frame));
+        // Unmapped by the program, the frame stays the VMM's: no later mapping gets it.
+        a.munmap(vvar, PAGE).unwrap();
+        assert_eq!(a.mem.translate(guest::VVAR_KVA), Some(frame));
+        assert!(!a.mem.free_list().contains(&frame));
+        let x = a
+            .mmap(0, 64 * PAGE, 3, false, false, VmaKind::Anon)
+            .unwrap();
+        for p in (x..x + 64 * PAGE).step_by(PAGE as usize) {
+            assert_ne!(a.mem.translate(p), Some(frame));
+        }
     }
 
     #[test]

@@ -210,6 +210,9 @@ pub struct Vm {
     /// Guest CLOCK_REALTIME minus host CLOCK_REALTIME, in ns: wall-clock time is the home
     /// node's wherever the guest runs (non-zero on a node whose clock differs from home's).
     realtime_offset_ns: i64,
+    /// The guest's clocks as its time page describes them (None: the host TSC cannot carry
+    /// them, and the vDSO makes system calls).
+    clock: Option<crate::clock::GuestClock>,
     pause: PauseHandle,
     lock: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// System calls so far, readable from other threads: [sent home, served locally].
@@ -398,6 +401,7 @@ impl Vm {
             timers: Vec::new(),
             mono_offset_ns: 0,
             realtime_offset_ns: 0,
+            clock: None,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(opts_lock)),
             calls: Default::default(),
@@ -422,6 +426,7 @@ impl Vm {
             })
             .ret;
         vm.tid = vm.pid;
+        vm.start_clock();
         Ok(vm)
     }
 
@@ -522,10 +527,12 @@ impl Vm {
             Event::Syscall => {
                 self.stats.exits += 1;
                 self.last_fault = None;
+                self.refresh_clock(false);
                 return self.syscall();
             }
             Event::Exception(v) => {
                 self.stats.exits += 1;
+                self.refresh_clock(false);
                 return self.exception(v);
             }
             Event::Port(port) => {
@@ -1147,19 +1154,32 @@ impl Vm {
                     tv_sec: 0,
                     tv_nsec: 0,
                 };
-                // SAFETY: `ts` is a valid timespec to fill in.
-                let r = unsafe {
-                    if nr as i64 == libc::SYS_clock_gettime {
-                        libc::clock_gettime(a[0] as libc::clockid_t, &mut ts)
+                let gettime = nr as i64 == libc::SYS_clock_gettime;
+                // The clocks the time page describes read as the vDSO reads them.
+                if let Some(ns) = self.guest_time(a[0] as i32).filter(|_| gettime) {
+                    ts = time::ns_timespec(ns);
+                } else {
+                    // The system call itself, not libc's (the host's vDSO answers some
+                    // clock ids the call refuses).
+                    let call = if gettime {
+                        libc::SYS_clock_gettime
                     } else {
-                        libc::clock_getres(a[0] as libc::clockid_t, &mut ts)
+                        libc::SYS_clock_getres
+                    };
+                    // SAFETY: `ts` is a valid timespec to fill in.
+                    let r = unsafe {
+                        libc::syscall(
+                            call,
+                            a[0] as libc::clockid_t,
+                            &mut ts as *mut libc::timespec,
+                        )
+                    };
+                    if r != 0 {
+                        return Err(EINVAL);
                     }
-                };
-                if r != 0 {
-                    return Err(EINVAL);
-                }
-                if nr as i64 == libc::SYS_clock_gettime {
-                    shift_ts(&mut ts, self.clock_offset(a[0] as i32));
+                    if gettime {
+                        shift_ts(&mut ts, self.clock_offset(a[0] as i32));
+                    }
                 }
                 if a[1] != 0 {
                     self.write_guest(a[1], &timespec_bytes(&ts))?;

@@ -313,6 +313,7 @@ impl Vm {
         // closes them here.
         self.vcpu = super::thread::VcpuSlot(Some(vcpu));
         self._vm = vm;
+        self.start_clock();
         let ie = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.store(ie, Ordering::SeqCst);
         self.pause.inner.immediate_exit.store(ie, Ordering::SeqCst);

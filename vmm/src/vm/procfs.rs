@@ -169,6 +169,8 @@ impl Vm {
                     let name = match (v.kind, &v.file) {
                         (VmaKind::Heap, _) => "[heap]".to_string(),
                         (VmaKind::Stack, _) => "[stack]".to_string(),
+                        (VmaKind::Vvar, _) => "[vvar]".to_string(),
+                        (VmaKind::Vdso, _) => "[vdso]".to_string(),
                         (_, Some(f)) => f.path.clone(),
                         _ => String::new(),
                     };

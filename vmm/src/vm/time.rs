@@ -2,6 +2,8 @@
 //! paper's gettimeofday rule) and sleeping on them.
 
 use super::{Step, Vm, EINTR, EINVAL};
+use crate::clock;
+use crate::memory::PAGE;
 use std::time::{Duration, Instant};
 
 pub(super) fn host_mono_ns() -> i64 {
@@ -29,6 +31,14 @@ pub(super) fn shift_ts(ts: &mut libc::timespec, ns: i64) {
     let t = t.max(0);
     ts.tv_sec = (t / 1_000_000_000) as i64;
     ts.tv_nsec = (t % 1_000_000_000) as i64;
+}
+
+/// `ns` (signed) as a timespec.
+pub(super) fn ns_timespec(ns: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000),
+    }
 }
 
 pub(super) fn timespec_bytes(ts: &libc::timespec) -> [u8; 16] {
@@ -192,6 +202,9 @@ impl Vm {
 
     /// The guest's wall-clock time: its home node's.
     pub(super) fn guest_realtime(&self) -> libc::timespec {
+        if let Some(ns) = self.guest_time(libc::CLOCK_REALTIME) {
+            return ns_timespec(ns);
+        }
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -214,5 +227,56 @@ impl Vm {
         } else {
             0
         }
+    }
+
+    /// The guest's `clock` as its time page gives it now, ns (None: the page does not
+    /// describe that clock, or there is no page).
+    pub(super) fn guest_time(&self, clock: i32) -> Option<i64> {
+        self.clock.as_ref()?.now(clock, clock::host_tsc())
+    }
+
+    /// Start the guest's clocks on this vCPU set (a new VM, a migrated or forked guest's):
+    /// the time page is written before the guest runs, or marked invalid when the host TSC
+    /// cannot carry time.
+    pub(super) fn start_clock(&mut self) {
+        self.clock = self.vcpu.0.as_ref().and_then(crate::cpu::guest_clock);
+        if self.clock.is_some() {
+            self.refresh_clock(true);
+        } else {
+            self.publish_clock(None);
+        }
+    }
+
+    /// Write the time page again if it is older than [`clock::REFRESH_NS`] (`force`: now).
+    pub(super) fn refresh_clock(&mut self, force: bool) {
+        let Some(c) = self.clock.as_mut() else {
+            return;
+        };
+        if !force && clock::host_mono().saturating_sub(c.updated) < clock::REFRESH_NS {
+            return;
+        }
+        let p = c.update(
+            &clock::sample(),
+            self.mono_offset_ns,
+            self.realtime_offset_ns,
+        );
+        self.publish_clock(Some(&p));
+    }
+
+    fn publish_clock(&self, p: Option<&clock::Params>) {
+        let mem = &self.space.mem;
+        let Some(gpa) = mem
+            .translate(guest::VVAR_KVA)
+            .filter(|g| g + PAGE <= mem.size())
+        else {
+            return;
+        };
+        // SAFETY: the time page's frame is a page-aligned frame of guest RAM (checked above),
+        // which the guest mapping keeps mapped while `self` lives; the VMM touches it nowhere
+        // else, and the guest only reads it (its user mapping is read-only).
+        unsafe { clock::publish(mem.host_base().add(gpa as usize), p, clock::coarse_res()) };
+        // (A migration rewrites the page before the guest resumes; it is still sent, so that
+        // every change to guest memory reaches the destination.)
+        mem.mark_dirty(gpa, PAGE);
     }
 }

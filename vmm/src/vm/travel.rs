@@ -188,7 +188,10 @@ impl Vm {
             prctl: self.prctl.clone(),
             stack_layout: self.stack_layout,
             vmm_returns: self.vmm_returns,
-            guest_mono_ns: host_mono_ns() + self.mono_offset_ns,
+            // (As the guest last saw it: its time page's line, else the host's clock.)
+            guest_mono_ns: self
+                .guest_time(libc::CLOCK_MONOTONIC)
+                .unwrap_or(host_mono_ns() + self.mono_offset_ns),
             realtime_offset_ns: self.realtime_offset_ns,
             counters: [
                 self.stats.exits,
@@ -327,6 +330,7 @@ impl Vm {
             timers: Vec::new(),
             mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
             realtime_offset_ns: v.realtime_offset_ns,
+            clock: None,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(v.lock)),
             calls: std::sync::Arc::new([home.into(), local.into()]),
@@ -338,6 +342,7 @@ impl Vm {
                 ..Default::default()
             },
         };
+        vm.start_clock();
         vm.restore_threads(first, threads, spare)?;
         vm.timers = timers::recreate(posix_timers, &|t| vm.host_of(t));
         Ok(vm)
