@@ -619,6 +619,8 @@ fn check_name(name: &str) -> Result<()> {
 pub fn run(cfg: Config) -> Result<()> {
     let name = cfg.name.clone().unwrap_or_else(host_name);
     check_name(&name)?;
+    // (A node on a host without KVM goes on without it.)
+    let _keeper = vmm::cpu::keeper().ok();
     let socket = crate::control::socket_path(cfg.socket.as_deref());
     let state_dir = cfg
         .state_dir

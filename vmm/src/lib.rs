@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod clock;
 pub mod cpu;
+pub mod cpuid_cache;
 pub mod deputy;
 pub mod forward;
 pub mod loader;

@@ -100,8 +100,17 @@ fn machine_name(m: u16) -> String {
     }
 }
 
-/// Parse and check an ELF file's header (x86-64, executable).
-fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Elf<'a>, LoadError> {
+/// What the loader reads of an ELF file, as Linux's binfmt_elf does: the header, the program
+/// headers and the interpreter's path (section headers and symbol tables play no part; a large
+/// program's are read by no one).
+struct Image<'a> {
+    header: header::Header,
+    program_headers: Vec<program_header::ProgramHeader>,
+    interpreter: Option<&'a str>,
+}
+
+/// Parse and check an ELF file's header (x86-64, executable) and its program headers.
+fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Image<'a>, LoadError> {
     if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" {
         return Err(LoadError::NotElf(path.into()));
     }
@@ -112,14 +121,35 @@ fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Elf<'a>, LoadError> {
     if machine != header::EM_X86_64 {
         return Err(LoadError::WrongMachine(path.into(), machine_name(machine)));
     }
-    let elf = Elf::parse(bytes).map_err(|e| LoadError::Malformed(path.into(), e.to_string()))?;
-    if elf.header.e_type != header::ET_EXEC && elf.header.e_type != header::ET_DYN {
+    let bad = |e: goblin::error::Error| LoadError::Malformed(path.into(), e.to_string());
+    let h = Elf::parse_header(bytes).map_err(bad)?;
+    if h.e_type != header::ET_EXEC && h.e_type != header::ET_DYN {
         return Err(LoadError::NotExecutable(
             path.into(),
-            header::et_to_str(elf.header.e_type).into(),
+            header::et_to_str(h.e_type).into(),
         ));
     }
-    Ok(elf)
+    let ctx = goblin::container::Ctx::new(
+        goblin::container::Container::Big,
+        goblin::container::Endian::Little,
+    );
+    let program_headers =
+        program_header::ProgramHeader::parse(bytes, h.e_phoff as usize, h.e_phnum as usize, ctx)
+            .map_err(bad)?;
+    let interpreter = program_headers
+        .iter()
+        .rfind(|p| p.p_type == program_header::PT_INTERP && p.p_filesz != 0)
+        .and_then(|p| {
+            let at = usize::try_from(p.p_offset).ok()?;
+            let raw = bytes.get(at..at.checked_add(p.p_filesz as usize - 1)?)?;
+            let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            std::str::from_utf8(raw).ok()
+        });
+    Ok(Image {
+        header: h,
+        program_headers,
+        interpreter,
+    })
 }
 
 fn prot_of(flags: u32) -> u32 {

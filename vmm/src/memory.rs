@@ -164,6 +164,19 @@ impl GuestMem {
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| anyhow::anyhow!("guest memory: {e}"))?;
+        // Transparent huge pages behind guest memory: frames are handed out densely from the
+        // bottom, and a 2 MiB page costs the host about what 100 of its 4 KiB pages do
+        // (a first touch is ~2 µs a page under nested virtualisation, ~0.4 µs a page in a
+        // huge one). Starting, loading and a migration's arrival all touch memory first.
+        // (Advice only: where the host has THP off or no huge page free, 4 KiB pages serve.)
+        // SAFETY: advice on the mapping this GuestMem owns; contents are unchanged.
+        unsafe {
+            libc::madvise(
+                host as *mut libc::c_void,
+                size as usize,
+                libc::MADV_HUGEPAGE,
+            );
+        }
         let mut g = GuestMem {
             mem,
             host,
