@@ -360,7 +360,11 @@ fn run(a: RunArgs) -> ExitCode {
                 // Killed: `mosvm run` dies of the same signal, so its parent sees what it
                 // would natively.
                 vmm::vm::Outcome::Signaled(sig) => vmm::vm::die_by(sig),
-                vmm::vm::Outcome::Exited(code) => ExitCode::from(code as u8),
+                // (The VM's teardown is left to a child: the parent of `mosvm run` hears
+                // of the exit as soon as it would natively.)
+                vmm::vm::Outcome::Exited(code) => {
+                    vmm::teardown::exit_leaving_teardown(code as u8 as i32)
+                }
             }
         }
         Err(e) => {

@@ -163,8 +163,14 @@ impl GuestClock {
         let mono = s.mono + mono_offset;
         let raw = s.raw + mono_offset;
         let real_off = s.real + realtime_offset - mono;
-        let boot_off = s.boot - s.mono;
-        let tai_off = s.tai - s.real;
+        // CLOCK_BOOTTIME is CLOCK_MONOTONIC plus the time suspended: never behind it, and on a
+        // host never suspended exactly it (reading noise is not a suspension). CLOCK_TAI is
+        // CLOCK_REALTIME plus whole seconds (the kernel's TAI offset).
+        let boot_off = match s.boot - s.mono {
+            d if d < OFFSET_NOISE_NS => 0,
+            d => d,
+        };
+        let tai_off = (s.tai - s.real + 500_000_000).div_euclid(1_000_000_000) * 1_000_000_000;
         let keep = |old: i64, new: i64| {
             if (new - old).abs() < OFFSET_NOISE_NS {
                 old
@@ -333,7 +339,7 @@ mod tests {
             mono: ns,
             raw: ns,
             real: ns + 1_700_000_000_000_000_000,
-            boot: ns + 5,
+            boot: ns,
             tai: ns + 1_700_000_037_000_000_000,
         }
     }
@@ -392,6 +398,31 @@ mod tests {
         s2.mono += 50_000_000;
         c.update(&s2, 0, 0);
         assert_eq!(c.now(libc::CLOCK_MONOTONIC, s2.tsc), Some(s2.mono));
+    }
+
+    #[test]
+    fn boottime_and_tai_keep_their_exact_relations_through_reading_noise() {
+        for noise in [-40i64, -1, 0, 1, 40] {
+            let mut c = GuestClock::new(0, KHZ);
+            let mut s = host(1_000_000_000, KHZ);
+            s.boot = s.mono + noise;
+            s.tai = s.real + 37_000_000_000 + noise;
+            c.update(&s, 0, 0);
+            let t = s.tsc + 12_345;
+            let (m, b) = (
+                c.now(libc::CLOCK_MONOTONIC, t),
+                c.now(libc::CLOCK_BOOTTIME, t),
+            );
+            assert_eq!(m, b, "noise {noise}");
+            let (r, tai) = (c.now(libc::CLOCK_REALTIME, t), c.now(libc::CLOCK_TAI, t));
+            assert_eq!(tai.unwrap() - r.unwrap(), 37_000_000_000, "noise {noise}");
+        }
+        // A host that was suspended for a while: its boot clock is ahead by that much.
+        let mut c = GuestClock::new(0, KHZ);
+        let mut s = host(1_000_000_000, KHZ);
+        s.boot = s.mono + 3_000_000_000;
+        c.update(&s, 0, 0);
+        assert_eq!(c.now(libc::CLOCK_BOOTTIME, s.tsc), Some(s.boot));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod sigframe;
 pub mod snapshot;
 pub mod startup;
 pub mod table;
+pub mod teardown;
 pub mod vm;
 pub mod window;
 
