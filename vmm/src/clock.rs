@@ -85,6 +85,17 @@ impl Params {
     }
 }
 
+/// How far the guest's clocks are ahead of the host's, ns: CLOCK_MONOTONIC (and its COARSE
+/// form), CLOCK_MONOTONIC_RAW, CLOCK_BOOTTIME and CLOCK_REALTIME. Each is carried across a
+/// move on its own: two hosts' MONOTONIC, RAW and BOOTTIME differ by different amounts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    pub mono: i64,
+    pub raw: i64,
+    pub boot: i64,
+    pub realtime: i64,
+}
+
 /// One guest's clocks (see the module's text). `tsc_offset` is the guest TSC minus the host's
 /// (KVM's TSC offset, read once per vCPU set), `khz` the guest TSC's rate.
 #[derive(Clone, Debug)]
@@ -146,10 +157,9 @@ impl GuestClock {
         self.params?.at(clock, self.guest_tsc(host_tsc))
     }
 
-    /// Take the host's reading `s` (the guest's CLOCK_MONOTONIC and _RAW are the host's plus
-    /// `mono_offset`, its CLOCK_REALTIME the host's plus `realtime_offset`): the page's new
-    /// contents.
-    pub fn update(&mut self, s: &HostSample, mono_offset: i64, realtime_offset: i64) -> Params {
+    /// Take the host's reading `s` (each guest clock is the host's plus its offset in `o`):
+    /// the page's new contents.
+    pub fn update(&mut self, s: &HostSample, o: &Offsets) -> Params {
         let first = *self.first.get_or_insert(*s);
         let nominal = mult_of(1_000_000, self.khz);
         let span = s.mono - first.mono;
@@ -160,16 +170,17 @@ impl GuestClock {
             (nominal, nominal)
         };
         let tsc = self.guest_tsc(s.tsc);
-        let mono = s.mono + mono_offset;
-        let raw = s.raw + mono_offset;
-        let real_off = s.real + realtime_offset - mono;
+        let mono = s.mono + o.mono;
+        let raw = s.raw + o.raw;
+        let real_off = s.real + o.realtime - mono;
         // CLOCK_BOOTTIME is CLOCK_MONOTONIC plus the time suspended: never behind it, and on a
         // host never suspended exactly it (reading noise is not a suspension). CLOCK_TAI is
         // CLOCK_REALTIME plus whole seconds (the kernel's TAI offset).
-        let boot_off = match s.boot - s.mono {
+        let host_boot_off = match s.boot - s.mono {
             d if d < OFFSET_NOISE_NS => 0,
             d => d,
         };
+        let boot_off = (host_boot_off + o.boot - o.mono).max(0);
         let tai_off = (s.tai - s.real + 500_000_000).div_euclid(1_000_000_000) * 1_000_000_000;
         let keep = |old: i64, new: i64| {
             if (new - old).abs() < OFFSET_NOISE_NS {
@@ -348,12 +359,20 @@ mod tests {
     fn the_first_page_reads_the_host_plus_the_offsets() {
         let mut c = GuestClock::new(100, KHZ);
         let s = host(10_000_000_000, KHZ);
-        c.update(&s, 7, -3);
+        c.update(
+            &s,
+            &Offsets {
+                mono: 7,
+                raw: 11,
+                boot: 9,
+                realtime: -3,
+            },
+        );
         let t = s.tsc;
         assert_eq!(c.now(libc::CLOCK_MONOTONIC, t), Some(s.mono + 7));
-        assert_eq!(c.now(libc::CLOCK_MONOTONIC_RAW, t), Some(s.raw + 7));
+        assert_eq!(c.now(libc::CLOCK_MONOTONIC_RAW, t), Some(s.raw + 11));
         assert_eq!(c.now(libc::CLOCK_REALTIME, t), Some(s.real - 3));
-        assert_eq!(c.now(libc::CLOCK_BOOTTIME, t), Some(s.boot + 7));
+        assert_eq!(c.now(libc::CLOCK_BOOTTIME, t), Some(s.boot + 9));
         assert_eq!(c.now(libc::CLOCK_TAI, t), Some(s.tai - 3));
         assert_eq!(c.now(libc::CLOCK_PROCESS_CPUTIME_ID, t), None);
         // One ms of TSC later: one ms later (to the ns the 32.32 rate keeps).
@@ -381,7 +400,7 @@ mod tests {
                     worst_late = worst_late.max((before - s.mono).abs());
                 }
             }
-            c.update(&s, 0, 0);
+            c.update(&s, &Offsets::default());
             let after = c.now(libc::CLOCK_MONOTONIC, s.tsc).unwrap();
             assert!(after >= last, "update went back at step {step}");
             last = after;
@@ -393,10 +412,10 @@ mod tests {
     fn a_host_clock_far_ahead_is_caught_up_with_a_step_forward() {
         let mut c = GuestClock::new(0, KHZ);
         let s = host(1_000_000_000, KHZ);
-        c.update(&s, 0, 0);
+        c.update(&s, &Offsets::default());
         let mut s2 = host(2_000_000_000, KHZ);
         s2.mono += 50_000_000;
-        c.update(&s2, 0, 0);
+        c.update(&s2, &Offsets::default());
         assert_eq!(c.now(libc::CLOCK_MONOTONIC, s2.tsc), Some(s2.mono));
     }
 
@@ -407,7 +426,7 @@ mod tests {
             let mut s = host(1_000_000_000, KHZ);
             s.boot = s.mono + noise;
             s.tai = s.real + 37_000_000_000 + noise;
-            c.update(&s, 0, 0);
+            c.update(&s, &Offsets::default());
             let t = s.tsc + 12_345;
             let (m, b) = (
                 c.now(libc::CLOCK_MONOTONIC, t),
@@ -421,7 +440,7 @@ mod tests {
         let mut c = GuestClock::new(0, KHZ);
         let mut s = host(1_000_000_000, KHZ);
         s.boot = s.mono + 3_000_000_000;
-        c.update(&s, 0, 0);
+        c.update(&s, &Offsets::default());
         assert_eq!(c.now(libc::CLOCK_BOOTTIME, s.tsc), Some(s.boot));
     }
 
@@ -429,13 +448,16 @@ mod tests {
     fn a_wall_clock_step_shows_but_reading_noise_does_not() {
         let mut c = GuestClock::new(0, KHZ);
         let s = host(1_000_000_000, KHZ);
-        let p0 = c.update(&s, 0, 0);
+        let p0 = c.update(&s, &Offsets::default());
         let mut s2 = host(1_250_000_000, KHZ);
         s2.real += 300; // noise
-        assert_eq!(c.update(&s2, 0, 0).realtime_off, p0.realtime_off);
+        assert_eq!(
+            c.update(&s2, &Offsets::default()).realtime_off,
+            p0.realtime_off
+        );
         let mut s3 = host(1_500_000_000, KHZ);
         s3.real -= 3_600_000_000_000; // settimeofday an hour back
-        let p3 = c.update(&s3, 0, 0);
+        let p3 = c.update(&s3, &Offsets::default());
         assert_eq!(c.now(libc::CLOCK_REALTIME, s3.tsc), Some(s3.real));
         assert!(p3.realtime_off < p0.realtime_off);
     }

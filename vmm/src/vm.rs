@@ -204,12 +204,10 @@ pub struct Vm {
     timers: Vec<timers::PosixTimer>,
     /// `program` for other threads (the registration reports a new one after execve).
     program_cell: std::sync::Arc<std::sync::Mutex<String>>,
-    /// Guest CLOCK_MONOTONIC minus host CLOCK_MONOTONIC, in ns (non-zero after a migration, so
-    /// the guest's monotonic time never goes backwards).
-    mono_offset_ns: i64,
-    /// Guest CLOCK_REALTIME minus host CLOCK_REALTIME, in ns: wall-clock time is the home
-    /// node's wherever the guest runs (non-zero on a node whose clock differs from home's).
-    realtime_offset_ns: i64,
+    /// Guest clocks minus the host's, in ns: CLOCK_MONOTONIC, _RAW and BOOTTIME (non-zero
+    /// after a migration, so the guest's never go backwards), CLOCK_REALTIME (wall-clock time
+    /// is the home node's wherever the guest runs: non-zero on a node whose clock differs).
+    offsets: crate::clock::Offsets,
     /// The guest's clocks as its time page describes them (None: the host TSC cannot carry
     /// them, and the vDSO makes system calls).
     clock: Option<crate::clock::GuestClock>,
@@ -399,8 +397,7 @@ impl Vm {
             exec_home: None,
             program_cell: Default::default(),
             timers: Vec::new(),
-            mono_offset_ns: 0,
-            realtime_offset_ns: 0,
+            offsets: Default::default(),
             clock: None,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(opts_lock)),

@@ -58,7 +58,7 @@ pub(super) struct SleepRestart {
 }
 
 /// This host's `clock`, ns.
-fn host_now(c: i32) -> i128 {
+pub(super) fn host_now(c: i32) -> i128 {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -211,22 +211,27 @@ impl Vm {
         };
         // SAFETY: `ts` is a valid timespec to fill in.
         unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        shift_ts(&mut ts, self.realtime_offset_ns);
+        shift_ts(&mut ts, self.offsets.realtime);
         ts
     }
 
     /// How far the guest's view of `clock` is ahead of this host's.
     pub(super) fn clock_offset(&self, clock: i32) -> i64 {
-        if is_monotonic(clock) {
-            self.mono_offset_ns
-        } else if matches!(
-            clock,
-            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI
-        ) {
-            self.realtime_offset_ns
-        } else {
-            0
+        match clock {
+            libc::CLOCK_MONOTONIC_RAW => self.offsets.raw,
+            libc::CLOCK_BOOTTIME => self.offsets.boot,
+            c if is_monotonic(c) => self.offsets.mono,
+            libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_COARSE | libc::CLOCK_TAI => {
+                self.offsets.realtime
+            }
+            _ => 0,
         }
+    }
+
+    /// The guest's `clock` now, ns: its time page's line, else the host's clock and offset.
+    pub(super) fn guest_now(&self, clock: i32) -> i64 {
+        self.guest_time(clock)
+            .unwrap_or_else(|| host_now(clock) as i64 + self.clock_offset(clock))
     }
 
     /// The guest's `clock` as its time page gives it now, ns (None: the page does not
@@ -255,11 +260,7 @@ impl Vm {
         if !force && clock::host_mono().saturating_sub(c.updated) < clock::REFRESH_NS {
             return;
         }
-        let p = c.update(
-            &clock::sample(),
-            self.mono_offset_ns,
-            self.realtime_offset_ns,
-        );
+        let p = c.update(&clock::sample(), &self.offsets);
         self.publish_clock(Some(&p));
     }
 

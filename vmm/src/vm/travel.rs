@@ -41,7 +41,10 @@ pub struct VmmState {
     prctl: Prctl,
     stack_layout: loader::StackLayout,
     vmm_returns: Option<bool>,
+    /// The guest's CLOCK_MONOTONIC, _RAW and BOOTTIME when it stopped, ns.
     guest_mono_ns: i64,
+    guest_raw_ns: i64,
+    guest_boot_ns: i64,
     realtime_offset_ns: i64,
     counters: [u64; 4],
     signalfds: Vec<signalfd::SignalFd>,
@@ -188,11 +191,11 @@ impl Vm {
             prctl: self.prctl.clone(),
             stack_layout: self.stack_layout,
             vmm_returns: self.vmm_returns,
-            // (As the guest last saw it: its time page's line, else the host's clock.)
-            guest_mono_ns: self
-                .guest_time(libc::CLOCK_MONOTONIC)
-                .unwrap_or(host_mono_ns() + self.mono_offset_ns),
-            realtime_offset_ns: self.realtime_offset_ns,
+            // (As the guest last saw them: its time page's line, else the host's clock.)
+            guest_mono_ns: self.guest_now(libc::CLOCK_MONOTONIC),
+            guest_raw_ns: self.guest_now(libc::CLOCK_MONOTONIC_RAW),
+            guest_boot_ns: self.guest_now(libc::CLOCK_BOOTTIME),
+            realtime_offset_ns: self.offsets.realtime,
             counters: [
                 self.stats.exits,
                 self.stats.local,
@@ -328,8 +331,12 @@ impl Vm {
             exec_home: v.exec_home,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
             timers: Vec::new(),
-            mono_offset_ns: v.guest_mono_ns - host_mono_ns(),
-            realtime_offset_ns: v.realtime_offset_ns,
+            offsets: crate::clock::Offsets {
+                mono: v.guest_mono_ns - host_mono_ns(),
+                raw: v.guest_raw_ns - time::host_now(libc::CLOCK_MONOTONIC_RAW) as i64,
+                boot: v.guest_boot_ns - time::host_now(libc::CLOCK_BOOTTIME) as i64,
+                realtime: v.realtime_offset_ns,
+            },
             clock: None,
             pause: PauseHandle::default(),
             lock: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(v.lock)),
