@@ -7,6 +7,8 @@
  *                            counting VM exits; musl's clock_getres is a system call)
  *        clocks spin N       N calls of clock_gettime(CLOCK_MONOTONIC) (a benchmark);
  *        clocks sysspin N    the same as system calls
+ *        clocks sleeps N MS  N nanosleep()s of MS ms each (glibc and musl make them relative
+ *                            CLOCK_REALTIME sleeps), each measured on CLOCK_MONOTONIC
  *        clocks travel SECS  read the clocks in a tight loop for SECS seconds of
  *                            CLOCK_MONOTONIC, one line per second, checking they never
  *                            go back (while the process is moved around) */
@@ -259,6 +261,22 @@ int main(int argc, char **argv)
         for (long i = 0; i < n; i++)
             sum += mode[0] == 's' && mode[1] == 'y' ? sys(CLOCK_MONOTONIC) & 1 : lib(CLOCK_MONOTONIC) & 1;
         return sum < 0;
+    }
+    if (strcmp(mode, "sleeps") == 0) {
+        long ms = argc > 3 ? atol(argv[3]) : 20;
+        int early = 0;
+        for (long i = 0; i < n; i++) {
+            struct timespec req = {ms / 1000, (ms % 1000) * 1000000L};
+            int64_t t0 = lib(CLOCK_MONOTONIC);
+            nanosleep(&req, NULL);
+            int64_t d = lib(CLOCK_MONOTONIC) - t0;
+            if (d < ms * 1000000LL) {
+                early++;
+                fprintf(stderr, "sleep %ld ended %lld ns early\n", i, (long long)(ms * 1000000LL - d));
+            }
+        }
+        printf("%ld sleeps of %ld ms, none ended early: %s\n", n, ms, early ? "FAILED" : "ok");
+        return 0;
     }
     if (strcmp(mode, "travel") == 0)
         return travel(n);

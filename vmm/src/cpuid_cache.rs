@@ -19,7 +19,7 @@ use std::path::PathBuf;
 fn key() -> Option<Vec<u8>> {
     let boot = std::fs::read("/proc/sys/kernel/random/boot_id").ok()?;
     let release = std::fs::read("/proc/sys/kernel/osrelease").ok()?;
-    let mut k = b"mosvm-cpuid 1 ".to_vec();
+    let mut k = b"mosvm-cpuid 2 ".to_vec();
     k.extend(boot.trim_ascii());
     k.push(b' ');
     k.extend(release.trim_ascii());
@@ -35,8 +35,9 @@ fn euid() -> u32 {
 /// The user's own directory for the file (made 0700 if missing); None when it is not theirs
 /// alone.
 fn dir() -> Option<PathBuf> {
-    let d = match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(x) if !x.is_empty() => PathBuf::from(x).join("mosvm"),
+    // (A relative XDG_RUNTIME_DIR is ignored, as the XDG base directory specification says.)
+    let d = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(x) if x.is_absolute() => x.join("mosvm"),
         _ => std::env::temp_dir().join(format!("mosvm-{}", euid())),
     };
     let _ = std::fs::DirBuilder::new().mode(0o700).create(&d);
@@ -46,8 +47,26 @@ fn dir() -> Option<PathBuf> {
 
 const ENTRY: usize = std::mem::size_of::<kvm_cpuid_entry2>();
 
+/// A checksum of the entries, so that a file damaged after its header is not taken for KVM's
+/// answer (SipHash with fixed keys: a Rust release that changes it only costs one ioctl).
+fn sum(body: &[u8]) -> [u8; 8] {
+    use std::hash::Hasher;
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    h.write(body);
+    h.finish().to_le_bytes()
+}
+
+/// The entries, then their checksum.
 fn encode(c: &CpuId) -> Vec<u8> {
-    let mut out = Vec::with_capacity(c.as_slice().len() * ENTRY);
+    let mut out = encode_entries(c);
+    let s = sum(&out);
+    out.extend(s);
+    out
+}
+
+fn encode_entries(c: &CpuId) -> Vec<u8> {
+    let mut out = Vec::with_capacity(c.as_slice().len() * ENTRY + 8);
     for e in c.as_slice() {
         for w in [
             e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx, 0, 0, 0,
@@ -58,7 +77,12 @@ fn encode(c: &CpuId) -> Vec<u8> {
     out
 }
 
+/// What [`encode`] wrote, if its checksum holds.
 fn decode(b: &[u8]) -> Option<CpuId> {
+    let (b, s) = b.split_at_checked(b.len().checked_sub(8)?)?;
+    if sum(b) != s {
+        return None;
+    }
     if b.is_empty() || !b.len().is_multiple_of(ENTRY) || b.len() / ENTRY > KVM_MAX_CPUID_ENTRIES {
         return None;
     }
@@ -85,13 +109,14 @@ fn decode(b: &[u8]) -> Option<CpuId> {
 pub fn load() -> Option<CpuId> {
     let key = key()?;
     let path = dir()?.join("cpuid");
+    // (O_NONBLOCK: a FIFO put there must not hold the start up; only a regular file counts.)
     let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
     let m = f.metadata().ok()?;
-    if m.uid() != euid() || m.mode() & 0o022 != 0 || m.len() > 64 * 1024 {
+    if !m.is_file() || m.uid() != euid() || m.mode() & 0o022 != 0 || m.len() > 64 * 1024 {
         return None;
     }
     let mut b = Vec::new();
@@ -140,5 +165,13 @@ mod tests {
         assert_eq!(back.as_slice(), c.as_slice());
         assert!(decode(&encode(&c)[1..]).is_none());
         assert!(decode(&[]).is_none());
+        // Damage anywhere (a bit of an entry, the sum, zeroes of the right length) is seen.
+        let good = encode(&c);
+        for at in [0, 13, ENTRY + 3, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 1;
+            assert!(decode(&bad).is_none(), "flip at {at}");
+        }
+        assert!(decode(&vec![0; good.len()]).is_none());
     }
 }

@@ -552,6 +552,11 @@ impl AddressSpace {
             // VM_MAYWRITE and VM_MAYEXEC).
             return Err(errno::EACCES);
         }
+        if prot != 5 && self.touches(addr, end, VmaKind::Vdso) {
+            // The vDSO keeps its read-and-execute protection (Linux answers EINVAL for any
+            // other on its own).
+            return Err(errno::EINVAL);
+        }
         // Linux changes the areas up to the first hole, then answers ENOMEM.
         let mut cur = addr;
         for (s, v) in self.vmas.range(..end) {
@@ -740,8 +745,8 @@ impl AddressSpace {
         let mut old_len = page_up(old_len);
         let new_len = page_up(new_len);
         if self.touches(old, old.saturating_add(old_len.max(PAGE)), VmaKind::Vvar) {
-            // The time page stays where the vDSO finds it.
-            return Err(errno::EINVAL);
+            // The time page stays where the vDSO finds it (Linux: EFAULT, as for its own).
+            return Err(errno::EFAULT);
         }
         if let Some(a) = fixed {
             // The new range may not overlap the old one (Linux: EINVAL).
@@ -1063,8 +1068,11 @@ mod tests {
         assert_eq!(a.mprotect(vvar, PAGE, 3), Err(errno::EACCES));
         assert_eq!(
             a.mremap(vvar, PAGE, 2 * PAGE, true, None),
-            Err(errno::EINVAL)
+            Err(errno::EFAULT)
         );
+        assert_eq!(a.mprotect(vdso, PAGE, 3), Err(errno::EINVAL));
+        assert_eq!(a.mprotect(vdso, PAGE, 1), Err(errno::EINVAL));
+        assert_eq!(a.mprotect(vdso, PAGE, 5), Ok(()));
         assert_eq!(a.discard(vvar, PAGE), Err(errno::EINVAL));
         assert_eq!(a.mprotect(vvar, PAGE, 0), Ok(()));
         assert!(!a.fault_in(vvar, false));

@@ -445,6 +445,7 @@ impl Vm {
     /// guest is then stopped between two instructions (or two syscalls) and can be captured.
     pub fn run_or_pause(&mut self) -> Result<Option<Outcome>> {
         let t = Instant::now();
+        self.renew_clock();
         install_kick_handler();
         // (No vCPU when the first thread has exited while others run.)
         let ie = match self.vcpu.0.as_mut() {

@@ -339,3 +339,36 @@ fn a_throttled_guest_gets_only_its_share_of_the_cpu() {
         "unthrottled {free:.2} vs throttled {throttled:.2}"
     );
 }
+
+/// A relative sleep measures an interval, whatever the wall clock does (clock_nanosleep(2)):
+/// glibc's and musl's nanosleep() are relative CLOCK_REALTIME sleeps, and a move that takes
+/// the guest's wall clock 30 ms forward (an estimate of home's clock that was off) must not
+/// end the sleep under way early. Each sleep is measured on CLOCK_MONOTONIC by the program.
+#[test]
+fn a_relative_wall_clock_sleep_is_not_cut_short_by_a_move() {
+    if !kvm_or_skip() {
+        return;
+    }
+    for image in ["glibc-static/clocks", "musl-static/clocks"] {
+        let prog = images().join(image);
+        let tmp = tempfile::tempdir().unwrap();
+        let md = tmp.path().join("mosvm");
+        std::fs::create_dir_all(&md).unwrap();
+        let args = ["sleeps", "40", "25"];
+        let want = native(&prog, &args, tmp.path());
+        let (got, _) = migrated(
+            &prog,
+            &args,
+            &md,
+            Duration::from_millis(310),
+            1,
+            -30_000_000,
+        );
+        assert_eq!(got.status, want.status, "{image}");
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout),
+            String::from_utf8_lossy(&want.stdout),
+            "{image}"
+        );
+    }
+}

@@ -92,6 +92,13 @@ impl Vm {
         // A relative sleep ends at a fixed time (as Linux's timer does): being interrupted
         // or stopped on the way does not add to it.
         let relative = flags & libc::TIMER_ABSTIME == 0;
+        // It measures an interval: on the wall clock (glibc's nanosleep is a relative
+        // CLOCK_REALTIME sleep) a change of that clock, here or in a move's estimate of the
+        // home node's, neither stretches nor shortens it (clock_nanosleep(2)).
+        let clock = match clock {
+            libc::CLOCK_REALTIME | libc::CLOCK_TAI if relative => libc::CLOCK_MONOTONIC,
+            c => c,
+        };
         if relative {
             let end = host_now(clock) + ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
             ts.tv_sec = (end / 1_000_000_000) as i64;
@@ -245,6 +252,16 @@ impl Vm {
     /// cannot carry time.
     pub(super) fn start_clock(&mut self) {
         self.clock = self.vcpu.0.as_ref().and_then(crate::cpu::guest_clock);
+        if self.clock.is_some() {
+            self.refresh_clock(true);
+        } else {
+            self.publish_clock(None);
+        }
+    }
+
+    /// Write the time page afresh before the guest runs again: pages written into guest
+    /// memory since (a migration's, a fork's) may have brought another host's.
+    pub(super) fn renew_clock(&mut self) {
         if self.clock.is_some() {
             self.refresh_clock(true);
         } else {
