@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/auxv.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -89,18 +90,29 @@ static int check(void)
     FILE *maps;
     char line[512];
     int vdso = 0, vvar = 0;
+    unsigned long vvar_at = 0;
 
     printf("AT_SYSINFO_EHDR %s\n", getauxval(AT_SYSINFO_EHDR) ? "set" : "unset");
     maps = fopen("/proc/self/maps", "r");
     while (maps && fgets(line, sizeof line, maps)) {
         if (strstr(line, "[vdso]"))
             vdso = strstr(line, " r-xp ") != NULL;
-        if (strstr(line, "[vvar]"))
+        if (strstr(line, "[vvar]") && !strstr(line, "vclock")) {
             vvar = 1;
+            sscanf(line, "%lx", &vvar_at);
+        }
     }
     if (maps)
         fclose(maps);
     printf("maps: [vdso] r-x %d, [vvar] %d\n", vdso, vvar);
+    if (vvar_at) {
+        /* The time page is no ordinary memory: fork advice on it is refused. */
+        errno = 0;
+        int a = madvise((void *)vvar_at, 4096, MADV_DONTFORK), ea = errno;
+        errno = 0;
+        int b = madvise((void *)vvar_at, 4096, MADV_DOFORK), eb = errno;
+        printf("[vvar] MADV_DONTFORK %d errno %d, MADV_DOFORK %d errno %d\n", a, ea, b, eb);
+    }
     dl_iterate_phdr(count_vdso, NULL);
     printf("dl_iterate_phdr linux-vdso.so.1: %d\n", vdso_objects);
 

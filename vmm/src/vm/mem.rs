@@ -43,6 +43,10 @@ impl Vm {
                 libc::MADV_FREE if kind != VmaKind::Anon && kind != VmaKind::Heap => {
                     return Err(EINVAL)
                 }
+                // (Linux's time page is a VM_IO mapping: fork advice on it is EINVAL.)
+                libc::MADV_DONTFORK | libc::MADV_DOFORK if kind == VmaKind::Vvar => {
+                    return Err(EINVAL)
+                }
                 _ => {}
             }
         }
