@@ -251,18 +251,28 @@ fn precopy_rounds(
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("unexpected answer to the offer: {:?}", other.kind()),
     }
-    // Estimate the destination's clock against ours, so the guest keeps home's wall clock.
-    let t_send = realtime_ns();
-    let t = Instant::now();
-    link.send(&Message::Ping { t: t_send as u64 })?;
-    match link.recv().context("waiting for the destination's clock")? {
-        Message::Pong { t: theirs } => {
-            let rtt = t.elapsed().as_nanos() as i64;
-            report.rtt_ns = rtt as u64;
-            report.clock_delta_ns = theirs as i64 - (t_send + rtt / 2);
+    // Estimate the destination's clock against ours, so the guest keeps home's wall clock:
+    // from the quickest of a few Ping/Pong exchanges (a slow one was delayed on one leg, and
+    // half its round trip is no longer the one-way time).
+    let mut samples = Vec::with_capacity(CLOCK_PINGS);
+    for _ in 0..CLOCK_PINGS {
+        let t_send = realtime_ns();
+        let t = Instant::now();
+        link.send(&Message::Ping { t: t_send as u64 })?;
+        match link.recv().context("waiting for the destination's clock")? {
+            Message::Pong { t: theirs } => {
+                samples.push(ClockSample {
+                    sent: t_send,
+                    rtt: t.elapsed().as_nanos() as i64,
+                    theirs: theirs as i64,
+                });
+            }
+            other => bail!("expected the destination's clock, got {:?}", other.kind()),
         }
-        other => bail!("expected the destination's clock, got {:?}", other.kind()),
     }
+    let (delta, rtt) = clock_delta(&samples).expect("CLOCK_PINGS > 0");
+    report.rtt_ns = rtt as u64;
+    report.clock_delta_ns = delta;
     let mut planner = Planner::new(migrate::precopy::Config::default());
     // The state is a few KiB; its fixed cost is one round trip.
     planner.set_state_cost(16 << 10, 200_000);
@@ -303,6 +313,26 @@ fn precopy_rounds(
     }
     report.total_ns = t0.elapsed().as_nanos() as u64;
     Ok(todo)
+}
+
+/// Ping/Pong exchanges taken to estimate the destination's wall clock.
+const CLOCK_PINGS: usize = 5;
+
+/// One Ping/Pong: our CLOCK_REALTIME when the Ping left (ns), its round trip (ns), and the
+/// destination's CLOCK_REALTIME in the Pong (ns).
+#[derive(Clone, Copy, Debug)]
+struct ClockSample {
+    sent: i64,
+    rtt: i64,
+    theirs: i64,
+}
+
+/// How far the destination's wall clock reads ahead of ours, and the round trip it was taken
+/// with, from the exchange with the shortest round trip (NTP's clock filter, RFC 5905 §10,
+/// reduced to its first rule): its error is at most half that round trip. None without one.
+fn clock_delta(samples: &[ClockSample]) -> Option<(i64, i64)> {
+    let s = samples.iter().min_by_key(|s| s.rtt)?;
+    Some((s.theirs - (s.sent + s.rtt / 2), s.rtt))
 }
 
 /// One Ping/Pong: the destination answers only after everything sent before the Ping.
@@ -439,5 +469,34 @@ pub fn receive(
             Message::Abort { reason } => bail!("source aborted: {reason}"),
             m => other(m)?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination 7 ms ahead, exchanges with a one-way delay of 20 µs each way, one of them
+    /// held up 5 ms on its way back: the estimate comes from a quick one, within 1 µs.
+    #[test]
+    fn the_clock_delta_comes_from_the_quickest_exchange() {
+        let ahead = 7_000_000i64;
+        let ex = |sent: i64, out: i64, back: i64| ClockSample {
+            sent,
+            rtt: out + back,
+            theirs: sent + out + ahead,
+        };
+        let samples = [
+            ex(1_000_000, 20_000, 5_000_000),
+            ex(9_000_000, 20_000, 20_000),
+            ex(12_000_000, 21_000, 19_000),
+        ];
+        let (delta, rtt) = clock_delta(&samples).unwrap();
+        assert_eq!(rtt, 40_000);
+        assert!((delta - ahead).abs() <= 1_000, "{delta}");
+        // The held-up exchange alone would have been 2.5 ms off.
+        let (alone, _) = clock_delta(&samples[..1]).unwrap();
+        assert!((alone - ahead).abs() > 2_000_000);
+        assert_eq!(clock_delta(&[]), None);
     }
 }

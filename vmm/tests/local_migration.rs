@@ -70,6 +70,28 @@ fn migrated(
     rounds: usize,
     shift_realtime_ns: i64,
 ) -> (Run, usize) {
+    migrated_after_gap(
+        prog,
+        args,
+        dir,
+        after,
+        rounds,
+        shift_realtime_ns,
+        Duration::ZERO,
+    )
+}
+
+/// [`migrated`], with the guest kept stopped for `gap` between its capture and its restore
+/// (a slow transfer).
+fn migrated_after_gap(
+    prog: &Path,
+    args: &[&str],
+    dir: &Path,
+    after: Duration,
+    rounds: usize,
+    shift_realtime_ns: i64,
+    gap: Duration,
+) -> (Run, usize) {
     // The guest's files are relative to this process's working directory: one such run at a
     // time (tests run in parallel).
     static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -150,6 +172,7 @@ fn migrated(
         );
     }
     state.shift_realtime(shift_realtime_ns);
+    std::thread::sleep(gap);
     let deputy = vm.into_deputy();
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
     let mut dst = Vm::restore(state, deputy).unwrap();
@@ -371,4 +394,35 @@ fn a_relative_wall_clock_sleep_is_not_cut_short_by_a_move() {
             "{image}"
         );
     }
+}
+
+/// The guest's monotonic clock keeps running while the guest moves, as through any pause
+/// (natively a stopped process's clock does not stop): a move that keeps it stopped for 3 s
+/// leaves its CLOCK_MONOTONIC in step with its wall clock (`clocks travel` checks the two
+/// agree within 2 s; a clock stopped for the move would be 3 s behind).
+#[test]
+fn the_monotonic_clock_runs_on_through_a_slow_move() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let prog = images().join("glibc-static/clocks");
+    let tmp = tempfile::tempdir().unwrap();
+    let md = tmp.path().join("mosvm");
+    std::fs::create_dir_all(&md).unwrap();
+    let args = ["travel", "3"];
+    let want = native(&prog, &args, tmp.path());
+    let (got, _) = migrated_after_gap(
+        &prog,
+        &args,
+        &md,
+        Duration::from_millis(500),
+        1,
+        0,
+        Duration::from_secs(3),
+    );
+    assert_eq!(got.status, want.status);
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&want.stdout)
+    );
 }

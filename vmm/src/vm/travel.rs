@@ -46,6 +46,10 @@ pub struct VmmState {
     guest_raw_ns: i64,
     guest_boot_ns: i64,
     realtime_offset_ns: i64,
+    /// The host's CLOCK_REALTIME when the guest stopped, ns, on the destination's clock once
+    /// [`MigState::shift_realtime`] has been applied: the destination adds the time since to
+    /// the guest's monotonic clocks, which keep running through a move as through any pause.
+    captured_real_ns: i64,
     counters: [u64; 4],
     signalfds: Vec<signalfd::SignalFd>,
     /// An execve that completes at home.
@@ -105,6 +109,10 @@ impl VmmState {
     }
 }
 
+/// The longest a move may have kept the guest stopped for its monotonic clocks to be taken
+/// forward by it, ns (a longer gap is a wrong clock estimate).
+const MAX_MOVE_GAP_NS: i64 = 60_000_000_000;
+
 /// The most bytes a guest's vCPU and VMM state may take (far above any real one).
 const STATE_LIMIT: usize = 64 << 20;
 
@@ -134,6 +142,7 @@ impl MigState {
     /// home's wall-clock time there.
     pub fn shift_realtime(&mut self, delta_ns: i64) {
         self.vmm.realtime_offset_ns -= delta_ns;
+        self.vmm.captured_real_ns += delta_ns;
     }
 
     /// Bytes of guest physical memory the guest had handed out.
@@ -196,6 +205,7 @@ impl Vm {
             guest_raw_ns: self.guest_now(libc::CLOCK_MONOTONIC_RAW),
             guest_boot_ns: self.guest_now(libc::CLOCK_BOOTTIME),
             realtime_offset_ns: self.offsets.realtime,
+            captured_real_ns: time::host_now(libc::CLOCK_REALTIME) as i64,
             counters: [
                 self.stats.exits,
                 self.stats.local,
@@ -331,11 +341,23 @@ impl Vm {
             exec_home: v.exec_home,
             program_cell: std::sync::Arc::new(std::sync::Mutex::new(shown)),
             timers: Vec::new(),
-            offsets: crate::clock::Offsets {
-                mono: v.guest_mono_ns - host_mono_ns(),
-                raw: v.guest_raw_ns - time::host_now(libc::CLOCK_MONOTONIC_RAW) as i64,
-                boot: v.guest_boot_ns - time::host_now(libc::CLOCK_BOOTTIME) as i64,
-                realtime: v.realtime_offset_ns,
+            offsets: {
+                // The guest's monotonic clocks went on running while it moved: by the time
+                // since it stopped, on the wall clock as the move estimated this host's
+                // against the source's (none when that looks wrong: negative, or over a
+                // minute).
+                let gap = time::host_now(libc::CLOCK_REALTIME) as i64 - v.captured_real_ns;
+                let gap = if (0..=MAX_MOVE_GAP_NS).contains(&gap) {
+                    gap
+                } else {
+                    0
+                };
+                crate::clock::Offsets {
+                    mono: v.guest_mono_ns + gap - host_mono_ns(),
+                    raw: v.guest_raw_ns + gap - time::host_now(libc::CLOCK_MONOTONIC_RAW) as i64,
+                    boot: v.guest_boot_ns + gap - time::host_now(libc::CLOCK_BOOTTIME) as i64,
+                    realtime: v.realtime_offset_ns,
+                }
             },
             clock: None,
             pause: PauseHandle::default(),
