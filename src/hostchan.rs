@@ -133,8 +133,9 @@ impl Channel {
     pub fn inherited() -> Result<Arc<Channel>> {
         let fd = inherited_fd().with_context(|| format!("{CHANNEL_ENV} names no descriptor"))?;
         // SAFETY: F_GETFD only reads the descriptor's flags.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
         anyhow::ensure!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+            open,
             "descriptor {fd} (the channel to the node) is not open"
         );
         // SAFETY: descriptor `fd` is open and, by the node's contract, this process's

@@ -234,7 +234,8 @@ pub fn host_tsc() -> u64 {
     }
 }
 
-fn read(clock: libc::clockid_t) -> i64 {
+/// This host's `clock`, ns.
+pub fn read(clock: libc::clockid_t) -> i64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -279,10 +280,14 @@ pub fn sample() -> HostSample {
 }
 
 /// Whether the host TSC can carry guest time: invariant (CPUID 0x8000_0007 EDX bit 8, Linux's
-/// constant_tsc and nonstop_tsc).
+/// constant_tsc and nonstop_tsc). Asked once per process (a CPUID exits to the outer
+/// hypervisor when there is one).
 pub fn tsc_usable() -> bool {
-    let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
-    max >= 0x8000_0007 && core::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let max = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+        max >= 0x8000_0007 && core::arch::x86_64::__cpuid(0x8000_0007).edx & (1 << 8) != 0
+    })
 }
 
 /// The resolution of the _COARSE clocks on this host, ns.

@@ -42,7 +42,7 @@ pub use pause::{
 };
 use pause::{GUEST_TID, IMMEDIATE_EXIT, THROTTLE_PERIOD};
 use std::time::Instant;
-use time::{host_mono_ns, shift_ts, timespec_bytes};
+use time::{shift_ts, timespec_bytes};
 
 /// How `mosvm run` was asked to run the program.
 #[derive(Debug, Clone)]

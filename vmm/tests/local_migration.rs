@@ -363,6 +363,30 @@ fn a_throttled_guest_gets_only_its_share_of_the_cpu() {
     );
 }
 
+/// Run `image` (in `images/out`) with `args` natively and moved once (after `after`, the
+/// destination's wall clock said to read `shift_realtime_ns` ahead, the guest kept stopped
+/// for `gap`): exit status and stdout must agree.
+fn moves_like_native(
+    image: &str,
+    args: &[&str],
+    after: Duration,
+    shift_realtime_ns: i64,
+    gap: Duration,
+) {
+    let prog = images().join(image);
+    let tmp = tempfile::tempdir().unwrap();
+    let md = tmp.path().join("mosvm");
+    std::fs::create_dir_all(&md).unwrap();
+    let want = native(&prog, args, tmp.path());
+    let (got, _) = migrated_after_gap(&prog, args, &md, after, 1, shift_realtime_ns, gap);
+    assert_eq!(got.status, want.status, "{image}");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&want.stdout),
+        "{image}"
+    );
+}
+
 /// A relative sleep measures an interval, whatever the wall clock does (clock_nanosleep(2)):
 /// glibc's and musl's nanosleep() are relative CLOCK_REALTIME sleeps, and a move that takes
 /// the guest's wall clock 30 ms forward (an estimate of home's clock that was off) must not
@@ -373,25 +397,13 @@ fn a_relative_wall_clock_sleep_is_not_cut_short_by_a_move() {
         return;
     }
     for image in ["glibc-static/clocks", "musl-static/clocks"] {
-        let prog = images().join(image);
-        let tmp = tempfile::tempdir().unwrap();
-        let md = tmp.path().join("mosvm");
-        std::fs::create_dir_all(&md).unwrap();
-        let args = ["sleeps", "40", "25"];
-        let want = native(&prog, &args, tmp.path());
-        let (got, _) = migrated(
-            &prog,
-            &args,
-            &md,
-            Duration::from_millis(310),
-            1,
+        let after = Duration::from_millis(310);
+        moves_like_native(
+            image,
+            &["sleeps", "40", "25"],
+            after,
             -30_000_000,
-        );
-        assert_eq!(got.status, want.status, "{image}");
-        assert_eq!(
-            String::from_utf8_lossy(&got.stdout),
-            String::from_utf8_lossy(&want.stdout),
-            "{image}"
+            Duration::ZERO,
         );
     }
 }
@@ -405,24 +417,6 @@ fn the_monotonic_clock_runs_on_through_a_slow_move() {
     if !kvm_or_skip() {
         return;
     }
-    let prog = images().join("glibc-static/clocks");
-    let tmp = tempfile::tempdir().unwrap();
-    let md = tmp.path().join("mosvm");
-    std::fs::create_dir_all(&md).unwrap();
-    let args = ["travel", "3"];
-    let want = native(&prog, &args, tmp.path());
-    let (got, _) = migrated_after_gap(
-        &prog,
-        &args,
-        &md,
-        Duration::from_millis(500),
-        1,
-        0,
-        Duration::from_secs(3),
-    );
-    assert_eq!(got.status, want.status);
-    assert_eq!(
-        String::from_utf8_lossy(&got.stdout),
-        String::from_utf8_lossy(&want.stdout)
-    );
+    let (after, gap) = (Duration::from_millis(500), Duration::from_secs(3));
+    moves_like_native("glibc-static/clocks", &["travel", "3"], after, 0, gap);
 }

@@ -6,16 +6,6 @@ use crate::clock;
 use crate::memory::PAGE;
 use std::time::{Duration, Instant};
 
-pub(super) fn host_mono_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to fill in.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
-}
-
 pub(super) fn is_monotonic(clock: i32) -> bool {
     matches!(
         clock,
@@ -59,13 +49,7 @@ pub(super) struct SleepRestart {
 
 /// This host's `clock`, ns.
 pub(super) fn host_now(c: i32) -> i128 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec to fill in.
-    unsafe { libc::clock_gettime(c, &mut t) };
-    t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+    clock::read(c) as i128
 }
 
 impl Vm {
@@ -247,20 +231,15 @@ impl Vm {
         self.clock.as_ref()?.now(clock, clock::host_tsc())
     }
 
-    /// Start the guest's clocks on this vCPU set (a new VM, a migrated or forked guest's):
-    /// the time page is written before the guest runs, or marked invalid when the host TSC
-    /// cannot carry time.
+    /// Start the guest's clocks on this vCPU set (a new VM, a migrated or forked guest's).
+    /// The time page is written when the guest is about to run ([`Vm::renew_clock`]).
     pub(super) fn start_clock(&mut self) {
         self.clock = self.vcpu.0.as_ref().and_then(crate::cpu::guest_clock);
-        if self.clock.is_some() {
-            self.refresh_clock(true);
-        } else {
-            self.publish_clock(None);
-        }
     }
 
-    /// Write the time page afresh before the guest runs again: pages written into guest
-    /// memory since (a migration's, a fork's) may have brought another host's.
+    /// Write the time page afresh before the guest runs (again): valid, or marked invalid
+    /// when the host TSC cannot carry time. Pages written into guest memory since the last
+    /// time (a migration's, a fork's) may have brought another host's.
     pub(super) fn renew_clock(&mut self) {
         if self.clock.is_some() {
             self.refresh_clock(true);

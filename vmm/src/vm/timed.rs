@@ -59,13 +59,7 @@ fn timeout_of(nr: u64, a: &[u64; 6]) -> Option<Timeout> {
 impl Vm {
     /// The guest's CLOCK_MONOTONIC now, ns.
     fn guest_mono_ns(&self) -> i64 {
-        let mut t = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `t` is a valid timespec to fill in.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-        t.tv_sec * 1_000_000_000 + t.tv_nsec + self.clock_offset(libc::CLOCK_MONOTONIC)
+        crate::clock::host_mono() + self.clock_offset(libc::CLOCK_MONOTONIC)
     }
 
     /// A call starts (or is handled again): note the end of its timeout, and when it is the

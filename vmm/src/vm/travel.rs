@@ -353,7 +353,7 @@ impl Vm {
                     0
                 };
                 crate::clock::Offsets {
-                    mono: v.guest_mono_ns + gap - host_mono_ns(),
+                    mono: v.guest_mono_ns + gap - crate::clock::host_mono(),
                     raw: v.guest_raw_ns + gap - time::host_now(libc::CLOCK_MONOTONIC_RAW) as i64,
                     boot: v.guest_boot_ns + gap - time::host_now(libc::CLOCK_BOOTTIME) as i64,
                     realtime: v.realtime_offset_ns,
