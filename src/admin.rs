@@ -419,6 +419,7 @@ pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
     let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
     // Without a balancer (no --listen/--key-dir) the node still knows what it has.
     let (total, used) = st.cgroup.memory();
+    let used = used.saturating_sub(crate::hosting::pool_held());
     let alone = LoadEntry {
         node: 0,
         load: 0.0,

@@ -819,6 +819,7 @@ impl Shell {
         };
         self.samples = (0.0, 0);
         let (total, used) = self.cgroup.memory();
+        let used = used.saturating_sub(crate::hosting::pool_held());
         let (cpus, speed) = (self.cgroup.cpus(), self.speed);
         self.call(Call::SetCapacity {
             cpus,

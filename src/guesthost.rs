@@ -52,12 +52,67 @@ struct Setup {
     id: Arc<Identity>,
 }
 
-fn setup() -> anyhow::Result<Setup> {
+/// A spare guest host's assignment pipe: the descriptor this variable names.
+pub(crate) const ASSIGN_ENV: &str = "MOSVM_ASSIGN";
+/// A spare guest host's pool of touched memory, bytes.
+pub(crate) const POOL_ENV: &str = "MOSVM_POOL";
+
+/// A 256-bit token from its hex form.
+fn token_of(hex: &str) -> Option<[u8; 32]> {
+    crate::control::unhex(hex.trim()).and_then(|t| <[u8; 32]>::try_from(t).ok())
+}
+
+/// The spare's assignment pipe and pool size, when this guest host is a spare.
+fn spare_env() -> Option<(std::os::fd::RawFd, u64)> {
+    let fd = std::env::var(ASSIGN_ENV).ok()?.parse().ok()?;
+    let pool = std::env::var(POOL_ENV).ok()?.parse().ok()?;
+    Some((fd, pool))
+}
+
+/// A spare: touch a pool of `pool` bytes (a quarter of one CPU at most) while waiting on pipe `fd` for
+/// the token of the guest to receive. None when the node closed the pipe without one (it
+/// stopped, or retired the spare).
+fn await_guest(
+    fd: std::os::fd::RawFd,
+    pool: u64,
+) -> anyhow::Result<Option<([u8; 32], Option<vmm::pool::Pool>)>> {
+    use std::io::Read as _;
+    use std::os::fd::FromRawFd;
+    let filling = vmm::pool::Pool::reserve(pool)
+        .ok()
+        .map(vmm::pool::Pool::fill_in_background);
+    // SAFETY: the node passed this pipe's reading end at `fd` for this process alone.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() <= 64 {
+        match pipe.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let token = std::str::from_utf8(&line)
+        .ok()
+        .and_then(token_of)
+        .ok_or_else(|| anyhow::anyhow!("the node's assignment is not a 256-bit hex token"))?;
+    Ok(Some((token, filling.map(vmm::pool::Filling::finish))))
+}
+
+/// Everything but the token (a spare learns it later).
+fn setup(spare: bool) -> anyhow::Result<Setup> {
     use anyhow::Context;
     let var = |k: &str| std::env::var(k).with_context(|| format!("{k} is not set"));
-    let token = crate::control::unhex(&var("MOSVM_TOKEN")?)
-        .and_then(|t| <[u8; 32]>::try_from(t).ok())
-        .context("MOSVM_TOKEN is not a 256-bit hex token")?;
+    let token = if spare {
+        [0; 32]
+    } else {
+        token_of(&var("MOSVM_TOKEN")?).context("MOSVM_TOKEN is not a 256-bit hex token")?
+    };
     let key_dir = var("MOSVM_KEY_DIR")?;
     let tls = migrate::ClusterTls::load(std::path::Path::new(&key_dir))?;
     let listener = TcpListener::from(std::io::stdin().as_fd().try_clone_to_owned()?);
@@ -430,8 +485,10 @@ pub fn main() -> ExitCode {
     // stdout (/dev/null), stderr (a pipe to the node's log) and the channel stay.
     let mut keep = vec![0, 1, 2];
     keep.extend(crate::hostchan::inherited_fd());
+    let spare = spare_env();
+    keep.extend(spare.map(|(fd, _)| fd));
     crate::jail::close_descriptors_but(&keep);
-    let setup = match setup() {
+    let mut setup = match setup(spare.is_some()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("{e:#}")),
     };
@@ -443,6 +500,16 @@ pub fn main() -> ExitCode {
     if let Err(e) = crate::jail::enter() {
         return fail(&format!("cannot jail this guest host: {e:#}"));
     }
+    // A spare waits here, jailed, its pool filling, until the node gives it a guest.
+    let pool = match spare.map(|(fd, pool)| await_guest(fd, pool)) {
+        None => None,
+        Some(Ok(Some((token, pool)))) => {
+            setup.token = token;
+            pool
+        }
+        Some(Ok(None)) => return ExitCode::SUCCESS,
+        Some(Err(e)) => return fail(&format!("{e:#}")),
+    };
     vmm::vm::install_signal_handlers();
     // The node stops and continues this process when the guest is stopped at home.
     vmm::vm::parent_sigcont_is_the_hosts();
@@ -461,7 +528,7 @@ pub fn main() -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(&format!("waiting for the guest: {e:#}")),
     };
-    let arrived = migration::receive(&mut mig, None, &mut |m| {
+    let arrived = migration::receive(&mut mig, None, pool, &mut |m| {
         anyhow::bail!("unexpected {:?} before the guest resumed", m.kind())
     });
     let (prepared, state, offer) = match arrived {

@@ -5,6 +5,9 @@ use crate::node::{Hosted, Shared};
 use anyhow::{Context, Result};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// This node's own executable, opened when the node starts.
 static OWN_EXE: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
@@ -23,16 +26,126 @@ pub(crate) fn own_exe() -> Result<PathBuf> {
     Ok(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
 }
 
+/// Bytes of touched memory the spare guest host holds for arrivals (0: none). The node counts
+/// them as free: they are there for the next guest.
+static POOL_HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of memory held ready for arriving guests, to count as free.
+pub(crate) fn pool_held() -> u64 {
+    POOL_HELD.load(Ordering::Relaxed)
+}
+
+/// How long after a spare is taken the next one starts, so that touching its pool does not
+/// compete with the arrival that took the last one.
+const RESPARE_DELAY: Duration = Duration::from_secs(1);
+
+/// A guest host started before any guest needs it: it has loaded the cluster key, opened
+/// `/dev/kvm` and is touching a pool of memory ([`vmm::pool`]) with a quarter of one CPU at
+/// most, and waits
+/// for the token of the guest it is to receive on its assignment pipe.
+pub(crate) struct Spare {
+    host_pid: u32,
+    port: u16,
+    assign: std::fs::File,
+    alive: Arc<AtomicBool>,
+}
+
+impl Spare {
+    /// Hand the spare its guest's token: Some((port, guest-host pid)), or None if the spare
+    /// is gone.
+    fn assign(mut self, token: &[u8; 32]) -> Option<(u16, u32)> {
+        use std::io::Write as _;
+        if !self.alive.load(Ordering::SeqCst) {
+            return None;
+        }
+        let line = format!("{}\n", crate::control::hex(token));
+        self.assign.write_all(line.as_bytes()).ok()?;
+        Some((self.port, self.host_pid))
+    }
+}
+
+/// A guest host started: its port, pid, and whether it still runs.
+struct Started {
+    port: u16,
+    host_pid: u32,
+    alive: Arc<AtomicBool>,
+}
+
 /// Start a guest host for process `pid` of node `home`: a `mosvm guest-host` process whose
 /// stdin is a fresh listening socket on this node's address, serving only connections whose
-/// Hello bears a fresh token. Returns the port and the token; `ps` lists the guest while the
-/// process lives.
+/// Hello bears a fresh token. The node's spare guest host takes the guest when there is one
+/// (and a new spare is started a moment later). Returns the port and the token; `ps` lists
+/// the guest while the process lives.
 pub(crate) fn start_guest_host(
     shared: &Shared,
     pid: u32,
     home: &str,
     program: &str,
 ) -> Result<(u16, [u8; 32])> {
+    let token = migrate::tls::new_token()?;
+    let spare = shared.lock().expect("state lock").spare.take();
+    let (port, host_pid, alive) = match spare {
+        Some(s) => {
+            POOL_HELD.store(0, Ordering::Relaxed);
+            let alive = s.alive.clone();
+            let assigned = s.assign(&token);
+            respare_later(shared.clone());
+            match assigned {
+                Some((port, host_pid)) => (port, host_pid, alive),
+                None => {
+                    let s = spawn(shared, Some(&token), 0)?;
+                    (s.port, s.host_pid, s.alive)
+                }
+            }
+        }
+        None => {
+            let s = spawn(shared, Some(&token), 0)?;
+            (s.port, s.host_pid, s.alive)
+        }
+    };
+    let mut st = shared.lock().expect("state lock");
+    // (A guest host that already ended is not listed.)
+    if alive.load(Ordering::SeqCst) {
+        st.hosted.insert(
+            host_pid,
+            Hosted {
+                pid,
+                home: home.to_string(),
+                program: program.to_string(),
+                since: std::time::Instant::now(),
+                calls: (0, 0),
+            },
+        );
+    }
+    Ok((port, token))
+}
+
+/// Start a spare guest host if this node keeps one (`--pool` above 0, a cluster key) and has
+/// none.
+pub(crate) fn ensure_spare(shared: &Shared) {
+    let pool = {
+        let st = shared.lock().expect("state lock");
+        if st.spare.is_some() || st.pool == 0 || st.key_dir.is_none() {
+            return;
+        }
+        st.pool
+    };
+    match spawn(shared, None, pool) {
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot start a spare guest host: {e:#}"),
+    }
+}
+
+fn respare_later(shared: Shared) {
+    tokio::spawn(async move {
+        tokio::time::sleep(RESPARE_DELAY).await;
+        ensure_spare(&shared);
+    });
+}
+
+/// Spawn a `mosvm guest-host`: for the guest bearing `token`, or (None) as this node's spare
+/// with a pool of `pool` bytes, which [`ensure_spare`] records.
+fn spawn(shared: &Shared, token: Option<&[u8; 32]>, pool: u64) -> Result<Started> {
     let (listen, key_dir, socket, name) = {
         let st = shared.lock().expect("state lock");
         (
@@ -46,32 +159,47 @@ pub(crate) fn start_guest_host(
     let ip = listen.map(|a| a.ip()).unwrap_or([0, 0, 0, 0].into());
     let l = std::net::TcpListener::bind((ip, 0)).context("binding the guest host's port")?;
     let port = l.local_addr()?.port();
-    let token = migrate::tls::new_token()?;
     // The guest host's channel to this node (hostchan.rs): the descriptor it inherits, at the
     // same number (MOSVM_CHANNEL).
     let (ours, theirs) = crate::hostchan::pair().context("creating the guest host's channel")?;
-    let theirs_fd = theirs.as_raw_fd();
+    let mut inherit = vec![theirs.as_raw_fd()];
     let mut cmd = tokio::process::Command::new(own_exe()?);
     cmd.arg0("mosvm")
         .arg("guest-host")
         .env("MOSVM_SOCKET", socket)
         .env("MOSVM_KEY_DIR", key_dir)
         .env("MOSVM_NODE", name)
-        .env("MOSVM_TOKEN", crate::control::hex(&token))
-        .env(crate::hostchan::CHANNEL_ENV, theirs_fd.to_string())
-        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
+        .env(crate::hostchan::CHANNEL_ENV, theirs.as_raw_fd().to_string());
+    // A spare reads its guest's token from a pipe instead.
+    let assign = match token {
+        Some(t) => {
+            cmd.env("MOSVM_TOKEN", crate::control::hex(t));
+            None
+        }
+        None => {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .context("creating the spare's assignment pipe")?;
+            inherit.push(r.as_raw_fd());
+            cmd.env(crate::guesthost::ASSIGN_ENV, r.as_raw_fd().to_string())
+                .env(crate::guesthost::POOL_ENV, pool.to_string());
+            Some((r, std::fs::File::from(w)))
+        }
+    };
+    cmd.stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(l)))
         .stdout(std::process::Stdio::null())
         // Its messages reach this node's log through a pipe: a guest host that was taken over
         // cannot rewrite or truncate the log itself.
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     // SAFETY: between fork and exec the closure calls only fcntl, which is
-    // async-signal-safe, on a descriptor the child inherited.
+    // async-signal-safe, on descriptors the child inherited.
     unsafe {
         cmd.pre_exec(move || {
             // Kept open across the exec.
-            if libc::fcntl(theirs_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -79,28 +207,42 @@ pub(crate) fn start_guest_host(
     let mut child = cmd.spawn().context("spawning the guest host")?;
     drop(theirs);
     let host_pid = child.id().unwrap_or(0);
-    shared.lock().expect("state lock").hosted.insert(
-        host_pid,
-        Hosted {
-            pid,
-            home: home.to_string(),
-            program: program.to_string(),
-            since: std::time::Instant::now(),
-            calls: (0, 0),
-        },
-    );
+    let alive = Arc::new(AtomicBool::new(true));
+    if let Some((r, w)) = assign {
+        drop(r);
+        POOL_HELD.store(pool, Ordering::Relaxed);
+        shared.lock().expect("state lock").spare = Some(Spare {
+            host_pid,
+            port,
+            assign: w,
+            alive: alive.clone(),
+        });
+    }
     if let Some(err) = child.stderr.take() {
         tokio::spawn(relay_stderr(err, host_pid));
     }
     let rt = tokio::runtime::Handle::current();
     crate::hostchan::serve(shared.clone(), rt, ours, host_pid, false);
     let shared = shared.clone();
+    let flag = alive.clone();
     tokio::spawn(async move {
         let r = child.wait().await;
         tracing::info!(host_pid, ?r, "guest host ended");
-        shared.lock().expect("state lock").hosted.remove(&host_pid);
+        flag.store(false, Ordering::SeqCst);
+        let mut st = shared.lock().expect("state lock");
+        st.hosted.remove(&host_pid);
+        if st.spare.as_ref().is_some_and(|s| s.host_pid == host_pid) {
+            // The spare died unused (killed, or it could not start): no new one at once, or
+            // a spare that cannot start would be restarted in a loop.
+            st.spare = None;
+            POOL_HELD.store(0, Ordering::Relaxed);
+        }
     });
-    Ok((port, token))
+    Ok(Started {
+        port,
+        host_pid,
+        alive,
+    })
 }
 
 /// Longest line of a guest host's stderr this node logs as one, bytes.

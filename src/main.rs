@@ -132,6 +132,10 @@ struct NodeArgs {
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9420).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Memory kept touched for arriving guests (256M, 1G; 0: none; default: 256M, at most a
+    /// sixteenth of the node's memory).
+    #[arg(long)]
+    pool: Option<String>,
 }
 
 /// The least `--mem` a program can run in: the VM's own tables, a small program, its stack
@@ -561,7 +565,7 @@ fn serve_remote(
     };
     // The guest may exit on its host before the move is through: its status is the process's.
     let mut exited = None;
-    let received = migration::receive(&mut conn, Some(offer), &mut |m| {
+    let received = migration::receive(&mut conn, Some(offer), None, &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
                 let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r, &on_fork);
@@ -662,7 +666,8 @@ fn node_main(a: NodeArgs) -> ExitCode {
         memory,
         balancer_trace,
         usher_free,
-        metrics
+        metrics,
+        pool
     );
     if cfg.key_dir.is_none() {
         let default = Path::new(DEFAULT_KEY_DIR);

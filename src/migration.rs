@@ -407,12 +407,13 @@ pub fn switch_over(
 }
 
 /// Destination: receive a guest on `link` (the offer is the first message unless given),
-/// prepare its VM, and return it with its state once the state arrives. Messages that are not
-/// part of the migration (a guest coming home keeps making deputy calls while its pages
-/// travel) go to `other`.
+/// prepare its VM (its memory starting with `pool`'s touched pages, when given), and return it
+/// with its state once the state arrives. Messages that are not part of the migration (a
+/// guest coming home keeps making deputy calls while its pages travel) go to `other`.
 pub fn receive(
     link: &mut dyn Conn,
     offer: Option<MigrateOffer>,
+    pool: Option<vmm::pool::Pool>,
     other: &mut dyn FnMut(Message) -> Result<()>,
 ) -> Result<(vmm::vm::Prepared, vmm::vm::MigState, MigrateOffer)> {
     let offer = match offer {
@@ -429,7 +430,11 @@ pub fn receive(
         });
         bail!(reason);
     }
-    let prepared = vmm::memory::GuestMem::new(offer.mem_bytes).and_then(vmm::vm::Vm::prepare);
+    let mut pooled = 0;
+    let prepared = vmm::memory::GuestMem::with_pool(offer.mem_bytes, pool).and_then(|(m, n)| {
+        pooled = n;
+        vmm::vm::Vm::prepare(m)
+    });
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -443,9 +448,10 @@ pub fn receive(
             bail!(reason);
         }
     };
+    // What the pool did not give is faulted in while the pages travel.
     prepared
         .mem()
-        .populate_in_background(offer.touched_pages * PAGE);
+        .populate_in_background(pooled, offer.touched_pages * PAGE);
     link.send(&Message::MigrateAccept)?;
     loop {
         let got = link

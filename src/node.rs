@@ -53,6 +53,9 @@ pub struct Config {
     pub usher_free: Option<f64>,
     /// Serve Prometheus metrics on this address.
     pub metrics: Option<SocketAddr>,
+    /// Memory kept touched for arriving guests (`256M`, `1G`; `0`: none). Default: 256 MiB,
+    /// at most a sixteenth of the node's memory.
+    pub pool: Option<String>,
 }
 
 impl Config {
@@ -124,6 +127,10 @@ pub(crate) struct State {
     pub(crate) cgroup: crate::capacity::Cgroup,
     /// Events for the balancer (none when it does not run).
     pub(crate) balancer: Option<mpsc::UnboundedSender<crate::balance::Event>>,
+    /// Bytes of touched memory a spare guest host keeps for arrivals (0: no spare).
+    pub(crate) pool: u64,
+    /// The guest host the next arriving guest goes to.
+    pub(crate) spare: Option<crate::hosting::Spare>,
 }
 
 /// Resident memory of a process, bytes (from /proc).
@@ -616,6 +623,9 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 /// Run the node service until SIGINT or SIGTERM.
+/// Default `--pool`: touched memory kept for arriving guests, bytes.
+const DEFAULT_POOL: u64 = 256 << 20;
+
 pub fn run(cfg: Config) -> Result<()> {
     let name = cfg.name.clone().unwrap_or_else(host_name);
     check_name(&name)?;
@@ -685,6 +695,20 @@ pub fn run(cfg: Config) -> Result<()> {
     } else {
         crate::capacity::Cgroup::current()
     };
+    // Touched memory for arrivals: bounded by the node's memory, cgroup or host.
+    let node_mem = cgroup.memory().0;
+    let pool = match &cfg.pool {
+        Some(p) => {
+            let b = vmm::vm::parse_size(p).map_err(|e| anyhow::anyhow!("--pool: {e}"))?;
+            anyhow::ensure!(
+                b <= node_mem / 2,
+                "--pool {p}: more than half of the node's memory ({} MiB)",
+                node_mem >> 20
+            );
+            b
+        }
+        None => DEFAULT_POOL.min(node_mem / 16),
+    };
     crate::hosting::own_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -733,6 +757,8 @@ pub fn run(cfg: Config) -> Result<()> {
             view: Default::default(),
             cgroup: cgroup.clone(),
             balancer: None,
+            pool,
+            spare: None,
         }));
         // Gossip, membership and automatic migration: over UDP on the listen address, with
         // a MAC key derived from the cluster key.
@@ -767,6 +793,7 @@ pub fn run(cfg: Config) -> Result<()> {
             };
             tokio::spawn(crate::balance::run(shared.clone(), udp, settings, etx, erx, drx));
         }
+        let peer_listener_up = peer_listener.is_some();
         if let Some(pl) = peer_listener {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -786,6 +813,9 @@ pub fn run(cfg: Config) -> Result<()> {
             });
         }
 
+        if peer_listener_up {
+            crate::hosting::ensure_spare(&shared);
+        }
         guard.came_up();
         tracing::info!(node = name, socket = %socket.display(), state_dir = %state_dir.display(), "mosvm node up");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

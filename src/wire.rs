@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 /// Raw TLS bytes taken from the socket per read: large reads keep system calls few.
 const READ_CHUNK: usize = 1 << 20;
+/// Plaintext handed to the session per write before its records are sent, bytes (below
+/// glibc's default trim threshold, 128 KiB, mallopt(3)).
+const WRITE_CHUNK: usize = 64 << 10;
 
 /// One end of a link. Clones share it.
 #[derive(Clone)]
@@ -243,7 +246,16 @@ impl TlsWriter<'_> {
 
 impl Write for TlsWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.conn().writer().write(buf)
+        // A large write (a page batch) goes out a piece at a time: the session's encrypted
+        // records are then written while few and small, and the memory holding them is
+        // reused rather than grown for the whole batch and given back to the system after it
+        // (the source paid a page fault for every 4 KiB it sent that way).
+        let n = buf.len().min(WRITE_CHUNK);
+        let n = self.conn().writer().write(&buf[..n])?;
+        if n == WRITE_CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         loop {

@@ -8,8 +8,8 @@
 mod common;
 
 use common::cluster::{
-    client, free_port, guest_hosts_of, keygen, loopback_cluster, migrate, proc_info, tour,
-    wait_for, wait_registered, Node, NodeSpec,
+    client, free_port, guest_hosts_of, keygen, loopback_cluster, migrate, proc_info, spares_of,
+    tour, wait_for, wait_registered, Node, NodeSpec,
 };
 use common::{image, Case, Running};
 use std::io::Write;
@@ -55,6 +55,33 @@ fn a_running_process_migrates_to_another_node_and_finishes_there() {
             proc_info(&nodes[1].sock, pid).is_none()
         });
     }
+}
+
+#[test]
+fn an_arriving_process_lands_in_the_spare_guest_host_and_a_new_spare_follows() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let b = nodes[1].child.id();
+    // b keeps one spare guest host (touching its 32 MiB pool): the guest moved there goes to
+    // it, its memory starting with the pool's pages, and its output is native's; b then
+    // starts another spare.
+    let one_spare = || {
+        let s = spares_of(b);
+        (s.len() == 1).then(|| s[0])
+    };
+    let mut spare = 0;
+    wait_for("b's spare guest host", Duration::from_secs(20), || {
+        one_spare().map(|s| spare = s).is_some()
+    });
+    ticker("glibc-static", ["40", "3000000", "16"], &nodes[0]).check_while(|run| {
+        wait_registered(&nodes[0].sock, run.pid());
+        std::thread::sleep(Duration::from_millis(300));
+        tour(&nodes[0], run.pid(), &["b"], &mut |_| {});
+        assert_eq!(guest_hosts_of(b), vec![spare], "the spare took the guest");
+        wait_for("a new spare on b", Duration::from_secs(20), || {
+            one_spare().is_some_and(|s| s != spare)
+        });
+    });
 }
 
 /// Start a long ticker at home and move it to b; returns the running `mosvm run`.
@@ -355,17 +382,9 @@ fn proc_state(pid: u32) -> Option<char> {
     s.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
-/// The guest hosts a node runs (its child processes).
+/// The guest hosts a node runs with a guest in them.
 fn guest_hosts(node: &Node) -> Vec<u32> {
-    let mut v = Vec::new();
-    let pid = node.child.id();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            v.extend(c.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
-        }
-    }
-    v
+    guest_hosts_of(node.child.id())
 }
 
 #[test]

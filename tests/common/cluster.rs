@@ -155,6 +155,11 @@ impl NodeSpec {
         if let Some(k) = &self.key_dir {
             cmd.arg("--key-dir").arg(k);
         }
+        // A small pool of touched memory for arrivals (the default is 256 MiB a node): the
+        // guests of the tests arrive partly into it, partly beyond it.
+        if !self.extra.iter().any(|a| a == "--pool") {
+            cmd.args(["--pool", "32M"]);
+        }
         cmd.args(["--policy", &self.policy]).args(&self.extra);
         let log_file =
             std::fs::File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
@@ -270,6 +275,7 @@ fn start_mesh(
     keys: &[&Path],
     addrs: &[String],
     netns: &[Option<&str>],
+    extra: &[&str],
 ) -> Vec<Node> {
     assert_eq!(names.len(), keys.len(), "one key directory per node");
     names
@@ -285,7 +291,7 @@ fn start_mesh(
             if let Some(ns) = netns[i] {
                 spec = spec.netns(ns);
             }
-            spec.start()
+            spec.args(extra).start()
         })
         .collect()
 }
@@ -293,11 +299,22 @@ fn start_mesh(
 /// Nodes `names` on 127.0.0.1, each on a free port with key `keys[i]` and every other node
 /// as a peer; sockets, state and logs under `dir`.
 pub fn loopback_cluster(dir: &Path, names: &[&str], keys: &[&Path]) -> Vec<Node> {
+    loopback_cluster_with(dir, names, keys, &[])
+}
+
+/// [`loopback_cluster`] with `extra` arguments to every `mosvm node`.
+#[allow(dead_code)]
+pub fn loopback_cluster_with(
+    dir: &Path,
+    names: &[&str],
+    keys: &[&Path],
+    extra: &[&str],
+) -> Vec<Node> {
     let addrs: Vec<String> = names
         .iter()
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
-    start_mesh(dir, names, keys, &addrs, &vec![None; names.len()])
+    start_mesh(dir, names, keys, &addrs, &vec![None; names.len()], extra)
 }
 
 /// Separate hosts on one machine: one network namespace each, with its own address on one
@@ -378,7 +395,7 @@ impl Hosts {
             .map(|a| format!("{a}:{HOSTS_PORT}"))
             .collect();
         let netns: Vec<Option<&str>> = self.netns.iter().map(|n| Some(n.as_str())).collect();
-        start_mesh(dir, names, &vec![key; names.len()], &addrs, &netns)
+        start_mesh(dir, names, &vec![key; names.len()], &addrs, &netns, &[])
     }
 }
 
@@ -524,8 +541,37 @@ pub fn tour(home: &Node, pid: u32, stops: &[&str], between: &mut dyn FnMut(usize
     }
 }
 
-/// Guest-host processes spawned by the node with pid `node`.
+/// Whether process `pid` holds a KVM VM (a spare guest host, waiting for a guest, holds none).
+fn holds_vm(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm")
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Guest-host processes spawned by the node with pid `node` that hold a guest (not the
+/// node's spare).
 pub fn guest_hosts_of(node: u32) -> Vec<u32> {
+    children_running(node, "guest-host")
+        .into_iter()
+        .filter(|&p| holds_vm(p))
+        .collect()
+}
+
+/// The node's spare guest hosts: spawned by the node with pid `node`, holding no guest yet.
+#[allow(dead_code)]
+pub fn spares_of(node: u32) -> Vec<u32> {
+    children_running(node, "guest-host")
+        .into_iter()
+        .filter(|&p| !holds_vm(p))
+        .collect()
+}
+
+/// Children of process `parent` whose command line holds `word`.
+fn children_running(parent: u32, word: &str) -> Vec<u32> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -533,8 +579,8 @@ pub fn guest_hosts_of(node: u32) -> Vec<u32> {
         };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if status.contains(&format!("PPid:\t{node}\n"))
-            && cmd.windows(10).any(|w| w == b"guest-host")
+        if status.contains(&format!("PPid:\t{parent}\n"))
+            && cmd.windows(word.len()).any(|w| w == word.as_bytes())
         {
             v.push(pid);
         }

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod loader;
 pub mod memory;
 pub mod mm;
+pub mod pool;
 pub mod sigframe;
 pub mod snapshot;
 pub mod startup;

@@ -145,6 +145,12 @@ unsafe impl Send for GuestMem {}
 impl GuestMem {
     /// Reserve `size` bytes of guest physical memory (rounded up to a page).
     pub fn new(size: u64) -> anyhow::Result<Self> {
+        Self::with_pool(size, None).map(|(m, _)| m)
+    }
+
+    /// Like [`GuestMem::new`], the first bytes being the touched part of `pool` (moved into
+    /// place, see [`crate::pool`]); returns the memory and how many bytes the pool gave.
+    pub fn with_pool(size: u64, pool: Option<crate::pool::Pool>) -> anyhow::Result<(Self, u64)> {
         let size = page_up(size);
         anyhow::ensure!(
             size >= 64 * PAGE,
@@ -177,6 +183,12 @@ impl GuestMem {
                 libc::MADV_HUGEPAGE,
             );
         }
+        let pooled = match pool {
+            // SAFETY: the mapping was just made, holds nothing and nothing refers into it
+            // (no frame handed out, no VM attached).
+            Some(mut p) => unsafe { p.move_to(host, size) },
+            None => 0,
+        };
         let mut g = GuestMem {
             mem,
             host,
@@ -196,20 +208,24 @@ impl GuestMem {
         g.pml4 = g
             .alloc_table()
             .map_err(|_| anyhow::anyhow!("guest memory too small"))?;
-        Ok(g)
+        Ok((g, pooled))
     }
 
-    /// Fault in the first `len` bytes of guest memory on a helper thread (MADV_POPULATE_WRITE)
-    /// and return at once: a migration's pages then land in memory that is already there,
-    /// while they are still on the way. The contents do not change.
-    pub fn populate_in_background(&self, len: u64) {
-        let len = page_up(len.min(self.size)) as usize;
+    /// Fault in guest memory from byte `from` up to byte `to` on a helper thread
+    /// (MADV_POPULATE_WRITE) and return at once: a migration's pages then land in memory that
+    /// is already there, while they are still on the way. The contents do not change.
+    pub fn populate_in_background(&self, from: u64, to: u64) {
+        let len = page_up(to.min(self.size)) as usize;
+        let from = page_down(from) as usize;
+        if from >= len {
+            return;
+        }
         let host = self.host as usize;
         let keep = self.mem.clone();
         std::thread::spawn(move || {
             let _alive = keep;
             let step = 16usize << 20;
-            let mut off = 0;
+            let mut off = from;
             while off < len {
                 let n = step.min(len - off);
                 // SAFETY: [host+off, host+off+n) lies inside the guest mapping, which `_alive`
