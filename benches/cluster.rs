@@ -9,7 +9,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{keygen, loopback_cluster_with, migrate};
+use common::cluster::{keygen, loopback_cluster_with, migrate, spares_of};
 use common::{image, mosvm_bin};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -199,6 +199,30 @@ fn tree_op(sock: &Path, dir: &Path, mode: &str, n: u32) -> [f64; 3] {
     ]
 }
 
+/// Wait (up to a minute) until node `node`'s spare guest host holds `bytes` of touched memory
+/// (its resident size), so each row's guest arrives into a full pool.
+fn wait_spare_filled(node: u32, bytes: u64) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let rss = spares_of(node).first().map_or(0, |&p| mosvm_rss(p));
+        if rss >= bytes {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("   (the spare's pool was not full after a minute)");
+}
+
+/// Resident memory of process `pid`, bytes.
+fn mosvm_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path());
@@ -234,7 +258,9 @@ fn main() {
         (256, 200),
         (256, 2000),
     ] {
-        // References: medians of three, taken right before this row's migration.
+        // References: medians of three, taken right before this row's migration, once b's
+        // spare has refilled its pool.
+        wait_spare_filled(nodes[1].child.id(), 1 << 30);
         let raw = median3(raw_tcp);
         let fresh = median3(raw_tcp_fresh);
         let secs = 4 + mib / 128;
