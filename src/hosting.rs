@@ -84,12 +84,13 @@ pub(crate) fn start_guest_host(
 ) -> Result<(u16, [u8; 32])> {
     let token = migrate::tls::new_token()?;
     let spare = shared.lock().expect("state lock").spare.take();
+    // The next spare (none is started when the node keeps none, or one is still there).
+    respare_later(shared.clone());
     let (port, host_pid, alive) = match spare {
         Some(s) => {
             POOL_HELD.store(0, Ordering::Relaxed);
             let alive = s.alive.clone();
             let assigned = s.assign(&token);
-            respare_later(shared.clone());
             match assigned {
                 Some((port, host_pid)) => (port, host_pid, alive),
                 None => {
