@@ -5,7 +5,7 @@ use crate::node::{Hosted, Shared};
 use anyhow::{Context, Result};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +26,24 @@ pub(crate) fn own_exe() -> Result<PathBuf> {
     Ok(PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
 }
 
-/// Bytes of touched memory the spare guest host holds for arrivals (0: none). The node counts
-/// them as free: they are there for the next guest.
+/// The spare guest host's pool size, bytes (0: no spare).
 static POOL_HELD: AtomicU64 = AtomicU64::new(0);
+/// The spare guest host's pid (0: none).
+static SPARE_PID: AtomicU32 = AtomicU32::new(0);
 
-/// Bytes of memory held ready for arriving guests, to count as free.
+/// Bytes of touched memory held ready for arriving guests, which the node counts as free:
+/// what the spare holds (its resident memory), up to its pool's size.
 pub(crate) fn pool_held() -> u64 {
-    POOL_HELD.load(Ordering::Relaxed)
+    match SPARE_PID.load(Ordering::Relaxed) {
+        0 => 0,
+        pid => crate::node::rss_bytes(pid).min(POOL_HELD.load(Ordering::Relaxed)),
+    }
+}
+
+/// Forget the spare in the memory figures.
+fn no_spare() {
+    SPARE_PID.store(0, Ordering::Relaxed);
+    POOL_HELD.store(0, Ordering::Relaxed);
 }
 
 /// How long after a spare is taken the next one starts, so that touching its pool does not
@@ -58,10 +69,22 @@ impl Spare {
         if !self.alive.load(Ordering::SeqCst) {
             return None;
         }
+        // A stopped spare would not answer its guest's source: start a fresh guest host.
+        if matches!(proc_state(self.host_pid), Some('T' | 't')) {
+            // SAFETY: kill(2) of this node's own child, which it has not reaped yet.
+            unsafe { libc::kill(self.host_pid as i32, libc::SIGKILL) };
+            return None;
+        }
         let line = format!("{}\n", crate::control::hex(token));
         self.assign.write_all(line.as_bytes()).ok()?;
         Some((self.port, self.host_pid))
     }
+}
+
+/// The state letter of process `pid` (proc(5), /proc/PID/stat), if it exists.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// A guest host started: its port, pid, and whether it still runs.
@@ -88,7 +111,7 @@ pub(crate) fn start_guest_host(
     respare_later(shared.clone());
     let (port, host_pid, alive) = match spare {
         Some(s) => {
-            POOL_HELD.store(0, Ordering::Relaxed);
+            no_spare();
             let alive = s.alive.clone();
             let assigned = s.assign(&token);
             match assigned {
@@ -121,12 +144,22 @@ pub(crate) fn start_guest_host(
     Ok((port, token))
 }
 
-/// Start a spare guest host if this node keeps one (`--pool` above 0, a cluster key) and has
-/// none.
+/// Start a spare guest host if this node keeps one (`--pool` above 0, a cluster key), has
+/// none, and has free memory for at least twice the pool (a pool must never push the guests
+/// here out of memory).
 pub(crate) fn ensure_spare(shared: &Shared) {
     let pool = {
         let st = shared.lock().expect("state lock");
         if st.spare.is_some() || st.pool == 0 || st.key_dir.is_none() {
+            return;
+        }
+        let (total, used) = st.cgroup.memory();
+        if total.saturating_sub(used) < st.pool.saturating_mul(2) {
+            tracing::info!(
+                free_mb = total.saturating_sub(used) >> 20,
+                pool_mb = st.pool >> 20,
+                "no spare guest host for now: too little free memory for its pool"
+            );
             return;
         }
         st.pool
@@ -212,6 +245,7 @@ fn spawn(shared: &Shared, token: Option<&[u8; 32]>, pool: u64) -> Result<Started
     if let Some((r, w)) = assign {
         drop(r);
         POOL_HELD.store(pool, Ordering::Relaxed);
+        SPARE_PID.store(host_pid, Ordering::Relaxed);
         shared.lock().expect("state lock").spare = Some(Spare {
             host_pid,
             port,
@@ -236,7 +270,7 @@ fn spawn(shared: &Shared, token: Option<&[u8; 32]>, pool: u64) -> Result<Started
             // The spare died unused (killed, or it could not start): no new one at once, or
             // a spare that cannot start would be restarted in a loop.
             st.spare = None;
-            POOL_HELD.store(0, Ordering::Relaxed);
+            no_spare();
         }
     });
     Ok(Started {

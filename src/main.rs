@@ -132,8 +132,8 @@ struct NodeArgs {
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9420).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
-    /// Memory kept touched for arriving guests (256M, 1G; 0: none; default: 256M, at most a
-    /// sixteenth of the node's memory).
+    /// Memory kept touched for arriving guests (256M, 1G; 0: none; at most half the node's
+    /// memory; default: 256M, at most a sixteenth of it).
     #[arg(long)]
     pool: Option<String>,
 }

@@ -40,6 +40,9 @@ enum Inner {
         sock: TcpStream,
         conn: Box<Mutex<rustls::Connection>>,
         rx: Mutex<RawBuf>,
+        /// Held by a sender for a whole frame: the session's lock is let go while a large
+        /// frame waits for room in the socket, and no other frame may start in between.
+        tx: Mutex<()>,
     },
 }
 
@@ -304,6 +307,7 @@ impl Wire {
                 start: 0,
                 end: 0,
             }),
+            tx: Mutex::new(()),
         }))
     }
 
@@ -314,7 +318,8 @@ impl Wire {
             Inner::Local { tx, .. } => {
                 migrate::frame::write_message_with(&mut *lock(tx), m, &mut scratch)?
             }
-            Inner::Tls { sock, conn, .. } => {
+            Inner::Tls { sock, conn, tx, .. } => {
+                let _frame = lock(tx);
                 let mut w = TlsWriter {
                     sock,
                     conn,
@@ -349,7 +354,7 @@ impl Wire {
         Reader {
             rx: match &*self.0 {
                 Inner::Local { rx, .. } => Rx::Local(lock(rx)),
-                Inner::Tls { sock, conn, rx } => Rx::Tls(sock, conn, lock(rx)),
+                Inner::Tls { sock, conn, rx, .. } => Rx::Tls(sock, conn, lock(rx)),
             },
         }
     }
@@ -358,7 +363,7 @@ impl Wire {
     pub fn try_reader(&self) -> Option<Reader<'_>> {
         let rx = match &*self.0 {
             Inner::Local { rx, .. } => Rx::Local(try_lock(rx)?),
-            Inner::Tls { sock, conn, rx } => Rx::Tls(sock, conn, try_lock(rx)?),
+            Inner::Tls { sock, conn, rx, .. } => Rx::Tls(sock, conn, try_lock(rx)?),
         };
         Some(Reader { rx })
     }
@@ -386,7 +391,17 @@ impl Wire {
             Inner::Local { sock, .. } => {
                 let _ = sock.shutdown(std::net::Shutdown::Write);
             }
-            Inner::Tls { sock, conn, .. } => {
+            Inner::Tls { sock, conn, tx, .. } => {
+                // After a frame being sent, if it ends within `limit` (a sender stuck on a
+                // peer that reads nothing more must not hold the close up).
+                let until = Instant::now() + limit;
+                let _frame = loop {
+                    match try_lock(tx) {
+                        Some(g) => break Some(g),
+                        None if Instant::now() >= until => break None,
+                        None => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                };
                 lock(conn).send_close_notify();
                 let mut w = TlsWriter {
                     sock,
@@ -651,5 +666,68 @@ mod tests {
         assert_eq!((pings, bigs), (100, 1));
         w.shutdown();
         assert_eq!(server.join().unwrap(), vec![None, Some(101)]);
+    }
+
+    /// Large frames wait for room in the socket a piece at a time, letting go of the session
+    /// meanwhile; frames another thread sends all the while still arrive whole and in order.
+    #[test]
+    fn frames_sent_while_a_large_one_waits_for_room_arrive_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        migrate::keygen(dir.path()).unwrap();
+        let tls = migrate::ClusterTls::load(dir.path()).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let cfg = tls.endpoint_config();
+        let big = Message::State {
+            vcpu_and_vmm: (0..8_000_000u32).map(|i| (i * 13) as u8).collect(),
+        };
+        let want = big.clone();
+        // A slow reader, so the sender's socket fills and large frames wait mid-way.
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let (w, _) = accept(s, cfg, &identity(), |_, _| Ok(())).unwrap();
+            let (mut pings, mut bigs) = (0u64, 0);
+            loop {
+                match w.recv() {
+                    Ok(Message::Ping { t }) => {
+                        assert_eq!(t, pings, "pings out of order");
+                        pings += 1;
+                    }
+                    Ok(Message::Pong { .. }) => return (pings, bigs),
+                    Ok(m) => {
+                        assert_eq!(m, want, "a large frame arrived changed");
+                        bigs += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("the stream broke: {e}"),
+                }
+            }
+        });
+        let hello = Hello::new(
+            "a",
+            Purpose::Deputy,
+            crate::migration::host_features(),
+            Some([1; 32]),
+        );
+        let w = connect(addr, tls.cert(), hello).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (w2, d2) = (w.clone(), done.clone());
+        let pinger = std::thread::spawn(move || {
+            let mut t = 0;
+            while !d2.load(std::sync::atomic::Ordering::SeqCst) {
+                w2.send(&Message::Ping { t }).unwrap();
+                t += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            t
+        });
+        for _ in 0..4 {
+            w.send(&big).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sent = pinger.join().unwrap();
+        w.send(&Message::Pong { t: 0 }).unwrap();
+        assert_eq!(server.join().unwrap(), (sent, 4));
+        assert!(sent > 0);
     }
 }
