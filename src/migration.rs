@@ -277,8 +277,9 @@ fn precopy_rounds(
         downtime_budget_ns: DOWNTIME_BUDGET_NS,
         ..Default::default()
     });
-    // The state is a few KiB; its fixed cost is one round trip.
-    planner.set_state_cost(16 << 10, 200_000);
+    // The state is a few KiB; its fixed cost (capture, one round trip, restore) is what an
+    // idle guest's downtime measures: 0.4-0.6 ms on loopback (BENCHMARKS.md).
+    planner.set_state_cost(16 << 10, 500_000);
     let mut todo = first;
     loop {
         let t = Instant::now();
