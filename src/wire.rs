@@ -42,10 +42,10 @@ enum Inner {
         rx: Mutex<RawBuf>,
         /// Held by a sender for a whole frame: the session's lock is let go while a large
         /// frame waits for room in the socket, and no other frame may start in between.
-        /// (So a sender may wait for another. That cannot close a cycle as long as no thread
-        /// stops reading a link while it waits to send on it: each link's reader hands
-        /// replies to other threads or sends only small answers, and the peer's reader keeps
-        /// draining what a waiting sender sends.)
+        /// (So a sender may wait for another. No cycle of waits closes as long as, on every
+        /// link, one end's reader never sends: a guest host's reader hands what it reads to
+        /// other threads, so that end always drains, and whoever waits for room on the other
+        /// end gets it. A destination's Pong and home's deputy replies are sent by readers.)
         tx: Mutex<()>,
     },
 }
