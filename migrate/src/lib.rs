@@ -14,6 +14,9 @@
 //!   client certificate required on both ends, chaining to the cluster certificate.
 //! - [`pages`]: [`pages::PageBatch`] (≤ 256 pages, zero pages as bits, lz4 when it pays).
 //! - [`precopy`]: [`precopy::Planner`], the sans-IO round/throttle/switch-over decisions.
+//! - [`postcopy`]: [`postcopy::Pusher`] and [`postcopy::Arrivals`], the sans-IO bookkeeping of
+//!   pages that cross after the guest resumed (the source's push order, the destination's
+//!   faults); not used by the migration yet.
 //!
 //! Every connection is `tls::connect`/`tls::accept` then the handshake; a peer without the
 //! cluster key never reaches the handshake, a peer of another protocol version gets a
@@ -50,6 +53,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod pages;
+pub mod postcopy;
 pub mod precopy;
 pub mod tls;
 
