@@ -14,6 +14,7 @@ pub mod loader;
 pub mod memory;
 pub mod mm;
 pub mod pool;
+pub mod postcopy;
 pub mod sigframe;
 pub mod snapshot;
 pub mod startup;

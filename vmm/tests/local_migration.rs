@@ -12,6 +12,10 @@ use vmm::vm::{MigState, Options, Outcome, Vm};
 
 const PAGE: usize = 4096;
 
+/// The guest's files are relative to this process's working directory: one run that
+/// changes it at a time (tests run in parallel).
+static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn images() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
     let st = std::process::Command::new("make")
@@ -92,32 +96,9 @@ fn migrated_after_gap(
     shift_realtime_ns: i64,
     gap: Duration,
 ) -> (Run, usize) {
-    // The guest's files are relative to this process's working directory: one such run at a
-    // time (tests run in parallel).
-    static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _cwd = CWD.lock().unwrap_or_else(|p| p.into_inner());
     std::env::set_current_dir(dir).unwrap();
-    let stdout_path = dir.join("../stdout");
-    let out = std::fs::File::create(&stdout_path).unwrap();
-    let null = std::fs::File::open("/dev/null").unwrap();
-    let deputy = HostDeputy::with_stdio([null.as_raw_fd(), out.as_raw_fd(), 2]).with_exe(prog);
-    let mut argv = vec![prog.as_os_str().as_encoded_bytes().to_vec()];
-    argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
-    let opts = Options {
-        mem: 1 << 30,
-        mem_label: "1G".into(),
-        trace: false,
-        lock: false,
-        stats: false,
-    };
-    let mut vm = Vm::new(
-        prog.to_path_buf(),
-        argv,
-        vec![b"LANG=C".to_vec()],
-        Box::new(deputy),
-        opts,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let (mut vm, out, stdout_path) = start(prog, args, dir);
     let pause = vm.pause_handle();
     let view = vm.memory_view();
     let precopy = std::thread::spawn(move || {
@@ -175,13 +156,46 @@ fn migrated_after_gap(
     std::thread::sleep(gap);
     let deputy = vm.into_deputy();
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
-    let mut dst = Vm::restore(state, deputy).unwrap();
+    let dst = Vm::restore(state, deputy).unwrap();
     for (gpn, data) in &pages {
         dst.space
             .mem
             .write_page(*gpn, data.as_slice().try_into().unwrap())
             .unwrap();
     }
+    let run = finish(dst, out, &stdout_path, dir);
+    (run, last_round)
+}
+
+/// A VM for `prog` with `args`, its stdout going to a file beside `dir` (returned with its
+/// path; `dir` is the working directory).
+fn start(prog: &Path, args: &[&str], dir: &Path) -> (Vm, std::fs::File, PathBuf) {
+    let stdout_path = dir.join("../stdout");
+    let out = std::fs::File::create(&stdout_path).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let deputy = HostDeputy::with_stdio([null.as_raw_fd(), out.as_raw_fd(), 2]).with_exe(prog);
+    let mut argv = vec![prog.as_os_str().as_encoded_bytes().to_vec()];
+    argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
+    let opts = Options {
+        mem: 1 << 30,
+        mem_label: "1G".into(),
+        trace: false,
+        lock: false,
+        stats: false,
+    };
+    let vm = Vm::new(
+        prog.to_path_buf(),
+        argv,
+        vec![b"LANG=C".to_vec()],
+        Box::new(deputy),
+        opts,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (vm, out, stdout_path)
+}
+
+/// Run the restored `dst` to its end: its stdout, status and file.
+fn finish(mut dst: Vm, out: std::fs::File, stdout_path: &Path, dir: &Path) -> Run {
     let outcome = dst.run().unwrap();
     drop(dst);
     drop(out);
@@ -189,12 +203,114 @@ fn migrated_after_gap(
         Outcome::Exited(c) => c,
         Outcome::Signaled(s) => 128 + s,
     };
-    let run = Run {
+    Run {
         stdout: std::fs::read(&stdout_path).unwrap(),
         status,
         file: std::fs::read(dir.join("ticker.out")).unwrap_or_default(),
-    };
-    (run, last_round)
+    }
+}
+
+/// Run under mosvm in this process and move it after `after` by post-copy: the guest is
+/// paused at once, only its state crosses before it resumes, and its pages follow, pushed
+/// in order, 16 at a time with a pause after each batch, a page the guest touches before it
+/// arrives being fetched on demand through userfaultfd. Returns the run and the faults
+/// answered.
+fn migrated_post_copy(prog: &Path, args: &[&str], dir: &Path, after: Duration) -> (Run, u64) {
+    let _cwd = CWD.lock().unwrap_or_else(|p| p.into_inner());
+    std::env::set_current_dir(dir).unwrap();
+    let (mut vm, out, stdout_path) = start(prog, args, dir);
+    let pause = vm.pause_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(after);
+        pause.request();
+    });
+    assert!(
+        vm.run_or_pause().unwrap().is_none(),
+        "finished before the move"
+    );
+    let view = vm.memory_view();
+    let state = vm.capture().unwrap();
+    // The source's pages: everything the guest touched.
+    let mut pages: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut buf = [0u8; PAGE];
+    for gpn in view.resident_pages() {
+        assert!(view.read_page(gpn, &mut buf));
+        if buf.iter().any(|&b| b != 0) {
+            pages.insert(gpn, buf.to_vec());
+        }
+    }
+    let deputy = vm.into_deputy();
+    let state = MigState::decode(&state.encode().unwrap()).unwrap();
+    let dst = Vm::restore(state, deputy).unwrap();
+    let outstanding: Vec<u64> = pages.keys().copied().collect();
+    let faults = vmm::postcopy::Faults::register(&dst.space.mem, &outstanding).unwrap();
+    let (ask_tx, ask_rx) = std::sync::mpsc::channel::<Vec<u64>>();
+    let server = faults.serve(move |p| {
+        let _ = ask_tx.send(p);
+    });
+    let f = faults.clone();
+    let source = std::thread::spawn(move || {
+        let mut push = migrate::postcopy::Pusher::new(&outstanding);
+        while !push.done() {
+            while let Ok(ask) = ask_rx.try_recv() {
+                push.request(&ask);
+            }
+            for gpn in push.next_batch(16) {
+                let placed = f
+                    .place(gpn, pages[&gpn].as_slice().try_into().unwrap())
+                    .unwrap();
+                assert!(placed, "page {gpn:#x} was there before it arrived");
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    });
+    let run = finish(dst, out, &stdout_path, dir);
+    source.join().unwrap();
+    assert!(
+        faults.complete(),
+        "{} pages never arrived",
+        faults.remaining()
+    );
+    let n = faults.faults();
+    faults.stop();
+    server.join().unwrap();
+    (run, n)
+}
+
+/// A program moved by post-copy (its pages arriving after it resumed, some on demand) runs
+/// as natively: a ticker with a 32 MiB working set it keeps rewriting, and hog (64 MiB,
+/// idle, checksummed at the end).
+#[test]
+fn a_process_moved_by_post_copy_runs_like_native() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vm_ok = userfaultfd::UffdBuilder::new()
+        .user_mode_only(false)
+        .create();
+    if let Err(e) = vm_ok {
+        panic!("userfaultfd is not usable here (post-copy needs it, as root): {e}");
+    }
+    for (image, args, after) in [
+        ("glibc-static/ticker", &["30", "3000000", "32"][..], 400),
+        ("glibc-static/hog", &["64", "0", "1"][..], 600),
+    ] {
+        let prog = images().join(image);
+        let tmp = tempfile::tempdir().unwrap();
+        let md = tmp.path().join("mosvm");
+        std::fs::create_dir_all(&md).unwrap();
+        let want = native(&prog, args, tmp.path());
+        let (got, faults) = migrated_post_copy(&prog, args, &md, Duration::from_millis(after));
+        eprintln!("{image}: {faults} faults answered");
+        assert!(faults > 0, "{image}: the guest never waited for a page");
+        assert_eq!(got.status, want.status, "{image}");
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout),
+            String::from_utf8_lossy(&want.stdout),
+            "{image}"
+        );
+        assert_eq!(got.file, want.file, "{image}");
+    }
 }
 
 #[test]
