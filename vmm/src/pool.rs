@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 /// Alignment of the pool, bytes: one huge page, so moving it moves whole page-middle entries.
 const HUGE: usize = 2 << 20;
-/// Bytes touched per `madvise` call while filling: a request to stop is seen this often.
-const STEP: usize = 16 << 20;
 
 /// Private anonymous memory of which the first [`Pool::ready`] bytes are touched (and zero).
 pub struct Pool {
@@ -81,29 +79,6 @@ impl Pool {
 
     /// Bytes touched, from the start.
     pub fn ready(&self) -> u64 {
-        self.ready as u64
-    }
-
-    /// Touch the reserve from the start, 16 MiB at a time, until it is all touched or `stop`
-    /// is set; returns the bytes touched. A host that refuses `MADV_POPULATE_WRITE` (before
-    /// Linux 5.14) leaves the pool untouched: guests then arrive as without one.
-    pub fn fill(&mut self, stop: &AtomicBool) -> u64 {
-        while self.ready < self.cap && !stop.load(Ordering::Relaxed) {
-            let n = STEP.min(self.cap - self.ready);
-            // SAFETY: [base+ready, base+ready+n) lies inside the pool's mapping; populating
-            // faults pages in without changing what they hold (zero).
-            let r = unsafe {
-                libc::madvise(
-                    self.base.add(self.ready) as *mut libc::c_void,
-                    n,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if r != 0 {
-                break;
-            }
-            self.ready += n;
-        }
         self.ready as u64
     }
 
@@ -230,6 +205,11 @@ impl Drop for Shared {
 }
 
 impl Filling {
+    /// Bytes touched so far, from the start.
+    pub fn ready(&self) -> u64 {
+        self.shared.ready.load(Ordering::Acquire) as u64
+    }
+
     /// Stop filling and return, at once, a pool of the part touched so far (the filling
     /// thread gives the rest back to the system when it next runs).
     pub fn finish(self) -> Pool {
@@ -260,10 +240,17 @@ mod tests {
 
     #[test]
     fn a_filled_pool_moves_into_place_touched_and_zero() {
-        let mut pool = Pool::reserve(5 << 20).unwrap();
+        let pool = Pool::reserve(5 << 20).unwrap();
         assert_eq!(pool.capacity(), 6 << 20);
         assert_eq!(pool.base as usize % HUGE, 0);
-        assert_eq!(pool.fill(&AtomicBool::new(false)), 6 << 20);
+        let f = pool.fill_in_background();
+        let t = std::time::Instant::now();
+        while f.ready() < 6 << 20 {
+            assert!(t.elapsed().as_secs() < 20, "the pool never filled");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut pool = f.finish();
+        assert_eq!(pool.ready(), 6 << 20);
         // A destination holding stale data: after the move it reads as the pool (zero).
         let len = 8usize << 20;
         // SAFETY: a fresh private mapping of our own for the test.
