@@ -52,6 +52,17 @@ struct Run {
     file: Vec<u8>,
 }
 
+/// The run under mosvm ended as the native one: exit status, stdout, the file it wrote.
+fn assert_like_native(what: &str, got: &Run, want: &Run) {
+    assert_eq!(got.status, want.status, "{what}: exit status");
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&want.stdout),
+        "{what}: stdout"
+    );
+    assert_eq!(got.file, want.file, "{what}: ticker.out");
+}
+
 fn native(prog: &Path, args: &[&str], dir: &Path) -> Run {
     let out = std::process::Command::new(prog)
         .args(args)
@@ -303,13 +314,7 @@ fn a_process_moved_by_post_copy_runs_like_native() {
         let (got, faults) = migrated_post_copy(&prog, args, &md, Duration::from_millis(after));
         eprintln!("{image}: {faults} faults answered");
         assert!(faults > 0, "{image}: the guest never waited for a page");
-        assert_eq!(got.status, want.status, "{image}");
-        assert_eq!(
-            String::from_utf8_lossy(&got.stdout),
-            String::from_utf8_lossy(&want.stdout),
-            "{image}"
-        );
-        assert_eq!(got.file, want.file, "{image}");
+        assert_like_native(image, &got, &want);
     }
 }
 
@@ -336,13 +341,7 @@ fn a_running_guest_moves_to_a_new_vm_and_finishes_there() {
         let (got, last_round) =
             migrated(&prog, args, &md, Duration::from_millis(after_ms), rounds, 0);
         eprintln!("{image}: migrated after {after_ms} ms, {rounds} rounds, {last_round} pages in the stop-and-copy round");
-        assert_eq!(got.status, want.status, "{image}: exit status");
-        assert_eq!(
-            String::from_utf8_lossy(&got.stdout),
-            String::from_utf8_lossy(&want.stdout),
-            "{image}: stdout"
-        );
-        assert_eq!(got.file, want.file, "{image}: ticker.out");
+        assert_like_native(image, &got, &want);
     }
 }
 
