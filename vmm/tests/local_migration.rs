@@ -215,7 +215,7 @@ fn finish(mut dst: Vm, out: std::fs::File, stdout_path: &Path, dir: &Path) -> Ru
         Outcome::Signaled(s) => 128 + s,
     };
     Run {
-        stdout: std::fs::read(&stdout_path).unwrap(),
+        stdout: std::fs::read(stdout_path).unwrap(),
         status,
         file: std::fs::read(dir.join("ticker.out")).unwrap_or_default(),
     }
