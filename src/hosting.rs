@@ -52,8 +52,7 @@ const RESPARE_DELAY: Duration = Duration::from_secs(1);
 
 /// A guest host started before any guest needs it: it has loaded the cluster key, opened
 /// `/dev/kvm` and is touching a pool of memory ([`vmm::pool`]) with a quarter of one CPU at
-/// most, and waits
-/// for the token of the guest it is to receive on its assignment pipe.
+/// most, and waits for the token of the guest it is to receive on its assignment pipe.
 pub(crate) struct Spare {
     host_pid: u32,
     port: u16,
@@ -109,19 +108,14 @@ pub(crate) fn start_guest_host(
     let spare = shared.lock().expect("state lock").spare.take();
     // The next spare (none is started when the node keeps none, or one is still there).
     respare_later(shared.clone());
-    let (port, host_pid, alive) = match spare {
-        Some(s) => {
-            no_spare();
-            let alive = s.alive.clone();
-            let assigned = s.assign(&token);
-            match assigned {
-                Some((port, host_pid)) => (port, host_pid, alive),
-                None => {
-                    let s = spawn(shared, Some(&token), 0)?;
-                    (s.port, s.host_pid, s.alive)
-                }
-            }
-        }
+    let assigned = spare.and_then(|s| {
+        no_spare();
+        let alive = s.alive.clone();
+        s.assign(&token)
+            .map(|(port, host_pid)| (port, host_pid, alive))
+    });
+    let (port, host_pid, alive) = match assigned {
+        Some(a) => a,
         None => {
             let s = spawn(shared, Some(&token), 0)?;
             (s.port, s.host_pid, s.alive)
