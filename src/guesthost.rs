@@ -69,9 +69,9 @@ fn spare_env() -> Option<(std::os::fd::RawFd, u64)> {
     Some((fd, pool))
 }
 
-/// A spare: touch a pool of `pool` bytes (a quarter of one CPU at most) while waiting on pipe `fd` for
-/// the token of the guest to receive. None when the node closed the pipe without one (it
-/// stopped, or retired the spare).
+/// A spare: touch a pool of `pool` bytes (a quarter of one CPU at most) while waiting on pipe
+/// `fd` for the token of the guest to receive. None when the node closed the pipe without one
+/// (it stopped, or retired the spare).
 fn await_guest(
     fd: std::os::fd::RawFd,
     pool: u64,
