@@ -273,10 +273,9 @@ fn precopy_rounds(
     let (delta, rtt) = clock_delta(&samples).expect("CLOCK_PINGS > 0");
     report.rtt_ns = rtt as u64;
     report.clock_delta_ns = delta;
-    let mut planner = Planner::new(migrate::precopy::Config {
-        downtime_budget_ns: DOWNTIME_BUDGET_NS,
-        ..Default::default()
-    });
+    // Aiming for the planner's 2 ms of downtime (a guest that dirties memory faster than the
+    // link drains it is throttled until it fits).
+    let mut planner = Planner::new(migrate::precopy::Config::default());
     // The state is a few KiB; its fixed cost (capture, one round trip, restore) is what an
     // idle guest's downtime measures: 0.4-0.6 ms on loopback (BENCHMARKS.md).
     planner.set_state_cost(16 << 10, 500_000);
@@ -318,11 +317,6 @@ fn precopy_rounds(
     report.total_ns = t0.elapsed().as_nanos() as u64;
     Ok(todo)
 }
-
-/// The longest pause of the guest pre-copy aims for, ns: a round costs little more than one
-/// round trip on a LAN, so pre-copy goes on until the last dirty pages fit 2 ms (a guest that
-/// dirties memory faster than the link drains it is throttled, `migrate::precopy`).
-const DOWNTIME_BUDGET_NS: u64 = 2_000_000;
 
 /// Ping/Pong exchanges taken to estimate the destination's wall clock.
 const CLOCK_PINGS: usize = 5;

@@ -604,14 +604,19 @@ mod tests {
         }
     }
 
+    /// A fresh cluster key (in the returned directory) and a listener on loopback.
+    fn endpoint() -> (tempfile::TempDir, migrate::ClusterTls, TcpListener) {
+        let dir = tempfile::tempdir().unwrap();
+        migrate::keygen(dir.path()).unwrap();
+        let tls = migrate::ClusterTls::load(dir.path()).unwrap();
+        (dir, tls, TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
     /// Frames cross a TLS link both ways, large ones included, while another thread sends;
     /// a wrong token is refused.
     #[test]
     fn frames_cross_a_tls_link_and_tokens_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        migrate::keygen(dir.path()).unwrap();
-        let tls = migrate::ClusterTls::load(dir.path()).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_dir, tls, l) = endpoint();
         let addr = l.local_addr().unwrap();
         let token = [5u8; 32];
         let cfg = tls.endpoint_config();
@@ -676,10 +681,7 @@ mod tests {
     /// meanwhile; frames another thread sends all the while still arrive whole and in order.
     #[test]
     fn frames_sent_while_a_large_one_waits_for_room_arrive_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        migrate::keygen(dir.path()).unwrap();
-        let tls = migrate::ClusterTls::load(dir.path()).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_dir, tls, l) = endpoint();
         let addr = l.local_addr().unwrap();
         let cfg = tls.endpoint_config();
         let big = Message::State {

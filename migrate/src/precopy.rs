@@ -24,7 +24,8 @@ pub const WIRE_PAGE_BYTES: u64 = PAGE_SIZE as u64 + 8;
 /// Planner settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Longest acceptable pause of the guest, in nanoseconds (default 10 ms).
+    /// Longest acceptable pause of the guest, in nanoseconds (default 2 ms: a further round
+    /// costs little more than one round trip on a LAN).
     pub downtime_budget_ns: u64,
     /// Rounds after which switch-over is forced (default 30; the first pass is round 1).
     pub max_rounds: u32,
@@ -47,7 +48,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            downtime_budget_ns: 10_000_000,
+            downtime_budget_ns: 2_000_000,
             max_rounds: 30,
             min_progress: 0.1,
             ewma_alpha: 0.5,
@@ -305,8 +306,9 @@ mod tests {
     #[test]
     fn state_cost_counts_against_the_budget() {
         let mut p = Planner::new(Config::default());
-        p.set_state_cost(0, 9_999_000);
-        // 1 dirty page = 4104 ns: 9_999_000 + 4104 > 10 ms.
+        let budget = Config::default().downtime_budget_ns;
+        p.set_state_cost(0, budget - 1_000);
+        // 1 dirty page = 4104 ns: budget - 1000 + 4104 > budget.
         assert_eq!(p.round_finished(round(10_000, 1)), Decision::NextRound);
         assert!(matches!(
             p.round_finished(round(1, 0)),

@@ -42,10 +42,9 @@ pub fn exit_leaving_teardown(code: i32) -> ! {
         )
     };
     if stack != libc::MAP_FAILED {
-        // SAFETY: `closer` runs on its own stack (`stack` is STACK bytes, the top passed,
-        // 16-aligned) in this address space, and only makes the two calls above; no
-        // CLONE_SETTLS, so it never touches thread-local state. Exit signal 0: nobody waits
-        // for it (it is reparented when this process exits).
+        // Exit signal 0: nobody waits for the child (it is reparented when this process exits).
+        // SAFETY: `closer` runs on its own stack (STACK bytes, top passed, 16-aligned) in this
+        // address space and only makes its two calls; no CLONE_SETTLS, so no thread-local state.
         unsafe {
             libc::clone(
                 closer,
