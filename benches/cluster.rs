@@ -9,7 +9,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::cluster::{keygen, loopback_cluster_with, migrate, spares_of};
+use common::cluster::{client, keygen, loopback_cluster_with, spares_of};
 use common::{image, mosvm_bin};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -108,7 +108,15 @@ fn tcp_rtt() -> f64 {
 
 /// Moves `pid` (homed at the node behind `sock`) to node b.
 fn to_b(sock: &Path, pid: u32) {
-    let out = migrate(sock, pid, "b");
+    to_b_as(sock, pid, None);
+}
+
+/// Moves `pid` to node b, with `mode` (`--precopy`, `--postcopy`) when given.
+fn to_b_as(sock: &Path, pid: u32, mode: Option<&str>) {
+    let pid_s = pid.to_string();
+    let mut args = vec!["migrate", pid_s.as_str(), "b"];
+    args.extend(mode);
+    let out = client(sock, &args);
     assert!(
         out.status.success(),
         "migrate: {}",
@@ -234,7 +242,8 @@ fn main() {
         "mosvm live migration on loopback: two node services (--pool 1G), the process's link straight between source and destination over TLS (one migration per row; references are medians of three)\n"
     );
     println!(
-        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
+        "{:>10} {:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
+        "switch",
         "working",
         "dirtying",
         "total",
@@ -246,17 +255,22 @@ fn main() {
         "vs TCP to"
     );
     println!(
-        "{:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
-        "set MiB", "MiB/s", "ms", "ms", "", "touched", "", "TCP", "fresh mem"
+        "{:>10} {:>8} {:>10} {:>9} {:>11} {:>9} {:>11} {:>9} {:>7} {:>9}",
+        "", "set MiB", "MiB/s", "ms", "ms", "", "touched", "", "TCP", "fresh mem"
     );
-    for (mib, rate) in [
-        (16, 0),
-        (256, 0),
-        (1024, 0),
-        (256, 10),
-        (256, 50),
-        (256, 200),
-        (256, 2000),
+    // Default switch-over (pre-copy, turning to post-copy when it cannot converge), then
+    // pre-copy and post-copy side by side for the guests that dirty fast.
+    for (mib, rate, mode) in [
+        (16, 0, None),
+        (256, 0, None),
+        (1024, 0, None),
+        (256, 10, None),
+        (256, 50, None),
+        (256, 200, Some("--precopy")),
+        (256, 200, Some("--postcopy")),
+        (256, 2000, Some("--precopy")),
+        (256, 2000, Some("--postcopy")),
+        (256, 2000, None),
     ] {
         // References: medians of three, taken right before this row's migration, once b's
         // spare has refilled its pool.
@@ -271,13 +285,24 @@ fn main() {
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
         std::thread::sleep(Duration::from_millis(if rate > 0 { 500 } else { 100 }));
-        to_b(&sock, run.id());
+        to_b_as(&sock, run.id(), mode);
         let r = finish(run, out);
         let f = |k: &str| r[k].as_f64().unwrap();
-        let touched = f("first_pages") * 4096.0;
+        // A post-copy from the start has no first pass: it sends every touched page once.
+        let touched = if f("first_pages") > 0.0 {
+            f("first_pages")
+        } else {
+            f("pages")
+        } * 4096.0;
         let bps = f("bytes") / (f("total_ns") / 1e9);
+        let switch = match (mode, r["postcopy"].as_bool() == Some(true)) {
+            (None, true) => "auto>post",
+            (None, false) => "auto",
+            (Some(m), _) => m.trim_start_matches('-'),
+        };
         println!(
-            "{:>8} {:>10} {:>9.1} {:>11.2} {:>9} {:>11.3} {:>9.0} {:>7.2} {:>9.2}",
+            "{:>10} {:>8} {:>10} {:>9.1} {:>11.2} {:>9} {:>11.3} {:>9.0} {:>7.2} {:>9.2}",
+            switch,
             mib,
             rate,
             f("total_ns") / 1e6,
@@ -289,10 +314,13 @@ fn main() {
             bps / fresh
         );
         eprintln!(
-            "   (raw loopback TCP {:.0} MB/s, into fresh memory {:.0} MB/s; throttle {:.2})",
+            "   (raw loopback TCP {:.0} MB/s, into fresh memory {:.0} MB/s; throttle {:.2}; post-copy: {} pages after resuming, {} faults, {:.1} ms)",
             raw / 1e6,
             fresh / 1e6,
-            f("throttle")
+            f("throttle"),
+            r["outstanding_pages"],
+            r["faults"],
+            f("postcopy_ns") / 1e6
         );
     }
 

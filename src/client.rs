@@ -17,6 +17,15 @@ pub(crate) struct MigrateArgs {
     /// Return only once the move is done (exit 1 if it fails, with the reason).
     #[arg(long)]
     wait: bool,
+    /// Move by post-copy: the process resumes on NODE at once and its memory follows (fetched
+    /// when touched). Its home or NODE failing before all of it has arrived loses the
+    /// process. Only from home. Default: pre-copy, turning to post-copy when the process
+    /// writes memory faster than the link carries it.
+    #[arg(long, conflicts_with = "precopy")]
+    postcopy: bool,
+    /// Move by pre-copy only (a process writing too fast is slowed down until it fits).
+    #[arg(long)]
+    precopy: bool,
 }
 
 #[derive(clap::Args)]
@@ -102,6 +111,11 @@ pub(crate) fn migrate_cmd(a: MigrateArgs) -> ExitCode {
         pid: a.pid,
         to: a.node.clone(),
         wait: a.wait,
+        mode: match (a.postcopy, a.precopy) {
+            (true, _) => crate::migration::Mode::Postcopy,
+            (_, true) => crate::migration::Mode::Precopy,
+            _ => crate::migration::Mode::Auto,
+        },
     };
     // With --wait the node answers when this request's move is over, and with its outcome
     // (never another request's).

@@ -62,6 +62,9 @@ pub enum Request {
         to: String,
         #[serde(default)]
         wait: bool,
+        /// How the move switches over.
+        #[serde(default)]
+        mode: crate::migration::Mode,
     },
     /// From the process migrating `pid` (its `mosvm run`, or the guest host running it): have
     /// node `to` start a guest host for it, and answer where that host waits
@@ -237,6 +240,9 @@ pub enum Command {
         to: String,
         #[serde(default)]
         id: u64,
+        /// How the move switches over.
+        #[serde(default)]
+        mode: crate::migration::Mode,
     },
 }
 

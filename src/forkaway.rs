@@ -81,7 +81,7 @@ fn serve_child(mut deputy: Box<dyn Deputy>, f: ForkAway, parent: &Parent) -> any
     );
     let link = wire::connect(f.addr, &parent.cert, hello)
         .with_context(|| format!("connecting to its guest host at {}", f.addr))?;
-    match crate::serve_remote(link, &mut deputy, &reg, &parent.host, &parent.cert)? {
+    match crate::serve_remote(link, &mut deputy, &reg, &parent.host, &parent.cert, None)? {
         Ok(vm) => Ok(crate::run_guest(vm, Some(reg), Some(&parent.socket))?.0),
         Err(status) => Ok(status),
     }

@@ -28,7 +28,7 @@ struct Job {
     /// Where the guest goes when moving on to another node (None: back home over the home
     /// link): the node's name and its guest host's endpoint.
     onward: Option<(String, crate::control::Endpoint)>,
-    pending: Vec<u64>,
+    switch: migration::Switch,
     report: Report,
 }
 
@@ -242,11 +242,35 @@ struct Plumbing {
     moving: Arc<AtomicBool>,
     handle: Arc<OnceLock<vmm::vm::PauseHandle>>,
     view_slot: Arc<OnceLock<vmm::memory::MemView>>,
+    /// The guest's memory while its pages arrive by post-copy.
+    postcopy: Arc<OnceLock<Arc<vmm::postcopy::Faults>>>,
+    /// Home has been told the post-copy is complete.
+    told_done: Arc<AtomicBool>,
+}
+
+/// Whether a post-copy into this host is under way (some of the guest's pages are still at
+/// home).
+fn arriving(pc: &OnceLock<Arc<vmm::postcopy::Faults>>) -> bool {
+    pc.get().is_some_and(|f| !f.complete())
+}
+
+/// The guest cannot go on here (its pages cannot all arrive): end this guest host now. Its
+/// threads may wait in page faults nothing will answer, so nothing waits for them.
+fn lost_during_postcopy(why: &str) -> ! {
+    eprintln!("mosvm guest-host: {why} while the guest's memory was still arriving (post-copy); the guest is lost");
+    // SAFETY: _exit ends the process at once; nothing of it is used after.
+    unsafe { libc::_exit(1) }
 }
 
 impl Plumbing {
     /// The plumbing for guest `g` over `home_link`, and the deputy its VM calls home through.
-    fn new(g: &GuestInfo, home_link: HomeLink) -> (Plumbing, RemoteDeputy) {
+    /// `postcopy`: the guest arrived by post-copy into these faults: the pages that follow
+    /// are put in (from the first one the link's reader sees).
+    fn new(
+        g: &GuestInfo,
+        home_link: HomeLink,
+        arriving_into: Option<Arc<vmm::postcopy::Faults>>,
+    ) -> (Plumbing, RemoteDeputy) {
         let handle: Arc<OnceLock<vmm::vm::PauseHandle>> = Arc::new(OnceLock::new());
         let view_slot: Arc<OnceLock<vmm::memory::MemView>> = Arc::new(OnceLock::new());
         let (mig_tx, mig_rx) = mpsc::channel();
@@ -259,6 +283,18 @@ impl Plumbing {
             handle.clone(),
         );
         let (v3, hl3, in3) = (view_slot.clone(), home_link.clone(), inbox.clone());
+        let postcopy: Arc<OnceLock<Arc<vmm::postcopy::Faults>>> = Arc::new(OnceLock::new());
+        if let Some(f) = arriving_into {
+            // Its faults ask home for the pages they need.
+            let home = home_link.clone();
+            f.serve(move |pages| {
+                home.tell(&Message::PageRequest { pages });
+            });
+            let _ = postcopy.set(f);
+        }
+        let told_done = Arc::new(AtomicBool::new(false));
+        let (pc1, pc2, pc3) = (postcopy.clone(), postcopy.clone(), postcopy.clone());
+        let (hl4, told) = (home_link.clone(), told_done.clone());
         let g = g.clone();
         let moving = Arc::new(AtomicBool::new(false));
         let (mv1, mv2) = (moving.clone(), moving.clone());
@@ -280,8 +316,14 @@ impl Plumbing {
                 return;
             }
             let mv = mv1.clone();
+            let pc = pc1.clone();
             std::thread::spawn(move || {
                 crate::link::block_host_signals();
+                // A guest whose pages are still arriving has not all of itself to send: it
+                // moves on once they are here (home keeps pushing them meanwhile).
+                while arriving(&pc) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let mut report = Report::default();
                 let guest = migration::Guest {
                     pid: g.pid,
@@ -295,12 +337,20 @@ impl Plumbing {
                         .ok_or_else(|| anyhow::anyhow!("no link home"))
                         .and_then(|writer| {
                             let mut conn = Routed { writer, inbox };
-                            let pending =
-                                migration::precopy(&mut conn, &view, &pause, &guest, &mut report)?;
+                            // (Post-copy would need this host to keep serving pages after the
+                            // guest left, and home to have a userfaultfd: pre-copy only.)
+                            let switch = migration::precopy(
+                                &mut conn,
+                                &view,
+                                &pause,
+                                &guest,
+                                migration::Mode::Precopy,
+                                &mut report,
+                            )?;
                             Ok(Job {
                                 conn: Box::new(conn),
                                 onward: None,
-                                pending,
+                                switch,
                                 report,
                             })
                         }),
@@ -315,12 +365,18 @@ impl Plumbing {
                                 Some(ep.token),
                             );
                             let mut l = wire::connect_over(sock, &ep.cert, hello)?;
-                            let pending =
-                                migration::precopy(&mut l, &view, &pause, &guest, &mut report)?;
+                            let switch = migration::precopy(
+                                &mut l,
+                                &view,
+                                &pause,
+                                &guest,
+                                migration::Mode::Precopy,
+                                &mut report,
+                            )?;
                             Ok(Job {
                                 conn: Box::new(l),
                                 onward: Some((node, ep)),
-                                pending,
+                                switch,
                                 report,
                             })
                         })
@@ -349,6 +405,9 @@ impl Plumbing {
             }),
             // The deputy is gone: nobody can serve this guest any more. Destroy it.
             on_lost: Box::new(move || {
+                if arriving(&pc2) {
+                    lost_during_postcopy("the link home was lost");
+                }
                 if let Some(h) = h2.get() {
                     h.deliver(libc::SIGKILL);
                 }
@@ -361,6 +420,21 @@ impl Plumbing {
             migration: mig_tx,
             must_move: Box::new(move || mv2.load(Ordering::SeqCst)),
             pausing: Box::new(move || h4.get().is_some_and(|h| h.requested())),
+            on_pages: Box::new(move |batch| {
+                let Some(f) = pc3.get() else {
+                    eprintln!("mosvm guest-host: guest pages came with no post-copy under way");
+                    return;
+                };
+                match migration::place_pages(f, &batch) {
+                    Ok(true) => {
+                        if !told.swap(true, Ordering::SeqCst) {
+                            hl4.tell(&Message::PostcopyDone { faults: f.faults() });
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => lost_during_postcopy(&format!("{e:#}")),
+                }
+            }),
         };
         let deputy = RemoteDeputy::start(home_link.clone(), router);
         let p = Plumbing {
@@ -369,8 +443,20 @@ impl Plumbing {
             moving,
             handle,
             view_slot,
+            postcopy,
+            told_done,
         };
         (p, deputy)
+    }
+
+    /// Tell home the post-copy is complete if it is (and it was not told).
+    fn tell_if_complete(&self) {
+        if let Some(f) = self.postcopy.get() {
+            if f.complete() && !self.told_done.swap(true, Ordering::SeqCst) {
+                self.home_link
+                    .tell(&Message::PostcopyDone { faults: f.faults() });
+            }
+        }
     }
 
     /// The guest's VM is up: its commands and signals can reach it.
@@ -433,7 +519,7 @@ fn forked_child(
         ..g.clone()
     };
     let home_link = HomeLink::default();
-    let (p, deputy) = Plumbing::new(&g, home_link.clone());
+    let (p, deputy) = Plumbing::new(&g, home_link.clone(), None);
     say_home(&home_link);
     // The parent's deputy reads the parent's link with threads this process does not have.
     std::mem::forget(vm.replace_deputy(Box::new(deputy)));
@@ -488,6 +574,9 @@ pub fn main() -> ExitCode {
     let spare = spare_env();
     keep.extend(spare.map(|(fd, _)| fd));
     crate::jail::close_descriptors_but(&keep);
+    // A userfaultfd (for a guest that arrives by post-copy) can be made only now, before
+    // the jail; without one (an unprivileged node) guests arrive by pre-copy.
+    let uffd = vmm::postcopy::open().ok();
     let mut setup = match setup(spare.is_some()) {
         Ok(s) => s,
         Err(e) => return fail(&format!("{e:#}")),
@@ -528,13 +617,26 @@ pub fn main() -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(&format!("waiting for the guest: {e:#}")),
     };
-    let arrived = migration::receive(&mut mig, None, pool, &mut |m| {
+    let arrived = migration::receive(&mut mig, None, pool, uffd, &mut |m| {
         anyhow::bail!("unexpected {:?} before the guest resumed", m.kind())
     });
-    let (prepared, state, offer) = match arrived {
+    let migration::Arrived {
+        prepared,
+        state,
+        offer,
+        postcopy,
+    } = match arrived {
         Ok(x) => x,
         Err(e) => return fail(&format!("receiving the guest failed: {e:#}")),
     };
+    if postcopy.is_some() && source != offer.home_node {
+        // Only home stays to push the rest: this source would not.
+        let reason = "a post-copy comes from home only".to_string();
+        let _ = mig.send(&Message::Abort {
+            reason: reason.clone(),
+        });
+        return fail(&reason);
+    }
     // From home, the migration's link becomes the deputy channel; from another node, home
     // connects once that node reports the move.
     let from_home = source == offer.home_node;
@@ -550,7 +652,7 @@ pub fn main() -> ExitCode {
         mem_bytes: offer.mem_bytes,
         me: id.ours.node_name.clone(),
     };
-    let (mut plumbing, deputy) = Plumbing::new(&g, home_link.clone());
+    let (mut plumbing, deputy) = Plumbing::new(&g, home_link.clone(), postcopy);
     say_home(&home_link);
     let mut vm = match vmm::vm::Vm::restore_prepared(prepared, state, Box::new(deputy)) {
         Ok(vm) => vm,
@@ -566,6 +668,7 @@ pub fn main() -> ExitCode {
     if mig.send(&Message::Resumed).is_err() {
         return fail("the link closed before the guest resumed");
     }
+    plumbing.tell_if_complete();
     plumbing.report_usage(&vm, setup.node.clone());
     if !from_home {
         // The source is done with us; home connects its deputy channel.
@@ -617,7 +720,8 @@ pub fn main() -> ExitCode {
             pause.clear();
             continue;
         };
-        let switched = migration::switch_vm(&mut *job.conn, &mut vm, &job.pending, &mut job.report);
+        let switched =
+            migration::switch_vm(&mut *job.conn, &mut vm, &job.switch, &mut job.report).map(|_| ());
         if switched.is_ok() && vm.wants_stats() {
             // `--stats`: each move's report, as home prints those of moves it makes.
             let json = serde_json::to_string(&job.report).unwrap_or_default();

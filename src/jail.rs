@@ -18,7 +18,7 @@
 //!    parent-death signal is armed again (a change of credentials clears it).
 //! 3. **System-call filters.** `PR_SET_NO_NEW_PRIVS` and seccomp filters (seccompiler)
 //!    allowing only what a guest host does: memory, threads and signals, time, I/O on the
-//!    descriptors it holds, KVM's ioctls. Everything else fails with EPERM, logged by the
+//!    descriptors it holds, KVM's ioctls and userfaultfd's (on the one made before). Everything else fails with EPERM, logged by the
 //!    kernel (an audit record, `type=1326`): among them `socket` (but for Unix socket pairs),
 //!    `connect`, `bind`, `execve`, `ptrace`, `mount`, new namespaces, and executable memory.
 //!    Opening a file by path fails with ENOENT, unlogged, as it would in the empty root (and
@@ -369,6 +369,14 @@ fn allowed() -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
         Op::MaskedEq(0xff00),
         0xae00,
     )?])?];
+    // userfaultfd's (type 0xAA), on the descriptor made before the jail: a guest arriving
+    // by post-copy (vmm::postcopy). A new userfaultfd cannot be made here.
+    ioctls.push(rule(vec![cond(
+        1,
+        Len::Dword,
+        Op::MaskedEq(0xff00),
+        0xaa00,
+    )?])?);
     for cmd in [FIONBIO, FIONREAD, FIOCLEX, FIONCLEX] {
         ioctls.push(rule(vec![cond(1, Len::Dword, Op::Eq, cmd)?])?);
     }

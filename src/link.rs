@@ -87,6 +87,8 @@ pub struct Router {
     pub must_move: Box<dyn Fn() -> bool + Send + Sync>,
     /// Whether the guest has been asked to stop for the switch-over.
     pub pausing: Box<dyn Fn() -> bool + Send + Sync>,
+    /// `Pages` after a post-copy switch-over: the guest's outstanding pages arriving.
+    pub on_pages: Box<dyn Fn(migrate::PageBatch) + Send + Sync>,
 }
 
 impl Router {
@@ -94,8 +96,9 @@ impl Router {
     fn dispatch(&self, m: Message) {
         match m {
             Message::Signal { sig } => (self.on_signal)(sig),
+            Message::Pages(b) => (self.on_pages)(b),
             m @ (Message::MigrateTo { .. } | Message::MigrateBack) => (self.on_command)(m),
-            m @ (Message::MigrateAccept
+            m @ (Message::MigrateAccept { .. }
             | Message::MigrateRefuse { .. }
             | Message::Resumed
             | Message::Pong { .. }
@@ -588,12 +591,14 @@ fn fork_deputy(deputy: &mut dyn Deputy, f: ForkAway, on_fork: OnFork) -> i64 {
 /// reports are taken at once, and anything else is passed on (the guest's exit, or a lost
 /// link, interrupts the calls still running for it). Signals `mosvm run` receives meanwhile are sent to the guest;
 /// `on_failed` hears why a move the guest's host tried failed, `on_usage` what the guest has
-/// used on its host (CPU ns, memory bytes).
+/// used on its host (CPU ns, memory bytes), `on_postcopy` a post-copy's `PageRequest` and
+/// `PostcopyDone`.
 pub fn serve_home(
     writer: Wire,
     deputy: &mut dyn Deputy,
     on_failed: &(dyn Fn(String) + Sync),
     on_usage: &(dyn Fn(u64, u64) + Sync),
+    on_postcopy: &(dyn Fn(Message) + Sync),
     on_fork: OnFork,
 ) -> HomeEnd {
     let reader = writer.clone();
@@ -666,6 +671,9 @@ pub fn serve_home(
                             on_usage(cpu_ns, mem_bytes)
                         }
                         Ok(Some(Message::Say { line })) => eprintln!("{line}"),
+                        Ok(Some(
+                            m @ (Message::PageRequest { .. } | Message::PostcopyDone { .. }),
+                        )) => on_postcopy(m),
                         Ok(Some(m)) => {
                             orphans = matches!(m, Message::Exit { .. });
                             if tx.send(m).is_err() {
@@ -748,6 +756,7 @@ pub fn serve_home(
                 Message::Usage { cpu_ns, mem_bytes } => on_usage(cpu_ns, mem_bytes),
                 // The guest's VMM speaks to its user, whose stderr is this process's.
                 Message::Say { line } => eprintln!("{line}"),
+                m @ (Message::PageRequest { .. } | Message::PostcopyDone { .. }) => on_postcopy(m),
                 _ => {}
             }
         };
@@ -798,7 +807,7 @@ mod tests {
             let no_fork = |_: &mut dyn Deputy, _| -> std::convert::Infallible {
                 panic!("nothing forks in this test")
             };
-            match serve_home(home_end, &mut d, &|_| {}, &|_, _| {}, &no_fork) {
+            match serve_home(home_end, &mut d, &|_| {}, &|_, _| {}, &|_| {}, &no_fork) {
                 HomeEnd::Exited(s) => Some(s),
                 _ => None,
             }
@@ -812,6 +821,7 @@ mod tests {
             migration: mtx,
             must_move: Box::new(|| false),
             pausing: Box::new(|| false),
+            on_pages: Box::new(|_| {}),
         };
         let mut rd = RemoteDeputy::start(HomeLink::attached(guest_end.clone()), router);
         let r = rd.call(Request {

@@ -410,22 +410,41 @@ fn run_guest(
         };
         let reg = reg.as_ref().expect("a job came from the registration");
         reg.busy.store(false, std::sync::atomic::Ordering::SeqCst);
-        let switched = migration::switch_vm(&mut job.link, &mut vm, &job.pending, &mut job.report);
-        if let Err(e) = switched {
-            send_update(
-                &reg.updates,
-                &control::Update::MigrationFailed {
-                    reason: format!("{e:#}"),
-                    id: None,
-                },
-            );
-            pause.clear();
-            continue;
-        }
-        if vm.wants_stats() {
+        let switched = migration::switch_vm(&mut job.link, &mut vm, &job.switch, &mut job.report);
+        let push = match switched {
+            Ok(push) => push,
+            Err(e) => {
+                send_update(
+                    &reg.updates,
+                    &control::Update::MigrationFailed {
+                        reason: format!("{e:#}"),
+                        id: None,
+                    },
+                );
+                if e.downcast_ref::<migration::Lost>().is_some() {
+                    // It may run there now: it must not run here too.
+                    eprintln!(
+                        "mosvm: lost the process while it moved to {} by post-copy ({e:#}); it \
+                         cannot continue",
+                        job.to
+                    );
+                    return Ok((link::LOST_HOST_STATUS as i32, None));
+                }
+                pause.clear();
+                continue;
+            }
+        };
+        // A post-copy's report is complete once its last page has arrived.
+        let stats = vm.wants_stats();
+        if stats && push.is_none() {
             let json = serde_json::to_string(&job.report).unwrap_or_default();
             eprintln!("mosvm-migration {json}");
         }
+        let postcopy = push.map(|p| Postcopy {
+            push: p,
+            report: job.report.clone(),
+            stats,
+        });
         // The node's next `migrate` goes to the guest's new host: route it there before the
         // node learns of the move (the VM left here may take a while to drop).
         if let Ok(mut r) = reg.remote.lock() {
@@ -439,22 +458,32 @@ fn run_guest(
             },
         );
         let mut deputy = vm.into_deputy();
-        match serve_remote(job.link, &mut deputy, reg, &job.to, &job.cert)? {
+        match serve_remote(job.link, &mut deputy, reg, &job.to, &job.cert, postcopy)? {
             Ok(back) => vm = back,
             Err(status) => return Ok((status, None)),
         }
     }
 }
 
+/// A post-copy under way from home: its push, and its report (printed with `--stats` once the
+/// last page has arrived).
+struct Postcopy {
+    push: migration::Push,
+    report: migration::Report,
+    stats: bool,
+}
+
 /// Serve the guest's deputy calls from home while it runs elsewhere, until it exits (`Err`
 /// with its status), the link is lost (`Err(112)`), or it comes home (`Ok` with the VM, which
-/// then runs here again).
+/// then runs here again). `postcopy`: the move to `first_host` was by post-copy, and its
+/// pages are still being pushed.
 fn serve_remote(
     link: wire::Wire,
     deputy: &mut Box<dyn vmm::deputy::Deputy>,
     reg: &Registration,
     first_host: &str,
     cert: &[u8],
+    postcopy: Option<Postcopy>,
 ) -> anyhow::Result<Result<vmm::vm::Vm, i32>> {
     let mut link = link;
     let mut host = first_host.to_string();
@@ -486,6 +515,23 @@ fn serve_remote(
             std::sync::atomic::Ordering::SeqCst,
         );
     };
+    let postcopy = std::sync::Mutex::new(postcopy);
+    let on_postcopy = |m: migrate::Message| {
+        let mut pc = postcopy.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(p) = pc.as_mut() else { return };
+        match m {
+            migrate::Message::PageRequest { pages } => p.push.request(pages),
+            migrate::Message::PostcopyDone { faults } => {
+                p.push.finish(faults, &mut p.report);
+                if p.stats {
+                    let json = serde_json::to_string(&p.report).unwrap_or_default();
+                    eprintln!("mosvm-migration {json}");
+                }
+                *pc = None;
+            }
+            _ => {}
+        }
+    };
     // Where the guest runs now and the link to it: a child forked there is told the first,
     // and closes its copy of the second.
     let now = std::sync::Mutex::new((host.clone(), link.raw_fd()));
@@ -507,7 +553,14 @@ fn serve_remote(
         if let Ok(mut n) = now.lock() {
             *n = (host.clone(), link.raw_fd());
         }
-        let end = link::serve_home(link.clone(), &mut **deputy, &on_failed, &on_usage, &on_fork);
+        let end = link::serve_home(
+            link.clone(),
+            &mut **deputy,
+            &on_failed,
+            &on_usage,
+            &on_postcopy,
+            &on_fork,
+        );
         host_done();
         match end {
             // The guest moved on: connect its deputy channel to the new host.
@@ -551,7 +604,19 @@ fn serve_remote(
         link::HomeEnd::Moved { .. } => unreachable!("handled above"),
         link::HomeEnd::Lost => {
             clear();
-            eprintln!("mosvm: lost the node running the process ({host}); it cannot continue");
+            let arriving = postcopy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .is_some();
+            let while_ = if arriving {
+                " while its memory was still moving there (post-copy)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "mosvm: lost the node running the process ({host}){while_}; it cannot continue"
+            );
             return Ok(Err(link::LOST_HOST_STATUS as i32));
         }
         link::HomeEnd::Coming(offer, inbox, running) => (offer, inbox, running),
@@ -565,7 +630,7 @@ fn serve_remote(
     };
     // The guest may exit on its host before the move is through: its status is the process's.
     let mut exited = None;
-    let received = migration::receive(&mut conn, Some(offer), None, &mut |m| {
+    let received = migration::receive(&mut conn, Some(offer), None, None, &mut |m| {
         match m {
             migrate::Message::DeputyRequest(r) => {
                 let ok = running.serve(&writer, &std::sync::Mutex::new(&mut **deputy), r, &on_fork);
@@ -581,8 +646,8 @@ fn serve_remote(
         Ok(())
     });
     clear();
-    let (prepared, state, _) = match received {
-        Ok(x) => x,
+    let (prepared, state) = match received {
+        Ok(a) => (a.prepared, a.state),
         Err(_) if exited.is_some() => return Ok(Err(exited.unwrap_or_default())),
         Err(e) => {
             eprintln!("mosvm: bringing the process home failed: {e:#}");

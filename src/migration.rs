@@ -42,6 +42,21 @@ pub fn host_features() -> CpuFeatures {
     CpuFeatures::from_cpuid(&raw, xcr0)
 }
 
+/// How a move switches over (`mosvm migrate --precopy | --postcopy`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Pre-copy; when it cannot converge (the guest writes faster than the link drains) and
+    /// the destination can, post-copy instead of throttling the guest.
+    #[default]
+    Auto,
+    /// Pre-copy only (a guest that writes too fast is throttled until it fits).
+    Precopy,
+    /// Post-copy from the start: the guest pauses, its state and the pages it wrote last
+    /// cross, it resumes at the destination, and the rest follows (`migrate::postcopy`).
+    Postcopy,
+}
+
 /// Statistics of one migration, for `--stats` and benchmarks.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
@@ -66,6 +81,14 @@ pub struct Report {
     pub rtt_ns: u64,
     /// The strongest throttle applied: the share of vCPU time taken away (0: none).
     pub throttle: f64,
+    /// The switch-over was by post-copy.
+    pub postcopy: bool,
+    /// Post-copy: pages that crossed after the guest resumed.
+    pub outstanding_pages: u64,
+    /// Post-copy: guest accesses that waited for a page (the destination's count).
+    pub faults: u64,
+    /// Post-copy: guest resumed to last page arrived, ns.
+    pub postcopy_ns: u64,
 }
 
 /// This host's wall-clock time, ns.
@@ -95,6 +118,11 @@ pub trait Conn {
     fn send(&mut self, m: &Message) -> Result<u64>;
     /// Receive the next message meant for the migration.
     fn recv(&mut self) -> Result<Message>;
+    /// A sender for this link that another thread may use beside this one (post-copy pushes
+    /// pages while the switch-over waits for the answer); None where there is none.
+    fn sender(&self) -> Option<Wire> {
+        None
+    }
     /// Like [`Conn::recv`], with a page batch's pages put into `sink`.
     fn recv_into(&mut self, sink: &mut dyn PageSink) -> Result<Received> {
         match self.recv()? {
@@ -131,6 +159,9 @@ impl Conn for Wire {
     }
     fn recv(&mut self) -> Result<Message> {
         Ok(Wire::recv(self)?)
+    }
+    fn sender(&self) -> Option<Wire> {
+        Some(self.clone())
     }
     fn recv_into(&mut self, sink: &mut dyn PageSink) -> Result<Received> {
         Ok(self.reader().recv_into(sink)?)
@@ -191,18 +222,39 @@ fn send_pages(link: &mut dyn Conn, view: &MemView, gpns: &[u64]) -> Result<(u64,
     Ok((gpns.len() as u64, bytes))
 }
 
+/// How the switch-over goes, as the source's pre-copy decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switch {
+    /// Stop and copy: these pages (dirtied in the last round) and those dirtied since cross
+    /// before the guest resumes.
+    Copy(Vec<u64>),
+    /// Post-copy: the destination lacks these pages (dirtied in the last round, or every
+    /// page the guest had touched when a post-copy from the start began) and those dirtied
+    /// since.
+    Post(Vec<u64>),
+}
+
+/// How long a post-copy from the start watches the guest's writes before it pauses it: the
+/// pages written in that time cross with the state (up to [`HOT_PAGES`]).
+const HOT_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The most pages that cross with a post-copy's state (1 MiB: about 1 ms at the link speeds
+/// measured here, BENCHMARKS.md).
+const HOT_PAGES: usize = 32;
+
 /// The source's pre-copy, while the guest runs: offer, first pass of touched pages, rounds from
-/// the dirty log until the planner says switch over. Returns the pages dirtied in the last
-/// round, which the stop-and-copy round (done once the guest is paused) sends.
+/// the dirty log until the planner says switch over (`mode`: or post-copy, see [`Mode`]).
+/// Returns how the switch-over (done once the guest is paused) goes.
 /// On failure the guest is left as it was: dirty logging off, full speed.
 pub fn precopy(
     link: &mut dyn Conn,
     view: &MemView,
     pause: &vmm::vm::PauseHandle,
     guest: &Guest,
+    mode: Mode,
     report: &mut Report,
-) -> Result<Vec<u64>> {
-    let r = precopy_rounds(link, view, pause, guest, report);
+) -> Result<Switch> {
+    let r = precopy_rounds(link, view, pause, guest, mode, report);
     pause.throttle(0.0);
     if r.is_err() {
         let _ = view.stop_dirty_log();
@@ -215,8 +267,9 @@ fn precopy_rounds(
     view: &MemView,
     pause: &vmm::vm::PauseHandle,
     guest: &Guest,
+    mode: Mode,
     report: &mut Report,
-) -> Result<Vec<u64>> {
+) -> Result<Switch> {
     let Guest {
         pid,
         home,
@@ -232,7 +285,12 @@ fn precopy_rounds(
         home_node: home.to_string(),
         program: program.to_string(),
         mem_bytes,
-        touched_pages: first.len() as u64,
+        // (A post-copy from the start has no first pass: nothing to fault in ahead.)
+        touched_pages: if mode == Mode::Postcopy {
+            0
+        } else {
+            first.len() as u64
+        },
         page_size: PAGE as u32,
         regions: vec![MemRegion {
             guest_phys: 0,
@@ -242,14 +300,19 @@ fn precopy_rounds(
     };
     link.send(&Message::MigrateOffer(offer))
         .context("sending the offer")?;
-    match link
+    // Post-copy needs a destination that can take it, and a link that can carry pages beside
+    // the answer the switch-over waits for.
+    let postcopy_ok = match link
         .recv()
         .context("waiting for the destination's answer")?
     {
-        Message::MigrateAccept => {}
+        Message::MigrateAccept { postcopy } => postcopy && link.sender().is_some(),
         Message::MigrateRefuse { reason } => bail!("destination refused: {reason}"),
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("unexpected answer to the offer: {:?}", other.kind()),
+    };
+    if mode == Mode::Postcopy && !postcopy_ok {
+        bail!("the destination cannot receive by post-copy (it has no userfaultfd)");
     }
     // Estimate the destination's clock against ours, so the guest keeps home's wall clock:
     // from the quickest of a few Ping/Pong exchanges (a slow one was delayed on one leg, and
@@ -273,6 +336,14 @@ fn precopy_rounds(
     let (delta, rtt) = clock_delta(&samples).expect("CLOCK_PINGS > 0");
     report.rtt_ns = rtt as u64;
     report.clock_delta_ns = delta;
+    if mode == Mode::Postcopy {
+        // The pages the guest writes now are those it needs first where it lands (and those
+        // it touches for the first time are in the dirty log too).
+        std::thread::sleep(HOT_WINDOW);
+        report.first_pages = 0;
+        report.total_ns = t0.elapsed().as_nanos() as u64;
+        return Ok(Switch::Post(first));
+    }
     // Aiming for the planner's 2 ms of downtime (a guest that dirties memory faster than the
     // link drains it is throttled until it fits).
     let mut planner = Planner::new(migrate::precopy::Config::default());
@@ -305,6 +376,12 @@ fn precopy_rounds(
         });
         match d {
             Decision::NextRound => continue,
+            Decision::Throttle(_) if mode == Mode::Auto && postcopy_ok => {
+                // The guest writes faster than the link drains: rather than slow it down,
+                // move it now and send what it wrote after it.
+                report.total_ns = t0.elapsed().as_nanos() as u64;
+                return Ok(Switch::Post(todo));
+            }
             Decision::Throttle(f) => {
                 // The guest writes faster than the link drains: slow it down.
                 pause.throttle(f);
@@ -315,7 +392,7 @@ fn precopy_rounds(
         }
     }
     report.total_ns = t0.elapsed().as_nanos() as u64;
-    Ok(todo)
+    Ok(Switch::Copy(todo))
 }
 
 /// Ping/Pong exchanges taken to estimate the destination's wall clock.
@@ -351,14 +428,15 @@ fn sync(link: &mut dyn Conn) -> Result<()> {
 }
 
 /// The switch-over of a paused `vm`: capture its state (wall clock shifted to keep home's on
-/// the destination) and run the stop-and-copy round. On failure dirty logging is stopped and
-/// the VM can run on here.
+/// the destination), then the stop-and-copy round, or the post-copy switch-over (then the
+/// push that follows it is returned). On failure dirty logging is stopped and the VM can run
+/// on here, unless the error is [`Lost`].
 pub fn switch_vm(
     link: &mut dyn Conn,
     vm: &mut vmm::vm::Vm,
-    pending: &[u64],
+    switch: &Switch,
     report: &mut Report,
-) -> Result<()> {
+) -> Result<Option<Push>> {
     let view = vm.memory_view();
     let delta = report.clock_delta_ns;
     let r = vm
@@ -367,11 +445,200 @@ pub fn switch_vm(
             s.shift_realtime(delta);
             s.encode()
         })
-        .and_then(|state| switch_over(link, &view, pending, &state, report));
+        .and_then(|state| match switch {
+            Switch::Copy(pending) => {
+                switch_over(link, &view, pending, &state, report).map(|_| None)
+            }
+            Switch::Post(stale) => {
+                switch_over_postcopy(link, &view, stale, &state, report).map(Some)
+            }
+        });
     if r.is_err() {
         let _ = view.stop_dirty_log();
     }
     r
+}
+
+/// A post-copy switch-over whose outcome is unknown (the link failed after the state left):
+/// the guest may be running at the destination, so it must not run here too. The process is
+/// lost (as in QEMU's post-copy: neither side has all of it).
+#[derive(Debug)]
+pub struct Lost(pub String);
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Lost {}
+
+/// The post-copy switch-over, with the guest paused: the pages it wrote last (up to
+/// [`HOT_PAGES`]), then the state and the list of pages still to come (those the destination
+/// lacks: `stale` and the ones written since). The
+/// push starts at once (restoring the guest may touch memory); pages asked for while the
+/// destination restores go first. Waits for the guest to resume there.
+fn switch_over_postcopy(
+    link: &mut dyn Conn,
+    view: &MemView,
+    stale: &[u64],
+    state: &[u8],
+    report: &mut Report,
+) -> Result<Push> {
+    let t = Instant::now();
+    // (Both lists are in page order: a merge, not a sort, while the guest waits.)
+    let mut hot = view.take_dirty()?;
+    let stale = merge_sorted(stale, &hot);
+    hot.truncate(HOT_PAGES);
+    let outstanding: Vec<u64> = stale
+        .into_iter()
+        .filter(|p| hot.binary_search(p).is_err())
+        .collect();
+    let sender = link
+        .sender()
+        .ok_or_else(|| anyhow::anyhow!("this link cannot carry a post-copy"))?;
+    let (pages, bytes) = send_pages(link, view, &hot)?;
+    report.last_pages = pages;
+    report.pages += pages;
+    report.bytes += bytes;
+    report.postcopy = true;
+    report.outstanding_pages = outstanding.len() as u64;
+    link.send(&Message::PostcopyState {
+        vcpu_and_vmm: state.to_vec(),
+        outstanding: migrate::postcopy::to_runs(&outstanding),
+    })
+    .context("sending the state")?;
+    let push = Push::start(sender, view.clone(), &outstanding);
+    loop {
+        match link.recv() {
+            Ok(Message::Resumed) => break,
+            Ok(Message::PageRequest { pages }) => push.request(pages),
+            // The destination gave up before it ran the guest: it runs on here.
+            Ok(Message::Abort { reason }) => {
+                push.stop();
+                bail!("destination aborted: {reason}");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                push.stop();
+                return Err(anyhow::Error::new(Lost(format!(
+                    "the link failed during a post-copy switch-over: {e:#}"
+                ))));
+            }
+        }
+    }
+    report.downtime_ns = t.elapsed().as_nanos() as u64;
+    report.total_ns += report.downtime_ns;
+    Ok(push)
+}
+
+/// The union of two ascending page lists, ascending, without duplicates.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x <= y => {
+                i += 1;
+                j += usize::from(x == y);
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, None) => break,
+        };
+        if out.last() != Some(&next) {
+            out.push(next);
+        }
+    }
+    out
+}
+
+/// Pages per batch of a post-copy push (256 KiB): a page asked for waits behind at most one.
+const PUSH_BATCH: usize = 64;
+
+/// A post-copy's push at the source (`migrate::postcopy::Pusher` on a thread of its own):
+/// the pages the destination asks for first, then the rest in page order, each once; it ends
+/// when every page has been sent or the link fails.
+pub struct Push {
+    requests: mpsc::Sender<Vec<u64>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes written to the link so far.
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    started: Instant,
+}
+
+impl Push {
+    fn start(link: Wire, view: MemView, outstanding: &[u64]) -> Push {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (requests, asked) = mpsc::channel::<Vec<u64>>();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut pusher = migrate::postcopy::Pusher::new(outstanding);
+        let (stopped, sent) = (stop.clone(), bytes.clone());
+        std::thread::spawn(move || {
+            crate::link::block_host_signals();
+            let mut b = PageBatchBuilder::with_compression(migrate::pages::Compression::Never);
+            let mut page = [0u8; PAGE as usize];
+            while !pusher.done() && !stopped.load(Relaxed) {
+                while let Ok(ask) = asked.try_recv() {
+                    pusher.request(&ask);
+                }
+                for gpn in pusher.next_batch(PUSH_BATCH) {
+                    // Every outstanding page crosses, or the destination would wait for it
+                    // forever: one that cannot be read here is a zero page.
+                    if !view.read_page(gpn, &mut page) {
+                        page.fill(0);
+                    }
+                    if b.push(gpn, &page).is_err() {
+                        return;
+                    }
+                }
+                let m = Message::Pages(b.finish());
+                match link.send(&m) {
+                    Ok(n) => sent.fetch_add(n, Relaxed),
+                    // The link is gone: so is the process (the link's reader says so).
+                    Err(_) => return,
+                };
+                if let Message::Pages(batch) = m {
+                    b.recycle(batch);
+                }
+            }
+        });
+        Push {
+            requests,
+            stop,
+            bytes,
+            started: Instant::now(),
+        }
+    }
+
+    /// The destination asks for `pages`.
+    pub fn request(&self, pages: Vec<u64>) {
+        let _ = self.requests.send(pages);
+    }
+
+    /// Stop pushing (the thread ends after its batch in flight).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The destination has every page (`faults`: accesses that waited): complete `report`.
+    pub fn finish(&self, faults: u64, report: &mut Report) {
+        let n = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        report.bytes += n;
+        report.pages += report.outstanding_pages;
+        report.faults = faults;
+        report.postcopy_ns = self.started.elapsed().as_nanos() as u64;
+        report.total_ns += report.postcopy_ns;
+        self.stop();
+    }
 }
 
 /// The stop-and-copy round, with the guest paused: the last dirty pages (those left from
@@ -409,16 +676,28 @@ pub fn switch_over(
     Ok(())
 }
 
+/// A guest received by [`receive`], ready to restore.
+pub struct Arrived {
+    pub prepared: vmm::vm::Prepared,
+    pub state: vmm::vm::MigState,
+    pub offer: MigrateOffer,
+    /// After a post-copy switch-over: the guest memory, registered with the userfaultfd,
+    /// whose outstanding pages are still to arrive (put them in with `Faults::place`).
+    pub postcopy: Option<Arc<vmm::postcopy::Faults>>,
+}
+
 /// Destination: receive a guest on `link` (the offer is the first message unless given),
 /// prepare its VM (its memory starting with `pool`'s touched pages, when given), and return it
-/// with its state once the state arrives. Messages that are not part of the migration (a
-/// guest coming home keeps making deputy calls while its pages travel) go to `other`.
+/// with its state once the state arrives. With `uffd` the source may switch over by post-copy
+/// (see [`Arrived::postcopy`]). Messages that are not part of the migration (a guest coming
+/// home keeps making deputy calls while its pages travel) go to `other`.
 pub fn receive(
     link: &mut dyn Conn,
     offer: Option<MigrateOffer>,
     pool: Option<vmm::pool::Pool>,
+    uffd: Option<vmm::postcopy::Userfault>,
     other: &mut dyn FnMut(Message) -> Result<()>,
-) -> Result<(vmm::vm::Prepared, vmm::vm::MigState, MigrateOffer)> {
+) -> Result<Arrived> {
     let offer = match offer {
         Some(o) => o,
         None => match link.recv().context("waiting for the offer")? {
@@ -433,6 +712,9 @@ pub fn receive(
         });
         bail!(reason);
     }
+    // A post-copy from the start sends no first pass: its pages would land in the pool only
+    // to be discarded (each then faults until it arrives), which costs downtime.
+    let pool = pool.filter(|_| offer.touched_pages > 0);
     let mut pooled = 0;
     let prepared = vmm::memory::GuestMem::with_pool(offer.mem_bytes, pool).and_then(|(m, n)| {
         pooled = n;
@@ -455,7 +737,10 @@ pub fn receive(
     prepared
         .mem()
         .populate_in_background(pooled, offer.touched_pages * PAGE);
-    link.send(&Message::MigrateAccept)?;
+    link.send(&Message::MigrateAccept {
+        postcopy: uffd.is_some(),
+    })?;
+    let mut uffd = uffd;
     loop {
         let got = link
             .recv_into(&mut Landing(prepared.mem()))
@@ -472,13 +757,65 @@ pub fn receive(
                 })?;
             }
             Message::State { vcpu_and_vmm } => {
-                let st = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
-                return Ok((prepared, st, offer));
+                let state = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
+                return Ok(Arrived {
+                    prepared,
+                    state,
+                    offer,
+                    postcopy: None,
+                });
+            }
+            Message::PostcopyState {
+                vcpu_and_vmm,
+                outstanding,
+            } => {
+                let pages = prepared.mem().size() / PAGE;
+                let faults = migrate::postcopy::from_runs(&outstanding, pages)
+                    .ok_or_else(|| anyhow::anyhow!("more outstanding pages than guest memory"))
+                    .and_then(|list| {
+                        let u = uffd.take().ok_or_else(|| {
+                            anyhow::anyhow!("a post-copy this host did not offer")
+                        })?;
+                        vmm::postcopy::Faults::register(u, prepared.mem(), &list)
+                    });
+                let ready = faults.and_then(|f| {
+                    let state = vmm::vm::MigState::decode(&vcpu_and_vmm)?;
+                    Ok((f, state))
+                });
+                let (faults, state) = match ready {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Nothing ran here: the guest runs on at the source.
+                        let reason = format!("cannot receive by post-copy: {e:#}");
+                        let _ = link.send(&Message::Abort {
+                            reason: reason.clone(),
+                        });
+                        bail!(reason);
+                    }
+                };
+                return Ok(Arrived {
+                    prepared,
+                    state,
+                    offer,
+                    postcopy: Some(faults),
+                });
             }
             Message::Abort { reason } => bail!("source aborted: {reason}"),
             m => other(m)?,
         }
     }
+}
+
+/// Post-copy, destination: put the pages of `batch` in place through `faults`; true once
+/// every outstanding page has arrived.
+pub fn place_pages(faults: &vmm::postcopy::Faults, batch: &migrate::PageBatch) -> Result<bool> {
+    let d = batch
+        .decode()
+        .map_err(|e| anyhow::anyhow!("bad page batch: {e}"))?;
+    for (gpn, page) in d.iter() {
+        faults.place(gpn, page)?;
+    }
+    Ok(faults.complete())
 }
 
 #[cfg(test)]
@@ -487,6 +824,15 @@ mod tests {
 
     /// A destination 7 ms ahead, exchanges with a one-way delay of 20 µs each way, one of them
     /// held up 5 ms on its way back: the estimate comes from a quick one, within 1 µs.
+    #[test]
+    fn page_lists_merge_in_order_without_duplicates() {
+        let a = [1, 3, 3, 5, 9];
+        let b = [2, 3, 9, 10];
+        assert_eq!(merge_sorted(&a, &b), vec![1, 2, 3, 5, 9, 10]);
+        assert_eq!(merge_sorted(&[], &b), b.to_vec());
+        assert_eq!(merge_sorted(&a[..1], &[]), vec![1]);
+    }
+
     #[test]
     fn the_clock_delta_comes_from_the_quickest_exchange() {
         let ahead = 7_000_000i64;

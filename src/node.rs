@@ -536,10 +536,15 @@ async fn serve_client(stream: UnixStream, shared: Shared) -> Result<()> {
             };
             reply(&mut write, &r).await
         }
-        Request::Migrate { pid, to, wait } => {
+        Request::Migrate {
+            pid,
+            to,
+            wait,
+            mode,
+        } => {
             let waiting = {
                 let mut st = shared.lock().expect("state lock");
-                match crate::admin::order_move(&mut st, pid, &to, "manual") {
+                match crate::admin::order_move_as(&mut st, pid, &to, "manual", mode) {
                     Ok(id) if wait => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
                         if let Some(p) = st.procs.get_mut(&pid) {

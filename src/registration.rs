@@ -9,8 +9,8 @@ pub(crate) struct SwitchJob {
     pub(crate) link: wire::Wire,
     /// The cluster certificate the destination proved itself with.
     pub(crate) cert: Vec<u8>,
-    /// Pages dirtied in the last pre-copy round, not sent yet.
-    pub(crate) pending: Vec<u64>,
+    /// How the switch-over goes (and the pages it still has to send).
+    pub(crate) switch: migration::Switch,
     pub(crate) to: String,
     pub(crate) report: migration::Report,
 }
@@ -144,6 +144,7 @@ pub(crate) fn start_migration(
     pause: vmm::vm::PauseHandle,
     home: String,
     program: String,
+    mode: migration::Mode,
 ) -> anyhow::Result<SwitchJob> {
     let ep = control::endpoint(socket, std::process::id(), &to)?;
     let hello = migrate::Hello::new(
@@ -155,7 +156,7 @@ pub(crate) fn start_migration(
     let mut link = wire::connect(ep.addr, &ep.cert, hello)?;
     let mut report = migration::Report::default();
     let mem = view.size();
-    let pending = migration::precopy(
+    let switch = migration::precopy(
         &mut link,
         &view,
         &pause,
@@ -165,12 +166,13 @@ pub(crate) fn start_migration(
             program: &program,
             mem_bytes: mem,
         },
+        mode,
         &mut report,
     )?;
     Ok(SwitchJob {
         link,
         cert: ep.cert,
-        pending,
+        switch,
         to,
         report,
     })
@@ -272,9 +274,23 @@ pub(crate) fn register(
                     Ok(control::Command::SetLocked { locked }) => {
                         lock.store(locked, std::sync::atomic::Ordering::SeqCst);
                     }
-                    Ok(control::Command::Migrate { to, id })
+                    Ok(control::Command::Migrate { to, id, mode })
                         if remote.lock().map(|r| r.is_some()).unwrap_or(false) =>
                     {
+                        if mode == migration::Mode::Postcopy {
+                            // Its host would need its node to create the userfaultfd and keep
+                            // a copy of the memory it sends: only home does that.
+                            send_update(
+                                &upd,
+                                &control::Update::MigrationFailed {
+                                    reason: "a post-copy move starts from home; this process \
+                                             runs elsewhere (move it home first)"
+                                        .to_string(),
+                                    id: Some(id),
+                                },
+                            );
+                            continue;
+                        }
                         move_accepted(id);
                         // The guest runs elsewhere: ask its host to move it (home = back here).
                         let msg = if to == "home" || to == home {
@@ -286,7 +302,7 @@ pub(crate) fn register(
                             let _ = w.send(&msg);
                         }
                     }
-                    Ok(control::Command::Migrate { to, id }) => {
+                    Ok(control::Command::Migrate { to, id, mode }) => {
                         // A refusal is this request's outcome alone: the move under way, if
                         // any, goes on.
                         let refuse = |reason: String| {
@@ -334,6 +350,7 @@ pub(crate) fn register(
                                 pause.clone(),
                                 home,
                                 program,
+                                mode,
                             ) {
                                 Ok(job) => {
                                     if tx.send(job).is_ok() {

@@ -28,7 +28,7 @@ use crate::pages::PageBatch;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MOSV";
 /// The protocol version this build speaks. Bump it on any change to a message's layout.
-pub const PROTOCOL_VERSION: u16 = 11;
+pub const PROTOCOL_VERSION: u16 = 12;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
 /// Largest payload accepted or produced (64 MiB).
@@ -109,6 +109,9 @@ pub enum Kind {
     Usage = 24,
     Load = 25,
     Say = 26,
+    PostcopyState = 27,
+    PageRequest = 28,
+    PostcopyDone = 29,
 }
 
 impl Kind {
@@ -142,6 +145,9 @@ impl Kind {
             24 => Usage,
             25 => Load,
             26 => Say,
+            27 => PostcopyState,
+            28 => PageRequest,
+            29 => PostcopyDone,
             _ => return None,
         })
     }
@@ -250,7 +256,11 @@ pub enum Message {
     DeputyRequest(DeputyRequest),
     DeputyReply(DeputyReply),
     MigrateOffer(MigrateOffer),
-    MigrateAccept,
+    /// The destination takes the guest; `postcopy`: it can receive it by post-copy (it has a
+    /// userfaultfd), so the source may switch over with [`Message::PostcopyState`].
+    MigrateAccept {
+        postcopy: bool,
+    },
     MigrateRefuse {
         reason: String,
     },
@@ -278,6 +288,25 @@ pub enum Message {
     },
     Pong {
         t: u64,
+    },
+    /// A post-copy switch-over (`migrate::postcopy`): the vCPU and VMM state, and the guest
+    /// pages the source still holds (`outstanding`: runs of consecutive page numbers, each
+    /// `(first, count)`). The destination resumes the
+    /// guest at once; the outstanding pages follow as `Pages`, pushed in the background and
+    /// fetched on demand with [`Message::PageRequest`].
+    PostcopyState {
+        vcpu_and_vmm: Vec<u8>,
+        outstanding: Vec<(u64, u64)>,
+    },
+    /// Post-copy, destination to source: the guest waits for these outstanding pages (the
+    /// faulting one first); send them before anything else.
+    PageRequest {
+        pages: Vec<u64>,
+    },
+    /// Post-copy, destination to source: every outstanding page has arrived (`faults`: guest
+    /// accesses that waited for one); the source may release its copy.
+    PostcopyDone {
+        faults: u64,
     },
     /// Home asks the node running its guest to move it on to `node` (a name that node knows).
     MigrateTo {
@@ -341,7 +370,10 @@ impl Message {
             Message::DeputyRequest(_) => Kind::DeputyRequest,
             Message::DeputyReply(_) => Kind::DeputyReply,
             Message::MigrateOffer(_) => Kind::MigrateOffer,
-            Message::MigrateAccept => Kind::MigrateAccept,
+            Message::MigrateAccept { .. } => Kind::MigrateAccept,
+            Message::PostcopyState { .. } => Kind::PostcopyState,
+            Message::PageRequest { .. } => Kind::PageRequest,
+            Message::PostcopyDone { .. } => Kind::PostcopyDone,
             Message::MigrateRefuse { .. } => Kind::MigrateRefuse,
             Message::Pages(_) => Kind::Pages,
             Message::RoundDone { .. } => Kind::RoundDone,
@@ -385,7 +417,14 @@ fn encode_payload(msg: &Message, buf: &mut Vec<u8>) -> Result<(), FrameError> {
         Message::DeputyRequest(r) => put(buf, k, r),
         Message::DeputyReply(r) => put(buf, k, r),
         Message::MigrateOffer(o) => put(buf, k, o),
-        Message::MigrateAccept | Message::Resumed | Message::MigrateBack => Ok(()),
+        Message::Resumed | Message::MigrateBack => Ok(()),
+        Message::MigrateAccept { postcopy } => put(buf, k, postcopy),
+        Message::PostcopyState {
+            vcpu_and_vmm,
+            outstanding,
+        } => put(buf, k, (vcpu_and_vmm, outstanding)),
+        Message::PageRequest { pages } => put(buf, k, pages),
+        Message::PostcopyDone { faults } => put(buf, k, faults),
         Message::MigrateTo { node } => put(buf, k, node),
         Message::Moved { node, addr, token } => put(buf, k, (node, addr, token)),
         Message::Host {
@@ -451,10 +490,22 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         }
         Kind::DeputyReply => Message::DeputyReply(get(k, payload)?),
         Kind::MigrateOffer => Message::MigrateOffer(get(k, payload)?),
-        Kind::MigrateAccept => {
-            get::<()>(k, payload)?;
-            Message::MigrateAccept
+        Kind::MigrateAccept => Message::MigrateAccept {
+            postcopy: get(k, payload)?,
+        },
+        Kind::PostcopyState => {
+            let (vcpu_and_vmm, outstanding) = get(k, payload)?;
+            Message::PostcopyState {
+                vcpu_and_vmm,
+                outstanding,
+            }
         }
+        Kind::PageRequest => Message::PageRequest {
+            pages: get(k, payload)?,
+        },
+        Kind::PostcopyDone => Message::PostcopyDone {
+            faults: get(k, payload)?,
+        },
         Kind::MigrateRefuse => Message::MigrateRefuse {
             reason: get(k, payload)?,
         },
@@ -919,7 +970,15 @@ mod tests {
                 }],
                 deputy_token: None,
             }),
-            Message::MigrateAccept,
+            Message::MigrateAccept { postcopy: true },
+            Message::PostcopyState {
+                vcpu_and_vmm: vec![4, 5],
+                outstanding: vec![(1, 1), (300, 4), (1 << 40, 1)],
+            },
+            Message::PageRequest {
+                pages: vec![7, 8, 9],
+            },
+            Message::PostcopyDone { faults: 12 },
             Message::MigrateRefuse {
                 reason: "full".into(),
             },
@@ -1014,7 +1073,7 @@ mod tests {
             assert!(seen.insert(k as u8), "duplicate kind {k:?}");
             assert_eq!(Kind::from_u8(k as u8), Some(k));
         }
-        assert_eq!(seen.len(), 26);
+        assert_eq!(seen.len(), 29);
         assert_eq!(Kind::from_u8(0), None);
         assert_eq!(Kind::from_u8(200), None);
     }

@@ -27,7 +27,7 @@
 //!
 //! ```text
 //! src: Hello{Migrate, cpu features}      dst: Welcome | Refuse{reason}
-//! src: MigrateOffer{pid, memory layout…} dst: MigrateAccept | MigrateRefuse{reason}
+//! src: MigrateOffer{pid, memory layout…} dst: MigrateAccept{postcopy} | MigrateRefuse{reason}
 //! src: Pages* RoundDone{1, dirty}        first pass: touched pages, zero pages as bits
 //! src: Pages* RoundDone{n, dirty}        pre-copy rounds while the planner says NextRound or
 //!                                        Throttle (KVM dirty log OR the VMM's write bitmap)
@@ -35,6 +35,20 @@
 //! dst: Resumed                           the guest runs at the destination; only now does the
 //!                                        source release its copy
 //! either side: Abort{reason}             at any point; the source then resumes locally
+//! ```
+//!
+//! A post-copy switch-over (when the destination said `postcopy`) replaces the last two lines:
+//!
+//! ```text
+//! src: (pause) Pages* PostcopyState{vcpu_and_vmm, outstanding}
+//!                                        the pages the guest wrote last, then the state and
+//!                                        the pages still to come
+//! dst: PageRequest{pages}*  src: Pages*  the guest runs at the destination (before Resumed
+//!                                        too: restoring it may touch memory); its faults on
+//!                                        outstanding pages ask for them; the source pushes
+//!                                        the rest in page order, each page once
+//! dst: Resumed ... PostcopyDone{faults}  every outstanding page arrived; the source lets go.
+//!                                        A link lost before this loses the process.
 //! ```
 //!
 //! # The deputy channel (remote VMM → home node, `Purpose::Deputy`, with the process's token)

@@ -48,6 +48,9 @@ enum Slot {
     Outstanding,
     /// Still at the source, asked for.
     Requested,
+    /// Given up by the guest (its memory was zeroed here) while outstanding or after it
+    /// arrived: a zero page from now on, whatever arrives for it.
+    Dropped,
 }
 
 /// The destination's view: which outstanding pages have arrived and which were asked for.
@@ -92,6 +95,7 @@ impl Arrivals {
     pub fn fault(&mut self, gpn: u64) -> Result<FaultAction, OutOfRange> {
         match *self.slots.get(gpn as usize).ok_or(OutOfRange(gpn))? {
             Slot::Requested => Ok(FaultAction::Wait),
+            Slot::Dropped => Ok(FaultAction::Zero),
             Slot::Settled if self.outstanding.binary_search(&gpn).is_ok() => {
                 Ok(FaultAction::Present)
             }
@@ -124,9 +128,58 @@ impl Arrivals {
                 self.left -= 1;
                 Ok(true)
             }
-            Slot::Settled => Ok(false),
+            Slot::Settled | Slot::Dropped => Ok(false),
         }
     }
+
+    /// The destination zeroed page `gpn` (the guest gave its memory up): what arrives for
+    /// it later is dropped, and a fault on it is a zero page. A page that was still to come
+    /// no longer counts as outstanding.
+    pub fn dropped(&mut self, gpn: u64) -> Result<(), OutOfRange> {
+        let s = self.slots.get_mut(gpn as usize).ok_or(OutOfRange(gpn))?;
+        match *s {
+            Slot::Outstanding | Slot::Requested => {
+                *s = Slot::Dropped;
+                self.left -= 1;
+            }
+            // Arrived, or never outstanding: zero from now on either way (a fault on an
+            // arrived page would otherwise find it "present").
+            Slot::Settled => {
+                if self.outstanding.binary_search(&gpn).is_ok() {
+                    *s = Slot::Dropped;
+                }
+            }
+            Slot::Dropped => {}
+        }
+        Ok(())
+    }
+}
+
+/// Sorted, distinct page numbers as runs of consecutive pages, each `(first, count)`: how a
+/// post-copy's outstanding list travels (a guest's touched memory is mostly contiguous).
+pub fn to_runs(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in sorted {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+/// The page numbers of `runs` (see [`to_runs`]); None when they would exceed `max` pages (a
+/// peer's runs are not trusted to be small).
+pub fn from_runs(runs: &[(u64, u64)], max: u64) -> Option<Vec<u64>> {
+    let total = runs
+        .iter()
+        .try_fold(0u64, |t, &(_, n)| t.checked_add(n))
+        .filter(|&t| t <= max)?;
+    let mut out = Vec::with_capacity(total as usize);
+    for &(first, n) in runs {
+        out.extend(first..first.checked_add(n)?);
+    }
+    Some(out)
 }
 
 /// A page number past the guest's memory.
@@ -219,6 +272,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    proptest! {
+        /// Any set of pages travels as runs and comes back the same; a limit below its size
+        /// refuses it.
+        #[test]
+        fn page_lists_survive_their_runs(mut pages in proptest::collection::vec(0u64..5000, 0..400)) {
+            pages.sort_unstable();
+            pages.dedup();
+            let runs = to_runs(&pages);
+            prop_assert!(runs.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0), "runs touch: {runs:?}");
+            prop_assert_eq!(from_runs(&runs, pages.len() as u64), Some(pages.clone()));
+            if !pages.is_empty() {
+                prop_assert_eq!(from_runs(&runs, pages.len() as u64 - 1), None);
+            }
+        }
+    }
+
+    #[test]
+    fn runs_a_peer_sends_are_bounded() {
+        assert_eq!(from_runs(&[(0, u64::MAX), (5, 2)], u64::MAX), None);
+        assert_eq!(from_runs(&[(u64::MAX, 2)], 10), None);
+        assert_eq!(to_runs(&[3, 4, 5, 9]), vec![(3, 3), (9, 1)]);
+    }
+
     #[test]
     fn a_fault_asks_for_the_page_and_the_next_outstanding_ones() {
         // Outstanding: 10, 12, 14, ... 98 (every even page from 10), in 128 pages.
@@ -246,6 +322,19 @@ mod tests {
         assert_eq!(a.fault(20).unwrap(), FaultAction::Present);
         assert!(!a.arrived(11).unwrap(), "never outstanding");
         assert_eq!(a.remaining(), 44);
+        // Pages the destination zeroed: no longer awaited, zero when touched, dropped when
+        // they arrive; an arrived one is zero too.
+        a.dropped(98).unwrap();
+        assert_eq!(a.remaining(), 43);
+        assert_eq!(a.fault(98).unwrap(), FaultAction::Zero);
+        assert!(!a.arrived(98).unwrap());
+        a.dropped(20).unwrap();
+        assert_eq!(a.fault(20).unwrap(), FaultAction::Zero);
+        a.dropped(11).unwrap();
+        assert_eq!(a.fault(11).unwrap(), FaultAction::Zero);
+        assert_eq!(a.remaining(), 43);
+        a.dropped(98).unwrap();
+        assert_eq!(a.remaining(), 43);
         assert_eq!(a.fault(128), Err(OutOfRange(128)));
         assert_eq!(Arrivals::new(8, &[8]).err(), Some(OutOfRange(8)));
     }

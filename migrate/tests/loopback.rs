@@ -81,7 +81,7 @@ fn migrate_over_tls(
             Message::MigrateOffer(o) => o,
             other => panic!("expected MigrateOffer, got {other:?}"),
         };
-        write_message(&mut s, &Message::MigrateAccept).unwrap();
+        write_message(&mut s, &Message::MigrateAccept { postcopy: false }).unwrap();
         // Destination memory starts as garbage, so zero pages must really arrive.
         let mut mem = vec![0xaau8; offer.mem_bytes as usize];
         let mut scratch = Vec::new();
@@ -140,7 +140,10 @@ fn migrate_over_tls(
         }),
     )
     .unwrap();
-    assert_eq!(read_message(&mut s).unwrap(), Message::MigrateAccept);
+    assert_eq!(
+        read_message(&mut s).unwrap(),
+        Message::MigrateAccept { postcopy: false }
+    );
 
     let start = Instant::now();
     let mut b = PageBatchBuilder::with_compression(compression);

@@ -119,7 +119,15 @@ pub struct GuestMem {
     new_root: bool,
     /// Retired page tables kept while other vCPUs may use them (see `hold_retired`).
     held: Option<Vec<u64>>,
+    /// The thread faulting memory in ahead of a migration's pages, and its stop flag.
+    populating: std::sync::Mutex<Option<Populating>>,
 }
+
+/// A background populate ([`GuestMem::populate_in_background`]): its stop flag and thread.
+type Populating = (
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+);
 
 /// What a migration thread needs to know about guest memory while the guest runs.
 #[derive(Debug, Clone, Default)]
@@ -204,6 +212,7 @@ impl GuestMem {
             fresh: Default::default(),
             new_root: false,
             held: None,
+            populating: Default::default(),
         };
         g.pml4 = g
             .alloc_table()
@@ -222,11 +231,13 @@ impl GuestMem {
         }
         let host = self.host as usize;
         let keep = self.mem.clone();
-        std::thread::spawn(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let t = std::thread::spawn(move || {
             let _alive = keep;
             let step = 16usize << 20;
             let mut off = from;
-            while off < len {
+            while off < len && !stopped.load(std::sync::atomic::Ordering::Relaxed) {
                 let n = step.min(len - off);
                 // SAFETY: [host+off, host+off+n) lies inside the guest mapping, which `_alive`
                 // keeps mapped; populating faults pages in without changing what they hold.
@@ -243,6 +254,60 @@ impl GuestMem {
                 off += n;
             }
         });
+        self.stop_populating();
+        *self.populating.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop, t));
+    }
+
+    /// Stop a background populate and wait for its thread (at most one 16 MiB step): from
+    /// then on nothing but the guest and the VMM touches guest memory.
+    pub fn stop_populating(&self) {
+        let p = self
+            .populating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((stop, t)) = p {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
+    }
+
+    /// Give back the host pages behind guest pages `gpns` (MADV_DONTNEED, in runs of
+    /// consecutive pages): their next access finds them missing (zero, or a userfaultfd
+    /// fault where one is registered). Numbers past the memory are errors.
+    pub fn discard_pages(&self, gpns: &[u64]) -> anyhow::Result<()> {
+        let mut list = gpns.to_vec();
+        list.sort_unstable();
+        list.dedup();
+        let pages = self.size / PAGE;
+        if let Some(&last) = list.last() {
+            anyhow::ensure!(last < pages, "page {last:#x} is past guest memory");
+        }
+        let mut i = 0;
+        while i < list.len() {
+            let mut j = i + 1;
+            while j < list.len() && list[j] == list[j - 1] + 1 {
+                j += 1;
+            }
+            let (start, n) = (list[i], (j - i) as u64);
+            // SAFETY: pages [start, start+n) lie inside the guest mapping this GuestMem owns
+            // (checked above); their contents are given up on purpose, and whoever reads them
+            // next sees them as the kernel supplies them.
+            let r = unsafe {
+                libc::madvise(
+                    self.host.add((start * PAGE) as usize) as *mut libc::c_void,
+                    (n * PAGE) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            anyhow::ensure!(
+                r == 0,
+                "discarding guest pages: {}",
+                std::io::Error::last_os_error()
+            );
+            i = j;
+        }
+        Ok(())
     }
 
     /// The vm-memory view (for KVM registration and bulk access).
@@ -787,8 +852,15 @@ impl GuestMem {
     }
 
     /// Zero `len` bytes of RAM frames from `frame` (page aligned) in one host call.
-    fn zero_frames(&self, frame: u64, len: u64) {
+    pub(crate) fn zero_frames(&self, frame: u64, len: u64) {
         debug_assert!(frame + len <= self.size && frame.is_multiple_of(PAGE));
+        // SAFETY: as below, the range lies inside the guest mapping.
+        let at = unsafe { self.host.add(frame as usize) };
+        if crate::postcopy::zero_if_arriving(at, len as usize) {
+            // (A page still on its way would otherwise land here later.)
+            self.mark_dirty(frame, len);
+            return;
+        }
         // `[frame, frame + len)` lies below `size` (frames come from `bump`).
         // SAFETY: so the page-aligned host range lies inside the guest mapping we own; its
         // MADV_DONTNEED only replaces contents with zeroes, which no Rust reference observes.

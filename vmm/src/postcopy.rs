@@ -7,7 +7,11 @@
 //! waits until [`Faults::place`] puts the page in (`UFFDIO_COPY`, which wakes it).
 //!
 //! Creating a userfaultfd that sees KVM's (kernel-mode) accesses needs privilege where
-//! `vm.unprivileged_userfaultfd` is 0: create it before dropping privileges.
+//! `vm.unprivileged_userfaultfd` is 0: create it ([`open`]) before dropping privileges.
+//!
+//! While a post-copy is in flight in this process, a host fork waits for it to complete
+//! ([`settle`]): a forked child's copy of the memory is not registered, and its outstanding
+//! pages would read as zeros there.
 
 use crate::memory::{GuestMem, PAGE};
 use migrate::postcopy::{Arrivals, FaultAction};
@@ -15,6 +19,65 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use userfaultfd::{Event, Uffd, UffdBuilder};
+
+/// A userfaultfd, made while the process may still make one (see the module's documentation).
+pub struct Userfault(Uffd);
+
+/// Create a userfaultfd for a later [`Faults::register`]. Errors: userfaultfd(2)'s (EPERM
+/// without CAP_SYS_PTRACE where `vm.unprivileged_userfaultfd` is 0, ENOSYS without it).
+pub fn open() -> anyhow::Result<Userfault> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .create()
+        .map(Userfault)
+        .map_err(|e| anyhow::anyhow!("userfaultfd: {e}"))
+}
+
+/// The post-copy in flight in this process, if any.
+static IN_FLIGHT: Mutex<Option<Arc<Faults>>> = Mutex::new(None);
+
+/// Wait until no post-copy is in flight in this process (its pages all arrived, or it was
+/// stopped). Returns at once when none is.
+pub fn settle() {
+    loop {
+        let busy = IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|f| !f.complete() && !f.stop.load(Ordering::Relaxed));
+        if !busy {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Zero guest memory `[at, at + len)` (host addresses, page aligned) that a post-copy in
+/// flight in this process may still fill: its pages become zero pages for good (what arrives
+/// for them later is dropped, a fault on them gets a zero page, and an access waiting for one
+/// is woken to find it so). False when no registered post-copy covers the range: then the
+/// caller zeroes it as usual (MADV_DONTNEED).
+pub fn zero_if_arriving(at: *mut u8, len: usize) -> bool {
+    let f = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(f) = f else { return false };
+    let at = at as usize;
+    if at < f.base || at + len > f.base + f.len || !f.registered.load(Ordering::SeqCst) {
+        return false;
+    }
+    let mut arrivals = f.arrivals();
+    let first = ((at - f.base) as u64) / PAGE;
+    for gpn in first..first + (len as u64).div_ceil(PAGE) {
+        let _ = arrivals.dropped(gpn);
+    }
+    // Under the lock: no page of the range is being put in meanwhile.
+    // SAFETY: the range lies inside the registered guest mapping (checked above); its
+    // contents are given up on purpose (the caller zeroes it).
+    unsafe { libc::madvise(at as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    let _ = f.uffd.wake(at as *mut libc::c_void, len);
+    true
+}
 
 /// Guest memory served by userfaultfd while its outstanding pages arrive.
 pub struct Faults {
@@ -25,6 +88,8 @@ pub struct Faults {
     /// Faults answered, for statistics.
     faults: AtomicU64,
     stop: AtomicBool,
+    /// The range is still registered with the userfaultfd.
+    registered: AtomicBool,
 }
 
 // SAFETY: `base` is an address, not a reference; every access to guest memory through it goes
@@ -34,29 +99,41 @@ unsafe impl Send for Faults {}
 unsafe impl Sync for Faults {}
 
 impl Faults {
-    /// Register all of `mem` for missing-page faults, `outstanding` being the guest pages the
-    /// source still holds. Pages already present (written before this call) never fault.
-    /// Errors: userfaultfd(2)'s (EPERM without privilege), a page number past the memory.
-    pub fn register(mem: &GuestMem, outstanding: &[u64]) -> anyhow::Result<Arc<Faults>> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(|e| anyhow::anyhow!("userfaultfd: {e}"))?;
+    /// Register all of `mem` with `uffd` for missing-page faults, `outstanding` being the
+    /// guest pages the source still holds. Whatever `mem` holds for those pages (an older copy
+    /// from pre-copy, a pool's zeros) is discarded, so each of them faults until it arrives;
+    /// other pages present never fault. A background populate of `mem` is stopped first.
+    /// Errors: the registration's (EINVAL where the kernel lacks missing-page mode), a page
+    /// number past the memory.
+    pub fn register(
+        uffd: Userfault,
+        mem: &GuestMem,
+        outstanding: &[u64],
+    ) -> anyhow::Result<Arc<Faults>> {
+        let Userfault(uffd) = uffd;
+        mem.stop_populating();
         let base = mem.host_base() as usize;
-        let len = mem.size() as usize;
-        uffd.register(base as *mut libc::c_void, len)
-            .map_err(|e| anyhow::anyhow!("registering guest memory with userfaultfd: {e}"))?;
-        let arrivals = Arrivals::new(len as u64 / PAGE, outstanding)?;
-        Ok(Arc::new(Faults {
+        let arrivals = Arrivals::new(mem.size() / PAGE, outstanding)?;
+        // Only up to the last outstanding page: beyond it every page is a zero page, which
+        // needs no answer (and registering less costs less, with the guest paused).
+        let len = (outstanding.iter().max().map_or(0, |&p| p + 1) * PAGE) as usize;
+        if len > 0 {
+            uffd.register(base as *mut libc::c_void, len)
+                .map_err(|e| anyhow::anyhow!("registering guest memory with userfaultfd: {e}"))?;
+            // Registered first: a page discarded now cannot be filled in behind our back.
+            mem.discard_pages(outstanding)?;
+        }
+        let f = Arc::new(Faults {
             uffd,
             base,
             len,
             arrivals: Mutex::new(arrivals),
             faults: AtomicU64::new(0),
             stop: AtomicBool::new(false),
-        }))
+            registered: AtomicBool::new(len > 0),
+        });
+        *IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
+        Ok(f)
     }
 
     fn arrivals(&self) -> std::sync::MutexGuard<'_, Arrivals> {
@@ -73,9 +150,15 @@ impl Faults {
         let me = self.clone();
         std::thread::spawn(move || {
             while !me.stop.load(Ordering::Relaxed) {
-                if me.arrivals().complete() {
-                    let _ = me.uffd.unregister(me.base as *mut libc::c_void, me.len);
-                    return;
+                {
+                    // (Under the lock, so that no zeroing is between its check and here.)
+                    let arrivals = me.arrivals();
+                    if arrivals.complete() {
+                        if me.registered.swap(false, Ordering::SeqCst) {
+                            let _ = me.uffd.unregister(me.base as *mut libc::c_void, me.len);
+                        }
+                        return;
+                    }
                 }
                 let mut p = libc::pollfd {
                     fd: me.uffd.as_raw_fd(),
@@ -160,5 +243,43 @@ impl Faults {
     /// Stop serving (the thread ends within 50 ms).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest memory the VMM zeroes while its pages are still arriving (the guest unmapped
+    /// them) stays zero: an outstanding page that arrives later is dropped, and an arrived
+    /// one reads as zero, not as what arrived. Needs a userfaultfd (root).
+    #[test]
+    fn memory_zeroed_during_a_post_copy_stays_zero() {
+        let Ok(uffd) = open() else {
+            eprintln!("skipped: no userfaultfd here");
+            return;
+        };
+        let mem = GuestMem::new(8 << 20).unwrap();
+        let (arrived, never) = (200u64, 201u64);
+        let faults = Faults::register(uffd, &mem, &[arrived, never, 202]).unwrap();
+        let server = faults.serve(|_| {});
+        let old = [0xabu8; PAGE as usize];
+        assert!(faults.place(arrived, &old).unwrap());
+        mem.zero_frames(arrived * PAGE, 2 * PAGE);
+        assert!(
+            !faults.place(never, &old).unwrap(),
+            "a page given up was put in"
+        );
+        assert_eq!(faults.remaining(), 1, "page 202 is still to come");
+        let view = mem.view();
+        let mut buf = [1u8; PAGE as usize];
+        for gpn in [arrived, never] {
+            assert!(view.read_page(gpn, &mut buf));
+            assert!(buf.iter().all(|&b| b == 0), "page {gpn} is not zero");
+        }
+        assert!(faults.place(202, &old).unwrap());
+        assert!(faults.complete());
+        faults.stop();
+        server.join().unwrap();
     }
 }

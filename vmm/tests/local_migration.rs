@@ -254,7 +254,12 @@ fn migrated_post_copy(prog: &Path, args: &[&str], dir: &Path, after: Duration) -
     let state = MigState::decode(&state.encode().unwrap()).unwrap();
     let dst = Vm::restore(state, deputy).unwrap();
     let outstanding: Vec<u64> = pages.keys().copied().collect();
-    let faults = vmm::postcopy::Faults::register(&dst.space.mem, &outstanding).unwrap();
+    let faults = vmm::postcopy::Faults::register(
+        vmm::postcopy::open().unwrap(),
+        &dst.space.mem,
+        &outstanding,
+    )
+    .unwrap();
     let (ask_tx, ask_rx) = std::sync::mpsc::channel::<Vec<u64>>();
     let server = faults.serve(move |p| {
         let _ = ask_tx.send(p);

@@ -196,6 +196,9 @@ impl Vm {
         } else {
             None
         };
+        // Pages still arriving by post-copy would be missing from the child's copy of the
+        // memory (its mapping is not registered): they arrive first.
+        crate::postcopy::settle();
         // Signals sent to the child before it has its own plumbing stay pending in the kernel
         // until it has (fork(2) leaves the parent's pending signals behind).
         let old_mask = super::pause::block_all_signals();
