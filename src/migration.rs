@@ -812,9 +812,32 @@ pub fn place_pages(faults: &vmm::postcopy::Faults, batch: &migrate::PageBatch) -
     let d = batch
         .decode()
         .map_err(|e| anyhow::anyhow!("bad page batch: {e}"))?;
+    // Consecutive pages whose bytes lie one after another in the batch go in together.
+    let mut run: Option<(u64, *const u8, usize)> = None;
+    let flush = |run: Option<(u64, *const u8, usize)>| -> Result<()> {
+        if let Some((first, at, n)) = run {
+            // SAFETY: `at` starts `n` whole pages that lie one after another in the decoded
+            // batch `d`, which outlives this call.
+            let bytes = unsafe { std::slice::from_raw_parts(at, n * PAGE as usize) };
+            faults.place_run(first, bytes)?;
+        }
+        Ok(())
+    };
     for (gpn, page) in d.iter() {
-        faults.place(gpn, page)?;
+        run = match run {
+            Some((first, at, n))
+                if first + n as u64 == gpn
+                    && at.wrapping_add(n * PAGE as usize) == page.as_ptr() =>
+            {
+                Some((first, at, n + 1))
+            }
+            other => {
+                flush(other)?;
+                Some((gpn, page.as_ptr(), 1))
+            }
+        };
     }
+    flush(run)?;
     Ok(faults.complete())
 }
 

@@ -132,6 +132,14 @@ impl Arrivals {
         }
     }
 
+    /// Whether page `gpn` is still to arrive (outstanding, asked for or not).
+    pub fn awaited(&self, gpn: u64) -> bool {
+        matches!(
+            self.slots.get(gpn as usize),
+            Some(Slot::Outstanding | Slot::Requested)
+        )
+    }
+
     /// The destination zeroed page `gpn` (the guest gave its memory up): what arrives for
     /// it later is dropped, and a fault on it is a zero page. A page that was still to come
     /// no longer counts as outstanding.

@@ -210,19 +210,81 @@ impl Faults {
         let dst = (self.base + (gpn * PAGE) as usize) as *mut libc::c_void;
         // SAFETY: `dst` is a page of the registered range (`arrived` checked the number) and
         // `data` is one page; UFFDIO_COPY fills it atomically and wakes who waits.
-        match unsafe {
-            self.uffd.copy(
-                data.as_ptr() as *const libc::c_void,
-                dst,
-                PAGE as usize,
-                true,
-            )
-        } {
-            Ok(_) => Ok(true),
+        match unsafe { self.copy_all(data, dst) } {
+            Ok(()) => Ok(true),
             // Present already (written before the registration): what is there stays.
             Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => Ok(false),
-            Err(e) => Err(anyhow::anyhow!("placing page {gpn:#x}: {e}")),
+            Err(e) => Err(anyhow::anyhow!("placing page {gpn:#x}: {e:?}")),
         }
+    }
+
+    /// Put arriving pages `first`, `first + 1`, ... (`data`: whole pages, in order) in place
+    /// with one UFFDIO_COPY when every one of them is awaited, else one by one as
+    /// [`Faults::place`] does. Returns how many were put in.
+    pub fn place_run(&self, first: u64, data: &[u8]) -> anyhow::Result<usize> {
+        let n = data.len() / PAGE as usize;
+        anyhow::ensure!(data.len() == n * PAGE as usize, "a run of whole pages");
+        let one_by_one = |placed: &mut usize| -> anyhow::Result<()> {
+            for (i, page) in data.as_chunks::<{ PAGE as usize }>().0.iter().enumerate() {
+                *placed += usize::from(self.place(first + i as u64, page)?);
+            }
+            Ok(())
+        };
+        let mut placed = 0;
+        let arrivals = self.arrivals();
+        if n < 2 || !(first..first + n as u64).all(|p| arrivals.awaited(p)) {
+            drop(arrivals);
+            one_by_one(&mut placed)?;
+            return Ok(placed);
+        }
+        let dst = (self.base + (first * PAGE) as usize) as *mut libc::c_void;
+        // SAFETY: `dst` starts a run of `n` pages of the registered range (every one awaited,
+        // so inside it) and `data` holds `n` pages; UFFDIO_COPY fills them and wakes who waits.
+        match unsafe { self.copy_all(data, dst) } {
+            Ok(()) => {
+                let mut arrivals = arrivals;
+                for p in first..first + n as u64 {
+                    arrivals.arrived(p)?;
+                }
+                Ok(n)
+            }
+            // The run crosses from one mapping to the next (the pool's pages were moved in):
+            // one page at a time (those copied already are found there).
+            // (ENOENT: no one registered mapping holds the whole range.)
+            Err(userfaultfd::Error::CopyFailed(e))
+                if matches!(e as i32, libc::ENOENT | libc::EINVAL) =>
+            {
+                drop(arrivals);
+                one_by_one(&mut placed)?;
+                Ok(placed)
+            }
+            Err(e) => Err(anyhow::anyhow!("placing pages {first:#x}+{n}: {e:?}")),
+        }
+    }
+
+    /// UFFDIO_COPY of `data` to `dst`, waking who waits, going on where the kernel stopped
+    /// early (EAGAIN with part copied).
+    ///
+    /// # Safety
+    /// `dst..dst + data.len()` lies in the registered range.
+    unsafe fn copy_all(&self, data: &[u8], dst: *mut libc::c_void) -> userfaultfd::Result<()> {
+        let mut done = 0;
+        // (A bound, should the kernel keep stopping early without progress.)
+        for _ in 0..1000 {
+            if done >= data.len() {
+                return Ok(());
+            }
+            let (src, to) = (
+                data[done..].as_ptr(),
+                (dst as usize + done) as *mut libc::c_void,
+            );
+            // SAFETY: the rest of `data` to the rest of the range the caller vouched for.
+            match unsafe { self.uffd.copy(src.cast(), to, data.len() - done, true) } {
+                Ok(n) | Err(userfaultfd::Error::PartiallyCopied(n)) => done += n,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(userfaultfd::Error::PartiallyCopied(done))
     }
 
     /// Whether every outstanding page has arrived.
@@ -281,5 +343,36 @@ mod tests {
         assert!(faults.complete());
         faults.stop();
         server.join().unwrap();
+    }
+    /// A run of arriving pages that crosses from the pool's pages (moved in: a mapping of
+    /// their own) into the rest of guest memory goes in whole.
+    #[test]
+    fn a_run_of_pages_across_the_pools_end_goes_in_whole() {
+        let Ok(uffd) = open() else {
+            eprintln!("skipped: no userfaultfd here");
+            return;
+        };
+        let f = crate::pool::Pool::reserve(2 << 20)
+            .unwrap()
+            .fill_in_background();
+        while f.ready() < 2 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let (mem, pooled) = GuestMem::with_pool(8 << 20, Some(f.finish())).unwrap();
+        assert_eq!(pooled, 2 << 20);
+        let first = pooled / PAGE - 3;
+        let run: Vec<u64> = (first..first + 6).collect();
+        let faults = Faults::register(uffd, &mem, &run).unwrap();
+        let data: Vec<u8> = (0..6 * PAGE as usize)
+            .map(|i| (i / 4096 + 1) as u8)
+            .collect();
+        assert_eq!(faults.place_run(first, &data).unwrap(), 6);
+        assert!(faults.complete());
+        let view = mem.view();
+        let mut buf = [0u8; PAGE as usize];
+        for (i, gpn) in run.iter().enumerate() {
+            assert!(view.read_page(*gpn, &mut buf));
+            assert!(buf.iter().all(|&b| b == i as u8 + 1), "page {gpn:#x}");
+        }
     }
 }
