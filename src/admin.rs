@@ -457,7 +457,7 @@ pub(crate) fn nodes_view(st: &State) -> Vec<crate::control::NodeInfo> {
 /// bring). Refused with a one-line reason when the process is unknown, already there, locked,
 /// must stay home (a shared mapping, paper §4.2) or already moving.
 pub(crate) fn order_move(st: &mut State, pid: u32, to: &str, why: &str) -> Result<u64, String> {
-    order_move_as(st, pid, to, why, crate::migration::Mode::Auto)
+    order_move_as(st, pid, to, why, crate::control::MoveMode::Auto)
 }
 
 /// [`order_move`], switching over as `mode` says.
@@ -466,7 +466,7 @@ pub(crate) fn order_move_as(
     pid: u32,
     to: &str,
     why: &str,
-    mode: crate::migration::Mode,
+    mode: crate::control::MoveMode,
 ) -> Result<u64, String> {
     let node = st.name.clone();
     // A node given by address is the node known at that address, by its name: so `ps` names

@@ -112,9 +112,9 @@ pub(crate) fn migrate_cmd(a: MigrateArgs) -> ExitCode {
         to: a.node.clone(),
         wait: a.wait,
         mode: match (a.postcopy, a.precopy) {
-            (true, _) => crate::migration::Mode::Postcopy,
-            (_, true) => crate::migration::Mode::Precopy,
-            _ => crate::migration::Mode::Auto,
+            (true, _) => crate::control::MoveMode::Postcopy,
+            (_, true) => crate::control::MoveMode::Precopy,
+            _ => crate::control::MoveMode::Auto,
         },
     };
     // With --wait the node answers when this request's move is over, and with its outcome

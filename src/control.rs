@@ -64,7 +64,7 @@ pub enum Request {
         wait: bool,
         /// How the move switches over.
         #[serde(default)]
-        mode: crate::migration::Mode,
+        mode: MoveMode,
     },
     /// From the process migrating `pid` (its `mosvm run`, or the guest host running it): have
     /// node `to` start a guest host for it, and answer where that host waits
@@ -242,8 +242,23 @@ pub enum Command {
         id: u64,
         /// How the move switches over.
         #[serde(default)]
-        mode: crate::migration::Mode,
+        mode: MoveMode,
     },
+}
+
+/// How a move switches over (`mosvm migrate --precopy | --postcopy`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveMode {
+    /// Pre-copy; when it cannot converge (the guest writes faster than the link drains) and
+    /// the destination can, post-copy instead of throttling the guest.
+    #[default]
+    Auto,
+    /// Pre-copy only (a guest that writes too fast is throttled until it fits).
+    Precopy,
+    /// Post-copy from the start: the guest pauses, its state and the pages it wrote last
+    /// cross, it resumes at the destination, and the rest follows (`migrate::postcopy`).
+    Postcopy,
 }
 
 /// A status update from a registered `mosvm run` to its node.

@@ -331,22 +331,19 @@ impl Plumbing {
                     program: &g.program,
                     mem_bytes: g.mem_bytes,
                 };
+                // (Post-copy would need this host to keep serving pages after the guest left,
+                // and the destination a userfaultfd: moves from here are pre-copy only.)
+                let precopy = |conn: &mut dyn Conn, report: &mut Report| {
+                    let mode = crate::control::MoveMode::Precopy;
+                    migration::precopy(conn, &view, &pause, &guest, mode, report)
+                };
                 let started = match m {
                     Message::MigrateBack => home_link
                         .get()
                         .ok_or_else(|| anyhow::anyhow!("no link home"))
                         .and_then(|writer| {
                             let mut conn = Routed { writer, inbox };
-                            // (Post-copy would need this host to keep serving pages after the
-                            // guest left, and home to have a userfaultfd: pre-copy only.)
-                            let switch = migration::precopy(
-                                &mut conn,
-                                &view,
-                                &pause,
-                                &guest,
-                                migration::Mode::Precopy,
-                                &mut report,
-                            )?;
+                            let switch = precopy(&mut conn, &mut report)?;
                             Ok(Job {
                                 conn: Box::new(conn),
                                 onward: None,
@@ -365,14 +362,7 @@ impl Plumbing {
                                 Some(ep.token),
                             );
                             let mut l = wire::connect_over(sock, &ep.cert, hello)?;
-                            let switch = migration::precopy(
-                                &mut l,
-                                &view,
-                                &pause,
-                                &guest,
-                                migration::Mode::Precopy,
-                                &mut report,
-                            )?;
+                            let switch = precopy(&mut l, &mut report)?;
                             Ok(Job {
                                 conn: Box::new(l),
                                 onward: Some((node, ep)),

@@ -4,6 +4,7 @@
 //! `migrate` frames straight between the two processes (see [`crate::wire`]); after a first
 //! move it also carries the deputy channel, so a migration may share it with deputy calls.
 
+use crate::control::MoveMode;
 use crate::wire::Wire;
 use anyhow::{bail, Context, Result};
 use migrate::frame::{MemRegion, MigrateOffer};
@@ -40,21 +41,6 @@ pub fn host_features() -> CpuFeatures {
     }
     let xcr0 = vmm::cpu::host().map(vmm::cpu::guest_xcr0).unwrap_or(3);
     CpuFeatures::from_cpuid(&raw, xcr0)
-}
-
-/// How a move switches over (`mosvm migrate --precopy | --postcopy`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Pre-copy; when it cannot converge (the guest writes faster than the link drains) and
-    /// the destination can, post-copy instead of throttling the guest.
-    #[default]
-    Auto,
-    /// Pre-copy only (a guest that writes too fast is throttled until it fits).
-    Precopy,
-    /// Post-copy from the start: the guest pauses, its state and the pages it wrote last
-    /// cross, it resumes at the destination, and the rest follows (`migrate::postcopy`).
-    Postcopy,
 }
 
 /// Statistics of one migration, for `--stats` and benchmarks.
@@ -243,7 +229,7 @@ const HOT_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
 const HOT_PAGES: usize = 32;
 
 /// The source's pre-copy, while the guest runs: offer, first pass of touched pages, rounds from
-/// the dirty log until the planner says switch over (`mode`: or post-copy, see [`Mode`]).
+/// the dirty log until the planner says switch over (`mode`: or post-copy, see [`MoveMode`]).
 /// Returns how the switch-over (done once the guest is paused) goes.
 /// On failure the guest is left as it was: dirty logging off, full speed.
 pub fn precopy(
@@ -251,7 +237,7 @@ pub fn precopy(
     view: &MemView,
     pause: &vmm::vm::PauseHandle,
     guest: &Guest,
-    mode: Mode,
+    mode: MoveMode,
     report: &mut Report,
 ) -> Result<Switch> {
     let r = precopy_rounds(link, view, pause, guest, mode, report);
@@ -267,7 +253,7 @@ fn precopy_rounds(
     view: &MemView,
     pause: &vmm::vm::PauseHandle,
     guest: &Guest,
-    mode: Mode,
+    mode: MoveMode,
     report: &mut Report,
 ) -> Result<Switch> {
     let Guest {
@@ -286,7 +272,7 @@ fn precopy_rounds(
         program: program.to_string(),
         mem_bytes,
         // (A post-copy from the start has no first pass: nothing to fault in ahead.)
-        touched_pages: if mode == Mode::Postcopy {
+        touched_pages: if mode == MoveMode::Postcopy {
             0
         } else {
             first.len() as u64
@@ -311,7 +297,7 @@ fn precopy_rounds(
         Message::Abort { reason } => bail!("destination aborted: {reason}"),
         other => bail!("unexpected answer to the offer: {:?}", other.kind()),
     };
-    if mode == Mode::Postcopy && !postcopy_ok {
+    if mode == MoveMode::Postcopy && !postcopy_ok {
         bail!("the destination cannot receive by post-copy (it has no userfaultfd)");
     }
     // Estimate the destination's clock against ours, so the guest keeps home's wall clock:
@@ -336,7 +322,7 @@ fn precopy_rounds(
     let (delta, rtt) = clock_delta(&samples).expect("CLOCK_PINGS > 0");
     report.rtt_ns = rtt as u64;
     report.clock_delta_ns = delta;
-    if mode == Mode::Postcopy {
+    if mode == MoveMode::Postcopy {
         // The pages the guest writes now are those it needs first where it lands (and those
         // it touches for the first time are in the dirty log too).
         std::thread::sleep(HOT_WINDOW);
@@ -376,7 +362,7 @@ fn precopy_rounds(
         });
         match d {
             Decision::NextRound => continue,
-            Decision::Throttle(_) if mode == Mode::Auto && postcopy_ok => {
+            Decision::Throttle(_) if mode == MoveMode::Auto && postcopy_ok => {
                 // The guest writes faster than the link drains: rather than slow it down,
                 // move it now and send what it wrote after it.
                 report.total_ns = t0.elapsed().as_nanos() as u64;

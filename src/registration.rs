@@ -144,7 +144,7 @@ pub(crate) fn start_migration(
     pause: vmm::vm::PauseHandle,
     home: String,
     program: String,
-    mode: migration::Mode,
+    mode: control::MoveMode,
 ) -> anyhow::Result<SwitchJob> {
     let ep = control::endpoint(socket, std::process::id(), &to)?;
     let hello = migrate::Hello::new(
@@ -277,7 +277,7 @@ pub(crate) fn register(
                     Ok(control::Command::Migrate { to, id, mode })
                         if remote.lock().map(|r| r.is_some()).unwrap_or(false) =>
                     {
-                        if mode == migration::Mode::Postcopy {
+                        if mode == control::MoveMode::Postcopy {
                             // Its host would need its node to create the userfaultfd and keep
                             // a copy of the memory it sends: only home does that.
                             send_update(

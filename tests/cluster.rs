@@ -8,8 +8,8 @@
 mod common;
 
 use common::cluster::{
-    client, free_port, guest_hosts_of, keygen, loopback_cluster, migrate, proc_info, spares_of,
-    tour, wait_for, wait_registered, Node, NodeSpec,
+    client, ends_lost, free_port, guest_hosts_of, keygen, kill_all, loopback_cluster, migrate,
+    proc_info, spares_of, tour, wait_for, wait_registered, Node, NodeSpec,
 };
 use common::{image, Case, Running};
 use std::io::Write;
@@ -159,18 +159,8 @@ fn losing_the_host_ends_the_home_process_cleanly() {
     let b = nodes.pop().unwrap();
     let hosted = guest_hosts_of(b.child.id());
     b.crash();
-    for g in hosted {
-        // SAFETY: killing a process this test's node started.
-        unsafe { libc::kill(g as i32, libc::SIGKILL) };
-    }
-    let t = Instant::now();
-    let got = run.finish();
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "home noticed only after {:?}",
-        t.elapsed()
-    );
-    assert_eq!(got.shell_status(), 112, "{}", got.stderr_text());
+    kill_all(&hosted);
+    let got = ends_lost(run, Duration::from_secs(5));
     assert!(
         got.stderr_text()
             .contains("lost the node running the process"),
@@ -552,17 +542,18 @@ fn the_destination_dying_mid_migration_leaves_the_process_at_home() {
                 proc_info(&home, pid)
                     .is_some_and(|p| p["mem_bytes"].as_u64().unwrap_or(0) > 700 << 20)
             });
-            assert!(migrate(&home, pid, "b").status.success());
+            // (Pre-copy only: once a post-copy has begun, losing the destination loses the
+            // process, tests/postcopy.rs.)
+            let pid_s = pid.to_string();
+            let m = client(&home, &["migrate", &pid_s, "b", "--precopy"]);
+            assert!(m.status.success());
             wait_for("the guest host on b", Duration::from_secs(10), || {
                 !guest_hosts_of(nodes[1].child.id()).is_empty()
             });
             let b = nodes.pop().unwrap();
             let hosted = guest_hosts_of(b.child.id());
             b.crash();
-            for g in hosted {
-                // SAFETY: killing a process this test's node started.
-                unsafe { libc::kill(g as i32, libc::SIGKILL) };
-            }
+            kill_all(&hosted);
         });
     assert!(
         !got.stderr_text().contains("migration to b failed"),

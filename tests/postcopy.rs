@@ -8,10 +8,11 @@
 mod common;
 
 use common::cluster::{
-    client, guest_hosts_of, keygen, loopback_cluster, proc_info, wait_for, wait_registered, Node,
+    client, ends_lost, guest_hosts_of, keygen, kill_all, loopback_cluster, proc_info, wait_for,
+    wait_registered, Node,
 };
 use common::{Case, Run};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Nodes home and b on loopback with one key, in a fresh directory that lives as long as the
 /// first half of the pair.
@@ -130,18 +131,8 @@ fn losing_the_destination_during_post_copy_ends_the_process_with_a_reason() {
     require_kvm!();
     let (_dir, nodes) = home_and_b();
     let run = moving_by_post_copy(&nodes);
-    for g in guest_hosts_of(nodes[1].child.id()) {
-        // SAFETY: killing a process this test's node started.
-        unsafe { libc::kill(g as i32, libc::SIGKILL) };
-    }
-    let t = Instant::now();
-    let got = run.finish();
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "home noticed only after {:?}",
-        t.elapsed()
-    );
-    assert_eq!(got.shell_status(), 112, "{}", got.stderr_text());
+    kill_all(&guest_hosts_of(nodes[1].child.id()));
+    let got = ends_lost(run, Duration::from_secs(10));
     assert!(
         got.stderr_text().contains("post-copy") && got.stderr_text().contains("cannot continue"),
         "{}",

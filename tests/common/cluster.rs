@@ -552,6 +552,29 @@ fn holds_vm(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Kill processes `pids` (guest hosts this test's nodes started) with SIGKILL, as a machine
+/// failure would.
+pub fn kill_all(pids: &[u32]) {
+    for &p in pids {
+        // SAFETY: kill(2) of a process this test's node started; it changes nothing here.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+}
+
+/// Let `run`, whose guest's host was lost, end: within `limit`, with status 112 (the home
+/// `mosvm run` saying why on stderr, which the caller checks).
+pub fn ends_lost(run: super::Running, limit: Duration) -> super::Run {
+    let t = Instant::now();
+    let got = run.finish();
+    assert!(
+        t.elapsed() < limit,
+        "home noticed only after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(got.shell_status(), 112, "{}", got.stderr_text());
+    got
+}
+
 /// Guest-host processes spawned by the node with pid `node` that hold a guest (not the
 /// node's spare).
 pub fn guest_hosts_of(node: u32) -> Vec<u32> {
