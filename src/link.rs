@@ -434,7 +434,8 @@ impl Remote {
             // Ask home to interrupt the call, and ask again now and then: a request to
             // interrupt that lands just before the call blocks is lost.
             let again = last_cancel.elapsed() >= std::time::Duration::from_millis(100);
-            let signal = vmm::vm::host_signals_pending();
+            // (A signal for this guest thread alone comes as the VMM's kick of this thread.)
+            let signal = vmm::vm::take_kicked() | vmm::vm::host_signals_pending();
             if signal && !cancelled {
                 for_signal = true;
             }

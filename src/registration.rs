@@ -283,8 +283,9 @@ pub(crate) fn register(
                             send_update(
                                 &upd,
                                 &control::Update::MigrationFailed {
-                                    reason: "a post-copy move starts from home; this process \
-                                             runs elsewhere (move it home first)"
+                                    reason: "a post-copy move starts from home only, and \
+                                             this process runs on another node: move it \
+                                             without --postcopy"
                                         .to_string(),
                                     id: Some(id),
                                 },

@@ -814,3 +814,55 @@ fn a_signal_interrupts_a_remote_process_blocked_in_a_read_at_home() {
         assert_eq!(got.stdout_text(), native, "{mode}: {}", got.stderr_text());
     }
 }
+
+/// Reads and writes of 64 MiB and more from a process away from home: the largest request
+/// and reply (64 MiB of data each) fit the link's frames, and longer ones are split, with
+/// the same results as natively.
+#[test]
+fn reads_and_writes_of_64_mib_and_more_away_from_home_behave_as_natively() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    let script = "import hashlib, os, sys, time\n\
+        sys.stdin.readline()\n\
+        fd = os.open('big.bin', os.O_RDWR | os.O_CREAT, 0o644)\n\
+        for n in (64 << 20, (64 << 20) + 4096, (64 << 20) - 4096):\n\
+        \x20   data = bytes([n % 251]) * n\n\
+        \x20   os.lseek(fd, 0, 0)\n\
+        \x20   print('wrote', os.write(fd, data))\n\
+        \x20   os.lseek(fd, 0, 0)\n\
+        \x20   back = os.read(fd, n)\n\
+        \x20   print('read', len(back), hashlib.sha256(back).hexdigest()[:16], back == data)\n";
+    Case::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin("go\n")
+        .stdin_by_hand()
+        .socket(&nodes[0].sock)
+        .timeout(Duration::from_secs(120))
+        .check_while(|run| {
+            let pid = run.pid();
+            let mut input = run.take_stdin();
+            wait_registered(&nodes[0].sock, pid);
+            tour(&nodes[0], pid, &["b"], &mut |_| {});
+            input.write_all(b"go\n").unwrap();
+        });
+}
+
+/// A signal aimed at one thread of a process away from home (pthread_kill, pthread_cancel)
+/// interrupts that thread's call waiting at home (a read of an empty pipe), as natively.
+#[test]
+fn a_signal_for_one_thread_interrupts_its_call_waiting_at_home() {
+    require_kvm!();
+    let (_dir, nodes) = home_and_b();
+    for variant in ["glibc-static", "dynamic"] {
+        Case::image(variant, "threadintr")
+            .socket(&nodes[0].sock)
+            .timeout(Duration::from_secs(60))
+            .check_each(|run, under_mosvm| {
+                if under_mosvm {
+                    wait_registered(&nodes[0].sock, run.pid());
+                    tour(&nodes[0], run.pid(), &["b"], &mut |_| {});
+                }
+                std::fs::write(run.dir().join("go"), b"").unwrap();
+            });
+    }
+}

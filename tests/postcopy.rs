@@ -181,7 +181,10 @@ fn a_post_copy_starts_from_home_only() {
     );
     assert!(!m.status.success());
     let err = String::from_utf8_lossy(&m.stderr);
-    assert!(err.contains("from home"), "{err}");
+    assert!(
+        err.contains("from home only") && err.contains("without --postcopy"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     // It runs on where it was.
     let p = proc_info(&nodes[0].sock, pid).expect("listed at home");

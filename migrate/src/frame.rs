@@ -31,8 +31,11 @@ pub const MAGIC: [u8; 4] = *b"MOSV";
 pub const PROTOCOL_VERSION: u16 = 12;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 11;
-/// Largest payload accepted or produced (64 MiB).
-pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest payload accepted or produced (65 MiB).
+pub const MAX_PAYLOAD: usize = MAX_DEPUTY_DATA + (1 << 20);
+/// Largest data the buffers of one deputy request, or of its reply, carry (64 MiB; the VMM
+/// splits longer reads and writes). A payload has room for this and the fields around it.
+pub const MAX_DEPUTY_DATA: usize = 64 << 20;
 
 /// The bincode configuration every payload uses.
 pub(crate) const fn codec_config() -> bincode::config::Configuration<
@@ -477,11 +480,11 @@ pub fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, FrameError>
         },
         Kind::DeputyRequest => {
             let r: DeputyRequest = get(k, payload)?;
-            if r.out_bytes() > MAX_PAYLOAD as u64 {
+            if r.out_bytes() > MAX_DEPUTY_DATA as u64 {
                 return Err(FrameError::Malformed {
                     kind,
                     detail: format!(
-                        "output buffers of {} bytes exceed the maximum of {MAX_PAYLOAD}",
+                        "output buffers of {} bytes exceed the maximum of {MAX_DEPUTY_DATA}",
                         r.out_bytes()
                     ),
                 });
@@ -1062,6 +1065,31 @@ mod tests {
         // The page payload written separately gives exactly the bytes of the one-piece encoding.
         let expected: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
         assert_eq!(wire, expected);
+    }
+
+    /// A deputy request or reply whose buffers carry the most data the VMM puts in one fits a
+    /// frame, with the fields around it.
+    #[test]
+    fn the_largest_deputy_messages_fit_a_frame() {
+        let reply = Message::DeputyReply(DeputyReply {
+            seq: u64::MAX,
+            ret: i64::MIN,
+            outs: vec![vec![0xa5; MAX_DEPUTY_DATA]],
+        });
+        let request = Message::DeputyRequest(DeputyRequest {
+            seq: u64::MAX,
+            nr: 1,
+            args: [u64::MAX; 6],
+            slots: vec![
+                Slot::In(vec![0x5a; MAX_DEPUTY_DATA]),
+                Slot::Out(u64::MAX >> 40),
+            ],
+        });
+        for m in [reply, request] {
+            let mut wire = Vec::new();
+            write_message(&mut wire, &m).unwrap();
+            assert_eq!(read_message(&mut &wire[..]).unwrap(), m);
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use pause::{
     block_all_signals, block_guest_signals, caught, die_by, host_children_are_the_hosts,
     host_signals_pending, install_kick_handler, install_signal_handlers,
     parent_sigcont_is_the_hosts, process_ending, restore_mask, take_guest_signals_here,
-    take_host_signals, PauseHandle,
+    take_host_signals, take_kicked, PauseHandle,
 };
 use pause::{GUEST_TID, IMMEDIATE_EXIT, THROTTLE_PERIOD};
 use std::time::Instant;

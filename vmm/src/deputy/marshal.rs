@@ -22,8 +22,9 @@ use super::{fdset_bytes, Reply, Request, Slot, MAX_FDS};
 use crate::table::{self, A};
 
 /// Largest buffer one request carries (bytes). Longer reads and writes are split into several
-/// requests by the VMM (`forward`), as Linux itself caps one call at [`MAX_RW_COUNT`].
-pub const MAX_XFER: usize = 64 << 20;
+/// requests by the VMM (`forward`), as Linux itself caps one call at [`MAX_RW_COUNT`]. A frame
+/// on the link to home has room for this much and the request around it.
+pub const MAX_XFER: usize = migrate::frame::MAX_DEPUTY_DATA;
 /// Linux's cap on one read/write: `MAX_RW_COUNT` = `INT_MAX & PAGE_MASK` (fs/read_write.c).
 pub const MAX_RW_COUNT: u64 = 0x7fff_f000;
 /// Longest path, NUL included (`PATH_MAX`).

@@ -73,6 +73,17 @@ thread_local! {
     /// This thread's vCPU's `kvm_run.immediate_exit` while it runs one (threads of a
     /// multi-threaded guest): a kick makes its next KVM_RUN return at once.
     static OWN_IMMEDIATE_EXIT: std::cell::Cell<*mut u8> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    /// The VMM kicked this thread since [`take_kicked`] last looked (a signal was posted for
+    /// its guest thread, or it must stop).
+    static KICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the VMM kicked the calling thread since the last call (and forget it): a thread
+/// waiting for a call made on its behalf elsewhere (at home, over the link) has the call
+/// interrupted, and the VMM decides, as after any interrupted call, whether a handler runs
+/// or the call is made again.
+pub fn take_kicked() -> bool {
+    KICKED.with(|k| k.replace(false))
 }
 
 /// Publish (or, with null, withdraw) the calling thread's vCPU `immediate_exit` byte for the
@@ -184,6 +195,7 @@ pub(super) extern "C" fn on_signal(
         if sig == KICK_SIGNAL && code == libc::SI_TKILL && own {
             // The VMM's own kick: it only interrupts (and makes this thread's next KVM_RUN,
             // if it was about to enter one, return at once).
+            KICKED.with(|k| k.set(true));
             let p = OWN_IMMEDIATE_EXIT.with(|c| c.get());
             if !p.is_null() {
                 // SAFETY: as in `record`: the byte stays mapped while published.
