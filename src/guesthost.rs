@@ -254,6 +254,13 @@ fn arriving(pc: &OnceLock<Arc<vmm::postcopy::Faults>>) -> bool {
     pc.get().is_some_and(|f| !f.complete())
 }
 
+/// Tell home, once (`told`), that every page of the post-copy into `f` has arrived.
+fn tell_done(f: &vmm::postcopy::Faults, told: &AtomicBool, home: &HomeLink) {
+    if !told.swap(true, Ordering::SeqCst) {
+        home.tell(&Message::PostcopyDone { faults: f.faults() });
+    }
+}
+
 /// The guest cannot go on here (its pages cannot all arrive): end this guest host now. Its
 /// threads may wait in page faults nothing will answer, so nothing waits for them.
 fn lost_during_postcopy(why: &str) -> ! {
@@ -416,11 +423,7 @@ impl Plumbing {
                     return;
                 };
                 match migration::place_pages(f, &batch) {
-                    Ok(true) => {
-                        if !told.swap(true, Ordering::SeqCst) {
-                            hl4.tell(&Message::PostcopyDone { faults: f.faults() });
-                        }
-                    }
+                    Ok(true) => tell_done(f, &told, &hl4),
                     Ok(false) => {}
                     Err(e) => lost_during_postcopy(&format!("{e:#}")),
                 }
@@ -441,11 +444,8 @@ impl Plumbing {
 
     /// Tell home the post-copy is complete if it is (and it was not told).
     fn tell_if_complete(&self) {
-        if let Some(f) = self.postcopy.get() {
-            if f.complete() && !self.told_done.swap(true, Ordering::SeqCst) {
-                self.home_link
-                    .tell(&Message::PostcopyDone { faults: f.faults() });
-            }
+        if let Some(f) = self.postcopy.get().filter(|f| f.complete()) {
+            tell_done(f, &self.told_done, &self.home_link);
         }
     }
 

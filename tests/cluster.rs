@@ -8,21 +8,12 @@
 mod common;
 
 use common::cluster::{
-    client, ends_lost, free_port, guest_hosts_of, keygen, kill_all, loopback_cluster, migrate,
-    proc_info, spares_of, tour, wait_for, wait_registered, Node, NodeSpec,
+    client, ends_lost, free_port, guest_hosts_of, home_and_b, keygen, kill_all, loopback_cluster,
+    migrate, proc_info, spares_of, tour, wait_for, wait_registered, Node, NodeSpec,
 };
 use common::{image, Case, Running};
 use std::io::Write;
 use std::time::{Duration, Instant};
-
-/// Nodes home and b on loopback with one key, in a fresh directory that lives as long as the
-/// first half of the pair.
-fn home_and_b() -> (tempfile::TempDir, Vec<Node>) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
-    (dir, nodes)
-}
 
 /// The ticker (prints steadily, appends to ticker.out, dirties memory), homed at `home`.
 fn ticker(variant: &str, args: [&str; 3], home: &Node) -> Case {

@@ -8,20 +8,11 @@
 mod common;
 
 use common::cluster::{
-    client, ends_lost, guest_hosts_of, keygen, kill_all, loopback_cluster, proc_info, wait_for,
-    wait_registered, Node,
+    client, ends_lost, guest_hosts_of, home_and_b, keygen, kill_all, loopback_cluster, proc_info,
+    wait_for, wait_registered, Node,
 };
 use common::{Case, Run};
 use std::time::Duration;
-
-/// Nodes home and b on loopback with one key, in a fresh directory that lives as long as the
-/// first half of the pair.
-fn home_and_b() -> (tempfile::TempDir, Vec<Node>) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
-    (dir, nodes)
-}
 
 /// The ticker (prints steadily, appends to ticker.out, rewrites its buffer of MIB), homed at
 /// `home`, with `--stats` (the move's report goes to stderr, which is not compared).

@@ -5,20 +5,9 @@
 #[macro_use]
 mod common;
 
-use common::cluster::{
-    client, keygen, loopback_cluster, proc_info, tour, wait_for, wait_registered,
-};
+use common::cluster::{client, home_and_b, proc_info, tour, wait_for, wait_registered};
 use common::Case;
 use std::time::Duration;
-
-/// Nodes home and b on loopback with one key, in a directory that lives as long as the first
-/// half of the pair.
-fn home_and_b() -> (tempfile::TempDir, Vec<common::cluster::Node>) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path());
-    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
-    (dir, nodes)
-}
 
 #[test]
 fn a_restarted_home_node_knows_its_processes_again() {

@@ -552,6 +552,15 @@ fn holds_vm(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Nodes home and b on loopback with one key, in a fresh directory that lives as long as the
+/// first half of the pair.
+pub fn home_and_b() -> (tempfile::TempDir, Vec<Node>) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path());
+    let nodes = loopback_cluster(dir.path(), &["home", "b"], &[&key, &key]);
+    (dir, nodes)
+}
+
 /// Kill processes `pids` (guest hosts this test's nodes started) with SIGKILL, as a machine
 /// failure would.
 pub fn kill_all(pids: &[u32]) {
